@@ -1,0 +1,228 @@
+//! Length-prefixed framing for the control channel, robust to partial reads and writes.
+//!
+//! A frame is `len: u32 LE` (bytes that follow), `kind: u8`, then `len - 1` body bytes.
+//! The reader keeps whatever part of a frame has arrived and resumes exactly there on the
+//! next read, so a read that stops in the middle of a frame (a timeout, a signal, a slow
+//! peer) never desynchronizes the stream, unlike the model library. A frame longer than the
+//! configured limit, or empty, is a protocol error: the connection is dropped, nothing else.
+
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+
+use crate::sys;
+
+/// Frame kinds.
+pub(crate) mod kind {
+    /// client -> broker: attach request.
+    pub const HELLO: u8 = 1;
+    /// broker -> client: attach accepted; the region memfd and the eventfds ride with it.
+    pub const WELCOME: u8 = 2;
+    /// broker -> client: attach refused; body is a UTF-8 reason.
+    pub const REJECT: u8 = 3;
+}
+
+/// Version of the control protocol spoken by this build.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
+/// Incoming bytes of one connection, cut into frames.
+#[derive(Debug)]
+pub(crate) struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    max_frame: usize,
+}
+
+/// What a read from the socket found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ReadState {
+    /// Some bytes (maybe zero) arrived; the peer is still there.
+    Open,
+    /// The peer closed its end.
+    Closed,
+}
+
+impl FrameReader {
+    pub(crate) fn new(max_frame: usize) -> Self {
+        FrameReader { buf: Vec::with_capacity(4096), start: 0, max_frame }
+    }
+
+    /// Read everything available now (non-blocking), collecting passed descriptors.
+    pub(crate) fn fill(&mut self, sock: BorrowedFd<'_>, fds: &mut Vec<OwnedFd>) -> io::Result<ReadState> {
+        loop {
+            if self.start > 0 && self.start == self.buf.len() {
+                self.buf.clear();
+                self.start = 0;
+            }
+            let old = self.buf.len();
+            self.buf.resize(old + 64 * 1024, 0);
+            let r = sys::recv_with_fds(sock, &mut self.buf[old..], fds);
+            match r {
+                Ok(0) => {
+                    self.buf.truncate(old);
+                    return Ok(ReadState::Closed);
+                }
+                Ok(n) => self.buf.truncate(old + n),
+                Err(e) => {
+                    self.buf.truncate(old);
+                    return match e.kind() {
+                        io::ErrorKind::WouldBlock => Ok(ReadState::Open),
+                        io::ErrorKind::Interrupted => continue,
+                        _ => Err(e),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Feed bytes directly (tests and fuzzing).
+    #[cfg(test)]
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, if one has arrived: `(kind, body)`.
+    pub(crate) fn next_frame(&mut self) -> Result<Option<(u8, &[u8])>, String> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
+        if len == 0 || len > self.max_frame {
+            return Err(format!("frame length {len} outside 1..={}", self.max_frame));
+        }
+        if avail.len() < 4 + len {
+            return Ok(None);
+        }
+        let frame = &self.buf[self.start + 4..self.start + 4 + len];
+        self.start += 4 + len;
+        Ok(Some((frame[0], &frame[1..])))
+    }
+}
+
+/// Outgoing bytes of one connection; descriptors ride with the first byte of the frame they
+/// were queued with.
+#[derive(Debug, Default)]
+pub(crate) struct FrameWriter {
+    buf: Vec<u8>,
+    sent: usize,
+    /// `(offset in buf, fds)`: sent with the sendmsg whose data starts at that offset.
+    fds: Vec<(usize, Vec<RawFd>)>,
+}
+
+impl FrameWriter {
+    /// Queue one frame.
+    pub(crate) fn frame(&mut self, kind: u8, body: &[&[u8]]) {
+        let len: usize = 1 + body.iter().map(|b| b.len()).sum::<usize>();
+        self.buf.extend_from_slice(&(len as u32).to_le_bytes());
+        self.buf.push(kind);
+        for b in body {
+            self.buf.extend_from_slice(b);
+        }
+    }
+
+    /// Queue one frame carrying descriptors. The descriptors must stay open until
+    /// [`FrameWriter::flush`] reports the frame sent.
+    pub(crate) fn frame_with_fds(&mut self, kind: u8, body: &[&[u8]], fds: Vec<RawFd>) {
+        self.fds.push((self.buf.len(), fds));
+        self.frame(kind, body);
+    }
+
+    /// Write as much as the socket takes now. `Ok(true)` when everything went out.
+    pub(crate) fn flush(&mut self, sock: BorrowedFd<'_>) -> io::Result<bool> {
+        while self.sent < self.buf.len() {
+            // Stop each write at the next frame that carries descriptors, and attach them
+            // when that frame starts the write.
+            let mut end = self.buf.len();
+            let mut fds: &[RawFd] = &[];
+            for (off, f) in &self.fds {
+                if *off == self.sent {
+                    fds = f;
+                } else if *off > self.sent {
+                    end = end.min(*off);
+                    break;
+                }
+            }
+            let r = if fds.is_empty() {
+                sys::send(sock, &self.buf[self.sent..end])
+            } else {
+                sys::send_with_fds(sock, &self.buf[self.sent..end], fds)
+            };
+            match r {
+                Ok(n) => {
+                    if !fds.is_empty() {
+                        let at = self.sent;
+                        self.fds.retain(|(off, _)| *off != at);
+                    }
+                    self.sent += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.buf.clear();
+        self.sent = 0;
+        Ok(true)
+    }
+}
+
+/// Little-endian cursor over a frame body; every read is bounds-checked.
+pub(crate) struct Body<'a>(pub &'a [u8]);
+
+impl Body<'_> {
+    pub(crate) fn u32(&mut self) -> Result<u32, String> {
+        let (h, t) = self.0.split_at_checked(4).ok_or("truncated frame body")?;
+        self.0 = t;
+        Ok(u32::from_le_bytes(h.try_into().expect("4 bytes")))
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64, String> {
+        let (h, t) = self.0.split_at_checked(8).ok_or("truncated frame body")?;
+        self.0 = t;
+        Ok(u64::from_le_bytes(h.try_into().expect("8 bytes")))
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_survive_any_split() {
+        let mut w = FrameWriter::default();
+        w.frame(kind::HELLO, &[b"abc"]);
+        w.frame(kind::REJECT, &[b"", b"no"]);
+        w.frame(7, &[&[9u8; 300]]);
+        let bytes = w.buf.clone();
+        for cut in 0..bytes.len() {
+            let mut r = FrameReader::new(1024);
+            r.push(&bytes[..cut]);
+            let mut got = Vec::new();
+            while let Some((k, b)) = r.next_frame().unwrap() {
+                got.push((k, b.to_vec()));
+            }
+            r.push(&bytes[cut..]);
+            while let Some((k, b)) = r.next_frame().unwrap() {
+                got.push((k, b.to_vec()));
+            }
+            assert_eq!(got, vec![(kind::HELLO, b"abc".to_vec()), (kind::REJECT, b"no".to_vec()), (7, vec![9u8; 300])]);
+        }
+    }
+
+    #[test]
+    fn oversize_and_empty_frames_are_errors() {
+        let mut r = FrameReader::new(16);
+        r.push(&17u32.to_le_bytes());
+        assert!(r.next_frame().is_err());
+        let mut r = FrameReader::new(16);
+        r.push(&0u32.to_le_bytes());
+        assert!(r.next_frame().is_err());
+    }
+
+    #[test]
+    fn body_reads_are_bounds_checked() {
+        let mut b = Body(&[1, 0, 0, 0, 2]);
+        assert_eq!(b.u32().unwrap(), 1);
+        assert!(b.u32().is_err());
+        assert!(Body(&[0; 7]).u64().is_err());
+    }
+}

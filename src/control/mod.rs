@@ -1,0 +1,465 @@
+//! The control channel: broker election, attach, and (later) unique events.
+//!
+//! Election: the lock file `<listening>.lock` holds one open-file-description lock per
+//! role: byte 0 is the broker, byte `1 + slot` is worker slot `slot`. These behave like
+//! `flock` (the kernel drops them when the holder dies, however it dies) and can be queried
+//! without disturbing the holder (`F_OFD_GETLK`). A worker first takes its slot byte, which
+//! is what makes two live processes with one id impossible. The preferred broker
+//! (`broker_id`) then takes byte 0 at once; any other worker takes it only after it has
+//! failed to reach a broker for [`ELECTION_GRACE`], so the preferred one normally wins at
+//! start-up while a missing or dead broker is still replaced.
+//!
+//! Attach: a client connects, sends HELLO (protocol and layout versions, slot, pid,
+//! geometry); the broker checks the peer's uid (`SO_PEERCRED`), the slot and the geometry,
+//! and answers WELCOME with the region memfd and every slot's eventfd (`SCM_RIGHTS`), or
+//! REJECT with a reason. The client checks the broker's uid the same way.
+
+pub(crate) mod frame;
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use frame::{Body, FrameReader, FrameWriter, PROTOCOL_VERSION, ReadState, kind};
+
+use crate::error::{Error, Result};
+use crate::layout::{Geometry, LAYOUT_VERSION};
+use crate::sys::{self, Epoll};
+
+/// How long a non-preferred worker waits for a broker before it runs for election itself.
+pub(crate) const ELECTION_GRACE: Duration = Duration::from_millis(200);
+/// Delay between connection attempts while no broker answers.
+const RETRY: Duration = Duration::from_millis(5);
+/// Delay after the broker refused us.
+const RETRY_AFTER_REJECT: Duration = Duration::from_secs(1);
+
+/// Epoll tokens.
+pub(crate) const TOKEN_EVENTFD: u64 = 0;
+pub(crate) const TOKEN_LISTENER: u64 = 1;
+pub(crate) const TOKEN_CLIENT: u64 = 2;
+const TOKEN_CONN_BASE: u64 = 16;
+
+/// What the broker hands out: the region memfd and every slot's eventfd.
+pub(crate) struct HandOut<'a> {
+    pub region_fd: RawFd,
+    pub eventfds: Vec<RawFd>,
+    pub epoch: u64,
+    pub region_id: u64,
+    pub _life: std::marker::PhantomData<&'a ()>,
+}
+
+/// Something the worker must act on.
+pub(crate) enum CtlEvent {
+    /// We won the election: create or reuse the region, then call [`Control::serve`].
+    Elected,
+    /// The broker accepted us: the region memfd and the eventfds.
+    Welcome { region_fd: OwnedFd, eventfds: Vec<OwnedFd>, broker_slot: u32, epoch: u64, region_id: u64 },
+    /// The broker refused us.
+    Rejected(String),
+    /// The connection to the broker broke (it died or closed it).
+    BrokerLost,
+}
+
+struct Conn {
+    fd: OwnedFd,
+    rd: FrameReader,
+    wr: FrameWriter,
+    slot: Option<u32>,
+    pid: i32,
+    /// Close once the writer has drained (after a REJECT).
+    closing: bool,
+}
+
+enum Role {
+    /// No broker connection; retry at `next_retry`.
+    Detached,
+    /// Connected to the broker; `welcomed` once attached.
+    Client { conn: Conn, welcomed: bool, fds: Vec<OwnedFd> },
+    /// We are the broker.
+    Broker { listener: OwnedFd, conns: Vec<Conn>, next_token: u64 },
+}
+
+pub(crate) struct Control {
+    path: PathBuf,
+    lock: OwnedFd,
+    slot: u32,
+    geo: Geometry,
+    preferred: bool,
+    allowed_uids: Vec<u32>,
+    max_frame: usize,
+    role: Role,
+    started: Instant,
+    next_retry: Instant,
+    was_attached: bool,
+}
+
+impl Control {
+    /// Open the lock file and take this slot's lock.
+    pub(crate) fn new(path: &Path, slot: u32, geo: Geometry, preferred: bool, allowed_uids: Vec<u32>, max_frame: usize) -> Result<Control> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() && !dir.exists() {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| Error::io("creating the directory of the listening socket", e))?;
+            }
+        }
+        let lock_path = lock_path(path);
+        let lock = sys::open_lock_file(&lock_path).map_err(|e| Error::io("opening the lock file", e))?;
+        if !sys::try_lock_byte(lock.as_fd(), 1 + u64::from(slot)).map_err(|e| Error::io("locking the worker slot", e))? {
+            return Err(Error::WidInUse(slot_wid(slot, &geo)));
+        }
+        let now = Instant::now();
+        Ok(Control {
+            path: path.to_path_buf(),
+            lock,
+            slot,
+            geo,
+            preferred,
+            allowed_uids,
+            max_frame,
+            role: Role::Detached,
+            started: now,
+            next_retry: now,
+            was_attached: false,
+        })
+    }
+
+    pub(crate) fn is_broker(&self) -> bool {
+        matches!(self.role, Role::Broker { .. })
+    }
+
+    pub(crate) fn is_attached_client(&self) -> bool {
+        matches!(self.role, Role::Client { welcomed: true, .. })
+    }
+
+    /// How long the caller may sleep before [`Control::poll`] has something to retry.
+    pub(crate) fn retry_in(&self, now: Instant) -> Option<Duration> {
+        match self.role {
+            Role::Detached => Some(self.next_retry.saturating_duration_since(now)),
+            _ => None,
+        }
+    }
+
+    /// Become the broker: listen on the socket path. Called after [`CtlEvent::Elected`].
+    pub(crate) fn serve(&mut self, epoll: &Epoll) -> Result<()> {
+        let listener = sys::listen_unix(&self.path).map_err(|e| Error::io("listening on the control socket", e))?;
+        epoll.add(listener.as_fd(), TOKEN_LISTENER).map_err(|e| Error::io("epoll_ctl", e))?;
+        self.drop_role(epoll);
+        tracing::info!(slot = self.slot, path = %self.path.display(), "elected broker");
+        self.role = Role::Broker { listener, conns: Vec::new(), next_token: TOKEN_CONN_BASE };
+        Ok(())
+    }
+
+    fn drop_role(&mut self, epoll: &Epoll) {
+        match std::mem::replace(&mut self.role, Role::Detached) {
+            Role::Detached => {}
+            Role::Client { conn, .. } => epoll.delete(conn.fd.as_fd()),
+            Role::Broker { listener, conns, .. } => {
+                epoll.delete(listener.as_fd());
+                for c in conns {
+                    epoll.delete(c.fd.as_fd());
+                }
+            }
+        }
+    }
+
+    /// Make progress: connect, read frames, accept and answer attaches. `hand_out` is what
+    /// a broker gives attaching workers.
+    pub(crate) fn poll(&mut self, now: Instant, epoll: &Epoll, hand_out: Option<&HandOut<'_>>) -> Vec<CtlEvent> {
+        let mut events = Vec::new();
+        match &mut self.role {
+            Role::Detached => {
+                if now < self.next_retry {
+                    return events;
+                }
+                self.next_retry = now + RETRY;
+                match self.connect() {
+                    Ok(conn) => {
+                        if epoll.add(conn.fd.as_fd(), TOKEN_CLIENT).is_ok() {
+                            self.role = Role::Client { conn, welcomed: false, fds: Vec::new() };
+                            return self.poll(now, epoll, hand_out);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::trace!(error = %e, "no broker yet");
+                        let may_run = self.preferred || self.was_attached || now.duration_since(self.started) >= ELECTION_GRACE;
+                        if may_run && sys::try_lock_byte(self.lock.as_fd(), 0).unwrap_or(false) {
+                            events.push(CtlEvent::Elected);
+                        }
+                    }
+                }
+            }
+            Role::Client { conn, welcomed, fds } => {
+                let state = conn.rd.fill(conn.fd.as_fd(), fds);
+                let mut broken = !matches!(state, Ok(ReadState::Open));
+                loop {
+                    match conn.rd.next_frame() {
+                        Ok(None) => break,
+                        Ok(Some((kind::WELCOME, body))) if !*welcomed => {
+                            match parse_welcome(body, std::mem::take(fds), self.geo.slots) {
+                                Ok(ev) => {
+                                    *welcomed = true;
+                                    self.was_attached = true;
+                                    events.push(ev);
+                                }
+                                Err(e) => {
+                                    events.push(CtlEvent::Rejected(format!("bad WELCOME from the broker: {e}")));
+                                    broken = true;
+                                    break;
+                                }
+                            }
+                        }
+                        Ok(Some((kind::REJECT, body))) => {
+                            events.push(CtlEvent::Rejected(String::from_utf8_lossy(body).into_owned()));
+                            self.next_retry = now + RETRY_AFTER_REJECT;
+                            broken = true;
+                            break;
+                        }
+                        Ok(Some((k, _))) => {
+                            tracing::warn!(kind = k, "unexpected control frame from the broker; reconnecting");
+                            broken = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "control protocol error from the broker; reconnecting");
+                            broken = true;
+                            break;
+                        }
+                    }
+                }
+                if !broken {
+                    if let Err(e) = conn.wr.flush(conn.fd.as_fd()) {
+                        tracing::debug!(error = %e, "write to broker failed");
+                        broken = true;
+                    }
+                }
+                if broken {
+                    let was = *welcomed;
+                    self.drop_role(epoll);
+                    if was {
+                        events.push(CtlEvent::BrokerLost);
+                    }
+                }
+            }
+            Role::Broker { listener, conns, next_token } => {
+                loop {
+                    match sys::accept(listener.as_fd()) {
+                        Ok(Some(fd)) => {
+                            let token = *next_token;
+                            *next_token += 1;
+                            if epoll.add(fd.as_fd(), token).is_err() {
+                                continue;
+                            }
+                            let mut c = Conn {
+                                fd,
+                                rd: FrameReader::new(self.max_frame),
+                                wr: FrameWriter::default(),
+                                slot: None,
+                                pid: 0,
+                                closing: false,
+                            };
+                            match sys::peer_cred(c.fd.as_fd()) {
+                                Ok((pid, uid)) if uid_ok(uid, &self.allowed_uids) => c.pid = pid,
+                                Ok((pid, uid)) => {
+                                    tracing::warn!(pid, uid, "refusing a control connection from a foreign user");
+                                    reject(&mut c, &format!("uid {uid} is not allowed to attach"));
+                                }
+                                Err(e) => reject(&mut c, &format!("cannot read peer credentials: {e}")),
+                            }
+                            conns.push(c);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            break;
+                        }
+                    }
+                }
+                let attached: Vec<u32> = conns.iter().filter_map(|c| c.slot).collect();
+                for c in conns.iter_mut() {
+                    if c.closing {
+                        continue;
+                    }
+                    let mut fds = Vec::new();
+                    let state = c.rd.fill(c.fd.as_fd(), &mut fds);
+                    drop(fds); // clients never pass descriptors; close any they send
+                    if !matches!(state, Ok(ReadState::Open)) {
+                        c.closing = true;
+                        c.wr = FrameWriter::default();
+                        continue;
+                    }
+                    loop {
+                        match c.rd.next_frame() {
+                            Ok(None) => break,
+                            Ok(Some((kind::HELLO, body))) if c.slot.is_none() => {
+                                match check_hello(body, &self.geo, self.slot, &attached) {
+                                    Ok(slot) => match hand_out {
+                                        Some(h) => {
+                                            welcome(c, slot, self.slot, h);
+                                            tracing::debug!(slot, pid = c.pid, "worker attached");
+                                        }
+                                        None => reject(c, "broker has no region to hand out"),
+                                    },
+                                    Err(reason) => {
+                                        tracing::warn!(pid = c.pid, %reason, "attach refused");
+                                        reject(c, &reason);
+                                    }
+                                }
+                            }
+                            Ok(Some((k, _))) => {
+                                tracing::warn!(pid = c.pid, kind = k, "unexpected control frame; closing");
+                                c.closing = true;
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(pid = c.pid, error = %e, "control protocol error; closing");
+                                c.closing = true;
+                                c.wr = FrameWriter::default();
+                                break;
+                            }
+                        }
+                    }
+                }
+                conns.retain_mut(|c| {
+                    let flushed = c.wr.flush(c.fd.as_fd());
+                    let keep = match flushed {
+                        Ok(done) => !(c.closing && done),
+                        Err(_) => false,
+                    };
+                    if !keep {
+                        epoll.delete(c.fd.as_fd());
+                    }
+                    keep
+                });
+            }
+        }
+        events
+    }
+
+    fn connect(&mut self) -> io::Result<Conn> {
+        let fd = sys::connect_unix(&self.path)?;
+        let (_, uid) = sys::peer_cred(fd.as_fd())?;
+        if !uid_ok(uid, &self.allowed_uids) {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("broker runs as foreign uid {uid}")));
+        }
+        let mut conn = Conn {
+            fd,
+            rd: FrameReader::new(self.max_frame),
+            wr: FrameWriter::default(),
+            slot: None,
+            pid: 0,
+            closing: false,
+        };
+        let g = &self.geo;
+        conn.wr.frame(
+            kind::HELLO,
+            &[
+                &PROTOCOL_VERSION.to_le_bytes(),
+                &LAYOUT_VERSION.to_le_bytes(),
+                &self.slot.to_le_bytes(),
+                &sys::pid().to_le_bytes(),
+                &g.workers.to_le_bytes(),
+                &u32::from(g.agent).to_le_bytes(),
+                &(g.ring_capacity as u32).to_le_bytes(),
+            ],
+        );
+        conn.wr.flush(conn.fd.as_fd())?;
+        Ok(conn)
+    }
+}
+
+fn uid_ok(uid: u32, allowed: &[u32]) -> bool {
+    uid == sys::euid() || allowed.contains(&uid)
+}
+
+fn slot_wid(slot: u32, geo: &Geometry) -> crate::Wid {
+    if geo.agent && slot == geo.workers { crate::Wid::PrivilegedAgent } else { crate::Wid::Worker(slot) }
+}
+
+/// Path of the lock file beside the socket.
+pub(crate) fn lock_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+fn reject(c: &mut Conn, reason: &str) {
+    c.wr.frame(kind::REJECT, &[reason.as_bytes()]);
+    c.closing = true;
+}
+
+fn welcome(c: &mut Conn, slot: u32, broker_slot: u32, h: &HandOut<'_>) {
+    let mut fds = Vec::with_capacity(1 + h.eventfds.len());
+    fds.push(h.region_fd);
+    fds.extend_from_slice(&h.eventfds);
+    c.wr.frame_with_fds(
+        kind::WELCOME,
+        &[
+            &PROTOCOL_VERSION.to_le_bytes(),
+            &broker_slot.to_le_bytes(),
+            &h.epoch.to_le_bytes(),
+            &h.region_id.to_le_bytes(),
+            &(fds.len() as u32).to_le_bytes(),
+        ],
+        fds,
+    );
+    c.slot = Some(slot);
+}
+
+fn check_hello(body: &[u8], geo: &Geometry, broker_slot: u32, attached: &[u32]) -> std::result::Result<u32, String> {
+    let mut b = Body(body);
+    let proto = b.u32()?;
+    if proto != PROTOCOL_VERSION {
+        return Err(format!("control protocol version {proto}, the broker speaks {PROTOCOL_VERSION}"));
+    }
+    let layout = b.u32()?;
+    if layout != LAYOUT_VERSION {
+        return Err(format!("shared-memory layout version {layout}, the broker uses {LAYOUT_VERSION}"));
+    }
+    let slot = b.u32()?;
+    let _pid = b.u32()?;
+    let (workers, agent, ring) = (b.u32()?, b.u32()?, b.u32()?);
+    if workers != geo.workers || (agent != 0) != geo.agent || ring as usize != geo.ring_capacity {
+        return Err(format!(
+            "options differ from the broker's: workers {workers}/{}, privileged agent {}/{}, ring_capacity {ring}/{}",
+            geo.workers,
+            agent != 0,
+            geo.agent,
+            geo.ring_capacity
+        ));
+    }
+    if slot >= geo.slots {
+        return Err(format!("slot {slot} out of range 0..{}", geo.slots));
+    }
+    if slot == broker_slot || attached.contains(&slot) {
+        return Err(format!("slot {slot} is already attached by a live process"));
+    }
+    Ok(slot)
+}
+
+fn parse_welcome(body: &[u8], mut fds: Vec<OwnedFd>, slots: u32) -> std::result::Result<CtlEvent, String> {
+    let mut b = Body(body);
+    let proto = b.u32()?;
+    if proto != PROTOCOL_VERSION {
+        return Err(format!("protocol version {proto}"));
+    }
+    let broker_slot = b.u32()?;
+    let epoch = b.u64()?;
+    let region_id = b.u64()?;
+    let nfds = b.u32()?;
+    if nfds != 1 + slots || fds.len() != nfds as usize {
+        return Err(format!("expected {} descriptors, frame says {nfds}, got {}", 1 + slots, fds.len()));
+    }
+    let eventfds = fds.split_off(1);
+    for e in &eventfds {
+        if !sys::EventFd::is_eventfd(e.as_fd()) {
+            return Err(format!("descriptor {} is not an eventfd", e.as_raw_fd()));
+        }
+    }
+    let region_fd = fds.pop().ok_or("missing region descriptor")?;
+    Ok(CtlEvent::Welcome { region_fd, eventfds, broker_slot, epoch, region_id })
+}

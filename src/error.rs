@@ -1,0 +1,119 @@
+//! Error types. `Display` keeps the texts of lua-resty-events where users rely on them.
+
+use std::io;
+
+/// Everything that can go wrong in this crate.
+///
+/// The variants say what the caller should do next: fix an option, retry later, or report a
+/// peer that sent something it should not have.
+///
+/// # Examples
+///
+/// ```
+/// use worker_events::{Error, Options};
+/// let err = worker_events::Events::new(Options::new("/tmp/x.sock").max_payload_len(0)).unwrap_err();
+/// assert!(matches!(err, Error::InvalidOption(_)));
+/// assert_eq!(err.to_string(), "\"max_payload_len\" option is invalid");
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An option failed validation; the text is the model library's.
+    #[error("{0}")]
+    InvalidOption(String),
+    /// Publishing failed; see [`PublishError`].
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The worker id is outside `0..workers`, or names the privileged agent while it is
+    /// disabled.
+    #[error("invalid worker id {wid}: {reason}")]
+    InvalidWid {
+        /// The id that was refused.
+        wid: crate::Wid,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Another live process holds this worker id (its lock is held).
+    #[error("worker id {0} is already held by another live process")]
+    WidInUse(crate::Wid),
+    /// The broker refused to attach this process.
+    #[error("attach refused by the broker: {0}")]
+    AttachRefused(String),
+    /// The shared region handed over by the broker failed validation (wrong magic, wrong
+    /// layout version, sizes that do not add up, missing seals).
+    #[error("shared region rejected: {0}")]
+    CorruptRegion(String),
+    /// A peer sent a frame that violates the control protocol.
+    #[error("control protocol error: {0}")]
+    Protocol(String),
+    /// The received event could not be read as the requested type.
+    #[error("event data is not a valid archived value: {0}")]
+    Decode(String),
+    /// A system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: &'static str, source: impl Into<io::Error>) -> Self {
+        Error::Io { context, source: source.into() }
+    }
+}
+
+impl From<nix::Error> for Error {
+    fn from(e: nix::Error) -> Self {
+        Error::io("system call failed", io::Error::from(e))
+    }
+}
+
+/// Why `publish` refused an event. Nothing was delivered anywhere when this is returned.
+///
+/// # Examples
+///
+/// ```
+/// use worker_events::PublishError;
+/// assert_eq!(PublishError::QueueOverflow.to_string(), "failed to publish event: queue overflow");
+/// assert_eq!(
+///     PublishError::PayloadTooLarge { limit: 65536 }.to_string(),
+///     "failed to publish event: payload exceeds the limitation (65536)"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The publisher's own queue is full (`max_queue_len`): dispatch, then retry.
+    #[error("failed to publish event: queue overflow")]
+    QueueOverflow,
+    /// The data is larger than `max_payload_len`.
+    #[error("failed to publish event: payload exceeds the limitation ({limit})")]
+    PayloadTooLarge {
+        /// The configured `max_payload_len`.
+        limit: usize,
+    },
+    /// The source or event name is longer than 65,535 bytes.
+    #[error("failed to publish event: source or event name longer than 65535 bytes")]
+    NameTooLong,
+    /// The unique hash is empty or longer than [`crate::MAX_UNIQUE_HASH_LEN`].
+    #[error("failed to publish event: unique hash must be 1..={max} bytes, got {len}")]
+    InvalidUniqueHash {
+        /// Length of the hash given.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Unique events are not supported by this build yet.
+    #[error("failed to publish event: unique events are not supported yet")]
+    UniqueUnsupported,
+    /// The typed value could not be serialized.
+    #[error("failed to publish event: serialization failed: {0}")]
+    Serialize(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

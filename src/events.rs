@@ -1,0 +1,700 @@
+//! The public facade: [`Events`] (configuration, fork-safe) and [`Worker`] (one process's
+//! participation: subscriptions, publish, dispatch).
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rkyv::util::AlignedVec;
+
+use crate::control::{CtlEvent, Control, HandOut, TOKEN_EVENTFD};
+use crate::error::{Error, PublishError, Result};
+use crate::event::{self, Event, Kind, Lost, MAX_UNIQUE_HASH_LEN, ORIGIN_NONE, Payload, SYSTEM_SOURCE, Target, Wid};
+use crate::layout::Geometry;
+use crate::options::{Options, Transport};
+use crate::region::Region;
+use crate::stats::{PeerStats, Stats};
+use crate::subs::{Subscriptions, SubscriptionId};
+use crate::sync::Ordering;
+use crate::sys::{Epoll, EventFd};
+use crate::transport::shm::{Incoming, ShmPort};
+
+/// Dispatch calls between two looks at the control channel while busy (each look is one
+/// `epoll_wait(0)`; with nothing else to do, every dispatch looks).
+const CONTROL_EVERY: u32 = 256;
+/// Messages taken from one ring per dispatch, so one busy peer cannot starve the others.
+const RING_BUDGET: usize = 4096;
+
+/// The configuration of one deployment. Cheap and fork-safe: [`Events::new`] validates the
+/// options and opens nothing, so it can run in the master before `fork()`; each process then
+/// calls [`Events::init_worker`].
+///
+/// # Examples
+///
+/// ```
+/// use worker_events::{Events, Options};
+/// let events = Events::new(Options::new("/tmp/doc-events.sock").workers(2)).unwrap();
+/// assert_eq!(events.options().get_workers(), 2);
+/// let err = Events::new(Options::new("/tmp/doc-events.sock").workers(2).broker_id(2)).unwrap_err();
+/// assert_eq!(err.to_string(), "\"broker_id\" option is invalid");
+/// ```
+#[derive(Debug, Clone)]
+pub struct Events {
+    opts: Arc<Options>,
+}
+
+impl Events {
+    /// Validate `opts`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] with the model library's message.
+    pub fn new(opts: Options) -> Result<Events> {
+        opts.validate()?;
+        Ok(Events { opts: Arc::new(opts) })
+    }
+
+    /// The validated options.
+    ///
+    /// ```
+    /// let e = worker_events::Events::new(worker_events::Options::new("/tmp/x.sock")).unwrap();
+    /// assert_eq!(e.options().get_broker_id(), 0);
+    /// ```
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Join as `wid`: take the slot's lock, then find the broker (or become it). Returns at
+    /// once; attaching completes inside later [`Worker::dispatch`]/[`Worker::wait`] calls
+    /// ([`Worker::is_ready`] tells when). Events published before that are kept and sent once
+    /// attached; events published *to* this slot by others wait in its rings.
+    ///
+    /// # Errors
+    /// [`Error::InvalidWid`] out of range, [`Error::WidInUse`] when another live process holds
+    /// the id, [`Error::Io`] when the lock file, socket or shared region cannot be set up.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use worker_events::{Events, Options, Wid};
+    /// let dir = std::env::temp_dir().join(format!("we-doc-{}", std::process::id()));
+    /// let events = Events::new(Options::new(dir.join("ev.sock")).workers(1)).unwrap();
+    /// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert!(w.is_broker() && w.is_ready()); // the preferred broker elects itself at once
+    /// assert!(events.init_worker(Wid::Worker(0)).is_err()); // the id is held
+    /// assert!(events.init_worker(Wid::Worker(1)).is_err()); // out of range
+    /// # drop(w); let _ = std::fs::remove_dir_all(dir);
+    /// ```
+    pub fn init_worker(&self, wid: Wid) -> Result<Worker> {
+        let o = &self.opts;
+        let slot = match wid {
+            Wid::Worker(i) if i < o.workers => i,
+            Wid::Worker(_) => return Err(Error::InvalidWid { wid, reason: "outside 0..workers" }),
+            Wid::PrivilegedAgent if o.enable_privileged_agent => o.workers,
+            Wid::PrivilegedAgent => {
+                return Err(Error::InvalidWid { wid, reason: "the privileged agent is not enabled" });
+            }
+        };
+        let geo = Geometry::new(o.workers, o.enable_privileged_agent, o.ring_capacity);
+        let epoll = Epoll::new().map_err(|e| Error::io("epoll_create1", e))?;
+        let ctl = if o.testing {
+            None
+        } else {
+            let max_frame = event::max_message_len(o.max_payload_len) + 1024;
+            let preferred = wid == Wid::Worker(o.broker_id);
+            Some(Control::new(&o.listening, slot, geo, preferred, o.allowed_uids.clone(), max_frame)?)
+        };
+        let mut w = Worker {
+            opts: self.opts.clone(),
+            wid,
+            slot,
+            geo,
+            subs: Subscriptions::default(),
+            local: VecDeque::new(),
+            pool: Vec::new(),
+            pre_attach: VecDeque::new(),
+            stats: Stats::default(),
+            epoll,
+            ctl,
+            port: None,
+            epoch: 0,
+            busy_poll: false,
+            countdown: 0,
+            tokens: Vec::new(),
+            pending_error: None,
+        };
+        if w.ctl.is_some() {
+            w.poll_control()?;
+            if let Some(e) = w.pending_error.take() {
+                return Err(e);
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// One process's handle: subscribe, publish, dispatch. Single-threaded by design: callbacks
+/// run on the caller's thread inside [`Worker::dispatch`] / [`Worker::wait`]; the library
+/// starts no thread.
+///
+/// `Worker` is [`AsFd`]: the descriptor (an epoll set over this slot's eventfd and the
+/// control sockets) becomes readable when `dispatch` has work, **once `dispatch` has
+/// returned 0** (as with `EAGAIN`, drain until 0 before going back to your poller). In
+/// [busy-poll mode](Worker::set_busy_poll) it is never armed and publishers make no syscall.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};
+/// use std::time::Duration;
+/// use worker_events::{Events, Options, Target, Wid};
+///
+/// let dir = std::env::temp_dir().join(format!("we-doc-worker-{}", std::process::id()));
+/// let events = Events::new(Options::new(dir.join("ev.sock")).workers(1)).unwrap();
+/// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+/// let hits = Arc::new(AtomicUsize::new(0));
+/// let h = hits.clone();
+/// w.subscribe("healthcheck", "*", move |ev| {
+///     assert_eq!(ev.wid(), Some(Wid::Worker(0)));
+///     h.fetch_add(1, Ordering::Relaxed);
+/// });
+/// w.publish_bytes(Target::All, "healthcheck", "down", b"10.0.0.7").unwrap();
+/// w.wait(Some(Duration::from_millis(100))).unwrap();
+/// assert_eq!(hits.load(Ordering::Relaxed), 1);
+/// # drop(w); let _ = std::fs::remove_dir_all(dir);
+/// ```
+pub struct Worker {
+    opts: Arc<Options>,
+    wid: Wid,
+    slot: u32,
+    geo: Geometry,
+    subs: Subscriptions,
+    /// Events for our own callbacks ("all" self-copies and "current"), in publish order.
+    local: VecDeque<AlignedVec>,
+    /// Spare message buffers (no allocation per event in steady state).
+    pool: Vec<AlignedVec>,
+    /// "all" events published before we attached (bounded by max_queue_len).
+    pre_attach: VecDeque<AlignedVec>,
+    stats: Stats,
+    epoll: Epoll,
+    ctl: Option<Control>,
+    port: Option<ShmPort>,
+    epoch: u64,
+    busy_poll: bool,
+    countdown: u32,
+    tokens: Vec<u64>,
+    pending_error: Option<Error>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("wid", &self.wid)
+            .field("ready", &self.is_ready())
+            .field("broker", &self.is_broker())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Register `callback` for events matching `(source, event)`; `"*"` is a wildcard.
+    /// Matching runs `("*","*")`, then `(source,"*")`, then `(source,event)`, each level in
+    /// subscription order.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// let id = w.subscribe("cache", "purge", |ev| println!("purge {:?}", ev.data_bytes()));
+    /// # let _ = id;
+    /// ```
+    pub fn subscribe<F>(&mut self, source: &str, event: &str, callback: F) -> SubscriptionId
+    where
+        F: FnMut(&Event<'_>) + Send + 'static,
+    {
+        self.subs.subscribe(source, event, Box::new(callback))
+    }
+
+    /// Remove a subscription; false for an unknown id.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// let id = w.subscribe("*", "*", |_| {});
+    /// assert!(w.unsubscribe(id));
+    /// ```
+    pub fn unsubscribe(&mut self, id: SubscriptionId) -> bool {
+        self.subs.unsubscribe(id)
+    }
+
+    /// Publish a typed value (serialized once with rkyv, whatever the number of receivers).
+    ///
+    /// # Errors
+    /// [`PublishError::PayloadTooLarge`] when the archived value exceeds `max_payload_len`,
+    /// [`PublishError::QueueOverflow`] when this worker's own queue is full. Nothing was
+    /// delivered anywhere when an error is returned.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Target, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// w.publish(Target::All, "config", "version", &42u32).unwrap();
+    /// ```
+    pub fn publish<T: Payload>(
+        &mut self,
+        target: Target<'_>,
+        source: &str,
+        event: &str,
+        data: &T,
+    ) -> Result<(), PublishError> {
+        let (origin, kind) = self.route(target)?;
+        let mut buf = self.pool.pop().unwrap_or_default();
+        if let Err(e) = event::encode_typed(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
+            self.pool.push(buf);
+            return Err(e);
+        }
+        self.send(buf, kind)
+    }
+
+    /// Publish raw bytes.
+    ///
+    /// # Errors
+    /// As [`Worker::publish`].
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Target, Wid, PublishError};
+    /// let events = Events::new(Options::new("/tmp/unused.sock").testing(true).max_payload_len(4)).unwrap();
+    /// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// w.publish_bytes(Target::Current, "crud", "routes", b"1234").unwrap();
+    /// let err = w.publish_bytes(Target::Current, "crud", "routes", b"12345").unwrap_err();
+    /// assert_eq!(err.to_string(), "failed to publish event: payload exceeds the limitation (4)");
+    /// ```
+    pub fn publish_bytes(&mut self, target: Target<'_>, source: &str, event: &str, data: &[u8]) -> Result<(), PublishError> {
+        let (origin, kind) = self.route(target)?;
+        let mut buf = self.pool.pop().unwrap_or_default();
+        if let Err(e) = event::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
+            self.pool.push(buf);
+            return Err(e);
+        }
+        self.send(buf, kind)
+    }
+
+    fn route(&self, target: Target<'_>) -> Result<(u32, Kind), PublishError> {
+        match target {
+            Target::All if self.opts.testing => Ok((ORIGIN_NONE, Kind::All)),
+            Target::All => Ok((self.slot, Kind::All)),
+            Target::Current => Ok((ORIGIN_NONE, Kind::Current)),
+            Target::Unique(h) if h.is_empty() || h.len() > MAX_UNIQUE_HASH_LEN => {
+                Err(PublishError::InvalidUniqueHash { len: h.len(), max: MAX_UNIQUE_HASH_LEN })
+            }
+            Target::Unique(_) if self.opts.testing => Ok((ORIGIN_NONE, Kind::Unique)),
+            Target::Unique(_) => Err(PublishError::UniqueUnsupported),
+        }
+    }
+
+    fn send(&mut self, buf: AlignedVec, kind: Kind) -> Result<(), PublishError> {
+        if self.opts.testing {
+            // Synchronous, in-process, wid None.
+            if let Ok(d) = event::decode(&buf, self.geo.workers, self.geo.agent, self.opts.max_payload_len) {
+                let r = self.subs.run(&d.event);
+                self.stats.delivered += 1;
+                self.stats.callbacks_run += r.called;
+                self.stats.callback_panics += r.panicked;
+            }
+            self.pool.push(buf);
+            self.stats.published += 1;
+            return Ok(());
+        }
+        let cap = self.opts.max_queue_len;
+        if self.local.len() >= cap || (kind == Kind::All && self.port.is_none() && self.pre_attach.len() >= cap) {
+            self.stats.overflows += 1;
+            self.pool.push(buf);
+            return Err(PublishError::QueueOverflow);
+        }
+        if kind == Kind::All {
+            match self.port.as_mut() {
+                Some(port) => {
+                    port.flush();
+                    port.send_all(&buf);
+                }
+                None => self.pre_attach.push_back(buf.clone()),
+            }
+        }
+        self.local.push_back(buf);
+        self.stats.published += 1;
+        Ok(())
+    }
+
+    /// Run the callbacks of every event that has arrived; never blocks. Returns the number
+    /// of events dispatched (lost notices included).
+    ///
+    /// # Errors
+    /// An attach refused by the broker (reported once), or a failure to set up the broker
+    /// role. Callback panics are not errors: they are caught, logged and counted.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert_eq!(w.dispatch().unwrap(), 0);
+    /// ```
+    pub fn dispatch(&mut self) -> Result<usize> {
+        if self.opts.testing {
+            return Ok(0);
+        }
+        let mut total = 0;
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            let (n, more) = self.pass()?;
+            total += n;
+            if n > 0 || more || self.busy_poll || rounds > 4 {
+                break;
+            }
+            // Idle: arm so that the fd turns readable (and `wait` can sleep) when work comes.
+            let armed = self.port.as_mut().is_none_or(|port| port.arm());
+            if armed {
+                break;
+            }
+        }
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
+        Ok(total)
+    }
+
+    /// One dispatch pass: control, backlogs, local queue, rings.
+    fn pass(&mut self) -> Result<(usize, bool)> {
+        let mut woken = false;
+        if let Some(port) = self.port.as_mut() {
+            if port.disarm() {
+                self.stats.wakeups_received += 1;
+                woken = true;
+            }
+        }
+        self.countdown = self.countdown.saturating_sub(1);
+        if self.ctl.is_some() && (self.countdown == 0 || woken || self.port.is_none() || !self.tokens.is_empty()) {
+            self.countdown = CONTROL_EVERY;
+            self.poll_control()?;
+        }
+        let mut n = 0;
+        // Local events first: they are this worker's own stream, in publish order.
+        for _ in 0..self.local.len() {
+            let Some(buf) = self.local.pop_front() else { break };
+            if let Ok(d) = event::decode(&buf, self.geo.workers, self.geo.agent, self.opts.max_payload_len) {
+                let r = self.subs.run(&d.event);
+                self.stats.delivered += 1;
+                self.stats.callbacks_run += r.called;
+                self.stats.callback_panics += r.panicked;
+                n += 1;
+            }
+            let mut buf = buf;
+            buf.clear();
+            if self.pool.len() < 64 {
+                self.pool.push(buf);
+            }
+        }
+        let mut more = false;
+        if let Some(port) = self.port.as_mut() {
+            port.flush();
+            let (workers, agent, max_payload) = (self.geo.workers, self.geo.agent, self.opts.max_payload_len);
+            let subs = &mut self.subs;
+            let stats = &mut self.stats;
+            let geo = self.geo;
+            let (m, more_rings) = port.drain(RING_BUDGET, &mut |inc| match inc {
+                Incoming::Message { from, bytes } => match event::decode(bytes, workers, agent, max_payload) {
+                    Ok(d) if d.kind == Kind::All as u8 && d.event.wid == Some(slot_wid(from, &geo)) => {
+                        let r = subs.run(&d.event);
+                        stats.delivered += 1;
+                        stats.callbacks_run += r.called;
+                        stats.callback_panics += r.panicked;
+                    }
+                    _ => {
+                        tracing::warn!(from, "dropping a malformed message");
+                        stats.dropped += 1;
+                    }
+                },
+                Incoming::Lost { from, count } => {
+                    stats.lost += count;
+                    let publisher = slot_wid(from, &geo);
+                    tracing::warn!(%publisher, count, "events lost on the way to this worker");
+                    let mut b = AlignedVec::new();
+                    let lost = Lost { count, publisher };
+                    if event::encode_typed(&mut b, SYSTEM_SOURCE, "lost", &lost, from, Kind::System, usize::MAX).is_ok() {
+                        if let Ok(d) = event::decode(&b, workers, agent, usize::MAX) {
+                            let r = subs.run(&d.event);
+                            stats.delivered += 1;
+                            stats.callbacks_run += r.called;
+                            stats.callback_panics += r.panicked;
+                        }
+                    }
+                }
+            });
+            let c = port.counters;
+            self.stats.wakeups_sent = c.wakeups_sent;
+            self.stats.lost_outbound = c.lost_outbound;
+            self.stats.dropped = self.stats.dropped.max(c.dropped);
+            n += m;
+            more = more_rings;
+        }
+        Ok((n, more))
+    }
+
+    /// Block until an event arrives or `timeout` passes (`None`: no limit), then dispatch.
+    /// Returns the number of events dispatched.
+    ///
+    /// # Errors
+    /// As [`Worker::dispatch`], plus a failing `epoll_wait`.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert_eq!(w.wait(Some(Duration::from_millis(1))).unwrap(), 0);
+    /// ```
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<usize> {
+        if self.opts.testing {
+            return Ok(0);
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let n = self.dispatch()?;
+            if n > 0 {
+                return Ok(n);
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Ok(0);
+            }
+            if let Some(port) = self.port.as_mut() {
+                if !port.arm() {
+                    continue;
+                }
+            }
+            let mut sleep = deadline.map(|d| d - now);
+            if let Some(r) = self.ctl.as_ref().and_then(|c| c.retry_in(now)) {
+                sleep = Some(sleep.map_or(r, |s| s.min(r)));
+            }
+            let ms = sleep.map_or(-1, |d| d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32);
+            let mut tokens = std::mem::take(&mut self.tokens);
+            self.epoll.wait(&mut tokens, ms).map_err(|e| Error::io("epoll_wait", e))?;
+            tokens.retain(|t| *t != TOKEN_EVENTFD);
+            self.tokens = tokens;
+        }
+    }
+
+    /// Wait until attached to a broker, dispatching meanwhile; false on timeout.
+    ///
+    /// # Errors
+    /// As [`Worker::wait`] (an attach refusal, for example).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert!(w.wait_ready(Duration::from_secs(1)).unwrap());
+    /// ```
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        while !self.is_ready() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            self.wait(Some((deadline - now).min(Duration::from_millis(20))))?;
+        }
+        Ok(true)
+    }
+
+    fn poll_control(&mut self) -> Result<()> {
+        let Some(ctl) = self.ctl.as_mut() else { return Ok(()) };
+        self.tokens.clear();
+        let hand_out = match (&self.port, ctl.is_broker()) {
+            (Some(port), true) => Some(HandOut {
+                region_fd: port.region().fd().as_raw_fd(),
+                eventfds: port.eventfds().iter().map(|e| e.as_fd().as_raw_fd()).collect(),
+                epoch: self.epoch,
+                region_id: port.region().id(),
+                _life: std::marker::PhantomData,
+            }),
+            _ => None,
+        };
+        let events = ctl.poll(Instant::now(), &self.epoll, hand_out.as_ref());
+        drop(hand_out);
+        for ev in events {
+            match ev {
+                CtlEvent::Elected => self.become_broker()?,
+                CtlEvent::Welcome { region_fd, eventfds, broker_slot, epoch, region_id } => {
+                    self.epoch = epoch;
+                    tracing::debug!(wid = %self.wid, broker_slot, epoch, "attached");
+                    if self.port.as_ref().is_some_and(|p| p.region().id() == region_id) {
+                        continue;
+                    }
+                    match Region::open(region_fd, self.geo) {
+                        Ok(region) => {
+                            let efds = eventfds.into_iter().map(EventFd::from_owned).collect();
+                            self.install_port(region, efds)?;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "shared region from the broker rejected");
+                            self.pending_error = Some(e);
+                        }
+                    }
+                }
+                CtlEvent::Rejected(reason) => {
+                    tracing::error!(%reason, "attach refused by the broker");
+                    self.pending_error = Some(Error::AttachRefused(reason));
+                }
+                CtlEvent::BrokerLost => {
+                    self.stats.failovers += 1;
+                    tracing::warn!(wid = %self.wid, "lost the broker; re-electing");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn install_port(&mut self, region: Region, eventfds: Vec<EventFd>) -> Result<()> {
+        if let Some(old) = self.port.take() {
+            self.epoll.delete(old.my_eventfd().as_fd());
+        }
+        let max_msg = event::max_message_len(self.opts.max_payload_len);
+        let mut port = ShmPort::attach(region, eventfds, self.slot, self.opts.max_queue_len, max_msg);
+        self.epoll.add(port.my_eventfd().as_fd(), TOKEN_EVENTFD).map_err(|e| Error::io("epoll_ctl", e))?;
+        for msg in self.pre_attach.drain(..) {
+            port.send_all(&msg);
+        }
+        self.port = Some(port);
+        Ok(())
+    }
+
+    fn become_broker(&mut self) -> Result<()> {
+        if self.port.is_none() {
+            if self.opts.transport == Transport::Socket {
+                return Err(Error::io(
+                    "the socket transport",
+                    std::io::Error::new(std::io::ErrorKind::Unsupported, "Transport::Socket is not implemented yet"),
+                ));
+            }
+            let region = Region::create(self.geo, self.opts.max_payload_len)?;
+            let eventfds = (0..self.geo.slots)
+                .map(|_| EventFd::new())
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|e| Error::io("creating eventfds", e))?;
+            self.install_port(region, eventfds)?;
+        }
+        let port = self.port.as_ref().expect("port installed above");
+        let h = port.region().header();
+        self.epoch = h.broker_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        h.broker_slot.store(self.slot, Ordering::Relaxed);
+        h.broker_pid.store(std::process::id(), Ordering::Release);
+        self.ctl.as_mut().expect("only live workers are elected").serve(&self.epoll)
+    }
+
+    /// Attached to a broker (or is the broker); always true in testing mode.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert!(w.is_ready());
+    /// ```
+    pub fn is_ready(&self) -> bool {
+        match &self.ctl {
+            None => true,
+            Some(c) => self.port.is_some() && (c.is_broker() || c.is_attached_client()),
+        }
+    }
+
+    /// This process currently serves the control socket.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert!(!w.is_broker());
+    /// ```
+    pub fn is_broker(&self) -> bool {
+        self.ctl.as_ref().is_some_and(|c| c.is_broker())
+    }
+
+    /// This worker's id.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert_eq!(w.wid(), Wid::Worker(0));
+    /// ```
+    pub fn wid(&self) -> Wid {
+        self.wid
+    }
+
+    /// The transport in use: [`Transport::SharedMemory`] once attached over shared memory.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Transport, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert_eq!(w.transport(), Transport::SharedMemory);
+    /// ```
+    pub fn transport(&self) -> Transport {
+        Transport::SharedMemory
+    }
+
+    /// Busy-poll mode: `dispatch` never arms the wake-up, so publishers make no syscall for
+    /// this worker while it spins; `wait` still sleeps properly. Off by default.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// w.set_busy_poll(true);
+    /// ```
+    pub fn set_busy_poll(&mut self, on: bool) {
+        self.busy_poll = on;
+    }
+
+    /// A snapshot of this worker's counters and per-peer queue depths.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert_eq!(w.stats().published, 0);
+    /// ```
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        if let Some(port) = &self.port {
+            s.peers = port
+                .depths()
+                .map(|(slot, out, backlog, inb)| PeerStats {
+                    wid: slot_wid(slot, &self.geo),
+                    outbound_depth: out,
+                    backlog,
+                    inbound_depth: inb,
+                })
+                .collect();
+        }
+        s
+    }
+}
+
+impl AsFd for Worker {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.epoll.as_fd()
+    }
+}
+
+impl AsRawFd for Worker {
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_fd().as_raw_fd()
+    }
+}
+
+fn slot_wid(slot: u32, geo: &Geometry) -> Wid {
+    if geo.agent && slot == geo.workers { Wid::PrivilegedAgent } else { Wid::Worker(slot) }
+}

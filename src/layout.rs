@@ -1,0 +1,264 @@
+//! Every type that lives in the shared region, `#[repr(C)]`, mirroring `shm-layout.md`
+//! byte for byte (compile-time size and offset asserts at the bottom).
+//!
+//! Every word another process may write is an atomic, so a `&` to these types never aliases
+//! plain memory that changes underneath it. Nothing read from here is trusted: sizes and
+//! offsets used for addressing come from [`Geometry`], computed in private memory from the
+//! options and compared with the header on attach.
+
+use crate::sync::{AtomicU32, AtomicU64};
+
+/// `b"WKEVENTS"` read as a little-endian u64.
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"WKEVENTS");
+/// Bumped on any change of this file or of the record formats.
+pub(crate) const LAYOUT_VERSION: u32 = 1;
+/// Size of [`RegionHeader`].
+pub(crate) const HEADER_SIZE: usize = 256;
+/// Size of [`SlotHeader`].
+pub(crate) const SLOT_SIZE: usize = 128;
+/// Size of [`RingHeader`]; the ring's data area follows it.
+pub(crate) const RING_HEADER_SIZE: usize = 256;
+/// Sections start on page boundaries.
+pub(crate) const PAGE: usize = 4096;
+
+/// Region header at offset 0. Written once by the creating broker (layout words) and then
+/// by brokers only (the broker line). `layout_version` is stored last, with Release.
+#[repr(C, align(128))]
+pub(crate) struct RegionHeader {
+    pub magic: AtomicU64,
+    pub layout_version: AtomicU32,
+    pub header_size: AtomicU32,
+    pub region_size: AtomicU64,
+    /// Random id of this region instance (a new broker with a new region gets a new id).
+    pub region_id: AtomicU64,
+    pub slots: AtomicU32,
+    pub workers: AtomicU32,
+    /// Bit 0: a privileged-agent slot exists (it is slot `workers`).
+    pub flags: AtomicU32,
+    pub ring_capacity: AtomicU32,
+    pub slots_offset: AtomicU64,
+    pub rings_offset: AtomicU64,
+    pub ring_stride: AtomicU64,
+    pub dedup_offset: AtomicU64,
+    pub dedup_capacity: AtomicU64,
+    pub sip_key: [AtomicU64; 2],
+    pub max_payload_len: AtomicU32,
+    pub creator_pid: AtomicU32,
+    pub _reserved: [AtomicU64; 2],
+    // ---- second cache line: broker state (changes on election) ----
+    pub broker_epoch: AtomicU64,
+    pub broker_pid: AtomicU32,
+    pub broker_slot: AtomicU32,
+    pub _reserved2: [AtomicU64; 14],
+}
+
+/// Per-slot state. Written by the slot's owner (`parked`, `state`, `pid`, `generation`).
+#[repr(C, align(128))]
+pub(crate) struct SlotHeader {
+    /// 1 while the owner sleeps (or is armed for an external poller); a publisher that sees
+    /// 1 after committing swaps it to 0 and writes the slot's eventfd.
+    pub parked: AtomicU32,
+    /// 0 (never attached), [`SLOT_ATTACHED`] or [`SLOT_DETACHED`].
+    pub state: AtomicU32,
+    pub pid: AtomicU32,
+    pub _pad: AtomicU32,
+    /// Number of attaches of this slot so far.
+    pub generation: AtomicU64,
+    pub _reserved: [AtomicU64; 13],
+}
+
+/// Slot attached by a live (or crashed, not yet replaced) process.
+pub(crate) const SLOT_ATTACHED: u32 = 1;
+/// Slot detached cleanly.
+pub(crate) const SLOT_DETACHED: u32 = 2;
+
+/// Producer-owned cache line of a ring. Separate 128-byte lines keep the producer's stores
+/// from invalidating the line the consumer writes, and vice versa (adjacent-line prefetch
+/// pairs 64-byte lines on x86, hence 128).
+#[repr(C, align(128))]
+pub(crate) struct ProducerLine {
+    /// Bytes ever committed. The commit of a record is one Release store of this word.
+    pub write_pos: AtomicU64,
+    /// Events the producer dropped for this consumer (its backlog overflowed).
+    pub lost: AtomicU64,
+    /// Messages ever committed (statistics and queue depth).
+    pub published: AtomicU64,
+    /// 1 while the producer waits for space (it has a backlog for this ring).
+    pub want_space: AtomicU32,
+    pub _pad: AtomicU32,
+    pub _reserved: [AtomicU64; 12],
+}
+
+/// Consumer-owned cache line of a ring.
+#[repr(C, align(128))]
+pub(crate) struct ConsumerLine {
+    /// Bytes ever consumed; Release-stored after a record has been copied out.
+    pub read_pos: AtomicU64,
+    /// Messages ever consumed.
+    pub consumed: AtomicU64,
+    /// Value of the producer's `lost` already reported to this consumer's callbacks.
+    pub lost_seen: AtomicU64,
+    pub _reserved: [AtomicU64; 13],
+}
+
+/// Header of one SPSC ring; `ring_capacity` data bytes follow it.
+#[repr(C)]
+pub(crate) struct RingHeader {
+    pub producer: ProducerLine,
+    pub consumer: ConsumerLine,
+}
+
+#[cfg(loom)]
+impl RingHeader {
+    /// A zeroed header in private memory, for the loom models.
+    pub(crate) fn new_for_model() -> Self {
+        fn z64() -> AtomicU64 {
+            AtomicU64::new(0)
+        }
+        RingHeader {
+            producer: ProducerLine {
+                write_pos: z64(),
+                lost: z64(),
+                published: z64(),
+                want_space: AtomicU32::new(0),
+                _pad: AtomicU32::new(0),
+                _reserved: std::array::from_fn(|_| z64()),
+            },
+            consumer: ConsumerLine {
+                read_pos: z64(),
+                consumed: z64(),
+                lost_seen: z64(),
+                _reserved: std::array::from_fn(|_| z64()),
+            },
+        }
+    }
+}
+
+/// Where everything is, computed in private memory from the options. Every address used
+/// to touch the region comes from here, never from the region itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub slots: u32,
+    pub workers: u32,
+    pub agent: bool,
+    pub ring_capacity: usize,
+    pub slots_offset: usize,
+    pub rings_offset: usize,
+    pub ring_stride: usize,
+    pub dedup_offset: usize,
+    pub dedup_capacity: usize,
+    pub region_size: usize,
+}
+
+const fn align_up(x: usize, a: usize) -> usize {
+    (x + a - 1) & !(a - 1)
+}
+
+impl Geometry {
+    pub(crate) fn new(workers: u32, agent: bool, ring_capacity: usize) -> Geometry {
+        let slots = workers + u32::from(agent);
+        let s = slots as usize;
+        let slots_offset = HEADER_SIZE;
+        let rings_offset = align_up(slots_offset + s * SLOT_SIZE, PAGE);
+        let ring_stride = RING_HEADER_SIZE + ring_capacity;
+        let rings_end = rings_offset + s * s * ring_stride;
+        let dedup_offset = align_up(rings_end, PAGE);
+        let dedup_capacity = 0;
+        let region_size = align_up(dedup_offset, PAGE);
+        Geometry {
+            slots,
+            workers,
+            agent,
+            ring_capacity,
+            slots_offset,
+            rings_offset,
+            ring_stride,
+            dedup_offset,
+            dedup_capacity,
+            region_size,
+        }
+    }
+
+    /// Offset of the slot header of `slot` (< `slots`).
+    pub(crate) fn slot_offset(&self, slot: u32) -> usize {
+        debug_assert!(slot < self.slots);
+        self.slots_offset + slot as usize * SLOT_SIZE
+    }
+
+    /// Offset of the header of the ring `producer -> consumer`.
+    pub(crate) fn ring_offset(&self, producer: u32, consumer: u32) -> usize {
+        debug_assert!(producer < self.slots && consumer < self.slots);
+        let idx = producer as usize * self.slots as usize + consumer as usize;
+        self.rings_offset + idx * self.ring_stride
+    }
+}
+
+#[cfg(not(loom))]
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<RegionHeader>() == HEADER_SIZE);
+    assert!(align_of::<RegionHeader>() == 128);
+    assert!(offset_of!(RegionHeader, magic) == 0);
+    assert!(offset_of!(RegionHeader, layout_version) == 8);
+    assert!(offset_of!(RegionHeader, header_size) == 12);
+    assert!(offset_of!(RegionHeader, region_size) == 16);
+    assert!(offset_of!(RegionHeader, region_id) == 24);
+    assert!(offset_of!(RegionHeader, slots) == 32);
+    assert!(offset_of!(RegionHeader, workers) == 36);
+    assert!(offset_of!(RegionHeader, flags) == 40);
+    assert!(offset_of!(RegionHeader, ring_capacity) == 44);
+    assert!(offset_of!(RegionHeader, slots_offset) == 48);
+    assert!(offset_of!(RegionHeader, rings_offset) == 56);
+    assert!(offset_of!(RegionHeader, ring_stride) == 64);
+    assert!(offset_of!(RegionHeader, dedup_offset) == 72);
+    assert!(offset_of!(RegionHeader, dedup_capacity) == 80);
+    assert!(offset_of!(RegionHeader, sip_key) == 88);
+    assert!(offset_of!(RegionHeader, max_payload_len) == 104);
+    assert!(offset_of!(RegionHeader, creator_pid) == 108);
+    assert!(offset_of!(RegionHeader, broker_epoch) == 128);
+    assert!(offset_of!(RegionHeader, broker_pid) == 136);
+    assert!(offset_of!(RegionHeader, broker_slot) == 140);
+
+    assert!(size_of::<SlotHeader>() == SLOT_SIZE);
+    assert!(offset_of!(SlotHeader, parked) == 0);
+    assert!(offset_of!(SlotHeader, state) == 4);
+    assert!(offset_of!(SlotHeader, pid) == 8);
+    assert!(offset_of!(SlotHeader, generation) == 16);
+
+    assert!(size_of::<RingHeader>() == RING_HEADER_SIZE);
+    assert!(offset_of!(RingHeader, producer) == 0);
+    assert!(offset_of!(RingHeader, consumer) == 128);
+    assert!(offset_of!(ProducerLine, write_pos) == 0);
+    assert!(offset_of!(ProducerLine, lost) == 8);
+    assert!(offset_of!(ProducerLine, published) == 16);
+    assert!(offset_of!(ProducerLine, want_space) == 24);
+    assert!(offset_of!(ConsumerLine, read_pos) == 0);
+    assert!(offset_of!(ConsumerLine, consumed) == 8);
+    assert!(offset_of!(ConsumerLine, lost_seen) == 16);
+};
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_sizing_fits_64_mib_for_16_workers() {
+        let g = Geometry::new(16, false, crate::options::DEFAULT_RING_CAPACITY);
+        assert!(g.region_size <= 64 << 20, "{}", g.region_size);
+        let g = Geometry::new(16, true, crate::options::DEFAULT_RING_CAPACITY);
+        assert!(g.region_size <= 64 << 20, "{}", g.region_size);
+    }
+
+    #[test]
+    fn rings_do_not_overlap() {
+        let g = Geometry::new(3, true, 4096);
+        let mut offs: Vec<usize> = (0..4).flat_map(|p| (0..4).map(move |c| (p, c))).map(|(p, c)| g.ring_offset(p, c)).collect();
+        offs.sort();
+        for w in offs.windows(2) {
+            assert_eq!(w[1] - w[0], g.ring_stride);
+        }
+        assert!(offs[0] >= g.slots_offset + 4 * SLOT_SIZE);
+        assert!(*offs.last().unwrap() + g.ring_stride <= g.region_size);
+        assert_eq!(offs[0] % PAGE, 0);
+    }
+}

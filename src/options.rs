@@ -1,0 +1,396 @@
+//! The `Options` builder and its validation.
+//!
+//! Validation happens in [`crate::Events::new`] and uses the model library's messages
+//! (`"max_payload_len" option is invalid`, ...), so configuration errors read the same as in
+//! lua-resty-events.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Largest accepted `max_payload_len`: 16 MiB, as in the model library.
+pub const MAX_PAYLOAD_LIMIT: usize = 16 * 1024 * 1024;
+/// Largest number of worker slots. Bounded by the number of descriptors one `SCM_RIGHTS`
+/// message can carry (253): the region memfd plus one eventfd per slot.
+pub const MAX_WORKERS: u32 = 128;
+/// Default data bytes of one ring (one ordered pair of slots). 16 workers use
+/// 16 x 16 x (128 KiB + 256 B) = 32 MiB of address space, and tmpfs only backs touched pages.
+pub const DEFAULT_RING_CAPACITY: usize = 128 * 1024;
+
+/// Which transport carries events between processes.
+///
+/// # Examples
+///
+/// ```
+/// use worker_events::{Options, Transport};
+/// let opts = Options::new("/tmp/ev.sock").transport(Transport::SharedMemory);
+/// assert_eq!(opts.get_transport(), Transport::SharedMemory);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Transport {
+    /// Shared memory when the broker can create it, unix sockets otherwise.
+    #[default]
+    Auto,
+    /// Per-pair SPSC rings in one memfd region, eventfd wake-ups.
+    SharedMemory,
+    /// The unix sockets alone, through the broker.
+    Socket,
+}
+
+/// Configuration shared by every process of one deployment.
+///
+/// Build it in the master process, pass it to [`crate::Events::new`], fork.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use worker_events::{Events, Options};
+/// let events = Events::new(
+///     Options::new("unix:/tmp/myproxy-events.sock")
+///         .workers(4)
+///         .broker_id(0)
+///         .unique_timeout(Duration::from_secs(5))
+///         .max_queue_len(10_240)
+///         .max_payload_len(64 * 1024),
+/// )
+/// .unwrap();
+/// assert_eq!(events.options().listening(), std::path::Path::new("/tmp/myproxy-events.sock"));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub(crate) listening: PathBuf,
+    pub(crate) workers: u32,
+    pub(crate) broker_id: u32,
+    pub(crate) unique_timeout: Duration,
+    pub(crate) max_queue_len: usize,
+    pub(crate) max_payload_len: usize,
+    pub(crate) enable_privileged_agent: bool,
+    pub(crate) transport: Transport,
+    pub(crate) testing: bool,
+    pub(crate) ring_capacity: usize,
+    pub(crate) unique_capacity: usize,
+    pub(crate) allowed_uids: Vec<u32>,
+}
+
+impl Options {
+    /// Options with the model's defaults; `listening` is the control socket path (a `unix:`
+    /// prefix is accepted and stripped). The lock file lives beside it at `<listening>.lock`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let o = worker_events::Options::new("unix:/run/p/events.sock");
+    /// assert_eq!(o.listening(), std::path::Path::new("/run/p/events.sock"));
+    /// assert_eq!(o.get_max_queue_len(), 10_240);
+    /// ```
+    pub fn new(listening: impl AsRef<Path>) -> Self {
+        let raw = listening.as_ref();
+        let listening = match raw.to_str().and_then(|s| s.strip_prefix("unix:")) {
+            Some(stripped) => PathBuf::from(stripped),
+            None => raw.to_path_buf(),
+        };
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(MAX_WORKERS);
+        Options {
+            listening,
+            workers,
+            broker_id: 0,
+            unique_timeout: Duration::from_secs(5),
+            max_queue_len: 10_240,
+            max_payload_len: 64 * 1024,
+            enable_privileged_agent: false,
+            transport: Transport::Auto,
+            testing: false,
+            ring_capacity: DEFAULT_RING_CAPACITY,
+            unique_capacity: 65_536,
+            allowed_uids: Vec::new(),
+        }
+    }
+
+    /// Number of worker slots, `Wid::Worker(0..n)`. Default: the number of CPUs.
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/tmp/s").workers(4).get_workers(), 4);
+    /// ```
+    pub fn workers(mut self, n: u32) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// The preferred broker (default 0). Any live worker takes over when it is gone.
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/tmp/s").broker_id(2).get_broker_id(), 2);
+    /// ```
+    pub fn broker_id(mut self, id: u32) -> Self {
+        self.broker_id = id;
+        self
+    }
+
+    /// How long a unique hash stays recorded (default 5 s).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let o = worker_events::Options::new("/tmp/s").unique_timeout(Duration::from_millis(500));
+    /// assert_eq!(o.get_unique_timeout(), Duration::from_millis(500));
+    /// ```
+    pub fn unique_timeout(mut self, t: Duration) -> Self {
+        self.unique_timeout = t;
+        self
+    }
+
+    /// Bound of every private queue (default 10,240 events): the publisher's own queue (a
+    /// full one makes `publish` fail with `queue overflow`) and the backlog kept per receiver
+    /// when its ring is full (a full backlog drops the event and the receiver gets a `lost`
+    /// notice).
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/tmp/s").max_queue_len(16).get_max_queue_len(), 16);
+    /// ```
+    pub fn max_queue_len(mut self, n: usize) -> Self {
+        self.max_queue_len = n;
+        self
+    }
+
+    /// Largest event data in bytes (default 64 KiB, at most 16 MiB). Source, event name and
+    /// headers do not count.
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/tmp/s").max_payload_len(10).get_max_payload_len(), 10);
+    /// ```
+    pub fn max_payload_len(mut self, n: usize) -> Self {
+        self.max_payload_len = n;
+        self
+    }
+
+    /// Reserve a slot for the privileged agent (`Wid::PrivilegedAgent`), which receives
+    /// "all" events like a worker.
+    ///
+    /// ```
+    /// assert!(worker_events::Options::new("/tmp/s").enable_privileged_agent(true).get_enable_privileged_agent());
+    /// ```
+    pub fn enable_privileged_agent(mut self, on: bool) -> Self {
+        self.enable_privileged_agent = on;
+        self
+    }
+
+    /// Which transport to use (default [`Transport::Auto`]).
+    ///
+    /// ```
+    /// use worker_events::{Options, Transport};
+    /// assert_eq!(Options::new("/tmp/s").transport(Transport::Socket).get_transport(), Transport::Socket);
+    /// ```
+    pub fn transport(mut self, t: Transport) -> Self {
+        self.transport = t;
+        self
+    }
+
+    /// Testing mode: no sockets, no shared memory; `publish` runs the callbacks synchronously
+    /// in the calling process, `wid` is `None`, unique events are not deduplicated.
+    ///
+    /// ```
+    /// assert!(worker_events::Options::new("/tmp/s").testing(true).get_testing());
+    /// ```
+    pub fn testing(mut self, on: bool) -> Self {
+        self.testing = on;
+        self
+    }
+
+    /// Data bytes of each ring (power of two, 4 KiB..=64 MiB; default 128 KiB). Larger
+    /// payloads still work: they are streamed through the ring in fragments.
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/tmp/s").ring_capacity(1 << 20).get_ring_capacity(), 1 << 20);
+    /// ```
+    pub fn ring_capacity(mut self, bytes: usize) -> Self {
+        self.ring_capacity = bytes;
+        self
+    }
+
+    /// Capacity of the shared unique-event table in live hashes (default 65,536).
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/tmp/s").unique_capacity(1024).get_unique_capacity(), 1024);
+    /// ```
+    pub fn unique_capacity(mut self, n: usize) -> Self {
+        self.unique_capacity = n;
+        self
+    }
+
+    /// Also accept control-channel peers running as this uid (the broker's own uid is always
+    /// accepted; anyone else is refused after an `SO_PEERCRED` check).
+    ///
+    /// ```
+    /// let o = worker_events::Options::new("/tmp/s").allow_uid(33);
+    /// assert_eq!(o.get_allowed_uids(), &[33]);
+    /// ```
+    pub fn allow_uid(mut self, uid: u32) -> Self {
+        self.allowed_uids.push(uid);
+        self
+    }
+
+    /// The control socket path, `unix:` prefix stripped.
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/a/b").listening(), std::path::Path::new("/a/b"));
+    /// ```
+    pub fn listening(&self) -> &Path {
+        &self.listening
+    }
+    /// See [`Options::workers`].
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/s").workers(3).get_workers(), 3);
+    /// ```
+    pub fn get_workers(&self) -> u32 {
+        self.workers
+    }
+    /// See [`Options::broker_id`].
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/s").get_broker_id(), 0);
+    /// ```
+    pub fn get_broker_id(&self) -> u32 {
+        self.broker_id
+    }
+    /// See [`Options::unique_timeout`].
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/s").get_unique_timeout().as_secs(), 5);
+    /// ```
+    pub fn get_unique_timeout(&self) -> Duration {
+        self.unique_timeout
+    }
+    /// See [`Options::max_queue_len`].
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/s").get_max_queue_len(), 10_240);
+    /// ```
+    pub fn get_max_queue_len(&self) -> usize {
+        self.max_queue_len
+    }
+    /// See [`Options::max_payload_len`].
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/s").get_max_payload_len(), 65_536);
+    /// ```
+    pub fn get_max_payload_len(&self) -> usize {
+        self.max_payload_len
+    }
+    /// See [`Options::enable_privileged_agent`].
+    ///
+    /// ```
+    /// assert!(!worker_events::Options::new("/s").get_enable_privileged_agent());
+    /// ```
+    pub fn get_enable_privileged_agent(&self) -> bool {
+        self.enable_privileged_agent
+    }
+    /// See [`Options::transport`].
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/s").get_transport(), worker_events::Transport::Auto);
+    /// ```
+    pub fn get_transport(&self) -> Transport {
+        self.transport
+    }
+    /// See [`Options::testing`].
+    ///
+    /// ```
+    /// assert!(!worker_events::Options::new("/s").get_testing());
+    /// ```
+    pub fn get_testing(&self) -> bool {
+        self.testing
+    }
+    /// See [`Options::ring_capacity`].
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/s").get_ring_capacity(), 128 * 1024);
+    /// ```
+    pub fn get_ring_capacity(&self) -> usize {
+        self.ring_capacity
+    }
+    /// See [`Options::unique_capacity`].
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/s").get_unique_capacity(), 65_536);
+    /// ```
+    pub fn get_unique_capacity(&self) -> usize {
+        self.unique_capacity
+    }
+    /// See [`Options::allow_uid`].
+    ///
+    /// ```
+    /// assert!(worker_events::Options::new("/s").get_allowed_uids().is_empty());
+    /// ```
+    pub fn get_allowed_uids(&self) -> &[u32] {
+        &self.allowed_uids
+    }
+
+    /// Check every option; the messages are the model library's where it has one.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |msg: &str| Err(Error::InvalidOption(msg.to_string()));
+        if self.listening.as_os_str().is_empty() || self.listening.as_os_str().len() > 107 {
+            return bad("\"listening\" option is invalid");
+        }
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return bad("\"workers\" option is invalid");
+        }
+        if self.broker_id >= self.workers {
+            return bad("\"broker_id\" option is invalid");
+        }
+        if self.unique_timeout.is_zero() {
+            return bad("\"unique_timeout\" must be greater than 0");
+        }
+        if self.max_queue_len == 0 || self.max_queue_len > u32::MAX as usize {
+            return bad("\"max_queue_len\" option is invalid");
+        }
+        if self.max_payload_len == 0 || self.max_payload_len > MAX_PAYLOAD_LIMIT {
+            return bad("\"max_payload_len\" option is invalid");
+        }
+        if !self.ring_capacity.is_power_of_two()
+            || self.ring_capacity < 4096
+            || self.ring_capacity > 64 * 1024 * 1024
+        {
+            return bad("\"ring_capacity\" option is invalid");
+        }
+        if self.unique_capacity == 0 || self.unique_capacity > (1 << 24) {
+            return bad("\"unique_capacity\" option is invalid");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn msg(o: Options) -> String {
+        o.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn model_messages() {
+        let o = || Options::new("/tmp/x.sock").workers(4);
+        assert!(o().validate().is_ok());
+        assert_eq!(msg(o().max_payload_len(0)), "\"max_payload_len\" option is invalid");
+        assert_eq!(msg(o().max_payload_len(MAX_PAYLOAD_LIMIT + 1)), "\"max_payload_len\" option is invalid");
+        assert!(o().max_payload_len(MAX_PAYLOAD_LIMIT).validate().is_ok());
+        assert_eq!(msg(o().unique_timeout(Duration::ZERO)), "\"unique_timeout\" must be greater than 0");
+        assert_eq!(msg(o().max_queue_len(0)), "\"max_queue_len\" option is invalid");
+        assert_eq!(msg(o().broker_id(4)), "\"broker_id\" option is invalid");
+        assert_eq!(msg(o().workers(0)), "\"workers\" option is invalid");
+        assert_eq!(msg(o().workers(MAX_WORKERS + 1)), "\"workers\" option is invalid");
+        assert_eq!(msg(Options::new("")), "\"listening\" option is invalid");
+        assert_eq!(msg(Options::new("unix:")), "\"listening\" option is invalid");
+        assert_eq!(msg(o().ring_capacity(5000)), "\"ring_capacity\" option is invalid");
+        assert_eq!(msg(o().ring_capacity(1024)), "\"ring_capacity\" option is invalid");
+        assert_eq!(msg(o().unique_capacity(0)), "\"unique_capacity\" option is invalid");
+    }
+
+    #[test]
+    fn unix_prefix_stripped() {
+        assert_eq!(Options::new("unix:/a/b.sock").listening(), Path::new("/a/b.sock"));
+        assert_eq!(Options::new("/a/b.sock").listening(), Path::new("/a/b.sock"));
+    }
+}

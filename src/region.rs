@@ -1,0 +1,213 @@
+//! Create, seal, map and validate the shared region (one memfd).
+//!
+//! The creator (the first broker) sizes the memfd from [`Geometry`], seals it against
+//! shrinking and growing (so no peer can make our mapping fault with SIGBUS), initializes
+//! the header and stores `layout_version` last, with Release. An attaching process checks
+//! size, seals, magic, version and every geometry word against the geometry it computed
+//! itself from its options, and refuses any difference with a clear error.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::error::{Error, Result};
+use crate::layout::{Geometry, HEADER_SIZE, LAYOUT_VERSION, MAGIC, RING_HEADER_SIZE, RegionHeader, SlotHeader};
+use crate::ring::RawRing;
+use crate::sync::Ordering;
+use crate::sys;
+
+/// A mapped region. Invariant: `map` is `geo.region_size` bytes, page-aligned, and the memfd
+/// behind it is sealed against shrinking, so every offset computed by `geo` stays mapped for
+/// the lifetime of `self`.
+pub(crate) struct Region {
+    map: MmapRaw,
+    fd: OwnedFd,
+    geo: Geometry,
+    id: u64,
+}
+
+impl Region {
+    /// Create and initialize a new region (broker only).
+    pub(crate) fn create(geo: Geometry, max_payload_len: usize) -> Result<Region> {
+        let fd = sys::memfd_sealed(geo.region_size).map_err(|e| Error::io("creating the shared region (memfd)", e))?;
+        let map = map(&fd, geo.region_size)?;
+        let region = Region { map, fd, geo, id: sys::random_u64() | 1 };
+        let h = region.header();
+        let r = Ordering::Relaxed;
+        h.magic.store(MAGIC, r);
+        h.header_size.store(HEADER_SIZE as u32, r);
+        h.region_size.store(geo.region_size as u64, r);
+        h.region_id.store(region.id, r);
+        h.slots.store(geo.slots, r);
+        h.workers.store(geo.workers, r);
+        h.flags.store(u32::from(geo.agent), r);
+        h.ring_capacity.store(geo.ring_capacity as u32, r);
+        h.slots_offset.store(geo.slots_offset as u64, r);
+        h.rings_offset.store(geo.rings_offset as u64, r);
+        h.ring_stride.store(geo.ring_stride as u64, r);
+        h.dedup_offset.store(geo.dedup_offset as u64, r);
+        h.dedup_capacity.store(geo.dedup_capacity as u64, r);
+        h.sip_key[0].store(sys::random_u64(), r);
+        h.sip_key[1].store(sys::random_u64(), r);
+        h.max_payload_len.store(max_payload_len as u32, r);
+        h.creator_pid.store(sys::pid(), r);
+        h.layout_version.store(LAYOUT_VERSION, Ordering::Release);
+        Ok(region)
+    }
+
+    /// Map a region received from a broker and validate it against `expected`.
+    pub(crate) fn open(fd: OwnedFd, expected: Geometry) -> Result<Region> {
+        let bad = |m: String| Err(Error::CorruptRegion(m));
+        let (size, sealed) = sys::memfd_size_and_sealed(fd.as_fd()).map_err(|e| Error::io("inspecting the shared region", e))?;
+        if !sealed {
+            return bad("the region memfd is not sealed against shrinking and growing".into());
+        }
+        if size < HEADER_SIZE as u64 {
+            return bad(format!("region is {size} bytes, smaller than its header"));
+        }
+        if size != expected.region_size as u64 {
+            return bad(format!(
+                "region is {size} bytes but these options need {} (the broker runs with different workers, \
+                 enable_privileged_agent or ring_capacity)",
+                expected.region_size
+            ));
+        }
+        let map = map(&fd, expected.region_size)?;
+        let region = Region { map, fd, geo: expected, id: 0 };
+        let h = region.header();
+        let version = h.layout_version.load(Ordering::Acquire);
+        let magic = h.magic.load(Ordering::Relaxed);
+        if magic != MAGIC {
+            return bad(format!("bad magic {magic:#018x}"));
+        }
+        if version != LAYOUT_VERSION {
+            return bad(format!("layout version {version}, this build speaks version {LAYOUT_VERSION}"));
+        }
+        let r = Ordering::Relaxed;
+        let g = &expected;
+        let checks: [(&str, u64, u64); 11] = [
+            ("header_size", h.header_size.load(r).into(), HEADER_SIZE as u64),
+            ("region_size", h.region_size.load(r), g.region_size as u64),
+            ("slots", h.slots.load(r).into(), g.slots.into()),
+            ("workers", h.workers.load(r).into(), g.workers.into()),
+            ("flags", h.flags.load(r).into(), u64::from(g.agent)),
+            ("ring_capacity", h.ring_capacity.load(r).into(), g.ring_capacity as u64),
+            ("slots_offset", h.slots_offset.load(r), g.slots_offset as u64),
+            ("rings_offset", h.rings_offset.load(r), g.rings_offset as u64),
+            ("ring_stride", h.ring_stride.load(r), g.ring_stride as u64),
+            ("dedup_offset", h.dedup_offset.load(r), g.dedup_offset as u64),
+            ("dedup_capacity", h.dedup_capacity.load(r), g.dedup_capacity as u64),
+        ];
+        for (name, got, want) in checks {
+            if got != want {
+                return bad(format!("header field {name} is {got}, expected {want} (options differ from the broker's?)"));
+            }
+        }
+        let id = h.region_id.load(r);
+        Ok(Region { id, ..region })
+    }
+
+    pub(crate) fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    /// Random id of this region instance.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn at<T>(&self, off: usize) -> NonNull<T> {
+        assert!(off + std::mem::size_of::<T>() <= self.geo.region_size);
+        // SAFETY: in bounds of the mapping (checked above); the mapping is page-aligned and
+        // every offset handed here is a multiple of 128, the alignment of the layout types.
+        unsafe { NonNull::new_unchecked(self.map.as_mut_ptr().add(off).cast()) }
+    }
+
+    pub(crate) fn header(&self) -> &RegionHeader {
+        // SAFETY: offset 0 holds a RegionHeader (all atomics), valid while `self` lives.
+        unsafe { self.at::<RegionHeader>(0).as_ref() }
+    }
+
+    pub(crate) fn slot(&self, slot: u32) -> &SlotHeader {
+        assert!(slot < self.geo.slots);
+        // SAFETY: slot headers (all atomics) live at slot_offset(slot) for slot < slots.
+        unsafe { self.at::<SlotHeader>(self.geo.slot_offset(slot)).as_ref() }
+    }
+
+    /// The ring `producer -> consumer`. The view is valid while `self` is alive.
+    pub(crate) fn ring(&self, producer: u32, consumer: u32) -> RawRing {
+        assert!(producer < self.geo.slots && consumer < self.geo.slots);
+        let off = self.geo.ring_offset(producer, consumer);
+        RawRing { hdr: self.at(off), data: self.at(off + RING_HEADER_SIZE), cap: self.geo.ring_capacity }
+    }
+}
+
+fn map(fd: &OwnedFd, len: usize) -> Result<MmapRaw> {
+    MmapOptions::new().len(len).map_raw(fd.as_raw_fd()).map_err(|e| Error::io("mapping the shared region", e))
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn dup(fd: BorrowedFd<'_>) -> OwnedFd {
+        fd.try_clone_to_owned().unwrap()
+    }
+
+    #[test]
+    fn open_accepts_what_create_made() {
+        let g = Geometry::new(3, true, 4096);
+        let r = Region::create(g, 1024).unwrap();
+        let o = Region::open(dup(r.fd()), g).unwrap();
+        assert_eq!(o.id(), r.id());
+        // Both mappings see the same memory.
+        r.slot(2).pid.store(77, Ordering::Relaxed);
+        assert_eq!(o.slot(2).pid.load(Ordering::Relaxed), 77);
+    }
+
+    #[test]
+    fn corrupt_header_is_rejected() {
+        let g = Geometry::new(2, false, 4096);
+        let r = Region::create(g, 1024).unwrap();
+        let expect_err = |needle: &str| {
+            let e = Region::open(dup(r.fd()), g).err().expect("must be rejected").to_string();
+            assert!(e.contains(needle), "{e}");
+        };
+        r.header().magic.store(0xdead, Ordering::Relaxed);
+        expect_err("bad magic");
+        r.header().magic.store(MAGIC, Ordering::Relaxed);
+        r.header().layout_version.store(LAYOUT_VERSION + 1, Ordering::Relaxed);
+        expect_err("layout version");
+        r.header().layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        r.header().rings_offset.store(12, Ordering::Relaxed);
+        expect_err("rings_offset");
+        r.header().rings_offset.store(g.rings_offset as u64, Ordering::Relaxed);
+        r.header().slots.store(1000, Ordering::Relaxed);
+        expect_err("slots");
+        r.header().slots.store(g.slots, Ordering::Relaxed);
+        assert!(Region::open(dup(r.fd()), g).is_ok());
+        // Options that differ from the creator's.
+        let other = Geometry::new(3, false, 4096);
+        let e = Region::open(dup(r.fd()), other).err().unwrap().to_string();
+        assert!(e.contains("different"), "{e}");
+    }
+
+    #[test]
+    fn unsealed_memfd_is_rejected() {
+        // SAFETY: plain memfd_create with a valid C string.
+        let raw = unsafe { libc::memfd_create(c"x".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: raw is a fresh descriptor we own.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let g = Geometry::new(1, false, 4096);
+        // SAFETY: valid fd, size fits off_t.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), g.region_size as libc::off_t) }, 0);
+        let e = Region::open(fd, g).err().unwrap().to_string();
+        assert!(e.contains("sealed"), "{e}");
+    }
+}

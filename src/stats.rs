@@ -1,0 +1,59 @@
+//! Counters a worker keeps about itself, returned by [`crate::Worker::stats`].
+
+use crate::Wid;
+
+/// A snapshot of a worker's counters.
+///
+/// # Examples
+///
+/// ```
+/// use worker_events::{Events, Options, Target, Wid};
+/// let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+/// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+/// w.subscribe("*", "*", |_| {});
+/// w.publish_bytes(Target::All, "s", "e", b"x").unwrap();
+/// let st = w.stats();
+/// assert_eq!((st.published, st.delivered), (1, 1));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Successful `publish`/`publish_bytes` calls.
+    pub published: u64,
+    /// Events handed to this worker's callbacks (each counted once, however many callbacks).
+    pub delivered: u64,
+    /// Callback invocations.
+    pub callbacks_run: u64,
+    /// Callbacks that panicked (caught and logged).
+    pub callback_panics: u64,
+    /// Received messages refused as malformed, or ring records refused as corrupt.
+    pub dropped: u64,
+    /// Events reported lost to this worker through `lost` notices.
+    pub lost: u64,
+    /// Events this worker had to drop for a peer whose queue was full (the peer is told).
+    pub lost_outbound: u64,
+    /// `publish` calls refused with `queue overflow`.
+    pub overflows: u64,
+    /// Eventfd writes this worker made to wake a parked peer.
+    pub wakeups_sent: u64,
+    /// Times this worker was woken through its eventfd.
+    pub wakeups_received: u64,
+    /// Times this worker saw a new broker elected after having been attached.
+    pub failovers: u64,
+    /// Per-peer queue state (empty until attached).
+    pub peers: Vec<PeerStats>,
+}
+
+/// Queue state between this worker and one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerStats {
+    /// The peer.
+    pub wid: Wid,
+    /// Events from us not yet consumed by the peer (its ring plus our private backlog).
+    pub outbound_depth: u64,
+    /// Of which waiting in our private backlog because the ring was full.
+    pub backlog: u64,
+    /// Events from the peer waiting in our inbound ring.
+    pub inbound_depth: u64,
+}

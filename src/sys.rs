@@ -1,0 +1,294 @@
+//! Thin wrappers over the system calls this crate makes; the only file that calls libc or
+//! nix directly. Every descriptor is created close-on-exec and (where it can block)
+//! non-blocking; `WouldBlock` is a normal state, not an error.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Call a libc function, turning `-1` into `io::Error::last_os_error()`.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: every call site passes valid descriptors and pointers to live buffers of
+        // the stated lengths; see the wrapper around each call.
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == -1 { Err(io::Error::last_os_error()) } else { Ok(res) }
+    }};
+}
+
+fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: `fd` was just returned by a successful syscall and is owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// A non-blocking, close-on-exec eventfd.
+#[derive(Debug)]
+pub(crate) struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub(crate) fn new() -> io::Result<Self> {
+        let fd = syscall!(eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))?;
+        Ok(EventFd(owned(fd)))
+    }
+
+    pub(crate) fn from_owned(fd: OwnedFd) -> Self {
+        EventFd(fd)
+    }
+
+    /// Add one to the counter. A saturated counter (EAGAIN) is already readable: fine.
+    pub(crate) fn notify(&self) {
+        let one: u64 = 1;
+        let _ = syscall!(write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8));
+    }
+
+    /// Reset the counter to zero; returns whether it was non-zero.
+    pub(crate) fn drain(&self) -> bool {
+        let mut v: u64 = 0;
+        syscall!(read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8)).is_ok()
+    }
+
+    pub(crate) fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
+        // /proc/self/fd/N -> "anon_inode:[eventfd]"
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map(|p| p.as_os_str().as_bytes() == b"anon_inode:[eventfd]")
+            .unwrap_or(false)
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// An epoll set. Tokens are `u64`s chosen by the caller.
+#[derive(Debug)]
+pub(crate) struct Epoll(OwnedFd);
+
+impl Epoll {
+    pub(crate) fn new() -> io::Result<Self> {
+        let fd = syscall!(epoll_create1(libc::EPOLL_CLOEXEC))?;
+        Ok(Epoll(owned(fd)))
+    }
+
+    pub(crate) fn add(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        syscall!(epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev)).map(drop)
+    }
+
+    pub(crate) fn delete(&self, fd: BorrowedFd<'_>) {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        let _ = syscall!(epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd.as_raw_fd(), &mut ev));
+    }
+
+    /// Wait up to `timeout_ms` (-1 = forever); fills `out` with the ready tokens.
+    pub(crate) fn wait(&self, out: &mut Vec<u64>, timeout_ms: i32) -> io::Result<()> {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 32];
+        out.clear();
+        let n = match syscall!(epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), evs.len() as i32, timeout_ms)) {
+            Ok(n) => n as usize,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(e),
+        };
+        out.extend(evs[..n].iter().map(|e| e.u64));
+        Ok(())
+    }
+}
+
+impl AsFd for Epoll {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// Create a memfd of `size` bytes, sealed against shrinking, growing and further sealing.
+pub(crate) fn memfd_sealed(size: usize) -> io::Result<OwnedFd> {
+    if std::env::var_os("WORKER_EVENTS_DISABLE_SHM").is_some() {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "shared memory disabled by WORKER_EVENTS_DISABLE_SHM"));
+    }
+    let name = c"worker-events";
+    let fd = owned(syscall!(memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING))?);
+    syscall!(ftruncate(fd.as_raw_fd(), size as libc::off_t))?;
+    syscall!(fcntl(
+        fd.as_raw_fd(),
+        libc::F_ADD_SEALS,
+        libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
+    ))?;
+    Ok(fd)
+}
+
+/// Size of the file behind `fd`, and whether it carries the seals `memfd_sealed` adds.
+pub(crate) fn memfd_size_and_sealed(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
+    // SAFETY: zeroed `stat` is a valid out-parameter.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    syscall!(fstat(fd.as_raw_fd(), &mut st))?;
+    let seals = syscall!(fcntl(fd.as_raw_fd(), libc::F_GET_SEALS)).unwrap_or(0);
+    let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    Ok((st.st_size as u64, seals & want == want))
+}
+
+/// Open (creating, mode 0600) the lock file.
+pub(crate) fn open_lock_file(path: &Path) -> io::Result<OwnedFd> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let fd = syscall!(open(c.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC, 0o600 as libc::c_uint))?;
+    Ok(owned(fd))
+}
+
+fn ofd_flock(start: u64, ty: libc::c_int) -> libc::flock {
+    // SAFETY: zeroed `flock` is valid; the fields that matter are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start as libc::off_t;
+    fl.l_len = 1;
+    fl
+}
+
+/// Take the exclusive open-file-description lock on byte `byte` of the lock file without
+/// blocking. `Ok(false)`: another open file description (another live process) holds it.
+/// Like `flock`, the kernel releases it when the last descriptor of this description closes
+/// (so when the holder dies).
+pub(crate) fn try_lock_byte(fd: BorrowedFd<'_>, byte: u64) -> io::Result<bool> {
+    let fl = ofd_flock(byte, libc::F_WRLCK);
+    match syscall!(fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl)) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: zeroed sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((addr, len as libc::socklen_t))
+}
+
+fn stream_socket() -> io::Result<OwnedFd> {
+    let fd = syscall!(socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0))?;
+    Ok(owned(fd))
+}
+
+/// Bind and listen on `path` (non-blocking). The caller must hold the broker lock: a stale
+/// socket file left by a dead broker is removed first.
+pub(crate) fn listen_unix(path: &Path) -> io::Result<OwnedFd> {
+    let (addr, len) = sockaddr(path)?;
+    let _ = std::fs::remove_file(path);
+    let fd = stream_socket()?;
+    syscall!(bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len))?;
+    syscall!(listen(fd.as_raw_fd(), 1024))?;
+    Ok(fd)
+}
+
+/// Connect to `path` (non-blocking socket; unix stream connects complete at once or fail).
+pub(crate) fn connect_unix(path: &Path) -> io::Result<OwnedFd> {
+    let (addr, len) = sockaddr(path)?;
+    let fd = stream_socket()?;
+    match syscall!(connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len)) {
+        Ok(_) => Ok(fd),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(fd),
+        Err(e) => Err(e),
+    }
+}
+
+/// Accept one connection, non-blocking and close-on-exec. `Ok(None)` when none is pending.
+pub(crate) fn accept(listener: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
+    match syscall!(accept4(
+        listener.as_raw_fd(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK
+    )) {
+        Ok(fd) => Ok(Some(owned(fd))),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `(pid, uid)` of the peer, vouched for by the kernel (`SO_PEERCRED`).
+pub(crate) fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(i32, u32)> {
+    // SAFETY: zeroed ucred is a valid out-parameter.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_PEERCRED,
+        (&mut cred as *mut libc::ucred).cast(),
+        &mut len
+    ))?;
+    Ok((cred.pid, cred.uid))
+}
+
+/// Effective uid of this process.
+pub(crate) fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Process id.
+pub(crate) fn pid() -> u32 {
+    std::process::id()
+}
+
+/// Send `buf`, attaching `fds` (SCM_RIGHTS) when non-empty. Returns bytes sent.
+pub(crate) fn send_with_fds(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let iov = [io::IoSlice::new(buf)];
+    let cmsgs: &[ControlMessage<'_>] = &[ControlMessage::ScmRights(fds)];
+    let cmsgs = if fds.is_empty() { &[][..] } else { cmsgs };
+    sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT, None)
+        .map_err(io::Error::from)
+}
+
+/// Receive into `buf`, collecting any descriptors passed with the data into `fds`
+/// (close-on-exec). `Ok(0)` is end of stream.
+pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; 256]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    let n = msg.bytes;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            fds.extend(raw.into_iter().map(owned));
+        }
+    }
+    Ok(n)
+}
+
+/// Plain non-blocking write (MSG_NOSIGNAL: a dead peer is EPIPE, not SIGPIPE).
+pub(crate) fn send(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    syscall!(send(sock.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT))
+        .map(|n| n as usize)
+}
+
+/// A random u64 from the kernel (getrandom), for region ids and hash keys.
+pub(crate) fn random_u64() -> u64 {
+    let mut v = [0u8; 8];
+    // SAFETY: writes at most 8 bytes into `v`.
+    let n = unsafe { libc::getrandom(v.as_mut_ptr().cast(), 8, 0) };
+    if n != 8 {
+        // Fall back on time and pid: still unique per region instance in practice.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        return t ^ (u64::from(pid()) << 32);
+    }
+    u64::from_le_bytes(v)
+}

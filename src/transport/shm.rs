@@ -1,0 +1,421 @@
+//! The shared-memory transport: this process's ends of every ring it takes part in.
+//!
+//! For each peer `c` this process owns the producer of ring `me -> c` and the consumer of
+//! ring `c -> me`. A message that does not fit in a ring right now waits in a private
+//! per-peer backlog (bounded by `max_queue_len`), in order, and is retried on every
+//! `publish`/`dispatch`; the consumer wakes us when it frees space we asked for. A message
+//! larger than a quarter of the ring is streamed as FIRST..LAST fragments. Only when a
+//! backlog is full is an event dropped, and then the receiver is told (`lost`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use rkyv::util::AlignedVec;
+
+use crate::layout::{SLOT_ATTACHED, SLOT_DETACHED};
+use crate::notify;
+use crate::region::Region;
+use crate::ring::{Consumer, FIRST, LAST, Producer, record_size};
+use crate::sync::Ordering;
+use crate::sys::{self, EventFd};
+
+/// What the inbound side hands to the dispatcher.
+pub(crate) enum Incoming<'a> {
+    /// A complete message (not yet validated) from slot `from`.
+    Message { from: u32, bytes: &'a [u8] },
+    /// `count` events from slot `from` were lost on the way to us.
+    Lost { from: u32, count: u64 },
+}
+
+struct Pending {
+    msg: Arc<AlignedVec>,
+    /// Bytes already committed as fragments.
+    sent: usize,
+}
+
+struct Outbound {
+    /// None when the ring was found corrupt at attach: every event for it is counted lost.
+    prod: Option<Producer>,
+    backlog: VecDeque<Pending>,
+    /// The producer has a pending want-space request for this ring.
+    touched: bool,
+}
+
+#[derive(PartialEq, Eq)]
+enum Asm {
+    Idle,
+    Assembling,
+    /// Skipping the rest of a message we cannot deliver (already counted lost).
+    Discarding,
+}
+
+struct Inbound {
+    cons: Option<Consumer>,
+    asm: AlignedVec,
+    state: Asm,
+}
+
+/// Counters the port keeps; the worker folds them into its `Stats`.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PortCounters {
+    pub wakeups_sent: u64,
+    pub lost_outbound: u64,
+    pub dropped: u64,
+}
+
+pub(crate) struct ShmPort {
+    region: Region,
+    eventfds: Vec<EventFd>,
+    me: u32,
+    out: Vec<Option<Outbound>>,
+    inb: Vec<Option<Inbound>>,
+    max_queue_len: usize,
+    max_msg: usize,
+    /// Peers whose backlog is not empty.
+    backlogged: usize,
+    armed: bool,
+    pub(crate) counters: PortCounters,
+}
+
+impl ShmPort {
+    /// Take this slot's ends of the rings. The caller holds the slot lock, so no other live
+    /// process owns them.
+    pub(crate) fn attach(region: Region, eventfds: Vec<EventFd>, me: u32, max_queue_len: usize, max_msg: usize) -> ShmPort {
+        let slots = region.geometry().slots;
+        let mut out = Vec::with_capacity(slots as usize);
+        let mut inb = Vec::with_capacity(slots as usize);
+        for peer in 0..slots {
+            if peer == me {
+                out.push(None);
+                inb.push(None);
+                continue;
+            }
+            let prod = Producer::new(region.ring(me, peer)).ok();
+            let cons = Consumer::new(region.ring(peer, me)).ok();
+            if prod.is_none() || cons.is_none() {
+                tracing::warn!(me, peer, "ring positions are corrupt; events on it will be counted lost");
+            }
+            out.push(Some(Outbound { prod, backlog: VecDeque::new(), touched: false }));
+            inb.push(Some(Inbound { cons, asm: AlignedVec::new(), state: Asm::Idle }));
+        }
+        let slot = region.slot(me);
+        slot.parked.store(0, Ordering::Relaxed);
+        slot.pid.store(sys::pid(), Ordering::Relaxed);
+        slot.generation.fetch_add(1, Ordering::Relaxed);
+        slot.state.store(SLOT_ATTACHED, Ordering::Release);
+        ShmPort {
+            region,
+            eventfds,
+            me,
+            out,
+            inb,
+            max_queue_len,
+            max_msg,
+            backlogged: 0,
+            armed: false,
+            counters: PortCounters::default(),
+        }
+    }
+
+    pub(crate) fn region(&self) -> &Region {
+        &self.region
+    }
+
+    pub(crate) fn eventfds(&self) -> &[EventFd] {
+        &self.eventfds
+    }
+
+    pub(crate) fn my_eventfd(&self) -> &EventFd {
+        &self.eventfds[self.me as usize]
+    }
+
+    /// Send `msg` to every other slot. Never fails: a full ring queues the message in the
+    /// backlog; a full backlog drops it for that peer and counts it (the peer is told).
+    pub(crate) fn send_all(&mut self, msg: &AlignedVec) {
+        let mut shared: Option<Arc<AlignedVec>> = None;
+        let mut any = false;
+        for o in self.out.iter_mut().flatten() {
+            let Some(prod) = o.prod.as_mut() else {
+                self.counters.lost_outbound += 1;
+                continue;
+            };
+            let sent = if o.backlog.is_empty() { write_msg(prod, msg, 0).unwrap_or(0) } else { 0 };
+            if sent > 0 {
+                o.touched = true;
+                any = true;
+            }
+            if sent == msg.len() {
+                continue;
+            }
+            if sent == 0 && o.backlog.len() >= self.max_queue_len {
+                prod.add_lost(1);
+                self.counters.lost_outbound += 1;
+                continue;
+            }
+            if o.backlog.is_empty() {
+                self.backlogged += 1;
+            }
+            let arc = shared.get_or_insert_with(|| Arc::new(msg.clone())).clone();
+            o.backlog.push_back(Pending { msg: arc, sent });
+        }
+        if any {
+            self.commit_and_wake();
+        }
+    }
+
+    /// Commit every ring written since the last commit, then wake parked receivers.
+    fn commit_and_wake(&mut self) {
+        let mut committed = false;
+        for o in self.out.iter_mut().flatten() {
+            if o.touched {
+                if let Some(p) = o.prod.as_mut() {
+                    committed |= p.commit();
+                }
+            }
+        }
+        if !committed {
+            return;
+        }
+        notify::after_commit();
+        for (c, o) in self.out.iter_mut().enumerate() {
+            let Some(o) = o else { continue };
+            if !std::mem::take(&mut o.touched) {
+                continue;
+            }
+            if notify::should_wake(&self.region.slot(c as u32).parked) {
+                self.eventfds[c].notify();
+                self.counters.wakeups_sent += 1;
+            }
+        }
+    }
+
+    /// Retry the backlogs. Returns true if anything was written.
+    pub(crate) fn flush(&mut self) -> bool {
+        if self.backlogged == 0 {
+            return false;
+        }
+        let mut progress = false;
+        for o in self.out.iter_mut().flatten() {
+            let Some(prod) = o.prod.as_mut() else { continue };
+            let was = !o.backlog.is_empty();
+            let mut asked = false;
+            while let Some(front) = o.backlog.front_mut() {
+                let before = front.sent;
+                let sent = match write_msg(prod, &front.msg, front.sent) {
+                    Ok(s) => s,
+                    Err(_) => break,
+                };
+                if sent > before {
+                    o.touched = true;
+                    progress = true;
+                }
+                if sent == front.msg.len() {
+                    o.backlog.pop_front();
+                    continue;
+                }
+                front.sent = sent;
+                if asked {
+                    break;
+                }
+                // Ask the consumer to wake us when it frees space, then re-check once.
+                asked = true;
+                let want = (front.msg.len() - sent).min(prod.max_body() / 4);
+                match prod.request_space(want) {
+                    Ok(room) if room >= want => continue,
+                    _ => break,
+                }
+            }
+            if was && o.backlog.is_empty() {
+                self.backlogged -= 1;
+            }
+        }
+        if progress {
+            self.commit_and_wake();
+        }
+        progress
+    }
+
+    /// Drain inbound rings, handing each message (and lost notices) to `deliver`. At most
+    /// `budget` messages per ring. Returns (messages, more_pending).
+    pub(crate) fn drain(&mut self, budget: usize, deliver: &mut dyn FnMut(Incoming<'_>)) -> (usize, bool) {
+        let mut total = 0;
+        let mut more = false;
+        for from in 0..self.inb.len() {
+            let Some(inb) = self.inb[from].as_mut() else { continue };
+            let Some(cons) = inb.cons.as_mut() else { continue };
+            let from = from as u32;
+            let lost = cons.take_lost();
+            if lost > 0 {
+                deliver(Incoming::Lost { from, count: lost });
+            }
+            let mut local_lost = 0u64;
+            let mut n = 0;
+            loop {
+                if n >= budget {
+                    more = true;
+                    break;
+                }
+                let info = match cons.peek() {
+                    Ok(Some(info)) => info,
+                    Ok(None) => break,
+                    Err(_) => {
+                        tracing::warn!(from, "corrupt ring: skipping its committed contents");
+                        cons.skip_all();
+                        self.counters.dropped += 1;
+                        if inb.state != Asm::Discarding {
+                            local_lost += 1;
+                        }
+                        inb.state = Asm::Idle;
+                        break;
+                    }
+                };
+                if info.flags & FIRST != 0 {
+                    if inb.state == Asm::Assembling {
+                        // The producer restarted mid-message: its partial message is gone.
+                        local_lost += 1;
+                    }
+                    inb.asm.clear();
+                    inb.state = Asm::Assembling;
+                } else if inb.state == Asm::Idle {
+                    // A tail whose head we never saw (we restarted mid-message).
+                    local_lost += 1;
+                    inb.state = Asm::Discarding;
+                }
+                if inb.state == Asm::Assembling && inb.asm.len() + info.len > self.max_msg {
+                    local_lost += 1;
+                    self.counters.dropped += 1;
+                    inb.state = Asm::Discarding;
+                }
+                if inb.state == Asm::Discarding {
+                    // SAFETY: `info` comes from the peek just above; the body is discarded.
+                    unsafe { cons.consume(info, None) };
+                } else {
+                    inb.asm.reserve(info.len);
+                    let len = inb.asm.len();
+                    // SAFETY: `info` comes from the peek above; `reserve` made room for
+                    // info.len bytes past `len`, which `consume` fills entirely before
+                    // `set_len` exposes them.
+                    unsafe {
+                        cons.consume(info, Some(inb.asm.as_mut_ptr().add(len)));
+                        inb.asm.set_len(len + info.len);
+                    }
+                }
+                if info.flags & LAST == 0 {
+                    // Mid-message: give the space back at once so the producer can stream.
+                    if cons.release() {
+                        wake(&self.region, &self.eventfds, from, &mut self.counters);
+                    }
+                    continue;
+                }
+                let state = std::mem::replace(&mut inb.state, Asm::Idle);
+                if state == Asm::Assembling {
+                    n += 1;
+                    deliver(Incoming::Message { from, bytes: &inb.asm });
+                }
+            }
+            if cons.release() {
+                wake(&self.region, &self.eventfds, from, &mut self.counters);
+            }
+            if local_lost > 0 {
+                deliver(Incoming::Lost { from, count: local_lost });
+            }
+            total += n;
+        }
+        (total, more)
+    }
+
+    /// Is there anything to do (inbound data, or a backlog that can move now)?
+    fn has_work(&mut self) -> bool {
+        for inb in self.inb.iter_mut().flatten() {
+            if let Some(c) = inb.cons.as_mut() {
+                if c.has_data() {
+                    return true;
+                }
+            }
+        }
+        self.flush()
+    }
+
+    /// Mark ourselves parked and re-check. Returns true when it is safe to sleep on the
+    /// eventfd (nothing arrived between the last drain and the arm).
+    pub(crate) fn arm(&mut self) -> bool {
+        if !self.armed {
+            notify::arm(&self.region.slot(self.me).parked);
+            self.armed = true;
+        }
+        if self.has_work() {
+            self.disarm();
+            return false;
+        }
+        true
+    }
+
+    /// Clear the parked flag; drain our eventfd if a peer wrote it. Returns whether we
+    /// were woken through the eventfd.
+    pub(crate) fn disarm(&mut self) -> bool {
+        if !std::mem::take(&mut self.armed) {
+            return false;
+        }
+        if notify::disarm(&self.region.slot(self.me).parked) {
+            self.eventfds[self.me as usize].drain();
+            return true;
+        }
+        false
+    }
+
+    /// (wid slot, outbound depth, backlog, inbound depth) per peer.
+    pub(crate) fn depths(&self) -> impl Iterator<Item = (u32, u64, u64, u64)> + '_ {
+        self.out.iter().zip(&self.inb).enumerate().filter_map(|(i, (o, n))| {
+            let (o, n) = (o.as_ref()?, n.as_ref()?);
+            let ring = o.prod.as_ref().map_or(0, |p| p.depth());
+            let inbound = n.cons.as_ref().map_or(0, |c| c.depth());
+            Some((i as u32, ring + o.backlog.len() as u64, o.backlog.len() as u64, inbound))
+        })
+    }
+}
+
+impl Drop for ShmPort {
+    fn drop(&mut self) {
+        let slot = self.region.slot(self.me);
+        slot.parked.store(0, Ordering::Relaxed);
+        slot.pid.store(0, Ordering::Relaxed);
+        slot.state.store(SLOT_DETACHED, Ordering::Release);
+    }
+}
+
+fn wake(region: &Region, eventfds: &[EventFd], slot: u32, counters: &mut PortCounters) {
+    // `Consumer::release` issued the SeqCst fence after its store of read_pos.
+    if notify::should_wake(&region.slot(slot).parked) {
+        eventfds[slot as usize].notify();
+        counters.wakeups_sent += 1;
+    }
+}
+
+/// Write as much of `msg` (from byte `sent`) into the ring as fits now, uncommitted.
+/// Returns the new `sent`. Small messages are written whole or not at all; a message over a
+/// quarter of the ring is streamed in fragments as space allows.
+fn write_msg(prod: &mut Producer, msg: &[u8], mut sent: usize) -> Result<usize, crate::ring::Corrupt> {
+    let len = msg.len();
+    let max_body = prod.max_body();
+    if sent == 0 && record_size(len) <= max_body + 8 && prod.try_write(FIRST | LAST, &[msg])? {
+        return Ok(len);
+    }
+    if sent == 0 && len <= max_body / 4 {
+        return Ok(0);
+    }
+    let min_chunk = (max_body / 8).max(8);
+    while sent < len {
+        let remaining = len - sent;
+        let room = prod.body_room(remaining.min(max_body / 2))?;
+        let n = remaining.min(room).min(max_body / 2);
+        if n < remaining.min(min_chunk) || n == 0 {
+            break;
+        }
+        let flags = if sent == 0 { FIRST } else { 0 } | if sent + n == len { LAST } else { 0 };
+        if !prod.try_write(flags, &[&msg[sent..sent + n]])? {
+            break;
+        }
+        sent += n;
+    }
+    Ok(sent)
+}
