@@ -20,9 +20,11 @@ use crate::sync::Ordering;
 use crate::sys::{Epoll, EventFd};
 use crate::transport::shm::{Incoming, ShmPort};
 
-/// Dispatch calls between two looks at the control channel while busy (each look is one
-/// `epoll_wait(0)`; with nothing else to do, every dispatch looks).
+/// Dispatch calls between two looks at the clock while busy-polling.
 const CONTROL_EVERY: u32 = 256;
+/// While busy (never sleeping in `wait`), look at the control sockets at most this often:
+/// one `epoll_wait(0)`, and the control work only if a control socket is ready.
+const CONTROL_INTERVAL: Duration = Duration::from_millis(1);
 /// Messages taken from one ring per dispatch, so one busy peer cannot starve the others.
 const RING_BUDGET: usize = 4096;
 
@@ -114,10 +116,11 @@ impl Events {
             pool: Vec::new(),
             pre_attach: VecDeque::new(),
             stats: Stats::default(),
-            epoll,
-            ctl,
             port: None,
+            ctl,
+            epoll,
             epoch: 0,
+            last_control: Instant::now(),
             busy_poll: false,
             countdown: 0,
             tokens: Vec::new(),
@@ -176,10 +179,13 @@ pub struct Worker {
     /// "all" events published before we attached (bounded by max_queue_len).
     pre_attach: VecDeque<AlignedVec>,
     stats: Stats,
-    epoll: Epoll,
-    ctl: Option<Control>,
+    // Drop order matters: the port marks the slot detached before `ctl` releases the slot
+    // lock (a successor may take the slot the moment the lock goes).
     port: Option<ShmPort>,
+    ctl: Option<Control>,
+    epoll: Epoll,
     epoch: u64,
+    last_control: Instant,
     busy_poll: bool,
     countdown: u32,
     tokens: Vec<u64>,
@@ -366,17 +372,29 @@ impl Worker {
 
     /// One dispatch pass: control, backlogs, local queue, rings.
     fn pass(&mut self) -> Result<(usize, bool)> {
-        let mut woken = false;
         if let Some(port) = self.port.as_mut() {
             if port.disarm() {
                 self.stats.wakeups_received += 1;
-                woken = true;
             }
         }
-        self.countdown = self.countdown.saturating_sub(1);
-        if self.ctl.is_some() && (self.countdown == 0 || woken || self.port.is_none() || !self.tokens.is_empty()) {
-            self.countdown = CONTROL_EVERY;
-            self.poll_control()?;
+        if self.ctl.is_some() {
+            let mut due = self.port.is_none() || !self.tokens.is_empty();
+            self.countdown = self.countdown.saturating_sub(1);
+            if !due && self.countdown == 0 {
+                self.countdown = CONTROL_EVERY;
+                let now = Instant::now();
+                if now.duration_since(self.last_control) >= CONTROL_INTERVAL {
+                    self.last_control = now;
+                    let mut tokens = std::mem::take(&mut self.tokens);
+                    self.epoll.wait(&mut tokens, 0).map_err(|e| Error::io("epoll_wait", e))?;
+                    tokens.retain(|t| *t != TOKEN_EVENTFD);
+                    due = !tokens.is_empty();
+                    self.tokens = tokens;
+                }
+            }
+            if due {
+                self.poll_control()?;
+            }
         }
         let mut n = 0;
         // Local events first: they are this worker's own stream, in publish order.
@@ -431,10 +449,6 @@ impl Worker {
                     }
                 }
             });
-            let c = port.counters;
-            self.stats.wakeups_sent = c.wakeups_sent;
-            self.stats.lost_outbound = c.lost_outbound;
-            self.stats.dropped = self.stats.dropped.max(c.dropped);
             n += m;
             more = more_rings;
         }
@@ -560,6 +574,7 @@ impl Worker {
     fn install_port(&mut self, region: Region, eventfds: Vec<EventFd>) -> Result<()> {
         if let Some(old) = self.port.take() {
             self.epoll.delete(old.my_eventfd().as_fd());
+            fold_counters(&mut self.stats, &old);
         }
         let max_msg = event::max_message_len(self.opts.max_payload_len);
         let mut port = ShmPort::attach(region, eventfds, self.slot, self.opts.max_queue_len, max_msg);
@@ -669,6 +684,7 @@ impl Worker {
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
         if let Some(port) = &self.port {
+            fold_counters(&mut s, port);
             s.peers = port
                 .depths()
                 .map(|(slot, out, backlog, inb)| PeerStats {
@@ -693,6 +709,14 @@ impl AsRawFd for Worker {
     fn as_raw_fd(&self) -> RawFd {
         self.epoll.as_fd().as_raw_fd()
     }
+}
+
+/// Add a port's transport counters to the worker's own.
+fn fold_counters(s: &mut Stats, port: &ShmPort) {
+    let c = port.counters;
+    s.wakeups_sent += c.wakeups_sent;
+    s.lost_outbound += c.lost_outbound;
+    s.dropped += c.dropped;
 }
 
 fn slot_wid(slot: u32, geo: &Geometry) -> Wid {

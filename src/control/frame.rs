@@ -75,7 +75,7 @@ impl FrameReader {
     }
 
     /// Feed bytes directly (tests and fuzzing).
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
