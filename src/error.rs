@@ -107,9 +107,6 @@ pub enum PublishError {
         /// The limit.
         max: usize,
     },
-    /// Unique events are not supported by this build yet.
-    #[error("failed to publish event: unique events are not supported yet")]
-    UniqueUnsupported,
     /// The typed value could not be serialized.
     #[error("failed to publish event: serialization failed: {0}")]
     Serialize(String),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use rkyv::util::AlignedVec;
 
 use crate::control::{CtlEvent, Control, HandOut, TOKEN_EVENTFD};
+use crate::dedup::Check;
 use crate::error::{Error, PublishError, Result};
 use crate::event::{self, Event, Kind, Lost, MAX_UNIQUE_HASH_LEN, ORIGIN_NONE, Payload, SYSTEM_SOURCE, Target, Wid};
 use crate::layout::Geometry;
@@ -97,7 +98,7 @@ impl Events {
                 return Err(Error::InvalidWid { wid, reason: "the privileged agent is not enabled" });
             }
         };
-        let geo = Geometry::new(o.workers, o.enable_privileged_agent, o.ring_capacity);
+        let geo = Geometry::new(o.workers, o.enable_privileged_agent, o.ring_capacity, o.unique_capacity);
         let epoll = Epoll::new().map_err(|e| Error::io("epoll_create1", e))?;
         let ctl = if o.testing {
             None
@@ -125,6 +126,11 @@ impl Events {
             countdown: 0,
             tokens: Vec::new(),
             pending_error: None,
+            unique_out: VecDeque::new(),
+            unique_sent: 0,
+            next_unique_id: 0,
+            broker_slot: None,
+            unique_rr: 0,
         };
         if w.ctl.is_some() {
             w.poll_control()?;
@@ -190,6 +196,21 @@ pub struct Worker {
     countdown: u32,
     tokens: Vec<u64>,
     pending_error: Option<Error>,
+    /// Unique events not yet acknowledged by a broker, in publish order.
+    unique_out: VecDeque<UniqueOut>,
+    /// How many of `unique_out` were sent on the current broker connection.
+    unique_sent: usize,
+    next_unique_id: u64,
+    /// Slot of the broker we are attached to.
+    broker_slot: Option<u32>,
+    /// (broker) Round-robin cursor for unique targets.
+    unique_rr: u32,
+}
+
+struct UniqueOut {
+    id: u64,
+    hash: Box<str>,
+    msg: AlignedVec,
 }
 
 impl std::fmt::Debug for Worker {
@@ -260,7 +281,7 @@ impl Worker {
             self.pool.push(buf);
             return Err(e);
         }
-        self.send(buf, kind)
+        self.send(buf, target)
     }
 
     /// Publish raw bytes.
@@ -283,7 +304,7 @@ impl Worker {
             self.pool.push(buf);
             return Err(e);
         }
-        self.send(buf, kind)
+        self.send(buf, target)
     }
 
     fn route(&self, target: Target<'_>) -> Result<(u32, Kind), PublishError> {
@@ -295,11 +316,11 @@ impl Worker {
                 Err(PublishError::InvalidUniqueHash { len: h.len(), max: MAX_UNIQUE_HASH_LEN })
             }
             Target::Unique(_) if self.opts.testing => Ok((ORIGIN_NONE, Kind::Unique)),
-            Target::Unique(_) => Err(PublishError::UniqueUnsupported),
+            Target::Unique(_) => Ok((self.slot, Kind::Unique)),
         }
     }
 
-    fn send(&mut self, buf: AlignedVec, kind: Kind) -> Result<(), PublishError> {
+    fn send(&mut self, buf: AlignedVec, target: Target<'_>) -> Result<(), PublishError> {
         if self.opts.testing {
             // Synchronous, in-process, wid None.
             if let Ok(d) = event::decode(&buf, self.geo.workers, self.geo.agent, self.opts.max_payload_len) {
@@ -313,12 +334,25 @@ impl Worker {
             return Ok(());
         }
         let cap = self.opts.max_queue_len;
-        if self.local.len() >= cap || (kind == Kind::All && self.port.is_none() && self.pre_attach.len() >= cap) {
+        if let Target::Unique(hash) = target {
+            if self.unique_out.len() >= cap {
+                self.stats.overflows += 1;
+                self.pool.push(buf);
+                return Err(PublishError::QueueOverflow);
+            }
+            self.next_unique_id += 1;
+            self.unique_out.push_back(UniqueOut { id: self.next_unique_id, hash: hash.into(), msg: buf });
+            self.stats.published += 1;
+            self.pump_unique();
+            return Ok(());
+        }
+        let all = target == Target::All;
+        if self.local.len() >= cap || (all && self.port.is_none() && self.pre_attach.len() >= cap) {
             self.stats.overflows += 1;
             self.pool.push(buf);
             return Err(PublishError::QueueOverflow);
         }
-        if kind == Kind::All {
+        if all {
             match self.port.as_mut() {
                 Some(port) => {
                     port.flush();
@@ -378,7 +412,13 @@ impl Worker {
             }
         }
         if self.ctl.is_some() {
-            let mut due = self.port.is_none() || !self.tokens.is_empty();
+            let mut due = self.port.is_none() || !self.tokens.is_empty() || self.ctl.as_ref().is_some_and(|c| c.has_output());
+            if let Some(port) = &self.port {
+                let flag = &port.region().slot(self.slot).ctl_pending;
+                if flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::Acquire) != 0 {
+                    due = true;
+                }
+            }
             self.countdown = self.countdown.saturating_sub(1);
             if !due && self.countdown == 0 {
                 self.countdown = CONTROL_EVERY;
@@ -422,7 +462,11 @@ impl Worker {
             let geo = self.geo;
             let (m, more_rings) = port.drain(RING_BUDGET, &mut |inc| match inc {
                 Incoming::Message { from, bytes } => match event::decode(bytes, workers, agent, max_payload) {
-                    Ok(d) if d.kind == Kind::All as u8 && d.event.wid == Some(slot_wid(from, &geo)) => {
+                    // "all" events come from their publisher's ring; unique events are relayed
+                    // by the broker and carry their publisher's wid.
+                    Ok(d) if (d.kind == Kind::All as u8 && d.event.wid == Some(slot_wid(from, &geo)))
+                        || (d.kind == Kind::Unique as u8 && d.event.wid.is_some()) =>
+                    {
                         let r = subs.run(&d.event);
                         stats.delivered += 1;
                         stats.callbacks_run += r.called;
@@ -543,6 +587,8 @@ impl Worker {
                 CtlEvent::Elected => self.become_broker()?,
                 CtlEvent::Welcome { region_fd, eventfds, broker_slot, epoch, region_id } => {
                     self.epoch = epoch;
+                    self.broker_slot = Some(broker_slot);
+                    self.unique_sent = 0;
                     tracing::debug!(wid = %self.wid, broker_slot, epoch, "attached");
                     if self.port.as_ref().is_some_and(|p| p.region().id() == region_id) {
                         continue;
@@ -564,11 +610,120 @@ impl Worker {
                 }
                 CtlEvent::BrokerLost => {
                     self.stats.failovers += 1;
+                    self.unique_sent = 0;
+                    self.broker_slot = None;
                     tracing::warn!(wid = %self.wid, "lost the broker; re-electing");
+                }
+                CtlEvent::Unique { slot, id, hash, msg } => {
+                    self.handle_unique(slot, &hash, &msg);
+                    if let Some(ctl) = self.ctl.as_mut() {
+                        ctl.ack_unique(slot, id);
+                    }
+                }
+                CtlEvent::UniqueAck(id) => {
+                    while self.unique_out.front().is_some_and(|u| u.id <= id) {
+                        if let Some(u) = self.unique_out.pop_front() {
+                            self.unique_sent = self.unique_sent.saturating_sub(1);
+                            self.recycle(u.msg);
+                        }
+                    }
                 }
             }
         }
+        self.pump_unique();
         Ok(())
+    }
+
+    fn recycle(&mut self, mut buf: AlignedVec) {
+        buf.clear();
+        if self.pool.len() < 64 {
+            self.pool.push(buf);
+        }
+    }
+
+    /// Move unique events towards the broker: handle them here when we are the broker,
+    /// send the ones not yet sent on this connection when attached, keep them otherwise.
+    fn pump_unique(&mut self) {
+        if self.unique_out.is_empty() || self.port.is_none() {
+            return;
+        }
+        if self.is_broker() {
+            while let Some(u) = self.unique_out.pop_front() {
+                self.handle_unique(self.slot, u.hash.as_bytes(), &u.msg);
+                self.recycle(u.msg);
+            }
+            self.unique_sent = 0;
+            return;
+        }
+        let (Some(ctl), Some(broker)) = (self.ctl.as_mut(), self.broker_slot) else { return };
+        let mut sent_any = false;
+        for u in self.unique_out.iter().skip(self.unique_sent) {
+            if !ctl.send_unique(u.id, u.hash.as_bytes(), &u.msg) {
+                break;
+            }
+            self.unique_sent += 1;
+            sent_any = true;
+        }
+        if sent_any {
+            if let Some(port) = &self.port {
+                if broker < self.geo.slots {
+                    // Tell a busy-polling broker to look at its control sockets now.
+                    port.region().slot(broker).ctl_pending.store(1, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// (broker) Dedup a unique event and deliver it to one live worker.
+    fn handle_unique(&mut self, from: u32, hash: &[u8], msg: &[u8]) {
+        let Some(port) = self.port.as_mut() else { return };
+        let ok = event::decode(msg, self.geo.workers, self.geo.agent, self.opts.max_payload_len)
+            .is_ok_and(|d| d.kind == Kind::Unique as u8 && d.event.wid == Some(slot_wid(from, &self.geo)));
+        if !ok {
+            tracing::warn!(from, "dropping a malformed unique event");
+            self.stats.dropped += 1;
+            return;
+        }
+        let table = port.region().dedup();
+        let tag = crate::dedup::tag(port.region().sip_key(), hash);
+        let ttl = u64::try_from(self.opts.unique_timeout.as_nanos()).unwrap_or(u64::MAX);
+        match table.check_and_record(tag, crate::dedup::monotonic_ns(), ttl) {
+            Check::Duplicate => {
+                self.stats.unique_duplicates += 1;
+                return;
+            }
+            Check::Full => {
+                self.stats.unique_unrecorded += 1;
+                tracing::warn!(hash = %String::from_utf8_lossy(hash), "unique table window full; delivering unrecorded");
+            }
+            Check::New => {}
+        }
+        let target = self.pick_unique_target();
+        let mut buf = self.pool.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(msg);
+        if target == self.slot {
+            self.local.push_back(buf);
+        } else {
+            if let Some(port) = self.port.as_mut() {
+                port.send_to(target, &buf);
+            }
+            self.recycle(buf);
+        }
+    }
+
+    /// (broker) Next live slot, round-robin; ourselves when nobody else is alive.
+    fn pick_unique_target(&mut self) -> u32 {
+        let slots = self.geo.slots;
+        let Some(ctl) = self.ctl.as_ref() else { return self.slot };
+        for i in 0..slots {
+            let s = (self.unique_rr + i) % slots;
+            if ctl.slot_alive(s) {
+                self.unique_rr = (s + 1) % slots;
+                return s;
+            }
+        }
+        self.slot
     }
 
     fn install_port(&mut self, region: Region, eventfds: Vec<EventFd>) -> Result<()> {
@@ -606,7 +761,10 @@ impl Worker {
         self.epoch = h.broker_epoch.fetch_add(1, Ordering::AcqRel) + 1;
         h.broker_slot.store(self.slot, Ordering::Relaxed);
         h.broker_pid.store(std::process::id(), Ordering::Release);
-        self.ctl.as_mut().expect("only live workers are elected").serve(&self.epoll)
+        self.ctl.as_mut().expect("only live workers are elected").serve(&self.epoll)?;
+        self.broker_slot = Some(self.slot);
+        self.pump_unique();
+        Ok(())
     }
 
     /// Attached to a broker (or is the broker); always true in testing mode.
@@ -683,6 +841,7 @@ impl Worker {
     /// ```
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
+        s.unique_pending = self.unique_out.len() as u64;
         if let Some(port) = &self.port {
             fold_counters(&mut s, port);
             s.peers = port

@@ -11,7 +11,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"WKEVENTS"` read as a little-endian u64.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"WKEVENTS");
 /// Bumped on any change of this file or of the record formats.
-pub(crate) const LAYOUT_VERSION: u32 = 1;
+pub(crate) const LAYOUT_VERSION: u32 = 2;
 /// Size of [`RegionHeader`].
 pub(crate) const HEADER_SIZE: usize = 256;
 /// Size of [`SlotHeader`].
@@ -61,7 +61,9 @@ pub(crate) struct SlotHeader {
     /// 0 (never attached), [`SLOT_ATTACHED`] or [`SLOT_DETACHED`].
     pub state: AtomicU32,
     pub pid: AtomicU32,
-    pub _pad: AtomicU32,
+    /// Set to 1 by a peer that queued a control frame for this slot's broker role (a busy-
+    /// polling broker checks it instead of making a syscall per dispatch).
+    pub ctl_pending: AtomicU32,
     /// Number of attaches of this slot so far.
     pub generation: AtomicU64,
     pub _reserved: [AtomicU64; 13],
@@ -155,7 +157,7 @@ const fn align_up(x: usize, a: usize) -> usize {
 }
 
 impl Geometry {
-    pub(crate) fn new(workers: u32, agent: bool, ring_capacity: usize) -> Geometry {
+    pub(crate) fn new(workers: u32, agent: bool, ring_capacity: usize, unique_capacity: usize) -> Geometry {
         let slots = workers + u32::from(agent);
         let s = slots as usize;
         let slots_offset = HEADER_SIZE;
@@ -163,8 +165,8 @@ impl Geometry {
         let ring_stride = RING_HEADER_SIZE + ring_capacity;
         let rings_end = rings_offset + s * s * ring_stride;
         let dedup_offset = align_up(rings_end, PAGE);
-        let dedup_capacity = 0;
-        let region_size = align_up(dedup_offset, PAGE);
+        let dedup_capacity = crate::dedup::buckets_for(unique_capacity);
+        let region_size = align_up(dedup_offset + dedup_capacity * crate::dedup::ENTRY_SIZE, PAGE);
         Geometry {
             slots,
             workers,
@@ -223,6 +225,7 @@ const _: () = {
     assert!(offset_of!(SlotHeader, parked) == 0);
     assert!(offset_of!(SlotHeader, state) == 4);
     assert!(offset_of!(SlotHeader, pid) == 8);
+    assert!(offset_of!(SlotHeader, ctl_pending) == 12);
     assert!(offset_of!(SlotHeader, generation) == 16);
 
     assert!(size_of::<RingHeader>() == RING_HEADER_SIZE);
@@ -243,15 +246,15 @@ mod tests {
 
     #[test]
     fn default_sizing_fits_64_mib_for_16_workers() {
-        let g = Geometry::new(16, false, crate::options::DEFAULT_RING_CAPACITY);
+        let g = Geometry::new(16, false, crate::options::DEFAULT_RING_CAPACITY, 65_536);
         assert!(g.region_size <= 64 << 20, "{}", g.region_size);
-        let g = Geometry::new(16, true, crate::options::DEFAULT_RING_CAPACITY);
+        let g = Geometry::new(16, true, crate::options::DEFAULT_RING_CAPACITY, 65_536);
         assert!(g.region_size <= 64 << 20, "{}", g.region_size);
     }
 
     #[test]
     fn rings_do_not_overlap() {
-        let g = Geometry::new(3, true, 4096);
+        let g = Geometry::new(3, true, 4096, 64);
         let mut offs: Vec<usize> = (0..4).flat_map(|p| (0..4).map(move |c| (p, c))).map(|(p, c)| g.ring_offset(p, c)).collect();
         offs.sort();
         for w in offs.windows(2) {

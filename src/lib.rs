@@ -72,6 +72,7 @@
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 mod control;
+mod dedup;
 mod error;
 mod event;
 mod events;

@@ -11,6 +11,7 @@ use std::ptr::NonNull;
 
 use memmap2::{MmapOptions, MmapRaw};
 
+use crate::dedup::{DedupTable, ENTRY_SIZE};
 use crate::error::{Error, Result};
 use crate::layout::{Geometry, HEADER_SIZE, LAYOUT_VERSION, MAGIC, RING_HEADER_SIZE, RegionHeader, SlotHeader};
 use crate::ring::RawRing;
@@ -139,6 +140,22 @@ impl Region {
         unsafe { self.at::<SlotHeader>(self.geo.slot_offset(slot)).as_ref() }
     }
 
+    /// The unique-event dedup table.
+    pub(crate) fn dedup(&self) -> DedupTable<'_> {
+        let g = &self.geo;
+        assert!(g.dedup_offset + g.dedup_capacity * ENTRY_SIZE <= g.region_size);
+        // SAFETY: the geometry places `dedup_capacity` entries (a power of two >= MAX_PROBE)
+        // at `dedup_offset`, inside the mapping (asserted), which outlives the view as long
+        // as the caller keeps `self` alive (the port owns both).
+        unsafe { DedupTable::new(self.at(g.dedup_offset), g.dedup_capacity) }
+    }
+
+    /// The SipHash key of this region (random, chosen by the creator).
+    pub(crate) fn sip_key(&self) -> (u64, u64) {
+        let h = self.header();
+        (h.sip_key[0].load(Ordering::Relaxed), h.sip_key[1].load(Ordering::Relaxed))
+    }
+
     /// The ring `producer -> consumer`. The view is valid while `self` is alive.
     pub(crate) fn ring(&self, producer: u32, consumer: u32) -> RawRing {
         assert!(producer < self.geo.slots && consumer < self.geo.slots);
@@ -161,7 +178,7 @@ mod tests {
 
     #[test]
     fn open_accepts_what_create_made() {
-        let g = Geometry::new(3, true, 4096);
+        let g = Geometry::new(3, true, 4096, 64);
         let r = Region::create(g, 1024).unwrap();
         let o = Region::open(dup(r.fd()), g).unwrap();
         assert_eq!(o.id(), r.id());
@@ -172,7 +189,7 @@ mod tests {
 
     #[test]
     fn corrupt_header_is_rejected() {
-        let g = Geometry::new(2, false, 4096);
+        let g = Geometry::new(2, false, 4096, 64);
         let r = Region::create(g, 1024).unwrap();
         let expect_err = |needle: &str| {
             let e = Region::open(dup(r.fd()), g).err().expect("must be rejected").to_string();
@@ -192,7 +209,7 @@ mod tests {
         r.header().slots.store(g.slots, Ordering::Relaxed);
         assert!(Region::open(dup(r.fd()), g).is_ok());
         // Options that differ from the creator's.
-        let other = Geometry::new(3, false, 4096);
+        let other = Geometry::new(3, false, 4096, 64);
         let e = Region::open(dup(r.fd()), other).err().unwrap().to_string();
         assert!(e.contains("different"), "{e}");
     }
@@ -204,7 +221,7 @@ mod tests {
         assert!(raw >= 0);
         // SAFETY: raw is a fresh descriptor we own.
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-        let g = Geometry::new(1, false, 4096);
+        let g = Geometry::new(1, false, 4096, 64);
         // SAFETY: valid fd, size fits off_t.
         assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), g.region_size as libc::off_t) }, 0);
         let e = Region::open(fd, g).err().unwrap().to_string();

@@ -40,6 +40,13 @@ pub struct Stats {
     pub wakeups_received: u64,
     /// Times this worker saw a new broker elected after having been attached.
     pub failovers: u64,
+    /// (broker) Unique events dropped because their hash was seen within `unique_timeout`.
+    pub unique_duplicates: u64,
+    /// (broker) Unique events delivered without being recorded: the table window was full
+    /// (a later event with the same hash may be delivered again).
+    pub unique_unrecorded: u64,
+    /// Unique events published and not yet acknowledged by a broker.
+    pub unique_pending: u64,
     /// Per-peer queue state (empty until attached).
     pub peers: Vec<PeerStats>,
 }

@@ -159,6 +159,15 @@ pub(crate) fn try_lock_byte(fd: BorrowedFd<'_>, byte: u64) -> io::Result<bool> {
     }
 }
 
+/// Is byte `byte` locked by another open file description? Does not disturb the holder.
+pub(crate) fn byte_locked_by_other(fd: BorrowedFd<'_>, byte: u64) -> bool {
+    let mut fl = ofd_flock(byte, libc::F_WRLCK);
+    match syscall!(fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl)) {
+        Ok(_) => fl.l_type != libc::F_UNLCK as libc::c_short,
+        Err(_) => false,
+    }
+}
+
 fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     // SAFETY: zeroed sockaddr_un is valid.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };

@@ -19,6 +19,10 @@ pub(crate) mod kind {
     pub const WELCOME: u8 = 2;
     /// broker -> client: attach refused; body is a UTF-8 reason.
     pub const REJECT: u8 = 3;
+    /// client -> broker: a unique event: `id u64, hash_len u16, hash, message`.
+    pub const UNIQUE: u8 = 4;
+    /// broker -> client: unique events up to `id u64` are handled (delivered or deduped).
+    pub const UNIQUE_ACK: u8 = 5;
 }
 
 /// Version of the control protocol spoken by this build.
@@ -127,6 +131,11 @@ impl FrameWriter {
         self.frame(kind, body);
     }
 
+    /// Bytes queued and not yet written.
+    pub(crate) fn pending(&self) -> bool {
+        self.sent < self.buf.len()
+    }
+
     /// Write as much as the socket takes now. `Ok(true)` when everything went out.
     pub(crate) fn flush(&mut self, sock: BorrowedFd<'_>) -> io::Result<bool> {
         while self.sent < self.buf.len() {
@@ -169,11 +178,21 @@ impl FrameWriter {
 /// Little-endian cursor over a frame body; every read is bounds-checked.
 pub(crate) struct Body<'a>(pub &'a [u8]);
 
-impl Body<'_> {
+impl<'a> Body<'a> {
     pub(crate) fn u32(&mut self) -> Result<u32, String> {
         let (h, t) = self.0.split_at_checked(4).ok_or("truncated frame body")?;
         self.0 = t;
         Ok(u32::from_le_bytes(h.try_into().expect("4 bytes")))
+    }
+    pub(crate) fn u16(&mut self) -> Result<u16, String> {
+        let (h, t) = self.0.split_at_checked(2).ok_or("truncated frame body")?;
+        self.0 = t;
+        Ok(u16::from_le_bytes(h.try_into().expect("2 bytes")))
+    }
+    pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let (h, t) = self.0.split_at_checked(n).ok_or("truncated frame body")?;
+        self.0 = t;
+        Ok(h)
     }
     pub(crate) fn u64(&mut self) -> Result<u64, String> {
         let (h, t) = self.0.split_at_checked(8).ok_or("truncated frame body")?;

@@ -59,6 +59,10 @@ pub(crate) enum CtlEvent {
     Rejected(String),
     /// The connection to the broker broke (it died or closed it).
     BrokerLost,
+    /// (broker) A unique event from the worker in `slot`.
+    Unique { slot: u32, id: u64, hash: Vec<u8>, msg: Vec<u8> },
+    /// (client) The broker handled our unique events up to `id`.
+    UniqueAck(u64),
 }
 
 struct Conn {
@@ -136,11 +140,47 @@ impl Control {
         matches!(self.role, Role::Client { welcomed: true, .. })
     }
 
-    /// How long the caller may sleep before [`Control::poll`] has something to retry.
+    /// Is slot `slot` held by a live process (its lock byte is held)? Our own slot: true.
+    pub(crate) fn slot_alive(&self, slot: u32) -> bool {
+        slot == self.slot || sys::byte_locked_by_other(self.lock.as_fd(), 1 + u64::from(slot))
+    }
+
+    /// (client) Queue a unique event for the broker and write what the socket takes.
+    /// False when not attached to a broker (the caller keeps the event and resends it).
+    pub(crate) fn send_unique(&mut self, id: u64, hash: &[u8], msg: &[u8]) -> bool {
+        let Role::Client { conn, welcomed: true, .. } = &mut self.role else { return false };
+        conn.wr.frame(kind::UNIQUE, &[&id.to_le_bytes(), &(hash.len() as u16).to_le_bytes(), hash, msg]);
+        if let Err(e) = conn.wr.flush(conn.fd.as_fd()) {
+            tracing::debug!(error = %e, "sending a unique event to the broker failed; will resend");
+        }
+        true
+    }
+
+    /// (broker) Acknowledge unique events up to `id` to the worker in `slot`.
+    pub(crate) fn ack_unique(&mut self, slot: u32, id: u64) {
+        let Role::Broker { conns, .. } = &mut self.role else { return };
+        if let Some(c) = conns.iter_mut().find(|c| c.slot == Some(slot) && !c.closing) {
+            c.wr.frame(kind::UNIQUE_ACK, &[&id.to_le_bytes()]);
+            let _ = c.wr.flush(c.fd.as_fd());
+        }
+    }
+
+    /// How long the caller may sleep before [`Control::poll`] has something to retry
+    /// (a reconnection, or output the socket did not take yet).
     pub(crate) fn retry_in(&self, now: Instant) -> Option<Duration> {
-        match self.role {
+        match &self.role {
             Role::Detached => Some(self.next_retry.saturating_duration_since(now)),
+            _ if self.has_output() => Some(RETRY.min(Duration::from_millis(1))),
             _ => None,
+        }
+    }
+
+    /// Frames queued that the socket has not taken yet.
+    pub(crate) fn has_output(&self) -> bool {
+        match &self.role {
+            Role::Detached => false,
+            Role::Client { conn, .. } => conn.wr.pending(),
+            Role::Broker { conns, .. } => conns.iter().any(|c| c.wr.pending()),
         }
     }
 
@@ -213,6 +253,14 @@ impl Control {
                                 }
                             }
                         }
+                        Ok(Some((kind::UNIQUE_ACK, body))) if *welcomed => match Body(body).u64() {
+                            Ok(id) => events.push(CtlEvent::UniqueAck(id)),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "bad UNIQUE_ACK from the broker; reconnecting");
+                                broken = true;
+                                break;
+                            }
+                        },
                         Ok(Some((kind::REJECT, body))) => {
                             events.push(CtlEvent::Rejected(String::from_utf8_lossy(body).into_owned()));
                             self.next_retry = now + RETRY_AFTER_REJECT;
@@ -310,6 +358,19 @@ impl Control {
                                     }
                                 }
                             }
+                            Ok(Some((kind::UNIQUE, body))) if c.slot.is_some() => match parse_unique(body) {
+                                Ok((id, hash, msg)) => events.push(CtlEvent::Unique {
+                                    slot: c.slot.expect("guarded"),
+                                    id,
+                                    hash: hash.to_vec(),
+                                    msg: msg.to_vec(),
+                                }),
+                                Err(e) => {
+                                    tracing::warn!(pid = c.pid, error = %e, "bad UNIQUE frame; closing");
+                                    c.closing = true;
+                                    break;
+                                }
+                            },
                             Ok(Some((k, _))) => {
                                 tracing::warn!(pid = c.pid, kind = k, "unexpected control frame; closing");
                                 c.closing = true;
@@ -439,6 +500,17 @@ fn check_hello(body: &[u8], geo: &Geometry, broker_slot: u32, attached: &[u32]) 
         return Err(format!("slot {slot} is already attached by a live process"));
     }
     Ok(slot)
+}
+
+fn parse_unique(body: &[u8]) -> std::result::Result<(u64, &[u8], &[u8]), String> {
+    let mut b = Body(body);
+    let id = b.u64()?;
+    let len = b.u16()? as usize;
+    if len == 0 || len > crate::event::MAX_UNIQUE_HASH_LEN {
+        return Err(format!("unique hash length {len} outside 1..={}", crate::event::MAX_UNIQUE_HASH_LEN));
+    }
+    let hash = b.bytes(len)?;
+    Ok((id, hash, b.0))
 }
 
 fn parse_welcome(body: &[u8], mut fds: Vec<OwnedFd>, slots: u32) -> std::result::Result<CtlEvent, String> {

@@ -163,6 +163,34 @@ impl ShmPort {
         }
     }
 
+    /// Send `msg` to one peer (a unique event chosen for it), with the same backlog and
+    /// overflow rules as [`ShmPort::send_all`].
+    pub(crate) fn send_to(&mut self, peer: u32, msg: &AlignedVec) {
+        let Some(Some(o)) = self.out.get_mut(peer as usize) else { return };
+        let Some(prod) = o.prod.as_mut() else {
+            self.counters.lost_outbound += 1;
+            return;
+        };
+        let sent = if o.backlog.is_empty() { write_msg(prod, msg, 0).unwrap_or(0) } else { 0 };
+        if sent > 0 {
+            o.touched = true;
+        }
+        if sent < msg.len() {
+            if sent == 0 && o.backlog.len() >= self.max_queue_len {
+                prod.add_lost(1);
+                self.counters.lost_outbound += 1;
+            } else {
+                if o.backlog.is_empty() {
+                    self.backlogged += 1;
+                }
+                o.backlog.push_back(Pending { msg: Arc::new(msg.clone()), sent });
+            }
+        }
+        if sent > 0 {
+            self.commit_and_wake();
+        }
+    }
+
     /// Commit every ring written since the last commit, then wake parked receivers.
     fn commit_and_wake(&mut self) {
         let mut committed = false;
