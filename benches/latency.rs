@@ -1,1 +1,872 @@
-fn main(){}
+//! Latency and throughput of `worker-events`, each against a baseline measured in the same run
+//! (DESIGN.md section 5).
+//!
+//! | criterion id                   | what                                                          |
+//! |--------------------------------|---------------------------------------------------------------|
+//! | `latency/shm_pingpong_baseline`| bare shared-memory ping-pong (two `AtomicU64`s), one-way      |
+//! | `latency/we_busy_poll`         | publish -> callback in the other process, both busy-polling   |
+//! | `wakeup/eventfd_baseline`      | raw eventfd ping-pong, both sides blocked in `read`, one-way  |
+//! | `wakeup/we_parked`             | publish -> callback, both sides parked in `wait(None)`        |
+//! | `throughput/bare_ring_1to1`    | bare SPSC ring of 64-byte slots, index published per message  |
+//! | `throughput/we_1to1`           | 64-byte typed events, rkyv encode + validated access          |
+//!
+//! Every ping-pong's criterion figure is already the one-way time (round trip / 2). The second
+//! process is this bench binary re-executed with `WE_BENCH_ROLE` set (checked first thing in
+//! `main`, before criterion exists), so nothing forks a process that has threads. Parent and
+//! child are pinned to two different CPUs when two are available. After criterion, `main`
+//! times each scenario again itself and prints a summary with medians and ratios.
+
+use std::hint::black_box;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use worker_events::{Events, Options, SYSTEM_SOURCE, Target, Wid, Worker};
+
+const ROLE_ENV: &str = "WE_BENCH_ROLE";
+const CPU_ENV: &str = "WE_BENCH_CPU";
+const FD_ENV: &str = "WE_BENCH_FDS";
+const SOCK_ENV: &str = "WE_BENCH_SOCK";
+const PPID_ENV: &str = "WE_BENCH_PPID";
+const RING_ENV: &str = "WE_BENCH_RING_CAPACITY";
+
+/// Size of the shared mapping of the bare baselines.
+const SHM_LEN: usize = 1 << 20;
+/// Offsets in it: producer word, consumer word, stop word, each on its own 128-byte line.
+const OFF_A: usize = 0;
+const OFF_B: usize = 128;
+const OFF_STOP: usize = 256;
+/// Bare ring: 64-byte slots from this offset.
+const RING_OFF: usize = 4096;
+const RING_SLOTS: u64 = 256;
+const STOP: u64 = u64::MAX;
+/// An eventfd value meaning "exit" for the eventfd baseline's child.
+const EFD_STOP: u64 = 1 << 40;
+
+/// The 64-byte payload (archived: an 8-byte little-endian `seq` and 56 bytes).
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct Ping {
+    seq: u64,
+    pad: [u8; 56],
+}
+
+fn ping(seq: u64) -> Ping {
+    Ping { seq, pad: [0x5a; 56] }
+}
+
+fn main() {
+    if let Ok(role) = std::env::var(ROLE_ENV) {
+        child_main(&role);
+        std::process::exit(0);
+    }
+    let cpus = allowed_cpus();
+    let ncpus = cpus.len();
+    let child_cpu = if cpus.len() >= 2 {
+        pin(cpus[0]);
+        Some(cpus[1])
+    } else {
+        None
+    };
+    match child_cpu {
+        Some(c) => eprintln!("pinning: bench process on CPU {}, peer process on CPU {c}", cpus[0]),
+        None => eprintln!("only one CPU available: not pinning"),
+    }
+
+    let mut c = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .configure_from_args();
+    let mut sum = Summary { load_before: loadavg(), ..Summary::default() };
+
+    // (a) + (b): busy-polling latency. Own measurements: many short chunks, so that a
+    // preemption by another process spoils a few chunks rather than the median.
+    if wanted("latency/shm_pingpong_baseline") {
+        let mut s = ShmPingPong::new(child_cpu);
+        c.bench_function("latency/shm_pingpong_baseline", |b| b.iter_custom(|n| s.run(n) / 2));
+        sum.shm_oneway = sample(101, false, || per_op_ns(s.run(2_000), 2_000) / 2.0);
+    }
+    if wanted("latency/we_busy_poll") {
+        let mut s = WePingPong::new("we-busy", true, child_cpu);
+        c.bench_function("latency/we_busy_poll", |b| b.iter_custom(|n| s.run(n) / 2));
+        let before = s.worker.stats().wakeups_sent;
+        sum.we_busy_oneway = sample(101, false, || per_op_ns(s.run(1_000), 1_000) / 2.0);
+        sum.busy_wakeups = s.worker.stats().wakeups_sent - before;
+        sum.busy_round_trips = 101 * 1_000;
+    }
+    // (c): parked receivers, woken through eventfds.
+    if wanted("wakeup/eventfd_baseline") {
+        let mut s = EventfdPingPong::new(child_cpu);
+        c.bench_function("wakeup/eventfd_baseline", |b| b.iter_custom(|n| s.run(n) / 2));
+        sum.efd_oneway = sample(31, false, || per_op_ns(s.run(200), 200) / 2.0);
+    }
+    if wanted("wakeup/we_parked") {
+        let mut s = WePingPong::new("we-parked", false, child_cpu);
+        c.bench_function("wakeup/we_parked", |b| b.iter_custom(|n| s.run(n) / 2));
+        sum.we_parked_oneway = sample(31, false, || per_op_ns(s.run(200), 200) / 2.0);
+    }
+    // (d): 1 -> 1 throughput.
+    if wanted("throughput/bare_ring_1to1") {
+        let mut s = BareRing::new(child_cpu);
+        let mut g = c.benchmark_group("throughput");
+        g.throughput(Throughput::Elements(1));
+        g.bench_function("bare_ring_1to1", |b| b.iter_custom(|n| s.run(n)));
+        g.finish();
+        sum.ring_rate = sample(51, true, || 1e9 / per_op_ns(s.run(200_000), 200_000));
+    }
+    if wanted("throughput/we_1to1") {
+        let mut s = WeThroughput::new(child_cpu);
+        let mut g = c.benchmark_group("throughput");
+        g.throughput(Throughput::Elements(1));
+        g.bench_function("we_1to1", |b| b.iter_custom(|n| s.run(n)));
+        g.finish();
+        sum.we_rate = sample(51, true, || 1e9 / per_op_ns(s.run(50_000), 50_000));
+        sum.we_lost = s.worker.stats().lost_outbound;
+    }
+
+    c.final_summary();
+    sum.load_after = loadavg();
+    sum.print(ncpus, child_cpu.is_some());
+}
+
+// ---------------------------------------------------------------------------------------
+// Summary
+
+/// Median and best decile of repeated self-timed measurements.
+#[derive(Default, Clone, Copy)]
+struct Sampled {
+    median: f64,
+    /// 10th percentile for times, 90th for rates.
+    best: f64,
+}
+
+#[derive(Default)]
+struct Summary {
+    shm_oneway: Sampled,
+    we_busy_oneway: Sampled,
+    busy_wakeups: u64,
+    busy_round_trips: u64,
+    efd_oneway: Sampled,
+    we_parked_oneway: Sampled,
+    ring_rate: Sampled,
+    we_rate: Sampled,
+    we_lost: u64,
+    load_before: String,
+    load_after: String,
+}
+
+impl Summary {
+    fn print(&self, cpus: usize, pinned: bool) {
+        let pinning = if pinned { "the two processes pinned to two CPUs" } else { "not pinned" };
+        let row = |name: &str, v: Sampled, scale: f64, unit: &str, ratio: String| {
+            if v.median == 0.0 {
+                println!("{name:<42} {:>15}", "not run");
+            } else {
+                println!("{name:<42} {:>10.2} {unit:<4} {:>10.2} {unit:<4} {ratio}", v.median / scale, v.best / scale);
+            }
+        };
+        println!();
+        println!("==== worker-events summary: {cpus} CPUs, {pinning}, 64-byte payloads ====");
+        println!("load average before: {}  after: {}", self.load_before, self.load_after);
+        println!("{:<42} {:>15} {:>15} ratio of medians", "measurement", "median", "best decile");
+        row("shm ping-pong baseline, one-way", self.shm_oneway, 1.0, "ns", "baseline".into());
+        row(
+            "worker-events busy-poll, one-way",
+            self.we_busy_oneway,
+            1.0,
+            "ns",
+            format!("{:.2}x shm", self.we_busy_oneway.median / self.shm_oneway.median),
+        );
+        row("raw eventfd ping-pong baseline, one-way", self.efd_oneway, 1e3, "us", "baseline".into());
+        row(
+            "worker-events parked (wait), one-way",
+            self.we_parked_oneway,
+            1e3,
+            "us",
+            format!(
+                "{:.2}x eventfd ({:+.2} us)",
+                self.we_parked_oneway.median / self.efd_oneway.median,
+                (self.we_parked_oneway.median - self.efd_oneway.median) / 1e3
+            ),
+        );
+        row("bare SPSC ring 1->1", self.ring_rate, 1e6, "M/s", "baseline".into());
+        row(
+            "worker-events 1->1 (rkyv encode + check)",
+            self.we_rate,
+            1e6,
+            "M/s",
+            format!("{:.2}x ring", self.we_rate.median / self.ring_rate.median),
+        );
+        println!();
+        let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+        println!(
+            "DESIGN.md targets: busy <= 2x shm: {}; parked <= eventfd + 1 us: {}; >= 20 M events/s 1->1: {}",
+            verdict(self.we_busy_oneway.median <= 2.0 * self.shm_oneway.median),
+            verdict(self.we_parked_oneway.median <= self.efd_oneway.median + 1_000.0),
+            verdict(self.we_rate.median >= 20e6)
+        );
+        println!(
+            "eventfd wake-ups sent by the publisher during {} busy-poll round trips: {}; events lost in the 1->1 runs: {}",
+            self.busy_round_trips, self.busy_wakeups, self.we_lost
+        );
+    }
+}
+
+/// Whether the scenario `id` passes the filter given on the command line
+/// (`cargo bench --bench latency -- FILTER`, a substring as for criterion).
+fn wanted(id: &str) -> bool {
+    // Options of criterion's command line that take a value.
+    const WITH_VALUE: &[&str] = &[
+        "-s",
+        "--save-baseline",
+        "-b",
+        "--baseline",
+        "--load-baseline",
+        "-c",
+        "--color",
+        "--output-format",
+        "--plotting-backend",
+        "--profile-time",
+        "--sample-size",
+        "--warm-up-time",
+        "--measurement-time",
+        "--nresamples",
+        "--noise-threshold",
+        "--confidence-level",
+        "--significance-level",
+        "--format",
+    ];
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if WITH_VALUE.contains(&a) {
+            i += 2;
+        } else if a.starts_with('-') {
+            i += 1;
+        } else {
+            return id.contains(a);
+        }
+    }
+    true
+}
+
+fn per_op_ns(d: Duration, ops: u64) -> f64 {
+    d.as_nanos() as f64 / ops as f64
+}
+
+/// Median and best decile of `reps` measurements (`higher_is_better` for rates).
+fn sample(reps: usize, higher_is_better: bool, mut f: impl FnMut() -> f64) -> Sampled {
+    let mut v: Vec<f64> = (0..reps).map(|_| f()).collect();
+    v.sort_by(f64::total_cmp);
+    let decile = v.len() / 10;
+    let best = if higher_is_better { v[v.len() - 1 - decile] } else { v[decile] };
+    Sampled { median: v[v.len() / 2], best }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes, CPUs, shared memory
+
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET stays within it for cpu < CPU_SETSIZE.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        eprintln!("sched_setaffinity({cpu}) failed: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Re-execute this binary in `role`, pinned to `cpu`, inheriting `fds`.
+fn spawn_child(role: &str, cpu: Option<usize>, fds: &[RawFd], sock: Option<&PathBuf>) -> Child {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.env(ROLE_ENV, role).env(PPID_ENV, std::process::id().to_string());
+    if let Some(c) = cpu {
+        cmd.env(CPU_ENV, c.to_string());
+    }
+    if !fds.is_empty() {
+        cmd.env(FD_ENV, fds.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(","));
+    }
+    if let Some(s) = sock {
+        cmd.env(SOCK_ENV, s);
+    }
+    let fds = fds.to_vec();
+    // SAFETY: the closure only calls fcntl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("spawning the peer process")
+}
+
+/// Wait for `child` to exit (up to 5 s), then kill it.
+fn reap(child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            if !st.success() {
+                eprintln!("peer process exited with {st}");
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!("peer process did not exit; killing it");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A shared mapping of [`SHM_LEN`] bytes backed by a memfd. (A `MAP_SHARED | MAP_ANONYMOUS`
+/// mapping is the same kind of shmem object, but it would not survive the child's `execve`;
+/// the memfd is inherited as a descriptor and mapped again by the child.)
+struct Shm {
+    ptr: *mut u8,
+    fd: OwnedFd,
+}
+
+impl Shm {
+    fn create() -> Shm {
+        // SAFETY: memfd_create with a valid C string; the fd is owned right after.
+        let raw = unsafe { libc::memfd_create(c"we-bench".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: plain ftruncate on our descriptor.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), SHM_LEN as libc::off_t) }, 0);
+        Shm::map(fd)
+    }
+
+    fn map(fd: OwnedFd) -> Shm {
+        // SAFETY: a fresh shared mapping of a memfd of SHM_LEN bytes; unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                SHM_LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        Shm { ptr: ptr.cast(), fd }
+    }
+
+    fn word(&self, off: usize) -> &AtomicU64 {
+        assert!(off % 8 == 0 && off + 8 <= SHM_LEN);
+        // SAFETY: in bounds, 8-aligned (page-aligned base), shared memory only ever accessed
+        // atomically at these offsets by both processes.
+        unsafe { &*self.ptr.add(off).cast::<AtomicU64>() }
+    }
+
+    fn slot(&self, i: u64) -> *mut [u8; 64] {
+        let off = RING_OFF + (i % RING_SLOTS) as usize * 64;
+        assert!(off + 64 <= SHM_LEN);
+        // SAFETY: in bounds (checked above).
+        unsafe { self.ptr.add(off).cast() }
+    }
+}
+
+impl Drop for Shm {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping made in `map`; no reference outlives `self`.
+        unsafe { libc::munmap(self.ptr.cast(), SHM_LEN) };
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "we-bench-{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("creating the temp dir");
+    d
+}
+
+// ---------------------------------------------------------------------------------------
+// (a) bare shared-memory ping-pong
+
+struct ShmPingPong {
+    shm: Shm,
+    child: Child,
+    seq: u64,
+}
+
+impl ShmPingPong {
+    fn new(cpu: Option<usize>) -> Self {
+        let shm = Shm::create();
+        let child = spawn_child("shm-pong", cpu, &[shm.fd.as_raw_fd()], None);
+        let mut s = ShmPingPong { shm, child, seq: 0 };
+        s.run(1000); // the child is up and answering
+        s
+    }
+
+    fn run(&mut self, iters: u64) -> Duration {
+        let (ping, pong) = (self.shm.word(OFF_A), self.shm.word(OFF_B));
+        let t = Instant::now();
+        for _ in 0..iters {
+            self.seq += 1;
+            ping.store(self.seq, Ordering::Release);
+            while pong.load(Ordering::Acquire) != self.seq {
+                std::hint::spin_loop();
+            }
+        }
+        t.elapsed()
+    }
+}
+
+impl Drop for ShmPingPong {
+    fn drop(&mut self) {
+        self.shm.word(OFF_A).store(STOP, Ordering::Release);
+        reap(&mut self.child);
+    }
+}
+
+fn child_shm_pong(shm: &Shm) {
+    let (ping, pong) = (shm.word(OFF_A), shm.word(OFF_B));
+    let mut last = 0;
+    loop {
+        let v = ping.load(Ordering::Acquire);
+        if v == last {
+            std::hint::spin_loop();
+            continue;
+        }
+        if v == STOP {
+            return;
+        }
+        pong.store(v, Ordering::Release);
+        last = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (c) raw eventfd ping-pong, both sides blocked in read(2)
+
+struct EventfdPingPong {
+    to_child: OwnedFd,
+    to_parent: OwnedFd,
+    child: Child,
+}
+
+fn new_eventfd() -> OwnedFd {
+    // SAFETY: plain eventfd(2); blocking, close-on-exec (cleared for the child in pre_exec).
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(raw >= 0, "eventfd: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+fn efd_write(fd: RawFd, v: u64) {
+    // SAFETY: writing 8 bytes from a live u64.
+    let n = unsafe { libc::write(fd, (&v as *const u64).cast(), 8) };
+    assert_eq!(n, 8, "eventfd write: {}", std::io::Error::last_os_error());
+}
+
+fn efd_read(fd: RawFd) -> u64 {
+    let mut v = 0u64;
+    loop {
+        // SAFETY: reading 8 bytes into a live u64.
+        let n = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+        if n == 8 {
+            return v;
+        }
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "eventfd read: {e}");
+    }
+}
+
+impl EventfdPingPong {
+    fn new(cpu: Option<usize>) -> Self {
+        let (to_child, to_parent) = (new_eventfd(), new_eventfd());
+        let child = spawn_child("efd-pong", cpu, &[to_child.as_raw_fd(), to_parent.as_raw_fd()], None);
+        let mut s = EventfdPingPong { to_child, to_parent, child };
+        s.run(100);
+        s
+    }
+
+    fn run(&mut self, iters: u64) -> Duration {
+        let (a, b) = (self.to_child.as_raw_fd(), self.to_parent.as_raw_fd());
+        let t = Instant::now();
+        for _ in 0..iters {
+            efd_write(a, 1);
+            efd_read(b);
+        }
+        t.elapsed()
+    }
+}
+
+impl Drop for EventfdPingPong {
+    fn drop(&mut self) {
+        efd_write(self.to_child.as_raw_fd(), EFD_STOP);
+        reap(&mut self.child);
+    }
+}
+
+fn child_efd_pong(a: RawFd, b: RawFd) {
+    loop {
+        if efd_read(a) >= EFD_STOP {
+            return;
+        }
+        efd_write(b, 1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (d) baseline: bare SPSC ring of 64-byte slots, write index published per message
+
+struct BareRing {
+    shm: Shm,
+    child: Child,
+    head: u64,
+}
+
+impl BareRing {
+    fn new(cpu: Option<usize>) -> Self {
+        let shm = Shm::create();
+        let child = spawn_child("ring-sink", cpu, &[shm.fd.as_raw_fd()], None);
+        let mut s = BareRing { shm, child, head: 0 };
+        s.run(10_000);
+        s
+    }
+
+    /// Push `iters` messages, wait until the consumer has taken them all.
+    fn run(&mut self, iters: u64) -> Duration {
+        let (head_w, tail_w) = (self.shm.word(OFF_A), self.shm.word(OFF_B));
+        let mut cached_tail = tail_w.load(Ordering::Acquire);
+        let mut msg = [0x5au8; 64];
+        let t = Instant::now();
+        for _ in 0..iters {
+            while self.head - cached_tail >= RING_SLOTS {
+                std::hint::spin_loop();
+                cached_tail = tail_w.load(Ordering::Acquire);
+            }
+            msg[..8].copy_from_slice(&self.head.to_le_bytes());
+            // SAFETY: the slot is free (head - tail < RING_SLOTS), in bounds, and only this
+            // process writes it until the Release store below publishes it; plain bytes.
+            unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), self.shm.slot(self.head).cast::<u8>(), 64) };
+            self.head += 1;
+            head_w.store(self.head, Ordering::Release);
+        }
+        while tail_w.load(Ordering::Acquire) != self.head {
+            std::hint::spin_loop();
+        }
+        t.elapsed()
+    }
+}
+
+impl Drop for BareRing {
+    fn drop(&mut self) {
+        self.shm.word(OFF_STOP).store(1, Ordering::Release);
+        reap(&mut self.child);
+    }
+}
+
+fn child_ring_sink(shm: &Shm) {
+    let (head_w, tail_w, stop) = (shm.word(OFF_A), shm.word(OFF_B), shm.word(OFF_STOP));
+    let mut tail = tail_w.load(Ordering::Relaxed);
+    let mut sum = 0u64;
+    loop {
+        let head = head_w.load(Ordering::Acquire);
+        if head == tail {
+            if stop.load(Ordering::Acquire) != 0 {
+                black_box(sum);
+                return;
+            }
+            std::hint::spin_loop();
+            continue;
+        }
+        while tail < head {
+            let mut m = [0u8; 64];
+            // SAFETY: the producer published this slot (tail < head, Acquire above) and
+            // does not touch it until we release it below; plain bytes.
+            unsafe { std::ptr::copy_nonoverlapping(shm.slot(tail).cast::<u8>(), m.as_mut_ptr(), 64) };
+            let m = black_box(m);
+            sum = sum.wrapping_add(u64::from_le_bytes(m[..8].try_into().expect("8 bytes")));
+            tail += 1;
+        }
+        // Release the whole batch at once (as the library's consumer does per dispatch).
+        tail_w.store(tail, Ordering::Release);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (b) + (c) worker-events ping-pong: worker 0 (this process, broker) <-> worker 1 (child)
+
+struct WePingPong {
+    worker: Worker,
+    child: Child,
+    dir: PathBuf,
+    pong: Arc<AtomicU64>,
+    busy: bool,
+    seq: u64,
+}
+
+fn options(sock: &std::path::Path) -> Options {
+    let o = Options::new(sock).workers(2);
+    // For experiments: WE_BENCH_RING_CAPACITY=<bytes> (a power of two).
+    match std::env::var(RING_ENV).ok().and_then(|s| s.parse().ok()) {
+        Some(bytes) => o.ring_capacity(bytes),
+        None => o,
+    }
+}
+
+/// Dispatch (busy or parked) until `done()`, for at most 20 s.
+fn serve_until(w: &mut Worker, busy: bool, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        if busy {
+            w.dispatch().expect("dispatch");
+        } else {
+            w.wait(Some(Duration::from_millis(50))).expect("wait");
+        }
+        assert!(Instant::now() < deadline, "the peer process did not answer");
+    }
+}
+
+impl WePingPong {
+    fn new(role: &str, busy: bool, cpu: Option<usize>) -> Self {
+        let dir = temp_dir(role);
+        let sock = dir.join("events.sock");
+        let events = Events::new(options(&sock)).expect("options");
+        let mut worker = events.init_worker(Wid::Worker(0)).expect("init_worker(0)");
+        worker.set_busy_poll(busy);
+        let pong = Arc::new(AtomicU64::new(0));
+        let p = pong.clone();
+        // Only the reply is subscribed: this worker's own "ping" copies find no callback.
+        worker.subscribe("bench", "pong", move |ev| {
+            let seq = ev.data::<Ping>().expect("valid pong").seq.to_native();
+            p.store(seq, Ordering::Release);
+        });
+        let hello = Arc::new(AtomicBool::new(false));
+        let h = hello.clone();
+        worker.subscribe("bench", "hello", move |_| h.store(true, Ordering::Release));
+        let child = spawn_child(role, cpu, &[], Some(&sock));
+        // The child's hello arrives once it is attached (the broker must serve it meanwhile).
+        serve_until(&mut worker, false, || hello.load(Ordering::Acquire));
+        let mut s = WePingPong { worker, child, dir, pong, busy, seq: 0 };
+        s.run(100);
+        s
+    }
+
+    fn run(&mut self, iters: u64) -> Duration {
+        let t = Instant::now();
+        for _ in 0..iters {
+            self.seq += 1;
+            self.worker.publish(Target::All, "bench", "ping", &ping(self.seq)).expect("publish ping");
+            while self.pong.load(Ordering::Acquire) != self.seq {
+                if self.busy {
+                    self.worker.dispatch().expect("dispatch");
+                } else {
+                    self.worker.wait(None).expect("wait");
+                }
+            }
+        }
+        t.elapsed()
+    }
+}
+
+impl Drop for WePingPong {
+    fn drop(&mut self) {
+        let _ = self.worker.publish_bytes(Target::All, "bench", "stop", b"");
+        let _ = self.worker.dispatch();
+        reap(&mut self.child);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn child_we_pong(busy: bool) {
+    let sock = PathBuf::from(std::env::var_os(SOCK_ENV).expect("WE_BENCH_SOCK"));
+    let events = Events::new(options(&sock)).expect("options");
+    let mut w = events.init_worker(Wid::Worker(1)).expect("init_worker(1)");
+    w.set_busy_poll(busy);
+    let req = Arc::new(AtomicU64::new(0));
+    let r = req.clone();
+    // Only "ping" is subscribed, so this worker's own "pong" copies find no callback.
+    w.subscribe("bench", "ping", move |ev| {
+        let seq = ev.data::<Ping>().expect("valid ping").seq.to_native();
+        r.store(seq, Ordering::Relaxed);
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    w.subscribe("bench", "stop", move |_| s.store(true, Ordering::Relaxed));
+    assert!(w.wait_ready(Duration::from_secs(10)).expect("wait_ready"), "not attached in 10 s");
+    w.publish_bytes(Target::All, "bench", "hello", b"").expect("publish hello");
+    let mut replied = 0;
+    while !stop.load(Ordering::Relaxed) {
+        if busy {
+            w.dispatch().expect("dispatch");
+        } else {
+            w.wait(None).expect("wait");
+        }
+        let seq = req.load(Ordering::Relaxed);
+        if seq != replied {
+            // Callbacks cannot reach the worker: reply after dispatch returns.
+            w.publish(Target::All, "bench", "pong", &ping(seq)).expect("publish pong");
+            replied = seq;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (d) worker-events 1 -> 1 throughput: worker 0 publishes, worker 1 counts
+
+struct WeThroughput {
+    worker: Worker,
+    child: Child,
+    dir: PathBuf,
+    ack: Arc<AtomicU64>,
+    sent: u64,
+    flushes: u64,
+}
+
+impl WeThroughput {
+    fn new(cpu: Option<usize>) -> Self {
+        let dir = temp_dir("we-sink");
+        let sock = dir.join("events.sock");
+        let events = Events::new(options(&sock)).expect("options");
+        let mut worker = events.init_worker(Wid::Worker(0)).expect("init_worker(0)");
+        worker.set_busy_poll(true);
+        let ack = Arc::new(AtomicU64::new(u64::MAX));
+        let a = ack.clone();
+        worker.subscribe("bench", "ack", move |ev| {
+            a.store(ev.deserialize::<u64>().expect("valid ack"), Ordering::Release);
+        });
+        let hello = Arc::new(AtomicBool::new(false));
+        let h = hello.clone();
+        worker.subscribe("bench", "hello", move |_| h.store(true, Ordering::Release));
+        let child = spawn_child("we-sink", cpu, &[], Some(&sock));
+        serve_until(&mut worker, false, || hello.load(Ordering::Acquire));
+        let mut s = WeThroughput { worker, child, dir, ack, sent: 0, flushes: 0 };
+        s.run(10_000);
+        s
+    }
+
+    /// Publish `iters` events, then a flush marker; wait for the receiver's count of them.
+    fn run(&mut self, iters: u64) -> Duration {
+        let payload = ping(0);
+        let t = Instant::now();
+        for i in 0..iters {
+            self.worker.publish(Target::All, "bench", "data", &payload).expect("publish data");
+            if i % 256 == 255 {
+                // Drain our own copies, retry the backlog, and keep the backlog far from
+                // max_queue_len so that nothing is dropped (the receiver would get `lost`).
+                self.worker.dispatch().expect("dispatch");
+                while self.worker.stats().peers.iter().any(|p| p.backlog > 1024) {
+                    self.worker.dispatch().expect("dispatch");
+                }
+            }
+        }
+        self.sent += iters;
+        self.flushes += 1;
+        self.worker.publish_bytes(Target::All, "bench", "flush", b"").expect("publish flush");
+        let ack = self.ack.clone();
+        let sent = self.sent;
+        serve_until(&mut self.worker, true, || ack.load(Ordering::Acquire) == sent);
+        t.elapsed()
+    }
+}
+
+impl Drop for WeThroughput {
+    fn drop(&mut self) {
+        let _ = self.worker.publish_bytes(Target::All, "bench", "stop", b"");
+        let _ = self.worker.dispatch();
+        reap(&mut self.child);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn child_we_sink() {
+    let sock = PathBuf::from(std::env::var_os(SOCK_ENV).expect("WE_BENCH_SOCK"));
+    let events = Events::new(options(&sock)).expect("options");
+    let mut w = events.init_worker(Wid::Worker(1)).expect("init_worker(1)");
+    w.set_busy_poll(true);
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    w.subscribe("bench", "data", move |ev| {
+        // Validated zero-copy access: the receive side of the rkyv round trip.
+        let p = ev.data::<Ping>().expect("valid data");
+        black_box(p.pad[0]);
+        c.fetch_add(1, Ordering::Relaxed);
+    });
+    let flush = Arc::new(AtomicBool::new(false));
+    let f = flush.clone();
+    w.subscribe("bench", "flush", move |_| f.store(true, Ordering::Relaxed));
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    w.subscribe("bench", "stop", move |_| s.store(true, Ordering::Relaxed));
+    w.subscribe(SYSTEM_SOURCE, "lost", |ev| eprintln!("we-sink: {:?}", ev.lost()));
+    assert!(w.wait_ready(Duration::from_secs(10)).expect("wait_ready"), "not attached in 10 s");
+    w.publish_bytes(Target::All, "bench", "hello", b"").expect("publish hello");
+    while !stop.load(Ordering::Relaxed) {
+        w.dispatch().expect("dispatch");
+        if flush.swap(false, Ordering::Relaxed) {
+            w.publish(Target::All, "bench", "ack", &count.load(Ordering::Relaxed)).expect("publish ack");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Child entry point
+
+fn child_main(role: &str) {
+    // Die with the bench process, whatever happens to it.
+    // SAFETY: plain prctl.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    let ppid: u32 = std::env::var(PPID_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    // SAFETY: plain getppid.
+    if unsafe { libc::getppid() } as u32 != ppid {
+        std::process::exit(1);
+    }
+    if let Some(cpu) = std::env::var(CPU_ENV).ok().and_then(|s| s.parse().ok()) {
+        pin(cpu);
+    }
+    let fds: Vec<RawFd> =
+        std::env::var(FD_ENV).map(|s| s.split(',').filter_map(|f| f.parse().ok()).collect()).unwrap_or_default();
+    let take_shm = || {
+        // SAFETY: the descriptor was inherited for us alone (its number came in FD_ENV).
+        Shm::map(unsafe { OwnedFd::from_raw_fd(fds[0]) })
+    };
+    match role {
+        "shm-pong" => child_shm_pong(&take_shm()),
+        "ring-sink" => child_ring_sink(&take_shm()),
+        "efd-pong" => child_efd_pong(fds[0], fds[1]),
+        "we-busy" => child_we_pong(true),
+        "we-parked" => child_we_pong(false),
+        "we-sink" => child_we_sink(),
+        other => panic!("unknown bench role {other}"),
+    }
+}

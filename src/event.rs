@@ -19,7 +19,9 @@ use crate::error::{Error, PublishError};
 /// assert_eq!(Wid::Worker(3).to_string(), "worker 3");
 /// assert_eq!(Wid::PrivilegedAgent.to_string(), "privileged agent");
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub enum Wid {
     /// Worker slot `n`, `0..workers`.
     Worker(u32),

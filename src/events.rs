@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rkyv::util::AlignedVec;
 
-use crate::control::{CtlEvent, Control, HandOut, TOKEN_EVENTFD};
+use crate::control::{Control, CtlEvent, HandOut, TOKEN_EVENTFD};
 use crate::dedup::Check;
 use crate::error::{Error, PublishError, Result};
 use crate::event::{self, Event, Kind, Lost, MAX_UNIQUE_HASH_LEN, ORIGIN_NONE, Payload, SYSTEM_SOURCE, Target, Wid};
@@ -16,7 +16,7 @@ use crate::layout::Geometry;
 use crate::options::{Options, Transport};
 use crate::region::Region;
 use crate::stats::{PeerStats, Stats};
-use crate::subs::{Subscriptions, SubscriptionId};
+use crate::subs::{SubscriptionId, Subscriptions};
 use crate::sync::Ordering;
 use crate::sys::{Epoll, EventFd};
 use crate::transport::shm::{Incoming, ShmPort};
@@ -297,7 +297,13 @@ impl Worker {
     /// let err = w.publish_bytes(Target::Current, "crud", "routes", b"12345").unwrap_err();
     /// assert_eq!(err.to_string(), "failed to publish event: payload exceeds the limitation (4)");
     /// ```
-    pub fn publish_bytes(&mut self, target: Target<'_>, source: &str, event: &str, data: &[u8]) -> Result<(), PublishError> {
+    pub fn publish_bytes(
+        &mut self,
+        target: Target<'_>,
+        source: &str,
+        event: &str,
+        data: &[u8],
+    ) -> Result<(), PublishError> {
         let (origin, kind) = self.route(target)?;
         let mut buf = self.pool.pop().unwrap_or_default();
         if let Err(e) = event::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
@@ -412,7 +418,8 @@ impl Worker {
             }
         }
         if self.ctl.is_some() {
-            let mut due = self.port.is_none() || !self.tokens.is_empty() || self.ctl.as_ref().is_some_and(|c| c.has_output());
+            let mut due =
+                self.port.is_none() || !self.tokens.is_empty() || self.ctl.as_ref().is_some_and(|c| c.has_output());
             if let Some(port) = &self.port {
                 let flag = &port.region().slot(self.slot).ctl_pending;
                 if flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::Acquire) != 0 {
@@ -464,8 +471,9 @@ impl Worker {
                 Incoming::Message { from, bytes } => match event::decode(bytes, workers, agent, max_payload) {
                     // "all" events come from their publisher's ring; unique events are relayed
                     // by the broker and carry their publisher's wid.
-                    Ok(d) if (d.kind == Kind::All as u8 && d.event.wid == Some(slot_wid(from, &geo)))
-                        || (d.kind == Kind::Unique as u8 && d.event.wid.is_some()) =>
+                    Ok(d)
+                        if (d.kind == Kind::All as u8 && d.event.wid == Some(slot_wid(from, &geo)))
+                            || (d.kind == Kind::Unique as u8 && d.event.wid.is_some()) =>
                     {
                         let r = subs.run(&d.event);
                         stats.delivered += 1;
@@ -483,7 +491,8 @@ impl Worker {
                     tracing::warn!(%publisher, count, "events lost on the way to this worker");
                     let mut b = AlignedVec::new();
                     let lost = Lost { count, publisher };
-                    if event::encode_typed(&mut b, SYSTEM_SOURCE, "lost", &lost, from, Kind::System, usize::MAX).is_ok() {
+                    if event::encode_typed(&mut b, SYSTEM_SOURCE, "lost", &lost, from, Kind::System, usize::MAX).is_ok()
+                    {
                         if let Ok(d) = event::decode(&b, workers, agent, usize::MAX) {
                             let r = subs.run(&d.event);
                             stats.delivered += 1;

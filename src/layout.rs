@@ -255,7 +255,8 @@ mod tests {
     #[test]
     fn rings_do_not_overlap() {
         let g = Geometry::new(3, true, 4096, 64);
-        let mut offs: Vec<usize> = (0..4).flat_map(|p| (0..4).map(move |c| (p, c))).map(|(p, c)| g.ring_offset(p, c)).collect();
+        let mut offs: Vec<usize> =
+            (0..4).flat_map(|p| (0..4).map(move |c| (p, c))).map(|(p, c)| g.ring_offset(p, c)).collect();
         offs.sort();
         for w in offs.windows(2) {
             assert_eq!(w[1] - w[0], g.ring_stride);

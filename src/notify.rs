@@ -57,7 +57,11 @@ mod loom_models {
     }
 
     fn raw(s: &Shared) -> RawRing {
-        RawRing { hdr: NonNull::from(&*s.hdr), data: NonNull::new(s.data.as_ptr() as *mut u8).unwrap(), cap: s.data.len() }
+        RawRing {
+            hdr: NonNull::from(&*s.hdr),
+            data: NonNull::new(s.data.as_ptr() as *mut u8).unwrap(),
+            cap: s.data.len(),
+        }
     }
 
     fn shared() -> Arc<Shared> {

@@ -348,10 +348,7 @@ impl Options {
         if self.max_payload_len == 0 || self.max_payload_len > MAX_PAYLOAD_LIMIT {
             return bad("\"max_payload_len\" option is invalid");
         }
-        if !self.ring_capacity.is_power_of_two()
-            || self.ring_capacity < 4096
-            || self.ring_capacity > 64 * 1024 * 1024
-        {
+        if !self.ring_capacity.is_power_of_two() || self.ring_capacity < 4096 || self.ring_capacity > 64 * 1024 * 1024 {
             return bad("\"ring_capacity\" option is invalid");
         }
         if self.unique_capacity == 0 || self.unique_capacity > (1 << 24) {

@@ -60,7 +60,8 @@ impl Region {
     /// Map a region received from a broker and validate it against `expected`.
     pub(crate) fn open(fd: OwnedFd, expected: Geometry) -> Result<Region> {
         let bad = |m: String| Err(Error::CorruptRegion(m));
-        let (size, sealed) = sys::memfd_size_and_sealed(fd.as_fd()).map_err(|e| Error::io("inspecting the shared region", e))?;
+        let (size, sealed) =
+            sys::memfd_size_and_sealed(fd.as_fd()).map_err(|e| Error::io("inspecting the shared region", e))?;
         if !sealed {
             return bad("the region memfd is not sealed against shrinking and growing".into());
         }
@@ -102,7 +103,9 @@ impl Region {
         ];
         for (name, got, want) in checks {
             if got != want {
-                return bad(format!("header field {name} is {got}, expected {want} (options differ from the broker's?)"));
+                return bad(format!(
+                    "header field {name} is {got}, expected {want} (options differ from the broker's?)"
+                ));
             }
         }
         let id = h.region_id.load(r);

@@ -79,7 +79,12 @@ impl Subscriptions {
                 st.called += 1;
                 if catch_unwind(AssertUnwindSafe(|| cb(ev))).is_err() {
                     st.panicked += 1;
-                    tracing::error!(subscription = *id, source = ev.source(), event = ev.event(), "event callback panicked");
+                    tracing::error!(
+                        subscription = *id,
+                        source = ev.source(),
+                        event = ev.event(),
+                        "event callback panicked"
+                    );
                 }
             }
         }

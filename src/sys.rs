@@ -110,11 +110,7 @@ pub(crate) fn memfd_sealed(size: usize) -> io::Result<OwnedFd> {
     let name = c"worker-events";
     let fd = owned(syscall!(memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING))?);
     syscall!(ftruncate(fd.as_raw_fd(), size as libc::off_t))?;
-    syscall!(fcntl(
-        fd.as_raw_fd(),
-        libc::F_ADD_SEALS,
-        libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
-    ))?;
+    syscall!(fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL))?;
     Ok(fd)
 }
 

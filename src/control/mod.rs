@@ -100,7 +100,14 @@ pub(crate) struct Control {
 
 impl Control {
     /// Open the lock file and take this slot's lock.
-    pub(crate) fn new(path: &Path, slot: u32, geo: Geometry, preferred: bool, allowed_uids: Vec<u32>, max_frame: usize) -> Result<Control> {
+    pub(crate) fn new(
+        path: &Path,
+        slot: u32,
+        geo: Geometry,
+        preferred: bool,
+        allowed_uids: Vec<u32>,
+        max_frame: usize,
+    ) -> Result<Control> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() && !dir.exists() {
                 use std::os::unix::fs::DirBuilderExt;
@@ -113,7 +120,9 @@ impl Control {
         }
         let lock_path = lock_path(path);
         let lock = sys::open_lock_file(&lock_path).map_err(|e| Error::io("opening the lock file", e))?;
-        if !sys::try_lock_byte(lock.as_fd(), 1 + u64::from(slot)).map_err(|e| Error::io("locking the worker slot", e))? {
+        if !sys::try_lock_byte(lock.as_fd(), 1 + u64::from(slot))
+            .map_err(|e| Error::io("locking the worker slot", e))?
+        {
             return Err(Error::WidInUse(slot_wid(slot, &geo)));
         }
         let now = Instant::now();
@@ -226,7 +235,8 @@ impl Control {
                     }
                     Err(e) => {
                         tracing::trace!(error = %e, "no broker yet");
-                        let may_run = self.preferred || self.was_attached || now.duration_since(self.started) >= ELECTION_GRACE;
+                        let may_run =
+                            self.preferred || self.was_attached || now.duration_since(self.started) >= ELECTION_GRACE;
                         if may_run && sys::try_lock_byte(self.lock.as_fd(), 0).unwrap_or(false) {
                             events.push(CtlEvent::Elected);
                         }

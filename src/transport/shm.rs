@@ -80,7 +80,13 @@ pub(crate) struct ShmPort {
 impl ShmPort {
     /// Take this slot's ends of the rings. The caller holds the slot lock, so no other live
     /// process owns them.
-    pub(crate) fn attach(region: Region, eventfds: Vec<EventFd>, me: u32, max_queue_len: usize, max_msg: usize) -> ShmPort {
+    pub(crate) fn attach(
+        region: Region,
+        eventfds: Vec<EventFd>,
+        me: u32,
+        max_queue_len: usize,
+        max_msg: usize,
+    ) -> ShmPort {
         let slots = region.geometry().slots;
         let mut out = Vec::with_capacity(slots as usize);
         let mut inb = Vec::with_capacity(slots as usize);

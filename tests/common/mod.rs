@@ -1,0 +1,906 @@
+//! Harness for the multi-process integration tests.
+//!
+//! The parent (a normal `#[test]`) re-executes the test binary with
+//! `--exact child_entry --ignored --nocapture` and `WE_CHILD=1` plus a few `WE_*` variables
+//! describing the role. The child joins as one worker, prints `@@READY` once attached, then
+//! serves line commands from its stdin, answering with `@@...` lines ending in `@@OK` or
+//! `@@ERR <text>`. Lines without the `@@` prefix (libtest's own output) are ignored.
+//!
+//! No sleeps are used for synchronization: every step waits for an acknowledgement, and
+//! every wait is bounded by the test's watchdog deadline.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use worker_events::{Event, Events, Options, SYSTEM_SOURCE, Target, Wid, Worker};
+
+/// Every test must finish within this bound (children are SIGKILLed after it).
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A child exits by itself after this long, whatever happens (orphan protection).
+const CHILD_LIFETIME: Duration = Duration::from_secs(150);
+
+// ------------------------------------------------------------------------------------------
+// Shared helpers
+
+/// The byte pattern of a sized payload of `len` bytes (depends on the length too, so a
+/// truncated or mixed-up payload does not pass).
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i as u64 * 31 + len as u64) % 251) as u8).collect()
+}
+
+fn check_pattern(b: &[u8]) -> bool {
+    let len = b.len() as u64;
+    b.iter().enumerate().all(|(i, &x)| x == ((i as u64 * 31 + len) % 251) as u8)
+}
+
+/// "w3", "agent" or "none".
+pub fn wid_str(w: Option<Wid>) -> String {
+    match w {
+        Some(Wid::Worker(n)) => format!("w{n}"),
+        Some(Wid::PrivilegedAgent) => "agent".to_string(),
+        None => "none".to_string(),
+    }
+}
+
+/// A fresh directory for one test's socket and lock file, removed on drop.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        // Keep it short: a unix socket path is limited to 107 bytes.
+        let short: String = name.chars().take(24).collect();
+        let path = std::env::temp_dir().join(format!("we-mp-{}-{short}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create test dir");
+        TestDir { path }
+    }
+
+    pub fn sock(&self) -> PathBuf {
+        self.path.join("ev.sock")
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The options shared by every process of one test; passed to children through env vars.
+#[derive(Clone, Debug)]
+pub struct Cfg {
+    pub sock: PathBuf,
+    pub workers: u32,
+    pub agent: bool,
+    pub max_queue_len: Option<usize>,
+    pub max_payload_len: Option<usize>,
+    pub ring_capacity: Option<usize>,
+    pub unique_timeout_ms: Option<u64>,
+    pub unique_capacity: Option<usize>,
+}
+
+impl Cfg {
+    pub fn new(sock: &Path, workers: u32) -> Cfg {
+        Cfg {
+            sock: sock.to_path_buf(),
+            workers,
+            agent: false,
+            max_queue_len: None,
+            max_payload_len: None,
+            ring_capacity: None,
+            unique_timeout_ms: None,
+            unique_capacity: None,
+        }
+    }
+
+    pub fn options(&self) -> Options {
+        let mut o = Options::new(&self.sock).workers(self.workers).enable_privileged_agent(self.agent);
+        if let Some(n) = self.max_queue_len {
+            o = o.max_queue_len(n);
+        }
+        if let Some(n) = self.max_payload_len {
+            o = o.max_payload_len(n);
+        }
+        if let Some(n) = self.ring_capacity {
+            o = o.ring_capacity(n);
+        }
+        if let Some(ms) = self.unique_timeout_ms {
+            o = o.unique_timeout(Duration::from_millis(ms));
+        }
+        if let Some(n) = self.unique_capacity {
+            o = o.unique_capacity(n);
+        }
+        o
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        let mut v = vec![
+            ("WE_SOCK".to_string(), self.sock.to_string_lossy().into_owned()),
+            ("WE_WORKERS".to_string(), self.workers.to_string()),
+            ("WE_AGENT".to_string(), if self.agent { "1" } else { "0" }.to_string()),
+        ];
+        if let Some(n) = self.max_queue_len {
+            v.push(("WE_MAX_QUEUE".into(), n.to_string()));
+        }
+        if let Some(n) = self.max_payload_len {
+            v.push(("WE_MAX_PAYLOAD".into(), n.to_string()));
+        }
+        if let Some(n) = self.ring_capacity {
+            v.push(("WE_RING".into(), n.to_string()));
+        }
+        if let Some(n) = self.unique_timeout_ms {
+            v.push(("WE_UNIQ_TIMEOUT_MS".into(), n.to_string()));
+        }
+        if let Some(n) = self.unique_capacity {
+            v.push(("WE_UNIQ_CAP".into(), n.to_string()));
+        }
+        v
+    }
+
+    fn from_env() -> Cfg {
+        let get = |k: &str| std::env::var(k).ok();
+        let num = |k: &str| get(k).map(|s| s.parse::<usize>().unwrap_or_else(|_| panic!("bad {k}")));
+        Cfg {
+            sock: PathBuf::from(get("WE_SOCK").expect("WE_SOCK")),
+            workers: get("WE_WORKERS").expect("WE_WORKERS").parse().expect("WE_WORKERS"),
+            agent: get("WE_AGENT").as_deref() == Some("1"),
+            max_queue_len: num("WE_MAX_QUEUE"),
+            max_payload_len: num("WE_MAX_PAYLOAD"),
+            ring_capacity: num("WE_RING"),
+            unique_timeout_ms: num("WE_UNIQ_TIMEOUT_MS").map(|n| n as u64),
+            unique_capacity: num("WE_UNIQ_CAP"),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Child role
+
+#[derive(Default)]
+struct Rec {
+    /// (publisher wid, source, event) -> sequence numbers in arrival order.
+    streams: BTreeMap<(String, String, String), Vec<u64>>,
+    /// Arrival order of every event (bounded).
+    log: Vec<String>,
+    /// Lost notices: (publisher, count).
+    lost: Vec<(String, u64)>,
+    /// Sized payloads: (publisher, len, content ok).
+    payloads: Vec<(String, usize, bool)>,
+    decode_errors: u64,
+    /// Non-system events received.
+    events: u64,
+    /// Sum of the counts of lost notices.
+    lost_total: u64,
+    /// Runs of the callback subscribed after the panicking one.
+    after_panic: u64,
+}
+
+fn record(rec: &Mutex<Rec>, ev: &Event<'_>) {
+    let mut r = rec.lock().unwrap();
+    let w = wid_str(ev.wid());
+    if ev.source() == SYSTEM_SOURCE {
+        match ev.lost() {
+            Some(l) => {
+                r.lost.push((wid_str(Some(l.publisher)), l.count));
+                r.lost_total += l.count;
+                if r.log.len() < 100_000 {
+                    r.log.push(format!("lost {} {}", wid_str(Some(l.publisher)), l.count));
+                }
+            }
+            None => r.decode_errors += 1,
+        }
+        return;
+    }
+    r.events += 1;
+    let seq = if ev.source() == "size" {
+        let b = ev.data_bytes();
+        let ok = check_pattern(b);
+        r.payloads.push((w.clone(), b.len(), ok));
+        b.len() as u64
+    } else {
+        match ev.deserialize::<u64>() {
+            Ok(n) => n,
+            Err(_) => {
+                r.decode_errors += 1;
+                u64::MAX
+            }
+        }
+    };
+    if r.log.len() < 100_000 {
+        r.log.push(format!("{w} {} {} {seq}", ev.source(), ev.event()));
+    }
+    r.streams.entry((w, ev.source().to_string(), ev.event().to_string())).or_default().push(seq);
+}
+
+fn parse_target(s: &str) -> Target<'static> {
+    match s {
+        "all" => Target::All,
+        "current" => Target::Current,
+        other if other.starts_with("u=") => Target::Unique(Box::leak(other[2..].to_string().into_boxed_str())),
+        other => panic!("unknown target {other}"),
+    }
+}
+
+/// Entry point of the child role; returns at once when `WE_CHILD` is not set.
+pub fn child_main() {
+    if std::env::var("WE_CHILD").is_err() {
+        return;
+    }
+    let born = Instant::now();
+    let cfg = Cfg::from_env();
+    let wid = match std::env::var("WE_WID").expect("WE_WID").as_str() {
+        "agent" => Wid::PrivilegedAgent,
+        n => Wid::Worker(n.parse().expect("WE_WID")),
+    };
+    let panic_mode = std::env::var("WE_PANIC").is_ok();
+    if panic_mode {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info.payload().downcast_ref::<&str>().copied().unwrap_or("");
+            if !msg.contains("intentional test panic") {
+                default(info);
+            }
+        }));
+    }
+    let out = |s: &str| {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{s}");
+        let _ = o.flush();
+    };
+
+    let events = match Events::new(cfg.options()) {
+        Ok(e) => e,
+        Err(e) => {
+            out(&format!("@@ERR Events::new: {e}"));
+            std::process::exit(2);
+        }
+    };
+    let mut worker = match events.init_worker(wid) {
+        Ok(w) => w,
+        Err(e) => {
+            out(&format!("@@ERR init_worker: {e}"));
+            std::process::exit(2);
+        }
+    };
+    let rec = Arc::new(Mutex::new(Rec::default()));
+    {
+        let rec = rec.clone();
+        worker.subscribe("*", "*", move |ev| record(&rec, ev));
+    }
+    if panic_mode {
+        worker.subscribe("boom", "*", |_| panic!("intentional test panic"));
+        let rec = rec.clone();
+        worker.subscribe("boom", "*", move |_| rec.lock().unwrap().after_panic += 1);
+    }
+    // WE_EARLY="<src> <ev> <n>": publish n All events before being attached.
+    let mut early_errors = 0u64;
+    let mut early_unique_pending = 0u64;
+    if let Ok(spec) = std::env::var("WE_EARLY") {
+        let f: Vec<&str> = spec.split_whitespace().collect();
+        let n: u64 = f[2].parse().unwrap();
+        if worker.is_ready() {
+            out("@@ERR WE_EARLY: already attached before the first publish");
+            std::process::exit(2);
+        }
+        for seq in 0..n {
+            if let Err(e) = worker.publish(Target::All, f[0], f[1], &seq) {
+                eprintln!("early publish {seq}: {e}");
+                early_errors += 1;
+            }
+        }
+    }
+    // WE_EARLY_UNIQ="<src> <ev> <prefix> <n>": publish n Unique("<prefix><seq>") events
+    // before being attached.
+    if let Ok(spec) = std::env::var("WE_EARLY_UNIQ") {
+        let f: Vec<&str> = spec.split_whitespace().collect();
+        let n: u64 = f[3].parse().unwrap();
+        if worker.is_ready() {
+            out("@@ERR WE_EARLY_UNIQ: already attached before the first publish");
+            std::process::exit(2);
+        }
+        for seq in 0..n {
+            let hash = format!("{}{seq}", f[2]);
+            if let Err(e) = worker.publish(Target::Unique(&hash), f[0], f[1], &seq) {
+                eprintln!("early unique publish {seq}: {e}");
+                early_errors += 1;
+            }
+        }
+        early_unique_pending = worker.stats().unique_pending;
+    }
+    match worker.wait_ready(Duration::from_secs(30)) {
+        Ok(true) => {}
+        Ok(false) => {
+            out("@@ERR not ready after 30 s");
+            std::process::exit(2);
+        }
+        Err(e) => {
+            out(&format!("@@ERR wait_ready: {e}"));
+            std::process::exit(2);
+        }
+    }
+
+    // stdin reader thread: lines -> channel; EOF (parent gone) disconnects the channel.
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    out(&format!("@@READY {} broker={}", wid_str(Some(wid)), worker.is_broker()));
+
+    let mut paused = false;
+    let mut wait_errors = 0u64;
+    let tick = Duration::from_millis(5);
+    let pump = |worker: &mut Worker, wait_errors: &mut u64| {
+        if born.elapsed() > CHILD_LIFETIME {
+            eprintln!("child {wid}: lifetime exceeded, exiting");
+            std::process::exit(3);
+        }
+        if let Err(e) = worker.wait(Some(tick)) {
+            *wait_errors += 1;
+            eprintln!("child {wid}: wait error: {e}");
+        }
+    };
+    loop {
+        let line = if paused {
+            match rx.recv() {
+                Ok(l) => l,
+                Err(_) => std::process::exit(0),
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(l) => l,
+                Err(TryRecvError::Empty) => {
+                    pump(&mut worker, &mut wait_errors);
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => std::process::exit(0),
+            }
+        };
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if parts.is_empty() {
+            continue;
+        }
+        match parts[0] {
+            // publish <all|current> <src> <ev> <start> <count>: typed u64 payloads, with a
+            // dispatch after each publish (a worker's own queue is bounded by max_queue_len).
+            "publish" => {
+                let target = parse_target(parts[1]);
+                let (src, ev) = (parts[2], parts[3]);
+                let start: u64 = parts[4].parse().unwrap();
+                let count: u64 = parts[5].parse().unwrap();
+                let (mut ok, mut err) = (0u64, 0u64);
+                for seq in start..start + count {
+                    match worker.publish(target, src, ev, &seq) {
+                        Ok(()) => ok += 1,
+                        Err(e) => {
+                            if err < 5 {
+                                out(&format!("@@PUBERR {e}"));
+                            }
+                            err += 1;
+                        }
+                    }
+                    if let Err(e) = worker.dispatch() {
+                        eprintln!("child {wid}: dispatch error: {e}");
+                    }
+                }
+                out(&format!("@@PUB {ok} {err}"));
+                out("@@OK");
+            }
+            // uniq <src> <ev> <hash-prefix> <start> <count>: Unique("<prefix><seq>") events with
+            // payload seq, a dispatch after each.
+            "uniq" => {
+                let (src, ev, prefix) = (parts[1], parts[2], parts[3]);
+                let start: u64 = parts[4].parse().unwrap();
+                let count: u64 = parts[5].parse().unwrap();
+                let (mut ok, mut err) = (0u64, 0u64);
+                for seq in start..start + count {
+                    let hash = format!("{prefix}{seq}");
+                    match worker.publish(Target::Unique(&hash), src, ev, &seq) {
+                        Ok(()) => ok += 1,
+                        Err(e) => {
+                            if err < 5 {
+                                out(&format!("@@PUBERR {e}"));
+                            }
+                            err += 1;
+                        }
+                    }
+                    if let Err(e) = worker.dispatch() {
+                        eprintln!("child {wid}: dispatch error: {e}");
+                    }
+                }
+                out(&format!("@@PUB {ok} {err}"));
+                out("@@OK");
+            }
+            // pump <ms>: dispatch for <ms> ms (used inside bounded polling loops only).
+            "pump" => {
+                let limit = Instant::now() + Duration::from_millis(parts[1].parse().unwrap());
+                while Instant::now() < limit {
+                    pump(&mut worker, &mut wait_errors);
+                }
+                out("@@OK");
+            }
+            // batch <target>:<src>:<ev>:<seq> ...: publish all of them with no dispatch in between.
+            "batch" => {
+                let (mut ok, mut err) = (0u64, 0u64);
+                for item in &parts[1..] {
+                    let f: Vec<&str> = item.split(':').collect();
+                    let seq: u64 = f[3].parse().unwrap();
+                    match worker.publish(parse_target(f[0]), f[1], f[2], &seq) {
+                        Ok(()) => ok += 1,
+                        Err(e) => {
+                            out(&format!("@@PUBERR {e}"));
+                            err += 1;
+                        }
+                    }
+                }
+                out(&format!("@@PUB {ok} {err}"));
+                out("@@OK");
+            }
+            // bytes <all|current> <src> <ev> <len>: raw payload with `pattern(len)`.
+            "bytes" => {
+                let target = parse_target(parts[1]);
+                let len: usize = parts[4].parse().unwrap();
+                let data = pattern(len);
+                match worker.publish_bytes(target, parts[2], parts[3], &data) {
+                    Ok(()) => out("@@PUB 1 0"),
+                    Err(e) => {
+                        out(&format!("@@PUBERR {e}"));
+                        out("@@PUB 0 1");
+                    }
+                }
+                out("@@OK");
+            }
+            "pause" => {
+                paused = true;
+                out("@@OK");
+            }
+            "resume" => {
+                paused = false;
+                out("@@OK");
+            }
+            // until <n> <ms>: dispatch until events + lost counts >= n, at most <ms> ms
+            // (a bound for failure reporting, not a synchronization delay).
+            "until" => {
+                let n: u64 = parts[1].parse().unwrap();
+                let limit = Instant::now() + Duration::from_millis(parts[2].parse().unwrap());
+                let reached = loop {
+                    {
+                        let r = rec.lock().unwrap();
+                        if r.events + r.lost_total >= n {
+                            break true;
+                        }
+                    }
+                    if Instant::now() >= limit {
+                        break false;
+                    }
+                    if let Err(TryRecvError::Disconnected) = rx.try_recv() {
+                        std::process::exit(0);
+                    }
+                    pump(&mut worker, &mut wait_errors);
+                };
+                out(&format!("@@UNTIL {}", if reached { "reached" } else { "timeout" }));
+                out("@@OK");
+            }
+            "report" => {
+                let r = rec.lock().unwrap();
+                for ((w, s, e), seqs) in &r.streams {
+                    let list: Vec<String> = seqs.iter().map(|n| n.to_string()).collect();
+                    let list = if list.is_empty() { "-".to_string() } else { list.join(",") };
+                    out(&format!("@@STREAM {w} {s} {e} {list}"));
+                }
+                for (p, c) in &r.lost {
+                    out(&format!("@@LOST {p} {c}"));
+                }
+                for (p, len, ok) in &r.payloads {
+                    out(&format!("@@PAYLOAD {p} {len} {}", u8::from(*ok)));
+                }
+                let st = worker.stats();
+                let stats: [(&str, u64); 22] = [
+                    ("early_errors", early_errors),
+                    ("early_unique_pending", early_unique_pending),
+                    ("unique_duplicates", st.unique_duplicates),
+                    ("unique_unrecorded", st.unique_unrecorded),
+                    ("unique_pending", st.unique_pending),
+                    ("published", st.published),
+                    ("delivered", st.delivered),
+                    ("callbacks_run", st.callbacks_run),
+                    ("callback_panics", st.callback_panics),
+                    ("dropped", st.dropped),
+                    ("lost", st.lost),
+                    ("lost_outbound", st.lost_outbound),
+                    ("overflows", st.overflows),
+                    ("failovers", st.failovers),
+                    ("peers", st.peers.len() as u64),
+                    ("events", r.events),
+                    ("lost_total", r.lost_total),
+                    ("decode_errors", r.decode_errors),
+                    ("after_panic", r.after_panic),
+                    ("wait_errors", wait_errors),
+                    ("is_broker", u64::from(worker.is_broker())),
+                    ("is_ready", u64::from(worker.is_ready())),
+                ];
+                for (k, v) in stats {
+                    out(&format!("@@STAT {k} {v}"));
+                }
+                out("@@OK");
+            }
+            "log" => {
+                let r = rec.lock().unwrap();
+                for l in &r.log {
+                    out(&format!("@@LOG {l}"));
+                }
+                out("@@OK");
+            }
+            "exit" => {
+                drop(worker);
+                out("@@OK");
+                std::process::exit(0);
+            }
+            other => out(&format!("@@ERR unknown command {other}")),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Parent side
+
+/// Kills every registered child when the deadline passes (the test then fails on the
+/// closed pipe), even if the test thread is stuck somewhere else.
+pub struct Watchdog {
+    pids: Arc<Mutex<Vec<u32>>>,
+    stop: Option<Sender<()>>,
+    pub deadline: Instant,
+    name: String,
+}
+
+impl Watchdog {
+    pub fn new(name: &str) -> Watchdog {
+        let pids: Arc<Mutex<Vec<u32>>> = Arc::new(Mutex::new(Vec::new()));
+        let (stop, rx) = mpsc::channel::<()>();
+        let p = pids.clone();
+        let n = name.to_string();
+        std::thread::spawn(move || {
+            if let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(TEST_TIMEOUT) {
+                let pids = p.lock().unwrap();
+                eprintln!("WATCHDOG: test {n} exceeded {TEST_TIMEOUT:?}; killing children {pids:?}");
+                for &pid in pids.iter() {
+                    // SAFETY: plain syscall; `pid` is a child registered while not yet reaped
+                    // (it is unregistered under this lock before being killed and reaped).
+                    unsafe {
+                        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                    }
+                }
+            }
+        });
+        Watchdog { pids, stop: Some(stop), deadline: Instant::now() + TEST_TIMEOUT, name: name.to_string() }
+    }
+
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Spawn a child worker and wait for its `@@READY`.
+    pub fn spawn(&self, cfg: &Cfg, wid: Wid) -> Child {
+        self.spawn_with(cfg, wid, &[])
+    }
+
+    pub fn spawn_with(&self, cfg: &Cfg, wid: Wid, extra: &[(&str, &str)]) -> Child {
+        let child = self.spawn_inner(cfg, wid, extra);
+        let l = child.next_line();
+        if !l.starts_with("@@READY") {
+            child.fail(&format!("expected @@READY, got {l:?}"));
+        }
+        child
+    }
+
+    fn spawn_inner(&self, cfg: &Cfg, wid: Wid, extra: &[(&str, &str)]) -> Child {
+        let exe = std::env::current_exe().expect("current_exe");
+        let wid_s = match wid {
+            Wid::Worker(n) => n.to_string(),
+            Wid::PrivilegedAgent => "agent".to_string(),
+        };
+        let mut cmd = Command::new(exe);
+        cmd.args(["--exact", "child_entry", "--ignored", "--nocapture"])
+            .env("WE_CHILD", "1")
+            .env("WE_WID", &wid_s)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in cfg.env() {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut proc = cmd.spawn().expect("spawn child");
+        let pid = proc.id();
+        self.pids.lock().unwrap().push(pid);
+        let stdin = proc.stdin.take().unwrap();
+        let stdout = proc.stdout.take().unwrap();
+        let mut stderr_pipe = proc.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("@@") && tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let se = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut s = se.lock().unwrap();
+                s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if s.len() > 64 * 1024 {
+                    let cut = s.len() - 32 * 1024;
+                    let cut = (cut..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
+                    s.replace_range(..cut, "...");
+                }
+            }
+        });
+        Child {
+            name: format!("{}/{}", self.name, wid_str(Some(wid))),
+            proc: Some(proc),
+            pid,
+            pids: self.pids.clone(),
+            stdin: Some(stdin),
+            lines,
+            stderr,
+            deadline: self.deadline,
+        }
+    }
+
+    /// Spawn a child whose start is expected to fail; returns its `@@ERR` line.
+    pub fn spawn_expect_err(&self, cfg: &Cfg, wid: Wid) -> String {
+        self.spawn_inner(cfg, wid, &[]).fail_text()
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+    }
+}
+
+/// One child worker process. Dropping it SIGKILLs and reaps it.
+pub struct Child {
+    pub name: String,
+    proc: Option<std::process::Child>,
+    pid: u32,
+    pids: Arc<Mutex<Vec<u32>>>,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    deadline: Instant,
+}
+
+impl Child {
+    fn fail(&self, msg: &str) -> ! {
+        let se = self.stderr.lock().unwrap().clone();
+        panic!("child {}: {msg}\n--- child stderr ---\n{se}\n--- end ---", self.name);
+    }
+
+    fn next_line(&self) -> String {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(l) => l,
+            Err(RecvTimeoutError::Timeout) => self.fail("watchdog: no answer before the test deadline"),
+            Err(RecvTimeoutError::Disconnected) => {
+                self.fail("stdout closed (child died or was killed by the watchdog)")
+            }
+        }
+    }
+
+    /// Send a command without waiting for its answer.
+    pub fn send(&mut self, cmd: &str) {
+        let r = self.stdin.as_mut().map(|s| writeln!(s, "{cmd}").and_then(|_| s.flush()));
+        if !matches!(r, Some(Ok(()))) {
+            self.fail(&format!("cannot write command {cmd:?}"));
+        }
+    }
+
+    /// Collect the answer lines of one command, up to its `@@OK`.
+    pub fn expect_ok(&mut self) -> Vec<String> {
+        let mut v = Vec::new();
+        loop {
+            let l = self.next_line();
+            if l == "@@OK" {
+                return v;
+            }
+            if l.starts_with("@@ERR") {
+                self.fail(&format!("command failed: {l}"));
+            }
+            v.push(l);
+        }
+    }
+
+    pub fn cmd(&mut self, cmd: &str) -> Vec<String> {
+        self.send(cmd);
+        self.expect_ok()
+    }
+
+    /// `publish` command: returns (ok, errors, error texts).
+    pub fn publish(&mut self, target: &str, src: &str, ev: &str, start: u64, count: u64) -> PubResult {
+        let lines = self.cmd(&format!("publish {target} {src} {ev} {start} {count}"));
+        PubResult::parse(&lines)
+    }
+
+    pub fn publish_end(&mut self) -> PubResult {
+        let lines = self.expect_ok();
+        PubResult::parse(&lines)
+    }
+
+    /// Dispatch until `n` events (lost counts included) have been received in total; fails
+    /// the test with the child's report if that does not happen before the deadline.
+    pub fn until(&mut self, n: u64) {
+        let left = self.deadline.saturating_duration_since(Instant::now()).saturating_sub(Duration::from_secs(5));
+        let lines = self.cmd(&format!("until {n} {}", left.as_millis()));
+        if !lines.iter().any(|l| l == "@@UNTIL reached") {
+            let r = self.report();
+            let lens: Vec<String> =
+                r.streams.iter().map(|((w, s, e), v)| format!("{w}/{s}/{e}: {} events", v.len())).collect();
+            self.fail(&format!(
+                "watchdog: never received {n} events; streams {lens:?}; lost {:?}; stats {:?}",
+                r.lost, r.stats
+            ));
+        }
+    }
+
+    /// Spawn expecting `init_worker` (or `Events::new`) to fail: returns the error line.
+    pub fn fail_text(&mut self) -> String {
+        self.next_line()
+    }
+
+    pub fn report(&mut self) -> Report {
+        let lines = self.cmd("report");
+        Report::parse(&lines)
+    }
+
+    pub fn log(&mut self) -> Vec<String> {
+        self.cmd("log").into_iter().filter_map(|l| l.strip_prefix("@@LOG ").map(str::to_string)).collect()
+    }
+
+    pub fn exit(mut self) {
+        self.cmd("exit");
+        self.reap();
+    }
+
+    fn reap(&mut self) {
+        {
+            let mut pids = self.pids.lock().unwrap();
+            pids.retain(|&p| p != self.pid);
+        }
+        drop(self.stdin.take());
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.reap();
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PubResult {
+    pub ok: u64,
+    pub err: u64,
+    pub errors: Vec<String>,
+}
+
+impl PubResult {
+    fn parse(lines: &[String]) -> PubResult {
+        let mut r = PubResult::default();
+        for l in lines {
+            if let Some(e) = l.strip_prefix("@@PUBERR ") {
+                r.errors.push(e.to_string());
+            } else if let Some(rest) = l.strip_prefix("@@PUB ") {
+                let mut it = rest.split_whitespace();
+                r.ok = it.next().unwrap().parse().unwrap();
+                r.err = it.next().unwrap().parse().unwrap();
+            }
+        }
+        r
+    }
+}
+
+/// A child's recorded state.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub streams: BTreeMap<(String, String, String), Vec<u64>>,
+    pub lost: Vec<(String, u64)>,
+    pub payloads: Vec<(String, usize, bool)>,
+    pub stats: HashMap<String, u64>,
+}
+
+impl Report {
+    fn parse(lines: &[String]) -> Report {
+        let mut r = Report::default();
+        for l in lines {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f[0] {
+                "@@STREAM" => {
+                    let seqs =
+                        if f[4] == "-" { Vec::new() } else { f[4].split(',').map(|n| n.parse().unwrap()).collect() };
+                    r.streams.insert((f[1].to_string(), f[2].to_string(), f[3].to_string()), seqs);
+                }
+                "@@LOST" => r.lost.push((f[1].to_string(), f[2].parse().unwrap())),
+                "@@PAYLOAD" => r.payloads.push((f[1].to_string(), f[2].parse().unwrap(), f[3] == "1")),
+                "@@STAT" => {
+                    r.stats.insert(f[1].to_string(), f[2].parse().unwrap());
+                }
+                _ => {}
+            }
+        }
+        r
+    }
+
+    pub fn stream(&self, wid: &str, src: &str, ev: &str) -> Vec<u64> {
+        self.streams.get(&(wid.to_string(), src.to_string(), ev.to_string())).cloned().unwrap_or_default()
+    }
+
+    pub fn stat(&self, k: &str) -> u64 {
+        *self.stats.get(k).unwrap_or_else(|| panic!("no stat {k}"))
+    }
+
+    pub fn stream_keys(&self) -> Vec<(String, String, String)> {
+        self.streams.keys().cloned().collect()
+    }
+}
+
+/// 0..n as a Vec.
+pub fn seq(start: u64, n: u64) -> Vec<u64> {
+    (start..start + n).collect()
+}
+
+/// Describe how `got` differs from 0..n (for assertion messages without 10,000-number dumps).
+pub fn diff_summary(got: &[u64], want: &[u64]) -> String {
+    if got == want {
+        return "equal".into();
+    }
+    let first_bad = got.iter().zip(want).position(|(a, b)| a != b);
+    format!(
+        "got {} items, want {}; first mismatch at index {:?} (got {:?}, want {:?})",
+        got.len(),
+        want.len(),
+        first_bad,
+        first_bad.map(|i| got[i]),
+        first_bad.map(|i| want[i]),
+    )
+}
+
+/// Drive an in-process worker until `done()` or the deadline.
+pub fn pump_until(worker: &mut Worker, deadline: Instant, mut done: impl FnMut() -> bool) {
+    while !done() {
+        assert!(Instant::now() < deadline, "watchdog: in-process condition not reached before the deadline");
+        worker.wait(Some(Duration::from_millis(5))).expect("wait");
+    }
+}
