@@ -330,10 +330,7 @@ impl Worker {
         if self.opts.testing {
             // Synchronous, in-process, wid None.
             if let Ok(d) = event::decode(&buf, self.geo.workers, self.geo.agent, self.opts.max_payload_len) {
-                let r = self.subs.run(&d.event);
-                self.stats.delivered += 1;
-                self.stats.callbacks_run += r.called;
-                self.stats.callback_panics += r.panicked;
+                run_callbacks(&mut self.subs, &mut self.stats, &d.event);
             }
             self.pool.push(buf);
             self.stats.published += 1;
@@ -448,10 +445,7 @@ impl Worker {
         for _ in 0..self.local.len() {
             let Some(buf) = self.local.pop_front() else { break };
             if let Ok(d) = event::decode(&buf, self.geo.workers, self.geo.agent, self.opts.max_payload_len) {
-                let r = self.subs.run(&d.event);
-                self.stats.delivered += 1;
-                self.stats.callbacks_run += r.called;
-                self.stats.callback_panics += r.panicked;
+                run_callbacks(&mut self.subs, &mut self.stats, &d.event);
                 n += 1;
             }
             let mut buf = buf;
@@ -475,10 +469,7 @@ impl Worker {
                         if (d.kind == Kind::All as u8 && d.event.wid == Some(slot_wid(from, &geo)))
                             || (d.kind == Kind::Unique as u8 && d.event.wid.is_some()) =>
                     {
-                        let r = subs.run(&d.event);
-                        stats.delivered += 1;
-                        stats.callbacks_run += r.called;
-                        stats.callback_panics += r.panicked;
+                        run_callbacks(subs, stats, &d.event);
                     }
                     _ => {
                         tracing::warn!(from, "dropping a malformed message");
@@ -494,10 +485,7 @@ impl Worker {
                     if event::encode_typed(&mut b, SYSTEM_SOURCE, "lost", &lost, from, Kind::System, usize::MAX).is_ok()
                     {
                         if let Ok(d) = event::decode(&b, workers, agent, usize::MAX) {
-                            let r = subs.run(&d.event);
-                            stats.delivered += 1;
-                            stats.callbacks_run += r.called;
-                            stats.callback_panics += r.panicked;
+                            run_callbacks(subs, stats, &d.event);
                         }
                     }
                 }
@@ -877,6 +865,14 @@ impl AsRawFd for Worker {
     fn as_raw_fd(&self) -> RawFd {
         self.epoll.as_fd().as_raw_fd()
     }
+}
+
+/// Run the callbacks for one delivered event and count it.
+fn run_callbacks(subs: &mut Subscriptions, stats: &mut Stats, ev: &Event<'_>) {
+    let r = subs.run(ev);
+    stats.delivered += 1;
+    stats.callbacks_run += r.called;
+    stats.callback_panics += r.panicked;
 }
 
 /// Add a port's transport counters to the worker's own.

@@ -138,31 +138,10 @@ impl ShmPort {
     /// Send `msg` to every other slot. Never fails: a full ring queues the message in the
     /// backlog; a full backlog drops it for that peer and counts it (the peer is told).
     pub(crate) fn send_all(&mut self, msg: &AlignedVec) {
-        let mut shared: Option<Arc<AlignedVec>> = None;
+        let mut shared = None;
         let mut any = false;
         for o in self.out.iter_mut().flatten() {
-            let Some(prod) = o.prod.as_mut() else {
-                self.counters.lost_outbound += 1;
-                continue;
-            };
-            let sent = if o.backlog.is_empty() { write_msg(prod, msg, 0).unwrap_or(0) } else { 0 };
-            if sent > 0 {
-                o.touched = true;
-                any = true;
-            }
-            if sent == msg.len() {
-                continue;
-            }
-            if sent == 0 && o.backlog.len() >= self.max_queue_len {
-                prod.add_lost(1);
-                self.counters.lost_outbound += 1;
-                continue;
-            }
-            if o.backlog.is_empty() {
-                self.backlogged += 1;
-            }
-            let arc = shared.get_or_insert_with(|| Arc::new(msg.clone())).clone();
-            o.backlog.push_back(Pending { msg: arc, sent });
+            any |= offer(o, msg, &mut shared, self.max_queue_len, &mut self.backlogged, &mut self.counters);
         }
         if any {
             self.commit_and_wake();
@@ -173,26 +152,7 @@ impl ShmPort {
     /// overflow rules as [`ShmPort::send_all`].
     pub(crate) fn send_to(&mut self, peer: u32, msg: &AlignedVec) {
         let Some(Some(o)) = self.out.get_mut(peer as usize) else { return };
-        let Some(prod) = o.prod.as_mut() else {
-            self.counters.lost_outbound += 1;
-            return;
-        };
-        let sent = if o.backlog.is_empty() { write_msg(prod, msg, 0).unwrap_or(0) } else { 0 };
-        if sent > 0 {
-            o.touched = true;
-        }
-        if sent < msg.len() {
-            if sent == 0 && o.backlog.len() >= self.max_queue_len {
-                prod.add_lost(1);
-                self.counters.lost_outbound += 1;
-            } else {
-                if o.backlog.is_empty() {
-                    self.backlogged += 1;
-                }
-                o.backlog.push_back(Pending { msg: Arc::new(msg.clone()), sent });
-            }
-        }
-        if sent > 0 {
+        if offer(o, msg, &mut None, self.max_queue_len, &mut self.backlogged, &mut self.counters) {
             self.commit_and_wake();
         }
     }
@@ -415,6 +375,41 @@ impl Drop for ShmPort {
         slot.pid.store(0, Ordering::Relaxed);
         slot.state.store(SLOT_DETACHED, Ordering::Release);
     }
+}
+
+/// Offer `msg` to one peer's ring: write it now if its backlog is empty and it fits, else
+/// queue it (sharing one copy through `shared`), else drop and count it. Returns whether
+/// anything was written (the caller commits).
+fn offer(
+    o: &mut Outbound,
+    msg: &AlignedVec,
+    shared: &mut Option<Arc<AlignedVec>>,
+    max_queue_len: usize,
+    backlogged: &mut usize,
+    counters: &mut PortCounters,
+) -> bool {
+    let Some(prod) = o.prod.as_mut() else {
+        counters.lost_outbound += 1;
+        return false;
+    };
+    let sent = if o.backlog.is_empty() { write_msg(prod, msg, 0).unwrap_or(0) } else { 0 };
+    if sent > 0 {
+        o.touched = true;
+    }
+    if sent == msg.len() {
+        return true;
+    }
+    if sent == 0 && o.backlog.len() >= max_queue_len {
+        prod.add_lost(1);
+        counters.lost_outbound += 1;
+        return false;
+    }
+    if o.backlog.is_empty() {
+        *backlogged += 1;
+    }
+    let arc = shared.get_or_insert_with(|| Arc::new(msg.clone())).clone();
+    o.backlog.push_back(Pending { msg: arc, sent });
+    sent > 0
 }
 
 fn wake(region: &Region, eventfds: &[EventFd], slot: u32, counters: &mut PortCounters) {
