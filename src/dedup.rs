@@ -142,6 +142,42 @@ pub(crate) fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The table in private memory, for the socket transport (no shared region there): the
+/// broker keeps it on its heap, so a broker failover in socket mode starts with an empty
+/// table (documented in the crate's fault model).
+pub(crate) struct HeapTable {
+    entries: Box<[DedupEntry]>,
+    key: (u64, u64),
+}
+
+impl HeapTable {
+    /// A table sized for `unique_capacity` live hashes, with a fresh random SipHash key.
+    pub(crate) fn new(unique_capacity: usize) -> HeapTable {
+        let entries = (0..buckets_for(unique_capacity))
+            .map(|_| DedupEntry {
+                tag_lo: AtomicU64::new(0),
+                tag_hi: AtomicU64::new(0),
+                expires_ns: AtomicU64::new(0),
+                _reserved: AtomicU64::new(0),
+            })
+            .collect();
+        HeapTable { entries, key: (crate::sys::random_u64(), crate::sys::random_u64()) }
+    }
+
+    /// The SipHash key of this table.
+    pub(crate) fn key(&self) -> (u64, u64) {
+        self.key
+    }
+
+    /// A view of the table, borrowed from `self`.
+    pub(crate) fn table(&self) -> DedupTable<'_> {
+        let ptr = NonNull::from(&self.entries[0]);
+        // SAFETY: `entries` holds buckets_for(..) entries (a power of two >= MAX_PROBE, never
+        // empty) and lives as long as the borrow of `self` the view carries.
+        unsafe { DedupTable::new(ptr, self.entries.len()) }
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use rkyv::util::AlignedVec;
 
-use crate::control::{Control, CtlEvent, HandOut, TOKEN_EVENTFD};
-use crate::dedup::Check;
+use crate::control::frame::kind;
+use crate::control::{Control, CtlEvent, HandOut, Mode, ShmWelcome, TOKEN_EVENTFD};
+use crate::dedup::{Check, HeapTable};
 use crate::error::{Error, PublishError, Result};
 use crate::event::{self, Event, Kind, Lost, MAX_UNIQUE_HASH_LEN, ORIGIN_NONE, Payload, SYSTEM_SOURCE, Target, Wid};
 use crate::layout::Geometry;
@@ -20,6 +21,7 @@ use crate::subs::{SubscriptionId, Subscriptions};
 use crate::sync::Ordering;
 use crate::sys::{Epoll, EventFd};
 use crate::transport::shm::{Incoming, ShmPort};
+use crate::transport::sock::COALESCE_BYTES;
 
 /// Dispatch calls between two looks at the clock while busy-polling.
 const CONTROL_EVERY: u32 = 256;
@@ -105,7 +107,7 @@ impl Events {
         } else {
             let max_frame = event::max_message_len(o.max_payload_len) + 1024;
             let preferred = wid == Wid::Worker(o.broker_id);
-            Some(Control::new(&o.listening, slot, geo, preferred, o.allowed_uids.clone(), max_frame)?)
+            Some(Control::new(&o.listening, slot, geo, preferred, o.allowed_uids.clone(), max_frame, o.max_queue_len)?)
         };
         let mut w = Worker {
             opts: self.opts.clone(),
@@ -131,6 +133,7 @@ impl Events {
             next_unique_id: 0,
             broker_slot: None,
             unique_rr: 0,
+            heap_dedup: None,
         };
         if w.ctl.is_some() {
             w.poll_control()?;
@@ -205,6 +208,8 @@ pub struct Worker {
     broker_slot: Option<u32>,
     /// (broker) Round-robin cursor for unique targets.
     unique_rr: u32,
+    /// (broker, socket transport) The dedup table, in private memory.
+    heap_dedup: Option<HeapTable>,
 }
 
 struct UniqueOut {
@@ -350,18 +355,37 @@ impl Worker {
             return Ok(());
         }
         let all = target == Target::All;
-        if self.local.len() >= cap || (all && self.port.is_none() && self.pre_attach.len() >= cap) {
+        let socket = self.mode() == Mode::Socket;
+        let no_room = if !all {
+            false
+        } else if socket {
+            // The broker never refuses its own events: a full destination drops and owes a notice.
+            self.ctl.as_ref().is_some_and(|c| !c.is_broker() && !c.client_has_room())
+        } else {
+            self.port.is_none() && self.pre_attach.len() >= cap
+        };
+        if self.local.len() >= cap || no_room {
             self.stats.overflows += 1;
             self.pool.push(buf);
             return Err(PublishError::QueueOverflow);
         }
         if all {
-            match self.port.as_mut() {
-                Some(port) => {
+            match (self.port.as_mut(), self.ctl.as_mut()) {
+                (Some(port), _) => {
                     port.flush();
                     port.send_all(&buf);
                 }
-                None => self.pre_attach.push_back(buf.clone()),
+                (None, Some(ctl)) if socket => {
+                    if ctl.is_broker() {
+                        self.stats.lost_outbound += ctl.broadcast(self.slot, &buf);
+                    } else {
+                        ctl.queue_event(&buf);
+                    }
+                    if ctl.queued_bytes() >= COALESCE_BYTES {
+                        ctl.flush_data();
+                    }
+                }
+                _ => self.pre_attach.push_back(buf.clone()),
             }
         }
         self.local.push_back(buf);
@@ -415,6 +439,8 @@ impl Worker {
             }
         }
         if self.ctl.is_some() {
+            // Without rings (socket transport, or not attached yet) the sockets are the data path:
+            // read them on every pass.
             let mut due =
                 self.port.is_none() || !self.tokens.is_empty() || self.ctl.as_ref().is_some_and(|c| c.has_output());
             if let Some(port) = &self.port {
@@ -440,7 +466,7 @@ impl Worker {
                 self.poll_control()?;
             }
         }
-        let mut n = 0;
+        let mut n = self.dispatch_socket();
         // Local events first: they are this worker's own stream, in publish order.
         for _ in 0..self.local.len() {
             let Some(buf) = self.local.pop_front() else { break };
@@ -476,24 +502,93 @@ impl Worker {
                         stats.dropped += 1;
                     }
                 },
-                Incoming::Lost { from, count } => {
-                    stats.lost += count;
-                    let publisher = slot_wid(from, &geo);
-                    tracing::warn!(%publisher, count, "events lost on the way to this worker");
-                    let mut b = AlignedVec::new();
-                    let lost = Lost { count, publisher };
-                    if event::encode_typed(&mut b, SYSTEM_SOURCE, "lost", &lost, from, Kind::System, usize::MAX).is_ok()
-                    {
-                        if let Ok(d) = event::decode(&b, workers, agent, usize::MAX) {
-                            run_callbacks(subs, stats, &d.event);
-                        }
-                    }
-                }
+                Incoming::Lost { from, count } => deliver_lost_notice(subs, stats, &geo, from, count),
             });
             n += m;
             more = more_rings;
         }
         Ok((n, more))
+    }
+
+    /// (socket transport) Dispatch the frames the control connections brought: as the broker,
+    /// "all" events from workers (run here, then queued for every other slot); as a client,
+    /// events and lost notices from the broker. Then write what is queued.
+    fn dispatch_socket(&mut self) -> usize {
+        let Some(ctl) = self.ctl.as_mut() else { return 0 };
+        if ctl.mode() != Mode::Socket {
+            return 0;
+        }
+        let mut inbox = ctl.take_inbox();
+        let mut n = 0;
+        let broker = ctl.is_broker();
+        let (geo, me, max_payload) = (self.geo, self.slot, self.opts.max_payload_len);
+        let (subs, stats) = (&mut self.subs, &mut self.stats);
+        inbox.drain(|from, k, body| match k {
+            kind::EVENT if broker => match event::decode(body, geo.workers, geo.agent, max_payload) {
+                Ok(d) if d.kind == Kind::All as u8 && d.event.wid == Some(slot_wid(from, &geo)) => {
+                    run_callbacks(subs, stats, &d.event);
+                    n += 1;
+                    stats.lost_outbound += ctl.broadcast(from, body);
+                }
+                _ => {
+                    tracing::warn!(from, "dropping a malformed event from a worker");
+                    stats.dropped += 1;
+                }
+            },
+            kind::DELIVER if !broker => match event::decode(body, geo.workers, geo.agent, max_payload) {
+                Ok(d)
+                    if (d.kind == Kind::All as u8 && d.event.wid.is_some_and(|w| w != slot_wid(me, &geo)))
+                        || (d.kind == Kind::Unique as u8 && d.event.wid.is_some()) =>
+                {
+                    run_callbacks(subs, stats, &d.event);
+                    n += 1;
+                }
+                _ => {
+                    tracing::warn!("dropping a malformed event from the broker");
+                    stats.dropped += 1;
+                }
+            },
+            kind::LOST if !broker => {
+                let mut b = crate::control::frame::Body(body);
+                match (b.u32(), b.u64()) {
+                    (Ok(from), Ok(count)) if from < geo.slots && b.0.is_empty() => {
+                        deliver_lost_notice(subs, stats, &geo, from, count);
+                        n += 1;
+                    }
+                    _ => {
+                        tracing::warn!("dropping a malformed lost notice from the broker");
+                        stats.dropped += 1;
+                    }
+                }
+            }
+            _ => stats.dropped += 1,
+        });
+        ctl.return_inbox(inbox);
+        ctl.flush_data();
+        n
+    }
+
+    /// Write what is queued for other workers now. On shared memory, events that waited for
+    /// room in a ring are retried; on the socket transport, the frames `publish` buffered
+    /// (they are otherwise written by the next `dispatch`/`wait`, or once 64 KiB are queued).
+    /// Returns true when nothing is left queued.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert!(w.flush());
+    /// ```
+    pub fn flush(&mut self) -> bool {
+        let mut done = true;
+        if let Some(port) = self.port.as_mut() {
+            done &= port.flush();
+        }
+        if let Some(ctl) = self.ctl.as_mut() {
+            ctl.flush_data();
+            done &= !ctl.has_output();
+        }
+        done
     }
 
     /// Block until an event arrives or `timeout` passes (`None`: no limit), then dispatch.
@@ -582,7 +677,26 @@ impl Worker {
         for ev in events {
             match ev {
                 CtlEvent::Elected => self.become_broker()?,
-                CtlEvent::Welcome { region_fd, eventfds, broker_slot, epoch, region_id } => {
+                CtlEvent::Welcome { shm: None, broker_slot, epoch } => {
+                    self.epoch = epoch;
+                    self.broker_slot = Some(broker_slot);
+                    self.unique_sent = 0;
+                    tracing::debug!(wid = %self.wid, broker_slot, epoch, "attached (socket transport)");
+                    if let Some(old) = self.port.take() {
+                        // The deployment moved off shared memory (a broker that cannot create
+                        // it took over): our rings are gone with the old region.
+                        tracing::warn!("the new broker runs the socket transport; leaving the shared region");
+                        self.epoll.delete(old.my_eventfd().as_fd());
+                        fold_counters(&mut self.stats, &old);
+                    }
+                    let ctl = self.ctl.as_mut().expect("control events come from ctl");
+                    for msg in self.pre_attach.drain(..) {
+                        if !ctl.queue_event(&msg) {
+                            self.stats.overflows += 1;
+                        }
+                    }
+                }
+                CtlEvent::Welcome { shm: Some(ShmWelcome { region_fd, eventfds, region_id }), broker_slot, epoch } => {
                     self.epoch = epoch;
                     self.broker_slot = Some(broker_slot);
                     self.unique_sent = 0;
@@ -594,6 +708,15 @@ impl Worker {
                         Ok(region) => {
                             let efds = eventfds.into_iter().map(EventFd::from_owned).collect();
                             self.install_port(region, efds)?;
+                            // Events queued for a socket-transport broker that is gone.
+                            let left = self.ctl.as_mut().map(|c| c.take_client_out()).unwrap_or_default();
+                            if let Some(port) = self.port.as_mut() {
+                                for m in left {
+                                    let mut b = AlignedVec::with_capacity(m.len());
+                                    b.extend_from_slice(&m);
+                                    port.send_all(&b);
+                                }
+                            }
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "shared region from the broker rejected");
@@ -641,10 +764,13 @@ impl Worker {
     /// Move unique events towards the broker: handle them here when we are the broker,
     /// send the ones not yet sent on this connection when attached, keep them otherwise.
     fn pump_unique(&mut self) {
-        if self.unique_out.is_empty() || self.port.is_none() {
+        if self.unique_out.is_empty() || (self.port.is_none() && self.mode() != Mode::Socket) {
             return;
         }
         if self.is_broker() {
+            if self.port.is_none() && self.heap_dedup.is_none() {
+                return;
+            }
             while let Some(u) = self.unique_out.pop_front() {
                 self.handle_unique(self.slot, u.hash.as_bytes(), &u.msg);
                 self.recycle(u.msg);
@@ -673,7 +799,6 @@ impl Worker {
 
     /// (broker) Dedup a unique event and deliver it to one live worker.
     fn handle_unique(&mut self, from: u32, hash: &[u8], msg: &[u8]) {
-        let Some(port) = self.port.as_mut() else { return };
         let ok = event::decode(msg, self.geo.workers, self.geo.agent, self.opts.max_payload_len)
             .is_ok_and(|d| d.kind == Kind::Unique as u8 && d.event.wid == Some(slot_wid(from, &self.geo)));
         if !ok {
@@ -681,10 +806,16 @@ impl Worker {
             self.stats.dropped += 1;
             return;
         }
-        let table = port.region().dedup();
-        let tag = crate::dedup::tag(port.region().sip_key(), hash);
         let ttl = u64::try_from(self.opts.unique_timeout.as_nanos()).unwrap_or(u64::MAX);
-        match table.check_and_record(tag, crate::dedup::monotonic_ns(), ttl) {
+        let now = crate::dedup::monotonic_ns();
+        let check = match (&self.port, &self.heap_dedup) {
+            (Some(port), _) => {
+                port.region().dedup().check_and_record(crate::dedup::tag(port.region().sip_key(), hash), now, ttl)
+            }
+            (None, Some(heap)) => heap.table().check_and_record(crate::dedup::tag(heap.key(), hash), now, ttl),
+            (None, None) => return,
+        };
+        match check {
             Check::Duplicate => {
                 self.stats.unique_duplicates += 1;
                 return;
@@ -704,6 +835,10 @@ impl Worker {
         } else {
             if let Some(port) = self.port.as_mut() {
                 port.send_to(target, &buf);
+            } else if let Some(ctl) = self.ctl.as_mut() {
+                if !ctl.deliver_to(target, from, &buf) {
+                    self.stats.lost_outbound += 1;
+                }
             }
             self.recycle(buf);
         }
@@ -738,30 +873,80 @@ impl Worker {
         Ok(())
     }
 
-    fn become_broker(&mut self) -> Result<()> {
-        if self.port.is_none() {
-            if self.opts.transport == Transport::Socket {
-                return Err(Error::io(
-                    "the socket transport",
-                    std::io::Error::new(std::io::ErrorKind::Unsupported, "Transport::Socket is not implemented yet"),
-                ));
-            }
-            let region = Region::create(self.geo, self.opts.max_payload_len)?;
+    /// Decide the data path of a new broker: the shared region it already has; the socket
+    /// transport when it already ran it (a deployment does not switch while it lives), when
+    /// the options force it, or when `Auto` cannot create the region.
+    fn choose_broker_mode(&mut self) -> Result<Mode> {
+        if self.port.is_some() {
+            return Ok(Mode::Shm);
+        }
+        let sticky = self.mode() == Mode::Socket;
+        if sticky || self.opts.transport == Transport::Socket {
+            return Ok(Mode::Socket);
+        }
+        let created = Region::create(self.geo, self.opts.max_payload_len).and_then(|region| {
             let eventfds = (0..self.geo.slots)
                 .map(|_| EventFd::new())
                 .collect::<std::io::Result<Vec<_>>>()
                 .map_err(|e| Error::io("creating eventfds", e))?;
-            self.install_port(region, eventfds)?;
+            Ok((region, eventfds))
+        });
+        match created {
+            Ok((region, eventfds)) => {
+                self.install_port(region, eventfds)?;
+                Ok(Mode::Shm)
+            }
+            Err(e) if self.opts.transport == Transport::Auto => {
+                tracing::warn!(error = %e, "shared memory unavailable; falling back to the socket transport");
+                Ok(Mode::Socket)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn become_broker(&mut self) -> Result<()> {
+        if self.choose_broker_mode()? == Mode::Socket {
+            return self.become_socket_broker();
         }
         let port = self.port.as_ref().expect("port installed above");
         let h = port.region().header();
         self.epoch = h.broker_epoch.fetch_add(1, Ordering::AcqRel) + 1;
         h.broker_slot.store(self.slot, Ordering::Relaxed);
         h.broker_pid.store(std::process::id(), Ordering::Release);
-        self.ctl.as_mut().expect("only live workers are elected").serve(&self.epoll)?;
+        self.ctl.as_mut().expect("only live workers are elected").serve(&self.epoll, Mode::Shm, self.epoch)?;
         self.broker_slot = Some(self.slot);
         self.pump_unique();
         Ok(())
+    }
+
+    /// Serve the socket transport: the dedup table in private memory, and the events that
+    /// waited for a broker (published before any attach, or not yet sent to a broker that
+    /// died) go out to every slot as ours.
+    fn become_socket_broker(&mut self) -> Result<()> {
+        self.epoch += 1;
+        let ctl = self.ctl.as_mut().expect("only live workers are elected");
+        ctl.serve(&self.epoll, Mode::Socket, self.epoch)?;
+        self.broker_slot = Some(self.slot);
+        if self.heap_dedup.is_none() {
+            self.heap_dedup = Some(HeapTable::new(self.opts.unique_capacity));
+        }
+        for m in ctl.take_client_out() {
+            self.stats.lost_outbound += ctl.broadcast(self.slot, &m);
+        }
+        for m in self.pre_attach.drain(..) {
+            self.stats.lost_outbound += ctl.broadcast(self.slot, &m);
+        }
+        self.pump_unique();
+        Ok(())
+    }
+
+    /// The data path in use (Unknown before the first attach or election).
+    fn mode(&self) -> Mode {
+        match (&self.port, &self.ctl) {
+            (Some(_), _) => Mode::Shm,
+            (None, Some(c)) => c.mode(),
+            (None, None) => Mode::Unknown,
+        }
     }
 
     /// Attached to a broker (or is the broker); always true in testing mode.
@@ -775,7 +960,7 @@ impl Worker {
     pub fn is_ready(&self) -> bool {
         match &self.ctl {
             None => true,
-            Some(c) => self.port.is_some() && (c.is_broker() || c.is_attached_client()),
+            Some(c) => (self.port.is_some() || c.mode() == Mode::Socket) && (c.is_broker() || c.is_attached_client()),
         }
     }
 
@@ -803,16 +988,24 @@ impl Worker {
         self.wid
     }
 
-    /// The transport in use: [`Transport::SharedMemory`] once attached over shared memory.
+    /// The transport in use, as decided by the broker and learned at attach:
+    /// [`Transport::SharedMemory`] or [`Transport::Socket`]; [`Transport::Auto`] while not
+    /// decided yet (before the first attach or election, and always in testing mode).
     ///
     /// ```
     /// # use worker_events::{Events, Options, Transport, Wid};
-    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
-    /// # let w = events.init_worker(Wid::Worker(0)).unwrap();
-    /// assert_eq!(w.transport(), Transport::SharedMemory);
+    /// let dir = std::env::temp_dir().join(format!("we-doc-transport-{}", std::process::id()));
+    /// let opts = Options::new(dir.join("ev.sock")).workers(1).transport(Transport::Socket);
+    /// let w = Events::new(opts).unwrap().init_worker(Wid::Worker(0)).unwrap();
+    /// assert_eq!(w.transport(), Transport::Socket); // the preferred broker elected itself
+    /// # drop(w); let _ = std::fs::remove_dir_all(dir);
     /// ```
     pub fn transport(&self) -> Transport {
-        Transport::SharedMemory
+        match self.mode() {
+            Mode::Shm => Transport::SharedMemory,
+            Mode::Socket => Transport::Socket,
+            Mode::Unknown => Transport::Auto,
+        }
     }
 
     /// Busy-poll mode: `dispatch` never arms the wake-up, so publishers make no syscall for
@@ -850,6 +1043,17 @@ impl Worker {
                     inbound_depth: inb,
                 })
                 .collect();
+        } else if let Some(ctl) = &self.ctl {
+            s.peers = ctl
+                .queue_depths()
+                .into_iter()
+                .map(|(slot, depth)| PeerStats {
+                    wid: slot_wid(if slot == u32::MAX { self.broker_slot.unwrap_or(0) } else { slot }, &self.geo),
+                    outbound_depth: depth,
+                    backlog: 0,
+                    inbound_depth: 0,
+                })
+                .collect();
         }
         s
     }
@@ -873,6 +1077,21 @@ fn run_callbacks(subs: &mut Subscriptions, stats: &mut Stats, ev: &Event<'_>) {
     stats.delivered += 1;
     stats.callbacks_run += r.called;
     stats.callback_panics += r.panicked;
+}
+
+/// Run the callbacks of a "lost" system notice: `count` events of publisher slot `from`
+/// never reached this worker.
+fn deliver_lost_notice(subs: &mut Subscriptions, stats: &mut Stats, geo: &Geometry, from: u32, count: u64) {
+    stats.lost += count;
+    let publisher = slot_wid(from, geo);
+    tracing::warn!(%publisher, count, "events lost on the way to this worker");
+    let mut b = AlignedVec::new();
+    let lost = Lost { count, publisher };
+    if event::encode_typed(&mut b, SYSTEM_SOURCE, "lost", &lost, from, Kind::System, usize::MAX).is_ok() {
+        if let Ok(d) = event::decode(&b, geo.workers, geo.agent, usize::MAX) {
+            run_callbacks(subs, stats, &d.event);
+        }
+    }
 }
 
 /// Add a port's transport counters to the worker's own.

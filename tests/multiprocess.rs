@@ -1,13 +1,14 @@
 //! Multi-process integration tests: real worker processes (this test binary re-executed in
 //! a child role, see `tests/common/mod.rs`), a real broker, shared-memory rings.
 
+#[macro_use]
 mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use worker_events::{Error, Events, MAX_UNIQUE_HASH_LEN, Options, PublishError, Target, Wid, Worker};
+use worker_events::{Error, Events, MAX_UNIQUE_HASH_LEN, Options, PublishError, Target, Transport, Wid, Worker};
 
 /// The child role. Ignored so that a normal run skips it; it returns at once without the
 /// `WE_CHILD` environment variable.
@@ -23,7 +24,6 @@ fn key(w: &str, s: &str, e: &str) -> (String, String, String) {
 
 // 1 ----------------------------------------------------------------------------------------
 
-#[test]
 fn all_event_reaches_every_worker_exactly_once_with_wid() {
     let dir = TestDir::new("bcast");
     let wd = Watchdog::new("bcast");
@@ -50,7 +50,6 @@ fn all_event_reaches_every_worker_exactly_once_with_wid() {
 
 // 2 ----------------------------------------------------------------------------------------
 
-#[test]
 fn current_event_stays_in_the_publishing_worker() {
     let dir = TestDir::new("current");
     let wd = Watchdog::new("current");
@@ -76,7 +75,6 @@ fn current_event_stays_in_the_publishing_worker() {
 
 // 3 ----------------------------------------------------------------------------------------
 
-#[test]
 fn late_attaching_worker_receives_earlier_events_in_order() {
     let dir = TestDir::new("late");
     let wd = Watchdog::new("late");
@@ -97,7 +95,6 @@ fn late_attaching_worker_receives_earlier_events_in_order() {
     }
 }
 
-#[test]
 fn late_attaching_worker_receives_more_than_a_ring_of_earlier_events() {
     const N: u64 = 2_000;
     let dir = TestDir::new("late-big");
@@ -118,7 +115,6 @@ fn late_attaching_worker_receives_more_than_a_ring_of_earlier_events() {
     assert_eq!(w0.report().stat("lost_outbound"), 0);
 }
 
-#[test]
 fn events_published_before_attach_are_sent_once_attached() {
     const N: u64 = 50;
     let dir = TestDir::new("early");
@@ -141,7 +137,6 @@ fn events_published_before_attach_are_sent_once_attached() {
 
 // 4 ----------------------------------------------------------------------------------------
 
-#[test]
 fn two_publishers_10k_each_complete_and_in_order_everywhere() {
     const N: u64 = 10_000;
     let dir = TestDir::new("bulk");
@@ -174,7 +169,6 @@ fn two_publishers_10k_each_complete_and_in_order_everywhere() {
 
 // 5 ----------------------------------------------------------------------------------------
 
-#[test]
 fn payload_sizes_arrive_intact_and_the_limit_is_exact() {
     const MAX: usize = 2 * 1024 * 1024;
     let sizes = [0usize, 1, 64 * 1024 + 1, 1024 * 1024];
@@ -208,7 +202,7 @@ fn payload_sizes_arrive_intact_and_the_limit_is_exact() {
 
     // In-process: max_payload_len bytes are accepted, one more is refused (typed too).
     let dir2 = TestDir::new("payload-local");
-    let events = Events::new(Options::new(dir2.sock()).workers(1).max_payload_len(100)).unwrap();
+    let events = Events::new(Options::new(dir2.sock()).workers(1).transport(transport()).max_payload_len(100)).unwrap();
     let mut w = events.init_worker(Wid::Worker(0)).unwrap();
     w.publish_bytes(Target::All, "s", "e", &[0u8; 100]).unwrap();
     let e = w.publish_bytes(Target::All, "s", "e", &[0u8; 101]).unwrap_err();
@@ -220,7 +214,6 @@ fn payload_sizes_arrive_intact_and_the_limit_is_exact() {
 
 // 6 ----------------------------------------------------------------------------------------
 
-#[test]
 fn per_publisher_order_holds_across_targets() {
     let dir = TestDir::new("order");
     let wd = Watchdog::new("order");
@@ -307,11 +300,10 @@ fn levels_scenario(w: &mut Worker, want_wid: Option<Wid>, publish: &mut dyn FnMu
     assert_eq!(names(&seen).len(), 5, "an unknown id removes nothing");
 }
 
-#[test]
 fn subscription_levels_and_unsubscribe_with_a_real_broker() {
     let dir = TestDir::new("levels");
     let deadline = Instant::now() + TEST_TIMEOUT;
-    let events = Events::new(Options::new(dir.sock()).workers(1)).unwrap();
+    let events = Events::new(Options::new(dir.sock()).workers(1).transport(transport())).unwrap();
     let mut w = events.init_worker(Wid::Worker(0)).unwrap();
     assert!(w.wait_ready(Duration::from_secs(10)).unwrap());
     assert!(w.is_broker());
@@ -334,7 +326,6 @@ fn subscription_levels_and_unsubscribe_in_testing_mode() {
 
 // 8 ----------------------------------------------------------------------------------------
 
-#[test]
 fn a_panicking_callback_does_not_stop_the_others_or_later_events() {
     let dir = TestDir::new("panic");
     let wd = Watchdog::new("panic");
@@ -364,9 +355,10 @@ fn a_panicking_callback_does_not_stop_the_others_or_later_events() {
 
 // 9 ----------------------------------------------------------------------------------------
 
-#[test]
 fn ring_overflow_is_reported_with_lost_notices() {
-    const N: u64 = 1000;
+    // On the socket transport the kernel's socket buffers hold a few thousand small frames
+    // beyond max_queue_len: publish enough to overflow them too.
+    let n: u64 = if transport() == Transport::Socket { 50_000 } else { 1000 };
     let dir = TestDir::new("overflow");
     let wd = Watchdog::new("overflow");
     let mut cfg = Cfg::new(&dir.sock(), 2);
@@ -375,18 +367,18 @@ fn ring_overflow_is_reported_with_lost_notices() {
     let mut publisher = wd.spawn(&cfg, Wid::Worker(0));
     let mut receiver = wd.spawn(&cfg, Wid::Worker(1));
     receiver.cmd("pause");
-    let r = publisher.publish("all", "seq", "ovf", 0, N);
-    assert_eq!((r.ok, r.err), (N, 0), "an All publish never fails for a slow receiver: {:?}", r.errors);
+    let r = publisher.publish("all", "seq", "ovf", 0, n);
+    assert_eq!((r.ok, r.err), (n, 0), "an All publish never fails for a slow receiver: {:?}", r.errors);
     let p = publisher.report();
     let lost_out = p.stat("lost_outbound");
-    assert!(lost_out > 0, "a 4 KiB ring + 8 queued cannot hold {N} events: {:?}", p.stats);
-    assert!(lost_out < N, "{lost_out}");
-    assert_eq!(p.stream("w0", "seq", "ovf"), seq(0, N), "the publisher's own copies are all there");
+    assert!(lost_out > 0, "a 4 KiB ring + 8 queued cannot hold {n} events: {:?}", p.stats);
+    assert!(lost_out < n, "{lost_out}");
+    assert_eq!(p.stream("w0", "seq", "ovf"), seq(0, n), "the publisher's own copies are all there");
     receiver.cmd("resume");
-    receiver.until(N);
+    receiver.until(n);
     let r = receiver.report();
     let got = r.stream("w0", "seq", "ovf");
-    assert_eq!(got.len() as u64, N - lost_out, "received = published - lost");
+    assert_eq!(got.len() as u64, n - lost_out, "received = published - lost");
     assert!(got.windows(2).all(|w| w[0] < w[1]), "in increasing order");
     assert!(!r.lost.is_empty(), "at least one lost notice");
     assert!(r.lost.iter().all(|(p, _)| p == "w0"), "{:?}", r.lost);
@@ -397,10 +389,9 @@ fn ring_overflow_is_reported_with_lost_notices() {
     assert_eq!(p.stat("lost_outbound"), lost_out);
 }
 
-#[test]
 fn own_queue_overflow_is_a_publish_error() {
     let dir = TestDir::new("ownq");
-    let events = Events::new(Options::new(dir.sock()).workers(1).max_queue_len(4)).unwrap();
+    let events = Events::new(Options::new(dir.sock()).workers(1).transport(transport()).max_queue_len(4)).unwrap();
     let mut w = events.init_worker(Wid::Worker(0)).unwrap();
     assert!(w.wait_ready(Duration::from_secs(10)).unwrap());
     let n = Arc::new(Mutex::new(0u32));
@@ -428,7 +419,6 @@ fn own_queue_overflow_is_a_publish_error() {
 
 // 10 ---------------------------------------------------------------------------------------
 
-#[test]
 fn duplicate_and_invalid_wids_are_rejected() {
     let dir = TestDir::new("wid");
     let wd = Watchdog::new("wid");
@@ -456,7 +446,6 @@ fn duplicate_and_invalid_wids_are_rejected() {
 
 // 11 ---------------------------------------------------------------------------------------
 
-#[test]
 fn privileged_agent_receives_and_publishes_all_events() {
     let dir = TestDir::new("agent");
     let wd = Watchdog::new("agent");
@@ -519,10 +508,9 @@ fn testing_mode_runs_callbacks_synchronously_with_no_wid() {
 
 // Unique targets --------------------------------------------------------------------------
 
-#[test]
 fn unique_target_errors() {
     let dir = TestDir::new("unique");
-    let events = Events::new(Options::new(dir.sock()).workers(1)).unwrap();
+    let events = Events::new(Options::new(dir.sock()).workers(1).transport(transport())).unwrap();
     let mut w = events.init_worker(Wid::Worker(0)).unwrap();
     assert!(w.wait_ready(Duration::from_secs(10)).unwrap());
     let hits = Arc::new(Mutex::new(0u32));
@@ -555,3 +543,22 @@ fn unique_target_errors() {
     w.publish_bytes(Target::Unique("k1"), "s", "e", b"x").expect("a valid unique hash is accepted");
     assert_eq!(w.stats().published, 2);
 }
+
+// Every test above runs on both transports: `shm::<name>` and `socket::<name>`.
+per_transport!(
+    all_event_reaches_every_worker_exactly_once_with_wid,
+    current_event_stays_in_the_publishing_worker,
+    late_attaching_worker_receives_earlier_events_in_order,
+    late_attaching_worker_receives_more_than_a_ring_of_earlier_events,
+    events_published_before_attach_are_sent_once_attached,
+    two_publishers_10k_each_complete_and_in_order_everywhere,
+    payload_sizes_arrive_intact_and_the_limit_is_exact,
+    per_publisher_order_holds_across_targets,
+    subscription_levels_and_unsubscribe_with_a_real_broker,
+    a_panicking_callback_does_not_stop_the_others_or_later_events,
+    ring_overflow_is_reported_with_lost_notices,
+    own_queue_overflow_is_a_publish_error,
+    duplicate_and_invalid_wids_are_rejected,
+    privileged_agent_receives_and_publishes_all_events,
+    unique_target_errors,
+);

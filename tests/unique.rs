@@ -1,6 +1,7 @@
 //! Multi-process tests of `Target::Unique` events: broker-side deduplication, delivery to
 //! exactly one worker, expiry, events published before a broker exists, and a full table.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeMap;
@@ -82,7 +83,6 @@ fn broker_index(rs: &[Report]) -> usize {
 
 // a ----------------------------------------------------------------------------------------
 
-#[test]
 fn concurrent_same_hash_delivered_exactly_once() {
     const N: u64 = 1000;
     let dir = TestDir::new("uniq-conc");
@@ -121,7 +121,6 @@ fn concurrent_same_hash_delivered_exactly_once() {
 
 // b ----------------------------------------------------------------------------------------
 
-#[test]
 fn model_sequence() {
     let dir = TestDir::new("uniq-model");
     let wd = Watchdog::new("uniq-model");
@@ -180,7 +179,6 @@ fn model_sequence() {
 
 // c ----------------------------------------------------------------------------------------
 
-#[test]
 fn unique_before_broker_is_delivered_once_it_exists() {
     const N: u64 = 5;
     let dir = TestDir::new("uniq-early");
@@ -212,7 +210,6 @@ fn unique_before_broker_is_delivered_once_it_exists() {
 
 // d ----------------------------------------------------------------------------------------
 
-#[test]
 fn full_table_still_delivers_and_counts() {
     const N: u64 = 100;
     let dir = TestDir::new("uniq-full");
@@ -245,3 +242,11 @@ fn full_table_still_delivers_and_counts() {
     assert!(again.values().all(|&c| c == 1));
     eprintln!("full table: unrecorded {unrec}, republished: {dups} duplicates, {} redelivered", total(&again));
 }
+
+// Every test above runs on both transports: `shm::<name>` and `socket::<name>`.
+per_transport!(
+    concurrent_same_hash_delivered_exactly_once,
+    model_sequence,
+    unique_before_broker_is_delivered_once_it_exists,
+    full_table_still_delivers_and_counts,
+);

@@ -23,10 +23,20 @@ pub(crate) mod kind {
     pub const UNIQUE: u8 = 4;
     /// broker -> client: unique events up to `id u64` are handled (delivered or deduped).
     pub const UNIQUE_ACK: u8 = 5;
+    /// client -> broker (socket transport): an "all" event; body is the message.
+    pub const EVENT: u8 = 6;
+    /// broker -> client (socket transport): an event for this worker; body is the message.
+    pub const DELIVER: u8 = 7;
+    /// broker -> client (socket transport): `count u64` events of publisher `origin u32`
+    /// were dropped on the way to this worker: `origin u32, count u64`.
+    pub const LOST: u8 = 8;
 }
 
+/// Bytes one [`FrameReader::fill`] call takes at most.
+pub(crate) const FILL_LIMIT: usize = 1 << 20;
+
 /// Version of the control protocol spoken by this build.
-pub(crate) const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
 /// Incoming bytes of one connection, cut into frames.
 #[derive(Debug)]
@@ -50,9 +60,15 @@ impl FrameReader {
         FrameReader { buf: Vec::with_capacity(4096), start: 0, max_frame }
     }
 
-    /// Read everything available now (non-blocking), collecting passed descriptors.
+    /// Read what is available now (non-blocking), collecting passed descriptors; at most
+    /// [`FILL_LIMIT`] bytes per call, so one busy peer cannot hold the caller (epoll is
+    /// level-triggered: the rest is reported again).
     pub(crate) fn fill(&mut self, sock: BorrowedFd<'_>, fds: &mut Vec<OwnedFd>) -> io::Result<ReadState> {
+        let mut taken = 0;
         loop {
+            if taken >= FILL_LIMIT {
+                return Ok(ReadState::Open);
+            }
             if self.start > 0 && self.start == self.buf.len() {
                 self.buf.clear();
                 self.start = 0;
@@ -65,7 +81,10 @@ impl FrameReader {
                     self.buf.truncate(old);
                     return Ok(ReadState::Closed);
                 }
-                Ok(n) => self.buf.truncate(old + n),
+                Ok(n) => {
+                    self.buf.truncate(old + n);
+                    taken += n;
+                }
                 Err(e) => {
                     self.buf.truncate(old);
                     return match e.kind() {

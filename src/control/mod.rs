@@ -26,6 +26,7 @@ use frame::{Body, FrameReader, FrameWriter, PROTOCOL_VERSION, ReadState, kind};
 use crate::error::{Error, Result};
 use crate::layout::{Geometry, LAYOUT_VERSION};
 use crate::sys::{self, Epoll};
+use crate::transport::sock::{Inbox, OutQueue, flush_conn};
 
 /// How long a non-preferred worker waits for a broker before it runs for election itself.
 pub(crate) const ELECTION_GRACE: Duration = Duration::from_millis(200);
@@ -49,12 +50,31 @@ pub(crate) struct HandOut<'a> {
     pub _life: std::marker::PhantomData<&'a ()>,
 }
 
+/// The data path of a deployment, decided by its broker and learned by workers at attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Not attached yet.
+    Unknown,
+    /// Rings in the shared region; the control channel carries attaches and unique events.
+    Shm,
+    /// Every event rides the control connections, through the broker.
+    Socket,
+}
+
+/// What a WELCOME hands over on the shared-memory transport.
+pub(crate) struct ShmWelcome {
+    pub region_fd: OwnedFd,
+    pub eventfds: Vec<OwnedFd>,
+    pub region_id: u64,
+}
+
 /// Something the worker must act on.
 pub(crate) enum CtlEvent {
     /// We won the election: create or reuse the region, then call [`Control::serve`].
     Elected,
-    /// The broker accepted us: the region memfd and the eventfds.
-    Welcome { region_fd: OwnedFd, eventfds: Vec<OwnedFd>, broker_slot: u32, epoch: u64, region_id: u64 },
+    /// The broker accepted us: on shared memory, the region memfd and the eventfds; `None` on
+    /// the socket transport.
+    Welcome { shm: Option<ShmWelcome>, broker_slot: u32, epoch: u64 },
     /// The broker refused us.
     Rejected(String),
     /// The connection to the broker broke (it died or closed it).
@@ -96,6 +116,15 @@ pub(crate) struct Control {
     started: Instant,
     next_retry: Instant,
     was_attached: bool,
+    mode: Mode,
+    /// (socket transport, broker) The epoch handed out in WELCOME.
+    sock_epoch: u64,
+    /// (socket transport, client) Our "all" events for the broker; survives reconnects.
+    client_out: OutQueue,
+    /// (socket transport, broker) Frames for each slot, attached or not yet.
+    slot_out: Vec<OutQueue>,
+    /// (socket transport) Data frames received, for the worker to dispatch.
+    inbox: Inbox,
 }
 
 impl Control {
@@ -107,6 +136,7 @@ impl Control {
         preferred: bool,
         allowed_uids: Vec<u32>,
         max_frame: usize,
+        max_queue_len: usize,
     ) -> Result<Control> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() && !dir.exists() {
@@ -138,7 +168,132 @@ impl Control {
             started: now,
             next_retry: now,
             was_attached: false,
+            mode: Mode::Unknown,
+            sock_epoch: 0,
+            client_out: OutQueue::new(max_queue_len),
+            slot_out: (0..geo.slots).map(|_| OutQueue::new(max_queue_len)).collect(),
+            inbox: Inbox::default(),
         })
+    }
+
+    /// The data path, as decided by the broker (ours or the one we attached to).
+    pub(crate) fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// (socket transport, client) Room in our outbound queue for one more event.
+    pub(crate) fn client_has_room(&self) -> bool {
+        !self.client_out.is_full()
+    }
+
+    /// (socket transport, client) Queue an "all" event for the broker; false when full.
+    pub(crate) fn queue_event(&mut self, msg: &[u8]) -> bool {
+        self.client_out.push(kind::EVENT, &[msg])
+    }
+
+    /// (socket transport, client) Take back the events not yet sent (on becoming the broker).
+    pub(crate) fn take_client_out(&mut self) -> Vec<Vec<u8>> {
+        let mut v = Vec::new();
+        self.client_out.drain_frames(|k, body| {
+            if k == kind::EVENT {
+                v.push(body.to_vec());
+            }
+        });
+        v
+    }
+
+    /// (socket transport, broker) Queue `msg` from publisher slot `from` for every slot but
+    /// the publisher and ourselves. Returns how many destinations dropped it (full queues;
+    /// each owes that destination a lost notice).
+    pub(crate) fn broadcast(&mut self, from: u32, msg: &[u8]) -> u64 {
+        let mut dropped = 0;
+        for (t, q) in self.slot_out.iter_mut().enumerate() {
+            if t as u32 == from || t as u32 == self.slot {
+                continue;
+            }
+            dropped += u64::from(!queue_deliver(q, from, msg));
+        }
+        dropped
+    }
+
+    /// (socket transport, broker) Queue `msg` (from publisher slot `from`) for slot `to`;
+    /// false when that queue was full (a lost notice is owed).
+    pub(crate) fn deliver_to(&mut self, to: u32, from: u32, msg: &[u8]) -> bool {
+        match self.slot_out.get_mut(to as usize) {
+            Some(q) => queue_deliver(q, from, msg),
+            None => false,
+        }
+    }
+
+    /// (socket transport) Bytes queued and not yet written, over every connection.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        match &self.role {
+            Role::Client { welcomed: true, .. } => self.client_out.pending_bytes(),
+            Role::Broker { .. } => self.slot_out.iter().map(|q| q.pending_bytes()).sum(),
+            _ => 0,
+        }
+    }
+
+    /// (socket transport) Frames queued per slot: ours for the broker as a client, each
+    /// slot's as the broker.
+    pub(crate) fn queue_depths(&self) -> Vec<(u32, u64)> {
+        match (&self.role, self.mode) {
+            (_, Mode::Shm | Mode::Unknown) => Vec::new(),
+            (Role::Broker { .. }, _) => self
+                .slot_out
+                .iter()
+                .enumerate()
+                .filter(|(t, _)| *t as u32 != self.slot)
+                .map(|(t, q)| (t as u32, q.len() as u64))
+                .collect(),
+            _ => vec![(u32::MAX, self.client_out.len() as u64)],
+        }
+    }
+
+    /// (socket transport) The data frames received so far; give the box back with
+    /// [`Control::return_inbox`] once drained, to reuse its buffer.
+    pub(crate) fn take_inbox(&mut self) -> Inbox {
+        std::mem::take(&mut self.inbox)
+    }
+
+    /// See [`Control::take_inbox`].
+    pub(crate) fn return_inbox(&mut self, inbox: Inbox) {
+        if self.inbox.is_empty() {
+            self.inbox = inbox;
+        }
+    }
+
+    /// (socket transport) Write what the sockets take now: control frames and data frames of
+    /// every attached connection. A failing connection is noticed by the next [`Control::poll`].
+    pub(crate) fn flush_data(&mut self) {
+        if self.mode != Mode::Socket {
+            return;
+        }
+        match &mut self.role {
+            Role::Detached => {}
+            Role::Client { conn, welcomed, .. } => {
+                let data = if *welcomed { Some(&mut self.client_out) } else { None };
+                if let Err(e) = flush_conn(&mut conn.wr, data, conn.fd.as_fd()) {
+                    tracing::debug!(error = %e, "write to the broker failed");
+                }
+            }
+            Role::Broker { conns, .. } => {
+                for c in conns.iter_mut().filter(|c| !c.closing) {
+                    let data = match c.slot {
+                        Some(s) => self.slot_out.get_mut(s as usize),
+                        None => None,
+                    };
+                    if let Some(q) = data {
+                        q.push_lost_notices(kind::LOST);
+                        if let Err(e) = flush_conn(&mut c.wr, Some(q), c.fd.as_fd()) {
+                            tracing::debug!(error = %e, slot = c.slot, "write to a worker failed");
+                        }
+                    } else if let Err(e) = c.wr.flush(c.fd.as_fd()) {
+                        tracing::debug!(error = %e, "write to a worker failed");
+                    }
+                }
+            }
+        }
     }
 
     pub(crate) fn is_broker(&self) -> bool {
@@ -188,29 +343,47 @@ impl Control {
     pub(crate) fn has_output(&self) -> bool {
         match &self.role {
             Role::Detached => false,
-            Role::Client { conn, .. } => conn.wr.pending(),
-            Role::Broker { conns, .. } => conns.iter().any(|c| c.wr.pending()),
+            Role::Client { conn, welcomed, .. } => {
+                conn.wr.pending() || (*welcomed && self.mode == Mode::Socket && self.client_out.pending_bytes() > 0)
+            }
+            Role::Broker { conns, .. } => conns.iter().any(|c| {
+                c.wr.pending()
+                    || (self.mode == Mode::Socket
+                        && !c.closing
+                        && c.slot
+                            .and_then(|s| self.slot_out.get(s as usize))
+                            .is_some_and(|q| q.pending_bytes() > 0 || (q.owes_notices() && !q.is_full())))
+            }),
         }
     }
 
     /// Become the broker: listen on the socket path. Called after [`CtlEvent::Elected`].
-    pub(crate) fn serve(&mut self, epoll: &Epoll) -> Result<()> {
+    /// `mode` is the data path this broker runs (and hands out); `epoch` its broker epoch.
+    pub(crate) fn serve(&mut self, epoll: &Epoll, mode: Mode, epoch: u64) -> Result<()> {
         let listener = sys::listen_unix(&self.path).map_err(|e| Error::io("listening on the control socket", e))?;
         epoll.add(listener.as_fd(), TOKEN_LISTENER).map_err(|e| Error::io("epoll_ctl", e))?;
         self.drop_role(epoll);
         tracing::info!(slot = self.slot, path = %self.path.display(), "elected broker");
         self.role = Role::Broker { listener, conns: Vec::new(), next_token: TOKEN_CONN_BASE };
+        self.mode = mode;
+        self.sock_epoch = epoch;
         Ok(())
     }
 
     fn drop_role(&mut self, epoll: &Epoll) {
         match std::mem::replace(&mut self.role, Role::Detached) {
             Role::Detached => {}
-            Role::Client { conn, .. } => epoll.delete(conn.fd.as_fd()),
+            Role::Client { conn, .. } => {
+                epoll.delete(conn.fd.as_fd());
+                self.client_out.rewind();
+            }
             Role::Broker { listener, conns, .. } => {
                 epoll.delete(listener.as_fd());
                 for c in conns {
                     epoll.delete(c.fd.as_fd());
+                }
+                for q in &mut self.slot_out {
+                    q.rewind();
                 }
             }
         }
@@ -254,6 +427,9 @@ impl Control {
                                 Ok(ev) => {
                                     *welcomed = true;
                                     self.was_attached = true;
+                                    if let CtlEvent::Welcome { shm, .. } = &ev {
+                                        self.mode = if shm.is_some() { Mode::Shm } else { Mode::Socket };
+                                    }
                                     events.push(ev);
                                 }
                                 Err(e) => {
@@ -271,6 +447,11 @@ impl Control {
                                 break;
                             }
                         },
+                        Ok(Some((k @ (kind::DELIVER | kind::LOST), body)))
+                            if *welcomed && self.mode == Mode::Socket =>
+                        {
+                            self.inbox.push(u32::MAX, k, body);
+                        }
                         Ok(Some((kind::REJECT, body))) => {
                             events.push(CtlEvent::Rejected(String::from_utf8_lossy(body).into_owned()));
                             self.next_retry = now + RETRY_AFTER_REJECT;
@@ -290,7 +471,8 @@ impl Control {
                     }
                 }
                 if !broken {
-                    if let Err(e) = conn.wr.flush(conn.fd.as_fd()) {
+                    let data = if *welcomed && self.mode == Mode::Socket { Some(&mut self.client_out) } else { None };
+                    if let Err(e) = flush_conn(&mut conn.wr, data, conn.fd.as_fd()) {
                         tracing::debug!(error = %e, "write to broker failed");
                         broken = true;
                     }
@@ -355,18 +537,25 @@ impl Control {
                             Ok(None) => break,
                             Ok(Some((kind::HELLO, body))) if c.slot.is_none() => {
                                 match check_hello(body, &self.geo, self.slot, &attached) {
-                                    Ok(slot) => match hand_out {
-                                        Some(h) => {
+                                    Ok(slot) => match (self.mode, hand_out) {
+                                        (Mode::Socket, _) => {
+                                            welcome_socket(c, slot, self.slot, self.sock_epoch);
+                                            tracing::debug!(slot, pid = c.pid, "worker attached (socket transport)");
+                                        }
+                                        (_, Some(h)) => {
                                             welcome(c, slot, self.slot, h);
                                             tracing::debug!(slot, pid = c.pid, "worker attached");
                                         }
-                                        None => reject(c, "broker has no region to hand out"),
+                                        (_, None) => reject(c, "broker has no region to hand out"),
                                     },
                                     Err(reason) => {
                                         tracing::warn!(pid = c.pid, %reason, "attach refused");
                                         reject(c, &reason);
                                     }
                                 }
+                            }
+                            Ok(Some((kind::EVENT, body))) if c.slot.is_some() && self.mode == Mode::Socket => {
+                                self.inbox.push(c.slot.expect("guarded"), kind::EVENT, body);
                             }
                             Ok(Some((kind::UNIQUE, body))) if c.slot.is_some() => match parse_unique(body) {
                                 Ok((id, hash, msg)) => events.push(CtlEvent::Unique {
@@ -395,14 +584,24 @@ impl Control {
                         }
                     }
                 }
+                let socket = self.mode == Mode::Socket;
+                let slot_out = &mut self.slot_out;
                 conns.retain_mut(|c| {
-                    let flushed = c.wr.flush(c.fd.as_fd());
+                    let data = match c.slot {
+                        Some(s) if socket && !c.closing => slot_out.get_mut(s as usize),
+                        _ => None,
+                    };
+                    let flushed = flush_conn(&mut c.wr, data, c.fd.as_fd());
                     let keep = match flushed {
                         Ok(done) => !(c.closing && done),
                         Err(_) => false,
                     };
                     if !keep {
                         epoll.delete(c.fd.as_fd());
+                        if let Some(q) = c.slot.and_then(|s| slot_out.get_mut(s as usize)) {
+                            // The frame this connection took in part goes whole to the next one.
+                            q.rewind();
+                        }
                     }
                     keep
                 });
@@ -463,6 +662,37 @@ fn reject(c: &mut Conn, reason: &str) {
     c.closing = true;
 }
 
+/// Queue `msg` for one destination, the owed lost notices first; false (and a notice owed)
+/// when the destination's queue is full.
+fn queue_deliver(q: &mut OutQueue, from: u32, msg: &[u8]) -> bool {
+    q.push_lost_notices(kind::LOST);
+    if q.push(kind::DELIVER, &[msg]) {
+        true
+    } else {
+        q.note_lost(from);
+        false
+    }
+}
+
+/// WELCOME modes.
+const WELCOME_SHM: u32 = 0;
+const WELCOME_SOCKET: u32 = 1;
+
+fn welcome_socket(c: &mut Conn, slot: u32, broker_slot: u32, epoch: u64) {
+    c.wr.frame(
+        kind::WELCOME,
+        &[
+            &PROTOCOL_VERSION.to_le_bytes(),
+            &WELCOME_SOCKET.to_le_bytes(),
+            &broker_slot.to_le_bytes(),
+            &epoch.to_le_bytes(),
+            &0u64.to_le_bytes(),
+            &0u32.to_le_bytes(),
+        ],
+    );
+    c.slot = Some(slot);
+}
+
 fn welcome(c: &mut Conn, slot: u32, broker_slot: u32, h: &HandOut<'_>) {
     let mut fds = Vec::with_capacity(1 + h.eventfds.len());
     fds.push(h.region_fd);
@@ -471,6 +701,7 @@ fn welcome(c: &mut Conn, slot: u32, broker_slot: u32, h: &HandOut<'_>) {
         kind::WELCOME,
         &[
             &PROTOCOL_VERSION.to_le_bytes(),
+            &WELCOME_SHM.to_le_bytes(),
             &broker_slot.to_le_bytes(),
             &h.epoch.to_le_bytes(),
             &h.region_id.to_le_bytes(),
@@ -529,10 +760,22 @@ fn parse_welcome(body: &[u8], mut fds: Vec<OwnedFd>, slots: u32) -> std::result:
     if proto != PROTOCOL_VERSION {
         return Err(format!("protocol version {proto}"));
     }
+    let mode = b.u32()?;
     let broker_slot = b.u32()?;
     let epoch = b.u64()?;
     let region_id = b.u64()?;
     let nfds = b.u32()?;
+    if broker_slot >= slots {
+        return Err(format!("broker slot {broker_slot} out of range 0..{slots}"));
+    }
+    match mode {
+        WELCOME_SHM => {}
+        WELCOME_SOCKET if nfds == 0 && fds.is_empty() => {
+            return Ok(CtlEvent::Welcome { shm: None, broker_slot, epoch });
+        }
+        WELCOME_SOCKET => return Err(format!("socket-mode WELCOME with {} descriptors", fds.len())),
+        m => return Err(format!("unknown transport mode {m}")),
+    }
     if nfds != 1 + slots || fds.len() != nfds as usize {
         return Err(format!("expected {} descriptors, frame says {nfds}, got {}", 1 + slots, fds.len()));
     }
@@ -543,5 +786,5 @@ fn parse_welcome(body: &[u8], mut fds: Vec<OwnedFd>, slots: u32) -> std::result:
         }
     }
     let region_fd = fds.pop().ok_or("missing region descriptor")?;
-    Ok(CtlEvent::Welcome { region_fd, eventfds, broker_slot, epoch, region_id })
+    Ok(CtlEvent::Welcome { shm: Some(ShmWelcome { region_fd, eventfds, region_id }), broker_slot, epoch })
 }

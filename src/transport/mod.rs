@@ -1,4 +1,5 @@
-//! Transports behind the worker facade. Shared memory today; the socket fallback plugs in
-//! beside it.
+//! Transports behind the worker facade: shared-memory rings ([`shm`]) and the unix-socket
+//! fallback through the broker ([`sock`]).
 
 pub(crate) mod shm;
+pub(crate) mod sock;

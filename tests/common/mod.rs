@@ -20,7 +20,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use worker_events::{Event, Events, Options, SYSTEM_SOURCE, Target, Wid, Worker};
+use worker_events::{Event, Events, Options, SYSTEM_SOURCE, Target, Transport, Wid, Worker};
 
 /// Every test must finish within this bound (children are SIGKILLed after it).
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -78,9 +78,40 @@ impl Drop for TestDir {
     }
 }
 
+thread_local! {
+    /// The transport of the test running on this thread (see [`per_transport!`]).
+    static TRANSPORT: std::cell::Cell<Transport> = const { std::cell::Cell::new(Transport::SharedMemory) };
+}
+
+/// The transport the current test runs on.
+pub fn transport() -> Transport {
+    TRANSPORT.with(|t| t.get())
+}
+
+/// Run `test` with `t` as the transport of every [`Cfg`] it builds (and its children).
+pub fn run_with(t: Transport, test: fn()) {
+    TRANSPORT.with(|c| c.set(t));
+    test();
+}
+
+/// Turn each listed function into two tests, `shm::<name>` and `socket::<name>`: the whole
+/// suite runs on both transports.
+#[macro_export]
+macro_rules! per_transport {
+    ($($name:ident),* $(,)?) => {
+        mod shm {
+            $( #[test] fn $name() { $crate::common::run_with(worker_events::Transport::SharedMemory, super::$name) } )*
+        }
+        mod socket {
+            $( #[test] fn $name() { $crate::common::run_with(worker_events::Transport::Socket, super::$name) } )*
+        }
+    };
+}
+
 /// The options shared by every process of one test; passed to children through env vars.
 #[derive(Clone, Debug)]
 pub struct Cfg {
+    pub transport: Transport,
     pub sock: PathBuf,
     pub workers: u32,
     pub agent: bool,
@@ -94,6 +125,7 @@ pub struct Cfg {
 impl Cfg {
     pub fn new(sock: &Path, workers: u32) -> Cfg {
         Cfg {
+            transport: transport(),
             sock: sock.to_path_buf(),
             workers,
             agent: false,
@@ -106,7 +138,10 @@ impl Cfg {
     }
 
     pub fn options(&self) -> Options {
-        let mut o = Options::new(&self.sock).workers(self.workers).enable_privileged_agent(self.agent);
+        let mut o = Options::new(&self.sock)
+            .workers(self.workers)
+            .enable_privileged_agent(self.agent)
+            .transport(self.transport);
         if let Some(n) = self.max_queue_len {
             o = o.max_queue_len(n);
         }
@@ -128,6 +163,7 @@ impl Cfg {
     fn env(&self) -> Vec<(String, String)> {
         let mut v = vec![
             ("WE_SOCK".to_string(), self.sock.to_string_lossy().into_owned()),
+            ("WE_TRANSPORT".to_string(), format!("{:?}", self.transport)),
             ("WE_WORKERS".to_string(), self.workers.to_string()),
             ("WE_AGENT".to_string(), if self.agent { "1" } else { "0" }.to_string()),
         ];
@@ -153,6 +189,11 @@ impl Cfg {
         let get = |k: &str| std::env::var(k).ok();
         let num = |k: &str| get(k).map(|s| s.parse::<usize>().unwrap_or_else(|_| panic!("bad {k}")));
         Cfg {
+            transport: match get("WE_TRANSPORT").as_deref() {
+                Some("Socket") => Transport::Socket,
+                Some("Auto") => Transport::Auto,
+                _ => Transport::SharedMemory,
+            },
             sock: PathBuf::from(get("WE_SOCK").expect("WE_SOCK")),
             workers: get("WE_WORKERS").expect("WE_WORKERS").parse().expect("WE_WORKERS"),
             agent: get("WE_AGENT").as_deref() == Some("1"),
@@ -343,7 +384,7 @@ pub fn child_main() {
         }
     });
 
-    out(&format!("@@READY {} broker={}", wid_str(Some(wid)), worker.is_broker()));
+    out(&format!("@@READY {} broker={} transport={:?}", wid_str(Some(wid)), worker.is_broker(), worker.transport()));
 
     let mut paused = false;
     let mut wait_errors = 0u64;
@@ -513,7 +554,7 @@ pub fn child_main() {
                     out(&format!("@@PAYLOAD {p} {len} {}", u8::from(*ok)));
                 }
                 let st = worker.stats();
-                let stats: [(&str, u64); 22] = [
+                let stats: [(&str, u64); 23] = [
                     ("early_errors", early_errors),
                     ("early_unique_pending", early_unique_pending),
                     ("unique_duplicates", st.unique_duplicates),
@@ -529,6 +570,7 @@ pub fn child_main() {
                     ("overflows", st.overflows),
                     ("failovers", st.failovers),
                     ("peers", st.peers.len() as u64),
+                    ("peer_depth_sum", st.peers.iter().map(|p| p.outbound_depth + p.backlog).sum()),
                     ("events", r.events),
                     ("lost_total", r.lost_total),
                     ("decode_errors", r.decode_errors),
@@ -603,10 +645,15 @@ impl Watchdog {
     }
 
     pub fn spawn_with(&self, cfg: &Cfg, wid: Wid, extra: &[(&str, &str)]) -> Child {
-        let child = self.spawn_inner(cfg, wid, extra);
+        let mut child = self.spawn_inner(cfg, wid, extra);
         let l = child.next_line();
         if !l.starts_with("@@READY") {
             child.fail(&format!("expected @@READY, got {l:?}"));
+        }
+        child.transport = l.rsplit("transport=").next().unwrap_or("").to_string();
+        // Every worker runs the transport its test asked for (Auto: whatever the broker chose).
+        if cfg.transport != Transport::Auto && child.transport != format!("{:?}", cfg.transport) {
+            child.fail(&format!("runs transport {:?}, the test asked for {:?}", child.transport, cfg.transport));
         }
         child
     }
@@ -665,6 +712,7 @@ impl Watchdog {
         });
         Child {
             name: format!("{}/{}", self.name, wid_str(Some(wid))),
+            transport: String::new(),
             proc: Some(proc),
             pid,
             pids: self.pids.clone(),
@@ -690,6 +738,8 @@ impl Drop for Watchdog {
 /// One child worker process. Dropping it SIGKILLs and reaps it.
 pub struct Child {
     pub name: String,
+    /// The transport the child reported once ready (`SharedMemory`, `Socket`).
+    pub transport: String,
     proc: Option<std::process::Child>,
     pid: u32,
     pids: Arc<Mutex<Vec<u32>>>,
@@ -787,6 +837,19 @@ impl Child {
 
     pub fn exit(mut self) {
         self.cmd("exit");
+        self.reap();
+    }
+
+    /// Send `sig` to the child process (SIGSTOP, SIGCONT, SIGKILL...).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with a pid this harness spawned and has not reaped yet.
+        let r = unsafe { libc::kill(self.pid as libc::pid_t, sig) };
+        assert_eq!(r, 0, "kill({}, {sig}) failed: {}", self.pid, std::io::Error::last_os_error());
+    }
+
+    /// SIGKILL the child and reap it.
+    pub fn kill9(mut self) {
+        self.signal(libc::SIGKILL);
         self.reap();
     }
 

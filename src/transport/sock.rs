@@ -1,0 +1,354 @@
+//! The socket transport: events ride the unix-socket control connections, through the broker.
+//!
+//! A worker appends each "all" event as an `EVENT` frame to its [`OutQueue`]; the broker
+//! delivers it to its own callbacks and appends a `DELIVER` frame to the queue of every other
+//! slot, attached or not yet. Queues are bounded by `max_queue_len` frames: a publisher whose
+//! own queue is full gets `QueueOverflow`; a destination queue that is full at the broker
+//! drops the event for that destination and owes it a `LOST` frame (publisher, count), sent
+//! ahead of the next event once there is room again.
+//!
+//! Writes are coalesced: frames accumulate in one buffer and go out in as few `send` calls as
+//! the socket takes (at `dispatch`, `wait`, `flush`, or once [`COALESCE_BYTES`] are queued).
+//! Reads are buffered by the frame reader, which resumes in the middle of a frame.
+//!
+//! A queue outlives the connection it writes to. When a connection breaks, the frame the
+//! kernel took only part of is rewound and sent whole on the next connection; frames the
+//! kernel took completely are never sent again (at most once per connection, never twice).
+
+use std::io;
+use std::os::fd::BorrowedFd;
+
+use rkyv::util::AlignedVec;
+
+use crate::control::frame::FrameWriter;
+use crate::sys;
+
+/// Queued bytes past which `publish` writes at once instead of waiting for `dispatch`.
+pub(crate) const COALESCE_BYTES: usize = 64 * 1024;
+
+/// Frames of one direction of one connection (or of one destination slot at the broker),
+/// bounded in frames. Invariant: `frame_head <= head <= buf.len()`, `frame_head` is the start
+/// of a frame, and `buf[frame_head..]` is a sequence of whole frames.
+#[derive(Debug)]
+pub(crate) struct OutQueue {
+    buf: Vec<u8>,
+    /// Bytes written on the current connection.
+    head: usize,
+    /// Start of the first frame not completely written.
+    frame_head: usize,
+    /// Frames in `buf[frame_head..]`.
+    frames: usize,
+    cap: usize,
+    /// Events dropped for this destination, by publisher slot: a notice is owed.
+    lost: Vec<(u32, u64)>,
+}
+
+impl OutQueue {
+    pub(crate) fn new(cap: usize) -> OutQueue {
+        OutQueue { buf: Vec::new(), head: 0, frame_head: 0, frames: 0, cap, lost: Vec::new() }
+    }
+
+    /// Frames queued and not completely written.
+    pub(crate) fn len(&self) -> usize {
+        self.frames
+    }
+
+    /// No room for another frame.
+    pub(crate) fn is_full(&self) -> bool {
+        self.frames >= self.cap
+    }
+
+    /// Bytes queued and not yet written.
+    pub(crate) fn pending_bytes(&self) -> usize {
+        self.buf.len() - self.head
+    }
+
+    /// A frame was written in part on the current connection.
+    pub(crate) fn mid_frame(&self) -> bool {
+        self.head > self.frame_head
+    }
+
+    /// Append one frame; false (nothing queued) when full.
+    pub(crate) fn push(&mut self, kind: u8, parts: &[&[u8]]) -> bool {
+        if self.is_full() {
+            return false;
+        }
+        let len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+        self.buf.reserve(4 + len);
+        self.buf.extend_from_slice(&(len as u32).to_le_bytes());
+        self.buf.push(kind);
+        for p in parts {
+            self.buf.extend_from_slice(p);
+        }
+        self.frames += 1;
+        true
+    }
+
+    /// Count an event from publisher `origin` dropped because this queue was full.
+    pub(crate) fn note_lost(&mut self, origin: u32) {
+        match self.lost.iter_mut().find(|(o, _)| *o == origin) {
+            Some((_, n)) => *n += 1,
+            None => self.lost.push((origin, 1)),
+        }
+    }
+
+    /// Queue the owed `LOST` notices (as `kind` frames: origin u32, count u64) while there is
+    /// room. Call before queueing the next event so the notice precedes it.
+    pub(crate) fn push_lost_notices(&mut self, kind: u8) {
+        while let Some(&(origin, count)) = self.lost.first() {
+            if !self.push(kind, &[&origin.to_le_bytes(), &count.to_le_bytes()]) {
+                return;
+            }
+            self.lost.remove(0);
+        }
+    }
+
+    /// Notices owed and not yet queued.
+    pub(crate) fn owes_notices(&self) -> bool {
+        !self.lost.is_empty()
+    }
+
+    /// The connection broke: the frame it took in part is sent again, whole, on the next one.
+    pub(crate) fn rewind(&mut self) {
+        self.head = self.frame_head;
+    }
+
+    /// Drop everything queued (the destination will never read it).
+    pub(crate) fn clear(&mut self) {
+        self.buf.clear();
+        self.head = 0;
+        self.frame_head = 0;
+        self.frames = 0;
+    }
+
+    /// Take every whole frame out (for a change of role): `(kind, body)` in order, from the
+    /// first frame not completely written.
+    pub(crate) fn drain_frames(&mut self, mut f: impl FnMut(u8, &[u8])) {
+        let mut at = self.frame_head;
+        while at + 5 <= self.buf.len() {
+            let len = u32::from_le_bytes(self.buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+            f(self.buf[at + 4], &self.buf[at + 5..at + 4 + len]);
+            at += 4 + len;
+        }
+        self.clear();
+    }
+
+    /// Write as much as the socket takes now.
+    pub(crate) fn write(&mut self, sock: BorrowedFd<'_>) -> io::Result<()> {
+        while self.head < self.buf.len() {
+            match sys::send(sock, &self.buf[self.head..]) {
+                Ok(n) => self.head += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.advance();
+                    return Err(e);
+                }
+            }
+        }
+        self.advance();
+        Ok(())
+    }
+
+    /// Move `frame_head` past the frames written completely; reclaim their space.
+    fn advance(&mut self) {
+        while self.frame_head + 4 <= self.head {
+            let at = self.frame_head;
+            let len = u32::from_le_bytes(self.buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+            if at + 4 + len > self.head {
+                break;
+            }
+            self.frame_head += 4 + len;
+            self.frames -= 1;
+        }
+        if self.frame_head == self.buf.len() {
+            self.buf.clear();
+            self.head = 0;
+            self.frame_head = 0;
+        } else if self.frame_head >= COALESCE_BYTES && self.frame_head * 2 >= self.buf.len() {
+            self.buf.drain(..self.frame_head);
+            self.head -= self.frame_head;
+            self.frame_head = 0;
+        }
+    }
+}
+
+/// Write a connection's control frames and data frames without interleaving them inside a
+/// frame: a data frame written in part is finished first, then the control frames, then the
+/// data. `Ok(true)` when everything went out.
+pub(crate) fn flush_conn(wr: &mut FrameWriter, data: Option<&mut OutQueue>, sock: BorrowedFd<'_>) -> io::Result<bool> {
+    let Some(data) = data else { return wr.flush(sock) };
+    if data.mid_frame() {
+        data.write(sock)?;
+        if data.mid_frame() {
+            return Ok(false);
+        }
+    }
+    if !wr.flush(sock)? {
+        return Ok(false);
+    }
+    data.write(sock)?;
+    Ok(data.pending_bytes() == 0)
+}
+
+/// Frames received over sockets and not yet dispatched, as 16-aligned records so that a
+/// message body can be decoded in place (its data must be 16-aligned): a 16-byte header
+/// (`from u32, kind u8, 3 pad, len u32, 4 pad`), the body, padding to 16.
+#[derive(Default)]
+pub(crate) struct Inbox {
+    buf: AlignedVec,
+    count: usize,
+}
+
+impl Inbox {
+    pub(crate) fn push(&mut self, from: u32, kind: u8, body: &[u8]) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&from.to_le_bytes());
+        h[4] = kind;
+        h[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&h);
+        self.buf.extend_from_slice(body);
+        let pad = body.len().next_multiple_of(16) - body.len();
+        self.buf.extend_from_slice(&[0u8; 16][..pad]);
+        self.count += 1;
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Hand every record to `f` as `(from, kind, body)` (body 16-aligned), then empty the box.
+    pub(crate) fn drain(&mut self, mut f: impl FnMut(u32, u8, &[u8])) {
+        let mut at = 0;
+        while at + 16 <= self.buf.len() {
+            let from = u32::from_le_bytes(self.buf[at..at + 4].try_into().expect("4 bytes"));
+            let kind = self.buf[at + 4];
+            let len = u32::from_le_bytes(self.buf[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
+            let body = &self.buf[at + 16..at + 16 + len];
+            f(from, kind, body);
+            at += 16 + len.next_multiple_of(16);
+        }
+        self.buf.clear();
+        self.count = 0;
+        if self.buf.capacity() > 4 << 20 {
+            self.buf = AlignedVec::new();
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::control::frame::FrameReader;
+    use std::os::fd::AsFd;
+
+    fn pair() -> (std::os::unix::net::UnixStream, std::os::unix::net::UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a, b)
+    }
+
+    fn read_all(r: &mut FrameReader, sock: &std::os::unix::net::UnixStream) -> Vec<(u8, Vec<u8>)> {
+        let mut fds = Vec::new();
+        r.fill(sock.as_fd(), &mut fds).unwrap();
+        let mut got = Vec::new();
+        while let Some((k, b)) = r.next_frame().unwrap() {
+            got.push((k, b.to_vec()));
+        }
+        got
+    }
+
+    #[test]
+    fn bounded_in_frames_and_lost_notices_precede_the_next_event() {
+        let mut q = OutQueue::new(2);
+        assert!(q.push(7, &[b"a"]));
+        assert!(q.push(7, &[b"b"]));
+        assert!(!q.push(7, &[b"c"]));
+        q.note_lost(3);
+        q.note_lost(3);
+        q.push_lost_notices(8);
+        assert!(q.owes_notices(), "no room yet: the notice stays owed");
+        let (a, b) = pair();
+        q.write(a.as_fd()).unwrap();
+        assert_eq!(q.len(), 0);
+        q.push_lost_notices(8);
+        assert!(q.push(7, &[b"d"]));
+        q.write(a.as_fd()).unwrap();
+        let got = read_all(&mut FrameReader::new(1 << 20), &b);
+        let mut lost = 3u32.to_le_bytes().to_vec();
+        lost.extend_from_slice(&2u64.to_le_bytes());
+        assert_eq!(got, vec![(7, b"a".to_vec()), (7, b"b".to_vec()), (8, lost), (7, b"d".to_vec())]);
+    }
+
+    #[test]
+    fn a_frame_cut_by_a_broken_connection_is_resent_whole_and_nothing_twice() {
+        // A small send buffer so that a big frame is taken only in part.
+        let (a, b) = pair();
+        let big = vec![0xabu8; 1 << 20];
+        let mut q = OutQueue::new(16);
+        assert!(q.push(7, &[b"first"]));
+        assert!(q.push(7, &[&big]));
+        assert!(q.push(7, &[b"last"]));
+        q.write(a.as_fd()).unwrap();
+        assert!(q.mid_frame(), "the socket buffer cannot take 1 MiB at once");
+        assert_eq!(q.len(), 2, "the first frame went out whole");
+        drop((a, b)); // the connection breaks
+        q.rewind();
+        let (a, b) = pair();
+        let mut r = FrameReader::new(2 << 20);
+        let mut got = Vec::new();
+        while q.pending_bytes() > 0 {
+            q.write(a.as_fd()).unwrap();
+            got.extend(read_all(&mut r, &b));
+        }
+        got.extend(read_all(&mut r, &b));
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], (7, big));
+        assert_eq!(got[1], (7, b"last".to_vec()));
+        assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    fn control_frames_never_land_inside_a_data_frame() {
+        let (a, b) = pair();
+        let big = vec![1u8; 1 << 20];
+        let mut q = OutQueue::new(16);
+        let mut wr = FrameWriter::default();
+        assert!(q.push(7, &[&big]));
+        let mut r = FrameReader::new(2 << 20);
+        let mut got = Vec::new();
+        let mut done = flush_conn(&mut wr, Some(&mut q), a.as_fd()).unwrap();
+        assert!(!done);
+        wr.frame(5, &[b"ack"]); // a control frame queued while the data frame is half out
+        assert!(q.push(7, &[b"tail"]));
+        while !done {
+            got.extend(read_all(&mut r, &b));
+            done = flush_conn(&mut wr, Some(&mut q), a.as_fd()).unwrap();
+        }
+        got.extend(read_all(&mut r, &b));
+        // Every frame parsed whole (a control frame inside a data frame would have broken the
+        // stream), the data frames in order; the control frame after the big one.
+        let kinds: Vec<u8> = got.iter().map(|(k, _)| *k).collect();
+        assert_eq!(got.len(), 3, "{kinds:?}");
+        assert_eq!(got[0], (7, big));
+        let data: Vec<&Vec<u8>> = got.iter().filter(|(k, _)| *k == 7).map(|(_, b)| b).collect();
+        assert_eq!(data[1], b"tail");
+        assert!(got.contains(&(5, b"ack".to_vec())));
+    }
+
+    #[test]
+    fn inbox_bodies_are_aligned_and_in_order() {
+        let mut ib = Inbox::default();
+        ib.push(1, 6, b"abc");
+        ib.push(2, 7, &[9u8; 33]);
+        ib.push(3, 8, b"");
+        let mut got = Vec::new();
+        ib.drain(|from, kind, body| {
+            assert_eq!(body.as_ptr() as usize % 16, 0);
+            got.push((from, kind, body.to_vec()));
+        });
+        assert_eq!(got, vec![(1, 6, b"abc".to_vec()), (2, 7, vec![9u8; 33]), (3, 8, vec![])]);
+        assert!(ib.is_empty());
+    }
+}

@@ -1,0 +1,144 @@
+//! The socket transport's own behaviour (the behaviours it shares with shared memory run on
+//! both transports in `tests/multiprocess.rs` and `tests/unique.rs`): the automatic fallback
+//! when shared memory is unavailable, events kept across a broken broker connection, and
+//! hostile bytes on the control socket.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use worker_events::{Events, Target, Transport, Wid};
+
+/// The child role (see `tests/common/mod.rs`).
+#[test]
+#[ignore = "child process role, spawned by the other tests"]
+fn child_entry() {
+    common::child_main();
+}
+
+/// `Auto` with memfd creation failing (WORKER_EVENTS_DISABLE_SHM in every process, as a
+/// sandbox without memfd would do): every worker runs and reports the socket transport, and
+/// events flow. Without the variable, the same options give shared memory.
+#[test]
+fn auto_falls_back_to_sockets_when_shared_memory_is_unavailable() {
+    for (disable, want) in [(true, "Socket"), (false, "SharedMemory")] {
+        let dir = TestDir::new("auto");
+        let wd = Watchdog::new("auto");
+        let mut cfg = Cfg::new(&dir.sock(), 3);
+        cfg.transport = Transport::Auto;
+        let env: &[(&str, &str)] = if disable { &[("WORKER_EVENTS_DISABLE_SHM", "1")] } else { &[] };
+        let mut ws: Vec<Child> = (0..3).map(|i| wd.spawn_with(&cfg, Wid::Worker(i), env)).collect();
+        for w in &ws {
+            assert_eq!(w.transport, want, "{} (shared memory disabled: {disable})", w.name);
+        }
+        for w in &mut ws {
+            let r = w.publish("all", "auto", "x", 0, 20);
+            assert_eq!((r.ok, r.err), (20, 0));
+        }
+        for (i, w) in ws.iter_mut().enumerate() {
+            w.until(60);
+            let r = w.report();
+            for p in 0..3 {
+                assert_eq!(r.stream(&format!("w{p}"), "auto", "x"), seq(0, 20), "worker {i} from w{p}");
+            }
+            assert_eq!(r.stat("lost"), 0);
+        }
+    }
+}
+
+/// A worker whose broker stops reading keeps its events (bounded by max_queue_len); when
+/// the broker dies they go to the next broker, each at most once, and those still queued at
+/// the kill are all delivered.
+#[test]
+fn events_queued_when_the_broker_dies_are_sent_after_reconnect_never_twice() {
+    const N: u64 = 30_000;
+    let dir = TestDir::new("reconnect");
+    let wd = Watchdog::new("reconnect");
+    let mut cfg = Cfg::new(&dir.sock(), 3);
+    cfg.transport = Transport::Socket;
+    cfg.max_queue_len = Some(100_000);
+    let broker = wd.spawn(&cfg, Wid::Worker(0));
+    let mut publisher = wd.spawn(&cfg, Wid::Worker(1));
+    let mut receiver = wd.spawn(&cfg, Wid::Worker(2));
+    // The broker stops reading: the kernel buffers fill, the rest waits in the publisher.
+    broker.signal(libc::SIGSTOP);
+    let r = publisher.publish("all", "seq", "kept", 0, N);
+    assert_eq!((r.ok, r.err), (N, 0), "{:?}", r.errors);
+    let queued: u64 = publisher.report().stats.get("peer_depth_sum").copied().unwrap_or(0);
+    assert!(queued > 0, "some events must still be queued in the publisher");
+    broker.kill9();
+    // A marker published after the failover closes the stream.
+    publisher.publish("all", "seq", "marker", 0, 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        let r = receiver.report();
+        if r.stream("w1", "seq", "marker") == vec![0] {
+            break r.stream("w1", "seq", "kept");
+        }
+        assert!(Instant::now() < deadline, "the marker never arrived: {:?}", r.stats);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order, nothing twice: {}", diff_summary(&got, &seq(0, N)));
+    // Events written into the dead broker's socket died with it; every event still queued in
+    // the publisher at the kill made it (they are the tail of the stream).
+    let tail = seq(N - queued, queued);
+    assert!(got.ends_with(&tail), "the {queued} queued events arrived: {}", diff_summary(&got, &seq(0, N)));
+}
+
+/// Garbage, an oversize length and a truncated frame on the control socket close only that
+/// connection; the broker keeps serving its workers.
+#[test]
+fn hostile_bytes_on_the_socket_close_only_that_connection() {
+    let dir = TestDir::new("hostile");
+    let wd = Watchdog::new("hostile");
+    let mut cfg = Cfg::new(&dir.sock(), 2);
+    cfg.transport = Transport::Socket;
+    let mut broker = wd.spawn(&cfg, Wid::Worker(0));
+    let events = Events::new(cfg.options()).unwrap();
+    let mut w = events.init_worker(Wid::Worker(1)).unwrap();
+    assert!(w.wait_ready(Duration::from_secs(10)).unwrap());
+    assert_eq!(w.transport(), Transport::Socket);
+    let seen = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let s = seen.clone();
+    w.subscribe("h", "*", move |ev| s.lock().unwrap().push(ev.deserialize::<u64>().unwrap()));
+    let inputs: [&[u8]; 4] = [
+        b"\xff\xff\xff\xff\x01garbage", // length far over the limit
+        b"\x00\x00\x00\x00",            // empty frame
+        b"\x10\x00\x00\x00\x06half",    // an EVENT before any HELLO, truncated
+        b"\x05\x00\x00\x00\x06abcd",    // an EVENT before any HELLO
+    ];
+    for bytes in inputs {
+        let mut raw = UnixStream::connect(dir.sock()).unwrap();
+        raw.write_all(bytes).unwrap();
+        if bytes.len() == 9 && bytes[4] == 6 && &bytes[5..] == b"half" {
+            // Truncated: the broker waits for the rest; hanging up ends it without harm.
+            drop(raw);
+            continue;
+        }
+        raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 64];
+        // The broker closes the connection: read returns 0 (or a reset), never times out.
+        match std::io::Read::read(&mut raw, &mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("connection with {bytes:?} not closed: {other:?}"),
+        }
+    }
+    // Everything still works both ways.
+    let r = broker.publish("all", "h", "from-broker", 0, 5);
+    assert_eq!((r.ok, r.err), (5, 0));
+    w.publish(Target::All, "h", "from-w1", &7u64).unwrap();
+    let deadline = Instant::now() + TEST_TIMEOUT;
+    let s = seen.clone();
+    pump_until(&mut w, deadline, || s.lock().unwrap().len() >= 6);
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, vec![0, 1, 2, 3, 4, 7]);
+    broker.until(6);
+    assert_eq!(broker.report().stream("w1", "h", "from-w1"), vec![7]);
+    assert_eq!(w.stats().dropped, 0);
+}
