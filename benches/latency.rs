@@ -9,6 +9,11 @@
 //! | `wakeup/we_parked`             | publish -> callback, both sides parked in `wait(None)`        |
 //! | `throughput/bare_ring_1to1`    | bare SPSC ring of 64-byte slots, index published per message  |
 //! | `throughput/we_1to1`           | 64-byte typed events, rkyv encode + validated access          |
+//! | `socket/latency_raw_baseline`  | raw unix-socket ping-pong of 64-byte messages, busy `recv`    |
+//! | `socket/latency_we_busy`       | publish -> callback over the socket transport, busy-polling   |
+//! | `socket/rate_raw_1_per_write`  | raw unix socket, one 64-byte message per `send`               |
+//! | `socket/rate_raw_16_per_write` | raw unix socket, 16 messages per `send`                       |
+//! | `socket/rate_we_1to1`          | the socket transport 1->1 (broker publishes, one receiver)    |
 //!
 //! Every ping-pong's criterion figure is already the one-way time (round trip / 2). The second
 //! process is this bench binary re-executed with `WE_BENCH_ROLE` set (checked first thing in
@@ -23,7 +28,9 @@
 //! summary too). `WE_BENCH_RING_CAPACITY=<bytes>` sets the library's `ring_capacity`.
 
 use std::hint::black_box;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -32,7 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use worker_events::{Events, Options, SYSTEM_SOURCE, Target, Wid, Worker};
+use worker_events::{Events, Options, SYSTEM_SOURCE, Target, Transport, Wid, Worker};
 
 const ROLE_ENV: &str = "WE_BENCH_ROLE";
 const CPU_ENV: &str = "WE_BENCH_CPU";
@@ -116,10 +123,35 @@ fn main() {
         g.finish();
     }
     if wanted("throughput/we_1to1") {
-        let mut s = WeThroughput::new(child_cpu);
+        let mut s = WeThroughput::new(child_cpu, false);
         let mut g = c.benchmark_group("throughput");
         g.throughput(Throughput::Elements(1));
         g.bench_function("we_1to1", |b| b.iter_custom(|n| s.run(n)));
+        g.finish();
+    }
+    if wanted("socket/latency_raw_baseline") {
+        let mut s = RawSockPingPong::new(child_cpu);
+        c.bench_function("socket/latency_raw_baseline", |b| b.iter_custom(|n| s.run(n) / 2));
+    }
+    if wanted("socket/latency_we_busy") {
+        let mut s = WePingPong::new("we-busy-sock", true, child_cpu);
+        c.bench_function("socket/latency_we_busy", |b| b.iter_custom(|n| s.run(n) / 2));
+    }
+    for batch in [1usize, 16] {
+        let id = format!("socket/rate_raw_{batch}_per_write");
+        if wanted(&id) {
+            let mut s = RawSockThroughput::new(child_cpu, batch);
+            let mut g = c.benchmark_group("socket");
+            g.throughput(Throughput::Elements(1));
+            g.bench_function(format!("rate_raw_{batch}_per_write"), |b| b.iter_custom(|n| s.run(n)));
+            g.finish();
+        }
+    }
+    if wanted("socket/rate_we_1to1") {
+        let mut s = WeThroughput::new(child_cpu, true);
+        let mut g = c.benchmark_group("socket");
+        g.throughput(Throughput::Elements(1));
+        g.bench_function("rate_we_1to1", |b| b.iter_custom(|n| s.run(n)));
         g.finish();
     }
     c.final_summary();
@@ -175,13 +207,43 @@ fn main() {
                 (0..CHUNKS).map(|_| 1e9 / per_op_ns(s.run(100_000), 100_000)).collect()
             },
             || {
-                let mut s = WeThroughput::new(child_cpu);
+                let mut s = WeThroughput::new(child_cpu, false);
                 let v = (0..CHUNKS).map(|_| 1e9 / per_op_ns(s.run(20_000), 20_000)).collect();
                 lost += s.worker.stats().lost_outbound;
                 v
             },
         );
         sum.we_lost = lost;
+    }
+    if wanted("socket/latency_raw_baseline") || wanted("socket/latency_we_busy") {
+        sum.sock_busy = paired(
+            false,
+            || {
+                let mut s = RawSockPingPong::new(child_cpu);
+                (0..CHUNKS).map(|_| per_op_ns(s.run(500), 500) / 2.0).collect()
+            },
+            || {
+                let mut s = WePingPong::new("we-busy-sock", true, child_cpu);
+                (0..CHUNKS).map(|_| per_op_ns(s.run(500), 500) / 2.0).collect()
+            },
+        );
+    }
+    if wanted("socket/rate_raw_16_per_write") || wanted("socket/rate_we_1to1") {
+        let mut lost = 0;
+        sum.sock_rate = paired(
+            true,
+            || {
+                let mut s = RawSockThroughput::new(child_cpu, 16);
+                (0..CHUNKS).map(|_| 1e9 / per_op_ns(s.run(50_000), 50_000)).collect()
+            },
+            || {
+                let mut s = WeThroughput::new(child_cpu, true);
+                let v = (0..CHUNKS).map(|_| 1e9 / per_op_ns(s.run(20_000), 20_000)).collect();
+                lost += s.worker.stats().lost_outbound;
+                v
+            },
+        );
+        sum.sock_lost = lost;
     }
     sum.load_after = loadavg();
     sum.print(ncpus, child_cpu.is_some());
@@ -244,6 +306,9 @@ struct Summary {
     parked: Pair,
     rate: Pair,
     we_lost: u64,
+    sock_busy: Pair,
+    sock_rate: Pair,
+    sock_lost: u64,
     load_before: String,
     load_after: String,
 }
@@ -287,6 +352,22 @@ impl Summary {
             "M/s",
             format!("{:.2}x ring", self.rate.ratio),
         );
+        row("raw unix socket ping-pong, one-way", self.sock_busy.base, 1.0, "ns", "baseline".into());
+        row(
+            "socket transport busy-poll, one-way",
+            self.sock_busy.we,
+            1.0,
+            "ns",
+            format!("{:.2}x raw socket ({:+.0} ns)", self.sock_busy.ratio, self.sock_busy.diff),
+        );
+        row("raw unix socket, 16 messages per send", self.sock_rate.base, 1e6, "M/s", "baseline".into());
+        row(
+            "socket transport 1->1 (coalesced)",
+            self.sock_rate.we,
+            1e6,
+            "M/s",
+            format!("{:.2}x raw socket", self.sock_rate.ratio),
+        );
         println!();
         let verdict = |p: &Pair, ok: bool| match (p.we.median == 0.0, ok) {
             (true, _) => "not run",
@@ -302,6 +383,11 @@ impl Summary {
         println!(
             "eventfd wake-ups sent by the publisher during {} busy-poll round trips: {}; events lost in the 1->1 runs: {}",
             self.busy_round_trips, self.busy_wakeups, self.we_lost
+        );
+        println!(
+            "socket fallback >= 2 M events/s 1->1: {}; events lost in the socket 1->1 runs: {}",
+            verdict(&self.sock_rate, self.sock_rate.we.median >= 2e6),
+            self.sock_lost
         );
     }
 }
@@ -726,8 +812,9 @@ struct WePingPong {
     seq: u64,
 }
 
-fn options(sock: &std::path::Path) -> Options {
-    let o = Options::new(sock).workers(2);
+fn options(sock: &std::path::Path, socket: bool) -> Options {
+    let t = if socket { Transport::Socket } else { Transport::SharedMemory };
+    let o = Options::new(sock).workers(2).transport(t);
     // For experiments: WE_BENCH_RING_CAPACITY=<bytes> (a power of two).
     match std::env::var(RING_ENV).ok().and_then(|s| s.parse().ok()) {
         Some(bytes) => o.ring_capacity(bytes),
@@ -752,7 +839,7 @@ impl WePingPong {
     fn new(role: &str, busy: bool, cpu: Option<usize>) -> Self {
         let dir = temp_dir(role);
         let sock = dir.join("events.sock");
-        let events = Events::new(options(&sock)).expect("options");
+        let events = Events::new(options(&sock, role.ends_with("-sock"))).expect("options");
         let mut worker = events.init_worker(Wid::Worker(0)).expect("init_worker(0)");
         worker.set_busy_poll(busy);
         let pong = Arc::new(AtomicU64::new(0));
@@ -799,9 +886,9 @@ impl Drop for WePingPong {
     }
 }
 
-fn child_we_pong(busy: bool) {
+fn child_we_pong(busy: bool, socket: bool) {
     let sock = PathBuf::from(std::env::var_os(SOCK_ENV).expect("WE_BENCH_SOCK"));
-    let events = Events::new(options(&sock)).expect("options");
+    let events = Events::new(options(&sock, socket)).expect("options");
     let mut w = events.init_worker(Wid::Worker(1)).expect("init_worker(1)");
     w.set_busy_poll(busy);
     let req = Arc::new(AtomicU64::new(0));
@@ -842,13 +929,15 @@ struct WeThroughput {
     ack: Arc<AtomicU64>,
     sent: u64,
     flushes: u64,
+    socket: bool,
 }
 
 impl WeThroughput {
-    fn new(cpu: Option<usize>) -> Self {
-        let dir = temp_dir("we-sink");
+    fn new(cpu: Option<usize>, socket: bool) -> Self {
+        let role = if socket { "we-sink-sock" } else { "we-sink" };
+        let dir = temp_dir(role);
         let sock = dir.join("events.sock");
-        let events = Events::new(options(&sock)).expect("options");
+        let events = Events::new(options(&sock, socket)).expect("options");
         let mut worker = events.init_worker(Wid::Worker(0)).expect("init_worker(0)");
         worker.set_busy_poll(true);
         let ack = Arc::new(AtomicU64::new(u64::MAX));
@@ -859,9 +948,9 @@ impl WeThroughput {
         let hello = Arc::new(AtomicBool::new(false));
         let h = hello.clone();
         worker.subscribe("bench", "hello", move |_| h.store(true, Ordering::Release));
-        let child = spawn_child("we-sink", cpu, &[], Some(&sock));
+        let child = spawn_child(role, cpu, &[], Some(&sock));
         serve_until(&mut worker, false, || hello.load(Ordering::Acquire));
-        let mut s = WeThroughput { worker, child, dir, ack, sent: 0, flushes: 0 };
+        let mut s = WeThroughput { worker, child, dir, ack, sent: 0, flushes: 0, socket };
         s.run(10_000);
         s
     }
@@ -876,7 +965,10 @@ impl WeThroughput {
                 // Drain our own copies, retry the backlog, and keep the backlog far from
                 // max_queue_len so that nothing is dropped (the receiver would get `lost`).
                 self.worker.dispatch().expect("dispatch");
-                while self.worker.stats().peers.iter().any(|p| p.backlog > 1024) {
+                // (On the socket transport the queue is the broker's per-destination queue.)
+                let socket = self.socket;
+                while self.worker.stats().peers.iter().any(|p| if socket { p.outbound_depth } else { p.backlog } > 1024)
+                {
                     self.worker.dispatch().expect("dispatch");
                 }
             }
@@ -900,9 +992,9 @@ impl Drop for WeThroughput {
     }
 }
 
-fn child_we_sink() {
+fn child_we_sink(socket: bool) {
     let sock = PathBuf::from(std::env::var_os(SOCK_ENV).expect("WE_BENCH_SOCK"));
-    let events = Events::new(options(&sock)).expect("options");
+    let events = Events::new(options(&sock, socket)).expect("options");
     let mut w = events.init_worker(Wid::Worker(1)).expect("init_worker(1)");
     w.set_busy_poll(true);
     let count = Arc::new(AtomicU64::new(0));
@@ -931,6 +1023,163 @@ fn child_we_sink() {
 }
 
 // ---------------------------------------------------------------------------------------
+// (e) baselines for the socket transport: a raw unix stream socket pair
+
+/// One 64-byte message per round trip, both sides spinning on a non-blocking `recv`.
+struct RawSockPingPong {
+    sock: UnixStream,
+    child: Child,
+}
+
+/// A socket pair; our end is returned, the child's end is passed by number and closed here
+/// once the child has it.
+fn sock_pair(role: &str, cpu: Option<usize>) -> (UnixStream, Child) {
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let child = spawn_child(role, cpu, &[theirs.as_raw_fd()], None);
+    drop(theirs);
+    (ours, child)
+}
+
+/// Read exactly `buf.len()` bytes from a non-blocking socket, spinning; false on EOF.
+fn spin_read(sock: &mut UnixStream, buf: &mut [u8]) -> bool {
+    let mut got = 0;
+    while got < buf.len() {
+        match sock.read(&mut buf[got..]) {
+            Ok(0) => return false,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("socket read: {e}"),
+        }
+    }
+    true
+}
+
+/// Write all of `buf` to a non-blocking socket, spinning while it is full.
+fn spin_write(sock: &mut UnixStream, buf: &[u8]) {
+    let mut put = 0;
+    while put < buf.len() {
+        match sock.write(&buf[put..]) {
+            Ok(n) => put += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("socket write: {e}"),
+        }
+    }
+}
+
+impl RawSockPingPong {
+    fn new(cpu: Option<usize>) -> Self {
+        let (sock, child) = sock_pair("sock-pong", cpu);
+        sock.set_nonblocking(true).expect("non-blocking");
+        let mut s = RawSockPingPong { sock, child };
+        s.run(100);
+        s
+    }
+
+    fn run(&mut self, iters: u64) -> Duration {
+        let mut msg = [0x5au8; 64];
+        let t = Instant::now();
+        for i in 0..iters {
+            msg[..8].copy_from_slice(&i.to_le_bytes());
+            spin_write(&mut self.sock, &msg);
+            assert!(spin_read(&mut self.sock, &mut msg), "peer closed");
+        }
+        t.elapsed()
+    }
+}
+
+impl Drop for RawSockPingPong {
+    fn drop(&mut self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        reap(&mut self.child);
+    }
+}
+
+fn child_sock_pong(mut sock: UnixStream) {
+    sock.set_nonblocking(true).expect("non-blocking");
+    let mut msg = [0u8; 64];
+    while spin_read(&mut sock, &mut msg) {
+        spin_write(&mut sock, &msg);
+    }
+}
+
+/// 64-byte messages, `batch` per `send`; the receiver reads 64 KiB at a time and answers a
+/// message whose first byte is 0xff (the last of a run) with its count.
+struct RawSockThroughput {
+    sock: UnixStream,
+    child: Child,
+    batch: usize,
+    sent: u64,
+}
+
+impl RawSockThroughput {
+    fn new(cpu: Option<usize>, batch: usize) -> Self {
+        let (sock, child) = sock_pair("sock-sink", cpu);
+        sock.set_nonblocking(true).expect("non-blocking");
+        let mut s = RawSockThroughput { sock, child, batch, sent: 0 };
+        s.run(10_000);
+        s
+    }
+
+    fn run(&mut self, iters: u64) -> Duration {
+        let mut buf = vec![0x5au8; 64 * self.batch];
+        let t = Instant::now();
+        let mut left = iters;
+        while left > 0 {
+            let n = left.min(self.batch as u64) as usize;
+            left -= n as u64;
+            if left == 0 {
+                buf[(n - 1) * 64] = 0xff;
+            }
+            spin_write(&mut self.sock, &buf[..n * 64]);
+        }
+        self.sent += iters;
+        let mut ack = [0u8; 8];
+        assert!(spin_read(&mut self.sock, &mut ack), "peer closed");
+        assert_eq!(u64::from_le_bytes(ack), self.sent, "the receiver counted every message");
+        t.elapsed()
+    }
+}
+
+impl Drop for RawSockThroughput {
+    fn drop(&mut self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        reap(&mut self.child);
+    }
+}
+
+fn child_sock_sink(mut sock: UnixStream) {
+    sock.set_nonblocking(true).expect("non-blocking");
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut count, mut partial, mut marker) = (0u64, 0usize, false);
+    loop {
+        let n = match sock.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::hint::spin_loop();
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        // Look at the first byte of every message that starts in this read.
+        let mut at = (64 - partial) % 64;
+        while at < n {
+            count += 1;
+            marker |= buf[at] == 0xff;
+            at += 64;
+        }
+        partial = (partial + n) % 64;
+        if marker && partial == 0 {
+            spin_write(&mut sock, &count.to_le_bytes());
+            marker = false;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Child entry point
 
 fn child_main(role: &str) {
@@ -947,6 +1196,10 @@ fn child_main(role: &str) {
     }
     let fds: Vec<RawFd> =
         std::env::var(FD_ENV).map(|s| s.split(',').filter_map(|f| f.parse().ok()).collect()).unwrap_or_default();
+    let take_sock = || {
+        // SAFETY: the descriptor was inherited for us alone (its number came in FD_ENV).
+        UnixStream::from(unsafe { OwnedFd::from_raw_fd(fds[0]) })
+    };
     let take_shm = || {
         // SAFETY: the descriptor was inherited for us alone (its number came in FD_ENV).
         Shm::map(unsafe { OwnedFd::from_raw_fd(fds[0]) })
@@ -955,9 +1208,13 @@ fn child_main(role: &str) {
         "shm-pong" => child_shm_pong(&take_shm()),
         "ring-sink" => child_ring_sink(&take_shm()),
         "efd-pong" => child_efd_pong(fds[0], fds[1]),
-        "we-busy" => child_we_pong(true),
-        "we-parked" => child_we_pong(false),
-        "we-sink" => child_we_sink(),
+        "we-busy" => child_we_pong(true, false),
+        "we-parked" => child_we_pong(false, false),
+        "we-sink" => child_we_sink(false),
+        "we-busy-sock" => child_we_pong(true, true),
+        "we-sink-sock" => child_we_sink(true),
+        "sock-pong" => child_sock_pong(take_sock()),
+        "sock-sink" => child_sock_sink(take_sock()),
         other => panic!("unknown bench role {other}"),
     }
 }
