@@ -29,6 +29,11 @@
 //!   processes can never hold one id. Attaching workers receive the region memfd and all
 //!   eventfds over `SCM_RIGHTS` after an `SO_PEERCRED` uid check. Frames are
 //!   length-prefixed and survive partial reads.
+//! * **Socket fallback.** With [`Transport::Socket`], or [`Transport::Auto`] when the broker
+//!   cannot create the memfd region, every event rides the control connections through the
+//!   broker: one bounded queue per destination slot (attached or not yet), coalesced writes,
+//!   buffered reads, `lost` notices for what a full queue dropped. The broker decides the
+//!   mode and workers learn it at attach ([`Worker::transport`]).
 //! * **No hidden threads.** Everything happens inside [`Worker::dispatch`] /
 //!   [`Worker::wait`]; [`Worker`] is `AsFd` for external event loops. [`Events::new`] opens
 //!   nothing and is fork-safe.
@@ -47,6 +52,9 @@
 //!   message — gets a `("worker-events", "lost")` notice carrying [`Lost`] on its next
 //!   dispatch. Counters are in [`Worker::stats`].
 //! * The region is sealed against shrinking, so no peer can make our mapping fault.
+//! * Socket transport: events queued in a worker survive a broken broker connection and go
+//!   to the next broker exactly once; events already handed to a broker that then dies, and
+//!   the dead broker's own queues and dedup table, are lost with it (at most once).
 //!
 //! ## Example
 //!
