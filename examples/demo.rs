@@ -16,12 +16,13 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use worker_events::{Events, Options, PublishError, SYSTEM_SOURCE, Target, Wid, Worker};
+use worker_events::{Events, Options, PublishError, SYSTEM_SOURCE, Target, Transport, Wid, Worker};
 
 const WID_ENV: &str = "WE_DEMO_WID";
 const DIR_ENV: &str = "WE_DEMO_DIR";
 const WORKERS_ENV: &str = "WE_DEMO_WORKERS";
 const RATE_ENV: &str = "WE_DEMO_RATE";
+const TRANSPORT_ENV: &str = "WE_DEMO_TRANSPORT";
 const PPID_ENV: &str = "WE_DEMO_PPID";
 
 /// How long the workers stream events.
@@ -59,7 +60,10 @@ fn parent_main() -> ExitCode {
         None => 4,
         Some(Ok(n)) if (1..=worker_events::MAX_WORKERS).contains(&n) => n,
         Some(_) => {
-            eprintln!("usage: demo [WORKERS 1..={}] [EVENTS_PER_SEC_PER_WORKER]", worker_events::MAX_WORKERS);
+            eprintln!(
+                "usage: demo [WORKERS 1..={}] [EVENTS_PER_SEC_PER_WORKER] [auto|shm|socket]",
+                worker_events::MAX_WORKERS
+            );
             return ExitCode::from(2);
         }
     };
@@ -71,6 +75,15 @@ fn parent_main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let transport = match args.next().as_deref() {
+        None | Some("auto") => "auto",
+        Some("shm") => "shm",
+        Some("socket") => "socket",
+        Some(t) => {
+            eprintln!("unknown transport {t:?}: auto, shm or socket");
+            return ExitCode::from(2);
+        }
+    };
     let dir = match make_temp_dir() {
         Ok(d) => d,
         Err(e) => {
@@ -79,11 +92,12 @@ fn parent_main() -> ExitCode {
         }
     };
     println!(
-        "worker-events demo: {workers} worker processes, {rate} events/s each for {:?}, control socket {}",
+        "worker-events demo: {workers} worker processes, {rate} events/s each for {:?}, transport {transport}, \
+         control socket {}",
         STREAM_FOR,
         dir.join("events.sock").display()
     );
-    let ok = run(&dir, workers, rate);
+    let ok = run(&dir, workers, rate, transport);
     let _ = std::fs::remove_dir_all(&dir);
     if ok {
         println!("OK: every worker received every event exactly once, in order");
@@ -101,7 +115,7 @@ fn make_temp_dir() -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
-fn run(dir: &Path, workers: u32, rate: u64) -> bool {
+fn run(dir: &Path, workers: u32, rate: u64, transport: &str) -> bool {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -116,6 +130,7 @@ fn run(dir: &Path, workers: u32, rate: u64) -> bool {
             .env(DIR_ENV, dir)
             .env(WORKERS_ENV, workers.to_string())
             .env(RATE_ENV, rate.to_string())
+            .env(TRANSPORT_ENV, transport)
             .env(PPID_ENV, std::process::id().to_string())
             .stdout(Stdio::piped())
             .spawn();
@@ -310,7 +325,13 @@ fn worker_main(me: u32) -> Result<(), String> {
 
     // In a real server `Events::new` runs once in the master before fork(); here each
     // re-executed worker builds the same options.
-    let events = Events::new(Options::new(dir.join("events.sock")).workers(workers)).map_err(|e| e.to_string())?;
+    let transport = match env(TRANSPORT_ENV)?.as_str() {
+        "shm" => Transport::SharedMemory,
+        "socket" => Transport::Socket,
+        _ => Transport::Auto,
+    };
+    let opts = Options::new(dir.join("events.sock")).workers(workers).transport(transport);
+    let events = Events::new(opts).map_err(|e| e.to_string())?;
     let mut w = events.init_worker(Wid::Worker(me)).map_err(|e| e.to_string())?;
 
     let state = Arc::new(Mutex::new(State {
@@ -354,7 +375,10 @@ fn worker_main(me: u32) -> Result<(), String> {
         let due = (rate as u128 * elapsed.as_nanos() / 1_000_000_000) as u64 + 1;
         let mut paused = false;
         while seq < due {
-            if seq % 64 == 0 && w.stats().peers.iter().any(|p| p.backlog >= backlog_limit) {
+            // (On the socket transport the queues are the frames waiting for a socket.)
+            let socket = w.transport() == Transport::Socket;
+            let queued = |p: &worker_events::PeerStats| if socket { p.outbound_depth } else { p.backlog };
+            if seq % 64 == 0 && w.stats().peers.iter().any(|p| queued(p) >= backlog_limit) {
                 throttled += 1;
                 paused = true;
                 break;
