@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rkyv::util::AlignedVec;
 
 use crate::control::frame::kind;
-use crate::control::{Control, CtlEvent, HandOut, Mode, ShmWelcome, TOKEN_EVENTFD};
+use crate::control::{Control, CtlEvent, HandOut, Mode, STAMP_LEN, ShmWelcome, Stamp, TOKEN_EVENTFD};
 use crate::dedup::{Check, HeapTable};
 use crate::error::{Error, PublishError, Result};
 use crate::event::{self, Event, Kind, Lost, MAX_UNIQUE_HASH_LEN, ORIGIN_NONE, Payload, SYSTEM_SOURCE, Target, Wid};
@@ -134,6 +134,9 @@ impl Events {
             broker_slot: None,
             unique_rr: 0,
             heap_dedup: None,
+            incarnation: crate::sys::random_u64() | 1,
+            out_seq: 0,
+            in_seq: vec![(0, 0); geo.slots as usize],
         };
         if w.ctl.is_some() {
             w.poll_control()?;
@@ -210,6 +213,13 @@ pub struct Worker {
     unique_rr: u32,
     /// (broker, socket transport) The dedup table, in private memory.
     heap_dedup: Option<HeapTable>,
+    /// (socket transport) This Worker's publisher id in stamps: random, nonzero.
+    incarnation: u64,
+    /// (socket transport) Sequence number of our next "all" event.
+    out_seq: u64,
+    /// (socket transport) Per publisher slot: (incarnation, next expected sequence number);
+    /// incarnation 0 = nothing seen yet.
+    in_seq: Vec<(u64, u64)>,
 }
 
 struct UniqueOut {
@@ -376,10 +386,11 @@ impl Worker {
                     port.send_all(&buf);
                 }
                 (None, Some(ctl)) if socket => {
+                    let stamp = stamp(self.incarnation, &mut self.out_seq);
                     if ctl.is_broker() {
-                        self.stats.lost_outbound += ctl.broadcast(self.slot, &buf);
+                        self.stats.lost_outbound += ctl.broadcast(self.slot, &stamp, &buf);
                     } else {
-                        ctl.queue_event(&buf);
+                        ctl.queue_event(&stamp, &buf);
                     }
                     if ctl.queued_bytes() >= COALESCE_BYTES {
                         ctl.flush_data();
@@ -522,46 +533,69 @@ impl Worker {
         let mut n = 0;
         let broker = ctl.is_broker();
         let (geo, me, max_payload) = (self.geo, self.slot, self.opts.max_payload_len);
-        let (subs, stats) = (&mut self.subs, &mut self.stats);
-        inbox.drain(|from, k, body| match k {
-            kind::EVENT if broker => match event::decode(body, geo.workers, geo.agent, max_payload) {
-                Ok(d) if d.kind == Kind::All as u8 && d.event.wid == Some(slot_wid(from, &geo)) => {
-                    run_callbacks(subs, stats, &d.event);
-                    n += 1;
-                    stats.lost_outbound += ctl.broadcast(from, body);
-                }
-                _ => {
-                    tracing::warn!(from, "dropping a malformed event from a worker");
-                    stats.dropped += 1;
-                }
-            },
-            kind::DELIVER if !broker => match event::decode(body, geo.workers, geo.agent, max_payload) {
-                Ok(d)
-                    if (d.kind == Kind::All as u8 && d.event.wid.is_some_and(|w| w != slot_wid(me, &geo)))
-                        || (d.kind == Kind::Unique as u8 && d.event.wid.is_some()) =>
-                {
-                    run_callbacks(subs, stats, &d.event);
-                    n += 1;
-                }
-                _ => {
-                    tracing::warn!("dropping a malformed event from the broker");
-                    stats.dropped += 1;
-                }
-            },
-            kind::LOST if !broker => {
-                let mut b = crate::control::frame::Body(body);
-                match (b.u32(), b.u64()) {
-                    (Ok(from), Ok(count)) if from < geo.slots && b.0.is_empty() => {
-                        deliver_lost_notice(subs, stats, &geo, from, count);
+        let (subs, stats, in_seq) = (&mut self.subs, &mut self.stats, &mut self.in_seq);
+        inbox.drain(|from, k, body| {
+            let (stamp, msg) = match body.split_first_chunk::<STAMP_LEN>() {
+                Some((st, msg)) if k != kind::LOST => (*st, msg),
+                _ => ([0; STAMP_LEN], body),
+            };
+            let decoded = event::decode(msg, geo.workers, geo.agent, max_payload);
+            match k {
+                kind::EVENT if broker => match decoded {
+                    Ok(d) if d.kind == Kind::All as u8 && d.event.wid == Some(slot_wid(from, &geo)) => {
+                        if !check_stamp(in_seq, subs, stats, &geo, from, &stamp) {
+                            return;
+                        }
+                        run_callbacks(subs, stats, &d.event);
+                        n += 1;
+                        stats.lost_outbound += ctl.broadcast(from, &stamp, msg);
+                    }
+                    _ => {
+                        tracing::warn!(from, "dropping a malformed event from a worker");
+                        stats.dropped += 1;
+                    }
+                },
+                kind::DELIVER if !broker => match decoded {
+                    Ok(d)
+                        if d.kind == Kind::All as u8
+                            && d.event.wid.is_some_and(|w| w != slot_wid(me, &geo))
+                            && stamp != UNSEQ =>
+                    {
+                        let origin = d.event.wid.map_or(0, |w| wid_slot(w, &geo));
+                        if check_stamp(in_seq, subs, stats, &geo, origin, &stamp) {
+                            run_callbacks(subs, stats, &d.event);
+                            n += 1;
+                        }
+                    }
+                    Ok(d) if d.kind == Kind::Unique as u8 && d.event.wid.is_some() => {
+                        run_callbacks(subs, stats, &d.event);
                         n += 1;
                     }
                     _ => {
-                        tracing::warn!("dropping a malformed lost notice from the broker");
+                        tracing::warn!("dropping a malformed event from the broker");
                         stats.dropped += 1;
                     }
+                },
+                kind::LOST if !broker => {
+                    let mut b = crate::control::frame::Body(body);
+                    match (b.u32(), b.u64()) {
+                        (Ok(from), Ok(count)) if from < geo.slots && b.0.is_empty() => {
+                            // Those sequence numbers will never come: not a gap to report again.
+                            let e = &mut in_seq[from as usize];
+                            if e.0 != 0 {
+                                e.1 = e.1.saturating_add(count);
+                            }
+                            deliver_lost_notice(subs, stats, &geo, from, count);
+                            n += 1;
+                        }
+                        _ => {
+                            tracing::warn!("dropping a malformed lost notice from the broker");
+                            stats.dropped += 1;
+                        }
+                    }
                 }
+                _ => stats.dropped += 1,
             }
-            _ => stats.dropped += 1,
         });
         ctl.return_inbox(inbox);
         ctl.flush_data();
@@ -691,7 +725,7 @@ impl Worker {
                     }
                     let ctl = self.ctl.as_mut().expect("control events come from ctl");
                     for msg in self.pre_attach.drain(..) {
-                        if !ctl.queue_event(&msg) {
+                        if !ctl.queue_event(&stamp(self.incarnation, &mut self.out_seq), &msg) {
                             self.stats.overflows += 1;
                         }
                     }
@@ -713,7 +747,7 @@ impl Worker {
                             if let Some(port) = self.port.as_mut() {
                                 for m in left {
                                     let mut b = AlignedVec::with_capacity(m.len());
-                                    b.extend_from_slice(&m);
+                                    b.extend_from_slice(m.get(STAMP_LEN..).unwrap_or_default());
                                     port.send_all(&b);
                                 }
                             }
@@ -930,11 +964,15 @@ impl Worker {
         if self.heap_dedup.is_none() {
             self.heap_dedup = Some(HeapTable::new(self.opts.unique_capacity));
         }
+        // Queued as a client: stamped already, the sequence continues.
         for m in ctl.take_client_out() {
-            self.stats.lost_outbound += ctl.broadcast(self.slot, &m);
+            if let Some((st, msg)) = m.split_first_chunk::<STAMP_LEN>() {
+                self.stats.lost_outbound += ctl.broadcast(self.slot, st, msg);
+            }
         }
         for m in self.pre_attach.drain(..) {
-            self.stats.lost_outbound += ctl.broadcast(self.slot, &m);
+            let st = stamp(self.incarnation, &mut self.out_seq);
+            self.stats.lost_outbound += ctl.broadcast(self.slot, &st, &m);
         }
         self.pump_unique();
         Ok(())
@@ -1077,6 +1115,61 @@ fn run_callbacks(subs: &mut Subscriptions, stats: &mut Stats, ev: &Event<'_>) {
     stats.delivered += 1;
     stats.callbacks_run += r.called;
     stats.callback_panics += r.panicked;
+}
+
+/// The stamp of our next "all" event on the socket transport.
+fn stamp(incarnation: u64, seq: &mut u64) -> Stamp {
+    let mut st = [0u8; STAMP_LEN];
+    st[..8].copy_from_slice(&incarnation.to_le_bytes());
+    st[8..].copy_from_slice(&seq.to_le_bytes());
+    *seq += 1;
+    st
+}
+
+/// No stamp: a unique delivery.
+const UNSEQ: Stamp = crate::control::UNSEQUENCED;
+
+/// Check an "all" event's stamp against what we saw of publisher slot `from`: false for a
+/// sequence number already seen (dropped, counted); a gap (events that died with a broker)
+/// is reported as a lost notice before the event runs. A new incarnation (the publisher
+/// restarted) starts a new sequence.
+fn check_stamp(
+    in_seq: &mut [(u64, u64)],
+    subs: &mut Subscriptions,
+    stats: &mut Stats,
+    geo: &Geometry,
+    from: u32,
+    st: &Stamp,
+) -> bool {
+    let inc = u64::from_le_bytes(st[..8].try_into().expect("8 bytes"));
+    let seq = u64::from_le_bytes(st[8..].try_into().expect("8 bytes"));
+    let Some(e) = in_seq.get_mut(from as usize) else { return false };
+    if inc == 0 {
+        stats.dropped += 1;
+        return false;
+    }
+    if e.0 != inc {
+        *e = (inc, seq.saturating_add(1));
+        return true;
+    }
+    if seq < e.1 {
+        tracing::debug!(from, seq, "dropping an event seen already");
+        stats.dropped += 1;
+        return false;
+    }
+    let gap = seq - e.1;
+    e.1 = seq.saturating_add(1);
+    if gap > 0 {
+        deliver_lost_notice(subs, stats, geo, from, gap);
+    }
+    true
+}
+
+fn wid_slot(w: Wid, geo: &Geometry) -> u32 {
+    match w {
+        Wid::Worker(i) => i,
+        Wid::PrivilegedAgent => geo.workers,
+    }
 }
 
 /// Run the callbacks of a "lost" system notice: `count` events of publisher slot `from`

@@ -54,7 +54,9 @@
 //! * The region is sealed against shrinking, so no peer can make our mapping fault.
 //! * Socket transport: events queued in a worker survive a broken broker connection and go
 //!   to the next broker exactly once; events already handed to a broker that then dies, and
-//!   the dead broker's own queues and dedup table, are lost with it (at most once).
+//!   the dead broker's own queues and dedup table, are lost with it (at most once), and
+//!   receivers learn of those losses from the gap in the publisher's sequence numbers
+//!   (a `lost` notice).
 //!
 //! ## Example
 //!

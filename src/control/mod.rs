@@ -41,6 +41,16 @@ pub(crate) const TOKEN_LISTENER: u64 = 1;
 pub(crate) const TOKEN_CLIENT: u64 = 2;
 const TOKEN_CONN_BASE: u64 = 16;
 
+/// (socket transport) The 16 bytes ahead of the message in EVENT and DELIVER frames: the
+/// publisher's incarnation (a random nonzero id per `Worker`) and its per-incarnation
+/// sequence number, little-endian. Receivers drop a sequence number they have seen and turn
+/// a gap (events that died with a broker) into a lost notice.
+pub(crate) type Stamp = [u8; STAMP_LEN];
+/// Length of a [`Stamp`]: keeps the message 16-aligned behind it.
+pub(crate) const STAMP_LEN: usize = 16;
+/// The stamp of an event outside any publisher's sequence (unique deliveries).
+pub(crate) const UNSEQUENCED: Stamp = [0; STAMP_LEN];
+
 /// What the broker hands out: the region memfd and every slot's eventfd.
 pub(crate) struct HandOut<'a> {
     pub region_fd: RawFd,
@@ -187,11 +197,12 @@ impl Control {
     }
 
     /// (socket transport, client) Queue an "all" event for the broker; false when full.
-    pub(crate) fn queue_event(&mut self, msg: &[u8]) -> bool {
-        self.client_out.push(kind::EVENT, &[msg])
+    pub(crate) fn queue_event(&mut self, stamp: &Stamp, msg: &[u8]) -> bool {
+        self.client_out.push(kind::EVENT, &[stamp, msg])
     }
 
-    /// (socket transport, client) Take back the events not yet sent (on becoming the broker).
+    /// (socket transport, client) Take back the events not yet sent (on becoming the broker,
+    /// or moving to shared memory): each is a [`Stamp`] followed by the message.
     pub(crate) fn take_client_out(&mut self) -> Vec<Vec<u8>> {
         let mut v = Vec::new();
         self.client_out.drain_frames(|k, body| {
@@ -205,13 +216,13 @@ impl Control {
     /// (socket transport, broker) Queue `msg` from publisher slot `from` for every slot but
     /// the publisher and ourselves. Returns how many destinations dropped it (full queues;
     /// each owes that destination a lost notice).
-    pub(crate) fn broadcast(&mut self, from: u32, msg: &[u8]) -> u64 {
+    pub(crate) fn broadcast(&mut self, from: u32, stamp: &Stamp, msg: &[u8]) -> u64 {
         let mut dropped = 0;
         for (t, q) in self.slot_out.iter_mut().enumerate() {
             if t as u32 == from || t as u32 == self.slot {
                 continue;
             }
-            dropped += u64::from(!queue_deliver(q, from, msg));
+            dropped += u64::from(!queue_deliver(q, from, stamp, msg));
         }
         dropped
     }
@@ -220,7 +231,7 @@ impl Control {
     /// false when that queue was full (a lost notice is owed).
     pub(crate) fn deliver_to(&mut self, to: u32, from: u32, msg: &[u8]) -> bool {
         match self.slot_out.get_mut(to as usize) {
-            Some(q) => queue_deliver(q, from, msg),
+            Some(q) => queue_deliver(q, from, &UNSEQUENCED, msg),
             None => false,
         }
     }
@@ -664,9 +675,9 @@ fn reject(c: &mut Conn, reason: &str) {
 
 /// Queue `msg` for one destination, the owed lost notices first; false (and a notice owed)
 /// when the destination's queue is full.
-fn queue_deliver(q: &mut OutQueue, from: u32, msg: &[u8]) -> bool {
+fn queue_deliver(q: &mut OutQueue, from: u32, stamp: &Stamp, msg: &[u8]) -> bool {
     q.push_lost_notices(kind::LOST);
-    if q.push(kind::DELIVER, &[msg]) {
+    if q.push(kind::DELIVER, &[stamp, msg]) {
         true
     } else {
         q.note_lost(from);
