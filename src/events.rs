@@ -1,6 +1,8 @@
 //! The public facade: [`Events`] (configuration, fork-safe) and [`Worker`] (one process's
 //! participation: subscriptions, publish, dispatch).
 
+mod failover;
+
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
@@ -131,6 +133,8 @@ impl Events {
             next_unique_id: 0,
             broker_slot: None,
             unique_rr: 0,
+            seen_broker: None,
+            closed: false,
         };
         if w.ctl.is_some() {
             w.poll_control()?;
@@ -205,6 +209,10 @@ pub struct Worker {
     broker_slot: Option<u32>,
     /// (broker) Round-robin cursor for unique targets.
     unique_rr: u32,
+    /// (region id, broker epoch) of the last broker seen (the `broker` notice).
+    seen_broker: Option<(u64, u64)>,
+    /// `close` has run (Drop does not run it again).
+    closed: bool,
 }
 
 struct UniqueOut {
@@ -417,6 +425,7 @@ impl Worker {
         if self.ctl.is_some() {
             let mut due =
                 self.port.is_none() || !self.tokens.is_empty() || self.ctl.as_ref().is_some_and(|c| c.has_output());
+            due |= self.ctl.as_ref().is_some_and(|c| c.retry_due());
             if let Some(port) = &self.port {
                 let flag = &port.region().slot(self.slot).ctl_pending;
                 if flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::Acquire) != 0 {
@@ -565,6 +574,7 @@ impl Worker {
     }
 
     fn poll_control(&mut self) -> Result<()> {
+        self.fenced();
         let Some(ctl) = self.ctl.as_mut() else { return Ok(()) };
         self.tokens.clear();
         let hand_out = match (&self.port, ctl.is_broker()) {
@@ -583,6 +593,7 @@ impl Worker {
             match ev {
                 CtlEvent::Elected => self.become_broker()?,
                 CtlEvent::Welcome { region_fd, eventfds, broker_slot, epoch, region_id } => {
+                    self.note_broker(broker_slot, epoch, region_id);
                     self.epoch = epoch;
                     self.broker_slot = Some(broker_slot);
                     self.unique_sent = 0;
@@ -644,7 +655,7 @@ impl Worker {
         if self.unique_out.is_empty() || self.port.is_none() {
             return;
         }
-        if self.is_broker() {
+        if self.is_broker() && !self.fenced() {
             while let Some(u) = self.unique_out.pop_front() {
                 self.handle_unique(self.slot, u.hash.as_bytes(), &u.msg);
                 self.recycle(u.msg);
@@ -735,6 +746,9 @@ impl Worker {
             port.send_all(&msg);
         }
         self.port = Some(port);
+        if let Some(ctl) = self.ctl.as_mut() {
+            ctl.hold_region();
+        }
         Ok(())
     }
 
@@ -760,6 +774,7 @@ impl Worker {
         h.broker_pid.store(std::process::id(), Ordering::Release);
         self.ctl.as_mut().expect("only live workers are elected").serve(&self.epoll)?;
         self.broker_slot = Some(self.slot);
+        self.note_elected();
         self.pump_unique();
         Ok(())
     }

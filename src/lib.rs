@@ -88,7 +88,7 @@ mod sys;
 mod transport;
 
 pub use error::{Error, PublishError, Result};
-pub use event::{Event, Lost, MAX_UNIQUE_HASH_LEN, Payload, SYSTEM_SOURCE, Target, Wid};
+pub use event::{Event, Lost, MAX_UNIQUE_HASH_LEN, NewBroker, Payload, SYSTEM_SOURCE, Target, Wid};
 pub use events::{Events, Worker};
 pub use options::{DEFAULT_RING_CAPACITY, MAX_PAYLOAD_LIMIT, MAX_WORKERS, Options, Transport};
 pub use stats::{PeerStats, Stats};

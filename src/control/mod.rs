@@ -14,6 +14,7 @@
 //! and answers WELCOME with the region memfd and every slot's eventfd (`SCM_RIGHTS`), or
 //! REJECT with a reason. The client checks the broker's uid the same way.
 
+mod failover;
 pub(crate) mod frame;
 
 use std::io;
@@ -96,6 +97,7 @@ pub(crate) struct Control {
     started: Instant,
     next_retry: Instant,
     was_attached: bool,
+    fo: failover::FailoverState,
 }
 
 impl Control {
@@ -138,6 +140,7 @@ impl Control {
             started: now,
             next_retry: now,
             was_attached: false,
+            fo: failover::FailoverState::default(),
         })
     }
 
@@ -225,7 +228,7 @@ impl Control {
                 if now < self.next_retry {
                     return events;
                 }
-                self.next_retry = now + RETRY;
+                self.next_retry = now + self.fo.next_backoff();
                 match self.connect() {
                     Ok(conn) => {
                         if epoll.add(conn.fd.as_fd(), TOKEN_CLIENT).is_ok() {
@@ -235,8 +238,7 @@ impl Control {
                     }
                     Err(e) => {
                         tracing::trace!(error = %e, "no broker yet");
-                        let may_run =
-                            self.preferred || self.was_attached || now.duration_since(self.started) >= ELECTION_GRACE;
+                        let may_run = self.may_run(now);
                         if may_run && sys::try_lock_byte(self.lock.as_fd(), 0).unwrap_or(false) {
                             events.push(CtlEvent::Elected);
                         }
@@ -254,6 +256,7 @@ impl Control {
                                 Ok(ev) => {
                                     *welcomed = true;
                                     self.was_attached = true;
+                                    self.fo.reset_backoff();
                                     events.push(ev);
                                 }
                                 Err(e) => {
@@ -271,6 +274,12 @@ impl Control {
                                 break;
                             }
                         },
+                        Ok(Some((kind::REJECT, body))) if body.starts_with(failover::BUSY_PREFIX.as_bytes()) => {
+                            tracing::debug!(reason = %String::from_utf8_lossy(body), "attach deferred; retrying");
+                            self.next_retry = now + self.fo.next_backoff();
+                            broken = true;
+                            break;
+                        }
                         Ok(Some((kind::REJECT, body))) => {
                             events.push(CtlEvent::Rejected(String::from_utf8_lossy(body).into_owned()));
                             self.next_retry = now + RETRY_AFTER_REJECT;
@@ -507,7 +516,9 @@ fn check_hello(body: &[u8], geo: &Geometry, broker_slot: u32, attached: &[u32]) 
         return Err(format!("slot {slot} out of range 0..{}", geo.slots));
     }
     if slot == broker_slot || attached.contains(&slot) {
-        return Err(format!("slot {slot} is already attached by a live process"));
+        // A well-behaved client holds the slot's lock, so the other holder is dead and its
+        // connection not yet seen closed: a transient refusal, the client retries.
+        return Err(format!("{}slot {slot} is already attached by a live process", failover::BUSY_PREFIX));
     }
     Ok(slot)
 }
