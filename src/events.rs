@@ -720,13 +720,16 @@ impl Worker {
         }
     }
 
-    /// (broker) Next live slot, round-robin; ourselves when nobody else is alive.
+    /// (broker) Next live slot other than ours, round-robin; ourselves when nobody else is
+    /// alive. (An event handed to another worker is in its ring at once; one kept for our
+    /// own callbacks would die with us if we were killed before dispatching it, after its
+    /// hash was recorded and acknowledged.)
     fn pick_unique_target(&mut self) -> u32 {
         let slots = self.geo.slots;
         let Some(ctl) = self.ctl.as_ref() else { return self.slot };
         for i in 0..slots {
             let s = (self.unique_rr + i) % slots;
-            if ctl.slot_alive(s) {
+            if s != self.slot && ctl.slot_alive(s) {
                 self.unique_rr = (s + 1) % slots;
                 return s;
             }

@@ -158,4 +158,24 @@ mod tests {
         fo.reset_backoff();
         assert!(fo.next_backoff() <= BACKOFF_MIN);
     }
+
+    #[test]
+    fn a_stale_socket_is_replaced_but_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("we-fo-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ev.sock");
+        // A socket file whose listener is gone (a dead broker's) is replaced.
+        drop(sys::listen_unix(&path).unwrap());
+        assert!(sys::connect_unix(&path).is_err(), "nobody listens on the stale socket");
+        let l = sys::listen_unix(&path).unwrap();
+        assert!(sys::connect_unix(&path).is_ok());
+        drop(l);
+        // Anything else at the path is left alone.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"not a socket").unwrap();
+        let e = sys::listen_unix(&path).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -7,7 +7,9 @@
 //! is what makes two live processes with one id impossible. The preferred broker
 //! (`broker_id`) then takes byte 0 at once; any other worker takes it only after it has
 //! failed to reach a broker for [`ELECTION_GRACE`], so the preferred one normally wins at
-//! start-up while a missing or dead broker is still replaced.
+//! start-up while a missing or dead broker is still replaced. A worker that holds the shared
+//! region (it was attached) runs at once when it loses its broker; one without a region
+//! defers to live region holders (see `failover.rs`: backoff, fencing, resigning).
 //!
 //! Attach: a client connects, sends HELLO (protocol and layout versions, slot, pid,
 //! geometry); the broker checks the peer's uid (`SO_PEERCRED`), the slot and the geometry,

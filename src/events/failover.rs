@@ -101,7 +101,7 @@ impl Worker {
         let given_up = self.unflushed();
         if let Some(port) = self.port.as_mut() {
             // Everything left (dead peers included) is counted lost in its ring.
-            port.abandon_backlogs(&mut |_| true);
+            port.abandon_backlogs();
         }
         if given_up > 0 {
             tracing::warn!(wid = %self.wid, given_up, "closed before every outbound event was flushed");
@@ -116,7 +116,8 @@ impl Worker {
         let mut n = self.unique_out.len() as u64;
         match (&self.port, &self.ctl) {
             (Some(port), Some(ctl)) => {
-                n += port.depths().filter(|&(s, _, b, _)| b > 0 && ctl.slot_alive(s)).map(|(_, _, b, _)| b).sum::<u64>();
+                n +=
+                    port.depths().filter(|&(s, _, b, _)| b > 0 && ctl.slot_alive(s)).map(|(_, _, b, _)| b).sum::<u64>();
             }
             (None, _) => n += self.pre_attach.len() as u64,
             _ => {}

@@ -359,16 +359,14 @@ impl ShmPort {
         false
     }
 
-    /// Give up the backlogs for the peers where `give_up(peer)` says so (closing): each
-    /// message never started in the ring is counted lost in the ring, so the peer (or the
-    /// successor in its slot) gets a `lost` notice. A message cut after some fragments is
-    /// reported by the consumer itself when the next message starts. Returns the messages
-    /// given up.
-    pub(crate) fn abandon_backlogs(&mut self, give_up: &mut dyn FnMut(u32) -> bool) -> u64 {
+    /// Give up every backlog (closing): each message never started in its ring is counted
+    /// lost in the ring, so the peer (or the successor in its slot) gets a `lost` notice; a
+    /// message cut after some fragments is reported by the consumer itself when the next
+    /// message starts. Returns the messages given up.
+    pub(crate) fn abandon_backlogs(&mut self) -> u64 {
         let mut total = 0;
-        for (peer, o) in self.out.iter_mut().enumerate() {
-            let Some(o) = o else { continue };
-            if o.backlog.is_empty() || !give_up(peer as u32) {
+        for o in self.out.iter_mut().flatten() {
+            if o.backlog.is_empty() {
                 continue;
             }
             let started = o.backlog.front().is_some_and(|p| p.sent > 0);
