@@ -1,7 +1,8 @@
 //! Failover tests with real SIGKILL (DESIGN.md guarantees 3 and 4): the broker killed under a
-//! steady stream of `All` events, random worker kills and restarts, a publisher killed in
-//! the middle of multi-fragment messages, unique events across broker kills, and a dead
-//! slot's queue filling up.
+//! steady stream of `All` events (failover time printed), random worker kills and restarts,
+//! a publisher killed in the middle of multi-fragment messages, unique events across broker
+//! kills, a dead slot's queue filling up, unique targets skipping a dead slot, and a graceful
+//! close of the broker.
 //!
 //! The children are this test binary re-executed (see `tests/common/mod.rs`) in a failover
 //! role (`WE_FO=1`, implemented below): they stream sequence-numbered events at a fixed
