@@ -49,6 +49,14 @@ pub enum Error {
     /// The received event could not be read as the requested type.
     #[error("event data is not a valid archived value: {0}")]
     Decode(String),
+    /// [`crate::Worker::close`] ran out of time: `events` outbound events (ring backlogs
+    /// for live peers, unacknowledged unique events, events published before attaching)
+    /// could not be handed over. Receivers of given-up ring backlogs get a `lost` notice.
+    #[error("close timed out: {events} outbound events could not be flushed")]
+    Unflushed {
+        /// Events given up.
+        events: u64,
+    },
     /// A system call failed.
     #[error("{context}: {source}")]
     Io {

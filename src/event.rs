@@ -82,6 +82,28 @@ pub struct Lost {
     pub publisher: Wid,
 }
 
+/// Data of the `("worker-events", "broker")` notice: a new broker was elected after this
+/// worker had been attached to a previous one (a failover). Every worker that was attached
+/// gets it once per failover, when it has re-attached to the new broker (the new broker
+/// itself when it takes over); the event's [`Event::wid`] is the new broker too. Unique
+/// events this worker published meanwhile are resent to the new broker.
+///
+/// # Examples
+///
+/// ```
+/// use worker_events::{NewBroker, Wid};
+/// let b = NewBroker { broker: Wid::Worker(2), epoch: 7 };
+/// assert_eq!((b.broker, b.epoch), (Wid::Worker(2), 7));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct NewBroker {
+    /// The worker that now serves the control socket.
+    pub broker: Wid,
+    /// Its election epoch (one more at every election; a fencing token: a broker that
+    /// finds a newer epoch in shared memory steps down).
+    pub epoch: u64,
+}
+
 /// A value that can be published with [`crate::Worker::publish`]: anything rkyv can
 /// serialize (derive `rkyv::Archive` and `rkyv::Serialize`).
 pub trait Payload: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>> {}
@@ -161,6 +183,20 @@ impl<'a> Event<'a> {
     /// For a `("worker-events", "lost")` notice, its contents.
     pub fn lost(&self) -> Option<Lost> {
         if self.source == SYSTEM_SOURCE && self.event == "lost" { self.deserialize::<Lost>().ok() } else { None }
+    }
+    /// For a `("worker-events", "broker")` notice (a new broker was elected), its contents.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Target, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// w.subscribe("worker-events", "broker", |ev| {
+    ///     let b = ev.new_broker().unwrap();
+    ///     println!("{} is the broker now (epoch {})", b.broker, b.epoch);
+    /// });
+    /// ```
+    pub fn new_broker(&self) -> Option<NewBroker> {
+        if self.source == SYSTEM_SOURCE && self.event == "broker" { self.deserialize::<NewBroker>().ok() } else { None }
     }
 }
 

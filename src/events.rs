@@ -1,6 +1,8 @@
 //! The public facade: [`Events`] (configuration, fork-safe) and [`Worker`] (one process's
 //! participation: subscriptions, publish, dispatch).
 
+mod failover;
+
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
@@ -137,6 +139,8 @@ impl Events {
             incarnation: crate::sys::random_u64() | 1,
             out_seq: 0,
             in_seq: vec![(0, 0); geo.slots as usize],
+            seen_broker: None,
+            closed: false,
         };
         if w.ctl.is_some() {
             w.poll_control()?;
@@ -220,6 +224,10 @@ pub struct Worker {
     /// (socket transport) Per publisher slot: (incarnation, next expected sequence number);
     /// incarnation 0 = nothing seen yet.
     in_seq: Vec<(u64, u64)>,
+    /// (region id, broker epoch) of the last broker seen (the `broker` notice).
+    seen_broker: Option<(u64, u64)>,
+    /// `close` has run (Drop does not run it again).
+    closed: bool,
 }
 
 struct UniqueOut {
@@ -454,6 +462,7 @@ impl Worker {
             // read them on every pass.
             let mut due =
                 self.port.is_none() || !self.tokens.is_empty() || self.ctl.as_ref().is_some_and(|c| c.has_output());
+            due |= self.ctl.as_ref().is_some_and(|c| c.retry_due());
             if let Some(port) = &self.port {
                 let flag = &port.region().slot(self.slot).ctl_pending;
                 if flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::Acquire) != 0 {
@@ -518,6 +527,9 @@ impl Worker {
             n += m;
             more = more_rings;
         }
+        // Busy with events: count them towards the next look at the control sockets, so a
+        // lost broker is noticed within a few hundred events, not a few hundred passes.
+        self.countdown = self.countdown.saturating_sub(n.min(u32::MAX as usize) as u32);
         Ok((n, more))
     }
 
@@ -694,6 +706,7 @@ impl Worker {
     }
 
     fn poll_control(&mut self) -> Result<()> {
+        self.fenced();
         let Some(ctl) = self.ctl.as_mut() else { return Ok(()) };
         self.tokens.clear();
         let hand_out = match (&self.port, ctl.is_broker()) {
@@ -711,11 +724,12 @@ impl Worker {
         for ev in events {
             match ev {
                 CtlEvent::Elected => self.become_broker()?,
-                CtlEvent::Welcome { shm: None, broker_slot, epoch } => {
+                CtlEvent::Welcome { shm: None, broker_slot, epoch, broker_id } => {
                     self.epoch = epoch;
                     self.broker_slot = Some(broker_slot);
                     self.unique_sent = 0;
                     tracing::debug!(wid = %self.wid, broker_slot, epoch, "attached (socket transport)");
+                    self.note_broker(broker_slot, epoch, broker_id);
                     if let Some(old) = self.port.take() {
                         // The deployment moved off shared memory (a broker that cannot create
                         // it took over): our rings are gone with the old region.
@@ -730,7 +744,13 @@ impl Worker {
                         }
                     }
                 }
-                CtlEvent::Welcome { shm: Some(ShmWelcome { region_fd, eventfds, region_id }), broker_slot, epoch } => {
+                CtlEvent::Welcome {
+                    shm: Some(ShmWelcome { region_fd, eventfds, region_id }),
+                    broker_slot,
+                    epoch,
+                    ..
+                } => {
+                    self.note_broker(broker_slot, epoch, region_id);
                     self.epoch = epoch;
                     self.broker_slot = Some(broker_slot);
                     self.unique_sent = 0;
@@ -801,7 +821,7 @@ impl Worker {
         if self.unique_out.is_empty() || (self.port.is_none() && self.mode() != Mode::Socket) {
             return;
         }
-        if self.is_broker() {
+        if self.is_broker() && !self.fenced() {
             if self.port.is_none() && self.heap_dedup.is_none() {
                 return;
             }
@@ -878,13 +898,16 @@ impl Worker {
         }
     }
 
-    /// (broker) Next live slot, round-robin; ourselves when nobody else is alive.
+    /// (broker) Next live slot other than ours, round-robin; ourselves when nobody else is
+    /// alive. (An event handed to another worker is in its ring at once; one kept for our
+    /// own callbacks would die with us if we were killed before dispatching it, after its
+    /// hash was recorded and acknowledged.)
     fn pick_unique_target(&mut self) -> u32 {
         let slots = self.geo.slots;
         let Some(ctl) = self.ctl.as_ref() else { return self.slot };
         for i in 0..slots {
             let s = (self.unique_rr + i) % slots;
-            if ctl.slot_alive(s) {
+            if s != self.slot && ctl.slot_alive(s) {
                 self.unique_rr = (s + 1) % slots;
                 return s;
             }
@@ -904,6 +927,9 @@ impl Worker {
             port.send_all(&msg);
         }
         self.port = Some(port);
+        if let Some(ctl) = self.ctl.as_mut() {
+            ctl.hold_region();
+        }
         Ok(())
     }
 
@@ -949,6 +975,7 @@ impl Worker {
         h.broker_pid.store(std::process::id(), Ordering::Release);
         self.ctl.as_mut().expect("only live workers are elected").serve(&self.epoll, Mode::Shm, self.epoch)?;
         self.broker_slot = Some(self.slot);
+        self.note_elected();
         self.pump_unique();
         Ok(())
     }
@@ -974,6 +1001,8 @@ impl Worker {
             let st = stamp(self.incarnation, &mut self.out_seq);
             self.stats.lost_outbound += ctl.broadcast(self.slot, &st, &m);
         }
+        let id = ctl.broker_id();
+        self.note_broker(self.slot, self.epoch, id);
         self.pump_unique();
         Ok(())
     }

@@ -232,6 +232,9 @@ pub(crate) struct Consumer {
     released: u64,
     cached_write: u64,
     consumed: u64,
+    /// `read_pos` was stored by [`Consumer::commit_read`] without the fence and the
+    /// want-space check, which the next [`Consumer::release`] still owes.
+    unfenced: bool,
 }
 
 impl Consumer {
@@ -244,7 +247,7 @@ impl Consumer {
             return Err(Corrupt);
         }
         let consumed = h.consumer.consumed.load(Ordering::Relaxed);
-        Ok(Consumer { ring, read, released: read, cached_write: read, consumed })
+        Ok(Consumer { ring, read, released: read, cached_write: read, consumed, unfenced: false })
     }
 
     /// Is anything committed and unread? One Acquire load when the cache says empty.
@@ -315,16 +318,29 @@ impl Consumer {
     /// Give consumed space back to the producer: one Release store of `read_pos`.
     /// Returns true when the producer asked to be woken for space (the caller wakes it).
     pub(crate) fn release(&mut self) -> bool {
-        if self.read == self.released {
+        if self.read == self.released && !std::mem::take(&mut self.unfenced) {
             return false;
+        }
+        self.commit_read();
+        self.unfenced = false;
+        fence(Ordering::SeqCst);
+        let want = &self.ring.hdr().producer.want_space;
+        want.load(Ordering::Relaxed) == 1 && want.swap(0, Ordering::AcqRel) == 1
+    }
+
+    /// Publish the consumed position now, before the caller runs callbacks on what it
+    /// consumed: a successor of a consumer killed inside a callback resumes after that
+    /// message and never sees it again. One Release store; the fence and the want-space
+    /// check are left to the next [`Consumer::release`].
+    pub(crate) fn commit_read(&mut self) {
+        if self.read == self.released {
+            return;
         }
         let c = &self.ring.hdr().consumer;
         c.consumed.store(self.consumed, Ordering::Relaxed);
         c.read_pos.store(self.read, Ordering::Release);
         self.released = self.read;
-        fence(Ordering::SeqCst);
-        let want = &self.ring.hdr().producer.want_space;
-        want.load(Ordering::Relaxed) == 1 && want.swap(0, Ordering::AcqRel) == 1
+        self.unfenced = true;
     }
 
     /// Events the producer dropped for us and not yet reported; marks them reported.

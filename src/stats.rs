@@ -38,7 +38,8 @@ pub struct Stats {
     pub wakeups_sent: u64,
     /// Times this worker was woken through its eventfd.
     pub wakeups_received: u64,
-    /// Times this worker saw a new broker elected after having been attached.
+    /// Times this worker lost its broker after having been attached (or, as the broker,
+    /// stepped down because a newer one was elected: fencing).
     pub failovers: u64,
     /// (broker) Unique events dropped because their hash was seen within `unique_timeout`.
     pub unique_duplicates: u64,

@@ -155,6 +155,22 @@ pub(crate) fn try_lock_byte(fd: BorrowedFd<'_>, byte: u64) -> io::Result<bool> {
     }
 }
 
+/// Release this open file description's lock on byte `byte` (no error if it held none).
+pub(crate) fn unlock_byte(fd: BorrowedFd<'_>, byte: u64) -> io::Result<()> {
+    let fl = ofd_flock(byte, libc::F_UNLCK);
+    syscall!(fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl)).map(drop)
+}
+
+/// Is any byte of `start..start + len` locked by another open file description?
+pub(crate) fn range_locked_by_other(fd: BorrowedFd<'_>, start: u64, len: u64) -> bool {
+    let mut fl = ofd_flock(start, libc::F_WRLCK);
+    fl.l_len = len as libc::off_t;
+    match syscall!(fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl)) {
+        Ok(_) => fl.l_type != libc::F_UNLCK as libc::c_short,
+        Err(_) => false,
+    }
+}
+
 /// Is byte `byte` locked by another open file description? Does not disturb the holder.
 pub(crate) fn byte_locked_by_other(fd: BorrowedFd<'_>, byte: u64) -> bool {
     let mut fl = ofd_flock(byte, libc::F_WRLCK);
@@ -185,14 +201,32 @@ fn stream_socket() -> io::Result<OwnedFd> {
 }
 
 /// Bind and listen on `path` (non-blocking). The caller must hold the broker lock: a stale
-/// socket file left by a dead broker is removed first.
+/// socket file left by a dead broker is removed first. Only a socket is ever removed: any
+/// other kind of file at `path` makes this fail (`AlreadyExists`) rather than delete it.
 pub(crate) fn listen_unix(path: &Path) -> io::Result<OwnedFd> {
     let (addr, len) = sockaddr(path)?;
-    let _ = std::fs::remove_file(path);
+    remove_stale_socket(path)?;
     let fd = stream_socket()?;
     syscall!(bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len))?;
     syscall!(listen(fd.as_raw_fd(), 1024))?;
     Ok(fd)
+}
+
+/// Remove the socket file at `path` if there is one; refuse to touch anything else.
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket; refusing to replace it", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Connect to `path` (non-blocking socket; unix stream connects complete at once or fail).

@@ -7,13 +7,16 @@
 //! is what makes two live processes with one id impossible. The preferred broker
 //! (`broker_id`) then takes byte 0 at once; any other worker takes it only after it has
 //! failed to reach a broker for [`ELECTION_GRACE`], so the preferred one normally wins at
-//! start-up while a missing or dead broker is still replaced.
+//! start-up while a missing or dead broker is still replaced. A worker that holds the shared
+//! region (it was attached) runs at once when it loses its broker; one without a region
+//! defers to live region holders (see `failover.rs`: backoff, fencing, resigning).
 //!
 //! Attach: a client connects, sends HELLO (protocol and layout versions, slot, pid,
 //! geometry); the broker checks the peer's uid (`SO_PEERCRED`), the slot and the geometry,
 //! and answers WELCOME with the region memfd and every slot's eventfd (`SCM_RIGHTS`), or
 //! REJECT with a reason. The client checks the broker's uid the same way.
 
+mod failover;
 pub(crate) mod frame;
 
 use std::io;
@@ -84,7 +87,9 @@ pub(crate) enum CtlEvent {
     Elected,
     /// The broker accepted us: on shared memory, the region memfd and the eventfds; `None` on
     /// the socket transport.
-    Welcome { shm: Option<ShmWelcome>, broker_slot: u32, epoch: u64 },
+    /// `broker_id` tells brokers apart: the region id on shared memory, a random id per
+    /// socket-transport broker.
+    Welcome { shm: Option<ShmWelcome>, broker_slot: u32, epoch: u64, broker_id: u64 },
     /// The broker refused us.
     Rejected(String),
     /// The connection to the broker broke (it died or closed it).
@@ -129,12 +134,15 @@ pub(crate) struct Control {
     mode: Mode,
     /// (socket transport, broker) The epoch handed out in WELCOME.
     sock_epoch: u64,
+    /// (socket transport, broker) This broker's random id, handed out in WELCOME.
+    sock_id: u64,
     /// (socket transport, client) Our "all" events for the broker; survives reconnects.
     client_out: OutQueue,
     /// (socket transport, broker) Frames for each slot, attached or not yet.
     slot_out: Vec<OutQueue>,
     /// (socket transport) Data frames received, for the worker to dispatch.
     inbox: Inbox,
+    fo: failover::FailoverState,
 }
 
 impl Control {
@@ -180,9 +188,11 @@ impl Control {
             was_attached: false,
             mode: Mode::Unknown,
             sock_epoch: 0,
+            sock_id: 0,
             client_out: OutQueue::new(max_queue_len),
             slot_out: (0..geo.slots).map(|_| OutQueue::new(max_queue_len)).collect(),
             inbox: Inbox::default(),
+            fo: failover::FailoverState::default(),
         })
     }
 
@@ -234,6 +244,16 @@ impl Control {
             Some(q) => queue_deliver(q, from, &UNSEQUENCED, msg),
             None => false,
         }
+    }
+
+    /// (socket transport, client) Events queued for the broker and not completely written.
+    pub(crate) fn client_queued(&self) -> u64 {
+        if self.mode == Mode::Socket && !self.is_broker() { self.client_out.len() as u64 } else { 0 }
+    }
+
+    /// (socket transport, broker) The random id this broker hands out in WELCOME.
+    pub(crate) fn broker_id(&self) -> u64 {
+        self.sock_id
     }
 
     /// (socket transport) Bytes queued and not yet written, over every connection.
@@ -378,6 +398,7 @@ impl Control {
         self.role = Role::Broker { listener, conns: Vec::new(), next_token: TOKEN_CONN_BASE };
         self.mode = mode;
         self.sock_epoch = epoch;
+        self.sock_id = sys::random_u64() | 1;
         Ok(())
     }
 
@@ -409,7 +430,7 @@ impl Control {
                 if now < self.next_retry {
                     return events;
                 }
-                self.next_retry = now + RETRY;
+                self.next_retry = now + self.fo.next_backoff();
                 match self.connect() {
                     Ok(conn) => {
                         if epoll.add(conn.fd.as_fd(), TOKEN_CLIENT).is_ok() {
@@ -419,8 +440,7 @@ impl Control {
                     }
                     Err(e) => {
                         tracing::trace!(error = %e, "no broker yet");
-                        let may_run =
-                            self.preferred || self.was_attached || now.duration_since(self.started) >= ELECTION_GRACE;
+                        let may_run = self.may_run(now);
                         if may_run && sys::try_lock_byte(self.lock.as_fd(), 0).unwrap_or(false) {
                             events.push(CtlEvent::Elected);
                         }
@@ -441,6 +461,7 @@ impl Control {
                                     if let CtlEvent::Welcome { shm, .. } = &ev {
                                         self.mode = if shm.is_some() { Mode::Shm } else { Mode::Socket };
                                     }
+                                    self.fo.reset_backoff();
                                     events.push(ev);
                                 }
                                 Err(e) => {
@@ -462,6 +483,12 @@ impl Control {
                             if *welcomed && self.mode == Mode::Socket =>
                         {
                             self.inbox.push(u32::MAX, k, body);
+                        }
+                        Ok(Some((kind::REJECT, body))) if body.starts_with(failover::BUSY_PREFIX.as_bytes()) => {
+                            tracing::debug!(reason = %String::from_utf8_lossy(body), "attach deferred; retrying");
+                            self.next_retry = now + self.fo.next_backoff();
+                            broken = true;
+                            break;
                         }
                         Ok(Some((kind::REJECT, body))) => {
                             events.push(CtlEvent::Rejected(String::from_utf8_lossy(body).into_owned()));
@@ -550,7 +577,7 @@ impl Control {
                                 match check_hello(body, &self.geo, self.slot, &attached) {
                                     Ok(slot) => match (self.mode, hand_out) {
                                         (Mode::Socket, _) => {
-                                            welcome_socket(c, slot, self.slot, self.sock_epoch);
+                                            welcome_socket(c, slot, self.slot, self.sock_epoch, self.sock_id);
                                             tracing::debug!(slot, pid = c.pid, "worker attached (socket transport)");
                                         }
                                         (_, Some(h)) => {
@@ -689,7 +716,7 @@ fn queue_deliver(q: &mut OutQueue, from: u32, stamp: &Stamp, msg: &[u8]) -> bool
 const WELCOME_SHM: u32 = 0;
 const WELCOME_SOCKET: u32 = 1;
 
-fn welcome_socket(c: &mut Conn, slot: u32, broker_slot: u32, epoch: u64) {
+fn welcome_socket(c: &mut Conn, slot: u32, broker_slot: u32, epoch: u64, id: u64) {
     c.wr.frame(
         kind::WELCOME,
         &[
@@ -697,7 +724,7 @@ fn welcome_socket(c: &mut Conn, slot: u32, broker_slot: u32, epoch: u64) {
             &WELCOME_SOCKET.to_le_bytes(),
             &broker_slot.to_le_bytes(),
             &epoch.to_le_bytes(),
-            &0u64.to_le_bytes(),
+            &id.to_le_bytes(),
             &0u32.to_le_bytes(),
         ],
     );
@@ -749,7 +776,9 @@ fn check_hello(body: &[u8], geo: &Geometry, broker_slot: u32, attached: &[u32]) 
         return Err(format!("slot {slot} out of range 0..{}", geo.slots));
     }
     if slot == broker_slot || attached.contains(&slot) {
-        return Err(format!("slot {slot} is already attached by a live process"));
+        // A well-behaved client holds the slot's lock, so the other holder is dead and its
+        // connection not yet seen closed: a transient refusal, the client retries.
+        return Err(format!("{}slot {slot} is already attached by a live process", failover::BUSY_PREFIX));
     }
     Ok(slot)
 }
@@ -782,7 +811,7 @@ fn parse_welcome(body: &[u8], mut fds: Vec<OwnedFd>, slots: u32) -> std::result:
     match mode {
         WELCOME_SHM => {}
         WELCOME_SOCKET if nfds == 0 && fds.is_empty() => {
-            return Ok(CtlEvent::Welcome { shm: None, broker_slot, epoch });
+            return Ok(CtlEvent::Welcome { shm: None, broker_slot, epoch, broker_id: region_id });
         }
         WELCOME_SOCKET => return Err(format!("socket-mode WELCOME with {} descriptors", fds.len())),
         m => return Err(format!("unknown transport mode {m}")),
@@ -797,5 +826,10 @@ fn parse_welcome(body: &[u8], mut fds: Vec<OwnedFd>, slots: u32) -> std::result:
         }
     }
     let region_fd = fds.pop().ok_or("missing region descriptor")?;
-    Ok(CtlEvent::Welcome { shm: Some(ShmWelcome { region_fd, eventfds, region_id }), broker_slot, epoch })
+    Ok(CtlEvent::Welcome {
+        shm: Some(ShmWelcome { region_fd, eventfds, region_id }),
+        broker_slot,
+        epoch,
+        broker_id: region_id,
+    })
 }

@@ -304,6 +304,8 @@ impl ShmPort {
                 let state = std::mem::replace(&mut inb.state, Asm::Idle);
                 if state == Asm::Assembling {
                     n += 1;
+                    // Consumed before the callbacks run: a successor never sees it again.
+                    cons.commit_read();
                     deliver(Incoming::Message { from, bytes: &inb.asm });
                 }
             }
@@ -355,6 +357,29 @@ impl ShmPort {
             return true;
         }
         false
+    }
+
+    /// Give up every backlog (closing): each message never started in its ring is counted
+    /// lost in the ring, so the peer (or the successor in its slot) gets a `lost` notice; a
+    /// message cut after some fragments is reported by the consumer itself when the next
+    /// message starts. Returns the messages given up.
+    pub(crate) fn abandon_backlogs(&mut self) -> u64 {
+        let mut total = 0;
+        for o in self.out.iter_mut().flatten() {
+            if o.backlog.is_empty() {
+                continue;
+            }
+            let started = o.backlog.front().is_some_and(|p| p.sent > 0);
+            let n = (o.backlog.len() - usize::from(started)) as u64;
+            o.backlog.clear();
+            self.backlogged -= 1;
+            if let Some(prod) = o.prod.as_mut() {
+                prod.add_lost(n);
+            }
+            self.counters.lost_outbound += n + u64::from(started);
+            total += n + u64::from(started);
+        }
+        total
     }
 
     /// (wid slot, outbound depth, backlog, inbound depth) per peer.

@@ -967,3 +967,43 @@ pub fn pump_until(worker: &mut Worker, deadline: Instant, mut done: impl FnMut()
         worker.wait(Some(Duration::from_millis(5))).expect("wait");
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Failover helpers (tests/failover.rs)
+
+/// The options of this child process, from the `WE_*` environment variables.
+pub fn cfg_from_env() -> Cfg {
+    Cfg::from_env()
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the same clock in every process of the host, so
+/// timestamps taken by children compare with the parent's.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Child {
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// SIGKILL the child wherever it is (its stdin still open, so it cannot see EOF and
+    /// exit by itself first), then reap it. Returns the CLOCK_MONOTONIC time of the kill.
+    pub fn sigkill(mut self) -> u64 {
+        let t = {
+            let mut pids = self.pids.lock().unwrap();
+            pids.retain(|&p| p != self.pid);
+            let t = mono_ns();
+            if let Some(p) = self.proc.as_mut() {
+                let _ = p.kill();
+            }
+            t
+        };
+        self.reap();
+        t
+    }
+}
