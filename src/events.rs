@@ -721,6 +721,7 @@ impl Worker {
         };
         let events = ctl.poll(Instant::now(), &self.epoll, hand_out.as_ref());
         drop(hand_out);
+        let mut acks: Vec<(u32, u64)> = Vec::new();
         for ev in events {
             match ev {
                 CtlEvent::Elected => self.become_broker()?,
@@ -790,8 +791,10 @@ impl Worker {
                 }
                 CtlEvent::Unique { slot, id, hash, msg } => {
                     self.handle_unique(slot, &hash, &msg);
-                    if let Some(ctl) = self.ctl.as_mut() {
-                        ctl.ack_unique(slot, id);
+                    // One acknowledgement per publisher and poll: the highest id handled.
+                    match acks.iter_mut().find(|(s, _)| *s == slot) {
+                        Some(a) => a.1 = a.1.max(id),
+                        None => acks.push((slot, id)),
                     }
                 }
                 CtlEvent::UniqueAck(id) => {
@@ -801,6 +804,17 @@ impl Worker {
                             self.recycle(u.msg);
                         }
                     }
+                }
+            }
+        }
+        for (slot, id) in acks {
+            if let Some(ctl) = self.ctl.as_mut() {
+                ctl.ack_unique(slot, id);
+            }
+            if let Some(port) = &self.port {
+                if slot < self.geo.slots {
+                    // A busy-polling publisher looks at its control socket at once.
+                    port.region().slot(slot).ctl_pending.store(1, Ordering::Release);
                 }
             }
         }
