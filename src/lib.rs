@@ -139,6 +139,9 @@ mod dedup;
 mod error;
 mod event;
 mod events;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz_api;
 mod layout;
 mod notify;
 mod options;
