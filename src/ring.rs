@@ -161,6 +161,8 @@ impl Producer {
         if need > self.free_cached() && need > self.refresh()? {
             return Ok(false);
         }
+        // Positions come from shared memory: one near u64::MAX is corrupt, not a panic.
+        let Some(end) = self.write.checked_add(need as u64) else { return Err(Corrupt) };
         let mut hdr = [0u8; REC_HDR];
         hdr[..4].copy_from_slice(&(len as u32).to_le_bytes());
         hdr[4..].copy_from_slice(&flags.to_le_bytes());
@@ -175,9 +177,9 @@ impl Producer {
                 pos += p.len() as u64;
             }
         }
-        self.write += need as u64;
+        self.write = end;
         if flags & LAST != 0 {
-            self.published += 1;
+            self.published = self.published.wrapping_add(1);
         }
         Ok(true)
     }
@@ -208,7 +210,8 @@ impl Producer {
     /// Count an event dropped for this consumer; it will get a `lost` notice.
     pub(crate) fn add_lost(&mut self, n: u64) {
         let lost = &self.ring.hdr().producer.lost;
-        lost.store(lost.load(Ordering::Relaxed) + n, Ordering::Release);
+        // Saturating: the counter lives in shared memory and may hold anything.
+        lost.store(lost.load(Ordering::Relaxed).saturating_add(n), Ordering::Release);
     }
 
     /// Messages committed but not yet consumed.
@@ -297,7 +300,7 @@ impl Consumer {
         }
         self.read += record_size(info.len) as u64;
         if info.flags & LAST != 0 {
-            self.consumed += 1;
+            self.consumed = self.consumed.wrapping_add(1);
         }
     }
 

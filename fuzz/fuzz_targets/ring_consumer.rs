@@ -18,14 +18,11 @@ const WORDS: [usize; 7] = [WRITE_POS, LOST, PUBLISHED, WANT_SPACE, READ_POS, CON
 /// Values at the edges of the position and counter space.
 const SPECIAL: [u64; 8] = [0, 8, u64::MAX, u64::MAX - 7, u64::MAX - 63, 1 << 63, (1 << 63) - 8, u32::MAX as u64];
 
-/// Known library bugs, reported and not fixed yet: with overflow checks on (debug builds,
-/// and cargo fuzz builds), a stored `write_pos` near 2^64, or a `published`, `lost` or
-/// `consumed` counter at u64::MAX, makes `Producer::try_write`, `Producer::add_lost` or
-/// `Consumer::consume` panic with "attempt to add with overflow" (release builds wrap).
-/// While this is true, the harness clears the top two bits of those words after every
-/// hostile write so that the fuzzer looks for anything else; set it to false to reproduce
-/// them (`SetWordSpecial` on `lost` then `AddLost` is found within seconds).
-const AVOID_KNOWN_OVERFLOWS: bool = true;
+/// Words near 2^64 in shared memory (a `write_pos`, or a `published`, `lost` or `consumed`
+/// counter) once made `Producer::try_write`, `add_lost` or `Consumer::consume` panic with
+/// "attempt to add with overflow" under overflow checks; fixed (checked or saturating
+/// arithmetic). Set this to true to keep the fuzzer away from such words again.
+const AVOID_KNOWN_OVERFLOWS: bool = false;
 
 fn tame(mem: &RingMemory) {
     if AVOID_KNOWN_OVERFLOWS {

@@ -38,13 +38,19 @@ pub(crate) const FILL_LIMIT: usize = 1 << 20;
 /// Version of the control protocol spoken by this build.
 pub(crate) const PROTOCOL_VERSION: u32 = 2;
 
-/// Incoming bytes of one connection, cut into frames.
+/// Incoming bytes of one connection, cut into frames. Invariant: `start <= end <=
+/// buf.len()`; `buf[start..end]` holds the bytes received and not yet returned as frames;
+/// `buf[end..]` is initialized spare room (never zeroed again after it was first grown).
 #[derive(Debug)]
 pub(crate) struct FrameReader {
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     max_frame: usize,
 }
+
+/// Bytes asked of the kernel per `recv`.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// What a read from the socket found.
 #[derive(Debug, PartialEq, Eq)]
@@ -57,7 +63,7 @@ pub(crate) enum ReadState {
 
 impl FrameReader {
     pub(crate) fn new(max_frame: usize) -> Self {
-        FrameReader { buf: Vec::with_capacity(4096), start: 0, max_frame }
+        FrameReader { buf: Vec::new(), start: 0, end: 0, max_frame }
     }
 
     /// Read what is available now (non-blocking), collecting passed descriptors; at most
@@ -69,24 +75,15 @@ impl FrameReader {
             if taken >= FILL_LIMIT {
                 return Ok(ReadState::Open);
             }
-            if self.start > 0 && self.start == self.buf.len() {
-                self.buf.clear();
-                self.start = 0;
-            }
-            let old = self.buf.len();
-            self.buf.resize(old + 64 * 1024, 0);
-            let r = sys::recv_with_fds(sock, &mut self.buf[old..], fds);
+            self.make_room();
+            let r = sys::recv_with_fds(sock, &mut self.buf[self.end..], fds);
             match r {
-                Ok(0) => {
-                    self.buf.truncate(old);
-                    return Ok(ReadState::Closed);
-                }
+                Ok(0) => return Ok(ReadState::Closed),
                 Ok(n) => {
-                    self.buf.truncate(old + n);
+                    self.end += n;
                     taken += n;
                 }
                 Err(e) => {
-                    self.buf.truncate(old);
                     return match e.kind() {
                         io::ErrorKind::WouldBlock => Ok(ReadState::Open),
                         io::ErrorKind::Interrupted => continue,
@@ -97,15 +94,35 @@ impl FrameReader {
         }
     }
 
+    /// Ensure [`READ_CHUNK`] bytes of room after `end`: reuse the space of the frames
+    /// already returned (so a peer whose reads always end inside a frame cannot make us keep
+    /// every byte it ever sent), grow only when the unread bytes need it.
+    fn make_room(&mut self) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > 0 && (self.start >= READ_CHUNK || self.buf.len() - self.end < READ_CHUNK) {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.end < READ_CHUNK {
+            self.buf.resize(self.end + READ_CHUNK, 0);
+        }
+    }
+
     /// Feed bytes directly (tests and fuzzing).
     #[cfg(all(test, not(loom)))]
     pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.make_room();
+        self.buf.truncate(self.end);
         self.buf.extend_from_slice(bytes);
+        self.end = self.buf.len();
     }
 
     /// The next complete frame, if one has arrived: `(kind, body)`.
     pub(crate) fn next_frame(&mut self) -> Result<Option<(u8, &[u8])>, String> {
-        let avail = &self.buf[self.start..];
+        let avail = &self.buf[self.start..self.end];
         if avail.len() < 4 {
             return Ok(None);
         }
@@ -244,6 +261,28 @@ mod tests {
             }
             assert_eq!(got, vec![(kind::HELLO, b"abc".to_vec()), (kind::REJECT, b"no".to_vec()), (7, vec![9u8; 300])]);
         }
+    }
+
+    #[test]
+    fn a_peer_always_mid_frame_does_not_grow_the_buffer() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut r = FrameReader::new(1024);
+        let frame = [5u8, 0, 0, 0, 7, 1, 2, 3, 4];
+        use std::io::Write;
+        (&a).write_all(&frame[..4]).unwrap();
+        let mut fds = Vec::new();
+        for _ in 0..40_000 {
+            // The rest of a frame and the start of the next one.
+            (&a).write_all(&frame[4..]).unwrap();
+            (&a).write_all(&frame[..4]).unwrap();
+            r.fill(std::os::fd::AsFd::as_fd(&b), &mut fds).unwrap();
+            while let Some((k, body)) = r.next_frame().unwrap() {
+                assert_eq!((k, body), (7, &[1u8, 2, 3, 4][..]));
+            }
+        }
+        // 360,000 bytes went through; without compaction the reader would hold them all.
+        assert!(r.buf.len() < 200_000, "the reader kept {} bytes", r.buf.len());
     }
 
     #[test]
