@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rkyv::util::AlignedVec;
 
 use crate::control::frame::kind;
-use crate::control::{Control, CtlEvent, HandOut, Mode, STAMP_LEN, ShmWelcome, Stamp, TOKEN_EVENTFD};
+use crate::control::{Control, CtlEvent, HandOut, Mode, STAMP_LEN, ShmWelcome, Stamp, TOKEN_EVENTFD, TOKEN_LISTENER};
 use crate::dedup::{Check, HeapTable};
 use crate::error::{Error, PublishError, Result};
 use crate::event::{self, Event, Kind, Lost, MAX_UNIQUE_HASH_LEN, ORIGIN_NONE, Payload, SYSTEM_SOURCE, Target, Wid};
@@ -708,6 +708,7 @@ impl Worker {
     fn poll_control(&mut self) -> Result<()> {
         self.fenced();
         let Some(ctl) = self.ctl.as_mut() else { return Ok(()) };
+        let listener_ready = self.tokens.contains(&TOKEN_LISTENER);
         self.tokens.clear();
         let hand_out = match (&self.port, ctl.is_broker()) {
             (Some(port), true) => Some(HandOut {
@@ -719,7 +720,7 @@ impl Worker {
             }),
             _ => None,
         };
-        let events = ctl.poll(Instant::now(), &self.epoll, hand_out.as_ref());
+        let events = ctl.poll(Instant::now(), &self.epoll, hand_out.as_ref(), listener_ready);
         drop(hand_out);
         let mut acks: Vec<(u32, u64)> = Vec::new();
         for ev in events {

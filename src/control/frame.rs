@@ -82,6 +82,11 @@ impl FrameReader {
                 Ok(n) => {
                     self.end += n;
                     taken += n;
+                    if n < READ_CHUNK {
+                        // A short read: the socket is drained (what arrives meanwhile is
+                        // read next time; epoll is level-triggered). Saves the EAGAIN call.
+                        return Ok(ReadState::Open);
+                    }
                 }
                 Err(e) => {
                     return match e.kind() {

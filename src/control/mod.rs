@@ -35,6 +35,8 @@ use crate::transport::sock::{Inbox, OutQueue, flush_conn};
 pub(crate) const ELECTION_GRACE: Duration = Duration::from_millis(200);
 /// Delay between connection attempts while no broker answers.
 const RETRY: Duration = Duration::from_millis(5);
+/// Longest time a broker goes without trying `accept` (see [`Control::poll`]).
+const ACCEPT_INTERVAL: Duration = Duration::from_millis(1);
 /// Delay after the broker refused us.
 const RETRY_AFTER_REJECT: Duration = Duration::from_secs(1);
 
@@ -136,6 +138,8 @@ pub(crate) struct Control {
     sock_epoch: u64,
     /// (socket transport, broker) This broker's random id, handed out in WELCOME.
     sock_id: u64,
+    /// (broker) When `accept` was last tried.
+    last_accept: Instant,
     /// (socket transport, client) Our "all" events for the broker; survives reconnects.
     client_out: OutQueue,
     /// (socket transport, broker) Frames for each slot, attached or not yet.
@@ -189,6 +193,7 @@ impl Control {
             mode: Mode::Unknown,
             sock_epoch: 0,
             sock_id: 0,
+            last_accept: now,
             client_out: OutQueue::new(max_queue_len),
             slot_out: (0..geo.slots).map(|_| OutQueue::new(max_queue_len)).collect(),
             inbox: Inbox::default(),
@@ -423,7 +428,17 @@ impl Control {
 
     /// Make progress: connect, read frames, accept and answer attaches. `hand_out` is what
     /// a broker gives attaching workers.
-    pub(crate) fn poll(&mut self, now: Instant, epoll: &Epoll, hand_out: Option<&HandOut<'_>>) -> Vec<CtlEvent> {
+    ///
+    /// `listener_ready`: epoll reported the listening socket readable. A broker also tries
+    /// `accept` at least every [`ACCEPT_INTERVAL`] without it, so a busy-polling broker (which
+    /// does not ask epoll every pass) spends no system call per pass on an empty backlog.
+    pub(crate) fn poll(
+        &mut self,
+        now: Instant,
+        epoll: &Epoll,
+        hand_out: Option<&HandOut<'_>>,
+        listener_ready: bool,
+    ) -> Vec<CtlEvent> {
         let mut events = Vec::new();
         match &mut self.role {
             Role::Detached => {
@@ -435,7 +450,7 @@ impl Control {
                     Ok(conn) => {
                         if epoll.add(conn.fd.as_fd(), TOKEN_CLIENT).is_ok() {
                             self.role = Role::Client { conn, welcomed: false, fds: Vec::new() };
-                            return self.poll(now, epoll, hand_out);
+                            return self.poll(now, epoll, hand_out, listener_ready);
                         }
                     }
                     Err(e) => {
@@ -524,7 +539,11 @@ impl Control {
                 }
             }
             Role::Broker { listener, conns, next_token } => {
-                loop {
+                let mut accept_due = listener_ready || now.duration_since(self.last_accept) >= ACCEPT_INTERVAL;
+                if accept_due {
+                    self.last_accept = now;
+                }
+                while accept_due {
                     match sys::accept(listener.as_fd()) {
                         Ok(Some(fd)) => {
                             let token = *next_token;
@@ -550,10 +569,10 @@ impl Control {
                             }
                             conns.push(c);
                         }
-                        Ok(None) => break,
+                        Ok(None) => accept_due = false,
                         Err(e) => {
                             tracing::warn!(error = %e, "accept failed");
-                            break;
+                            accept_due = false;
                         }
                     }
                 }
