@@ -29,12 +29,17 @@ pub const DEFAULT_RING_CAPACITY: usize = 128 * 1024;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Transport {
-    /// Shared memory when the broker can create it, unix sockets otherwise.
+    /// Shared memory when the broker can create it (memfd + mmap), unix sockets otherwise.
+    /// The broker decides; every worker follows it (learned at attach). Setting
+    /// `WORKER_EVENTS_DISABLE_SHM` in the environment makes the memfd creation fail, as a
+    /// sandbox without memfd would.
     #[default]
     Auto,
     /// Per-pair SPSC rings in one memfd region, eventfd wake-ups.
     SharedMemory,
-    /// The unix sockets alone, through the broker.
+    /// The unix sockets alone: every event goes through the broker, with one bounded queue
+    /// per destination, coalesced writes, and lost notices for what a full queue or a dead
+    /// broker dropped.
     Socket,
 }
 
