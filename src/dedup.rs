@@ -11,6 +11,12 @@
 //! the broker lock, which the kernel gives to one live process at a time. There is no
 //! concurrent access to model; a broker killed in the middle of an insert leaves at worst
 //! an entry whose two tag halves do not match any hash (it expires like any other).
+//! The one exception is a broker that was frozen (SIGSTOP, a long page fault) while a
+//! successor took the lock: until it reads the new epoch in the region header and steps
+//! down (the first thing each of its control polls does), it may still insert. The entries
+//! are atomics, so that is never undefined behaviour; at worst the same hash is recorded
+//! twice and delivered twice, which the unique contract tolerates as at-least-once in that
+//! window (documented in the crate's fault model).
 //!
 //! Full window: if all [`MAX_PROBE`] entries of a hash's window are live, the hash cannot
 //! be recorded. The event is still delivered (a cache purge delivered twice is harmless; a
