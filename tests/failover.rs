@@ -1,8 +1,9 @@
 //! Failover tests with real SIGKILL (DESIGN.md guarantees 3 and 4): the broker killed under a
 //! steady stream of `All` events (failover time printed), random worker kills and restarts,
 //! a publisher killed in the middle of multi-fragment messages, unique events across broker
-//! kills, a dead slot's queue filling up, unique targets skipping a dead slot, and a graceful
-//! close of the broker.
+//! kills, a dead slot's queue filling up, unique targets skipping a dead slot, a graceful
+//! close of the broker, a restarted worker attaching while the broker still holds its dead
+//! predecessor's connection, and the broker kills again on the socket transport.
 //!
 //! The children are this test binary re-executed (see `tests/common/mod.rs`) in a failover
 //! role (`WE_FO=1`, implemented below): they stream sequence-numbered events at a fixed
@@ -1215,4 +1216,38 @@ fn unique_targets_skip_a_dead_slot() {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(text.is_empty(), "the dead slot got unique events: {text:?}");
     }
+}
+
+// ==========================================================================================
+// 8. A restarted worker whose predecessor's connection the broker has not seen close yet.
+
+/// The broker is frozen (SIGSTOP) while worker 1 is killed and restarted, so when it runs
+/// again it finds the new HELLO for slot 1 while the dead connection for slot 1 is still in
+/// its list. It answers "busy", the new worker retries with backoff, and it attaches once the
+/// old connection is gone: a restarted worker never gets a hard refusal for its own slot.
+#[test]
+fn restarted_worker_attaches_while_the_broker_still_holds_its_old_connection() {
+    let _serial = serial();
+    let dir = TestDir::new("fo-busy");
+    let wd = Watchdog::new("fo-busy");
+    let cfg = Cfg::new(&dir.sock(), 3);
+    let broker = wd.spawn(&cfg, Wid::Worker(0));
+    let w1 = wd.spawn(&cfg, Wid::Worker(1));
+    let mut w2 = wd.spawn(&cfg, Wid::Worker(2));
+    broker.signal(libc::SIGSTOP);
+    w1.kill9();
+    let pid = broker.pid();
+    let resume = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill(2) on the stopped broker child, still owned (not reaped) by the test.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+    });
+    // Ready only once attached: connect and HELLO wait in the frozen broker's socket.
+    let mut w1b = wd.spawn(&cfg, Wid::Worker(1));
+    resume.join().unwrap();
+    let r = w1b.publish("all", "busy", "after", 0, 5);
+    assert_eq!((r.ok, r.err), (5, 0));
+    w2.until(5);
+    assert_eq!(w2.report().stream("w1", "busy", "after"), seq(0, 5));
+    drop(broker);
 }
