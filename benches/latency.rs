@@ -27,25 +27,24 @@
 //! `cargo bench --bench latency -- wakeup` runs one group (criterion's filter, applied to the
 //! summary too). `WE_BENCH_RING_CAPACITY=<bytes>` sets the library's `ring_capacity`.
 
+mod support;
+
 use std::hint::black_box;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
+use support::{
+    ROLE_ENV, SOCK_ENV, TempDir, allowed_cpus, child_command, child_prologue, loadavg, pin_pair, reap, wanted,
+};
 use worker_events::{Events, Options, SYSTEM_SOURCE, Target, Transport, Wid, Worker};
 
-const ROLE_ENV: &str = "WE_BENCH_ROLE";
-const CPU_ENV: &str = "WE_BENCH_CPU";
-const FD_ENV: &str = "WE_BENCH_FDS";
-const SOCK_ENV: &str = "WE_BENCH_SOCK";
-const PPID_ENV: &str = "WE_BENCH_PPID";
 const RING_ENV: &str = "WE_BENCH_RING_CAPACITY";
 
 /// Size of the shared mapping of the bare baselines.
@@ -78,18 +77,8 @@ fn main() {
         child_main(&role);
         std::process::exit(0);
     }
-    let cpus = allowed_cpus();
-    let ncpus = cpus.len();
-    let child_cpu = if cpus.len() >= 2 {
-        pin(cpus[0]);
-        Some(cpus[1])
-    } else {
-        None
-    };
-    match child_cpu {
-        Some(c) => eprintln!("pinning: bench process on CPU {}, peer process on CPU {c}", cpus[0]),
-        None => eprintln!("only one CPU available: not pinning"),
-    }
+    let ncpus = allowed_cpus().len();
+    let child_cpu = pin_pair();
 
     let mut c = Criterion::default()
         .sample_size(20)
@@ -392,45 +381,6 @@ impl Summary {
     }
 }
 
-/// Whether the scenario `id` passes the filter given on the command line
-/// (`cargo bench --bench latency -- FILTER`, a substring as for criterion).
-fn wanted(id: &str) -> bool {
-    // Options of criterion's command line that take a value.
-    const WITH_VALUE: &[&str] = &[
-        "-s",
-        "--save-baseline",
-        "-b",
-        "--baseline",
-        "--load-baseline",
-        "-c",
-        "--color",
-        "--output-format",
-        "--plotting-backend",
-        "--profile-time",
-        "--sample-size",
-        "--warm-up-time",
-        "--measurement-time",
-        "--nresamples",
-        "--noise-threshold",
-        "--confidence-level",
-        "--significance-level",
-        "--format",
-    ];
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].as_str();
-        if WITH_VALUE.contains(&a) {
-            i += 2;
-        } else if a.starts_with('-') {
-            i += 1;
-        } else {
-            return id.contains(a);
-        }
-    }
-    true
-}
-
 fn per_op_ns(d: Duration, ops: u64) -> f64 {
     d.as_nanos() as f64 / ops as f64
 }
@@ -446,83 +396,8 @@ fn sampled(mut v: Vec<f64>, higher_is_better: bool) -> Sampled {
     Sampled { median: v[v.len() / 2], best }
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
 // ---------------------------------------------------------------------------------------
 // Processes, CPUs, shared memory
-
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
-    }
-}
-
-fn pin(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET stays within it for cpu < CPU_SETSIZE.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        eprintln!("sched_setaffinity({cpu}) failed: {}", std::io::Error::last_os_error());
-    }
-}
-
-/// Re-execute this binary in `role`, pinned to `cpu`, inheriting `fds`.
-fn spawn_child(role: &str, cpu: Option<usize>, fds: &[RawFd], sock: Option<&PathBuf>) -> Child {
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut cmd = Command::new(exe);
-    cmd.env(ROLE_ENV, role).env(PPID_ENV, std::process::id().to_string());
-    if let Some(c) = cpu {
-        cmd.env(CPU_ENV, c.to_string());
-    }
-    if !fds.is_empty() {
-        cmd.env(FD_ENV, fds.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(","));
-    }
-    if let Some(s) = sock {
-        cmd.env(SOCK_ENV, s);
-    }
-    let fds = fds.to_vec();
-    // SAFETY: the closure only calls fcntl, which is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &fd in &fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn().expect("spawning the peer process")
-}
-
-/// Wait for `child` to exit (up to 5 s), then kill it.
-fn reap(child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(st)) = child.try_wait() {
-            if !st.success() {
-                eprintln!("peer process exited with {st}");
-            }
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    eprintln!("peer process did not exit; killing it");
-    let _ = child.kill();
-    let _ = child.wait();
-}
 
 /// A shared mapping of [`SHM_LEN`] bytes backed by a memfd. (A `MAP_SHARED | MAP_ANONYMOUS`
 /// mapping is the same kind of shmem object, but it would not survive the child's `execve`;
@@ -582,18 +457,6 @@ impl Drop for Shm {
     }
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "we-bench-{}-{tag}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("creating the temp dir");
-    d
-}
-
 // ---------------------------------------------------------------------------------------
 // (a) bare shared-memory ping-pong
 
@@ -606,7 +469,8 @@ struct ShmPingPong {
 impl ShmPingPong {
     fn new(cpu: Option<usize>) -> Self {
         let shm = Shm::create();
-        let child = spawn_child("shm-pong", cpu, &[shm.fd.as_raw_fd()], None);
+        let child =
+            child_command("shm-pong", cpu, &[shm.fd.as_raw_fd()], None).spawn().expect("spawning the peer process");
         let mut s = ShmPingPong { shm, child, seq: 0 };
         s.run(1000); // the child is up and answering
         s
@@ -689,7 +553,9 @@ fn efd_read(fd: RawFd) -> u64 {
 impl EventfdPingPong {
     fn new(cpu: Option<usize>) -> Self {
         let (to_child, to_parent) = (new_eventfd(), new_eventfd());
-        let child = spawn_child("efd-pong", cpu, &[to_child.as_raw_fd(), to_parent.as_raw_fd()], None);
+        let child = child_command("efd-pong", cpu, &[to_child.as_raw_fd(), to_parent.as_raw_fd()], None)
+            .spawn()
+            .expect("spawning the peer process");
         let mut s = EventfdPingPong { to_child, to_parent, child };
         s.run(100);
         s
@@ -734,7 +600,8 @@ struct BareRing {
 impl BareRing {
     fn new(cpu: Option<usize>) -> Self {
         let shm = Shm::create();
-        let child = spawn_child("ring-sink", cpu, &[shm.fd.as_raw_fd()], None);
+        let child =
+            child_command("ring-sink", cpu, &[shm.fd.as_raw_fd()], None).spawn().expect("spawning the peer process");
         let mut s = BareRing { shm, child, head: 0 };
         s.run(10_000);
         s
@@ -806,7 +673,7 @@ fn child_ring_sink(shm: &Shm) {
 struct WePingPong {
     worker: Worker,
     child: Child,
-    dir: PathBuf,
+    _dir: TempDir,
     pong: Arc<AtomicU64>,
     busy: bool,
     seq: u64,
@@ -837,8 +704,8 @@ fn serve_until(w: &mut Worker, busy: bool, mut done: impl FnMut() -> bool) {
 
 impl WePingPong {
     fn new(role: &str, busy: bool, cpu: Option<usize>) -> Self {
-        let dir = temp_dir(role);
-        let sock = dir.join("events.sock");
+        let dir = TempDir::new(role);
+        let sock = dir.0.join("events.sock");
         let events = Events::new(options(&sock, role.ends_with("-sock"))).expect("options");
         let mut worker = events.init_worker(Wid::Worker(0)).expect("init_worker(0)");
         worker.set_busy_poll(busy);
@@ -852,10 +719,10 @@ impl WePingPong {
         let hello = Arc::new(AtomicBool::new(false));
         let h = hello.clone();
         worker.subscribe("bench", "hello", move |_| h.store(true, Ordering::Release));
-        let child = spawn_child(role, cpu, &[], Some(&sock));
+        let child = child_command(role, cpu, &[], Some(&sock)).spawn().expect("spawning the peer process");
         // The child's hello arrives once it is attached (the broker must serve it meanwhile).
         serve_until(&mut worker, false, || hello.load(Ordering::Acquire));
-        let mut s = WePingPong { worker, child, dir, pong, busy, seq: 0 };
+        let mut s = WePingPong { worker, child, _dir: dir, pong, busy, seq: 0 };
         s.run(100);
         s
     }
@@ -882,7 +749,6 @@ impl Drop for WePingPong {
         let _ = self.worker.publish_bytes(Target::All, "bench", "stop", b"");
         let _ = self.worker.dispatch();
         reap(&mut self.child);
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -925,7 +791,7 @@ fn child_we_pong(busy: bool, socket: bool) {
 struct WeThroughput {
     worker: Worker,
     child: Child,
-    dir: PathBuf,
+    _dir: TempDir,
     ack: Arc<AtomicU64>,
     sent: u64,
     flushes: u64,
@@ -935,8 +801,8 @@ struct WeThroughput {
 impl WeThroughput {
     fn new(cpu: Option<usize>, socket: bool) -> Self {
         let role = if socket { "we-sink-sock" } else { "we-sink" };
-        let dir = temp_dir(role);
-        let sock = dir.join("events.sock");
+        let dir = TempDir::new(role);
+        let sock = dir.0.join("events.sock");
         let events = Events::new(options(&sock, socket)).expect("options");
         let mut worker = events.init_worker(Wid::Worker(0)).expect("init_worker(0)");
         worker.set_busy_poll(true);
@@ -948,9 +814,9 @@ impl WeThroughput {
         let hello = Arc::new(AtomicBool::new(false));
         let h = hello.clone();
         worker.subscribe("bench", "hello", move |_| h.store(true, Ordering::Release));
-        let child = spawn_child(role, cpu, &[], Some(&sock));
+        let child = child_command(role, cpu, &[], Some(&sock)).spawn().expect("spawning the peer process");
         serve_until(&mut worker, false, || hello.load(Ordering::Acquire));
-        let mut s = WeThroughput { worker, child, dir, ack, sent: 0, flushes: 0, socket };
+        let mut s = WeThroughput { worker, child, _dir: dir, ack, sent: 0, flushes: 0, socket };
         s.run(10_000);
         s
     }
@@ -988,7 +854,6 @@ impl Drop for WeThroughput {
         let _ = self.worker.publish_bytes(Target::All, "bench", "stop", b"");
         let _ = self.worker.dispatch();
         reap(&mut self.child);
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -1035,7 +900,7 @@ struct RawSockPingPong {
 /// once the child has it.
 fn sock_pair(role: &str, cpu: Option<usize>) -> (UnixStream, Child) {
     let (ours, theirs) = UnixStream::pair().expect("socketpair");
-    let child = spawn_child(role, cpu, &[theirs.as_raw_fd()], None);
+    let child = child_command(role, cpu, &[theirs.as_raw_fd()], None).spawn().expect("spawning the peer process");
     drop(theirs);
     (ours, child)
 }
@@ -1183,19 +1048,7 @@ fn child_sock_sink(mut sock: UnixStream) {
 // Child entry point
 
 fn child_main(role: &str) {
-    // Die with the bench process, whatever happens to it.
-    // SAFETY: plain prctl.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    let ppid: u32 = std::env::var(PPID_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-    // SAFETY: plain getppid.
-    if unsafe { libc::getppid() } as u32 != ppid {
-        std::process::exit(1);
-    }
-    if let Some(cpu) = std::env::var(CPU_ENV).ok().and_then(|s| s.parse().ok()) {
-        pin(cpu);
-    }
-    let fds: Vec<RawFd> =
-        std::env::var(FD_ENV).map(|s| s.split(',').filter_map(|f| f.parse().ok()).collect()).unwrap_or_default();
+    let fds = child_prologue();
     let take_sock = || {
         // SAFETY: the descriptor was inherited for us alone (its number came in FD_ENV).
         UnixStream::from(unsafe { OwnedFd::from_raw_fd(fds[0]) })

@@ -69,22 +69,20 @@
 //! `cargo bench --bench unique -- xproc` (or `-- at_broker`) runs one part: criterion's filter,
 //! also applied to the setup of each part. A part's summary covers all its variants.
 
+mod support;
+
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
+use support::{ROLE_ENV, SOCK_ENV, TempDir, child_command, child_prologue, loadavg, pin_pair, reap, wanted};
 use worker_events::{Events, Options, Target, Wid, Worker};
-
-const ROLE_ENV: &str = "WE_BENCH_ROLE";
-const CPU_ENV: &str = "WE_BENCH_CPU";
-const SOCK_ENV: &str = "WE_BENCH_SOCK";
-const PPID_ENV: &str = "WE_BENCH_PPID";
 
 /// Default `unique_capacity`, used by every broker here.
 const CAPACITY: usize = 65_536;
@@ -98,15 +96,7 @@ fn main() {
         child_main(&role);
         std::process::exit(0);
     }
-    let cpus = allowed_cpus();
-    let child_cpu = if cpus.len() >= 2 {
-        pin(cpus[0]);
-        eprintln!("pinning: bench process on CPU {}, broker process on CPU {}", cpus[0], cpus[1]);
-        Some(cpus[1])
-    } else {
-        eprintln!("only one CPU available: not pinning");
-        None
-    };
+    let child_cpu = pin_pair();
     let load_before = loadavg();
     let mut c = Criterion::default()
         .sample_size(20)
@@ -240,7 +230,9 @@ impl XProc {
     fn new(busy: bool, cpu: Option<usize>) -> Self {
         let dir = TempDir::new(if busy { "xbusy" } else { "xparked" });
         let sock = dir.0.join("events.sock");
-        let mut child = spawn_child(if busy { "broker-busy" } else { "broker-parked" }, cpu, &sock);
+        let role = if busy { "broker-busy" } else { "broker-parked" };
+        let mut child =
+            child_command(role, cpu, &[], Some(&sock)).stdout(Stdio::piped()).spawn().expect("spawning the broker");
         // The child prints "ready" once it is the broker, so that this process, which is not
         // the preferred broker, attaches instead of running for election.
         let mut line = String::new();
@@ -830,139 +822,10 @@ fn at_broker_summary(s: &mut AtBroker) {
 // Processes, CPUs, command line
 
 fn child_main(role: &str) {
-    // Die with the bench process, whatever happens to it.
-    // SAFETY: plain prctl.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    let ppid: u32 = std::env::var(PPID_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-    // SAFETY: plain getppid.
-    if unsafe { libc::getppid() } as u32 != ppid {
-        std::process::exit(1);
-    }
-    if let Some(cpu) = std::env::var(CPU_ENV).ok().and_then(|s| s.parse().ok()) {
-        pin(cpu);
-    }
+    child_prologue();
     match role {
         "broker-busy" => child_broker(true),
         "broker-parked" => child_broker(false),
         other => panic!("unknown bench role {other}"),
     }
-}
-
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
-    }
-}
-
-fn pin(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET stays within it for cpu < CPU_SETSIZE.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        eprintln!("sched_setaffinity({cpu}) failed: {}", std::io::Error::last_os_error());
-    }
-}
-
-/// Re-execute this binary in `role`, pinned to `cpu`, with its stdout piped to us.
-fn spawn_child(role: &str, cpu: Option<usize>, sock: &Path) -> Child {
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut cmd = Command::new(exe);
-    cmd.env(ROLE_ENV, role).env(PPID_ENV, std::process::id().to_string()).env(SOCK_ENV, sock);
-    if let Some(c) = cpu {
-        cmd.env(CPU_ENV, c.to_string());
-    }
-    cmd.stdout(Stdio::piped()).spawn().expect("spawning the broker process")
-}
-
-/// Wait for `child` to exit (up to 5 s), then kill it.
-fn reap(child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(st)) = child.try_wait() {
-            if !st.success() {
-                eprintln!("broker process exited with {st}");
-            }
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    eprintln!("broker process did not exit; killing it");
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "we-bench-unique-{}-{tag}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("creating the temp dir");
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-/// Whether the benchmark `id` passes the filter given on the command line
-/// (`cargo bench --bench unique -- FILTER`, a substring as for criterion).
-fn wanted(id: &str) -> bool {
-    // Options of criterion's command line that take a value.
-    const WITH_VALUE: &[&str] = &[
-        "-s",
-        "--save-baseline",
-        "-b",
-        "--baseline",
-        "--load-baseline",
-        "-c",
-        "--color",
-        "--output-format",
-        "--plotting-backend",
-        "--profile-time",
-        "--sample-size",
-        "--warm-up-time",
-        "--measurement-time",
-        "--nresamples",
-        "--noise-threshold",
-        "--confidence-level",
-        "--significance-level",
-        "--format",
-    ];
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].as_str();
-        if WITH_VALUE.contains(&a) {
-            i += 2;
-        } else if a.starts_with('-') {
-            i += 1;
-        } else {
-            return id.contains(a);
-        }
-    }
-    true
 }
