@@ -49,6 +49,18 @@ pub(crate) struct DedupEntry {
 #[cfg(not(loom))]
 const _: () = assert!(std::mem::size_of::<DedupEntry>() == ENTRY_SIZE);
 
+impl DedupEntry {
+    /// A never-used entry (tag 0), for tables outside the shared region.
+    pub(crate) fn vacant() -> DedupEntry {
+        DedupEntry {
+            tag_lo: AtomicU64::new(0),
+            tag_hi: AtomicU64::new(0),
+            expires_ns: AtomicU64::new(0),
+            _reserved: AtomicU64::new(0),
+        }
+    }
+}
+
 /// Buckets for a requested number of live hashes.
 pub(crate) fn buckets_for(unique_capacity: usize) -> usize {
     (unique_capacity * 2).next_power_of_two().max(MAX_PROBE)
@@ -159,14 +171,7 @@ pub(crate) struct HeapTable {
 impl HeapTable {
     /// A table sized for `unique_capacity` live hashes, with a fresh random SipHash key.
     pub(crate) fn new(unique_capacity: usize) -> HeapTable {
-        let entries = (0..buckets_for(unique_capacity))
-            .map(|_| DedupEntry {
-                tag_lo: AtomicU64::new(0),
-                tag_hi: AtomicU64::new(0),
-                expires_ns: AtomicU64::new(0),
-                _reserved: AtomicU64::new(0),
-            })
-            .collect();
+        let entries = (0..buckets_for(unique_capacity)).map(|_| DedupEntry::vacant()).collect();
         HeapTable { entries, key: (crate::sys::random_u64(), crate::sys::random_u64()) }
     }
 
@@ -191,14 +196,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn table(buckets: usize) -> (Vec<DedupEntry>, DedupTable<'static>) {
-        let mut v: Vec<DedupEntry> = (0..buckets)
-            .map(|_| DedupEntry {
-                tag_lo: AtomicU64::new(0),
-                tag_hi: AtomicU64::new(0),
-                expires_ns: AtomicU64::new(0),
-                _reserved: AtomicU64::new(0),
-            })
-            .collect();
+        let mut v: Vec<DedupEntry> = (0..buckets).map(|_| DedupEntry::vacant()).collect();
         // SAFETY: `v` holds `buckets` entries and is returned alongside the view.
         let t = unsafe { DedupTable::new(NonNull::new(v.as_mut_ptr()).unwrap(), buckets) };
         (v, t)

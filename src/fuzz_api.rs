@@ -22,7 +22,6 @@ use crate::event::{self, Event};
 use crate::layout::{self, ConsumerLine, ProducerLine, RingHeader};
 use crate::region;
 use crate::ring::{self, RawRing};
-use crate::sync::AtomicU64;
 
 // ---------------------------------------------------------------------------------------
 // Control channel
@@ -462,10 +461,7 @@ impl DedupTable {
         if !buckets.is_power_of_two() || buckets < DEDUP_MAX_PROBE {
             return None;
         }
-        let zero = || AtomicU64::new(0);
-        let entries = (0..buckets)
-            .map(|_| dedup::DedupEntry { tag_lo: zero(), tag_hi: zero(), expires_ns: zero(), _reserved: zero() })
-            .collect();
+        let entries = (0..buckets).map(|_| dedup::DedupEntry::vacant()).collect();
         Some(DedupTable(entries))
     }
 
