@@ -274,6 +274,35 @@ fn parse_target(s: &str) -> Target<'static> {
     }
 }
 
+/// Publish one event per sequence number in `seqs` with `publish`, a dispatch after each
+/// (a worker's own queue is bounded by max_queue_len); answer `@@PUB <ok> <errors>`, the
+/// first errors as `@@PUBERR`, then `@@OK`.
+fn publish_seqs(
+    worker: &mut Worker,
+    wid: Wid,
+    out: &dyn Fn(&str),
+    seqs: std::ops::Range<u64>,
+    mut publish: impl FnMut(&mut Worker, u64) -> Result<(), worker_events::PublishError>,
+) {
+    let (mut ok, mut err) = (0u64, 0u64);
+    for seq in seqs {
+        match publish(worker, seq) {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                if err < 5 {
+                    out(&format!("@@PUBERR {e}"));
+                }
+                err += 1;
+            }
+        }
+        if let Err(e) = worker.dispatch() {
+            eprintln!("child {wid}: dispatch error: {e}");
+        }
+    }
+    out(&format!("@@PUB {ok} {err}"));
+    out("@@OK");
+}
+
 /// Entry point of the child role; returns at once when `WE_CHILD` is not set.
 pub fn child_main() {
     if std::env::var("WE_CHILD").is_err() {
@@ -427,23 +456,7 @@ pub fn child_main() {
                 let (src, ev) = (parts[2], parts[3]);
                 let start: u64 = parts[4].parse().unwrap();
                 let count: u64 = parts[5].parse().unwrap();
-                let (mut ok, mut err) = (0u64, 0u64);
-                for seq in start..start + count {
-                    match worker.publish(target, src, ev, &seq) {
-                        Ok(()) => ok += 1,
-                        Err(e) => {
-                            if err < 5 {
-                                out(&format!("@@PUBERR {e}"));
-                            }
-                            err += 1;
-                        }
-                    }
-                    if let Err(e) = worker.dispatch() {
-                        eprintln!("child {wid}: dispatch error: {e}");
-                    }
-                }
-                out(&format!("@@PUB {ok} {err}"));
-                out("@@OK");
+                publish_seqs(&mut worker, wid, &out, start..start + count, |w, seq| w.publish(target, src, ev, &seq));
             }
             // uniq <src> <ev> <hash-prefix> <start> <count>: Unique("<prefix><seq>") events with
             // payload seq, a dispatch after each.
@@ -451,24 +464,9 @@ pub fn child_main() {
                 let (src, ev, prefix) = (parts[1], parts[2], parts[3]);
                 let start: u64 = parts[4].parse().unwrap();
                 let count: u64 = parts[5].parse().unwrap();
-                let (mut ok, mut err) = (0u64, 0u64);
-                for seq in start..start + count {
-                    let hash = format!("{prefix}{seq}");
-                    match worker.publish(Target::Unique(&hash), src, ev, &seq) {
-                        Ok(()) => ok += 1,
-                        Err(e) => {
-                            if err < 5 {
-                                out(&format!("@@PUBERR {e}"));
-                            }
-                            err += 1;
-                        }
-                    }
-                    if let Err(e) = worker.dispatch() {
-                        eprintln!("child {wid}: dispatch error: {e}");
-                    }
-                }
-                out(&format!("@@PUB {ok} {err}"));
-                out("@@OK");
+                publish_seqs(&mut worker, wid, &out, start..start + count, |w, seq| {
+                    w.publish(Target::Unique(&format!("{prefix}{seq}")), src, ev, &seq)
+                });
             }
             // pump <ms>: dispatch for <ms> ms (used inside bounded polling loops only).
             "pump" => {
