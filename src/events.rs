@@ -23,7 +23,6 @@ use crate::subs::{SubscriptionId, Subscriptions};
 use crate::sync::Ordering;
 use crate::sys::{Epoll, EventFd};
 use crate::transport::shm::{Incoming, ShmPort};
-use crate::transport::sock::COALESCE_BYTES;
 
 /// Dispatch calls between two looks at the clock while busy-polling.
 const CONTROL_EVERY: u32 = 256;
@@ -400,7 +399,7 @@ impl Worker {
                     } else {
                         ctl.queue_event(&stamp, &buf);
                     }
-                    if ctl.queued_bytes() >= COALESCE_BYTES {
+                    if ctl.flush_due() {
                         ctl.flush_data();
                     }
                 }

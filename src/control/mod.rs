@@ -29,7 +29,7 @@ use frame::{Body, FrameReader, FrameWriter, PROTOCOL_VERSION, ReadState, kind};
 use crate::error::{Error, Result};
 use crate::layout::{Geometry, LAYOUT_VERSION};
 use crate::sys::{self, Epoll};
-use crate::transport::sock::{Inbox, OutQueue, flush_conn};
+use crate::transport::sock::{COALESCE_BYTES, Inbox, OutQueue, flush_conn};
 
 /// How long a non-preferred worker waits for a broker before it runs for election itself.
 pub(crate) const ELECTION_GRACE: Duration = Duration::from_millis(200);
@@ -261,12 +261,19 @@ impl Control {
         self.sock_id
     }
 
-    /// (socket transport) Bytes queued and not yet written, over every connection.
-    pub(crate) fn queued_bytes(&self) -> usize {
+    /// (socket transport) A queue that has a connection to write to holds at least
+    /// [`COALESCE_BYTES`]: time to write instead of waiting for `dispatch`. Queues of slots
+    /// not connected are left out (they would make every publish write).
+    pub(crate) fn flush_due(&self) -> bool {
         match &self.role {
-            Role::Client { welcomed: true, .. } => self.client_out.pending_bytes(),
-            Role::Broker { .. } => self.slot_out.iter().map(|q| q.pending_bytes()).sum(),
-            _ => 0,
+            Role::Client { welcomed: true, .. } => self.client_out.pending_bytes() >= COALESCE_BYTES,
+            Role::Broker { conns, .. } => conns.iter().any(|c| {
+                !c.closing
+                    && c.slot
+                        .and_then(|s| self.slot_out.get(s as usize))
+                        .is_some_and(|q| q.pending_bytes() >= COALESCE_BYTES)
+            }),
+            _ => false,
         }
     }
 
