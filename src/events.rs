@@ -627,7 +627,8 @@ impl Worker {
     pub fn flush(&mut self) -> bool {
         let mut done = true;
         if let Some(port) = self.port.as_mut() {
-            done &= port.flush();
+            port.flush();
+            done &= port.backlogged() == 0;
         }
         if let Some(ctl) = self.ctl.as_mut() {
             ctl.flush_data();

@@ -183,7 +183,13 @@ impl ShmPort {
         }
     }
 
-    /// Retry the backlogs. Returns true if anything was written.
+    /// Events waiting in private backlogs for room in a ring (all peers).
+    pub(crate) fn backlogged(&self) -> usize {
+        self.backlogged
+    }
+
+    /// Retry the backlogs. Returns true if anything was written (progress, not "done":
+    /// ask [`ShmPort::backlogged`] for what is left).
     pub(crate) fn flush(&mut self) -> bool {
         if self.backlogged == 0 {
             return false;
