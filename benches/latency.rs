@@ -1,5 +1,5 @@
 //! Latency and throughput of `worker-events`, each against a baseline measured in the same run
-//! (DESIGN.md section 5).
+//! (the performance targets are `ARCHITECTURE.md` §P).
 //!
 //! | criterion id                   | what                                                          |
 //! |--------------------------------|---------------------------------------------------------------|
@@ -15,14 +15,17 @@
 //! | `socket/rate_raw_16_per_write` | raw unix socket, 16 messages per `send`                       |
 //! | `socket/rate_we_1to1`          | the socket transport 1->1 (broker publishes, one receiver)    |
 //!
-//! Every ping-pong's criterion figure is already the one-way time (round trip / 2). The second
-//! process is this bench binary re-executed with `WE_BENCH_ROLE` set (checked first thing in
-//! `main`, before criterion exists), so nothing forks a process that has threads. Parent and
-//! child are pinned to two different CPUs when two are available.
+//! The benches are the table [`TABLE`] of (baseline, library) pairs: a scenario is a type
+//! implementing `support::scenario::Scenario` (its peer process's role is in `child_main`)
+//! and one row. Every ping-pong's criterion figure is already the one-way time (round trip /
+//! 2). The second process is this bench binary re-executed with `WE_BENCH_ROLE` set (checked
+//! first thing in `main`, before criterion exists), so nothing forks a process that has
+//! threads. Parent and child are pinned to two different CPUs when two are available.
 //!
 //! After criterion, `main` measures every pair again itself, in alternating rounds with fresh
 //! peer processes (the cost of a cache-line transfer between two vCPUs of a shared VM drifts
-//! as the host moves them), and prints medians and the median of the per-round ratios.
+//! as the host moves them), and prints medians, the median of the per-round ratios, and the
+//! `ARCHITECTURE.md` §P target of each pair next to its ratio.
 //!
 //! `cargo bench --bench latency -- wakeup` runs one group (criterion's filter, applied to the
 //! summary too). `WE_BENCH_RING_CAPACITY=<bytes>` sets the library's `ring_capacity`.
@@ -39,11 +42,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput};
-use support::{
-    ROLE_ENV, SOCK_ENV, TempDir, allowed_cpus, child_command, child_prologue, loadavg, pin_pair, reap, wanted,
+use criterion::Criterion;
+use support::scenario::{
+    Metric, Pair, PerfTarget, Scenario, Side, TimeUnit, criterion_phase, print_summary, self_timed,
 };
+use support::{ROLE_ENV, SOCK_ENV, child_command, child_prologue, criterion_test_mode, pin_pair, reap};
 use worker_events::{Events, Options, SYSTEM_SOURCE, Target, Transport, Wid, Worker};
+use worker_events_dev_support::process::allowed_cpus;
+use worker_events_dev_support::{TempDir, loadavg};
 
 const RING_ENV: &str = "WE_BENCH_RING_CAPACITY";
 
@@ -72,6 +78,110 @@ fn ping(seq: u64) -> Ping {
     Ping { seq, pad: [0x5a; 56] }
 }
 
+/// Every scenario: (baseline, library) pairs, each with its self-timed chunk sizes and its
+/// `ARCHITECTURE.md` §P target. Criterion runs the sides in this order.
+const TABLE: &[Pair] = &[
+    Pair {
+        metric: Metric::OneWay(TimeUnit::Ns),
+        extra: &[],
+        base: Side {
+            id: "latency/shm_pingpong_baseline",
+            label: "shm ping-pong baseline, one-way",
+            spawn: |cpu| Box::new(ShmPingPong::new(cpu)),
+            chunk: 2_000,
+        },
+        lib: Side {
+            id: "latency/we_busy_poll",
+            label: "worker-events busy-poll, one-way",
+            spawn: |cpu| Box::new(WePingPong::new("we-busy", true, cpu)),
+            chunk: 1_000,
+        },
+        vs: "shm",
+        target: Some(PerfTarget::RatioAtMost(2.0)),
+    },
+    Pair {
+        metric: Metric::OneWay(TimeUnit::Us),
+        extra: &[],
+        base: Side {
+            id: "wakeup/eventfd_baseline",
+            label: "raw eventfd ping-pong baseline, one-way",
+            spawn: |cpu| Box::new(EventfdPingPong::new(cpu)),
+            chunk: 100,
+        },
+        lib: Side {
+            id: "wakeup/we_parked",
+            label: "worker-events parked (wait), one-way",
+            spawn: |cpu| Box::new(WePingPong::new("we-parked", false, cpu)),
+            chunk: 100,
+        },
+        vs: "eventfd",
+        target: Some(PerfTarget::PlusAtMostNs(1_000.0)),
+    },
+    Pair {
+        metric: Metric::Rate,
+        extra: &[],
+        base: Side {
+            id: "throughput/bare_ring_1to1",
+            label: "bare SPSC ring 1->1",
+            spawn: |cpu| Box::new(BareRing::new(cpu)),
+            chunk: 100_000,
+        },
+        lib: Side {
+            id: "throughput/we_1to1",
+            label: "worker-events 1->1 (rkyv encode + check)",
+            spawn: |cpu| Box::new(WeThroughput::new(cpu, false)),
+            chunk: 20_000,
+        },
+        vs: "ring",
+        target: Some(PerfTarget::RateAtLeast(20e6)),
+    },
+    Pair {
+        metric: Metric::OneWay(TimeUnit::Ns),
+        extra: &[],
+        base: Side {
+            id: "socket/latency_raw_baseline",
+            label: "raw unix socket ping-pong, one-way",
+            spawn: |cpu| Box::new(RawSockPingPong::new(cpu)),
+            chunk: 500,
+        },
+        lib: Side {
+            id: "socket/latency_we_busy",
+            label: "socket transport busy-poll, one-way",
+            spawn: |cpu| Box::new(WePingPong::new("we-busy-sock", true, cpu)),
+            chunk: 500,
+        },
+        vs: "raw socket",
+        target: None,
+    },
+    Pair {
+        metric: Metric::Rate,
+        extra: &[Side {
+            id: "socket/rate_raw_1_per_write",
+            label: "raw unix socket, 1 message per send",
+            spawn: |cpu| Box::new(RawSockThroughput::new(cpu, 1)),
+            chunk: 50_000,
+        }],
+        base: Side {
+            id: "socket/rate_raw_16_per_write",
+            label: "raw unix socket, 16 messages per send",
+            spawn: |cpu| Box::new(RawSockThroughput::new(cpu, 16)),
+            chunk: 50_000,
+        },
+        lib: Side {
+            id: "socket/rate_we_1to1",
+            label: "socket transport 1->1 (coalesced)",
+            spawn: |cpu| Box::new(WeThroughput::new(cpu, true)),
+            chunk: 20_000,
+        },
+        vs: "raw socket",
+        target: Some(PerfTarget::RateAtLeast(2e6)),
+    },
+];
+
+/// Rounds of the self-timed summary, and chunks per scenario and round.
+const ROUNDS: usize = 7;
+const CHUNKS: usize = 25;
+
 fn main() {
     if let Ok(role) = std::env::var(ROLE_ENV) {
         child_main(&role);
@@ -88,312 +198,23 @@ fn main() {
     let load_before = loadavg();
 
     // Phase 1, criterion: one peer process per scenario.
-    if wanted("latency/shm_pingpong_baseline") {
-        let mut s = ShmPingPong::new(child_cpu);
-        c.bench_function("latency/shm_pingpong_baseline", |b| b.iter_custom(|n| s.run(n) / 2));
-    }
-    if wanted("latency/we_busy_poll") {
-        let mut s = WePingPong::new("we-busy", true, child_cpu);
-        c.bench_function("latency/we_busy_poll", |b| b.iter_custom(|n| s.run(n) / 2));
-    }
-    if wanted("wakeup/eventfd_baseline") {
-        let mut s = EventfdPingPong::new(child_cpu);
-        c.bench_function("wakeup/eventfd_baseline", |b| b.iter_custom(|n| s.run(n) / 2));
-    }
-    if wanted("wakeup/we_parked") {
-        let mut s = WePingPong::new("we-parked", false, child_cpu);
-        c.bench_function("wakeup/we_parked", |b| b.iter_custom(|n| s.run(n) / 2));
-    }
-    if wanted("throughput/bare_ring_1to1") {
-        let mut s = BareRing::new(child_cpu);
-        let mut g = c.benchmark_group("throughput");
-        g.throughput(Throughput::Elements(1));
-        g.bench_function("bare_ring_1to1", |b| b.iter_custom(|n| s.run(n)));
-        g.finish();
-    }
-    if wanted("throughput/we_1to1") {
-        let mut s = WeThroughput::new(child_cpu, false);
-        let mut g = c.benchmark_group("throughput");
-        g.throughput(Throughput::Elements(1));
-        g.bench_function("we_1to1", |b| b.iter_custom(|n| s.run(n)));
-        g.finish();
-    }
-    if wanted("socket/latency_raw_baseline") {
-        let mut s = RawSockPingPong::new(child_cpu);
-        c.bench_function("socket/latency_raw_baseline", |b| b.iter_custom(|n| s.run(n) / 2));
-    }
-    if wanted("socket/latency_we_busy") {
-        let mut s = WePingPong::new("we-busy-sock", true, child_cpu);
-        c.bench_function("socket/latency_we_busy", |b| b.iter_custom(|n| s.run(n) / 2));
-    }
-    for batch in [1usize, 16] {
-        let id = format!("socket/rate_raw_{batch}_per_write");
-        if wanted(&id) {
-            let mut s = RawSockThroughput::new(child_cpu, batch);
-            let mut g = c.benchmark_group("socket");
-            g.throughput(Throughput::Elements(1));
-            g.bench_function(format!("rate_raw_{batch}_per_write"), |b| b.iter_custom(|n| s.run(n)));
-            g.finish();
-        }
-    }
-    if wanted("socket/rate_we_1to1") {
-        let mut s = WeThroughput::new(child_cpu, true);
-        let mut g = c.benchmark_group("socket");
-        g.throughput(Throughput::Elements(1));
-        g.bench_function("rate_we_1to1", |b| b.iter_custom(|n| s.run(n)));
-        g.finish();
-    }
+    criterion_phase(&mut c, TABLE, child_cpu);
     c.final_summary();
-    if !std::env::args().any(|a| a == "--bench") {
+    if criterion_test_mode() {
         // Criterion's test mode (`cargo test --benches`): each bench ran once; no summary.
         return;
     }
 
-    // Phase 2, self-timed summary. On a shared VM the cost of a cache-line transfer between
-    // the two vCPUs changes over time (the host moves them), so each scenario is measured in
-    // ROUNDS rounds that alternate baseline and worker-events, each round with fresh peer
-    // processes and many short chunks (a preemption spoils a chunk, not the median). The
-    // ratio is the median of the per-round ratios.
-    let mut sum = Summary { load_before, ..Summary::default() };
-    if wanted("latency/shm_pingpong_baseline") || wanted("latency/we_busy_poll") {
-        let (mut wakeups, mut round_trips) = (0, 0);
-        sum.busy = paired(
-            false,
-            || {
-                let mut s = ShmPingPong::new(child_cpu);
-                (0..CHUNKS).map(|_| per_op_ns(s.run(2_000), 2_000) / 2.0).collect()
-            },
-            || {
-                let mut s = WePingPong::new("we-busy", true, child_cpu);
-                let before = s.worker.stats().wakeups_sent;
-                let v = (0..CHUNKS).map(|_| per_op_ns(s.run(1_000), 1_000) / 2.0).collect();
-                wakeups += s.worker.stats().wakeups_sent - before;
-                round_trips += CHUNKS as u64 * 1_000;
-                v
-            },
-        );
-        (sum.busy_wakeups, sum.busy_round_trips) = (wakeups, round_trips);
-    }
-    if wanted("wakeup/eventfd_baseline") || wanted("wakeup/we_parked") {
-        sum.parked = paired(
-            false,
-            || {
-                let mut s = EventfdPingPong::new(child_cpu);
-                (0..CHUNKS).map(|_| per_op_ns(s.run(100), 100) / 2.0).collect()
-            },
-            || {
-                let mut s = WePingPong::new("we-parked", false, child_cpu);
-                (0..CHUNKS).map(|_| per_op_ns(s.run(100), 100) / 2.0).collect()
-            },
-        );
-    }
-    if wanted("throughput/bare_ring_1to1") || wanted("throughput/we_1to1") {
-        let mut lost = 0;
-        sum.rate = paired(
-            true,
-            || {
-                let mut s = BareRing::new(child_cpu);
-                (0..CHUNKS).map(|_| 1e9 / per_op_ns(s.run(100_000), 100_000)).collect()
-            },
-            || {
-                let mut s = WeThroughput::new(child_cpu, false);
-                let v = (0..CHUNKS).map(|_| 1e9 / per_op_ns(s.run(20_000), 20_000)).collect();
-                lost += s.worker.stats().lost_outbound;
-                v
-            },
-        );
-        sum.we_lost = lost;
-    }
-    if wanted("socket/latency_raw_baseline") || wanted("socket/latency_we_busy") {
-        sum.sock_busy = paired(
-            false,
-            || {
-                let mut s = RawSockPingPong::new(child_cpu);
-                (0..CHUNKS).map(|_| per_op_ns(s.run(500), 500) / 2.0).collect()
-            },
-            || {
-                let mut s = WePingPong::new("we-busy-sock", true, child_cpu);
-                (0..CHUNKS).map(|_| per_op_ns(s.run(500), 500) / 2.0).collect()
-            },
-        );
-    }
-    if wanted("socket/rate_raw_16_per_write") || wanted("socket/rate_we_1to1") {
-        let mut lost = 0;
-        sum.sock_rate = paired(
-            true,
-            || {
-                let mut s = RawSockThroughput::new(child_cpu, 16);
-                (0..CHUNKS).map(|_| 1e9 / per_op_ns(s.run(50_000), 50_000)).collect()
-            },
-            || {
-                let mut s = WeThroughput::new(child_cpu, true);
-                let v = (0..CHUNKS).map(|_| 1e9 / per_op_ns(s.run(20_000), 20_000)).collect();
-                lost += s.worker.stats().lost_outbound;
-                v
-            },
-        );
-        sum.sock_lost = lost;
-    }
-    sum.load_after = loadavg();
-    sum.print(ncpus, child_cpu.is_some());
-}
-
-/// Rounds of the self-timed summary, and chunks per scenario and round.
-const ROUNDS: usize = 7;
-const CHUNKS: usize = 25;
-
-// ---------------------------------------------------------------------------------------
-// Summary
-
-/// Median and best decile of repeated self-timed measurements.
-#[derive(Default, Clone, Copy)]
-struct Sampled {
-    median: f64,
-    /// 10th percentile for times, 90th for rates.
-    best: f64,
-}
-
-/// A baseline and worker-events, measured in alternating rounds.
-#[derive(Default, Clone, Copy)]
-struct Pair {
-    base: Sampled,
-    we: Sampled,
-    /// Median over the rounds of (worker-events median / baseline median).
-    ratio: f64,
-    /// Median over the rounds of (worker-events median - baseline median).
-    diff: f64,
-}
-
-fn paired(
-    higher_is_better: bool,
-    mut base_round: impl FnMut() -> Vec<f64>,
-    mut we_round: impl FnMut() -> Vec<f64>,
-) -> Pair {
-    let (mut all_base, mut all_we, mut ratios, mut diffs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        let b = base_round();
-        let w = we_round();
-        let (mb, mw) = (sampled(b.clone(), higher_is_better).median, sampled(w.clone(), higher_is_better).median);
-        ratios.push(mw / mb);
-        diffs.push(mw - mb);
-        all_base.extend(b);
-        all_we.extend(w);
-    }
-    Pair {
-        base: sampled(all_base, higher_is_better),
-        we: sampled(all_we, higher_is_better),
-        ratio: sampled(ratios, false).median,
-        diff: sampled(diffs, false).median,
-    }
-}
-
-#[derive(Default)]
-struct Summary {
-    busy: Pair,
-    busy_wakeups: u64,
-    busy_round_trips: u64,
-    parked: Pair,
-    rate: Pair,
-    we_lost: u64,
-    sock_busy: Pair,
-    sock_rate: Pair,
-    sock_lost: u64,
-    load_before: String,
-    load_after: String,
-}
-
-impl Summary {
-    fn print(&self, cpus: usize, pinned: bool) {
-        let pinning = if pinned { "the two processes pinned to two CPUs" } else { "not pinned" };
-        let row = |name: &str, v: Sampled, scale: f64, unit: &str, ratio: String| {
-            if v.median == 0.0 {
-                println!("{name:<42} {:>15}", "not run");
-            } else {
-                println!("{name:<42} {:>10.2} {unit:<4} {:>10.2} {unit:<4} {ratio}", v.median / scale, v.best / scale);
-            }
-        };
-        println!();
-        println!("==== worker-events summary: {cpus} CPUs, {pinning}, 64-byte payloads ====");
-        println!("load average before: {}  after: {}", self.load_before, self.load_after);
-        println!("{ROUNDS} alternating rounds x {CHUNKS} chunks each; ratio = median of the per-round ratios");
-        println!("{:<42} {:>15} {:>15} ratio", "measurement", "median", "best decile");
-        row("shm ping-pong baseline, one-way", self.busy.base, 1.0, "ns", "baseline".into());
-        row(
-            "worker-events busy-poll, one-way",
-            self.busy.we,
-            1.0,
-            "ns",
-            format!("{:.2}x shm ({:+.0} ns)", self.busy.ratio, self.busy.diff),
-        );
-        row("raw eventfd ping-pong baseline, one-way", self.parked.base, 1e3, "us", "baseline".into());
-        row(
-            "worker-events parked (wait), one-way",
-            self.parked.we,
-            1e3,
-            "us",
-            format!("{:.2}x eventfd ({:+.2} us)", self.parked.ratio, self.parked.diff / 1e3),
-        );
-        row("bare SPSC ring 1->1", self.rate.base, 1e6, "M/s", "baseline".into());
-        row(
-            "worker-events 1->1 (rkyv encode + check)",
-            self.rate.we,
-            1e6,
-            "M/s",
-            format!("{:.2}x ring", self.rate.ratio),
-        );
-        row("raw unix socket ping-pong, one-way", self.sock_busy.base, 1.0, "ns", "baseline".into());
-        row(
-            "socket transport busy-poll, one-way",
-            self.sock_busy.we,
-            1.0,
-            "ns",
-            format!("{:.2}x raw socket ({:+.0} ns)", self.sock_busy.ratio, self.sock_busy.diff),
-        );
-        row("raw unix socket, 16 messages per send", self.sock_rate.base, 1e6, "M/s", "baseline".into());
-        row(
-            "socket transport 1->1 (coalesced)",
-            self.sock_rate.we,
-            1e6,
-            "M/s",
-            format!("{:.2}x raw socket", self.sock_rate.ratio),
-        );
-        println!();
-        let verdict = |p: &Pair, ok: bool| match (p.we.median == 0.0, ok) {
-            (true, _) => "not run",
-            (false, true) => "met",
-            (false, false) => "NOT met",
-        };
-        println!(
-            "DESIGN.md targets: busy <= 2x shm: {}; parked <= eventfd + 1 us: {}; >= 20 M events/s 1->1: {}",
-            verdict(&self.busy, self.busy.ratio <= 2.0),
-            verdict(&self.parked, self.parked.diff <= 1_000.0),
-            verdict(&self.rate, self.rate.we.median >= 20e6)
-        );
-        println!(
-            "eventfd wake-ups sent by the publisher during {} busy-poll round trips: {}; events lost in the 1->1 runs: {}",
-            self.busy_round_trips, self.busy_wakeups, self.we_lost
-        );
-        println!(
-            "socket fallback >= 2 M events/s 1->1: {}; events lost in the socket 1->1 runs: {}",
-            verdict(&self.sock_rate, self.sock_rate.we.median >= 2e6),
-            self.sock_lost
-        );
-    }
-}
-
-fn per_op_ns(d: Duration, ops: u64) -> f64 {
-    d.as_nanos() as f64 / ops as f64
-}
-
-/// Median and best decile of `v` (`higher_is_better` for rates).
-fn sampled(mut v: Vec<f64>, higher_is_better: bool) -> Sampled {
-    if v.is_empty() {
-        return Sampled::default();
-    }
-    v.sort_by(f64::total_cmp);
-    let decile = v.len() / 10;
-    let best = if higher_is_better { v[v.len() - 1 - decile] } else { v[decile] };
-    Sampled { median: v[v.len() / 2], best }
+    // Phase 2, self-timed summary (see `support::summary`): ROUNDS rounds alternating
+    // baseline and worker-events, each round with fresh peer processes and CHUNKS chunks.
+    let results: Vec<_> = TABLE.iter().map(|p| self_timed(p, child_cpu, ROUNDS, CHUNKS)).collect();
+    let pinning = if child_cpu.is_some() { "the two processes pinned to two CPUs" } else { "not pinned" };
+    println!();
+    println!("==== worker-events summary: {ncpus} CPUs, {pinning}, 64-byte payloads ====");
+    println!("load average before: {load_before}  after: {}", loadavg());
+    println!("{ROUNDS} alternating rounds x {CHUNKS} chunks each; ratio = median of the per-round ratios");
+    print_summary(TABLE, &results);
+    println!("ARCHITECTURE.md §P also sets 1->3 broadcast >= 10 M publishes/s: not measured by this bench");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -475,7 +296,9 @@ impl ShmPingPong {
         s.run(1000); // the child is up and answering
         s
     }
+}
 
+impl Scenario for ShmPingPong {
     fn run(&mut self, iters: u64) -> Duration {
         let (ping, pong) = (self.shm.word(OFF_A), self.shm.word(OFF_B));
         let t = Instant::now();
@@ -560,7 +383,9 @@ impl EventfdPingPong {
         s.run(100);
         s
     }
+}
 
+impl Scenario for EventfdPingPong {
     fn run(&mut self, iters: u64) -> Duration {
         let (a, b) = (self.to_child.as_raw_fd(), self.to_parent.as_raw_fd());
         let t = Instant::now();
@@ -606,7 +431,9 @@ impl BareRing {
         s.run(10_000);
         s
     }
+}
 
+impl Scenario for BareRing {
     /// Push `iters` messages, wait until the consumer has taken them all.
     fn run(&mut self, iters: u64) -> Duration {
         let (head_w, tail_w) = (self.shm.word(OFF_A), self.shm.word(OFF_B));
@@ -705,7 +532,7 @@ fn serve_until(w: &mut Worker, busy: bool, mut done: impl FnMut() -> bool) {
 impl WePingPong {
     fn new(role: &str, busy: bool, cpu: Option<usize>) -> Self {
         let dir = TempDir::new(role);
-        let sock = dir.0.join("events.sock");
+        let sock = dir.join("events.sock");
         let events = Events::new(options(&sock, role.ends_with("-sock"))).expect("options");
         let mut worker = events.init_worker(Wid::Worker(0)).expect("init_worker(0)");
         worker.set_busy_poll(busy);
@@ -726,7 +553,9 @@ impl WePingPong {
         s.run(100);
         s
     }
+}
 
+impl Scenario for WePingPong {
     fn run(&mut self, iters: u64) -> Duration {
         let t = Instant::now();
         for _ in 0..iters {
@@ -741,6 +570,10 @@ impl WePingPong {
             }
         }
         t.elapsed()
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("eventfd wake-ups sent by the publisher", self.worker.stats().wakeups_sent)]
     }
 }
 
@@ -802,7 +635,7 @@ impl WeThroughput {
     fn new(cpu: Option<usize>, socket: bool) -> Self {
         let role = if socket { "we-sink-sock" } else { "we-sink" };
         let dir = TempDir::new(role);
-        let sock = dir.0.join("events.sock");
+        let sock = dir.join("events.sock");
         let events = Events::new(options(&sock, socket)).expect("options");
         let mut worker = events.init_worker(Wid::Worker(0)).expect("init_worker(0)");
         worker.set_busy_poll(true);
@@ -820,7 +653,9 @@ impl WeThroughput {
         s.run(10_000);
         s
     }
+}
 
+impl Scenario for WeThroughput {
     /// Publish `iters` events, then a flush marker; wait for the receiver's count of them.
     fn run(&mut self, iters: u64) -> Duration {
         let payload = ping(0);
@@ -846,6 +681,10 @@ impl WeThroughput {
         let sent = self.sent;
         serve_until(&mut self.worker, true, || ack.load(Ordering::Acquire) == sent);
         t.elapsed()
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("events lost (lost_outbound)", self.worker.stats().lost_outbound)]
     }
 }
 
@@ -941,7 +780,9 @@ impl RawSockPingPong {
         s.run(100);
         s
     }
+}
 
+impl Scenario for RawSockPingPong {
     fn run(&mut self, iters: u64) -> Duration {
         let mut msg = [0x5au8; 64];
         let t = Instant::now();
@@ -986,7 +827,9 @@ impl RawSockThroughput {
         s.run(10_000);
         s
     }
+}
 
+impl Scenario for RawSockThroughput {
     fn run(&mut self, iters: u64) -> Duration {
         let mut buf = vec![0x5au8; 64 * self.batch];
         let t = Instant::now();

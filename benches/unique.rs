@@ -81,8 +81,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use support::{ROLE_ENV, SOCK_ENV, TempDir, child_command, child_prologue, loadavg, pin_pair, reap, wanted};
+use support::scenario::Scenario;
+use support::summary::{alternate, per_op_ns};
+use support::{ROLE_ENV, SOCK_ENV, child_command, child_prologue, criterion_test_mode, pin_pair, reap, wanted};
 use worker_events::{Events, Options, Target, Wid, Worker};
+use worker_events_dev_support::{Sample, TempDir, loadavg, monotonic_ns as now_ns};
 
 /// Default `unique_capacity`, used by every broker here.
 const CAPACITY: usize = 65_536;
@@ -121,7 +124,7 @@ fn main() {
 
     let local = at_broker(&mut c);
     c.final_summary();
-    if !std::env::args().any(|a| a == "--bench") {
+    if criterion_test_mode() {
         return; // criterion's test mode (`cargo test --benches`): each bench ran once.
     }
     if let Some(mut s) = local {
@@ -174,14 +177,6 @@ fn xproc_options(sock: &Path) -> Options {
     Options::new(sock).workers(2).unique_capacity(CAPACITY).unique_timeout(Duration::from_millis(100))
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the same clock in every process of the host.
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn payload(seq: u64, t: u64) -> [u8; PAYLOAD] {
     let mut p = [0x5a; PAYLOAD];
     p[..8].copy_from_slice(&seq.to_le_bytes());
@@ -229,7 +224,7 @@ struct XProc {
 impl XProc {
     fn new(busy: bool, cpu: Option<usize>) -> Self {
         let dir = TempDir::new(if busy { "xbusy" } else { "xparked" });
-        let sock = dir.0.join("events.sock");
+        let sock = dir.join("events.sock");
         let role = if busy { "broker-busy" } else { "broker-parked" };
         let mut child =
             child_command(role, cpu, &[], Some(&sock)).stdout(Stdio::piped()).spawn().expect("spawning the broker");
@@ -339,8 +334,7 @@ impl XProc {
                 }
             }
         }
-        v.sort_unstable();
-        Duration::from_nanos(v[v.len() / 2] * n)
+        Duration::from_nanos(Sample::new(v).median().expect("n > 0 events") * n)
     }
 
     fn finish(mut self) -> XSummary {
@@ -368,35 +362,27 @@ struct XSummary {
     pending: u64,
 }
 
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64
-}
-
 impl XSummary {
-    fn print(mut self, group: &str) {
-        for v in &mut self.lat {
-            v.sort_unstable();
-        }
-        let base = percentile(&self.lat[0], 0.5);
+    fn print(self, group: &str) {
+        let lat = self.lat.map(Sample::new);
+        let us = |s: &Sample<u64>, p: f64| s.percentile(p).map_or(f64::NAN, |ns| ns as f64 / 1e3);
+        let base = us(&lat[0], 0.5);
         println!("{group}: {} All + {} unique events published (interleaved)", self.publishes[0], self.publishes[1]);
         println!(
             "  {:<34} {:>9} {:>9} {:>9} {:>9} {:>7}  p50 ratio",
             "one-way publish -> callback", "n", "p50", "p90", "p99", ">1ms"
         );
         for k in KINDS {
-            let v = &self.lat[k.index()];
-            let p50 = percentile(v, 0.5);
+            let v = &lat[k.index()];
+            let p50 = us(v, 0.5);
             println!(
                 "  {:<34} {:>9} {:>7.2}us {:>7.2}us {:>7.2}us {:>7}  {}",
                 k.id(),
                 v.len(),
-                p50 / 1e3,
-                percentile(v, 0.9) / 1e3,
-                percentile(v, 0.99) / 1e3,
-                v.iter().filter(|&&ns| ns > 1_000_000).count(),
+                p50,
+                us(v, 0.9),
+                us(v, 0.99),
+                v.count_above(1_000_000),
                 if k == Kind::AllToBroker { "baseline".to_string() } else { format!("{:.1}x", p50 / base) }
             );
         }
@@ -466,7 +452,7 @@ impl Broker {
     fn new(tag: &str, ttl: Duration) -> Broker {
         let dir = TempDir::new(tag);
         let events = Events::new(
-            Options::new(dir.0.join("ev.sock"))
+            Options::new(dir.join("ev.sock"))
                 .workers(1)
                 .unique_capacity(CAPACITY)
                 .unique_timeout(ttl)
@@ -693,42 +679,70 @@ impl Inserter {
 /// The fill levels, in % of `unique_capacity`.
 const PCTS: [usize; 2] = [10, 90];
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Local {
-    Baseline,
-    Duplicate(usize),
-    Insert(usize),
-}
+impl Scenario for Broker {
+    fn run(&mut self, n: u64) -> Duration {
+        self.run_all(n)
+    }
 
-impl Local {
-    fn id(self) -> String {
-        match self {
-            Local::Baseline => "baseline_all_publish_dispatch".into(),
-            Local::Duplicate(i) => format!("unique_duplicate_dropped_table_{}pct_full", PCTS[i]),
-            Local::Insert(i) => format!("unique_insert_table_{}pct_full", PCTS[i]),
-        }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("batches discarded (preempted)", self.discarded)]
     }
 }
 
-const LOCALS: [Local; 5] =
-    [Local::Baseline, Local::Duplicate(0), Local::Insert(0), Local::Duplicate(1), Local::Insert(1)];
+impl Scenario for Dup {
+    fn run(&mut self, n: u64) -> Duration {
+        Dup::run(self, n)
+    }
 
-/// The five single-process brokers, all alive at once so that the summary can alternate
-/// between them.
-struct AtBroker {
-    base: Broker,
-    dup: Vec<Dup>,
-    ins: Vec<Inserter>,
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let st = self.b.w.stats();
+        vec![
+            ("batches discarded (preempted)", self.b.discarded),
+            ("hashes live", self.live as u64),
+            ("unique_unrecorded (0: the window never filled)", st.unique_unrecorded),
+        ]
+    }
 }
 
-impl AtBroker {
-    fn run(&mut self, v: Local, n: u64) -> Duration {
-        match v {
-            Local::Baseline => self.base.run_all(n),
-            Local::Duplicate(i) => self.dup[i].run(n),
-            Local::Insert(i) => self.ins[i].run(n),
-        }
+impl Scenario for Inserter {
+    fn run(&mut self, n: u64) -> Duration {
+        Inserter::run(self, n)
     }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let st = self.b.w.stats();
+        vec![
+            ("batches discarded (preempted)", self.b.discarded),
+            ("hashes live", self.target as u64),
+            ("unique_timeout us", self.ttl.as_micros() as u64),
+            ("timed inserts", self.timed),
+            ("untimed top-up inserts", self.untimed),
+            ("unique_unrecorded", st.unique_unrecorded),
+            ("unique_duplicates", st.unique_duplicates),
+        ]
+    }
+}
+
+/// The broker-local variants, the baseline first: (criterion name, setup). All five stay
+/// alive together so that the summary can alternate between them.
+fn locals() -> Vec<(String, Box<dyn Scenario>)> {
+    let mut v: Vec<(String, Box<dyn Scenario>)> =
+        vec![("baseline_all_publish_dispatch".into(), Box::new(Broker::new("all", Duration::from_secs(3600))))];
+    for pct in PCTS {
+        v.push((format!("unique_duplicate_dropped_table_{pct}pct_full"), Box::new(Dup::new(pct))));
+        v.push((format!("unique_insert_table_{pct}pct_full"), Box::new(Inserter::new(pct))));
+    }
+    v
+}
+
+/// Whether the filter selects any broker-local variant (checked before building them).
+fn locals_wanted() -> bool {
+    let mut ids = vec!["baseline_all_publish_dispatch".to_string()];
+    for pct in PCTS {
+        ids.push(format!("unique_duplicate_dropped_table_{pct}pct_full"));
+        ids.push(format!("unique_insert_table_{pct}pct_full"));
+    }
+    ids.iter().any(|id| wanted(&format!("{GROUP_LOCAL}/{id}")))
 }
 
 const GROUP_LOCAL: &str = "unique_at_broker";
@@ -738,19 +752,15 @@ const LOCAL_ROUNDS: usize = 11;
 const LOCAL_CHUNKS: usize = 15;
 const LOCAL_OPS: u64 = 4096;
 
-fn at_broker(c: &mut Criterion) -> Option<AtBroker> {
-    if !LOCALS.iter().any(|v| wanted(&format!("{GROUP_LOCAL}/{}", v.id()))) {
+fn at_broker(c: &mut Criterion) -> Option<Vec<(String, Box<dyn Scenario>)>> {
+    if !locals_wanted() {
         return None;
     }
-    let mut s = AtBroker {
-        base: Broker::new("all", Duration::from_secs(3600)),
-        dup: PCTS.iter().map(|&p| Dup::new(p)).collect(),
-        ins: PCTS.iter().map(|&p| Inserter::new(p)).collect(),
-    };
+    let mut s = locals();
     let mut g = c.benchmark_group(GROUP_LOCAL);
     g.sample_size(30).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
-    for v in LOCALS {
-        g.bench_function(v.id(), |b| b.iter_custom(|n| s.run(v, n)));
+    for (id, v) in &mut s {
+        g.bench_function(id.as_str(), |b| b.iter_custom(|n| v.run(n)));
     }
     g.finish();
     Some(s)
@@ -759,62 +769,24 @@ fn at_broker(c: &mut Criterion) -> Option<AtBroker> {
 /// Alternate the five variants, LOCAL_CHUNKS chunks each per round; per variant: median ns
 /// per event over all chunks, and the median over the rounds of (round median / baseline
 /// round median).
-fn at_broker_summary(s: &mut AtBroker) {
-    let mut per_op: Vec<Vec<f64>> = vec![Vec::new(); LOCALS.len()];
-    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); LOCALS.len()];
-    for _ in 0..LOCAL_ROUNDS {
-        let mut med = [0.0; LOCALS.len()];
-        for (i, v) in LOCALS.into_iter().enumerate() {
-            let mut chunk: Vec<f64> =
-                (0..LOCAL_CHUNKS).map(|_| s.run(v, LOCAL_OPS).as_nanos() as f64 / LOCAL_OPS as f64).collect();
-            per_op[i].extend_from_slice(&chunk);
-            chunk.sort_by(f64::total_cmp);
-            med[i] = chunk[chunk.len() / 2];
-        }
-        for i in 0..LOCALS.len() {
-            ratios[i].push(med[i] / med[0]);
-        }
-    }
+fn at_broker_summary(s: &mut [(String, Box<dyn Scenario>)]) {
+    let cmp = alternate(LOCAL_ROUNDS, s.len(), false, |i| {
+        (0..LOCAL_CHUNKS).map(|_| per_op_ns(s[i].1.run(LOCAL_OPS), LOCAL_OPS)).collect()
+    });
     println!();
     println!(
         "{GROUP_LOCAL}: one process, {LOCAL_ROUNDS} alternating rounds x {LOCAL_CHUNKS} chunks of {LOCAL_OPS} events; \
          ratio = median of the per-round ratios"
     );
     println!("  {:<44} {:>10} {:>10}  ratio", "ns per event (publish + dispatch)", "median", "p10");
-    for (i, v) in LOCALS.into_iter().enumerate() {
-        per_op[i].sort_by(f64::total_cmp);
-        ratios[i].sort_by(f64::total_cmp);
-        let p = &per_op[i];
-        println!(
-            "  {:<44} {:>10.1} {:>10.1}  {}",
-            v.id(),
-            p[p.len() / 2],
-            p[p.len() / 10],
-            if v == Local::Baseline {
-                "baseline".to_string()
-            } else {
-                format!("{:.2}x", ratios[i][ratios[i].len() / 2])
-            }
-        );
+    for (i, ((id, _), c)) in s.iter().zip(&cmp).enumerate() {
+        let ratio = if i == 0 { "baseline".to_string() } else { format!("{:.2}x", c.ratio) };
+        println!("  {id:<44} {:>10.1} {:>10.1}  {ratio}", c.all.median, c.all.best);
     }
-    println!(
-        "  batches of {BATCH} discarded because the thread was preempted: baseline {}, duplicates {}/{}, inserts {}/{}",
-        s.base.discarded, s.dup[0].b.discarded, s.dup[1].b.discarded, s.ins[0].b.discarded, s.ins[1].b.discarded
-    );
-    for (b, d) in s.dup.iter().zip(PCTS) {
-        let st = b.b.w.stats();
-        println!(
-            "  duplicates, table {d}%: {} hashes live; unique_unrecorded={} (0: the window never filled)",
-            b.live, st.unique_unrecorded
-        );
-    }
-    for (n, d) in s.ins.iter().zip(PCTS) {
-        let st = n.b.w.stats();
-        println!(
-            "  inserts, table {d}%: {} hashes live, unique_timeout {:?}; {} timed + {} untimed top-up inserts; \
-             unique_unrecorded={} unique_duplicates={}",
-            n.target, n.ttl, n.timed, n.untimed, st.unique_unrecorded, st.unique_duplicates
-        );
+    println!("  (batches of {BATCH}; a batch during which the thread was preempted is discarded and run again)");
+    for (id, v) in s.iter() {
+        let c: Vec<String> = v.counters().iter().map(|(n, v)| format!("{n} {v}")).collect();
+        println!("  {id}: {}", c.join(", "));
     }
 }
 

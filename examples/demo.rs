@@ -12,18 +12,18 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use worker_events::{Events, Options, PublishError, SYSTEM_SOURCE, Target, Transport, Wid, Worker};
+use worker_events_dev_support::{TempDir, monotonic_ns, percentile, process, sort};
 
 const WID_ENV: &str = "WE_DEMO_WID";
 const DIR_ENV: &str = "WE_DEMO_DIR";
 const WORKERS_ENV: &str = "WE_DEMO_WORKERS";
 const RATE_ENV: &str = "WE_DEMO_RATE";
 const TRANSPORT_ENV: &str = "WE_DEMO_TRANSPORT";
-const PPID_ENV: &str = "WE_DEMO_PPID";
 
 /// How long the workers stream events.
 const STREAM_FOR: Duration = Duration::from_secs(2);
@@ -84,7 +84,7 @@ fn parent_main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let dir = match make_temp_dir() {
+    let dir = match TempDir::try_new("demo") {
         Ok(d) => d,
         Err(e) => {
             eprintln!("cannot create a temporary directory: {e}");
@@ -97,8 +97,8 @@ fn parent_main() -> ExitCode {
         STREAM_FOR,
         dir.join("events.sock").display()
     );
-    let ok = run(&dir, workers, rate, transport);
-    let _ = std::fs::remove_dir_all(&dir);
+    let ok = run(dir.path(), workers, rate, transport);
+    drop(dir);
     if ok {
         println!("OK: every worker received every event exactly once, in order");
         ExitCode::SUCCESS
@@ -108,32 +108,19 @@ fn parent_main() -> ExitCode {
     }
 }
 
-fn make_temp_dir() -> std::io::Result<PathBuf> {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let dir = std::env::temp_dir().join(format!("we-demo-{}-{nanos:x}", std::process::id()));
-    std::fs::create_dir(&dir)?;
-    Ok(dir)
-}
-
 fn run(dir: &Path, workers: u32, rate: u64, transport: &str) -> bool {
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("current_exe: {e}");
-            return false;
-        }
-    };
     let mut children: Vec<(u32, Child)> = Vec::new();
     for i in 0..workers {
-        let spawned = Command::new(&exe)
-            .env(WID_ENV, i.to_string())
-            .env(DIR_ENV, dir)
-            .env(WORKERS_ENV, workers.to_string())
-            .env(RATE_ENV, rate.to_string())
-            .env(TRANSPORT_ENV, transport)
-            .env(PPID_ENV, std::process::id().to_string())
-            .stdout(Stdio::piped())
-            .spawn();
+        // This binary again, in the worker role (it dies with us: `die_with_parent`).
+        let spawned = process::reexec().and_then(|mut cmd| {
+            cmd.env(WID_ENV, i.to_string())
+                .env(DIR_ENV, dir)
+                .env(WORKERS_ENV, workers.to_string())
+                .env(RATE_ENV, rate.to_string())
+                .env(TRANSPORT_ENV, transport)
+                .stdout(Stdio::piped())
+                .spawn()
+        });
         match spawned {
             Ok(c) => children.push((i, c)),
             Err(e) => {
@@ -265,13 +252,6 @@ fn fmt_ns(ns: u64) -> String {
 // ---------------------------------------------------------------------------------------
 // Worker process
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// What the callbacks record; shared with them through an `Arc<Mutex<_>>` because
 /// callbacks must be `Send + 'static` (the lock is never contended: one thread).
 struct State {
@@ -310,13 +290,7 @@ impl State {
 
 fn worker_main(me: u32) -> Result<(), String> {
     // Die with the parent, whatever happens to it.
-    // SAFETY: plain prctl.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    // SAFETY: plain getppid.
-    let ppid = unsafe { libc::getppid() } as u32;
-    if std::env::var(PPID_ENV).ok().and_then(|p| p.parse().ok()) != Some(ppid) {
-        return Err("the parent is gone".into());
-    }
+    process::die_with_parent().map_err(|e| format!("the parent is gone ({e})"))?;
     let env = |k: &str| std::env::var(k).map_err(|_| format!("{k} missing"));
     let dir = PathBuf::from(env(DIR_ENV)?);
     let workers: u32 = env(WORKERS_ENV)?.parse().map_err(|_| "bad WE_DEMO_WORKERS")?;
@@ -425,10 +399,8 @@ fn worker_main(me: u32) -> Result<(), String> {
             s.errors += 1;
         }
     }
-    s.latencies.sort_unstable();
-    let pct = |q: f64| -> u64 {
-        if s.latencies.is_empty() { 0 } else { s.latencies[((s.latencies.len() - 1) as f64 * q).round() as usize] }
-    };
+    sort(&mut s.latencies);
+    let pct = |q: f64| percentile(&s.latencies, q).unwrap_or(0);
     let secs = match (s.first_at, s.last_at) {
         (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
         _ => f64::NAN,

@@ -1,46 +1,31 @@
 //! What both multi-process benches share: re-executing the bench binary in a child role,
-//! pinning, reaping, temp dirs, the load average, and criterion's command-line filter.
+//! pinning, reaping, criterion's command-line filter ([`wanted`]), the [`scenario`] table
+//! runner and the self-timed [`summary`]. The generic helpers (clock, percentiles, temp dirs,
+//! processes) live in the `worker-events-dev-support` crate.
 //! (Each bench uses a subset; the rest is not dead code in the other one.)
 #![allow(dead_code)]
 
+pub mod scenario;
+pub mod summary;
+
 use std::os::fd::RawFd;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use worker_events_dev_support::process::{self, allowed_cpus, pin_to_cpu};
 
 /// The child's role; set means "run as a child", checked first thing in `main`.
 pub const ROLE_ENV: &str = "WE_BENCH_ROLE";
 /// The CPU the child pins itself to.
 pub const CPU_ENV: &str = "WE_BENCH_CPU";
-/// Inherited descriptors, comma-separated.
-pub const FD_ENV: &str = "WE_BENCH_FDS";
 /// The control socket path of the library's children.
 pub const SOCK_ENV: &str = "WE_BENCH_SOCK";
-/// The bench process's pid: a child whose parent is not it exits at once.
-pub const PPID_ENV: &str = "WE_BENCH_PPID";
 
-pub fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Vec::new();
-        }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
-    }
-}
-
+/// Pin this process to `cpu`, or say why not.
 pub fn pin(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET stays within it for cpu < CPU_SETSIZE.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        eprintln!("sched_setaffinity({cpu}) failed: {}", std::io::Error::last_os_error());
+    if let Err(e) = pin_to_cpu(cpu) {
+        eprintln!("sched_setaffinity({cpu}) failed: {e}");
     }
 }
 
@@ -59,93 +44,37 @@ pub fn pin_pair() -> Option<usize> {
 
 /// The command re-executing this binary in `role`, pinned to `cpu`, inheriting `fds`.
 pub fn child_command(role: &str, cpu: Option<usize>, fds: &[RawFd], sock: Option<&Path>) -> Command {
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut cmd = Command::new(exe);
-    cmd.env(ROLE_ENV, role).env(PPID_ENV, std::process::id().to_string());
+    let mut cmd = process::reexec().expect("current_exe");
+    cmd.env(ROLE_ENV, role);
     if let Some(c) = cpu {
         cmd.env(CPU_ENV, c.to_string());
-    }
-    if !fds.is_empty() {
-        cmd.env(FD_ENV, fds.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(","));
     }
     if let Some(s) = sock {
         cmd.env(SOCK_ENV, s);
     }
-    let fds = fds.to_vec();
-    // SAFETY: the closure only calls fcntl, which is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &fd in &fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    process::inherit_fds(&mut cmd, fds);
     cmd
 }
 
 /// First thing in a child: die with the bench process, refuse to run under another
 /// parent, pin to the CPU it was given. Returns the inherited descriptors.
 pub fn child_prologue() -> Vec<RawFd> {
-    // SAFETY: plain prctl.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    let ppid: u32 = std::env::var(PPID_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-    // SAFETY: plain getppid.
-    if unsafe { libc::getppid() } as u32 != ppid {
+    if process::die_with_parent().is_err() {
         std::process::exit(1);
     }
     if let Some(cpu) = std::env::var(CPU_ENV).ok().and_then(|s| s.parse().ok()) {
         pin(cpu);
     }
-    std::env::var(FD_ENV).map(|s| s.split(',').filter_map(|f| f.parse().ok()).collect()).unwrap_or_default()
+    process::inherited_fds()
 }
 
 /// Wait for `child` to exit (up to 5 s), then kill it.
 pub fn reap(child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(st)) = child.try_wait() {
-            if !st.success() {
-                eprintln!("peer process exited with {st}");
-            }
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    match process::reap(child, Duration::from_secs(5)) {
+        Some(st) if !st.success() => eprintln!("peer process exited with {st}"),
+        Some(_) => {}
+        None => eprintln!("peer process did not exit; killed it"),
     }
-    eprintln!("peer process did not exit; killing it");
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "we-bench-{}-{tag}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("creating the temp dir");
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-pub fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 /// Whether the benchmark `id` passes the filter given on the command line
@@ -185,4 +114,10 @@ pub fn wanted(id: &str) -> bool {
         }
     }
     true
+}
+
+/// Whether criterion runs in its test mode (`cargo test --benches`: each bench once, no
+/// `--bench` argument); the benches then skip their self-timed summaries.
+pub fn criterion_test_mode() -> bool {
+    !std::env::args().any(|a| a == "--bench")
 }
