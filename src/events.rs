@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use rkyv::util::AlignedVec;
 
-use crate::control::frame::kind;
 use crate::control::{Control, CtlEvent, HandOut, Mode, STAMP_LEN, ShmWelcome, Stamp, TOKEN_EVENTFD, TOKEN_LISTENER};
 use crate::dedup::{Check, HeapTable};
 use crate::error::{Error, PublishError, Result};
-use crate::event::{self, Event, Kind, Lost, MAX_UNIQUE_HASH_LEN, ORIGIN_NONE, Payload, SYSTEM_SOURCE, Target, Wid};
+use crate::event::{Event, Lost, MAX_UNIQUE_HASH_LEN, Payload, SYSTEM_SOURCE, Target, Wid};
 use crate::layout::Geometry;
+use crate::message::{self, Kind, ORIGIN_NONE};
 use crate::options::{Options, Transport};
 use crate::region::Region;
 use crate::stats::{PeerStats, Stats};
@@ -23,6 +23,7 @@ use crate::subs::{SubscriptionId, Subscriptions};
 use crate::sync::Ordering;
 use crate::sys::{Epoll, EventFd};
 use crate::transport::shm::{Incoming, ShmPort};
+use crate::wire::frame::kind;
 
 /// Dispatch calls between two looks at the clock while busy-polling.
 const CONTROL_EVERY: u32 = 256;
@@ -106,7 +107,7 @@ impl Events {
         let ctl = if o.testing {
             None
         } else {
-            let max_frame = event::max_message_len(o.max_payload_len) + 1024;
+            let max_frame = message::max_message_len(o.max_payload_len) + 1024;
             let preferred = wid == Wid::Worker(o.broker_id);
             Some(Control::new(&o.listening, slot, geo, preferred, o.allowed_uids.clone(), max_frame, o.max_queue_len)?)
         };
@@ -299,7 +300,7 @@ impl Worker {
     ) -> Result<(), PublishError> {
         let (origin, kind) = self.route(target)?;
         let mut buf = self.pool.pop().unwrap_or_default();
-        if let Err(e) = event::encode_typed(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
+        if let Err(e) = message::encode_typed(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
             self.pool.push(buf);
             return Err(e);
         }
@@ -328,7 +329,7 @@ impl Worker {
     ) -> Result<(), PublishError> {
         let (origin, kind) = self.route(target)?;
         let mut buf = self.pool.pop().unwrap_or_default();
-        if let Err(e) = event::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
+        if let Err(e) = message::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
             self.pool.push(buf);
             return Err(e);
         }
@@ -351,7 +352,7 @@ impl Worker {
     fn send(&mut self, buf: AlignedVec, target: Target<'_>) -> Result<(), PublishError> {
         if self.opts.testing {
             // Synchronous, in-process, wid None.
-            if let Ok(d) = event::decode(&buf, self.geo.workers, self.geo.agent, self.opts.max_payload_len) {
+            if let Ok(d) = message::decode(&buf, self.geo.workers, self.geo.agent, self.opts.max_payload_len) {
                 run_callbacks(&mut self.subs, &mut self.stats, &d.event);
             }
             self.pool.push(buf);
@@ -489,7 +490,7 @@ impl Worker {
         // Local events first: they are this worker's own stream, in publish order.
         for _ in 0..self.local.len() {
             let Some(buf) = self.local.pop_front() else { break };
-            if let Ok(d) = event::decode(&buf, self.geo.workers, self.geo.agent, self.opts.max_payload_len) {
+            if let Ok(d) = message::decode(&buf, self.geo.workers, self.geo.agent, self.opts.max_payload_len) {
                 run_callbacks(&mut self.subs, &mut self.stats, &d.event);
                 n += 1;
             }
@@ -507,12 +508,12 @@ impl Worker {
             let stats = &mut self.stats;
             let geo = self.geo;
             let (m, more_rings) = port.drain(RING_BUDGET, &mut |inc| match inc {
-                Incoming::Message { from, bytes } => match event::decode(bytes, workers, agent, max_payload) {
+                Incoming::Message { from, bytes } => match message::decode(bytes, workers, agent, max_payload) {
                     // "all" events come from their publisher's ring; unique events are relayed
                     // by the broker and carry their publisher's wid.
                     Ok(d)
-                        if (d.kind == Kind::All as u8 && d.event.wid == Some(slot_wid(from, &geo)))
-                            || (d.kind == Kind::Unique as u8 && d.event.wid.is_some()) =>
+                        if (d.kind == Kind::All && d.event.wid == Some(geo.wid_of(from)))
+                            || (d.kind == Kind::Unique && d.event.wid.is_some()) =>
                     {
                         run_callbacks(subs, stats, &d.event);
                     }
@@ -550,10 +551,10 @@ impl Worker {
                 Some((st, msg)) if k != kind::LOST => (*st, msg),
                 _ => ([0; STAMP_LEN], body),
             };
-            let decoded = event::decode(msg, geo.workers, geo.agent, max_payload);
+            let decoded = message::decode(msg, geo.workers, geo.agent, max_payload);
             match k {
                 kind::EVENT if broker => match decoded {
-                    Ok(d) if d.kind == Kind::All as u8 && d.event.wid == Some(slot_wid(from, &geo)) => {
+                    Ok(d) if d.kind == Kind::All && d.event.wid == Some(geo.wid_of(from)) => {
                         if !check_stamp(in_seq, subs, stats, &geo, from, &stamp) {
                             return;
                         }
@@ -568,17 +569,17 @@ impl Worker {
                 },
                 kind::DELIVER if !broker => match decoded {
                     Ok(d)
-                        if d.kind == Kind::All as u8
-                            && d.event.wid.is_some_and(|w| w != slot_wid(me, &geo))
+                        if d.kind == Kind::All
+                            && d.event.wid.is_some_and(|w| w != geo.wid_of(me))
                             && stamp != UNSEQ =>
                     {
-                        let origin = d.event.wid.map_or(0, |w| wid_slot(w, &geo));
+                        let origin = d.event.wid.map_or(0, |w| geo.slot_of(w));
                         if check_stamp(in_seq, subs, stats, &geo, origin, &stamp) {
                             run_callbacks(subs, stats, &d.event);
                             n += 1;
                         }
                     }
-                    Ok(d) if d.kind == Kind::Unique as u8 && d.event.wid.is_some() => {
+                    Ok(d) if d.kind == Kind::Unique && d.event.wid.is_some() => {
                         run_callbacks(subs, stats, &d.event);
                         n += 1;
                     }
@@ -588,7 +589,7 @@ impl Worker {
                     }
                 },
                 kind::LOST if !broker => {
-                    let mut b = crate::control::frame::Body(body);
+                    let mut b = crate::wire::frame::Body(body);
                     match (b.u32(), b.u64()) {
                         (Ok(from), Ok(count)) if from < geo.slots && b.0.is_empty() => {
                             // Those sequence numbers will never come: not a gap to report again.
@@ -868,15 +869,15 @@ impl Worker {
 
     /// (broker) Dedup a unique event and deliver it to one live worker.
     fn handle_unique(&mut self, from: u32, hash: &[u8], msg: &[u8]) {
-        let ok = event::decode(msg, self.geo.workers, self.geo.agent, self.opts.max_payload_len)
-            .is_ok_and(|d| d.kind == Kind::Unique as u8 && d.event.wid == Some(slot_wid(from, &self.geo)));
+        let ok = message::decode(msg, self.geo.workers, self.geo.agent, self.opts.max_payload_len)
+            .is_ok_and(|d| d.kind == Kind::Unique && d.event.wid == Some(self.geo.wid_of(from)));
         if !ok {
             tracing::warn!(from, "dropping a malformed unique event");
             self.stats.dropped += 1;
             return;
         }
         let ttl = u64::try_from(self.opts.unique_timeout.as_nanos()).unwrap_or(u64::MAX);
-        let now = crate::dedup::monotonic_ns();
+        let now = crate::sys::monotonic_ns();
         let check = match (&self.port, &self.heap_dedup) {
             (Some(port), _) => {
                 port.region().dedup().check_and_record(crate::dedup::tag(port.region().sip_key(), hash), now, ttl)
@@ -935,7 +936,7 @@ impl Worker {
             self.epoll.delete(old.my_eventfd().as_fd());
             fold_counters(&mut self.stats, &old);
         }
-        let max_msg = event::max_message_len(self.opts.max_payload_len);
+        let max_msg = message::max_message_len(self.opts.max_payload_len);
         let mut port = ShmPort::attach(region, eventfds, self.slot, self.opts.max_queue_len, max_msg);
         self.epoll.add(port.my_eventfd().as_fd(), TOKEN_EVENTFD).map_err(|e| Error::io("epoll_ctl", e))?;
         for msg in self.pre_attach.drain(..) {
@@ -1119,7 +1120,7 @@ impl Worker {
             s.peers = port
                 .depths()
                 .map(|(slot, out, backlog, inb)| PeerStats {
-                    wid: slot_wid(slot, &self.geo),
+                    wid: self.geo.wid_of(slot),
                     outbound_depth: out,
                     backlog,
                     inbound_depth: inb,
@@ -1130,7 +1131,7 @@ impl Worker {
                 .queue_depths()
                 .into_iter()
                 .map(|(slot, depth)| PeerStats {
-                    wid: slot_wid(if slot == u32::MAX { self.broker_slot.unwrap_or(0) } else { slot }, &self.geo),
+                    wid: self.geo.wid_of(if slot == u32::MAX { self.broker_slot.unwrap_or(0) } else { slot }),
                     outbound_depth: depth,
                     backlog: 0,
                     inbound_depth: 0,
@@ -1209,23 +1210,16 @@ fn check_stamp(
     true
 }
 
-fn wid_slot(w: Wid, geo: &Geometry) -> u32 {
-    match w {
-        Wid::Worker(i) => i,
-        Wid::PrivilegedAgent => geo.workers,
-    }
-}
-
 /// Run the callbacks of a "lost" system notice: `count` events of publisher slot `from`
 /// never reached this worker.
 fn deliver_lost_notice(subs: &mut Subscriptions, stats: &mut Stats, geo: &Geometry, from: u32, count: u64) {
     stats.lost += count;
-    let publisher = slot_wid(from, geo);
+    let publisher = geo.wid_of(from);
     tracing::warn!(%publisher, count, "events lost on the way to this worker");
     let mut b = AlignedVec::new();
     let lost = Lost { count, publisher };
-    if event::encode_typed(&mut b, SYSTEM_SOURCE, "lost", &lost, from, Kind::System, usize::MAX).is_ok() {
-        if let Ok(d) = event::decode(&b, geo.workers, geo.agent, usize::MAX) {
+    if message::encode_typed(&mut b, SYSTEM_SOURCE, "lost", &lost, from, Kind::System, usize::MAX).is_ok() {
+        if let Ok(d) = message::decode(&b, geo.workers, geo.agent, usize::MAX) {
             run_callbacks(subs, stats, &d.event);
         }
     }
@@ -1237,8 +1231,4 @@ fn fold_counters(s: &mut Stats, port: &ShmPort) {
     s.wakeups_sent += c.wakeups_sent;
     s.lost_outbound += c.lost_outbound;
     s.dropped += c.dropped;
-}
-
-fn slot_wid(slot: u32, geo: &Geometry) -> Wid {
-    if geo.agent && slot == geo.workers { Wid::PrivilegedAgent } else { Wid::Worker(slot) }
 }

@@ -143,6 +143,7 @@ mod events;
 #[doc(hidden)]
 pub mod fuzz_api;
 mod layout;
+mod message;
 mod notify;
 mod options;
 mod region;
@@ -152,6 +153,7 @@ mod subs;
 mod sync;
 mod sys;
 mod transport;
+mod wire;
 
 pub use error::{Error, PublishError, Result};
 pub use event::{Event, Lost, MAX_UNIQUE_HASH_LEN, NewBroker, Payload, SYSTEM_SOURCE, Target, Wid};

@@ -11,9 +11,11 @@ use std::ptr::NonNull;
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use crate::dedup::{DedupTable, ENTRY_SIZE};
+use crate::dedup::DedupTable;
 use crate::error::{Error, Result};
-use crate::layout::{Geometry, HEADER_SIZE, LAYOUT_VERSION, MAGIC, RING_HEADER_SIZE, RegionHeader, SlotHeader};
+use crate::layout::{
+    DEDUP_ENTRY_SIZE, Geometry, HEADER_SIZE, LAYOUT_VERSION, MAGIC, RING_HEADER_SIZE, RegionHeader, SlotHeader,
+};
 use crate::ring::RawRing;
 use crate::sync::Ordering;
 use crate::sys;
@@ -30,7 +32,17 @@ pub(crate) struct Region {
 
 impl Region {
     /// Create and initialize a new region (broker only).
+    ///
+    /// The environment variable `WORKER_EVENTS_DISABLE_SHM` (any value) makes this fail as
+    /// if memfd were unavailable: the hook the tests use to exercise the socket fallback.
     pub(crate) fn create(geo: Geometry, max_payload_len: usize) -> Result<Region> {
+        if std::env::var_os("WORKER_EVENTS_DISABLE_SHM").is_some() {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "shared memory disabled by WORKER_EVENTS_DISABLE_SHM",
+            );
+            return Err(Error::io("creating the shared region (memfd)", e));
+        }
         let fd = sys::memfd_sealed(geo.region_size).map_err(|e| Error::io("creating the shared region (memfd)", e))?;
         let map = map(&fd, geo.region_size)?;
         let region = Region { map, fd, geo, id: sys::random_u64() | 1 };
@@ -146,7 +158,7 @@ impl Region {
     /// The unique-event dedup table.
     pub(crate) fn dedup(&self) -> DedupTable<'_> {
         let g = &self.geo;
-        assert!(g.dedup_offset + g.dedup_capacity * ENTRY_SIZE <= g.region_size);
+        assert!(g.dedup_offset + g.dedup_capacity * DEDUP_ENTRY_SIZE <= g.region_size);
         // SAFETY: the geometry places `dedup_capacity` entries (a power of two >= MAX_PROBE)
         // at `dedup_offset`, inside the mapping (asserted), which outlives the view as long
         // as the caller keeps `self` alive (the port owns both).
@@ -219,14 +231,8 @@ mod tests {
 
     #[test]
     fn unsealed_memfd_is_rejected() {
-        // SAFETY: plain memfd_create with a valid C string.
-        let raw = unsafe { libc::memfd_create(c"x".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0);
-        // SAFETY: raw is a fresh descriptor we own.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
         let g = Geometry::new(1, false, 4096, 64);
-        // SAFETY: valid fd, size fits off_t.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), g.region_size as libc::off_t) }, 0);
+        let fd = sys::memfd_unsealed(g.region_size);
         let e = Region::open(fd, g).err().unwrap().to_string();
         assert!(e.contains("sealed"), "{e}");
     }

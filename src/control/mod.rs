@@ -17,19 +17,19 @@
 //! REJECT with a reason. The client checks the broker's uid the same way.
 
 mod failover;
-pub(crate) mod frame;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use frame::{Body, FrameReader, FrameWriter, PROTOCOL_VERSION, ReadState, kind};
+use crate::wire::frame::{Body, FrameReader, FrameWriter, PROTOCOL_VERSION, ReadState, kind};
 
 use crate::error::{Error, Result};
+use crate::event::MAX_UNIQUE_HASH_LEN;
 use crate::layout::{Geometry, LAYOUT_VERSION};
 use crate::sys::{self, Epoll};
-use crate::transport::sock::{COALESCE_BYTES, Inbox, OutQueue, flush_conn};
+use crate::wire::queue::{COALESCE_BYTES, Inbox, OutQueue, flush_conn};
 
 /// How long a non-preferred worker waits for a broker before it runs for election itself.
 pub(crate) const ELECTION_GRACE: Duration = Duration::from_millis(200);
@@ -175,7 +175,7 @@ impl Control {
         if !sys::try_lock_byte(lock.as_fd(), 1 + u64::from(slot))
             .map_err(|e| Error::io("locking the worker slot", e))?
         {
-            return Err(Error::WidInUse(slot_wid(slot, &geo)));
+            return Err(Error::WidInUse(geo.wid_of(slot)));
         }
         let now = Instant::now();
         Ok(Control {
@@ -710,10 +710,6 @@ fn uid_ok(uid: u32, allowed: &[u32]) -> bool {
     uid == sys::euid() || allowed.contains(&uid)
 }
 
-fn slot_wid(slot: u32, geo: &Geometry) -> crate::Wid {
-    if geo.agent && slot == geo.workers { crate::Wid::PrivilegedAgent } else { crate::Wid::Worker(slot) }
-}
-
 /// Path of the lock file beside the socket.
 pub(crate) fn lock_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
@@ -813,8 +809,8 @@ fn parse_unique(body: &[u8]) -> std::result::Result<(u64, &[u8], &[u8]), String>
     let mut b = Body(body);
     let id = b.u64()?;
     let len = b.u16()? as usize;
-    if len == 0 || len > crate::event::MAX_UNIQUE_HASH_LEN {
-        return Err(format!("unique hash length {len} outside 1..={}", crate::event::MAX_UNIQUE_HASH_LEN));
+    if len == 0 || len > MAX_UNIQUE_HASH_LEN {
+        return Err(format!("unique hash length {len} outside 1..={}", MAX_UNIQUE_HASH_LEN));
     }
     let hash = b.bytes(len)?;
     Ok((id, hash, b.0))

@@ -3,10 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Worker, slot_wid};
+use super::Worker;
 use crate::control::{Mode, TOKEN_EVENTFD};
 use crate::error::{Error, Result};
-use crate::event::{self, Kind, NewBroker, SYSTEM_SOURCE};
+use crate::event::{NewBroker, SYSTEM_SOURCE};
+use crate::message::{self, Kind};
 use crate::sync::Ordering;
 
 /// How long dropping a [`Worker`] may spend flushing its outbound backlogs.
@@ -149,10 +150,11 @@ impl Worker {
         if prev == now {
             return;
         }
-        let info = NewBroker { broker: slot_wid(broker_slot, &self.geo), epoch };
+        let info = NewBroker { broker: self.geo.wid_of(broker_slot), epoch };
         tracing::info!(wid = %self.wid, broker = %info.broker, epoch, "new broker");
         let mut buf = self.pool.pop().unwrap_or_default();
-        if event::encode_typed(&mut buf, SYSTEM_SOURCE, "broker", &info, broker_slot, Kind::System, usize::MAX).is_ok()
+        if message::encode_typed(&mut buf, SYSTEM_SOURCE, "broker", &info, broker_slot, Kind::System, usize::MAX)
+            .is_ok()
         {
             self.local.push_back(buf);
         }

@@ -1,5 +1,4 @@
 //! Transports behind the worker facade: shared-memory rings ([`shm`]) and the unix-socket
-//! fallback through the broker ([`sock`]).
+//! fallback through the broker.
 
 pub(crate) mod shm;
-pub(crate) mod sock;

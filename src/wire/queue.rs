@@ -1,4 +1,5 @@
-//! The socket transport: events ride the unix-socket control connections, through the broker.
+//! Bounded frame queues for the socket transport: events ride the unix-socket control
+//! connections, through the broker.
 //!
 //! A worker appends each "all" event as an `EVENT` frame to its [`OutQueue`]; the broker
 //! delivers it to its own callbacks and appends a `DELIVER` frame to the queue of every other
@@ -20,8 +21,8 @@ use std::os::fd::BorrowedFd;
 
 use rkyv::util::AlignedVec;
 
-use crate::control::frame::FrameWriter;
 use crate::sys;
+use crate::wire::frame::FrameWriter;
 
 /// Queued bytes past which `publish` writes at once instead of waiting for `dispatch`.
 pub(crate) const COALESCE_BYTES: usize = 64 * 1024;
@@ -239,7 +240,7 @@ impl Inbox {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::control::frame::FrameReader;
+    use crate::wire::frame::FrameReader;
     use std::os::fd::AsFd;
 
     fn pair() -> (std::os::unix::net::UnixStream, std::os::unix::net::UnixStream) {
