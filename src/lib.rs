@@ -138,7 +138,6 @@ mod control;
 mod dedup;
 mod error;
 mod event;
-mod events;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz_api;
@@ -154,10 +153,11 @@ mod sync;
 mod sys;
 mod transport;
 mod wire;
+mod worker;
 
 pub use error::{Error, PublishError, Result};
 pub use event::{Event, Lost, MAX_UNIQUE_HASH_LEN, NewBroker, Payload, SYSTEM_SOURCE, Target, Wid};
-pub use events::{Events, Worker};
 pub use options::{DEFAULT_RING_CAPACITY, MAX_PAYLOAD_LIMIT, MAX_WORKERS, Options, Transport};
 pub use stats::{PeerStats, Stats};
 pub use subs::SubscriptionId;
+pub use worker::{Events, Worker};

@@ -16,8 +16,9 @@ use crate::error::{Error, Result};
 use crate::layout::{
     DEDUP_ENTRY_SIZE, Geometry, HEADER_SIZE, LAYOUT_VERSION, MAGIC, RING_HEADER_SIZE, RegionHeader, SlotHeader,
 };
+use crate::layout::{SLOT_ATTACHED, SLOT_DETACHED};
 use crate::ring::RawRing;
-use crate::sync::Ordering;
+use crate::sync::{AtomicU32, Ordering};
 use crate::sys;
 
 /// A mapped region. Invariant: `map` is `geo.region_size` bytes, page-aligned, and the memfd
@@ -153,6 +154,60 @@ impl Region {
         assert!(slot < self.geo.slots);
         // SAFETY: slot headers (all atomics) live at slot_offset(slot) for slot < slots.
         unsafe { self.at::<SlotHeader>(self.geo.slot_offset(slot)).as_ref() }
+    }
+
+    /// The `parked` flag of `slot` (the wake handshake of `notify.rs`).
+    pub(crate) fn parked_flag(&self, slot: u32) -> &AtomicU32 {
+        &self.slot(slot).parked
+    }
+
+    /// This process now owns `slot` (it holds the slot lock): not parked, our pid, one
+    /// more attach, state attached (Release: the rest is visible before it).
+    pub(crate) fn mark_attached(&self, slot: u32) {
+        let s = self.slot(slot);
+        s.parked.store(0, Ordering::Relaxed);
+        s.pid.store(sys::pid(), Ordering::Relaxed);
+        s.generation.fetch_add(1, Ordering::Relaxed);
+        s.state.store(SLOT_ATTACHED, Ordering::Release);
+    }
+
+    /// This process leaves `slot` (before its slot lock goes).
+    pub(crate) fn mark_detached(&self, slot: u32) {
+        let s = self.slot(slot);
+        s.parked.store(0, Ordering::Relaxed);
+        s.pid.store(0, Ordering::Relaxed);
+        s.state.store(SLOT_DETACHED, Ordering::Release);
+    }
+
+    /// Ask `slot` to look at its control sockets now (`ctl_pending`): set on the broker's
+    /// slot by a publisher that sent it a unique event, and on a publisher's slot by the
+    /// broker that acknowledged its unique events, so a busy-polling process makes no
+    /// system call per dispatch to find out.
+    pub(crate) fn set_control_hint(&self, slot: u32) {
+        if slot < self.geo.slots {
+            self.slot(slot).ctl_pending.store(1, Ordering::Release);
+        }
+    }
+
+    /// Take (clear) `slot`'s control hint; true when it was set.
+    pub(crate) fn take_control_hint(&self, slot: u32) -> bool {
+        let flag = &self.slot(slot).ctl_pending;
+        flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::Acquire) != 0
+    }
+
+    /// The broker epoch in the header (fencing: a broker whose epoch is not this one steps
+    /// down).
+    pub(crate) fn broker_epoch(&self) -> u64 {
+        self.header().broker_epoch.load(Ordering::Acquire)
+    }
+
+    /// Claim the broker role in the header: one more epoch (returned), our slot and pid.
+    pub(crate) fn claim_broker(&self, slot: u32) -> u64 {
+        let h = self.header();
+        let epoch = h.broker_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        h.broker_slot.store(slot, Ordering::Relaxed);
+        h.broker_pid.store(sys::pid(), Ordering::Release);
+        epoch
     }
 
     /// The unique-event dedup table.
