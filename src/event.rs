@@ -104,7 +104,7 @@ pub struct NewBroker {
     pub epoch: u64,
 }
 
-/// A value that can be published with [`crate::Worker::publish`]: anything rkyv can
+/// A value that can be published with [`crate::worker::Worker::publish`]: anything rkyv can
 /// serialize (derive `rkyv::Archive` and `rkyv::Serialize`).
 pub trait Payload: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>> {}
 impl<T> Payload for T where T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>> {}

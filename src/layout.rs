@@ -62,8 +62,10 @@ pub(crate) struct SlotHeader {
     /// 0 (never attached), [`SLOT_ATTACHED`] or [`SLOT_DETACHED`].
     pub state: AtomicU32,
     pub pid: AtomicU32,
-    /// Set to 1 by a peer that queued a control frame for this slot's broker role (a busy-
-    /// polling broker checks it instead of making a syscall per dispatch).
+    /// Set to 1 by a peer that queued a control frame for this slot: a publisher that sent
+    /// the broker (this slot) a unique event, or the broker that acknowledged this slot's
+    /// unique events. A busy-polling owner checks it instead of making a system call per
+    /// dispatch (`Region::set_control_hint` / `take_control_hint`).
     pub ctl_pending: AtomicU32,
     /// Number of attaches of this slot so far.
     pub generation: AtomicU64,

@@ -19,7 +19,7 @@
 //!   its eventfd only if it is parked (a flag in shared memory), so a busy receiver costs
 //!   the publisher no syscall. The publisher's own copy goes to a private queue, in order
 //!   with its `Current` events. The broker is not on this path.
-//! * **Rings** ([`ring`](crate) internals): variable-length records, one Release store per
+//! * **Rings** (`ring.rs`): variable-length records, one Release store per
 //!   commit, cached positions, producer and consumer words on separate 128-byte lines.
 //!   Messages larger than a quarter of a ring are streamed in fragments. A ring that is
 //!   full keeps the publisher's messages in a bounded private backlog, retried on every
@@ -131,8 +131,7 @@
 //! # drop(worker); let _ = std::fs::remove_dir_all(dir);
 //! ```
 
-#![deny(unsafe_op_in_unsafe_fn)]
-#![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
+// Lints: `[lints]` in Cargo.toml (one place).
 
 mod control;
 mod dedup;

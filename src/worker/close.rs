@@ -23,7 +23,7 @@ impl Worker {
     ///   never runs for election any more).
     ///
     /// Events already in this worker's inbound rings stay there for a successor with the
-    /// same [`Wid`](crate::Wid); events queued for its own callbacks are discarded.
+    /// same [`Wid`](crate::event::Wid); events queued for its own callbacks are discarded.
     /// Dropping a `Worker` does the same with a bound of 50 ms.
     ///
     /// # Errors
