@@ -40,6 +40,23 @@
 //!
 //! The byte layout of the region is documented in `shm-layout.md` at the repository root.
 //!
+//! ### Source layout
+//!
+//! One concern per file, dependencies pointing down (the rules are checked by
+//! `scripts/check-layers.sh`; the design and guarantees are in `ARCHITECTURE.md`):
+//! `worker/` (the facade: [`Events`], [`Worker`]) uses `transport/` (the data path as one
+//! enum: in-process, not attached yet, shared-memory rings, socket) and `control/`
+//! (connections, election, the attach protocol); those two never import each other and
+//! meet in `wire/` (frame codec, connection queues). Below them: `region`, `ring`,
+//! `notify`, `dedup`, `layout` (every shared `#[repr(C)]` type), `sync` (the atomics shim)
+//! and `sys` (every system call).
+//!
+//! `crossbeam-utils` is a dependency but has no job yet: [`Worker::wait`] has no spin
+//! phase for its `Backoff` to pace (it arms and sleeps in `epoll_wait` at once; spinning is
+//! busy-poll mode, where the caller owns the loop), and a [`Worker`] is single-threaded, so
+//! no process-private state is shared between cores for `CachePadded` to separate (the
+//! shared words already sit on their own 128-byte lines, see `layout.rs`).
+//!
 //! ## Fault model
 //!
 //! * Every word read from shared memory or a socket is untrusted: positions and lengths are
