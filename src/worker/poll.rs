@@ -224,3 +224,26 @@ impl Worker {
         Ok(true)
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::event::{Target, Wid};
+    use crate::options::Options;
+    use crate::worker::Events;
+
+    #[test]
+    fn flush_reports_events_waiting_for_an_attach() {
+        let d = std::env::temp_dir().join(format!("we-flush-pre-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        // Worker 1 is not the preferred broker and nobody serves: it stays unattached for the
+        // election grace (200 ms), so its "all" event waits in the pre-attach queue.
+        let events = Events::new(Options::new(d.join("ev.sock")).workers(2)).unwrap();
+        let mut w1 = events.init_worker(Wid::Worker(1)).unwrap();
+        assert!(w1.flush(), "nothing queued yet");
+        w1.publish_bytes(Target::All, "s", "e", b"x").unwrap();
+        assert!(!w1.is_ready());
+        assert!(!w1.flush(), "an event waits for a broker");
+        drop(w1);
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
