@@ -29,42 +29,9 @@ use std::ptr::NonNull;
 
 use siphasher::sip128::{Hasher128, SipHasher13};
 
-use crate::sync::{AtomicU64, Ordering};
-
-/// Entries examined per lookup.
-pub(crate) const MAX_PROBE: usize = 32;
-/// Bytes per entry.
-pub(crate) const ENTRY_SIZE: usize = 32;
-
-/// One table entry (in shared memory).
-#[repr(C, align(32))]
-pub(crate) struct DedupEntry {
-    pub tag_lo: AtomicU64,
-    pub tag_hi: AtomicU64,
-    /// CLOCK_MONOTONIC nanoseconds after which the entry is free.
-    pub expires_ns: AtomicU64,
-    pub _reserved: AtomicU64,
-}
-
-#[cfg(not(loom))]
-const _: () = assert!(std::mem::size_of::<DedupEntry>() == ENTRY_SIZE);
-
-impl DedupEntry {
-    /// A never-used entry (tag 0), for tables outside the shared region.
-    pub(crate) fn vacant() -> DedupEntry {
-        DedupEntry {
-            tag_lo: AtomicU64::new(0),
-            tag_hi: AtomicU64::new(0),
-            expires_ns: AtomicU64::new(0),
-            _reserved: AtomicU64::new(0),
-        }
-    }
-}
-
-/// Buckets for a requested number of live hashes.
-pub(crate) fn buckets_for(unique_capacity: usize) -> usize {
-    (unique_capacity * 2).next_power_of_two().max(MAX_PROBE)
-}
+pub(crate) use crate::layout::{DEDUP_MAX_PROBE as MAX_PROBE, DedupEntry, dedup_buckets_for as buckets_for};
+use crate::sync::Ordering;
+use crate::sys;
 
 /// The 128-bit tag of a unique hash. Never all-zero (zero marks a never-used entry).
 pub(crate) fn tag(key: (u64, u64), hash: &[u8]) -> (u64, u64) {
@@ -152,14 +119,6 @@ impl DedupTable<'_> {
     }
 }
 
-/// CLOCK_MONOTONIC now, in nanoseconds (the same clock in every process of the host).
-pub(crate) fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// The table in private memory, for the socket transport (no shared region there): the
 /// broker keeps it on its heap, so a broker failover in socket mode starts with an empty
 /// table (documented in the crate's fault model).
@@ -172,7 +131,7 @@ impl HeapTable {
     /// A table sized for `unique_capacity` live hashes, with a fresh random SipHash key.
     pub(crate) fn new(unique_capacity: usize) -> HeapTable {
         let entries = (0..buckets_for(unique_capacity)).map(|_| DedupEntry::vacant()).collect();
-        HeapTable { entries, key: (crate::sys::random_u64(), crate::sys::random_u64()) }
+        HeapTable { entries, key: (sys::random_u64(), sys::random_u64()) }
     }
 
     /// The SipHash key of this table.

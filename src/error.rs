@@ -29,13 +29,13 @@ pub enum Error {
     #[error("invalid worker id {wid}: {reason}")]
     InvalidWid {
         /// The id that was refused.
-        wid: crate::Wid,
+        wid: crate::event::Wid,
         /// Why.
         reason: &'static str,
     },
     /// Another live process holds this worker id (its lock is held).
     #[error("worker id {0} is already held by another live process")]
-    WidInUse(crate::Wid),
+    WidInUse(crate::event::Wid),
     /// The broker refused to attach this process.
     #[error("attach refused by the broker: {0}")]
     AttachRefused(String),
@@ -43,13 +43,10 @@ pub enum Error {
     /// layout version, sizes that do not add up, missing seals).
     #[error("shared region rejected: {0}")]
     CorruptRegion(String),
-    /// A peer sent a frame that violates the control protocol.
-    #[error("control protocol error: {0}")]
-    Protocol(String),
     /// The received event could not be read as the requested type.
     #[error("event data is not a valid archived value: {0}")]
     Decode(String),
-    /// [`crate::Worker::close`] ran out of time: `events` outbound events (ring backlogs
+    /// [`crate::worker::Worker::close`] ran out of time: `events` outbound events (ring backlogs
     /// for live peers, unacknowledged unique events, events published before attaching)
     /// could not be handed over. Receivers of given-up ring backlogs get a `lost` notice.
     #[error("close timed out: {events} outbound events could not be flushed")]
@@ -71,12 +68,6 @@ pub enum Error {
 impl Error {
     pub(crate) fn io(context: &'static str, source: impl Into<io::Error>) -> Self {
         Error::Io { context, source: source.into() }
-    }
-}
-
-impl From<nix::Error> for Error {
-    fn from(e: nix::Error) -> Self {
-        Error::io("system call failed", io::Error::from(e))
     }
 }
 
@@ -107,7 +98,7 @@ pub enum PublishError {
     /// The source or event name is longer than 65,535 bytes.
     #[error("failed to publish event: source or event name longer than 65535 bytes")]
     NameTooLong,
-    /// The unique hash is empty or longer than [`crate::MAX_UNIQUE_HASH_LEN`].
+    /// The unique hash is empty or longer than [`MAX_UNIQUE_HASH_LEN`](crate::event::MAX_UNIQUE_HASH_LEN).
     #[error("failed to publish event: unique hash must be 1..={max} bytes, got {len}")]
     InvalidUniqueHash {
         /// Length of the hash given.

@@ -15,13 +15,14 @@ use std::mem::offset_of;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
-use crate::control::frame;
 use crate::dedup;
 use crate::error::Error;
-use crate::event::{self, Event};
+use crate::event::Event;
 use crate::layout::{self, ConsumerLine, ProducerLine, RingHeader};
+use crate::message;
 use crate::region;
 use crate::ring::{self, RawRing};
+use crate::wire::frame;
 
 // ---------------------------------------------------------------------------------------
 // Control channel
@@ -58,12 +59,12 @@ impl FrameReader {
 // Event messages
 
 /// Size of the message header; the data of a message starts at this offset.
-pub const MESSAGE_HEADER_SIZE: usize = event::MSG_HDR;
+pub const MESSAGE_HEADER_SIZE: usize = message::MSG_HDR;
 
 /// Decode a message as a receiver configured with `workers`, `agent` and
-/// `max_payload_len` would (`event::decode`). `Some((event, kind byte))` when accepted.
+/// `max_payload_len` would (`message::decode`). `Some((event, kind byte))` when accepted.
 pub fn decode(buf: &[u8], workers: u32, agent: bool, max_payload_len: usize) -> Option<(Event<'_>, u8)> {
-    event::decode(buf, workers, agent, max_payload_len).ok().map(|d| (d.event, d.kind))
+    message::decode(buf, workers, agent, max_payload_len).ok().map(|d| (d.event, d.kind as u8))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 //! offsets used for addressing come from [`Geometry`], computed in private memory from the
 //! options and compared with the header on attach.
 
+use crate::event::Wid;
 use crate::sync::{AtomicU32, AtomicU64};
 
 /// `b"WKEVENTS"` read as a little-endian u64.
@@ -61,8 +62,10 @@ pub(crate) struct SlotHeader {
     /// 0 (never attached), [`SLOT_ATTACHED`] or [`SLOT_DETACHED`].
     pub state: AtomicU32,
     pub pid: AtomicU32,
-    /// Set to 1 by a peer that queued a control frame for this slot's broker role (a busy-
-    /// polling broker checks it instead of making a syscall per dispatch).
+    /// Set to 1 by a peer that queued a control frame for this slot: a publisher that sent
+    /// the broker (this slot) a unique event, or the broker that acknowledged this slot's
+    /// unique events. A busy-polling owner checks it instead of making a system call per
+    /// dispatch (`Region::set_control_hint` / `take_control_hint`).
     pub ctl_pending: AtomicU32,
     /// Number of attaches of this slot so far.
     pub generation: AtomicU64,
@@ -101,6 +104,39 @@ pub(crate) struct ConsumerLine {
     /// Value of the producer's `lost` already reported to this consumer's callbacks.
     pub lost_seen: AtomicU64,
     pub _reserved: [AtomicU64; 13],
+}
+
+/// Entries a dedup lookup examines (its probe window); also the smallest table.
+pub(crate) const DEDUP_MAX_PROBE: usize = 32;
+/// Bytes per [`DedupEntry`].
+pub(crate) const DEDUP_ENTRY_SIZE: usize = 32;
+
+/// One entry of the unique-event dedup table (the algorithm is in `dedup.rs`).
+#[repr(C, align(32))]
+pub(crate) struct DedupEntry {
+    pub tag_lo: AtomicU64,
+    pub tag_hi: AtomicU64,
+    /// CLOCK_MONOTONIC nanoseconds after which the entry is free.
+    pub expires_ns: AtomicU64,
+    pub _reserved: AtomicU64,
+}
+
+impl DedupEntry {
+    /// A never-used entry (tag 0), for tables outside the shared region.
+    pub(crate) fn vacant() -> DedupEntry {
+        DedupEntry {
+            tag_lo: AtomicU64::new(0),
+            tag_hi: AtomicU64::new(0),
+            expires_ns: AtomicU64::new(0),
+            _reserved: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Dedup buckets for a requested number of live hashes: a power of two, at least twice the
+/// capacity and at least one probe window.
+pub(crate) fn dedup_buckets_for(unique_capacity: usize) -> usize {
+    (unique_capacity * 2).next_power_of_two().max(DEDUP_MAX_PROBE)
 }
 
 /// Header of one SPSC ring; `ring_capacity` data bytes follow it.
@@ -165,8 +201,8 @@ impl Geometry {
         let ring_stride = RING_HEADER_SIZE + ring_capacity;
         let rings_end = rings_offset + s * s * ring_stride;
         let dedup_offset = align_up(rings_end, PAGE);
-        let dedup_capacity = crate::dedup::buckets_for(unique_capacity);
-        let region_size = align_up(dedup_offset + dedup_capacity * crate::dedup::ENTRY_SIZE, PAGE);
+        let dedup_capacity = dedup_buckets_for(unique_capacity);
+        let region_size = align_up(dedup_offset + dedup_capacity * DEDUP_ENTRY_SIZE, PAGE);
         Geometry {
             slots,
             workers,
@@ -185,6 +221,19 @@ impl Geometry {
     pub(crate) fn slot_offset(&self, slot: u32) -> usize {
         debug_assert!(slot < self.slots);
         self.slots_offset + slot as usize * SLOT_SIZE
+    }
+
+    /// The worker id of `slot`: the privileged agent is the slot after the workers.
+    pub(crate) fn wid_of(&self, slot: u32) -> Wid {
+        if self.agent && slot == self.workers { Wid::PrivilegedAgent } else { Wid::Worker(slot) }
+    }
+
+    /// The slot of `wid` (not checked against the geometry).
+    pub(crate) fn slot_of(&self, wid: Wid) -> u32 {
+        match wid {
+            Wid::Worker(i) => i,
+            Wid::PrivilegedAgent => self.workers,
+        }
     }
 
     /// Offset of the header of the ring `producer -> consumer`.
@@ -238,6 +287,8 @@ const _: () = {
     assert!(offset_of!(ConsumerLine, read_pos) == 0);
     assert!(offset_of!(ConsumerLine, consumed) == 8);
     assert!(offset_of!(ConsumerLine, lost_seen) == 16);
+
+    assert!(size_of::<DedupEntry>() == DEDUP_ENTRY_SIZE);
 };
 
 #[cfg(all(test, not(loom)))]

@@ -19,7 +19,7 @@
 //!   its eventfd only if it is parked (a flag in shared memory), so a busy receiver costs
 //!   the publisher no syscall. The publisher's own copy goes to a private queue, in order
 //!   with its `Current` events. The broker is not on this path.
-//! * **Rings** ([`ring`](crate) internals): variable-length records, one Release store per
+//! * **Rings** (`ring.rs`): variable-length records, one Release store per
 //!   commit, cached positions, producer and consumer words on separate 128-byte lines.
 //!   Messages larger than a quarter of a ring are streamed in fragments. A ring that is
 //!   full keeps the publisher's messages in a bounded private backlog, retried on every
@@ -39,6 +39,23 @@
 //!   nothing and is fork-safe.
 //!
 //! The byte layout of the region is documented in `shm-layout.md` at the repository root.
+//!
+//! ### Source layout
+//!
+//! One concern per file, dependencies pointing down (the rules are checked by
+//! `scripts/check-layers.sh`; the design and guarantees are in `ARCHITECTURE.md`):
+//! `worker/` (the facade: [`Events`], [`Worker`]) uses `transport/` (the data path as one
+//! enum: in-process, not attached yet, shared-memory rings, socket) and `control/`
+//! (connections, election, the attach protocol); those two never import each other and
+//! meet in `wire/` (frame codec, connection queues). Below them: `region`, `ring`,
+//! `notify`, `dedup`, `layout` (every shared `#[repr(C)]` type), `sync` (the atomics shim)
+//! and `sys` (every system call).
+//!
+//! `crossbeam-utils` is a dependency but has no job yet: [`Worker::wait`] has no spin
+//! phase for its `Backoff` to pace (it arms and sleeps in `epoll_wait` at once; spinning is
+//! busy-poll mode, where the caller owns the loop), and a [`Worker`] is single-threaded, so
+//! no process-private state is shared between cores for `CachePadded` to separate (the
+//! shared words already sit on their own 128-byte lines, see `layout.rs`).
 //!
 //! ## Fault model
 //!
@@ -131,18 +148,17 @@
 //! # drop(worker); let _ = std::fs::remove_dir_all(dir);
 //! ```
 
-#![deny(unsafe_op_in_unsafe_fn)]
-#![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
+// Lints: `[lints]` in Cargo.toml (one place).
 
 mod control;
 mod dedup;
 mod error;
 mod event;
-mod events;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz_api;
 mod layout;
+mod message;
 mod notify;
 mod options;
 mod region;
@@ -152,10 +168,12 @@ mod subs;
 mod sync;
 mod sys;
 mod transport;
+mod wire;
+mod worker;
 
 pub use error::{Error, PublishError, Result};
 pub use event::{Event, Lost, MAX_UNIQUE_HASH_LEN, NewBroker, Payload, SYSTEM_SOURCE, Target, Wid};
-pub use events::{Events, Worker};
 pub use options::{DEFAULT_RING_CAPACITY, MAX_PAYLOAD_LIMIT, MAX_WORKERS, Options, Transport};
 pub use stats::{PeerStats, Stats};
 pub use subs::SubscriptionId;
+pub use worker::{Events, Worker};

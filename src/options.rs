@@ -1,6 +1,6 @@
 //! The `Options` builder and its validation.
 //!
-//! Validation happens in [`crate::Events::new`] and uses the model library's messages
+//! Validation happens in [`crate::worker::Events::new`] and uses the model library's messages
 //! (`"max_payload_len" option is invalid`, ...), so configuration errors read the same as in
 //! lua-resty-events.
 
@@ -45,7 +45,7 @@ pub enum Transport {
 
 /// Configuration shared by every process of one deployment.
 ///
-/// Build it in the master process, pass it to [`crate::Events::new`], fork.
+/// Build it in the master process, pass it to [`crate::worker::Events::new`], fork.
 ///
 /// # Examples
 ///

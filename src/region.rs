@@ -11,11 +11,14 @@ use std::ptr::NonNull;
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use crate::dedup::{DedupTable, ENTRY_SIZE};
+use crate::dedup::DedupTable;
 use crate::error::{Error, Result};
-use crate::layout::{Geometry, HEADER_SIZE, LAYOUT_VERSION, MAGIC, RING_HEADER_SIZE, RegionHeader, SlotHeader};
+use crate::layout::{
+    DEDUP_ENTRY_SIZE, Geometry, HEADER_SIZE, LAYOUT_VERSION, MAGIC, RING_HEADER_SIZE, RegionHeader, SlotHeader,
+};
+use crate::layout::{SLOT_ATTACHED, SLOT_DETACHED};
 use crate::ring::RawRing;
-use crate::sync::Ordering;
+use crate::sync::{AtomicU32, Ordering};
 use crate::sys;
 
 /// A mapped region. Invariant: `map` is `geo.region_size` bytes, page-aligned, and the memfd
@@ -30,7 +33,17 @@ pub(crate) struct Region {
 
 impl Region {
     /// Create and initialize a new region (broker only).
+    ///
+    /// The environment variable `WORKER_EVENTS_DISABLE_SHM` (any value) makes this fail as
+    /// if memfd were unavailable: the hook the tests use to exercise the socket fallback.
     pub(crate) fn create(geo: Geometry, max_payload_len: usize) -> Result<Region> {
+        if std::env::var_os("WORKER_EVENTS_DISABLE_SHM").is_some() {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "shared memory disabled by WORKER_EVENTS_DISABLE_SHM",
+            );
+            return Err(Error::io("creating the shared region (memfd)", e));
+        }
         let fd = sys::memfd_sealed(geo.region_size).map_err(|e| Error::io("creating the shared region (memfd)", e))?;
         let map = map(&fd, geo.region_size)?;
         let region = Region { map, fd, geo, id: sys::random_u64() | 1 };
@@ -143,10 +156,64 @@ impl Region {
         unsafe { self.at::<SlotHeader>(self.geo.slot_offset(slot)).as_ref() }
     }
 
+    /// The `parked` flag of `slot` (the wake handshake of `notify.rs`).
+    pub(crate) fn parked_flag(&self, slot: u32) -> &AtomicU32 {
+        &self.slot(slot).parked
+    }
+
+    /// This process now owns `slot` (it holds the slot lock): not parked, our pid, one
+    /// more attach, state attached (Release: the rest is visible before it).
+    pub(crate) fn mark_attached(&self, slot: u32) {
+        let s = self.slot(slot);
+        s.parked.store(0, Ordering::Relaxed);
+        s.pid.store(sys::pid(), Ordering::Relaxed);
+        s.generation.fetch_add(1, Ordering::Relaxed);
+        s.state.store(SLOT_ATTACHED, Ordering::Release);
+    }
+
+    /// This process leaves `slot` (before its slot lock goes).
+    pub(crate) fn mark_detached(&self, slot: u32) {
+        let s = self.slot(slot);
+        s.parked.store(0, Ordering::Relaxed);
+        s.pid.store(0, Ordering::Relaxed);
+        s.state.store(SLOT_DETACHED, Ordering::Release);
+    }
+
+    /// Ask `slot` to look at its control sockets now (`ctl_pending`): set on the broker's
+    /// slot by a publisher that sent it a unique event, and on a publisher's slot by the
+    /// broker that acknowledged its unique events, so a busy-polling process makes no
+    /// system call per dispatch to find out.
+    pub(crate) fn set_control_hint(&self, slot: u32) {
+        if slot < self.geo.slots {
+            self.slot(slot).ctl_pending.store(1, Ordering::Release);
+        }
+    }
+
+    /// Take (clear) `slot`'s control hint; true when it was set.
+    pub(crate) fn take_control_hint(&self, slot: u32) -> bool {
+        let flag = &self.slot(slot).ctl_pending;
+        flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::Acquire) != 0
+    }
+
+    /// The broker epoch in the header (fencing: a broker whose epoch is not this one steps
+    /// down).
+    pub(crate) fn broker_epoch(&self) -> u64 {
+        self.header().broker_epoch.load(Ordering::Acquire)
+    }
+
+    /// Claim the broker role in the header: one more epoch (returned), our slot and pid.
+    pub(crate) fn claim_broker(&self, slot: u32) -> u64 {
+        let h = self.header();
+        let epoch = h.broker_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        h.broker_slot.store(slot, Ordering::Relaxed);
+        h.broker_pid.store(sys::pid(), Ordering::Release);
+        epoch
+    }
+
     /// The unique-event dedup table.
     pub(crate) fn dedup(&self) -> DedupTable<'_> {
         let g = &self.geo;
-        assert!(g.dedup_offset + g.dedup_capacity * ENTRY_SIZE <= g.region_size);
+        assert!(g.dedup_offset + g.dedup_capacity * DEDUP_ENTRY_SIZE <= g.region_size);
         // SAFETY: the geometry places `dedup_capacity` entries (a power of two >= MAX_PROBE)
         // at `dedup_offset`, inside the mapping (asserted), which outlives the view as long
         // as the caller keeps `self` alive (the port owns both).
@@ -219,14 +286,8 @@ mod tests {
 
     #[test]
     fn unsealed_memfd_is_rejected() {
-        // SAFETY: plain memfd_create with a valid C string.
-        let raw = unsafe { libc::memfd_create(c"x".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0);
-        // SAFETY: raw is a fresh descriptor we own.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
         let g = Geometry::new(1, false, 4096, 64);
-        // SAFETY: valid fd, size fits off_t.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), g.region_size as libc::off_t) }, 0);
+        let fd = sys::memfd_unsealed(g.region_size);
         let e = Region::open(fd, g).err().unwrap().to_string();
         assert!(e.contains("sealed"), "{e}");
     }

@@ -1,6 +1,6 @@
-//! Counters a worker keeps about itself, returned by [`crate::Worker::stats`].
+//! Counters a worker keeps about itself, returned by [`crate::worker::Worker::stats`].
 
-use crate::Wid;
+use crate::event::Wid;
 
 /// A snapshot of a worker's counters.
 ///

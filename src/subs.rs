@@ -15,7 +15,7 @@ use crate::event::Event;
 /// A subscription callback.
 pub(crate) type Callback = Box<dyn FnMut(&Event<'_>) + Send + 'static>;
 
-/// Identifier returned by [`crate::Worker::subscribe`].
+/// Identifier returned by [`crate::worker::Worker::subscribe`].
 ///
 /// # Examples
 ///

@@ -2,10 +2,58 @@
 //!
 //! Under `cfg(loom)` every atomic used by the lock-free protocols (the ring positions, the
 //! parked flag, the want-space flag) is loom's, so the models in `ring.rs` and `notify.rs`
-//! explore every interleaving of the real code. Nothing else in the crate may import
-//! `std::sync::atomic` directly.
+//! explore every interleaving of the real code. Nothing else in the crate may name
+//! `std::sync::atomic`'s types: `clippy.toml` disallows them everywhere, and this module is
+//! the one place that allows them. Outside loom the shim's types are `#[repr(transparent)]`
+//! wrappers that dereference to std's (same size, alignment and bytes, so the shared layout
+//! is unchanged), which is what lets the rule hold for every other file.
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+pub(crate) use std::sync::atomic::{Ordering, fence};
+#[cfg(not(loom))]
+pub(crate) use std_atomics::{AtomicU32, AtomicU64};
+
+#[cfg(not(loom))]
+#[allow(clippy::disallowed_types)]
+mod std_atomics {
+    use std::sync::atomic;
+
+    macro_rules! shim {
+        ($name:ident, $int:ty) => {
+            #[doc = concat!("`std::sync::atomic::", stringify!($name), "`, named through the shim.")]
+            #[repr(transparent)]
+            #[derive(Debug, Default)]
+            pub(crate) struct $name(atomic::$name);
+
+            impl $name {
+                #[allow(dead_code)] // not every width is constructed in private memory
+                pub(crate) const fn new(v: $int) -> Self {
+                    $name(atomic::$name::new(v))
+                }
+            }
+
+            impl std::ops::Deref for $name {
+                type Target = atomic::$name;
+                #[inline(always)]
+                fn deref(&self) -> &atomic::$name {
+                    &self.0
+                }
+            }
+
+            impl std::ops::DerefMut for $name {
+                #[inline(always)]
+                fn deref_mut(&mut self) -> &mut atomic::$name {
+                    &mut self.0
+                }
+            }
+        };
+    }
+
+    shim!(AtomicU32, u32);
+    shim!(AtomicU64, u64);
+
+    const _: () = assert!(std::mem::size_of::<AtomicU64>() == 8 && std::mem::align_of::<AtomicU64>() == 8);
+    const _: () = assert!(std::mem::size_of::<AtomicU32>() == 4 && std::mem::align_of::<AtomicU32>() == 4);
+}

@@ -104,9 +104,6 @@ impl AsFd for Epoll {
 
 /// Create a memfd of `size` bytes, sealed against shrinking, growing and further sealing.
 pub(crate) fn memfd_sealed(size: usize) -> io::Result<OwnedFd> {
-    if std::env::var_os("WORKER_EVENTS_DISABLE_SHM").is_some() {
-        return Err(io::Error::new(io::ErrorKind::Unsupported, "shared memory disabled by WORKER_EVENTS_DISABLE_SHM"));
-    }
     let name = c"worker-events";
     let fd = owned(syscall!(memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING))?);
     syscall!(ftruncate(fd.as_raw_fd(), size as libc::off_t))?;
@@ -330,4 +327,20 @@ pub(crate) fn random_u64() -> u64 {
         return t ^ (u64::from(pid()) << 32);
     }
     u64::from_le_bytes(v)
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (the same clock in every process of the host).
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A memfd of `size` bytes that is NOT sealed (tests of the region validation).
+#[cfg(all(test, not(loom)))]
+pub(crate) fn memfd_unsealed(size: usize) -> OwnedFd {
+    let fd = owned(syscall!(memfd_create(c"x".as_ptr(), libc::MFD_CLOEXEC)).expect("memfd_create"));
+    syscall!(ftruncate(fd.as_raw_fd(), size as libc::off_t)).expect("ftruncate");
+    fd
 }

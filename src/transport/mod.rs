@@ -1,5 +1,343 @@
-//! Transports behind the worker facade: shared-memory rings ([`shm`]) and the unix-socket
-//! fallback through the broker ([`sock`]).
+//! The data path of one worker as one enum (crossbeam-channel's `SenderFlavor` pattern):
+//! in-process (testing mode), not attached yet, shared-memory rings ([`shm`]), or the
+//! unix-socket fallback through the broker ([`socket`]). The worker facade asks the enum;
+//! each transport answers in its own file. `transport` never imports `control` or `worker`:
+//! it reaches the control connections through the `wire` traits.
 
 pub(crate) mod shm;
-pub(crate) mod sock;
+pub(crate) mod socket;
+
+use std::collections::VecDeque;
+
+use rkyv::util::AlignedVec;
+
+use crate::dedup::Check;
+use crate::event::Event;
+use crate::options::Transport;
+use crate::wire::queue::{Inbox, OutQueue};
+use crate::wire::{Connections, DataPlane, Link, Offer, Peer};
+use shm::ShmPort;
+use socket::SocketPort;
+
+/// Messages taken from one ring per dispatch, so one busy peer cannot starve the others.
+const RING_BUDGET: usize = 4096;
+
+/// Where a transport hands what it received: the worker's callbacks and counters.
+pub(crate) trait Deliver {
+    /// Run the callbacks of a checked event.
+    fn event(&mut self, ev: &Event<'_>);
+    /// `count` events of publisher slot `from` never reached this worker (a lost notice).
+    fn lost(&mut self, from: u32, count: u64);
+    /// A malformed or repeated message was dropped.
+    fn dropped(&mut self);
+}
+
+/// Counters a port keeps; the worker folds them into its `Stats`.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PortCounters {
+    pub wakeups_sent: u64,
+    pub lost_outbound: u64,
+    pub dropped: u64,
+}
+
+/// Queue depths towards and from one peer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerDepth {
+    pub peer: Peer,
+    /// Events queued for it (ring plus backlog, or socket queue).
+    pub outbound: u64,
+    /// Of which in a private backlog (shared memory).
+    pub backlog: u64,
+    /// Events from it waiting in our inbound ring.
+    pub inbound: u64,
+}
+
+/// What a flush or a drain pass achieved.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Drained {
+    /// Events dispatched.
+    pub events: usize,
+    /// More is waiting (a ring budget ran out).
+    pub more: bool,
+}
+
+/// "all" events published before this worker attached, and data frames that arrived with
+/// the WELCOME before the transport existed.
+#[derive(Default)]
+pub(crate) struct PreAttach {
+    events: VecDeque<AlignedVec>,
+    inbox: Inbox,
+}
+
+/// The data path.
+pub(crate) enum DataPath {
+    /// Testing mode: events run synchronously in the publishing process, nothing is opened.
+    InProcess,
+    /// No broker yet: "all" events wait here (bounded by `max_queue_len`).
+    Unattached(PreAttach),
+    /// Rings in the shared region.
+    Shm(ShmPort),
+    /// Every event rides the control connections, through the broker.
+    Socket(SocketPort),
+}
+
+impl DataPath {
+    /// The transport in use; `None` while not decided (not attached yet, or in-process).
+    pub(crate) fn transport(&self) -> Option<Transport> {
+        match self {
+            DataPath::InProcess | DataPath::Unattached(_) => None,
+            DataPath::Shm(_) => Some(Transport::SharedMemory),
+            DataPath::Socket(_) => Some(Transport::Socket),
+        }
+    }
+
+    /// Testing mode.
+    pub(crate) fn is_in_process(&self) -> bool {
+        matches!(self, DataPath::InProcess)
+    }
+
+    /// Without rings the sockets are the data path: the worker reads them on every pass.
+    pub(crate) fn reads_sockets_every_pass(&self) -> bool {
+        !matches!(self, DataPath::Shm(_))
+    }
+
+    /// The shared-memory port, if that is the data path.
+    pub(crate) fn shm(&self) -> Option<&ShmPort> {
+        match self {
+            DataPath::Shm(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The socket port, if that is the data path.
+    pub(crate) fn socket_mut(&mut self) -> Option<&mut SocketPort> {
+        match self {
+            DataPath::Socket(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Room for one more "all" event (`cap`: `max_queue_len`).
+    pub(crate) fn has_room(&self, cap: usize) -> bool {
+        match self {
+            DataPath::InProcess | DataPath::Shm(_) => true,
+            DataPath::Unattached(pre) => pre.events.len() < cap,
+            DataPath::Socket(p) => p.has_room(),
+        }
+    }
+
+    /// Send an "all" event to every other slot (after [`DataPath::has_room`]).
+    pub(crate) fn send_all(&mut self, msg: &AlignedVec, conns: Option<&mut (dyn Connections + '_)>) {
+        match self {
+            DataPath::InProcess => {}
+            DataPath::Unattached(pre) => pre.events.push_back(msg.clone()),
+            DataPath::Shm(port) => {
+                port.flush();
+                port.send_all(msg);
+            }
+            DataPath::Socket(p) => {
+                p.send_all(msg, conns);
+            }
+        }
+    }
+
+    /// (broker) Send a unique event to slot `to` (from publisher slot `from`).
+    pub(crate) fn send_to(&mut self, to: u32, from: u32, msg: &AlignedVec) {
+        match self {
+            DataPath::InProcess | DataPath::Unattached(_) => {}
+            DataPath::Shm(port) => port.send_to(to, msg),
+            DataPath::Socket(p) => {
+                p.send_to(to, from, msg);
+            }
+        }
+    }
+
+    /// (broker) The dedup table is available.
+    pub(crate) fn can_dedup(&self) -> bool {
+        match self {
+            DataPath::InProcess | DataPath::Unattached(_) => false,
+            DataPath::Shm(_) => true,
+            DataPath::Socket(p) => p.can_dedup(),
+        }
+    }
+
+    /// (broker) Look a unique hash up in the dedup table (the region's, or the socket
+    /// broker's private one) and record it; `None` without a table.
+    pub(crate) fn dedup_check(&self, hash: &[u8], now_ns: u64, ttl_ns: u64) -> Option<Check> {
+        match self {
+            DataPath::InProcess | DataPath::Unattached(_) => None,
+            DataPath::Shm(port) => {
+                let r = port.region();
+                Some(r.dedup().check_and_record(crate::dedup::tag(r.sip_key(), hash), now_ns, ttl_ns))
+            }
+            DataPath::Socket(p) => p.dedup_check(hash, now_ns, ttl_ns),
+        }
+    }
+
+    /// Dispatch what arrived into `sink`: rings (after retrying backlogs) or socket frames
+    /// (then write what is queued).
+    pub(crate) fn drain(&mut self, sink: &mut dyn Deliver, conns: Option<&mut (dyn Connections + '_)>) -> Drained {
+        match self {
+            DataPath::InProcess | DataPath::Unattached(_) => Drained::default(),
+            DataPath::Shm(port) => {
+                let (events, more) = port.dispatch(RING_BUDGET, sink);
+                Drained { events, more }
+            }
+            DataPath::Socket(p) => {
+                let events = p.dispatch(sink);
+                if let Some(c) = conns {
+                    c.write(p);
+                }
+                Drained { events, more: false }
+            }
+        }
+    }
+
+    /// Retry what waits for room and write what the sockets take; true when nothing of the
+    /// data path is left queued (the pre-attach queue counts).
+    pub(crate) fn flush(&mut self, conns: Option<&mut (dyn Connections + '_)>) -> bool {
+        match self {
+            DataPath::InProcess => true,
+            DataPath::Unattached(pre) => pre.events.is_empty(),
+            DataPath::Shm(port) => {
+                port.flush();
+                port.backlogged() == 0
+            }
+            DataPath::Socket(p) => conns.is_none_or(|c| p.flush(c)),
+        }
+    }
+
+    /// Data frames a connected link has not written yet (socket transport).
+    pub(crate) fn has_output(&self, conns: &dyn Connections) -> bool {
+        match self {
+            DataPath::Socket(p) => p.has_output(conns),
+            _ => false,
+        }
+    }
+
+    /// Clear the parked flag; true when woken through the eventfd (shared memory).
+    pub(crate) fn disarm(&mut self) -> bool {
+        match self {
+            DataPath::Shm(port) => port.disarm(),
+            _ => false,
+        }
+    }
+
+    /// Arm the wake-up before sleeping; false when work arrived meanwhile (do not sleep).
+    /// Only the rings need arming: the sockets wake epoll by themselves.
+    pub(crate) fn arm(&mut self) -> bool {
+        match self {
+            DataPath::Shm(port) => port.arm(),
+            _ => true,
+        }
+    }
+
+    /// Take the hint that our control sockets have something (shared memory).
+    pub(crate) fn take_control_hint(&self, me: u32) -> bool {
+        self.shm().is_some_and(|p| p.region().take_control_hint(me))
+    }
+
+    /// Tell a busy-polling `slot` to look at its control sockets now (shared memory).
+    pub(crate) fn set_control_hint(&self, slot: u32) {
+        if let Some(p) = self.shm() {
+            p.region().set_control_hint(slot);
+        }
+    }
+
+    /// What the control channel needs for one poll: what a broker offers attaching
+    /// workers (`serving`: we are the broker; `epoch`: its epoch), and where data frames go
+    /// (`None` on shared memory, which carries no data on the sockets).
+    pub(crate) fn control_view(&mut self, serving: bool, epoch: u64) -> (Offer<'_>, Option<&mut dyn DataPlane>) {
+        match self {
+            DataPath::InProcess => (Offer::Nothing, None),
+            DataPath::Unattached(pre) => (Offer::Nothing, Some(pre)),
+            DataPath::Shm(port) => (if serving { port.offer(epoch) } else { Offer::Nothing }, None),
+            DataPath::Socket(p) => {
+                let offer = if serving { Offer::Socket { epoch, broker_id: p.broker_id() } } else { Offer::Nothing };
+                (offer, Some(p))
+            }
+        }
+    }
+
+    /// Outbound events still to hand over: ring backlogs for peers `alive` says are live,
+    /// events queued for the broker, events published before attaching.
+    pub(crate) fn unflushed(&self, alive: impl Fn(u32) -> bool) -> u64 {
+        match self {
+            DataPath::InProcess => 0,
+            DataPath::Unattached(pre) => pre.events.len() as u64,
+            DataPath::Shm(port) => port
+                .depths()
+                .filter(|d| d.backlog > 0 && matches!(d.peer, Peer::Slot(s) if alive(s)))
+                .map(|d| d.backlog)
+                .sum(),
+            DataPath::Socket(p) => p.unsent(),
+        }
+    }
+
+    /// Queue depths per peer.
+    pub(crate) fn depths(&self) -> Vec<PeerDepth> {
+        match self {
+            DataPath::InProcess | DataPath::Unattached(_) => Vec::new(),
+            DataPath::Shm(port) => port.depths().collect(),
+            DataPath::Socket(p) => p.depths(),
+        }
+    }
+
+    /// The port's counters (zero without a port).
+    pub(crate) fn counters(&self) -> PortCounters {
+        match self {
+            DataPath::Shm(port) => port.counters,
+            DataPath::Socket(p) => p.counters,
+            _ => PortCounters::default(),
+        }
+    }
+
+    /// Give up every ring backlog (closing); they are counted lost in the rings.
+    pub(crate) fn abandon_backlogs(&mut self) {
+        if let DataPath::Shm(port) = self {
+            port.abandon_backlogs();
+        }
+    }
+
+    /// Leave this path for `next`, handing the events still waiting to it: pre-attach
+    /// events, or the socket queue's unsent events on a move to shared memory. Returns the
+    /// old path (its counters are still to fold) and the events that did not fit.
+    pub(crate) fn switch_to(
+        &mut self,
+        next: DataPath,
+        mut conns: Option<&mut (dyn Connections + '_)>,
+    ) -> (DataPath, u64) {
+        let mut old = std::mem::replace(self, next);
+        let (waiting, inbox) = match old {
+            DataPath::Unattached(ref mut pre) => {
+                (std::mem::take(&mut pre.events).into_iter().collect(), std::mem::take(&mut pre.inbox))
+            }
+            DataPath::Socket(ref mut p) if matches!(self, DataPath::Shm(_)) => (p.take_unsent(), Inbox::default()),
+            _ => (Vec::new(), Inbox::default()),
+        };
+        let mut overflows = 0;
+        match self {
+            DataPath::Shm(port) => waiting.iter().for_each(|m| port.send_all(m)),
+            DataPath::Socket(p) => {
+                p.adopt_inbox(inbox);
+                for m in &waiting {
+                    if !p.send_all(m, conns.as_deref_mut()) {
+                        overflows += 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+        (old, overflows)
+    }
+}
+
+impl DataPlane for PreAttach {
+    fn receive(&mut self, from: Peer, kind: u8, body: &[u8]) {
+        self.inbox.push(from, kind, body);
+    }
+
+    fn outbound(&mut self, _link: Link) -> Option<&mut OutQueue> {
+        None
+    }
+}

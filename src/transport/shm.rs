@@ -12,15 +12,18 @@ use std::sync::Arc;
 
 use rkyv::util::AlignedVec;
 
-use crate::layout::{SLOT_ATTACHED, SLOT_DETACHED};
+use std::os::fd::AsFd;
+
+use super::{Deliver, PeerDepth, PortCounters};
+use crate::message::{self, Kind};
 use crate::notify;
 use crate::region::Region;
 use crate::ring::{Consumer, FIRST, LAST, Producer, record_size};
-use crate::sync::Ordering;
-use crate::sys::{self, EventFd};
+use crate::sys::EventFd;
+use crate::wire::{Offer, Peer};
 
 /// What the inbound side hands to the dispatcher.
-pub(crate) enum Incoming<'a> {
+enum Incoming<'a> {
     /// A complete message (not yet validated) from slot `from`.
     Message { from: u32, bytes: &'a [u8] },
     /// `count` events from slot `from` were lost on the way to us.
@@ -55,14 +58,6 @@ struct Inbound {
     state: Asm,
 }
 
-/// Counters the port keeps; the worker folds them into its `Stats`.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct PortCounters {
-    pub wakeups_sent: u64,
-    pub lost_outbound: u64,
-    pub dropped: u64,
-}
-
 pub(crate) struct ShmPort {
     region: Region,
     eventfds: Vec<EventFd>,
@@ -71,6 +66,7 @@ pub(crate) struct ShmPort {
     inb: Vec<Option<Inbound>>,
     max_queue_len: usize,
     max_msg: usize,
+    max_payload_len: usize,
     /// Peers whose backlog is not empty.
     backlogged: usize,
     armed: bool,
@@ -85,8 +81,9 @@ impl ShmPort {
         eventfds: Vec<EventFd>,
         me: u32,
         max_queue_len: usize,
-        max_msg: usize,
+        max_payload_len: usize,
     ) -> ShmPort {
+        let max_msg = message::max_message_len(max_payload_len);
         let slots = region.geometry().slots;
         let mut out = Vec::with_capacity(slots as usize);
         let mut inb = Vec::with_capacity(slots as usize);
@@ -104,11 +101,7 @@ impl ShmPort {
             out.push(Some(Outbound { prod, backlog: VecDeque::new(), touched: false }));
             inb.push(Some(Inbound { cons, asm: AlignedVec::new(), state: Asm::Idle }));
         }
-        let slot = region.slot(me);
-        slot.parked.store(0, Ordering::Relaxed);
-        slot.pid.store(sys::pid(), Ordering::Relaxed);
-        slot.generation.fetch_add(1, Ordering::Relaxed);
-        slot.state.store(SLOT_ATTACHED, Ordering::Release);
+        region.mark_attached(me);
         ShmPort {
             region,
             eventfds,
@@ -117,6 +110,7 @@ impl ShmPort {
             inb,
             max_queue_len,
             max_msg,
+            max_payload_len,
             backlogged: 0,
             armed: false,
             counters: PortCounters::default(),
@@ -127,8 +121,14 @@ impl ShmPort {
         &self.region
     }
 
-    pub(crate) fn eventfds(&self) -> &[EventFd] {
-        &self.eventfds
+    /// What a broker on this region hands attaching workers.
+    pub(crate) fn offer(&self, epoch: u64) -> Offer<'_> {
+        Offer::Shm {
+            region_fd: self.region.fd(),
+            eventfds: self.eventfds.iter().map(|e| e.as_fd()).collect(),
+            epoch,
+            region_id: self.region.id(),
+        }
     }
 
     pub(crate) fn my_eventfd(&self) -> &EventFd {
@@ -176,7 +176,7 @@ impl ShmPort {
             if !std::mem::take(&mut o.touched) {
                 continue;
             }
-            if notify::should_wake(&self.region.slot(c as u32).parked) {
+            if notify::should_wake(self.region.parked_flag(c as u32)) {
                 self.eventfds[c].notify();
                 self.counters.wakeups_sent += 1;
             }
@@ -237,7 +237,7 @@ impl ShmPort {
 
     /// Drain inbound rings, handing each message (and lost notices) to `deliver`. At most
     /// `budget` messages per ring. Returns (messages, more_pending).
-    pub(crate) fn drain(&mut self, budget: usize, deliver: &mut dyn FnMut(Incoming<'_>)) -> (usize, bool) {
+    fn drain(&mut self, budget: usize, deliver: &mut dyn FnMut(Incoming<'_>)) -> (usize, bool) {
         let mut total = 0;
         let mut more = false;
         for from in 0..self.inb.len() {
@@ -326,8 +326,9 @@ impl ShmPort {
         (total, more)
     }
 
-    /// Is there anything to do (inbound data, or a backlog that can move now)?
-    fn has_work(&mut self) -> bool {
+    /// Retry the backlogs, then tell whether there is anything to do: inbound data, or a
+    /// backlog that moved.
+    fn flush_and_find_work(&mut self) -> bool {
         for inb in self.inb.iter_mut().flatten() {
             if let Some(c) = inb.cons.as_mut() {
                 if c.has_data() {
@@ -342,10 +343,10 @@ impl ShmPort {
     /// eventfd (nothing arrived between the last drain and the arm).
     pub(crate) fn arm(&mut self) -> bool {
         if !self.armed {
-            notify::arm(&self.region.slot(self.me).parked);
+            notify::arm(self.region.parked_flag(self.me));
             self.armed = true;
         }
-        if self.has_work() {
+        if self.flush_and_find_work() {
             self.disarm();
             return false;
         }
@@ -358,7 +359,7 @@ impl ShmPort {
         if !std::mem::take(&mut self.armed) {
             return false;
         }
-        if notify::disarm(&self.region.slot(self.me).parked) {
+        if notify::disarm(self.region.parked_flag(self.me)) {
             self.eventfds[self.me as usize].drain();
             return true;
         }
@@ -388,23 +389,45 @@ impl ShmPort {
         total
     }
 
-    /// (wid slot, outbound depth, backlog, inbound depth) per peer.
-    pub(crate) fn depths(&self) -> impl Iterator<Item = (u32, u64, u64, u64)> + '_ {
+    /// Queue depths per peer.
+    pub(crate) fn depths(&self) -> impl Iterator<Item = PeerDepth> + '_ {
         self.out.iter().zip(&self.inb).enumerate().filter_map(|(i, (o, n))| {
             let (o, n) = (o.as_ref()?, n.as_ref()?);
             let ring = o.prod.as_ref().map_or(0, |p| p.depth());
+            let backlog = o.backlog.len() as u64;
             let inbound = n.cons.as_ref().map_or(0, |c| c.depth());
-            Some((i as u32, ring + o.backlog.len() as u64, o.backlog.len() as u64, inbound))
+            Some(PeerDepth { peer: Peer::Slot(i as u32), outbound: ring + backlog, backlog, inbound })
+        })
+    }
+
+    /// Retry the backlogs, then drain the inbound rings into `sink`, checking each message:
+    /// an "all" event comes from its publisher's ring; a unique event is relayed by the
+    /// broker and carries its publisher's wid. Returns (messages, more pending).
+    pub(crate) fn dispatch(&mut self, budget: usize, sink: &mut dyn Deliver) -> (usize, bool) {
+        self.flush();
+        let geo = *self.region.geometry();
+        let max_payload = self.max_payload_len;
+        self.drain(budget, &mut |inc| match inc {
+            Incoming::Message { from, bytes } => match message::decode(bytes, geo.workers, geo.agent, max_payload) {
+                Ok(d)
+                    if (d.kind == Kind::All && d.event.wid == Some(geo.wid_of(from)))
+                        || (d.kind == Kind::Unique && d.event.wid.is_some()) =>
+                {
+                    sink.event(&d.event);
+                }
+                _ => {
+                    tracing::warn!(from, "dropping a malformed message");
+                    sink.dropped();
+                }
+            },
+            Incoming::Lost { from, count } => sink.lost(from, count),
         })
     }
 }
 
 impl Drop for ShmPort {
     fn drop(&mut self) {
-        let slot = self.region.slot(self.me);
-        slot.parked.store(0, Ordering::Relaxed);
-        slot.pid.store(0, Ordering::Relaxed);
-        slot.state.store(SLOT_DETACHED, Ordering::Release);
+        self.region.mark_detached(self.me);
     }
 }
 
@@ -445,7 +468,7 @@ fn offer(
 
 fn wake(region: &Region, eventfds: &[EventFd], slot: u32, counters: &mut PortCounters) {
     // `Consumer::release` issued the SeqCst fence after its store of read_pos.
-    if notify::should_wake(&region.slot(slot).parked) {
+    if notify::should_wake(region.parked_flag(slot)) {
         eventfds[slot as usize].notify();
         counters.wakeups_sent += 1;
     }

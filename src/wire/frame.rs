@@ -35,9 +35,6 @@ pub(crate) mod kind {
 /// Bytes one [`FrameReader::fill`] call takes at most.
 pub(crate) const FILL_LIMIT: usize = 1 << 20;
 
-/// Version of the control protocol spoken by this build.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
-
 /// Incoming bytes of one connection, cut into frames. Invariant: `start <= end <=
 /// buf.len()`; `buf[start..end]` holds the bytes received and not yet returned as frames;
 /// `buf[end..]` is initialized spare room (never zeroed again after it was first grown).

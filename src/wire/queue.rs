@@ -1,4 +1,5 @@
-//! The socket transport: events ride the unix-socket control connections, through the broker.
+//! Bounded frame queues for the socket transport: events ride the unix-socket control
+//! connections, through the broker.
 //!
 //! A worker appends each "all" event as an `EVENT` frame to its [`OutQueue`]; the broker
 //! delivers it to its own callbacks and appends a `DELIVER` frame to the queue of every other
@@ -20,7 +21,8 @@ use std::os::fd::BorrowedFd;
 
 use rkyv::util::AlignedVec;
 
-use crate::control::frame::FrameWriter;
+use super::Peer;
+use super::frame::FrameWriter;
 use crate::sys;
 
 /// Queued bytes past which `publish` writes at once instead of waiting for `dispatch`.
@@ -40,12 +42,21 @@ pub(crate) struct OutQueue {
     frames: usize,
     cap: usize,
     /// Events dropped for this destination, by publisher slot: a notice is owed.
-    lost: Vec<(u32, u64)>,
+    lost: Vec<LostCount>,
+    /// Id of the connection `head` counts bytes of (0: none yet).
+    conn: u64,
+}
+
+/// Events of one publisher dropped for a destination.
+#[derive(Debug, Clone, Copy)]
+struct LostCount {
+    origin: u32,
+    count: u64,
 }
 
 impl OutQueue {
     pub(crate) fn new(cap: usize) -> OutQueue {
-        OutQueue { buf: Vec::new(), head: 0, frame_head: 0, frames: 0, cap, lost: Vec::new() }
+        OutQueue { buf: Vec::new(), head: 0, frame_head: 0, frames: 0, cap, lost: Vec::new(), conn: 0 }
     }
 
     /// Frames queued and not completely written.
@@ -86,16 +97,16 @@ impl OutQueue {
 
     /// Count an event from publisher `origin` dropped because this queue was full.
     pub(crate) fn note_lost(&mut self, origin: u32) {
-        match self.lost.iter_mut().find(|(o, _)| *o == origin) {
-            Some((_, n)) => *n += 1,
-            None => self.lost.push((origin, 1)),
+        match self.lost.iter_mut().find(|l| l.origin == origin) {
+            Some(l) => l.count += 1,
+            None => self.lost.push(LostCount { origin, count: 1 }),
         }
     }
 
     /// Queue the owed `LOST` notices (as `kind` frames: origin u32, count u64) while there is
     /// room. Call before queueing the next event so the notice precedes it.
     pub(crate) fn push_lost_notices(&mut self, kind: u8) {
-        while let Some(&(origin, count)) = self.lost.first() {
+        while let Some(&LostCount { origin, count }) = self.lost.first() {
             if !self.push(kind, &[&origin.to_le_bytes(), &count.to_le_bytes()]) {
                 return;
             }
@@ -106,6 +117,21 @@ impl OutQueue {
     /// Notices owed and not yet queued.
     pub(crate) fn owes_notices(&self) -> bool {
         !self.lost.is_empty()
+    }
+
+    /// Write to connection `conn` from now on: when it differs from the last one, the frame
+    /// the last connection took in part is sent again, whole, on this one.
+    pub(crate) fn on_conn(&mut self, conn: u64) -> &mut Self {
+        if self.conn != conn {
+            self.rewind();
+            self.conn = conn;
+        }
+        self
+    }
+
+    /// Bytes connection `conn` has yet to write (see [`OutQueue::on_conn`]).
+    pub(crate) fn pending_bytes_on(&self, conn: u64) -> usize {
+        if self.conn == conn { self.pending_bytes() } else { self.buf.len() - self.frame_head }
     }
 
     /// The connection broke: the frame it took in part is sent again, whole, on the next one.
@@ -191,6 +217,9 @@ pub(crate) fn flush_conn(wr: &mut FrameWriter, data: Option<&mut OutQueue>, sock
     Ok(data.pending_bytes() == 0)
 }
 
+/// How an inbox record header spells [`Peer::Broker`] (slots are below it).
+const FROM_BROKER: u32 = u32::MAX;
+
 /// Frames received over sockets and not yet dispatched, as 16-aligned records so that a
 /// message body can be decoded in place (its data must be 16-aligned): a 16-byte header
 /// (`from u32, kind u8, 3 pad, len u32, 4 pad`), the body, padding to 16.
@@ -201,7 +230,11 @@ pub(crate) struct Inbox {
 }
 
 impl Inbox {
-    pub(crate) fn push(&mut self, from: u32, kind: u8, body: &[u8]) {
+    pub(crate) fn push(&mut self, from: Peer, kind: u8, body: &[u8]) {
+        let from = match from {
+            Peer::Slot(s) => s,
+            Peer::Broker => FROM_BROKER,
+        };
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&from.to_le_bytes());
         h[4] = kind;
@@ -218,14 +251,14 @@ impl Inbox {
     }
 
     /// Hand every record to `f` as `(from, kind, body)` (body 16-aligned), then empty the box.
-    pub(crate) fn drain(&mut self, mut f: impl FnMut(u32, u8, &[u8])) {
+    pub(crate) fn drain(&mut self, mut f: impl FnMut(Peer, u8, &[u8])) {
         let mut at = 0;
         while at + 16 <= self.buf.len() {
             let from = u32::from_le_bytes(self.buf[at..at + 4].try_into().expect("4 bytes"));
             let kind = self.buf[at + 4];
             let len = u32::from_le_bytes(self.buf[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
             let body = &self.buf[at + 16..at + 16 + len];
-            f(from, kind, body);
+            f(if from == FROM_BROKER { Peer::Broker } else { Peer::Slot(from) }, kind, body);
             at += 16 + len.next_multiple_of(16);
         }
         self.buf.clear();
@@ -239,7 +272,7 @@ impl Inbox {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::control::frame::FrameReader;
+    use crate::wire::frame::FrameReader;
     use std::os::fd::AsFd;
 
     fn pair() -> (std::os::unix::net::UnixStream, std::os::unix::net::UnixStream) {
@@ -340,15 +373,18 @@ mod tests {
     #[test]
     fn inbox_bodies_are_aligned_and_in_order() {
         let mut ib = Inbox::default();
-        ib.push(1, 6, b"abc");
-        ib.push(2, 7, &[9u8; 33]);
-        ib.push(3, 8, b"");
+        ib.push(Peer::Slot(1), 6, b"abc");
+        ib.push(Peer::Slot(2), 7, &[9u8; 33]);
+        ib.push(Peer::Broker, 8, b"");
         let mut got = Vec::new();
         ib.drain(|from, kind, body| {
             assert_eq!(body.as_ptr() as usize % 16, 0);
             got.push((from, kind, body.to_vec()));
         });
-        assert_eq!(got, vec![(1, 6, b"abc".to_vec()), (2, 7, vec![9u8; 33]), (3, 8, vec![])]);
+        assert_eq!(
+            got,
+            vec![(Peer::Slot(1), 6, b"abc".to_vec()), (Peer::Slot(2), 7, vec![9u8; 33]), (Peer::Broker, 8, vec![])]
+        );
         assert!(ib.is_empty());
     }
 }

@@ -1,13 +1,11 @@
-//! Failover on the worker side: the `("worker-events", "broker")` notice, epoch fencing,
-//! and the graceful close ([`Worker::close`], and `Drop` with a short bound).
+//! Closing: [`Worker::close`] and `Drop` (with a short bound) hand the broker role over,
+//! then flush what is still on its way out.
 
 use std::time::{Duration, Instant};
 
-use super::{Worker, slot_wid};
-use crate::control::{Mode, TOKEN_EVENTFD};
+use super::Worker;
 use crate::error::{Error, Result};
-use crate::event::{self, Kind, NewBroker, SYSTEM_SOURCE};
-use crate::sync::Ordering;
+use crate::wire::Connections;
 
 /// How long dropping a [`Worker`] may spend flushing its outbound backlogs.
 pub(crate) const DROP_FLUSH_TIMEOUT: Duration = Duration::from_millis(50);
@@ -25,7 +23,7 @@ impl Worker {
     ///   never runs for election any more).
     ///
     /// Events already in this worker's inbound rings stay there for a successor with the
-    /// same [`Wid`](crate::Wid); events queued for its own callbacks are discarded.
+    /// same [`Wid`](crate::event::Wid); events queued for its own callbacks are discarded.
     /// Dropping a `Worker` does the same with a bound of 50 ms.
     ///
     /// # Errors
@@ -64,14 +62,14 @@ impl Worker {
             return Ok(());
         }
         let deadline = Instant::now() + timeout;
-        if self.mode() == Mode::Socket && self.is_broker() {
-            // Socket transport: what this broker queued for attached workers exists nowhere
-            // else. Hand it to the kernel before closing their connections (a worker reads
-            // it before it sees the end of the stream).
-            if let Some(ctl) = self.ctl.as_mut() {
+        if let (Some(p), Some(ctl)) = (self.path.socket_mut(), self.ctl.as_mut()) {
+            if ctl.is_broker() {
+                // Socket transport: what this broker queued for attached workers exists
+                // nowhere else. Hand it to the kernel before closing their connections (a
+                // worker reads it before it sees the end of the stream).
                 loop {
-                    ctl.flush_data();
-                    if !ctl.has_output() || Instant::now() >= deadline {
+                    ctl.write(p);
+                    if !(ctl.has_output() || p.has_output(ctl)) || Instant::now() >= deadline {
                         break;
                     }
                     std::thread::sleep(Duration::from_micros(200));
@@ -80,24 +78,21 @@ impl Worker {
         }
         if let Some(ctl) = self.ctl.as_mut() {
             if ctl.is_broker() {
-                self.broker_slot = None;
+                self.broker.slot = None;
             }
             ctl.resign(&self.epoll);
         }
         loop {
-            if let Some(port) = self.port.as_mut() {
-                port.flush();
-            }
-            let ctl_output = self.ctl.as_ref().is_some_and(|c| c.has_output());
-            if !self.unique_out.is_empty() || self.port.is_none() || ctl_output {
+            // Ring backlogs (the sockets are written by the control poll below).
+            self.path.flush(None);
+            if !self.unique.is_empty() || self.path.shm().is_none() || self.control_output() {
                 // Keep the control channel going: send unique events, collect their
                 // acknowledgements, attach to a broker.
                 if let Err(e) = self.poll_control() {
                     tracing::debug!(error = %e, "control channel while closing");
                 }
             }
-            let ctl_output = self.ctl.as_ref().is_some_and(|c| c.has_output());
-            if self.unflushed() == 0 && !ctl_output {
+            if self.unflushed() == 0 && !self.control_output() {
                 break;
             }
             let now = Instant::now();
@@ -105,18 +100,13 @@ impl Worker {
                 break;
             }
             let ms = (deadline - now).min(Duration::from_millis(1)).as_micros().div_ceil(1000) as i32;
-            let mut tokens = std::mem::take(&mut self.tokens);
-            if let Err(e) = self.epoll.wait(&mut tokens, ms) {
+            if let Err(e) = self.pacing.epoll_wait(&self.epoll, ms) {
                 tracing::debug!(error = %e, "epoll_wait while closing");
             }
-            tokens.retain(|t| *t != TOKEN_EVENTFD);
-            self.tokens = tokens;
         }
         let given_up = self.unflushed();
-        if let Some(port) = self.port.as_mut() {
-            // Everything left (dead peers included) is counted lost in its ring.
-            port.abandon_backlogs();
-        }
+        // Everything left (dead peers included) is counted lost in its ring.
+        self.path.abandon_backlogs();
         if given_up > 0 {
             tracing::warn!(wid = %self.wid, given_up, "closed before every outbound event was flushed");
             return Err(Error::Unflushed { events: given_up });
@@ -124,64 +114,16 @@ impl Worker {
         Ok(())
     }
 
+    /// Control or data frames the sockets have not taken yet.
+    fn control_output(&self) -> bool {
+        self.ctl.as_ref().is_some_and(|c| c.has_output() || self.path.has_output(c))
+    }
+
     /// Outbound events still to hand over: ring backlogs for live peers, unacknowledged
-    /// unique events, and events published before attaching.
+    /// unique events, events queued for the broker, and events published before attaching.
     fn unflushed(&self) -> u64 {
-        let mut n = self.unique_out.len() as u64;
-        n += self.ctl.as_ref().map_or(0, |c| c.client_queued());
-        match (&self.port, &self.ctl) {
-            (Some(port), Some(ctl)) => {
-                n +=
-                    port.depths().filter(|&(s, _, b, _)| b > 0 && ctl.slot_alive(s)).map(|(_, _, b, _)| b).sum::<u64>();
-            }
-            (None, _) if self.mode() != Mode::Socket => n += self.pre_attach.len() as u64,
-            _ => {}
-        }
-        n
-    }
-
-    /// Queue a `("worker-events", "broker")` notice for our callbacks when the broker we
-    /// are attached to (or that we became) is a new one: a different epoch or region than
-    /// the last one seen. Not on the first attach of this process.
-    pub(super) fn note_broker(&mut self, broker_slot: u32, epoch: u64, region_id: u64) {
-        let now = (region_id, epoch);
-        let Some(prev) = self.seen_broker.replace(now) else { return };
-        if prev == now {
-            return;
-        }
-        let info = NewBroker { broker: slot_wid(broker_slot, &self.geo), epoch };
-        tracing::info!(wid = %self.wid, broker = %info.broker, epoch, "new broker");
-        let mut buf = self.pool.pop().unwrap_or_default();
-        if event::encode_typed(&mut buf, SYSTEM_SOURCE, "broker", &info, broker_slot, Kind::System, usize::MAX).is_ok()
-        {
-            self.local.push_back(buf);
-        }
-    }
-
-    /// [`Worker::note_broker`] for our own election.
-    pub(super) fn note_elected(&mut self) {
-        if let Some(id) = self.port.as_ref().map(|p| p.region().id()) {
-            self.note_broker(self.slot, self.epoch, id);
-        }
-    }
-
-    /// (broker) Fencing: when the region's broker epoch is no longer ours, a newer broker
-    /// has been elected; stop serving (the control channel steps down and reconnects as a
-    /// client). Returns true when it stepped down.
-    pub(super) fn fenced(&mut self) -> bool {
-        let (Some(ctl), Some(port)) = (self.ctl.as_mut(), self.port.as_ref()) else { return false };
-        if !ctl.is_broker() {
-            return false;
-        }
-        let current = port.region().header().broker_epoch.load(Ordering::Acquire);
-        if current == self.epoch {
-            return false;
-        }
-        tracing::warn!(wid = %self.wid, ours = self.epoch, current, "a newer broker exists; stepping down");
-        ctl.step_down(&self.epoll);
-        self.broker_slot = None;
-        self.stats.failovers += 1;
-        true
+        let Some(ctl) = self.ctl.as_ref() else { return 0 };
+        self.unique.len() as u64 + self.path.unflushed(|s| ctl.slot_alive(s))
     }
 }
 
@@ -198,8 +140,10 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
+    use crate::event::{NewBroker, SYSTEM_SOURCE, Target, Wid};
+    use crate::options::Options;
     use crate::sync::Ordering;
-    use crate::{Events, NewBroker, Options, SYSTEM_SOURCE, Target, Wid, Worker};
+    use crate::worker::{Events, Worker};
 
     fn dir(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("we-fo-{}-{name}", std::process::id()));
@@ -237,14 +181,14 @@ mod tests {
         }
         pump(&mut [&mut w0, &mut w1], |ws| ws[1].is_ready());
         assert!(w0.is_broker());
-        let epoch = w0.epoch;
+        let epoch = w0.broker.epoch;
         // Someone else claims a newer epoch (a broker elected through a replaced lock file).
-        w0.port.as_ref().unwrap().region().header().broker_epoch.fetch_add(1, Ordering::AcqRel);
+        w0.path.shm().unwrap().region().header().broker_epoch.fetch_add(1, Ordering::AcqRel);
         // w1's unique event makes w0 look at its control channel: it must not handle it.
         w1.publish_bytes(Target::Unique("k"), "u", "e", b"x").unwrap();
         pump(&mut [&mut w0, &mut w1], |ws| ws[1].is_broker() && ws[0].is_ready());
         assert!(!w0.is_broker());
-        assert_eq!(w1.epoch, epoch + 2, "w1 was elected after the foreign epoch");
+        assert_eq!(w1.broker.epoch, epoch + 2, "w1 was elected after the foreign epoch");
         pump(&mut [&mut w0, &mut w1], |_| got.lock().unwrap().iter().filter(|(_, w)| w == "u e").count() == 1);
         let g = got.lock().unwrap().clone();
         let want_broker = format!("broker {:?} {}", Wid::Worker(1), epoch + 2);

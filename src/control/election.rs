@@ -1,20 +1,31 @@
-//! Failover pieces of the control channel: reconnection backoff with jitter, the election
-//! rule that keeps the live region, fencing (a broker that finds a newer epoch steps down),
-//! and resigning the broker role on a graceful close.
+//! Broker election and failover: the lock file's named bytes, the rule that decides when a
+//! worker may run, reconnection backoff with jitter, stepping down (fencing) and resigning.
 //!
-//! Lock file bytes used here, beside byte 0 (broker) and `1 + slot` (worker ids):
-//! byte [`REGION_LOCK_BASE`]` + slot` is held by a worker while it holds the shared region
-//! (attached, or broker). A worker that has no region yet does not run for election while
-//! another live process holds one, for up to [`ORPHAN_GRACE`]: a region holder is about to
-//! take over (it runs at once), and a fresh region would strand every event queued in the
-//! live one (a restarted worker must get the events queued for its slot).
+//! The lock file `<listening>.lock` holds one open-file-description lock per role (they
+//! behave like `flock`: the kernel drops them when the holder dies, however it dies, and they
+//! can be queried without disturbing the holder, `F_OFD_GETLK`):
+//! * byte 0: the broker;
+//! * byte `1 + slot`: worker slot `slot` (two live processes can never hold one id);
+//! * byte [`REGION_LOCK_BASE`]` + slot`: held by a worker while it holds the shared region
+//!   (attached, or broker). A worker that has no region yet does not run for election while
+//!   another live process holds one, for up to [`ORPHAN_GRACE`]: a region holder is about to
+//!   take over (it runs at once), and a fresh region would strand every event queued in the
+//!   live one (a restarted worker must get the events queued for its slot).
+//!
+//! The preferred broker (`broker_id`) takes byte 0 at once; any other worker only after it
+//! has failed to reach a broker for [`ELECTION_GRACE`], so the preferred one normally wins at
+//! start-up while a missing or dead broker is still replaced.
 
-use std::os::fd::AsFd;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{Control, ELECTION_GRACE, Role};
+use super::{Control, Role};
 use crate::sys::{self, Epoll};
 
+/// How long a non-preferred worker waits for a broker before it runs for election itself.
+pub(crate) const ELECTION_GRACE: Duration = Duration::from_millis(200);
 /// First reconnection delay after a failed attempt; doubled per failure up to
 /// [`BACKOFF_MAX`], with jitter (each delay is drawn from `[d/2, d]`).
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(1);
@@ -25,14 +36,60 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_millis(50);
 pub(crate) const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 /// Lock-file byte of slot 0's "holds the region" lock (far above the worker-id bytes).
 pub(crate) const REGION_LOCK_BASE: u64 = 1 << 24;
-/// Reason prefix of a transient refusal: the slot still looks attached because the broker
-/// has not yet seen its previous holder's connection close. The client retries (backoff)
-/// instead of reporting an error.
-pub(crate) const BUSY_PREFIX: &str = "busy: ";
+/// Lock-file byte of the broker role.
+const BROKER_BYTE: u64 = 0;
 
-/// Failover state of one [`Control`].
+/// Path of the lock file beside the socket.
+pub(crate) fn lock_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+/// The lock file, with one method per named byte.
 #[derive(Debug)]
-pub(crate) struct FailoverState {
+pub(crate) struct LockFile(OwnedFd);
+
+impl LockFile {
+    /// Open (creating, mode 0600) the lock file.
+    pub(crate) fn open(path: &Path) -> io::Result<LockFile> {
+        sys::open_lock_file(path).map(LockFile)
+    }
+
+    /// Take the lock of worker slot `slot`; false when another live process holds it.
+    pub(crate) fn try_slot(&self, slot: u32) -> io::Result<bool> {
+        sys::try_lock_byte(self.0.as_fd(), 1 + u64::from(slot))
+    }
+
+    /// Does another live process hold worker slot `slot`?
+    pub(crate) fn slot_held_by_other(&self, slot: u32) -> bool {
+        sys::byte_locked_by_other(self.0.as_fd(), 1 + u64::from(slot))
+    }
+
+    /// Take the broker lock; false when another live process holds it (or on error).
+    pub(crate) fn try_broker(&self) -> bool {
+        sys::try_lock_byte(self.0.as_fd(), BROKER_BYTE).unwrap_or(false)
+    }
+
+    /// Release the broker lock (no error if not held).
+    pub(crate) fn release_broker(&self) {
+        let _ = sys::unlock_byte(self.0.as_fd(), BROKER_BYTE);
+    }
+
+    /// Take slot `slot`'s "holds the region" lock.
+    pub(crate) fn try_region(&self, slot: u32) -> io::Result<bool> {
+        sys::try_lock_byte(self.0.as_fd(), REGION_LOCK_BASE + u64::from(slot))
+    }
+
+    /// Does another live process hold the region lock of any of `slots` slots?
+    pub(crate) fn region_held_by_other(&self, slots: u32) -> bool {
+        sys::range_locked_by_other(self.0.as_fd(), REGION_LOCK_BASE, u64::from(slots))
+    }
+}
+
+/// Election state of one [`Control`].
+#[derive(Debug)]
+pub(crate) struct Election {
     /// Next (un-jittered) reconnection delay.
     backoff: Duration,
     /// xorshift64 state for the jitter.
@@ -45,9 +102,9 @@ pub(crate) struct FailoverState {
     no_run_until: Option<Instant>,
 }
 
-impl Default for FailoverState {
+impl Default for Election {
     fn default() -> Self {
-        FailoverState {
+        Election {
             backoff: BACKOFF_MIN,
             rng: sys::random_u64() | 1,
             holds_region: false,
@@ -57,7 +114,7 @@ impl Default for FailoverState {
     }
 }
 
-impl FailoverState {
+impl Election {
     /// Forget the failures: the next disconnection retries at once, then from
     /// [`BACKOFF_MIN`].
     pub(crate) fn reset_backoff(&mut self) {
@@ -80,31 +137,27 @@ impl FailoverState {
 impl Control {
     /// May this worker take the broker lock now? Called after a connection attempt failed.
     pub(crate) fn may_run(&self, now: Instant) -> bool {
-        if self.fo.leaving || self.fo.no_run_until.is_some_and(|t| now < t) {
+        let e = &self.election;
+        if e.leaving || e.no_run_until.is_some_and(|t| now < t) {
             return false;
         }
-        if self.fo.holds_region || self.was_attached {
+        if e.holds_region || self.was_attached {
             // We hold the live region (and its queues): take over at once.
             return true;
         }
         let age = now.duration_since(self.started);
-        if self.others_hold_region() {
+        if self.lock.region_held_by_other(self.geo.slots) {
             return age >= ORPHAN_GRACE;
         }
         self.preferred || age >= ELECTION_GRACE
     }
 
-    /// Does another live process hold the shared region?
-    fn others_hold_region(&self) -> bool {
-        sys::range_locked_by_other(self.lock.as_fd(), REGION_LOCK_BASE, u64::from(self.geo.slots))
-    }
-
     /// Record that this process now holds the shared region (lock byte
     /// `REGION_LOCK_BASE + slot`; the kernel drops it when the process dies).
     pub(crate) fn hold_region(&mut self) {
-        if !self.fo.holds_region {
-            match sys::try_lock_byte(self.lock.as_fd(), REGION_LOCK_BASE + u64::from(self.slot)) {
-                Ok(true) => self.fo.holds_region = true,
+        if !self.election.holds_region {
+            match self.lock.try_region(self.slot) {
+                Ok(true) => self.election.holds_region = true,
                 Ok(false) => tracing::warn!(slot = self.slot, "region lock byte held by another process"),
                 Err(e) => tracing::warn!(error = %e, "cannot take the region lock byte"),
             }
@@ -122,10 +175,10 @@ impl Control {
         if !self.is_broker() {
             return;
         }
-        let _ = sys::unlock_byte(self.lock.as_fd(), 0);
+        self.lock.release_broker();
         self.drop_role(epoll);
         let now = Instant::now();
-        self.fo.no_run_until = Some(now + ELECTION_GRACE);
+        self.election.no_run_until = Some(now + ELECTION_GRACE);
         self.next_retry = now;
     }
 
@@ -133,9 +186,9 @@ impl Control {
     /// first, then close the listener and every connection, so the clients (which see
     /// EOF) elect a successor at once.
     pub(crate) fn resign(&mut self, epoll: &Epoll) {
-        self.fo.leaving = true;
+        self.election.leaving = true;
         if self.is_broker() {
-            let _ = sys::unlock_byte(self.lock.as_fd(), 0);
+            self.lock.release_broker();
             self.drop_role(epoll);
             tracing::info!(slot = self.slot, "resigned the broker role");
         }
@@ -148,7 +201,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_with_jitter_and_resets() {
-        let mut fo = FailoverState::default();
+        let mut fo = Election::default();
         let mut base = BACKOFF_MIN;
         for _ in 0..12 {
             let d = fo.next_backoff();

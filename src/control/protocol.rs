@@ -1,0 +1,220 @@
+//! The attach protocol's frames: HELLO (client -> broker), WELCOME and REJECT (broker ->
+//! client), UNIQUE and UNIQUE_ACK, each built and parsed here. Every parse treats the bytes
+//! as hostile and returns a reason instead of panicking.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use crate::event::MAX_UNIQUE_HASH_LEN;
+use crate::layout::{Geometry, LAYOUT_VERSION};
+use crate::sys;
+use crate::wire::Offer;
+use crate::wire::frame::{Body, FrameWriter, kind};
+
+/// Version of the control protocol spoken by this build.
+pub(crate) const PROTOCOL_VERSION: u32 = 2;
+
+/// Reason prefix of a transient refusal: the slot still looks attached because the broker
+/// has not yet seen its previous holder's connection close. The client retries (backoff)
+/// instead of reporting an error.
+pub(crate) const BUSY_PREFIX: &str = "busy: ";
+
+/// The data path a WELCOME announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    /// Rings in the shared region handed over with the frame.
+    Shm,
+    /// Events ride the control connections.
+    Socket,
+}
+
+impl Flavor {
+    fn code(self) -> u32 {
+        match self {
+            Flavor::Shm => 0,
+            Flavor::Socket => 1,
+        }
+    }
+}
+
+/// What a WELCOME hands over on the shared-memory transport.
+pub(crate) struct ShmWelcome {
+    pub region_fd: OwnedFd,
+    pub eventfds: Vec<OwnedFd>,
+    pub region_id: u64,
+}
+
+/// A parsed WELCOME.
+pub(crate) struct Welcome {
+    /// The region and eventfds on shared memory; `None` on the socket transport.
+    pub shm: Option<ShmWelcome>,
+    pub broker_slot: u32,
+    pub epoch: u64,
+    /// Tells brokers apart: the region id on shared memory, a random id per socket broker.
+    pub broker_id: u64,
+}
+
+/// Queue a HELLO: protocol and layout versions, slot, pid, geometry.
+pub(crate) fn hello(wr: &mut FrameWriter, slot: u32, g: &Geometry) {
+    wr.frame(
+        kind::HELLO,
+        &[
+            &PROTOCOL_VERSION.to_le_bytes(),
+            &LAYOUT_VERSION.to_le_bytes(),
+            &slot.to_le_bytes(),
+            &sys::pid().to_le_bytes(),
+            &g.workers.to_le_bytes(),
+            &u32::from(g.agent).to_le_bytes(),
+            &(g.ring_capacity as u32).to_le_bytes(),
+        ],
+    );
+}
+
+/// Check a HELLO against the broker's geometry and the slots attached already; the slot to
+/// attach, or the reason to refuse.
+pub(crate) fn check_hello(body: &[u8], geo: &Geometry, broker_slot: u32, attached: &[u32]) -> Result<u32, String> {
+    let mut b = Body(body);
+    let proto = b.u32()?;
+    if proto != PROTOCOL_VERSION {
+        return Err(format!("control protocol version {proto}, the broker speaks {PROTOCOL_VERSION}"));
+    }
+    let layout = b.u32()?;
+    if layout != LAYOUT_VERSION {
+        return Err(format!("shared-memory layout version {layout}, the broker uses {LAYOUT_VERSION}"));
+    }
+    let slot = b.u32()?;
+    let _pid = b.u32()?;
+    let (workers, agent, ring) = (b.u32()?, b.u32()?, b.u32()?);
+    if workers != geo.workers || (agent != 0) != geo.agent || ring as usize != geo.ring_capacity {
+        return Err(format!(
+            "options differ from the broker's: workers {workers}/{}, privileged agent {}/{}, ring_capacity {ring}/{}",
+            geo.workers,
+            agent != 0,
+            geo.agent,
+            geo.ring_capacity
+        ));
+    }
+    if slot >= geo.slots {
+        return Err(format!("slot {slot} out of range 0..{}", geo.slots));
+    }
+    if slot == broker_slot || attached.contains(&slot) {
+        // A well-behaved client holds the slot's lock, so the other holder is dead and its
+        // connection not yet seen closed: a transient refusal, the client retries.
+        return Err(format!("{BUSY_PREFIX}slot {slot} is already attached by a live process"));
+    }
+    Ok(slot)
+}
+
+/// Queue the WELCOME for `offer`; false (nothing queued) when there is nothing to offer.
+/// The descriptors of a shared-memory offer must stay open until the writer has sent it.
+pub(crate) fn welcome(wr: &mut FrameWriter, broker_slot: u32, offer: &Offer<'_>) -> bool {
+    match offer {
+        Offer::Nothing => false,
+        Offer::Socket { epoch, broker_id } => {
+            wr.frame(
+                kind::WELCOME,
+                &[
+                    &PROTOCOL_VERSION.to_le_bytes(),
+                    &Flavor::Socket.code().to_le_bytes(),
+                    &broker_slot.to_le_bytes(),
+                    &epoch.to_le_bytes(),
+                    &broker_id.to_le_bytes(),
+                    &0u32.to_le_bytes(),
+                ],
+            );
+            true
+        }
+        Offer::Shm { region_fd, eventfds, epoch, region_id } => {
+            let mut fds = Vec::with_capacity(1 + eventfds.len());
+            fds.push(region_fd.as_raw_fd());
+            fds.extend(eventfds.iter().map(|e| e.as_raw_fd()));
+            wr.frame_with_fds(
+                kind::WELCOME,
+                &[
+                    &PROTOCOL_VERSION.to_le_bytes(),
+                    &Flavor::Shm.code().to_le_bytes(),
+                    &broker_slot.to_le_bytes(),
+                    &epoch.to_le_bytes(),
+                    &region_id.to_le_bytes(),
+                    &(fds.len() as u32).to_le_bytes(),
+                ],
+                fds,
+            );
+            true
+        }
+    }
+}
+
+/// Parse a WELCOME and the descriptors that came with it.
+pub(crate) fn parse_welcome(body: &[u8], mut fds: Vec<OwnedFd>, slots: u32) -> Result<Welcome, String> {
+    let mut b = Body(body);
+    let proto = b.u32()?;
+    if proto != PROTOCOL_VERSION {
+        return Err(format!("protocol version {proto}"));
+    }
+    let flavor = b.u32()?;
+    let broker_slot = b.u32()?;
+    let epoch = b.u64()?;
+    let broker_id = b.u64()?;
+    let nfds = b.u32()?;
+    if broker_slot >= slots {
+        return Err(format!("broker slot {broker_slot} out of range 0..{slots}"));
+    }
+    match flavor {
+        f if f == Flavor::Shm.code() => {}
+        f if f == Flavor::Socket.code() && nfds == 0 && fds.is_empty() => {
+            return Ok(Welcome { shm: None, broker_slot, epoch, broker_id });
+        }
+        f if f == Flavor::Socket.code() => return Err(format!("socket-mode WELCOME with {} descriptors", fds.len())),
+        m => return Err(format!("unknown transport mode {m}")),
+    }
+    if nfds != 1 + slots || fds.len() != nfds as usize {
+        return Err(format!("expected {} descriptors, frame says {nfds}, got {}", 1 + slots, fds.len()));
+    }
+    let eventfds = fds.split_off(1);
+    for e in &eventfds {
+        if !sys::EventFd::is_eventfd(e.as_fd()) {
+            return Err(format!("descriptor {} is not an eventfd", e.as_raw_fd()));
+        }
+    }
+    let region_fd = fds.pop().ok_or("missing region descriptor")?;
+    Ok(Welcome { shm: Some(ShmWelcome { region_fd, eventfds, region_id: broker_id }), broker_slot, epoch, broker_id })
+}
+
+/// Queue a REJECT with its reason.
+pub(crate) fn reject(wr: &mut FrameWriter, reason: &str) {
+    wr.frame(kind::REJECT, &[reason.as_bytes()]);
+}
+
+/// Queue a UNIQUE: `id u64, hash_len u16, hash, message`.
+pub(crate) fn unique(wr: &mut FrameWriter, id: u64, hash: &[u8], msg: &[u8]) {
+    wr.frame(kind::UNIQUE, &[&id.to_le_bytes(), &(hash.len() as u16).to_le_bytes(), hash, msg]);
+}
+
+/// A parsed UNIQUE frame.
+pub(crate) struct UniqueFrame<'a> {
+    pub id: u64,
+    pub hash: &'a [u8],
+    pub msg: &'a [u8],
+}
+
+/// Parse a UNIQUE frame.
+pub(crate) fn parse_unique(body: &[u8]) -> Result<UniqueFrame<'_>, String> {
+    let mut b = Body(body);
+    let id = b.u64()?;
+    let len = b.u16()? as usize;
+    if len == 0 || len > MAX_UNIQUE_HASH_LEN {
+        return Err(format!("unique hash length {len} outside 1..={MAX_UNIQUE_HASH_LEN}"));
+    }
+    let hash = b.bytes(len)?;
+    Ok(UniqueFrame { id, hash, msg: b.0 })
+}
+
+/// Queue a UNIQUE_ACK: unique events up to `id` are handled.
+pub(crate) fn unique_ack(wr: &mut FrameWriter, id: u64) {
+    wr.frame(kind::UNIQUE_ACK, &[&id.to_le_bytes()]);
+}
+
+/// Parse a UNIQUE_ACK.
+pub(crate) fn parse_unique_ack(body: &[u8]) -> Result<u64, String> {
+    Body(body).u64()
+}

@@ -1,0 +1,367 @@
+//! The socket transport: events ride the unix-socket control connections, through the
+//! broker. Everything it owns lives here: the queues (ours for the broker as a client, one
+//! per destination slot as the broker), the inbox of received data frames, the sequence
+//! stamps ([`seq`]), the dedup table in private memory, and the dispatch of what arrived.
+//!
+//! A worker appends each "all" event as an `EVENT` frame to its queue; the broker delivers it
+//! to its own callbacks and appends a `DELIVER` frame to the queue of every other slot,
+//! attached or not yet. Queues are bounded by `max_queue_len` frames: a publisher whose own
+//! queue is full gets `QueueOverflow`; a destination queue that is full at the broker drops
+//! the event for that destination and owes it a `LOST` frame (publisher, count), sent ahead
+//! of the next event once there is room again. Writes are coalesced (see `wire/queue.rs`):
+//! at `dispatch`, `wait`, `flush`, or once [`COALESCE_BYTES`] wait on a connected link.
+//! The control channel reaches the queues through [`DataPlane`]; the transport reaches the
+//! connections through [`Connections`].
+
+pub(crate) mod seq;
+
+use rkyv::util::AlignedVec;
+
+use super::{Deliver, PeerDepth, PortCounters};
+use crate::dedup::{Check, HeapTable};
+use crate::layout::Geometry;
+use crate::message::{self, Kind};
+use crate::wire::frame::{Body, kind};
+use crate::wire::queue::{COALESCE_BYTES, Inbox, OutQueue};
+use crate::wire::{Connections, DataPlane, Link, Peer};
+use seq::{STAMP_LEN, Sequencer, Stamp, UNSEQUENCED, Verdict};
+
+/// This process's end of the socket transport.
+pub(crate) struct SocketPort {
+    me: u32,
+    geo: Geometry,
+    max_payload_len: usize,
+    unique_capacity: usize,
+    /// This process is the broker (it relays).
+    serving: bool,
+    /// (client) Our "all" events for the broker; survives reconnects.
+    client_out: OutQueue,
+    /// (broker) Frames for each slot, attached or not yet.
+    slot_out: Vec<OutQueue>,
+    /// Data frames received, not yet dispatched.
+    inbox: Inbox,
+    seq: Sequencer,
+    /// (broker) The unique-event dedup table, in private memory: a socket broker failover
+    /// starts with an empty table (documented in the crate's fault model).
+    dedup: Option<HeapTable>,
+    /// (broker) Random id handed out in WELCOME; tells brokers apart.
+    broker_id: u64,
+    pub(crate) counters: PortCounters,
+}
+
+impl SocketPort {
+    /// A port for slot `me`.
+    pub(crate) fn new(
+        me: u32,
+        geo: Geometry,
+        max_payload_len: usize,
+        max_queue_len: usize,
+        unique_capacity: usize,
+    ) -> SocketPort {
+        SocketPort {
+            me,
+            geo,
+            max_payload_len,
+            unique_capacity,
+            serving: false,
+            client_out: OutQueue::new(max_queue_len),
+            slot_out: (0..geo.slots).map(|_| OutQueue::new(max_queue_len)).collect(),
+            inbox: Inbox::default(),
+            seq: Sequencer::new(geo.slots),
+            dedup: None,
+            broker_id: 0,
+            counters: PortCounters::default(),
+        }
+    }
+
+    /// Become the relay: a fresh broker id, the dedup table, and our events that waited for
+    /// a broker (stamped already: the sequence continues) go out to every slot.
+    pub(crate) fn serve(&mut self) {
+        self.serving = true;
+        self.broker_id = crate::sys::random_u64() | 1;
+        if self.dedup.is_none() {
+            self.dedup = Some(HeapTable::new(self.unique_capacity));
+        }
+        for m in self.take_client_out() {
+            if let Some((st, msg)) = m.split_first_chunk::<STAMP_LEN>() {
+                self.counters.lost_outbound += self.broadcast(self.me, st, msg);
+            }
+        }
+    }
+
+    /// Take over the data frames that arrived before this port existed (with the WELCOME).
+    pub(crate) fn adopt_inbox(&mut self, inbox: Inbox) {
+        if self.inbox.is_empty() {
+            self.inbox = inbox;
+        }
+    }
+
+    /// Attached to a broker as a client.
+    pub(crate) fn attached_as_client(&mut self) {
+        self.serving = false;
+    }
+
+    /// The random id this broker hands out in WELCOME.
+    pub(crate) fn broker_id(&self) -> u64 {
+        self.broker_id
+    }
+
+    /// Room for one more "all" event (the broker never refuses its own: a full destination
+    /// drops and owes a notice).
+    pub(crate) fn has_room(&self) -> bool {
+        self.serving || !self.client_out.is_full()
+    }
+
+    /// Stamp and send an "all" event: relay it as the broker, queue it for the broker as a
+    /// client (the caller checked [`SocketPort::has_room`]). Writes at once when a connected
+    /// queue holds [`COALESCE_BYTES`]. Returns false when a client's queue was full.
+    pub(crate) fn send_all(&mut self, msg: &[u8], conns: Option<&mut (dyn Connections + '_)>) -> bool {
+        let stamp = self.seq.next_stamp();
+        let queued = if self.serving {
+            self.counters.lost_outbound += self.broadcast(self.me, &stamp, msg);
+            true
+        } else {
+            self.client_out.push(kind::EVENT, &[&stamp, msg])
+        };
+        if let Some(conns) = conns {
+            if self.flush_due(&*conns) {
+                conns.write(self);
+            }
+        }
+        queued
+    }
+
+    /// (client) Take back the events not yet sent (moving to shared memory): messages
+    /// without their stamps.
+    pub(crate) fn take_unsent(&mut self) -> Vec<AlignedVec> {
+        self.take_client_out()
+            .into_iter()
+            .map(|m| {
+                let mut b = AlignedVec::with_capacity(m.len());
+                b.extend_from_slice(m.get(STAMP_LEN..).unwrap_or_default());
+                b
+            })
+            .collect()
+    }
+
+    fn take_client_out(&mut self) -> Vec<Vec<u8>> {
+        let mut v = Vec::new();
+        self.client_out.drain_frames(|k, body| {
+            if k == kind::EVENT {
+                v.push(body.to_vec());
+            }
+        });
+        v
+    }
+
+    /// (broker) Queue `msg` from publisher slot `from` for every slot but the publisher and
+    /// ourselves. Returns how many destinations dropped it (full queues; each owes that
+    /// destination a lost notice).
+    fn broadcast(&mut self, from: u32, stamp: &Stamp, msg: &[u8]) -> u64 {
+        let mut dropped = 0;
+        for (t, q) in self.slot_out.iter_mut().enumerate() {
+            if t as u32 == from || t as u32 == self.me {
+                continue;
+            }
+            dropped += u64::from(!queue_deliver(q, from, stamp, msg));
+        }
+        dropped
+    }
+
+    /// (broker) Queue a unique event (from publisher slot `from`) for slot `to`; false
+    /// when that queue was full (a lost notice is owed; counted).
+    pub(crate) fn send_to(&mut self, to: u32, from: u32, msg: &[u8]) -> bool {
+        let ok = self.slot_out.get_mut(to as usize).is_some_and(|q| queue_deliver(q, from, &UNSEQUENCED, msg));
+        if !ok {
+            self.counters.lost_outbound += 1;
+        }
+        ok
+    }
+
+    /// (broker) Look a unique hash up in the dedup table and record it; `None` before the
+    /// table exists.
+    pub(crate) fn dedup_check(&self, hash: &[u8], now_ns: u64, ttl_ns: u64) -> Option<Check> {
+        let heap = self.dedup.as_ref()?;
+        Some(heap.table().check_and_record(crate::dedup::tag(heap.key(), hash), now_ns, ttl_ns))
+    }
+
+    /// (broker) The dedup table exists.
+    pub(crate) fn can_dedup(&self) -> bool {
+        self.dedup.is_some()
+    }
+
+    fn queue(&self, link: Link) -> Option<&OutQueue> {
+        match link.peer {
+            Peer::Broker => Some(&self.client_out),
+            Peer::Slot(s) => self.slot_out.get(s as usize),
+        }
+    }
+
+    /// A connected queue holds at least [`COALESCE_BYTES`]: time to write instead of
+    /// waiting for `dispatch`. Queues of slots not connected are left out (they would make
+    /// every publish write).
+    pub(crate) fn flush_due(&self, conns: &dyn Connections) -> bool {
+        let mut due = false;
+        conns.for_each_link(&mut |l| {
+            due |= self.queue(l).is_some_and(|q| q.pending_bytes_on(l.conn) >= COALESCE_BYTES);
+        });
+        due
+    }
+
+    /// Data frames (or owed notices) a connected link has not written yet.
+    pub(crate) fn has_output(&self, conns: &dyn Connections) -> bool {
+        let mut any = false;
+        conns.for_each_link(&mut |l| {
+            any |= self.queue(l).is_some_and(|q| {
+                q.pending_bytes_on(l.conn) > 0 || (matches!(l.peer, Peer::Slot(_)) && q.owes_notices() && !q.is_full())
+            });
+        });
+        any
+    }
+
+    /// (client) Events queued for the broker and not completely written.
+    pub(crate) fn unsent(&self) -> u64 {
+        if self.serving { 0 } else { self.client_out.len() as u64 }
+    }
+
+    /// Frames queued per peer: ours for the broker as a client, each slot's as the broker.
+    pub(crate) fn depths(&self) -> Vec<PeerDepth> {
+        let depth = |peer, q: &OutQueue| PeerDepth { peer, outbound: q.len() as u64, backlog: 0, inbound: 0 };
+        if self.serving {
+            let me = self.me;
+            let slots = self.slot_out.iter().enumerate().filter(|(t, _)| *t as u32 != me);
+            slots.map(|(t, q)| depth(Peer::Slot(t as u32), q)).collect()
+        } else {
+            vec![depth(Peer::Broker, &self.client_out)]
+        }
+    }
+
+    /// Dispatch the frames the connections brought: as the broker, "all" events from
+    /// workers (run here, then queued for every other slot); as a client, events and lost
+    /// notices from the broker. Returns the events dispatched.
+    pub(crate) fn dispatch(&mut self, sink: &mut dyn Deliver) -> usize {
+        let mut inbox = std::mem::take(&mut self.inbox);
+        let mut n = 0;
+        inbox.drain(|from, k, body| n += self.dispatch_frame(from, k, body, sink));
+        if self.inbox.is_empty() {
+            self.inbox = inbox;
+        }
+        n
+    }
+
+    fn dispatch_frame(&mut self, from: Peer, k: u8, body: &[u8], sink: &mut dyn Deliver) -> usize {
+        let (stamp, msg) = match body.split_first_chunk::<STAMP_LEN>() {
+            Some((st, msg)) if k != kind::LOST => (*st, msg),
+            _ => (UNSEQUENCED, body),
+        };
+        let geo = self.geo;
+        let decoded = message::decode(msg, geo.workers, geo.agent, self.max_payload_len);
+        match (k, from) {
+            (kind::EVENT, Peer::Slot(from)) if self.serving => match decoded {
+                Ok(d) if d.kind == Kind::All && d.event.wid == Some(geo.wid_of(from)) => {
+                    if !self.admit(from, &stamp, sink) {
+                        return 0;
+                    }
+                    sink.event(&d.event);
+                    self.counters.lost_outbound += self.broadcast(from, &stamp, msg);
+                    1
+                }
+                _ => {
+                    tracing::warn!(from, "dropping a malformed event from a worker");
+                    sink.dropped();
+                    0
+                }
+            },
+            (kind::DELIVER, Peer::Broker) if !self.serving => match decoded {
+                Ok(d)
+                    if d.kind == Kind::All
+                        && d.event.wid.is_some_and(|w| w != geo.wid_of(self.me))
+                        && stamp != UNSEQUENCED =>
+                {
+                    let origin = d.event.wid.map_or(0, |w| geo.slot_of(w));
+                    if !self.admit(origin, &stamp, sink) {
+                        return 0;
+                    }
+                    sink.event(&d.event);
+                    1
+                }
+                Ok(d) if d.kind == Kind::Unique && d.event.wid.is_some() => {
+                    sink.event(&d.event);
+                    1
+                }
+                _ => {
+                    tracing::warn!("dropping a malformed event from the broker");
+                    sink.dropped();
+                    0
+                }
+            },
+            (kind::LOST, Peer::Broker) if !self.serving => {
+                let mut b = Body(body);
+                match (b.u32(), b.u64()) {
+                    (Ok(from), Ok(count)) if from < geo.slots && b.0.is_empty() => {
+                        self.seq.skip(from, count);
+                        sink.lost(from, count);
+                        1
+                    }
+                    _ => {
+                        tracing::warn!("dropping a malformed lost notice from the broker");
+                        sink.dropped();
+                        0
+                    }
+                }
+            }
+            _ => {
+                sink.dropped();
+                0
+            }
+        }
+    }
+
+    /// Check a stamp; a gap is reported as a lost notice before the event runs.
+    fn admit(&mut self, from: u32, stamp: &Stamp, sink: &mut dyn Deliver) -> bool {
+        match self.seq.check(from, stamp) {
+            Verdict::Drop => {
+                sink.dropped();
+                false
+            }
+            Verdict::Deliver { gap } => {
+                if gap > 0 {
+                    sink.lost(from, gap);
+                }
+                true
+            }
+        }
+    }
+
+    /// Flush: write what the connections take now. True when no data is left to write.
+    pub(crate) fn flush(&mut self, conns: &mut dyn Connections) -> bool {
+        conns.write(self);
+        !self.has_output(&*conns)
+    }
+}
+
+impl DataPlane for SocketPort {
+    fn receive(&mut self, from: Peer, kind: u8, body: &[u8]) {
+        self.inbox.push(from, kind, body);
+    }
+
+    fn outbound(&mut self, link: Link) -> Option<&mut OutQueue> {
+        let q = match link.peer {
+            Peer::Broker => Some(&mut self.client_out),
+            Peer::Slot(s) => self.slot_out.get_mut(s as usize),
+        };
+        q.map(|q| q.on_conn(link.conn))
+    }
+}
+
+/// Queue `msg` for one destination, the owed lost notices first; false (and a notice owed)
+/// when the destination's queue is full.
+fn queue_deliver(q: &mut OutQueue, from: u32, stamp: &Stamp, msg: &[u8]) -> bool {
+    q.push_lost_notices(kind::LOST);
+    if q.push(kind::DELIVER, &[stamp, msg]) {
+        true
+    } else {
+        q.note_lost(from);
+        false
+    }
+}

@@ -1,0 +1,56 @@
+//! What the control channel and the socket transport share, below both: the length-prefixed
+//! frame codec ([`frame`]) and the bounded frame queues and inbox of a connection ([`queue`]).
+//! Neither `control` nor `transport` imports the other; they meet here.
+
+pub(crate) mod frame;
+pub(crate) mod queue;
+
+use std::os::fd::BorrowedFd;
+
+use queue::OutQueue;
+
+/// The other end of a control connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peer {
+    /// The broker (seen from a client).
+    Broker,
+    /// The worker in this slot (seen from the broker).
+    Slot(u32),
+}
+
+/// An attached connection that may carry data frames: its peer and a connection id that is
+/// never reused by this process (a queue rewinds when the id it writes to changes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Link {
+    pub peer: Peer,
+    pub conn: u64,
+}
+
+/// The socket transport's side of the control connections; the control channel calls it.
+pub(crate) trait DataPlane {
+    /// A data frame (`EVENT`, `DELIVER` or `LOST`) arrived from `from`.
+    fn receive(&mut self, from: Peer, kind: u8, body: &[u8]);
+    /// The data frames to write on `link` after its control frames; `None` when this
+    /// process carries no data on the sockets.
+    fn outbound(&mut self, link: Link) -> Option<&mut OutQueue>;
+}
+
+/// The control channel's connections as the socket transport sees them; the control channel
+/// implements it.
+pub(crate) trait Connections {
+    /// Call `f` for every attached connection that carries data.
+    fn for_each_link(&self, f: &mut dyn FnMut(Link));
+    /// Write what the sockets take now: control frames, then the data frames `data` has for
+    /// each link.
+    fn write(&mut self, data: &mut dyn DataPlane);
+}
+
+/// What a broker hands attaching workers in WELCOME.
+pub(crate) enum Offer<'a> {
+    /// Nothing yet: attaches are refused.
+    Nothing,
+    /// Shared memory: the region memfd and every slot's eventfd (`SCM_RIGHTS`).
+    Shm { region_fd: BorrowedFd<'a>, eventfds: Vec<BorrowedFd<'a>>, epoch: u64, region_id: u64 },
+    /// The socket transport: events ride the connections; `broker_id` tells brokers apart.
+    Socket { epoch: u64, broker_id: u64 },
+}

@@ -1,0 +1,145 @@
+//! Attach handling: act on what the control channel reports (elected, welcomed on shared
+//! memory or on the socket transport, refused, broker lost, unique events and their
+//! acknowledgements), and move the data path accordingly.
+
+use std::os::fd::AsFd;
+use std::time::Instant;
+
+use super::Worker;
+use crate::control::{CtlEvent, ShmWelcome, TOKEN_EVENTFD, Welcome};
+use crate::error::{Error, Result};
+use crate::region::Region;
+use crate::sys::EventFd;
+use crate::transport::DataPath;
+use crate::transport::shm::ShmPort;
+use crate::transport::socket::SocketPort;
+use crate::wire::Connections;
+
+/// The highest unique-event id handled per publisher slot in one poll.
+struct Ack {
+    slot: u32,
+    id: u64,
+}
+
+impl Worker {
+    /// Poll the control channel and handle what it reports.
+    pub(super) fn poll_control(&mut self) -> Result<()> {
+        self.step_down_if_fenced();
+        let Some(ctl) = self.ctl.as_mut() else { return Ok(()) };
+        let listener_ready = self.pacing.take_listener_ready();
+        let (offer, data) = self.path.control_view(ctl.is_broker(), self.broker.epoch);
+        let events = ctl.poll(Instant::now(), &self.epoll, &offer, listener_ready, data);
+        drop(offer);
+        let mut acks: Vec<Ack> = Vec::new();
+        for ev in events {
+            match ev {
+                CtlEvent::Elected => self.become_broker()?,
+                CtlEvent::Welcome(w) => self.welcomed(w)?,
+                CtlEvent::Rejected(reason) => {
+                    tracing::error!(%reason, "attach refused by the broker");
+                    self.pending_error = Some(Error::AttachRefused(reason));
+                }
+                CtlEvent::BrokerLost => {
+                    self.stats.failovers += 1;
+                    self.unique.resend_all();
+                    self.broker.slot = None;
+                    tracing::warn!(wid = %self.wid, "lost the broker; re-electing");
+                }
+                CtlEvent::Unique { slot, id, hash, msg } => {
+                    self.handle_unique(slot, &hash, &msg);
+                    // One acknowledgement per publisher and poll: the highest id handled.
+                    match acks.iter_mut().find(|a| a.slot == slot) {
+                        Some(a) => a.id = a.id.max(id),
+                        None => acks.push(Ack { slot, id }),
+                    }
+                }
+                CtlEvent::UniqueAck(id) => {
+                    for msg in self.unique.acknowledged(id) {
+                        self.recycle(msg);
+                    }
+                }
+            }
+        }
+        for Ack { slot, id } in acks {
+            if let Some(ctl) = self.ctl.as_mut() {
+                ctl.ack_unique(slot, id);
+            }
+            // A busy-polling publisher looks at its control socket at once.
+            self.path.set_control_hint(slot);
+        }
+        self.pump_unique();
+        Ok(())
+    }
+
+    /// The broker accepted us: on shared memory, map its region (unless it is ours already);
+    /// on the socket transport, run the socket port.
+    fn welcomed(&mut self, w: Welcome) -> Result<()> {
+        let Welcome { shm, broker_slot, epoch, broker_id } = w;
+        if shm.is_some() {
+            self.note_broker(broker_slot, epoch, broker_id);
+        }
+        self.broker.epoch = epoch;
+        self.broker.slot = Some(broker_slot);
+        self.unique.resend_all();
+        let Some(ShmWelcome { region_fd, eventfds, region_id }) = shm else {
+            tracing::debug!(wid = %self.wid, broker_slot, epoch, "attached (socket transport)");
+            self.note_broker(broker_slot, epoch, broker_id);
+            if let Some(p) = self.path.socket_mut() {
+                p.attached_as_client();
+            } else {
+                if self.path.shm().is_some() {
+                    // The deployment moved off shared memory (a broker that cannot create it
+                    // took over): our rings are gone with the old region.
+                    tracing::warn!("the new broker runs the socket transport; leaving the shared region");
+                }
+                let port = self.new_socket_port();
+                self.switch_path(DataPath::Socket(port));
+            }
+            return Ok(());
+        };
+        tracing::debug!(wid = %self.wid, broker_slot, epoch, "attached");
+        if self.path.shm().is_some_and(|p| p.region().id() == region_id) {
+            return Ok(());
+        }
+        match Region::open(region_fd, self.geo) {
+            Ok(region) => self.install_port(region, eventfds.into_iter().map(EventFd::from_owned).collect())?,
+            Err(e) => {
+                tracing::error!(error = %e, "shared region from the broker rejected");
+                self.pending_error = Some(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// A socket port for this worker.
+    pub(super) fn new_socket_port(&self) -> SocketPort {
+        let o = &self.opts;
+        SocketPort::new(self.slot, self.geo, o.max_payload_len, o.max_queue_len, o.unique_capacity)
+    }
+
+    /// Run the data path on `region`: events that waited (before attaching, or in a socket
+    /// queue) go into the rings.
+    pub(super) fn install_port(&mut self, region: Region, eventfds: Vec<EventFd>) -> Result<()> {
+        let o = &self.opts;
+        let port = ShmPort::attach(region, eventfds, self.slot, o.max_queue_len, o.max_payload_len);
+        self.switch_path(DataPath::Shm(port));
+        if let Some(port) = self.path.shm() {
+            self.epoll.add(port.my_eventfd().as_fd(), TOKEN_EVENTFD).map_err(|e| Error::io("epoll_ctl", e))?;
+        }
+        if let Some(ctl) = self.ctl.as_mut() {
+            ctl.hold_region();
+        }
+        Ok(())
+    }
+
+    /// Replace the data path; the old one's waiting events move over, its counters are kept.
+    pub(super) fn switch_path(&mut self, next: DataPath) {
+        let conns = self.ctl.as_mut().map(|c| c as &mut dyn Connections);
+        let (old, overflows) = self.path.switch_to(next, conns);
+        self.stats.overflows += overflows;
+        super::delivery::fold_counters(&mut self.stats, old.counters());
+        if let Some(port) = old.shm() {
+            self.epoll.delete(port.my_eventfd().as_fd());
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! The public facade: [`Events`] (configuration, fork-safe) and [`Worker`] (one process's
+//! participation). The worker's concerns each have a file: publishing (`publish.rs`),
+//! dispatch, wait and control pacing (`poll.rs`), delivery to callbacks (`delivery.rs`),
+//! attach handling (`attach.rs`), the broker role (`broker.rs`), unique events
+//! (`unique.rs`), and close (`close.rs`). The data path is one [`DataPath`]: each public
+//! method asks it instead of branching on the transport.
+
+mod attach;
+mod broker;
+mod close;
+mod delivery;
+mod poll;
+mod publish;
+mod unique;
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::Arc;
+
+use rkyv::util::AlignedVec;
+
+use crate::control::Control;
+use crate::error::{Error, Result};
+use crate::event::{Event, Wid};
+use crate::layout::Geometry;
+use crate::message;
+use crate::options::{Options, Transport};
+use crate::stats::{PeerStats, Stats};
+use crate::subs::{SubscriptionId, Subscriptions};
+use crate::sys::Epoll;
+use crate::transport::{DataPath, PreAttach};
+use crate::wire::Peer;
+use broker::BrokerView;
+use poll::Pacing;
+use unique::UniqueOutbox;
+
+/// The configuration of one deployment. Cheap and fork-safe: [`Events::new`] validates the
+/// options and opens nothing, so it can run in the master before `fork()`; each process then
+/// calls [`Events::init_worker`].
+///
+/// # Examples
+///
+/// ```
+/// use worker_events::{Events, Options};
+/// let events = Events::new(Options::new("/tmp/doc-events.sock").workers(2)).unwrap();
+/// assert_eq!(events.options().get_workers(), 2);
+/// let err = Events::new(Options::new("/tmp/doc-events.sock").workers(2).broker_id(2)).unwrap_err();
+/// assert_eq!(err.to_string(), "\"broker_id\" option is invalid");
+/// ```
+#[derive(Debug, Clone)]
+pub struct Events {
+    opts: Arc<Options>,
+}
+
+impl Events {
+    /// Validate `opts`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] with the model library's message.
+    pub fn new(opts: Options) -> Result<Events> {
+        opts.validate()?;
+        Ok(Events { opts: Arc::new(opts) })
+    }
+
+    /// The validated options.
+    ///
+    /// ```
+    /// let e = worker_events::Events::new(worker_events::Options::new("/tmp/x.sock")).unwrap();
+    /// assert_eq!(e.options().get_broker_id(), 0);
+    /// ```
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Join as `wid`: take the slot's lock, then find the broker (or become it). Returns at
+    /// once; attaching completes inside later [`Worker::dispatch`]/[`Worker::wait`] calls
+    /// ([`Worker::is_ready`] tells when). Events published before that are kept and sent once
+    /// attached; events published *to* this slot by others wait in its rings.
+    ///
+    /// # Errors
+    /// [`Error::InvalidWid`] out of range, [`Error::WidInUse`] when another live process holds
+    /// the id, [`Error::Io`] when the lock file, socket or shared region cannot be set up.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use worker_events::{Events, Options, Wid};
+    /// let dir = std::env::temp_dir().join(format!("we-doc-{}", std::process::id()));
+    /// let events = Events::new(Options::new(dir.join("ev.sock")).workers(1)).unwrap();
+    /// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert!(w.is_broker() && w.is_ready()); // the preferred broker elects itself at once
+    /// assert!(events.init_worker(Wid::Worker(0)).is_err()); // the id is held
+    /// assert!(events.init_worker(Wid::Worker(1)).is_err()); // out of range
+    /// # drop(w); let _ = std::fs::remove_dir_all(dir);
+    /// ```
+    pub fn init_worker(&self, wid: Wid) -> Result<Worker> {
+        let o = &self.opts;
+        let slot = match wid {
+            Wid::Worker(i) if i < o.workers => i,
+            Wid::Worker(_) => return Err(Error::InvalidWid { wid, reason: "outside 0..workers" }),
+            Wid::PrivilegedAgent if o.enable_privileged_agent => o.workers,
+            Wid::PrivilegedAgent => {
+                return Err(Error::InvalidWid { wid, reason: "the privileged agent is not enabled" });
+            }
+        };
+        let geo = Geometry::new(o.workers, o.enable_privileged_agent, o.ring_capacity, o.unique_capacity);
+        let epoll = Epoll::new().map_err(|e| Error::io("epoll_create1", e))?;
+        let (path, ctl) = if o.testing {
+            (DataPath::InProcess, None)
+        } else {
+            let max_frame = message::max_message_len(o.max_payload_len) + 1024;
+            let preferred = wid == Wid::Worker(o.broker_id);
+            let ctl = Control::new(&o.listening, slot, geo, preferred, o.allowed_uids.clone(), max_frame)?;
+            (DataPath::Unattached(PreAttach::default()), Some(ctl))
+        };
+        let mut w = Worker {
+            opts: self.opts.clone(),
+            wid,
+            slot,
+            geo,
+            subs: Subscriptions::default(),
+            local: VecDeque::new(),
+            pool: Vec::new(),
+            stats: Stats::default(),
+            path,
+            ctl,
+            epoll,
+            pacing: Pacing::default(),
+            pending_error: None,
+            unique: UniqueOutbox::default(),
+            broker: BrokerView::default(),
+            closed: false,
+        };
+        if w.ctl.is_some() {
+            w.poll_control()?;
+            if let Some(e) = w.pending_error.take() {
+                return Err(e);
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// One process's handle: subscribe, publish, dispatch. Single-threaded by design: callbacks
+/// run on the caller's thread inside [`Worker::dispatch`] / [`Worker::wait`]; the library
+/// starts no thread.
+///
+/// `Worker` is [`AsFd`]: the descriptor (an epoll set over this slot's eventfd and the
+/// control sockets) becomes readable when `dispatch` has work, **once `dispatch` has
+/// returned 0** (as with `EAGAIN`, drain until 0 before going back to your poller). In
+/// [busy-poll mode](Worker::set_busy_poll) it is never armed and publishers make no syscall.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};
+/// use std::time::Duration;
+/// use worker_events::{Events, Options, Target, Wid};
+///
+/// let dir = std::env::temp_dir().join(format!("we-doc-worker-{}", std::process::id()));
+/// let events = Events::new(Options::new(dir.join("ev.sock")).workers(1)).unwrap();
+/// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+/// let hits = Arc::new(AtomicUsize::new(0));
+/// let h = hits.clone();
+/// w.subscribe("healthcheck", "*", move |ev| {
+///     assert_eq!(ev.wid(), Some(Wid::Worker(0)));
+///     h.fetch_add(1, Ordering::Relaxed);
+/// });
+/// w.publish_bytes(Target::All, "healthcheck", "down", b"10.0.0.7").unwrap();
+/// w.wait(Some(Duration::from_millis(100))).unwrap();
+/// assert_eq!(hits.load(Ordering::Relaxed), 1);
+/// # drop(w); let _ = std::fs::remove_dir_all(dir);
+/// ```
+pub struct Worker {
+    opts: Arc<Options>,
+    wid: Wid,
+    slot: u32,
+    geo: Geometry,
+    subs: Subscriptions,
+    /// Events for our own callbacks ("all" self-copies, "current", unique events the broker
+    /// gave itself, system notices), in publish order.
+    local: VecDeque<AlignedVec>,
+    /// Spare message buffers (no allocation per event in steady state).
+    pool: Vec<AlignedVec>,
+    stats: Stats,
+    // Drop order matters: the data path marks the slot detached before `ctl` releases the
+    // slot lock (a successor may take the slot the moment the lock goes).
+    path: DataPath,
+    /// The control channel; `None` in testing mode.
+    ctl: Option<Control>,
+    epoll: Epoll,
+    pacing: Pacing,
+    pending_error: Option<Error>,
+    unique: UniqueOutbox,
+    broker: BrokerView,
+    /// `close` has run (Drop does not run it again).
+    closed: bool,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("wid", &self.wid)
+            .field("ready", &self.is_ready())
+            .field("broker", &self.is_broker())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Register `callback` for events matching `(source, event)`; `"*"` is a wildcard.
+    /// Matching runs `("*","*")`, then `(source,"*")`, then `(source,event)`, each level in
+    /// subscription order.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// let id = w.subscribe("cache", "purge", |ev| println!("purge {:?}", ev.data_bytes()));
+    /// # let _ = id;
+    /// ```
+    pub fn subscribe<F>(&mut self, source: &str, event: &str, callback: F) -> SubscriptionId
+    where
+        F: FnMut(&Event<'_>) + Send + 'static,
+    {
+        self.subs.subscribe(source, event, Box::new(callback))
+    }
+
+    /// Remove a subscription; false for an unknown id.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// let id = w.subscribe("*", "*", |_| {});
+    /// assert!(w.unsubscribe(id));
+    /// ```
+    pub fn unsubscribe(&mut self, id: SubscriptionId) -> bool {
+        self.subs.unsubscribe(id)
+    }
+
+    /// Attached to a broker (or is the broker); always true in testing mode.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert!(w.is_ready());
+    /// ```
+    pub fn is_ready(&self) -> bool {
+        match &self.ctl {
+            None => true,
+            Some(c) => self.path.transport().is_some() && (c.is_broker() || c.is_attached_client()),
+        }
+    }
+
+    /// This process currently serves the control socket.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert!(!w.is_broker());
+    /// ```
+    pub fn is_broker(&self) -> bool {
+        self.ctl.as_ref().is_some_and(|c| c.is_broker())
+    }
+
+    /// This worker's id.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert_eq!(w.wid(), Wid::Worker(0));
+    /// ```
+    pub fn wid(&self) -> Wid {
+        self.wid
+    }
+
+    /// The transport in use, as decided by the broker and learned at attach:
+    /// [`Transport::SharedMemory`] or [`Transport::Socket`]; [`Transport::Auto`] while not
+    /// decided yet (before the first attach or election, and always in testing mode).
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Transport, Wid};
+    /// let dir = std::env::temp_dir().join(format!("we-doc-transport-{}", std::process::id()));
+    /// let opts = Options::new(dir.join("ev.sock")).workers(1).transport(Transport::Socket);
+    /// let w = Events::new(opts).unwrap().init_worker(Wid::Worker(0)).unwrap();
+    /// assert_eq!(w.transport(), Transport::Socket); // the preferred broker elected itself
+    /// # drop(w); let _ = std::fs::remove_dir_all(dir);
+    /// ```
+    pub fn transport(&self) -> Transport {
+        self.path.transport().unwrap_or(Transport::Auto)
+    }
+
+    /// Busy-poll mode: `dispatch` never arms the wake-up, so publishers make no syscall for
+    /// this worker while it spins; `wait` still sleeps properly. Off by default.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// w.set_busy_poll(true);
+    /// ```
+    pub fn set_busy_poll(&mut self, on: bool) {
+        self.pacing.busy_poll = on;
+    }
+
+    /// A snapshot of this worker's counters and per-peer queue depths.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert_eq!(w.stats().published, 0);
+    /// ```
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.unique_pending = self.unique.len() as u64;
+        delivery::fold_counters(&mut s, self.path.counters());
+        let broker = self.broker.slot.unwrap_or(0);
+        s.peers = self
+            .path
+            .depths()
+            .into_iter()
+            .map(|d| PeerStats {
+                wid: self.geo.wid_of(match d.peer {
+                    Peer::Slot(s) => s,
+                    Peer::Broker => broker,
+                }),
+                outbound_depth: d.outbound,
+                backlog: d.backlog,
+                inbound_depth: d.inbound,
+            })
+            .collect();
+        s
+    }
+}
+
+impl AsFd for Worker {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.epoll.as_fd()
+    }
+}
+
+impl AsRawFd for Worker {
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_fd().as_raw_fd()
+    }
+}

@@ -1,0 +1,115 @@
+//! Publishing: encode once, route by target, hand "all" events to the data path and to our
+//! own callbacks' queue, unique events to the outbox (`unique.rs`).
+
+use rkyv::util::AlignedVec;
+
+use super::Worker;
+use super::delivery::run_callbacks;
+use crate::error::PublishError;
+use crate::event::{MAX_UNIQUE_HASH_LEN, Payload, Target};
+use crate::message::{self, Kind, ORIGIN_NONE};
+use crate::wire::Connections;
+
+impl Worker {
+    /// Publish a typed value (serialized once with rkyv, whatever the number of receivers).
+    ///
+    /// # Errors
+    /// [`PublishError::PayloadTooLarge`] when the archived value exceeds `max_payload_len`,
+    /// [`PublishError::QueueOverflow`] when this worker's own queue is full. Nothing was
+    /// delivered anywhere when an error is returned.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Target, Wid};
+    /// # let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// # let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// w.publish(Target::All, "config", "version", &42u32).unwrap();
+    /// ```
+    pub fn publish<T: Payload>(
+        &mut self,
+        target: Target<'_>,
+        source: &str,
+        event: &str,
+        data: &T,
+    ) -> Result<(), PublishError> {
+        let (origin, kind) = self.route(target)?;
+        let mut buf = self.pool.pop().unwrap_or_default();
+        if let Err(e) = message::encode_typed(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
+            self.pool.push(buf);
+            return Err(e);
+        }
+        self.send(buf, target)
+    }
+
+    /// Publish raw bytes.
+    ///
+    /// # Errors
+    /// As [`Worker::publish`].
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Target, Wid, PublishError};
+    /// let events = Events::new(Options::new("/tmp/unused.sock").testing(true).max_payload_len(4)).unwrap();
+    /// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// w.publish_bytes(Target::Current, "crud", "routes", b"1234").unwrap();
+    /// let err = w.publish_bytes(Target::Current, "crud", "routes", b"12345").unwrap_err();
+    /// assert_eq!(err.to_string(), "failed to publish event: payload exceeds the limitation (4)");
+    /// ```
+    pub fn publish_bytes(
+        &mut self,
+        target: Target<'_>,
+        source: &str,
+        event: &str,
+        data: &[u8],
+    ) -> Result<(), PublishError> {
+        let (origin, kind) = self.route(target)?;
+        let mut buf = self.pool.pop().unwrap_or_default();
+        if let Err(e) = message::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
+            self.pool.push(buf);
+            return Err(e);
+        }
+        self.send(buf, target)
+    }
+
+    /// The origin and kind a target's message carries (in testing mode no origin: events
+    /// run in-process with wid `None`).
+    fn route(&self, target: Target<'_>) -> Result<(u32, Kind), PublishError> {
+        let origin = if self.path.is_in_process() { ORIGIN_NONE } else { self.slot };
+        match target {
+            Target::All => Ok((origin, Kind::All)),
+            Target::Current => Ok((ORIGIN_NONE, Kind::Current)),
+            Target::Unique(h) if h.is_empty() || h.len() > MAX_UNIQUE_HASH_LEN => {
+                Err(PublishError::InvalidUniqueHash { len: h.len(), max: MAX_UNIQUE_HASH_LEN })
+            }
+            Target::Unique(_) => Ok((origin, Kind::Unique)),
+        }
+    }
+
+    fn send(&mut self, buf: AlignedVec, target: Target<'_>) -> Result<(), PublishError> {
+        if self.path.is_in_process() {
+            // Synchronous, in-process, wid None.
+            let (g, max) = (self.geo, self.opts.max_payload_len);
+            if let Ok(d) = message::decode(&buf, g.workers, g.agent, max) {
+                run_callbacks(&mut self.subs, &mut self.stats, &d.event);
+            }
+            self.pool.push(buf);
+            self.stats.published += 1;
+            return Ok(());
+        }
+        if let Target::Unique(hash) = target {
+            return self.queue_unique(hash, buf);
+        }
+        let cap = self.opts.max_queue_len;
+        let all = target == Target::All;
+        if self.local.len() >= cap || (all && !self.path.has_room(cap)) {
+            self.stats.overflows += 1;
+            self.pool.push(buf);
+            return Err(PublishError::QueueOverflow);
+        }
+        if all {
+            let conns = self.ctl.as_mut().map(|c| c as &mut dyn Connections);
+            self.path.send_all(&buf, conns);
+        }
+        self.local.push_back(buf);
+        self.stats.published += 1;
+        Ok(())
+    }
+}
