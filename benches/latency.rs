@@ -30,6 +30,10 @@
 //! `cargo bench --bench latency -- wakeup` runs one group (criterion's filter, applied to the
 //! summary too). `WE_BENCH_RING_CAPACITY=<bytes>` sets the library's `ring_capacity`.
 
+// The bare-ring and ping-pong baselines are process-private atomics over a plain mmap, not the
+// crate's shared-memory code: the clippy.toml ban on std atomics (for src/) does not apply.
+#![allow(clippy::disallowed_types)]
+
 mod support;
 
 use std::hint::black_box;

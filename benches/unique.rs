@@ -1,4 +1,4 @@
-//! Unique events (issue 3): cross-process publish -> delivery latency, and the broker's cost
+//! Unique events: cross-process publish -> delivery latency, and the broker's cost
 //! per event with the dedup table 10 % and 90 % full, each beside an `All` baseline measured
 //! in the same run.
 //!
@@ -68,6 +68,10 @@
 //!
 //! `cargo bench --bench unique -- xproc` (or `-- at_broker`) runs one part: criterion's filter,
 //! also applied to the setup of each part. A part's summary covers all its variants.
+
+// The bare-ring and ping-pong baselines are process-private atomics over a plain mmap, not the
+// crate's shared-memory code: the clippy.toml ban on std atomics (for src/) does not apply.
+#![allow(clippy::disallowed_types)]
 
 mod support;
 
