@@ -62,6 +62,7 @@ fn a_receiver_blocked_in_wait_none_is_woken_by_another_process() {
         let l = receiver
             .expect_ok_within(LIVENESS, &format!("round {round}: the receiver blocked in wait(None) was never woken"));
         assert!(l.iter().any(|x| x.starts_with(&format!("@@PARKED {} ", round + 1))), "round {round}: {l:?}");
+        assert!(!l.iter().any(|x| x.ends_with(" 0")), "round {round}: it never waited: {l:?}");
     }
     let r = receiver.report();
     assert_eq!(r.stream("w2", "park", "x"), seq(0, ROUNDS));
@@ -98,9 +99,11 @@ fn a_publisher_blocked_on_full_rings_is_woken_when_receivers_free_room() {
         receiver.cmd("pause");
         let r = publisher.publish("all", "bp", "x", 0, N);
         assert_eq!((r.ok, r.err), (N, 0), "{:?}", r.errors);
-        assert!(publisher.report().stat("peer_depth_sum") > 0, "nothing backlogged: the test proves nothing");
-        // The publisher blocks until one event reaches it (the broker's marker, below).
-        publisher.send("park 1");
+        let before = publisher.report();
+        assert!(before.stat("backlog_sum") > 0, "nothing backlogged: the test proves nothing");
+        // The publisher blocks until one more event reaches it (the broker's marker, below;
+        // its own events are already counted).
+        publisher.send(&format!("park {}", before.stat("events") + before.stat("lost_total") + 1));
         assert_eq!(publisher.next_line(), "@@PARKING");
         until_asleep(&publisher, &epoll_wait_syscalls(), "wait(None)");
         broker.cmd("resume");
@@ -115,7 +118,9 @@ fn a_publisher_blocked_on_full_rings_is_woken_when_receivers_free_room() {
         assert!(broker.until_within(N, LIVENESS), "the broker never got all {N} events");
         let r = broker.publish("all", "bp", "marker", 0, 1);
         assert_eq!((r.ok, r.err), (1, 0));
-        publisher.expect_ok_within(LIVENESS, "the publisher blocked in wait(None) was never woken by the marker");
+        let l =
+            publisher.expect_ok_within(LIVENESS, "the publisher blocked in wait(None) was never woken by the marker");
+        assert!(!l.iter().any(|x| x.ends_with(" 0") && x.starts_with("@@PARKED")), "it never waited: {l:?}");
         let rr = receiver.report();
         let got = rr.stream("w2", "bp", "x");
         assert!(got == seq(0, N), "{}", diff_summary(&got, &seq(0, N)));

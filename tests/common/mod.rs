@@ -820,7 +820,7 @@ pub fn child_main() {
                     out(&format!("@@PAYLOAD {p} {len} {}", u8::from(*ok)));
                 }
                 let st = worker.stats();
-                let stats: [(&str, u64); 26] = [
+                let stats: [(&str, u64); 27] = [
                     ("early_errors", early_errors),
                     ("early_unique_pending", early_unique_pending),
                     ("unique_duplicates", st.unique_duplicates),
@@ -837,6 +837,7 @@ pub fn child_main() {
                     ("failovers", st.failovers),
                     ("peers", st.peers.len() as u64),
                     ("peer_depth_sum", st.peers.iter().map(|p| p.outbound_depth + p.backlog).sum()),
+                    ("backlog_sum", st.peers.iter().map(|p| p.backlog).sum()),
                     ("events", r.events),
                     ("lost_total", r.lost_total),
                     ("decode_errors", r.decode_errors),
