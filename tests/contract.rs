@@ -199,7 +199,10 @@ fn expect_reject(reply: &Reply, what: &str, needle: &str) {
         Reply::Frame(KIND_REJECT, reason) => {
             assert!(reason.contains(needle), "{what}: REJECT {reason:?} does not say {needle:?}")
         }
-        other => panic!("{what}: expected a REJECT saying {needle:?}, got {other:?}"),
+        Reply::Frame(k, _) => {
+            panic!("{what}: expected a REJECT saying {needle:?}, got a frame of kind {k} (2: WELCOME)")
+        }
+        Reply::Closed => panic!("{what}: expected a REJECT saying {needle:?}, the broker closed without a word"),
     }
 }
 

@@ -458,7 +458,8 @@ fn raw_client_main() -> ! {
         eprintln!("raw client: write: {e}");
     }
     match read_reply(&mut s) {
-        Reply::Frame(k, body) => out(&format!("@@REPLY {k} {body}")),
+        Reply::Frame(KIND_REJECT, reason) => out(&format!("@@REPLY {KIND_REJECT} {reason}")),
+        Reply::Frame(k, body) => out(&format!("@@REPLY {k} ({} bytes)", body.len())),
         Reply::Closed => out("@@CLOSED"),
     }
     out("@@OK");
