@@ -27,7 +27,7 @@ const LIVENESS: Duration = Duration::from_secs(20);
 
 /// Make sure `child` sleeps in the kernel (in one of `syscalls`) before the test goes on, so
 /// that what follows must wake it. Where `/proc` cannot tell, give it a moment instead.
-fn until_asleep(child: &Child, syscalls: &[i64], what: &str) {
+fn until_asleep(child: &Child, syscalls: &[libc::c_long], what: &str) {
     match child.blocked_in(syscalls, Duration::from_secs(10)) {
         Some(true) => {}
         Some(false) => panic!("{}: never went to sleep in {what}", child.name),
@@ -261,7 +261,7 @@ fn a_foreign_uid_is_refused_by_the_broker() {
     // File permissions are the first barrier; open them so that the one under test is the
     // broker's credential check.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir.sock(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(dir.sock(), std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(0o755)).unwrap();
     let hex: String = hello_frame(&Hello::for_cfg(&cfg, 2)).iter().map(|b| format!("{b:02x}")).collect();
     let mut raw = wd.spawn_raw(&cfg, &[("WE_RAW_FRAME", &hex), ("WE_RAW_UID", "65534")]);

@@ -1080,7 +1080,7 @@ impl Child {
     /// (read from `/proc/<pid>/task/*/syscall`, which shows the system call a blocked
     /// thread is in). `None` when `/proc` does not show it on this system; `Some(false)`
     /// when no thread got there in time.
-    pub fn blocked_in(&self, syscalls: &[i64], limit: Duration) -> Option<bool> {
+    pub fn blocked_in(&self, syscalls: &[libc::c_long], limit: Duration) -> Option<bool> {
         let end = Instant::now() + limit;
         let tasks = PathBuf::from(format!("/proc/{}/task", self.pid));
         loop {
@@ -1088,7 +1088,7 @@ impl Child {
             for t in std::fs::read_dir(&tasks).ok()?.flatten() {
                 let Ok(text) = std::fs::read_to_string(t.path().join("syscall")) else { continue };
                 readable = true;
-                let nr = text.split_whitespace().next().and_then(|n| n.parse::<i64>().ok());
+                let nr = text.split_whitespace().next().and_then(|n| n.parse::<libc::c_long>().ok());
                 let sleeping = std::fs::read_to_string(t.path().join("stat"))
                     .ok()
                     .and_then(|st| st.rsplit(')').next().map(|r| r.trim_start().starts_with('S')))
@@ -1350,18 +1350,18 @@ impl Child {
 }
 
 /// The system calls a thread sleeps in inside `epoll_wait`-style waits.
-pub fn epoll_wait_syscalls() -> Vec<i64> {
-    let mut v = vec![libc::SYS_epoll_pwait as i64, libc::SYS_epoll_pwait2 as i64];
+pub fn epoll_wait_syscalls() -> Vec<libc::c_long> {
+    let mut v = vec![libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
     #[cfg(target_arch = "x86_64")]
-    v.push(libc::SYS_epoll_wait as i64);
+    v.push(libc::SYS_epoll_wait);
     v
 }
 
 /// The system calls a thread sleeps in inside poll(2).
-pub fn poll_syscalls() -> Vec<i64> {
-    let mut v = vec![libc::SYS_ppoll as i64];
+pub fn poll_syscalls() -> Vec<libc::c_long> {
+    let mut v = vec![libc::SYS_ppoll];
     #[cfg(target_arch = "x86_64")]
-    v.push(libc::SYS_poll as i64);
+    v.push(libc::SYS_poll);
     v
 }
 
