@@ -286,12 +286,15 @@ fn fo_child() {
     let mut big: Option<(usize, Pace)> = None;
     let born = Instant::now();
     let tick = Duration::from_millis(1);
+    // `wait` errors, reported to the parent (which asserts there are none).
+    let wait_errors = std::cell::Cell::new(0u64);
     let pump = |worker: &mut Worker| {
         if born.elapsed() > Duration::from_secs(150) {
             std::process::exit(3);
         }
         if let Err(e) = worker.wait(Some(tick)) {
             eprintln!("fo child w{slot}: wait error: {e}");
+            wait_errors.set(wait_errors.get() + 1);
         }
     };
     loop {
@@ -324,9 +327,10 @@ fn fo_child() {
                     out(&format!("@@COUNT {} {}", p.sent, p.errors));
                 }
                 "ustream" => uniq_pace = Some(Pace::new(f[1].parse().unwrap(), f[2].parse().unwrap())),
+                // @@UCOUNT <sent> <end> <unique_pending> <publish errors>
                 "ucount" => {
-                    let (sent, end) = uniq_pace.as_ref().map_or((0, 0), |p| (p.sent, p.end));
-                    out(&format!("@@UCOUNT {sent} {end} {}", worker.stats().unique_pending));
+                    let (sent, end, errors) = uniq_pace.as_ref().map_or((0, 0, 0), |p| (p.sent, p.end, p.errors));
+                    out(&format!("@@UCOUNT {sent} {end} {} {errors}", worker.stats().unique_pending));
                 }
                 "big" => big = Some((f[1].parse().unwrap(), Pace::new(0.0, u64::MAX))),
                 "bigstop" => {
@@ -340,13 +344,17 @@ fn fo_child() {
                         out(&format!("@@BROKER {e} {s} {t}"));
                     }
                 }
-                // drain <ms>: dispatch until every inbound ring is empty.
+                // drain <ms>: dispatch until every inbound ring is empty; answers
+                // `@@DRAINED reached` or `@@DRAINED timeout`.
                 "drain" => {
                     let limit = Instant::now() + Duration::from_millis(f[1].parse().unwrap());
-                    while worker.stats().peers.iter().any(|p| p.inbound_depth > 0) && Instant::now() < limit {
+                    let busy = |w: &Worker| w.stats().peers.iter().any(|p| p.inbound_depth > 0);
+                    while busy(&worker) && Instant::now() < limit {
                         pump(&mut worker);
                     }
+                    let reached = !busy(&worker);
                     pump(&mut worker);
+                    out(&format!("@@DRAINED {}", if reached { "reached" } else { "timeout" }));
                 }
                 // until <ms> <p>:<inc>:<last> ...: dispatch until each stream reached `last`.
                 "until" => {
@@ -404,6 +412,7 @@ fn fo_child() {
                         ("unique_duplicates", st.unique_duplicates),
                         ("is_broker", u64::from(worker.is_broker())),
                         ("is_ready", u64::from(worker.is_ready())),
+                        ("wait_errors", wait_errors.get()),
                     ] {
                         out(&format!("@@STAT {k} {v}"));
                     }
@@ -458,7 +467,10 @@ fn fo_child() {
             if worker.stats().peers.iter().all(|x| x.backlog < 2) {
                 match worker.publish_bytes(Target::All, "big", &event_name, &big_payload(p.sent, *len)) {
                     Ok(()) => p.sent += 1,
-                    Err(e) => eprintln!("fo child w{slot}: big publish: {e}"),
+                    Err(e) => {
+                        p.errors += 1;
+                        eprintln!("fo child w{slot}: big publish: {e}");
+                    }
                 }
             }
         }
@@ -690,6 +702,7 @@ impl Cluster {
             let ctx = format!("receiver w{s} (incarnation {})", me.inc);
             assert_eq!(r.stat("other"), 0, "{ctx}: unexpected events");
             assert_eq!(r.stat("dropped"), 0, "{ctx}: malformed messages");
+            assert_eq!(r.stat("wait_errors"), 0, "{ctx}: Worker::wait failed (see its stderr)");
             assert_eq!(r.stat("lost"), r.lost.values().sum::<u64>(), "{ctx}: lost events: {:?}", r.lost);
             if self.socket {
                 // Nothing lost silently: per publisher slot, the events skipped in its
@@ -866,6 +879,13 @@ fn broker_kills_under_all_stream(socket: bool) {
     }
     std::thread::sleep(Duration::from_millis(200));
     c.finish_and_check();
+    // The election target (ARCHITECTURE.md, performance targets): a new broker serves in
+    // under 100 ms; asserted on the median of the kills (one slow election on a loaded
+    // machine is not a failure), and every election within a liveness bound.
+    let median = percentile(&elect_ms, 0.5);
+    assert!(median < 100.0, "median election time {median:.1} ms over {CYCLES} kills, target < 100 ms: {elect_ms:?}");
+    let worst = percentile(&elect_ms, 1.0);
+    assert!(worst < 5000.0, "an election took {worst:.1} ms (liveness bound 5 s): {elect_ms:?}");
     if socket {
         eprintln!("socket transport: {} events died with killed brokers, every one reported", c.socket_losses);
     }
@@ -980,6 +1000,7 @@ fn publisher_killed_mid_message_leaves_no_partial_record() {
     std::thread::sleep(Duration::from_millis(100));
     let l = c.proc(2).cmd("bigstop");
     let total: u64 = l[0].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(l[0].split_whitespace().nth(2), Some("0"), "big-payload publish errors: {l:?}");
     c.streams.insert((2, inc), StreamInfo { started, total: Some(total), killed: false });
     let reports = c.finish_and_check();
     for (s, r) in &reports {
@@ -1050,6 +1071,7 @@ fn unique_events_across_broker_kills_never_twice() {
         for s in c.live() {
             let l = c.proc(s).cmd("ucount");
             let f: Vec<u64> = l[0].split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect();
+            assert_eq!(f[3], 0, "w{s}: unique publish errors: {l:?}");
             done &= f[0] == f[1] && f[2] == 0;
         }
         if done {
@@ -1058,7 +1080,12 @@ fn unique_events_across_broker_kills_never_twice() {
         std::thread::sleep(Duration::from_millis(20));
     }
     for s in c.live() {
-        c.proc(s).cmd("drain 5000");
+        let l = c.proc(s).cmd("drain 5000");
+        assert_eq!(l, ["@@DRAINED reached"], "w{s}: inbound rings not drained within 5 s");
+        let r = FoReport::parse(&c.proc(s).cmd("report"));
+        assert_eq!(r.stat("other"), 0, "w{s}: unexpected or undecodable events");
+        assert_eq!(r.stat("dropped"), 0, "w{s}: malformed messages");
+        assert_eq!(r.stat("wait_errors"), 0, "w{s}: Worker::wait failed (see its stderr)");
     }
     let d = unique_deliveries(&c.dir.path);
     let twice: Vec<_> = d.iter().filter(|&(_, &n)| n > 1).collect();
@@ -1072,8 +1099,15 @@ fn unique_events_across_broker_kills_never_twice() {
         &missing[..missing.len().min(10)]
     );
     // A broker killed between recording a hash and writing the event into its target's
-    // ring loses that one event (at most once, never twice): at most one per kill.
-    assert!(missing.len() <= KILLS, "{} unique events never delivered: {missing:?}", missing.len());
+    // ring loses that one event (at most once, never twice): at most one per broker kill.
+    // Every kill of this test is a broker kill.
+    assert_eq!(c.kills, KILLS as u64, "kills made");
+    assert!(
+        missing.len() as u64 <= c.kills,
+        "{} unique events never delivered (at most one per broker kill, {} kills): {missing:?}",
+        missing.len(),
+        c.kills
+    );
 }
 
 // ==========================================================================================
@@ -1200,14 +1234,15 @@ fn unique_targets_skip_a_dead_slot() {
     loop {
         assert!(c.wd.remaining() > Duration::from_secs(8), "unique events still pending");
         let l = c.proc(1).cmd("ucount");
-        if l[0] == format!("@@UCOUNT {N} {N} 0") {
+        if l[0] == format!("@@UCOUNT {N} {N} 0 0") {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     c.spawn(2);
     for s in c.live() {
-        c.proc(s).cmd("drain 5000");
+        let l = c.proc(s).cmd("drain 5000");
+        assert_eq!(l, ["@@DRAINED reached"], "w{s}: inbound rings not drained within 5 s");
     }
     let d = unique_deliveries(&c.dir.path);
     assert_eq!(d, (0..N).map(|n| (n, 1)).collect::<BTreeMap<_, _>>(), "each unique event exactly once");

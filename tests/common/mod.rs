@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -245,7 +246,13 @@ fn record(rec: &Mutex<Rec>, ev: &Event<'_>) {
         return;
     }
     r.events += 1;
-    let seq = if ev.source() == "size" {
+    let seq = if ev.source() == "typed" {
+        // A typed `[u8; TYPED_LEN]` (see the `typed` command): its rkyv bytes are the array.
+        let ok = ev.deserialize::<[u8; TYPED_LEN]>().is_ok_and(|a| a[..] == pattern(TYPED_LEN)[..]);
+        let len = ev.data_bytes().len();
+        r.payloads.push((w.clone(), len, ok && check_pattern(ev.data_bytes())));
+        len as u64
+    } else if ev.source() == "size" {
         let b = ev.data_bytes();
         let ok = check_pattern(b);
         r.payloads.push((w.clone(), b.len(), ok));
@@ -276,11 +283,13 @@ fn parse_target(s: &str) -> Target<'static> {
 
 /// Publish one event per sequence number in `seqs` with `publish`, a dispatch after each
 /// (a worker's own queue is bounded by max_queue_len); answer `@@PUB <ok> <errors>`, the
-/// first errors as `@@PUBERR`, then `@@OK`.
+/// first errors as `@@PUBERR`, then `@@OK`. Dispatch errors are counted in `dispatch_errors`
+/// (reported as a stat).
 fn publish_seqs(
     worker: &mut Worker,
     wid: Wid,
     out: &dyn Fn(&str),
+    dispatch_errors: &mut u64,
     seqs: std::ops::Range<u64>,
     mut publish: impl FnMut(&mut Worker, u64) -> Result<(), worker_events::PublishError>,
 ) {
@@ -297,16 +306,173 @@ fn publish_seqs(
         }
         if let Err(e) = worker.dispatch() {
             eprintln!("child {wid}: dispatch error: {e}");
+            *dispatch_errors += 1;
         }
     }
     out(&format!("@@PUB {ok} {err}"));
     out("@@OK");
 }
 
+/// Payload length of the `typed` command's array (and of the `typed` source's receivers).
+pub const TYPED_LEN: usize = 1000;
+
+fn typed_array<const N: usize>() -> [u8; N] {
+    pattern(N).try_into().expect("N bytes")
+}
+
+/// Set while the child is blocked in `wait(None)` or poll(2), where its loop cannot see the
+/// parent go away: the stdin reader and the lifetime thread then end the process themselves.
+static BLOCKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+// ------------------------------------------------------------------------------------------
+// Raw control-socket client
+
+/// Control-frame kinds (the first byte after the length; see [`hello_frame`]).
+pub const KIND_HELLO: u8 = 1;
+/// Attach accepted.
+pub const KIND_WELCOME: u8 = 2;
+/// Attach refused; the body is a UTF-8 reason.
+pub const KIND_REJECT: u8 = 3;
+
+/// The fields of a HELLO, the first frame a worker sends on the control socket.
+#[derive(Debug, Clone, Copy)]
+pub struct Hello {
+    /// Control protocol version (this build speaks 2).
+    pub protocol: u32,
+    /// Shared-memory layout version (this build uses 2).
+    pub layout: u32,
+    pub slot: u32,
+    pub pid: u32,
+    /// The geometry, which must equal the broker's options: `workers`, privileged agent
+    /// (0/1), `ring_capacity` in bytes.
+    pub workers: u32,
+    pub agent: u32,
+    pub ring_capacity: u32,
+}
+
+impl Hello {
+    /// A well-formed HELLO for `slot` of the deployment `cfg` describes.
+    pub fn for_cfg(cfg: &Cfg, slot: u32) -> Hello {
+        Hello {
+            protocol: 2,
+            layout: 2,
+            slot,
+            pid: std::process::id(),
+            workers: cfg.workers,
+            agent: u32::from(cfg.agent),
+            ring_capacity: cfg.options().get_ring_capacity() as u32,
+        }
+    }
+}
+
+/// The bytes of a HELLO frame. Every control frame is `len: u32 LE` (the bytes that follow),
+/// `kind: u8`, then `len - 1` body bytes. A HELLO's body is seven `u32 LE`: protocol
+/// version, layout version, slot, pid, workers, privileged agent (0/1), ring_capacity. The
+/// broker answers WELCOME (kind 2; on shared memory the region and eventfds ride with it) or
+/// REJECT (kind 3, body = the reason in UTF-8), and closes the connection after a REJECT.
+pub fn hello_frame(h: &Hello) -> Vec<u8> {
+    let fields = [h.protocol, h.layout, h.slot, h.pid, h.workers, h.agent, h.ring_capacity];
+    let mut v = ((1 + 4 * fields.len()) as u32).to_le_bytes().to_vec();
+    v.push(KIND_HELLO);
+    for f in fields {
+        v.extend_from_slice(&f.to_le_bytes());
+    }
+    v
+}
+
+/// The broker's answer on a raw connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// One frame: (kind, body as text).
+    Frame(u8, String),
+    /// The broker closed the connection without a (complete) frame.
+    Closed,
+}
+
+/// Read the first frame the peer sends on `s` (at most 10 s).
+pub fn read_reply(s: &mut std::os::unix::net::UnixStream) -> Reply {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => {
+            return Reply::Closed;
+        }
+        Err(e) => panic!("no reply from the broker within 10 s: {e}"),
+    }
+    let mut frame = vec![0u8; u32::from_le_bytes(len) as usize];
+    match s.read_exact(&mut frame) {
+        Ok(()) if !frame.is_empty() => Reply::Frame(frame[0], String::from_utf8_lossy(&frame[1..]).into_owned()),
+        Ok(()) => Reply::Closed,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => {
+            Reply::Closed
+        }
+        Err(e) => panic!("truncated reply from the broker: {e}"),
+    }
+}
+
+/// Connect to the control socket at `path`, send `bytes`, return the first reply.
+pub fn raw_exchange(path: &Path, bytes: &[u8]) -> Reply {
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect to the control socket");
+    s.write_all(bytes).expect("write to the control socket");
+    read_reply(&mut s)
+}
+
+/// The raw-client role (`WE_RAW_FRAME`, hex): optionally switch to another user first
+/// (`WE_RAW_UID`: setgroups, setgid, then setuid to that id; needs root), connect to the
+/// control socket `WE_SOCK`, send the bytes, and answer `@@REPLY <kind> <body>` or `@@CLOSED`
+/// for the first frame the broker sends, then `@@OK`, and exit.
+fn raw_client_main() -> ! {
+    let out = |s: &str| {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{s}");
+        let _ = o.flush();
+    };
+    let hex = std::env::var("WE_RAW_FRAME").unwrap();
+    let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    if let Ok(uid) = std::env::var("WE_RAW_UID") {
+        let uid: u32 = uid.parse().unwrap();
+        // SAFETY: plain syscalls on this process's credentials; no pointers but a null
+        // group list of length 0. Groups, then group, then user (after setuid the others
+        // would be refused).
+        let ok =
+            unsafe { libc::setgroups(0, std::ptr::null()) == 0 && libc::setgid(uid) == 0 && libc::setuid(uid) == 0 };
+        // SAFETY: plain syscalls with no arguments.
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        if !ok || euid != uid || egid != uid {
+            out(&format!("@@ERR cannot switch to uid {uid}: {} (euid {euid})", std::io::Error::last_os_error()));
+            std::process::exit(2);
+        }
+    }
+    let path = PathBuf::from(std::env::var("WE_SOCK").unwrap());
+    let mut s = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            out(&format!("@@ERR connect {}: {e}", path.display()));
+            std::process::exit(2);
+        }
+    };
+    // A broker that refuses at accept (a foreign uid) may answer and close before our bytes
+    // are written: a failing write is fine, the answer is already in our receive queue.
+    if let Err(e) = s.write_all(&bytes) {
+        eprintln!("raw client: write: {e}");
+    }
+    match read_reply(&mut s) {
+        Reply::Frame(KIND_REJECT, reason) => out(&format!("@@REPLY {KIND_REJECT} {reason}")),
+        Reply::Frame(k, body) => out(&format!("@@REPLY {k} ({} bytes)", body.len())),
+        Reply::Closed => out("@@CLOSED"),
+    }
+    out("@@OK");
+    std::process::exit(0);
+}
+
 /// Entry point of the child role; returns at once when `WE_CHILD` is not set.
 pub fn child_main() {
     if std::env::var("WE_CHILD").is_err() {
         return;
+    }
+    if std::env::var("WE_RAW_FRAME").is_ok() {
+        raw_client_main();
     }
     let born = Instant::now();
     let cfg = Cfg::from_env();
@@ -411,12 +577,25 @@ pub fn child_main() {
                 break;
             }
         }
+        // The parent is gone. A worker blocked in `wait(None)` or poll(2) cannot notice.
+        if BLOCKING.load(Ordering::SeqCst) {
+            std::process::exit(0);
+        }
+    });
+    // Orphan protection for the same blocked states (the pump checks the lifetime otherwise).
+    std::thread::spawn(move || {
+        std::thread::sleep(CHILD_LIFETIME.saturating_sub(born.elapsed()));
+        if BLOCKING.load(Ordering::SeqCst) {
+            eprintln!("child {wid}: lifetime exceeded while blocked, exiting");
+            std::process::exit(3);
+        }
     });
 
     out(&format!("@@READY {} broker={} transport={:?}", wid_str(Some(wid)), worker.is_broker(), worker.transport()));
 
     let mut paused = false;
     let mut wait_errors = 0u64;
+    let mut dispatch_errors = 0u64;
     let tick = Duration::from_millis(5);
     let pump = |worker: &mut Worker, wait_errors: &mut u64| {
         if born.elapsed() > CHILD_LIFETIME {
@@ -456,7 +635,9 @@ pub fn child_main() {
                 let (src, ev) = (parts[2], parts[3]);
                 let start: u64 = parts[4].parse().unwrap();
                 let count: u64 = parts[5].parse().unwrap();
-                publish_seqs(&mut worker, wid, &out, start..start + count, |w, seq| w.publish(target, src, ev, &seq));
+                publish_seqs(&mut worker, wid, &out, &mut dispatch_errors, start..start + count, |w, seq| {
+                    w.publish(target, src, ev, &seq)
+                });
             }
             // uniq <src> <ev> <hash-prefix> <start> <count>: Unique("<prefix><seq>") events with
             // payload seq, a dispatch after each.
@@ -464,7 +645,7 @@ pub fn child_main() {
                 let (src, ev, prefix) = (parts[1], parts[2], parts[3]);
                 let start: u64 = parts[4].parse().unwrap();
                 let count: u64 = parts[5].parse().unwrap();
-                publish_seqs(&mut worker, wid, &out, start..start + count, |w, seq| {
+                publish_seqs(&mut worker, wid, &out, &mut dispatch_errors, start..start + count, |w, seq| {
                     w.publish(Target::Unique(&format!("{prefix}{seq}")), src, ev, &seq)
                 });
             }
@@ -505,6 +686,94 @@ pub fn child_main() {
                         out("@@PUB 0 1");
                     }
                 }
+                out("@@OK");
+            }
+            // typed <all|current> <src> <ev> <extra>: publish, through the typed `publish`, a
+            // `[u8; TYPED_LEN + extra]` (extra 0 or 1) holding `pattern(TYPED_LEN + extra)`. Its
+            // rkyv bytes are the array itself: a payload of exactly TYPED_LEN + extra bytes.
+            "typed" => {
+                let target = parse_target(parts[1]);
+                let r = match parts[4] {
+                    "0" => worker.publish(target, parts[2], parts[3], &typed_array::<TYPED_LEN>()),
+                    "1" => worker.publish(target, parts[2], parts[3], &typed_array::<{ TYPED_LEN + 1 }>()),
+                    other => panic!("typed: extra {other} is not 0 or 1"),
+                };
+                match r {
+                    Ok(()) => out("@@PUB 1 0"),
+                    Err(e) => {
+                        out(&format!("@@PUBERR {e}"));
+                        out("@@PUB 0 1");
+                    }
+                }
+                out("@@OK");
+            }
+            // park <n>: `wait(None)` (no timeout at all) until events + lost counts >= n. Answers
+            // `@@PARKING` before the first wait, then `@@PARKED <events> <wait calls>`. A
+            // receiver nobody wakes never answers: the parent's liveness bound reports it.
+            "park" => {
+                let n: u64 = parts[1].parse().unwrap();
+                BLOCKING.store(true, Ordering::SeqCst);
+                out("@@PARKING");
+                let mut calls = 0u64;
+                let events = loop {
+                    let got = {
+                        let r = rec.lock().unwrap();
+                        r.events + r.lost_total
+                    };
+                    if got >= n {
+                        break got;
+                    }
+                    calls += 1;
+                    if let Err(e) = worker.wait(None) {
+                        wait_errors += 1;
+                        eprintln!("child {wid}: wait(None) error: {e}");
+                    }
+                };
+                BLOCKING.store(false, Ordering::SeqCst);
+                out(&format!("@@PARKED {events} {calls}"));
+                out("@@OK");
+            }
+            // pollfd <ms>: drain (`dispatch` until it returns 0, as the `AsFd` contract asks),
+            // answer `@@POLLING`, then poll(2) the worker's own descriptor (`AsRawFd`) for
+            // POLLIN, at most <ms> ms in all; each time it turns readable, `dispatch`. Answers
+            // `@@POLLED <readable 0|1> <dispatched> <spurious>`, `spurious` counting readable
+            // descriptors whose `dispatch` found nothing (it then polls again).
+            "pollfd" => {
+                let limit = Instant::now() + Duration::from_millis(parts[1].parse().unwrap());
+                while worker.dispatch().map_err(|e| eprintln!("child {wid}: dispatch error: {e}")).unwrap_or(0) > 0 {}
+                BLOCKING.store(true, Ordering::SeqCst);
+                out("@@POLLING");
+                let (mut readable, mut dispatched, mut spurious) = (false, 0usize, 0u64);
+                loop {
+                    let left = limit.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    let mut pfd = libc::pollfd { fd: worker.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one valid pollfd for the duration of the call.
+                    let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+                    if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    assert!(r >= 0, "poll: {}", std::io::Error::last_os_error());
+                    if r == 0 || pfd.revents & libc::POLLIN == 0 {
+                        continue;
+                    }
+                    readable = true;
+                    match worker.dispatch() {
+                        Ok(0) => spurious += 1,
+                        Ok(n) => {
+                            dispatched = n;
+                            break;
+                        }
+                        Err(e) => {
+                            dispatch_errors += 1;
+                            eprintln!("child {wid}: dispatch error: {e}");
+                        }
+                    }
+                }
+                BLOCKING.store(false, Ordering::SeqCst);
+                out(&format!("@@POLLED {} {dispatched} {spurious}", u8::from(readable)));
                 out("@@OK");
             }
             "pause" => {
@@ -552,7 +821,7 @@ pub fn child_main() {
                     out(&format!("@@PAYLOAD {p} {len} {}", u8::from(*ok)));
                 }
                 let st = worker.stats();
-                let stats: [(&str, u64); 23] = [
+                let stats: [(&str, u64); 27] = [
                     ("early_errors", early_errors),
                     ("early_unique_pending", early_unique_pending),
                     ("unique_duplicates", st.unique_duplicates),
@@ -569,11 +838,15 @@ pub fn child_main() {
                     ("failovers", st.failovers),
                     ("peers", st.peers.len() as u64),
                     ("peer_depth_sum", st.peers.iter().map(|p| p.outbound_depth + p.backlog).sum()),
+                    ("backlog_sum", st.peers.iter().map(|p| p.backlog).sum()),
                     ("events", r.events),
                     ("lost_total", r.lost_total),
                     ("decode_errors", r.decode_errors),
                     ("after_panic", r.after_panic),
                     ("wait_errors", wait_errors),
+                    ("dispatch_errors", dispatch_errors),
+                    ("wakeups_sent", st.wakeups_sent),
+                    ("wakeups_received", st.wakeups_received),
                     ("is_broker", u64::from(worker.is_broker())),
                     ("is_ready", u64::from(worker.is_ready())),
                 ];
@@ -721,6 +994,12 @@ impl Watchdog {
         }
     }
 
+    /// Spawn a child in the raw-client role (`WE_RAW_FRAME` and the other variables in
+    /// `extra`; see `raw_client_main`): it starts no worker and answers without `@@READY`.
+    pub fn spawn_raw(&self, cfg: &Cfg, extra: &[(&str, &str)]) -> Child {
+        self.spawn_inner(cfg, Wid::Worker(0), extra)
+    }
+
     /// Spawn a child whose start is expected to fail; returns its `@@ERR` line.
     pub fn spawn_expect_err(&self, cfg: &Cfg, wid: Wid) -> String {
         self.spawn_inner(cfg, wid, &[]).fail_text()
@@ -753,7 +1032,7 @@ impl Child {
         panic!("child {}: {msg}\n--- child stderr ---\n{se}\n--- end ---", self.name);
     }
 
-    fn next_line(&self) -> String {
+    pub fn next_line(&self) -> String {
         let left = self.deadline.saturating_duration_since(Instant::now());
         match self.lines.recv_timeout(left) {
             Ok(l) => l,
@@ -761,6 +1040,70 @@ impl Child {
             Err(RecvTimeoutError::Disconnected) => {
                 self.fail("stdout closed (child died or was killed by the watchdog)")
             }
+        }
+    }
+
+    /// The next line, or a test failure naming `what` if none comes within `limit` (a
+    /// liveness bound: generous, never a speed assertion).
+    pub fn next_line_within(&self, limit: Duration, what: &str) -> String {
+        match self.lines.recv_timeout(limit.min(self.deadline.saturating_duration_since(Instant::now()))) {
+            Ok(l) => l,
+            Err(RecvTimeoutError::Timeout) => self.fail(&format!("liveness: {what}: no answer within {limit:?}")),
+            Err(RecvTimeoutError::Disconnected) => self.fail(&format!("{what}: stdout closed (child died)")),
+        }
+    }
+
+    /// [`Child::expect_ok`] bounded by `limit` (see [`Child::next_line_within`]).
+    pub fn expect_ok_within(&mut self, limit: Duration, what: &str) -> Vec<String> {
+        let end = Instant::now() + limit;
+        let mut v = Vec::new();
+        loop {
+            let l = self.next_line_within(end.saturating_duration_since(Instant::now()), what);
+            if l == "@@OK" {
+                return v;
+            }
+            if l.starts_with("@@ERR") {
+                self.fail(&format!("command failed: {l}"));
+            }
+            v.push(l);
+        }
+    }
+
+    /// Dispatch until `n` events (lost counts included) have been received, for at most
+    /// `limit`; false if that did not happen.
+    pub fn until_within(&mut self, n: u64, limit: Duration) -> bool {
+        let lines = self.cmd(&format!("until {n} {}", limit.as_millis()));
+        lines.iter().any(|l| l == "@@UNTIL reached")
+    }
+
+    /// Wait (at most `limit`) until one thread of the child sleeps in one of `syscalls`
+    /// (read from `/proc/<pid>/task/*/syscall`, which shows the system call a blocked
+    /// thread is in). `None` when `/proc` does not show it on this system; `Some(false)`
+    /// when no thread got there in time.
+    pub fn blocked_in(&self, syscalls: &[libc::c_long], limit: Duration) -> Option<bool> {
+        let end = Instant::now() + limit;
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.pid));
+        loop {
+            let mut readable = false;
+            for t in std::fs::read_dir(&tasks).ok()?.flatten() {
+                let Ok(text) = std::fs::read_to_string(t.path().join("syscall")) else { continue };
+                readable = true;
+                let nr = text.split_whitespace().next().and_then(|n| n.parse::<libc::c_long>().ok());
+                let sleeping = std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|st| st.rsplit(')').next().map(|r| r.trim_start().starts_with('S')))
+                    .unwrap_or(false);
+                if sleeping && nr.is_some_and(|n| syscalls.contains(&n)) {
+                    return Some(true);
+                }
+            }
+            if !readable {
+                return None;
+            }
+            if Instant::now() >= end {
+                return Some(false);
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
 
@@ -1004,4 +1347,26 @@ impl Child {
         self.reap();
         t
     }
+}
+
+/// The system calls a thread sleeps in inside `epoll_wait`-style waits.
+pub fn epoll_wait_syscalls() -> Vec<libc::c_long> {
+    let mut v = vec![libc::SYS_epoll_pwait, libc::SYS_epoll_pwait2];
+    #[cfg(target_arch = "x86_64")]
+    v.push(libc::SYS_epoll_wait);
+    v
+}
+
+/// The system calls a thread sleeps in inside poll(2).
+pub fn poll_syscalls() -> Vec<libc::c_long> {
+    let mut v = vec![libc::SYS_ppoll];
+    #[cfg(target_arch = "x86_64")]
+    v.push(libc::SYS_poll);
+    v
+}
+
+/// Is this process root (able to switch a child to another uid)?
+pub fn is_root() -> bool {
+    // SAFETY: plain syscall with no arguments.
+    unsafe { libc::geteuid() == 0 }
 }
