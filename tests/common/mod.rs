@@ -9,6 +9,9 @@
 //! No sleeps are used for synchronization: every step waits for an acknowledgement, and
 //! every wait is bounded by the test's watchdog deadline.
 
+// Test-harness state (a counter, a flag, a test-owned shared mmap), not the crate's shared-memory
+// protocol: the clippy.toml ban on std atomics (which keeps them in src/sync.rs) does not apply.
+#![allow(clippy::disallowed_types)]
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
