@@ -16,8 +16,8 @@ use worker_events::{Transport, Wid};
 use worker_events_dev_support::{monotonic_ns, process};
 
 use super::cfg::{Cfg, Spawn};
+use super::cmd::{Cmd, Tgt};
 use super::report::{PubResult, Report};
-use super::role::{Cmd, Tgt};
 use super::{CHILD_ENV, TEST_TIMEOUT, wid_str};
 
 /// Kills every registered child when the deadline passes (the test then fails on the

@@ -15,8 +15,8 @@ use worker_events::{Transport, Wid};
 
 use super::cfg::{Cfg, Runs, Spawn};
 use super::child::{Child, Watchdog};
+use super::cmd::Cmd;
 use super::report::Report;
-use super::role::Cmd;
 use super::{SockPath, TempDir};
 
 /// One running child.

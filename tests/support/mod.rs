@@ -4,7 +4,8 @@
 //! | file         | responsibility                                                        |
 //! |--------------|-----------------------------------------------------------------------|
 //! | `cfg.rs`     | the key table: every value that crosses the process boundary, once    |
-//! | `role.rs`    | the child role: the typed command grammar [`Cmd`] and its stdin loop  |
+//! | `cmd.rs`     | the typed command grammar [`Cmd`], parsed and written in one place    |
+//! | `role.rs`    | the one child role: its start, stdin loop and the commands' execution |
 //! | `record.rs`  | what a child records of its events (list or run recorder)             |
 //! | `report.rs`  | the one parser of a child's answers                                   |
 //! | `child.rs`   | the parent's side: [`Watchdog`] spawns, [`Child`] talks and kills     |
@@ -20,6 +21,7 @@
 pub mod cfg;
 pub mod child;
 pub mod cluster;
+pub mod cmd;
 pub mod raw;
 pub mod record;
 pub mod report;
@@ -31,9 +33,9 @@ use std::time::{Duration, Instant};
 pub use cfg::{Cfg, Early, Runs, Spawn};
 pub use child::{Child, Watchdog};
 pub use cluster::Cluster;
+pub use cmd::{Cmd, Item, Tgt};
 pub use raw::{Hello, KIND_REJECT, KIND_WELCOME, Reply, hello_frame, raw_exchange};
 pub use report::{PubResult, Report};
-pub use role::{Cmd, Item, Tgt};
 use worker_events::{Transport, Wid, Worker};
 pub use worker_events_dev_support::{Rng, Sample, TempDir, monotonic_ns};
 
