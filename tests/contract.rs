@@ -8,19 +8,14 @@
 //! assertions: a healthy wake-up takes well under a millisecond.
 
 #[macro_use]
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::*;
+use support::*;
 use worker_events::{Transport, Wid};
 
-/// The child role (see `tests/common/mod.rs`).
-#[test]
-#[ignore = "child process role, spawned by the other tests"]
-fn child_entry() {
-    common::child_main();
-}
+child_entry!();
 
 /// How long a blocked worker may take to be woken before the test calls it lost.
 const LIVENESS: Duration = Duration::from_secs(20);
@@ -46,7 +41,7 @@ fn until_asleep(child: &Child, syscalls: &[libc::c_long], what: &str) {
 /// wake-up is the broker's write to the receiver's socket.
 fn a_receiver_blocked_in_wait_none_is_woken_by_another_process() {
     const ROUNDS: u64 = 3;
-    let dir = TestDir::new("park");
+    let dir = TempDir::new("park");
     let wd = Watchdog::new("park");
     let cfg = Cfg::new(&dir.sock(), 3);
     // w0 is the broker; the receiver and the publisher are plain workers.
@@ -54,10 +49,10 @@ fn a_receiver_blocked_in_wait_none_is_woken_by_another_process() {
     let mut receiver = wd.spawn(&cfg, Wid::Worker(1));
     let mut publisher = wd.spawn(&cfg, Wid::Worker(2));
     for round in 0..ROUNDS {
-        receiver.send(&format!("park {}", round + 1));
+        receiver.send(Cmd::Park { n: round + 1 });
         assert_eq!(receiver.next_line(), "@@PARKING");
         until_asleep(&receiver, &epoll_wait_syscalls(), "wait(None)");
-        let r = publisher.publish("all", "park", "x", round, 1);
+        let r = publisher.publish(Tgt::All, "park", "x", round, 1);
         assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
         let l = receiver
             .expect_ok_within(LIVENESS, &format!("round {round}: the receiver blocked in wait(None) was never woken"));
@@ -87,7 +82,7 @@ fn a_receiver_blocked_in_wait_none_is_woken_by_another_process() {
 fn a_publisher_blocked_on_full_rings_is_woken_when_receivers_free_room() {
     run_with(Transport::SharedMemory, || {
         const N: u64 = 600; // about 6 rings' worth of small events
-        let dir = TestDir::new("park-full");
+        let dir = TempDir::new("park-full");
         let wd = Watchdog::new("park-full");
         let mut cfg = Cfg::new(&dir.sock(), 3);
         cfg.ring_capacity = Some(4096);
@@ -95,19 +90,19 @@ fn a_publisher_blocked_on_full_rings_is_woken_when_receivers_free_room() {
         let mut receiver = wd.spawn(&cfg, Wid::Worker(1));
         let mut publisher = wd.spawn(&cfg, Wid::Worker(2));
         // The receivers stop consuming; the publisher's rings fill, the rest is backlogged.
-        broker.cmd("pause");
-        receiver.cmd("pause");
-        let r = publisher.publish("all", "bp", "x", 0, N);
+        broker.cmd(Cmd::Pause);
+        receiver.cmd(Cmd::Pause);
+        let r = publisher.publish(Tgt::All, "bp", "x", 0, N);
         assert_eq!((r.ok, r.err), (N, 0), "{:?}", r.errors);
         let before = publisher.report();
         assert!(before.stat("backlog_sum") > 0, "nothing backlogged: the test proves nothing");
         // The publisher blocks until one more event reaches it (the broker's marker, below;
         // its own events are already counted).
-        publisher.send(&format!("park {}", before.stat("events") + before.stat("lost_total") + 1));
+        publisher.send(Cmd::Park { n: before.stat("events") + before.stat("lost_total") + 1 });
         assert_eq!(publisher.next_line(), "@@PARKING");
         until_asleep(&publisher, &epoll_wait_syscalls(), "wait(None)");
-        broker.cmd("resume");
-        receiver.cmd("resume");
+        broker.cmd(Cmd::Resume);
+        receiver.cmd(Cmd::Resume);
         // Only the publisher can move its backlog, and only if the receivers wake it.
         assert!(
             receiver.until_within(N, LIVENESS),
@@ -116,7 +111,7 @@ fn a_publisher_blocked_on_full_rings_is_woken_when_receivers_free_room() {
             receiver.report().stat("events")
         );
         assert!(broker.until_within(N, LIVENESS), "the broker never got all {N} events");
-        let r = broker.publish("all", "bp", "marker", 0, 1);
+        let r = broker.publish(Tgt::All, "bp", "marker", 0, 1);
         assert_eq!((r.ok, r.err), (1, 0));
         let l =
             publisher.expect_ok_within(LIVENESS, "the publisher blocked in wait(None) was never woken by the marker");
@@ -140,17 +135,17 @@ fn a_publisher_blocked_on_full_rings_is_woken_when_receivers_free_room() {
 /// descriptor in its own poll(2) and sleeps there; a publish from another process makes it
 /// readable, and `dispatch()` then returns the event.
 fn the_worker_fd_turns_readable_when_work_arrives() {
-    let dir = TestDir::new("pollfd");
+    let dir = TempDir::new("pollfd");
     let wd = Watchdog::new("pollfd");
     let cfg = Cfg::new(&dir.sock(), 3);
     let _broker = wd.spawn(&cfg, Wid::Worker(0));
     let mut receiver = wd.spawn(&cfg, Wid::Worker(1));
     let mut publisher = wd.spawn(&cfg, Wid::Worker(2));
     for round in 0..2u64 {
-        receiver.send(&format!("pollfd {}", LIVENESS.as_millis()));
+        receiver.send(Cmd::PollFd { ms: LIVENESS.as_millis() as u64 });
         assert_eq!(receiver.next_line(), "@@POLLING");
         until_asleep(&receiver, &poll_syscalls(), "poll(2) on the worker's fd");
-        let r = publisher.publish("all", "fd", "x", round, 1);
+        let r = publisher.publish(Tgt::All, "fd", "x", round, 1);
         assert_eq!((r.ok, r.err), (1, 0));
         let l = receiver.expect_ok_within(LIVENESS + Duration::from_secs(5), "pollfd");
         let f: Vec<&str> = l.iter().find(|x| x.starts_with("@@POLLED")).expect("@@POLLED").split(' ').collect();
@@ -168,19 +163,19 @@ fn the_worker_fd_turns_readable_when_work_arrives() {
 /// (a `[u8; TYPED_LEN]`) is accepted and arrives intact in the other processes; one byte
 /// more is refused, and never arrives.
 fn typed_publish_limit_is_exact_across_processes() {
-    let dir = TestDir::new("typed");
+    let dir = TempDir::new("typed");
     let wd = Watchdog::new("typed");
     let mut cfg = Cfg::new(&dir.sock(), 3);
     cfg.max_payload_len = Some(TYPED_LEN);
     let mut ws: Vec<Child> = (0..3).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
-    let lines = ws[1].cmd("typed all typed exact 0");
+    let lines = ws[1].cmd(Cmd::typed(Tgt::All, "typed", "exact", false));
     assert!(lines.contains(&"@@PUB 1 0".to_string()), "a typed value of exactly max_payload_len: {lines:?}");
-    let lines = ws[1].cmd("typed all typed over 1");
+    let lines = ws[1].cmd(Cmd::typed(Tgt::All, "typed", "over", true));
     assert!(lines.contains(&"@@PUB 0 1".to_string()), "a typed value of max_payload_len + 1: {lines:?}");
     let refusal = format!("@@PUBERR failed to publish event: payload exceeds the limitation ({TYPED_LEN})");
     assert!(lines.contains(&refusal), "{lines:?}");
     // A marker after the refused value: once it arrived, the refused one had its chance.
-    let r = ws[1].publish("all", "seq", "end", 0, 1);
+    let r = ws[1].publish(Tgt::All, "seq", "end", 0, 1);
     assert_eq!((r.ok, r.err), (1, 0));
     for (i, w) in ws.iter_mut().enumerate() {
         w.until(2);
@@ -210,7 +205,7 @@ fn expect_reject(reply: &Reply, what: &str, needle: &str) {
 /// REJECT that says why, and the broker keeps serving its workers. The same HELLO with
 /// the right fields gets a WELCOME (so the refusals are about those fields only).
 fn hello_with_a_wrong_version_or_geometry_is_rejected_and_the_broker_keeps_serving() {
-    let dir = TestDir::new("hello");
+    let dir = TempDir::new("hello");
     let wd = Watchdog::new("hello");
     let cfg = Cfg::new(&dir.sock(), 3);
     let mut broker = wd.spawn(&cfg, Wid::Worker(0));
@@ -230,9 +225,9 @@ fn hello_with_a_wrong_version_or_geometry_is_rejected_and_the_broker_keeps_servi
         expect_reject(&raw_exchange(&dir.sock(), &hello_frame(h)), &format!("{h:?}"), needle);
     }
     // The broker still serves: events flow both ways between its workers.
-    let r = broker.publish("all", "h", "b", 0, 3);
+    let r = broker.publish(Tgt::All, "h", "b", 0, 3);
     assert_eq!((r.ok, r.err), (3, 0));
-    let r = w1.publish("all", "h", "w", 0, 3);
+    let r = w1.publish(Tgt::All, "h", "w", 0, 3);
     assert_eq!((r.ok, r.err), (3, 0));
     w1.until(3);
     broker.until(3);
@@ -253,7 +248,7 @@ fn a_foreign_uid_is_refused_by_the_broker() {
         eprintln!("SKIPPED a_foreign_uid_is_refused_by_the_broker: not running as root (cannot switch uid)");
         return;
     }
-    let dir = TestDir::new("uid");
+    let dir = TempDir::new("uid");
     let wd = Watchdog::new("uid");
     let cfg = Cfg::new(&dir.sock(), 3);
     let mut broker = wd.spawn(&cfg, Wid::Worker(0));
@@ -262,18 +257,18 @@ fn a_foreign_uid_is_refused_by_the_broker() {
     // broker's credential check.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.sock(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let hex: String = hello_frame(&Hello::for_cfg(&cfg, 2)).iter().map(|b| format!("{b:02x}")).collect();
-    let mut raw = wd.spawn_raw(&cfg, &[("WE_RAW_FRAME", &hex), ("WE_RAW_UID", "65534")]);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let frame = hello_frame(&Hello::for_cfg(&cfg, 2));
+    let mut raw = wd.spawn_raw(&cfg, &Spawn::raw(&frame, Some(65534)));
     let l = raw.expect_ok();
     let reply = l.iter().find(|x| x.starts_with("@@REPLY") || *x == "@@CLOSED").expect("a reply line");
     let want = format!("@@REPLY {KIND_REJECT} uid 65534 is not allowed to attach");
     assert_eq!(reply, &want, "a HELLO from uid 65534 must be refused");
     // The same HELLO from our own uid is welcomed, and the broker keeps serving.
-    let mut own = wd.spawn_raw(&cfg, &[("WE_RAW_FRAME", &hex)]);
+    let mut own = wd.spawn_raw(&cfg, &Spawn::raw(&frame, None));
     let l = own.expect_ok();
     assert!(l.iter().any(|x| x.starts_with(&format!("@@REPLY {KIND_WELCOME} "))), "same uid: {l:?}");
-    let r = broker.publish("all", "uid", "after", 0, 2);
+    let r = broker.publish(Tgt::All, "uid", "after", 0, 2);
     assert_eq!((r.ok, r.err), (2, 0));
     w1.until(2);
     assert_eq!(w1.report().stream("w0", "uid", "after"), seq(0, 2));

@@ -2,16 +2,10 @@
 //! on both transports. Two workers in this one process share a real region (or real sockets):
 //! the method's contract needs no second process.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use worker_events::{Events, Options, Target, Transport, Wid, Worker};
-
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("we-flush-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+use worker_events_dev_support::TempDir;
 
 fn pump_until(ws: &mut [&mut Worker], what: &str, done: impl Fn(&mut [&mut Worker]) -> bool) {
     let limit = Instant::now() + Duration::from_secs(20);
@@ -24,7 +18,7 @@ fn pump_until(ws: &mut [&mut Worker], what: &str, done: impl Fn(&mut [&mut Worke
 }
 
 fn flush_reports_what_is_left(transport: Transport, name: &str) {
-    let d = dir(name);
+    let d = TempDir::new(&format!("flush-{name}"));
     let opts =
         Options::new(d.join("ev.sock")).workers(2).ring_capacity(4096).max_queue_len(100_000).transport(transport);
     let events = Events::new(opts).unwrap();
@@ -54,7 +48,6 @@ fn flush_reports_what_is_left(transport: Transport, name: &str) {
     pump_until(&mut [&mut w0, &mut w1], "the backlog to drain", |ws| ws[1].flush());
     assert!(w1.flush());
     drop((w0, w1));
-    let _ = std::fs::remove_dir_all(d);
 }
 
 #[test]

@@ -1,22 +1,16 @@
 //! Multi-process integration tests: real worker processes (this test binary re-executed in
-//! a child role, see `tests/common/mod.rs`), a real broker, shared-memory rings.
+//! a child role, see `tests/support/`), a real broker, shared-memory rings.
 
 #[macro_use]
-mod common;
+mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::*;
 use worker_events::{Error, Events, MAX_UNIQUE_HASH_LEN, Options, PublishError, Target, Transport, Wid, Worker};
 
-/// The child role. Ignored so that a normal run skips it; it returns at once without the
-/// `WE_CHILD` environment variable.
-#[test]
-#[ignore = "child process role, spawned by the other tests"]
-fn child_entry() {
-    common::child_main();
-}
+child_entry!();
 
 fn key(w: &str, s: &str, e: &str) -> (String, String, String) {
     (w.to_string(), s.to_string(), e.to_string())
@@ -25,12 +19,12 @@ fn key(w: &str, s: &str, e: &str) -> (String, String, String) {
 // 1 ----------------------------------------------------------------------------------------
 
 fn all_event_reaches_every_worker_exactly_once_with_wid() {
-    let dir = TestDir::new("bcast");
+    let dir = TempDir::new("bcast");
     let wd = Watchdog::new("bcast");
     let cfg = Cfg::new(&dir.sock(), 4);
     let mut ws: Vec<Child> = (0..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
     for w in &mut ws {
-        let r = w.publish("all", "bcast", "b", 0, 10);
+        let r = w.publish(Tgt::All, "bcast", "b", 0, 10);
         assert_eq!((r.ok, r.err), (10, 0), "{:?}", r.errors);
     }
     for (i, w) in ws.iter_mut().enumerate() {
@@ -51,13 +45,13 @@ fn all_event_reaches_every_worker_exactly_once_with_wid() {
 // 2 ----------------------------------------------------------------------------------------
 
 fn current_event_stays_in_the_publishing_worker() {
-    let dir = TestDir::new("current");
+    let dir = TempDir::new("current");
     let wd = Watchdog::new("current");
     let cfg = Cfg::new(&dir.sock(), 4);
     let mut ws: Vec<Child> = (0..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
-    let r = ws[1].publish("current", "cur", "x", 7, 1);
+    let r = ws[1].publish(Tgt::Current, "cur", "x", 7, 1);
     assert_eq!((r.ok, r.err), (1, 0));
-    let r = ws[1].publish("all", "marker", "m", 0, 1);
+    let r = ws[1].publish(Tgt::All, "marker", "m", 0, 1);
     assert_eq!((r.ok, r.err), (1, 0));
     for (i, w) in ws.iter_mut().enumerate() {
         w.until(if i == 1 { 2 } else { 1 });
@@ -79,11 +73,11 @@ fn current_event_stays_in_the_publishing_worker() {
 // 3 ----------------------------------------------------------------------------------------
 
 fn late_attaching_worker_receives_earlier_events_in_order() {
-    let dir = TestDir::new("late");
+    let dir = TempDir::new("late");
     let wd = Watchdog::new("late");
     let cfg = Cfg::new(&dir.sock(), 4);
     let mut ws: Vec<Child> = (0..3).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
-    let r = ws[1].publish("all", "seq", "late", 0, 100);
+    let r = ws[1].publish(Tgt::All, "seq", "late", 0, 100);
     assert_eq!((r.ok, r.err), (100, 0), "{:?}", r.errors);
     // Only now (publish acknowledged) does worker 3 exist.
     let mut w3 = wd.spawn(&cfg, Wid::Worker(3));
@@ -100,12 +94,12 @@ fn late_attaching_worker_receives_earlier_events_in_order() {
 
 fn late_attaching_worker_receives_more_than_a_ring_of_earlier_events() {
     const N: u64 = 2_000;
-    let dir = TestDir::new("late-big");
+    let dir = TempDir::new("late-big");
     let wd = Watchdog::new("late-big");
     let mut cfg = Cfg::new(&dir.sock(), 3);
     cfg.ring_capacity = Some(4096); // ~100 small events; the rest wait in the backlog
     let mut w0 = wd.spawn(&cfg, Wid::Worker(0));
-    let r = w0.publish("all", "seq", "late", 0, N);
+    let r = w0.publish(Tgt::All, "seq", "late", 0, N);
     assert_eq!((r.ok, r.err), (N, 0), "{:?}", r.errors);
     let mut w2 = wd.spawn(&cfg, Wid::Worker(2));
     w2.until(N);
@@ -120,13 +114,14 @@ fn late_attaching_worker_receives_more_than_a_ring_of_earlier_events() {
 
 fn events_published_before_attach_are_sent_once_attached() {
     const N: u64 = 50;
-    let dir = TestDir::new("early");
+    let dir = TempDir::new("early");
     let wd = Watchdog::new("early");
     let cfg = Cfg::new(&dir.sock(), 3);
     // Worker 2 starts first: with no broker anywhere it cannot be attached when it publishes
     // (the child checks `!is_ready()`); it then elects itself after the election grace, and
     // the preferred broker (worker 0) and worker 1 attach to it later.
-    let mut w2 = wd.spawn_with(&cfg, Wid::Worker(2), &[("WE_EARLY", "seq early 50")]);
+    let mut w2 =
+        wd.spawn_with(&cfg, &Spawn { early: Some(Early::all("seq", "early", N)), ..Spawn::worker(Wid::Worker(2)) });
     let mut w0 = wd.spawn(&cfg, Wid::Worker(0));
     let mut w1 = wd.spawn(&cfg, Wid::Worker(1));
     for (name, c) in [("w0", &mut w0), ("w1", &mut w1), ("w2", &mut w2)] {
@@ -142,14 +137,14 @@ fn events_published_before_attach_are_sent_once_attached() {
 
 fn two_publishers_10k_each_complete_and_in_order_everywhere() {
     const N: u64 = 10_000;
-    let dir = TestDir::new("bulk");
+    let dir = TempDir::new("bulk");
     let wd = Watchdog::new("bulk");
     let mut cfg = Cfg::new(&dir.sock(), 4);
     cfg.max_queue_len = Some(100_000);
     let mut ws: Vec<Child> = (0..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
     // Both publishers run concurrently.
-    ws[1].send(&format!("publish all seq bulk 0 {N}"));
-    ws[2].send(&format!("publish all seq bulk 0 {N}"));
+    ws[1].send(Cmd::publish(Tgt::All, "seq", "bulk", 0, N));
+    ws[2].send(Cmd::publish(Tgt::All, "seq", "bulk", 0, N));
     for p in [1, 2] {
         let r = ws[p].publish_end();
         assert_eq!((r.ok, r.err), (N, 0), "publisher w{p}: {:?}", r.errors);
@@ -175,24 +170,24 @@ fn two_publishers_10k_each_complete_and_in_order_everywhere() {
 fn payload_sizes_arrive_intact_and_the_limit_is_exact() {
     const MAX: usize = 2 * 1024 * 1024;
     let sizes = [0usize, 1, 64 * 1024 + 1, 1024 * 1024];
-    let dir = TestDir::new("payload");
+    let dir = TempDir::new("payload");
     let wd = Watchdog::new("payload");
     let mut cfg = Cfg::new(&dir.sock(), 3);
     cfg.max_payload_len = Some(MAX);
     let mut ws: Vec<Child> = (0..3).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
     for len in sizes {
-        let lines = ws[1].cmd(&format!("bytes all size blob {len}"));
+        let lines = ws[1].cmd(Cmd::bytes(Tgt::All, "size", "blob", len));
         assert!(lines.contains(&"@@PUB 1 0".to_string()), "{len} bytes: {lines:?}");
     }
     // Exactly the limit is accepted... (checked in-process below to keep the pipes light)
-    let lines = ws[1].cmd(&format!("bytes all size blob {}", MAX + 1));
+    let lines = ws[1].cmd(Cmd::bytes(Tgt::All, "size", "blob", MAX + 1));
     assert!(lines.contains(&"@@PUB 0 1".to_string()), "{lines:?}");
     assert!(
         lines.contains(&"@@PUBERR failed to publish event: payload exceeds the limitation (2097152)".to_string()),
         "{lines:?}"
     );
     // A marker after the refused event: once it is seen, the refused one had its chance.
-    ws[1].publish("all", "seq", "end", 0, 1);
+    ws[1].publish(Tgt::All, "seq", "end", 0, 1);
     for (i, w) in ws.iter_mut().enumerate() {
         w.until(sizes.len() as u64 + 1);
         let r = w.report();
@@ -204,7 +199,7 @@ fn payload_sizes_arrive_intact_and_the_limit_is_exact() {
     }
 
     // In-process: max_payload_len bytes are accepted, one more is refused (typed too).
-    let dir2 = TestDir::new("payload-local");
+    let dir2 = TempDir::new("payload-local");
     let events = Events::new(Options::new(dir2.sock()).workers(1).transport(transport()).max_payload_len(100)).unwrap();
     let mut w = events.init_worker(Wid::Worker(0)).unwrap();
     w.publish_bytes(Target::All, "s", "e", &[0u8; 100]).unwrap();
@@ -218,24 +213,24 @@ fn payload_sizes_arrive_intact_and_the_limit_is_exact() {
 // 6 ----------------------------------------------------------------------------------------
 
 fn per_publisher_order_holds_across_targets() {
-    let dir = TestDir::new("order");
+    let dir = TempDir::new("order");
     let wd = Watchdog::new("order");
     let cfg = Cfg::new(&dir.sock(), 2);
     let mut w0 = wd.spawn(&cfg, Wid::Worker(0));
     let mut w1 = wd.spawn(&cfg, Wid::Worker(1));
     // a1, c1, a2 published back to back (no dispatch in between), then a longer mix.
-    let mut items = vec!["all:ord:a:1".to_string(), "current:ord:c:1".into(), "all:ord:a:2".into()];
+    let item = |target: Tgt, ev: &str, seq: u64| Item { target, src: "ord".into(), ev: ev.into(), seq };
+    let mut items = vec![item(Tgt::All, "a", 1), item(Tgt::Current, "c", 1), item(Tgt::All, "a", 2)];
     for i in 3..40u64 {
-        items.push(if i % 3 == 0 { format!("current:ord:c:{i}") } else { format!("all:ord:a:{i}") });
+        items.push(if i % 3 == 0 { item(Tgt::Current, "c", i) } else { item(Tgt::All, "a", i) });
     }
-    let r = PubOk::from(w1.cmd(&format!("batch {}", items.join(" "))));
+    let r = PubOk::from(w1.cmd(Cmd::Batch(items.clone())));
     assert_eq!(r.0, "@@PUB 40 0");
     let expected_w1: Vec<String> = items
         .iter()
         .map(|it| {
-            let f: Vec<&str> = it.split(':').collect();
-            let wid = if f[0] == "all" { "w1" } else { "none" };
-            format!("{wid} ord {} {}", f[2], f[3])
+            let wid = if it.target == Tgt::All { "w1" } else { "none" };
+            format!("{wid} ord {} {}", it.ev, it.seq)
         })
         .collect();
     w1.until(40);
@@ -304,7 +299,7 @@ fn levels_scenario(w: &mut Worker, want_wid: Option<Wid>, publish: &mut dyn FnMu
 }
 
 fn subscription_levels_and_unsubscribe_with_a_real_broker() {
-    let dir = TestDir::new("levels");
+    let dir = TempDir::new("levels");
     let deadline = Instant::now() + TEST_TIMEOUT;
     let events = Events::new(Options::new(dir.sock()).workers(1).transport(transport())).unwrap();
     let mut w = events.init_worker(Wid::Worker(0)).unwrap();
@@ -330,18 +325,18 @@ fn subscription_levels_and_unsubscribe_in_testing_mode() {
 // 8 ----------------------------------------------------------------------------------------
 
 fn a_panicking_callback_does_not_stop_the_others_or_later_events() {
-    let dir = TestDir::new("panic");
+    let dir = TempDir::new("panic");
     let wd = Watchdog::new("panic");
     let cfg = Cfg::new(&dir.sock(), 2);
     // Worker 0 subscribes: ("*","*") recorder, ("boom","*") panicking, ("boom","*") counter.
-    let mut w0 = wd.spawn_with(&cfg, Wid::Worker(0), &[("WE_PANIC", "1")]);
+    let mut w0 = wd.spawn_with(&cfg, &Spawn { panic: true, ..Spawn::worker(Wid::Worker(0)) });
     let mut w1 = wd.spawn(&cfg, Wid::Worker(1));
-    w1.publish("all", "boom", "x", 0, 3);
-    w1.publish("all", "seq", "later", 0, 3);
+    w1.publish(Tgt::All, "boom", "x", 0, 3);
+    w1.publish(Tgt::All, "seq", "later", 0, 3);
     // Its own events too (local path).
-    w0.publish("all", "boom", "y", 0, 2);
+    w0.publish(Tgt::All, "boom", "y", 0, 2);
     w0.until(8);
-    w0.publish("all", "seq", "after", 0, 1);
+    w0.publish(Tgt::All, "seq", "after", 0, 1);
     w0.until(9);
     let r = w0.report();
     assert_eq!(r.stream("w1", "boom", "x"), seq(0, 3));
@@ -362,22 +357,22 @@ fn ring_overflow_is_reported_with_lost_notices() {
     // On the socket transport the kernel's socket buffers hold a few thousand small frames
     // beyond max_queue_len: publish enough to overflow them too.
     let n: u64 = if transport() == Transport::Socket { 50_000 } else { 1000 };
-    let dir = TestDir::new("overflow");
+    let dir = TempDir::new("overflow");
     let wd = Watchdog::new("overflow");
     let mut cfg = Cfg::new(&dir.sock(), 2);
     cfg.ring_capacity = Some(4096);
     cfg.max_queue_len = Some(8);
     let mut publisher = wd.spawn(&cfg, Wid::Worker(0));
     let mut receiver = wd.spawn(&cfg, Wid::Worker(1));
-    receiver.cmd("pause");
-    let r = publisher.publish("all", "seq", "ovf", 0, n);
+    receiver.cmd(Cmd::Pause);
+    let r = publisher.publish(Tgt::All, "seq", "ovf", 0, n);
     assert_eq!((r.ok, r.err), (n, 0), "an All publish never fails for a slow receiver: {:?}", r.errors);
     let p = publisher.report();
     let lost_out = p.stat("lost_outbound");
     assert!(lost_out > 0, "a 4 KiB ring + 8 queued cannot hold {n} events: {:?}", p.stats);
     assert!(lost_out < n, "{lost_out}");
     assert_eq!(p.stream("w0", "seq", "ovf"), seq(0, n), "the publisher's own copies are all there");
-    receiver.cmd("resume");
+    receiver.cmd(Cmd::Resume);
     receiver.until(n);
     let r = receiver.report();
     let got = r.stream("w0", "seq", "ovf");
@@ -393,7 +388,7 @@ fn ring_overflow_is_reported_with_lost_notices() {
 }
 
 fn own_queue_overflow_is_a_publish_error() {
-    let dir = TestDir::new("ownq");
+    let dir = TempDir::new("ownq");
     let events = Events::new(Options::new(dir.sock()).workers(1).transport(transport()).max_queue_len(4)).unwrap();
     let mut w = events.init_worker(Wid::Worker(0)).unwrap();
     assert!(w.wait_ready(Duration::from_secs(10)).unwrap());
@@ -423,7 +418,7 @@ fn own_queue_overflow_is_a_publish_error() {
 // 10 ---------------------------------------------------------------------------------------
 
 fn duplicate_and_invalid_wids_are_rejected() {
-    let dir = TestDir::new("wid");
+    let dir = TempDir::new("wid");
     let wd = Watchdog::new("wid");
     let cfg = Cfg::new(&dir.sock(), 4);
     let holder = wd.spawn(&cfg, Wid::Worker(1));
@@ -450,16 +445,16 @@ fn duplicate_and_invalid_wids_are_rejected() {
 // 11 ---------------------------------------------------------------------------------------
 
 fn privileged_agent_receives_and_publishes_all_events() {
-    let dir = TestDir::new("agent");
+    let dir = TempDir::new("agent");
     let wd = Watchdog::new("agent");
     let mut cfg = Cfg::new(&dir.sock(), 2);
     cfg.agent = true;
     let mut w0 = wd.spawn(&cfg, Wid::Worker(0));
     let mut w1 = wd.spawn(&cfg, Wid::Worker(1));
     let mut agent = wd.spawn(&cfg, Wid::PrivilegedAgent);
-    let r = w0.publish("all", "seq", "a", 0, 5);
+    let r = w0.publish(Tgt::All, "seq", "a", 0, 5);
     assert_eq!((r.ok, r.err), (5, 0));
-    let r = agent.publish("all", "seq", "b", 0, 5);
+    let r = agent.publish(Tgt::All, "seq", "b", 0, 5);
     assert_eq!((r.ok, r.err), (5, 0));
     for (name, c) in [("agent", &mut agent), ("w0", &mut w0), ("w1", &mut w1)] {
         c.until(10);
@@ -512,7 +507,7 @@ fn testing_mode_runs_callbacks_synchronously_with_no_wid() {
 // Unique targets --------------------------------------------------------------------------
 
 fn unique_target_errors() {
-    let dir = TestDir::new("unique");
+    let dir = TempDir::new("unique");
     let events = Events::new(Options::new(dir.sock()).workers(1).transport(transport())).unwrap();
     let mut w = events.init_worker(Wid::Worker(0)).unwrap();
     assert!(w.wait_ready(Duration::from_secs(10)).unwrap());

@@ -11,6 +11,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use worker_events::{Events, Options, Target, Wid};
+use worker_events_dev_support::TempDir;
 
 /// This process's open descriptors: number -> what they point to (without the handle on
 /// `/proc/self/fd` that listing them takes).
@@ -41,9 +42,8 @@ fn entries(dir: &Path) -> Vec<String> {
 
 #[test]
 fn events_new_and_testing_mode_open_nothing() {
-    let dir = std::env::temp_dir().join(format!("we-opens-nothing-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("opens-nothing");
+    let dir = tmp.path().to_path_buf();
     let sock = dir.join("ev.sock");
     // A socket path whose directory does not exist: Events::new must not create it.
     let missing_dir = dir.join("not-created");
@@ -67,9 +67,7 @@ fn events_new_and_testing_mode_open_nothing() {
     let mut w = events.init_worker(Wid::Worker(3)).unwrap();
     let hits = std::sync::Arc::new(std::sync::Mutex::new(0u64));
     let h = hits.clone();
-    w.subscribe("*", "*", move |_| {
-        *h.lock().unwrap() += 1;
-    });
+    w.subscribe("*", "*", move |_| *h.lock().unwrap() += 1);
     w.publish(Target::All, "s", "e", &1u64).unwrap();
     w.publish(Target::Unique("k"), "s", "e", &2u64).unwrap();
     w.publish_bytes(Target::Current, "s", "e", b"x").unwrap();
@@ -95,5 +93,4 @@ fn events_new_and_testing_mode_open_nothing() {
     assert!(w.is_broker());
     assert_eq!(entries(&dir), vec!["ev.sock".to_string(), "ev.sock.lock".to_string()]);
     drop(w);
-    let _ = std::fs::remove_dir_all(&dir);
 }

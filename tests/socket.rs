@@ -3,22 +3,18 @@
 //! when shared memory is unavailable, events kept across a broken broker connection, and
 //! hostile bytes on the control socket.
 
-mod common;
+#[macro_use]
+mod support;
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::*;
 use worker_events::{Events, Target, Transport, Wid};
 
-/// The child role (see `tests/common/mod.rs`).
-#[test]
-#[ignore = "child process role, spawned by the other tests"]
-fn child_entry() {
-    common::child_main();
-}
+child_entry!();
 
 /// `Auto` with memfd creation failing (WORKER_EVENTS_DISABLE_SHM in every process, as a
 /// sandbox without memfd would do): every worker runs and reports the socket transport, and
@@ -26,17 +22,17 @@ fn child_entry() {
 #[test]
 fn auto_falls_back_to_sockets_when_shared_memory_is_unavailable() {
     for (disable, want) in [(true, "Socket"), (false, "SharedMemory")] {
-        let dir = TestDir::new("auto");
+        let dir = TempDir::new("auto");
         let wd = Watchdog::new("auto");
         let mut cfg = Cfg::new(&dir.sock(), 3);
         cfg.transport = Transport::Auto;
-        let env: &[(&str, &str)] = if disable { &[("WORKER_EVENTS_DISABLE_SHM", "1")] } else { &[] };
-        let mut ws: Vec<Child> = (0..3).map(|i| wd.spawn_with(&cfg, Wid::Worker(i), env)).collect();
+        let spawn = |i| Spawn { disable_shm: disable, ..Spawn::worker(Wid::Worker(i)) };
+        let mut ws: Vec<Child> = (0..3).map(|i| wd.spawn_with(&cfg, &spawn(i))).collect();
         for w in &ws {
             assert_eq!(w.transport, want, "{} (shared memory disabled: {disable})", w.name);
         }
         for w in &mut ws {
-            let r = w.publish("all", "auto", "x", 0, 20);
+            let r = w.publish(Tgt::All, "auto", "x", 0, 20);
             assert_eq!((r.ok, r.err), (20, 0));
         }
         for (i, w) in ws.iter_mut().enumerate() {
@@ -57,7 +53,7 @@ fn auto_falls_back_to_sockets_when_shared_memory_is_unavailable() {
 #[test]
 fn events_queued_when_the_broker_dies_are_sent_after_reconnect_never_twice() {
     const N: u64 = 30_000;
-    let dir = TestDir::new("reconnect");
+    let dir = TempDir::new("reconnect");
     let wd = Watchdog::new("reconnect");
     let mut cfg = Cfg::new(&dir.sock(), 3);
     cfg.transport = Transport::Socket;
@@ -66,17 +62,17 @@ fn events_queued_when_the_broker_dies_are_sent_after_reconnect_never_twice() {
     let mut publisher = wd.spawn(&cfg, Wid::Worker(1));
     let mut receiver = wd.spawn(&cfg, Wid::Worker(2));
     // One event through the first broker: the receiver knows where the sequence stands.
-    publisher.publish("all", "seq", "kept", 0, 1);
+    publisher.publish(Tgt::All, "seq", "kept", 0, 1);
     receiver.until(1);
     // The broker stops reading: the kernel buffers fill, the rest waits in the publisher.
     broker.signal(libc::SIGSTOP);
-    let r = publisher.publish("all", "seq", "kept", 1, N - 1);
+    let r = publisher.publish(Tgt::All, "seq", "kept", 1, N - 1);
     assert_eq!((r.ok, r.err), (N - 1, 0), "{:?}", r.errors);
     let queued: u64 = publisher.report().stats.get("peer_depth_sum").copied().unwrap_or(0);
     assert!(queued > 0, "some events must still be queued in the publisher");
-    broker.kill9();
+    broker.kill();
     // A marker published after the failover closes the stream.
-    publisher.publish("all", "seq", "marker", 0, 1);
+    publisher.publish(Tgt::All, "seq", "marker", 0, 1);
     let deadline = Instant::now() + Duration::from_secs(30);
     let (got, r) = loop {
         let r = receiver.report();
@@ -103,7 +99,7 @@ fn events_queued_when_the_broker_dies_are_sent_after_reconnect_never_twice() {
 /// serving its workers, also while a truncated frame is pending.
 #[test]
 fn hostile_bytes_on_the_socket_close_only_that_connection() {
-    let dir = TestDir::new("hostile");
+    let dir = TempDir::new("hostile");
     let wd = Watchdog::new("hostile");
     let mut cfg = Cfg::new(&dir.sock(), 2);
     cfg.transport = Transport::Socket;
@@ -142,7 +138,7 @@ fn hostile_bytes_on_the_socket_close_only_that_connection() {
     cut.shutdown(std::net::Shutdown::Write).unwrap();
     expect_closed(&mut cut, "a frame cut by a hang-up");
     // Everything still works both ways.
-    let r = broker.publish("all", "h", "from-broker", 0, 5);
+    let r = broker.publish(Tgt::All, "h", "from-broker", 0, 5);
     assert_eq!((r.ok, r.err), (5, 0));
     w.publish(Target::All, "h", "from-w1", &7u64).unwrap();
     let deadline = Instant::now() + TEST_TIMEOUT;

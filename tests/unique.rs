@@ -2,20 +2,15 @@
 //! exactly one worker, expiry, events published before a broker exists, and a full table.
 
 #[macro_use]
-mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::*;
 use worker_events::Wid;
 
-/// The child role (see `tests/common/mod.rs`).
-#[test]
-#[ignore = "child process role, spawned by the other tests"]
-fn child_entry() {
-    common::child_main();
-}
+child_entry!();
 
 /// Every delivery of (`src`, `ev`) across all workers, from any publisher: seq -> count.
 fn deliveries(reports: &[Report], src: &str, ev: &str) -> BTreeMap<u64, u64> {
@@ -71,7 +66,7 @@ fn poll(wd: &Watchdog, ws: &mut [Child], what: &str, mut done: impl FnMut(&[Repo
                 .collect();
             panic!("watchdog: condition '{what}' not reached before the deadline; {summary:#?}");
         }
-        ws[0].cmd("pump 10");
+        ws[0].cmd(Cmd::Pump { ms: 10 });
     }
 }
 
@@ -85,12 +80,12 @@ fn broker_index(rs: &[Report]) -> usize {
 
 fn concurrent_same_hash_delivered_exactly_once() {
     const N: u64 = 1000;
-    let dir = TestDir::new("uniq-conc");
+    let dir = TempDir::new("uniq-conc");
     let wd = Watchdog::new("uniq-conc");
     let cfg = Cfg::new(&dir.sock(), 4);
     let mut ws: Vec<Child> = (0..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
     for w in ws.iter_mut() {
-        w.send(&format!("uniq u e r 0 {N}"));
+        w.send(Cmd::uniq("u", "e", "r", 0, N));
     }
     for (i, w) in ws.iter_mut().enumerate() {
         let r = w.publish_end();
@@ -101,7 +96,7 @@ fn concurrent_same_hash_delivered_exactly_once() {
         total(&deliveries(rs, "u", "e")) >= N && rs[b].stat("unique_duplicates") >= 3 * N
     });
     // Everything is in: check once more after a round of dispatching (late duplicates).
-    ws[0].cmd("pump 20");
+    ws[0].cmd(Cmd::Pump { ms: 20 });
     let rs2 = reports(&mut ws);
     for rs in [&rs, &rs2] {
         let d = deliveries(rs, "u", "e");
@@ -122,18 +117,18 @@ fn concurrent_same_hash_delivered_exactly_once() {
 // b ----------------------------------------------------------------------------------------
 
 fn model_sequence() {
-    let dir = TestDir::new("uniq-model");
+    let dir = TempDir::new("uniq-model");
     let wd = Watchdog::new("uniq-model");
     let mut cfg = Cfg::new(&dir.sock(), 4);
     cfg.unique_timeout_ms = Some(300);
     let mut ws: Vec<Child> = (0..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
     let ok = |r: PubResult| assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
 
-    ok(ws[1].publish("all", "s", "e1", 1, 1));
-    ok(ws[1].publish("u=h", "s", "e2", 2, 1));
+    ok(ws[1].publish(Tgt::All, "s", "e1", 1, 1));
+    ok(ws[1].publish(Tgt::unique("h"), "s", "e2", 2, 1));
     // r3 must reach the broker after r2 (they travel on different sockets): wait for r2.
     poll(&wd, &mut ws, "r2 delivered", |rs| total(&deliveries(rs, "s", "e2")) >= 1);
-    ok(ws[2].publish("u=h", "s", "e3", 3, 1));
+    ok(ws[2].publish(Tgt::unique("h"), "s", "e3", 3, 1));
     let rs = poll(&wd, &mut ws, "r3 counted as duplicate", |rs| {
         let b = broker_index(rs);
         rs[b].stat("unique_duplicates") >= 1
@@ -143,18 +138,18 @@ fn model_sequence() {
     let t = Instant::now();
     while t.elapsed() < Duration::from_millis(400) {
         assert!(wd.remaining() > Duration::from_secs(3), "watchdog");
-        ws[0].cmd("pump 20");
+        ws[0].cmd(Cmd::Pump { ms: 20 });
     }
-    ok(ws[3].publish("u=h", "s", "e4", 4, 1));
+    ok(ws[3].publish(Tgt::unique("h"), "s", "e4", 4, 1));
     // r5 must reach the broker after r4: wait for r4.
     poll(&wd, &mut ws, "r4 delivered", |rs| total(&deliveries(rs, "s", "e4")) >= 1);
-    ok(ws[1].publish("u=h", "s", "e5", 5, 1));
-    ok(ws[1].publish("all", "s", "e6", 6, 1));
+    ok(ws[1].publish(Tgt::unique("h"), "s", "e5", 5, 1));
+    ok(ws[1].publish(Tgt::All, "s", "e6", 6, 1));
     let rs = poll(&wd, &mut ws, "r6 everywhere and r5 counted", |rs| {
         let b = broker_index(rs);
         receivers(rs, "s", "e6") == 4 && rs[b].stat("unique_duplicates") >= 2
     });
-    ws[0].cmd("pump 20");
+    ws[0].cmd(Cmd::Pump { ms: 20 });
     let rs2 = reports(&mut ws);
     for rs in [&rs, &rs2] {
         for (i, r) in rs.iter().enumerate() {
@@ -181,19 +176,20 @@ fn model_sequence() {
 
 fn unique_before_broker_is_delivered_once_it_exists() {
     const N: u64 = 5;
-    let dir = TestDir::new("uniq-early");
+    let dir = TempDir::new("uniq-early");
     let wd = Watchdog::new("uniq-early");
     let cfg = Cfg::new(&dir.sock(), 2);
     // Worker 1 starts alone and publishes before being attached (the child checks
     // `!is_ready()`); it may elect itself broker after the election grace.
-    let w1 = wd.spawn_with(&cfg, Wid::Worker(1), &[("WE_EARLY_UNIQ", "u e c 5")]);
+    let w1 =
+        wd.spawn_with(&cfg, &Spawn { early: Some(Early::unique("u", "e", "c", N)), ..Spawn::worker(Wid::Worker(1)) });
     let w0 = wd.spawn(&cfg, Wid::Worker(0));
     let mut ws = vec![w0, w1];
     let rs = poll(&wd, &mut ws, "5 early unique deliveries", |rs| total(&deliveries(rs, "u", "e")) >= N);
     assert_eq!(rs[1].stat("early_errors"), 0);
     assert_eq!(rs[1].stat("early_unique_pending"), N, "kept by the publisher before attach");
     // A marker after: once both saw it, the queues had their chance to hold duplicates.
-    let r = ws[1].publish("all", "m", "m", 0, 1);
+    let r = ws[1].publish(Tgt::All, "m", "m", 0, 1);
     assert_eq!((r.ok, r.err), (1, 0));
     let rs = poll(&wd, &mut ws, "marker everywhere", |rs| receivers(rs, "m", "m") == 2);
     let d = deliveries(&rs, "u", "e");
@@ -213,7 +209,7 @@ fn unique_before_broker_is_delivered_once_it_exists() {
 fn full_table_still_delivers_and_counts() {
     const N: u64 = 100;
     const TABLE: u64 = 32;
-    let dir = TestDir::new("uniq-full");
+    let dir = TempDir::new("uniq-full");
     let wd = Watchdog::new("uniq-full");
     let mut cfg = Cfg::new(&dir.sock(), 2);
     // The smallest table: 32 entries (the probe window's size), and the 32-entry probe window
@@ -222,7 +218,7 @@ fn full_table_still_delivers_and_counts() {
     cfg.unique_capacity = Some(1);
     cfg.unique_timeout_ms = Some(60_000);
     let mut ws: Vec<Child> = (0..2).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
-    let r = ws[1].cmd(&format!("uniq u e f 0 {N}"));
+    let r = ws[1].cmd(Cmd::uniq("u", "e", "f", 0, N));
     assert!(r.contains(&format!("@@PUB {N} 0")), "{r:?}");
     let rs = poll(&wd, &mut ws, "100 deliveries", |rs| total(&deliveries(rs, "u", "e")) >= N);
     let d = deliveries(&rs, "u", "e");
@@ -232,7 +228,7 @@ fn full_table_still_delivers_and_counts() {
     assert_eq!(unrec, N - TABLE, "hashes delivered unrecorded: all but the first {TABLE}");
     assert_eq!(rs[b].stat("unique_duplicates"), 0);
     // Republish the first 32 hashes (different event name, same hashes).
-    let r = ws[1].cmd("uniq u e2 f 0 32");
+    let r = ws[1].cmd(Cmd::uniq("u", "e2", "f", 0, 32));
     assert!(r.contains(&"@@PUB 32 0".to_string()), "{r:?}");
     let rs = poll(&wd, &mut ws, "32 republished handled", |rs| {
         let b = broker_index(rs);
