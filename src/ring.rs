@@ -263,11 +263,7 @@ impl Producer {
         let a = REC_ALIGN as u64;
         // The hint never passes the committed end (<= read + cap) and lags it by less than
         // a quarter ring plus one batch (< 2 cap).
-        if hint % a != 0
-            || read % a != 0
-            || hint > read.saturating_add(cap)
-            || read > hint.saturating_add(2 * cap)
-        {
+        if hint % a != 0 || read % a != 0 || hint > read.saturating_add(cap) || read > hint.saturating_add(2 * cap) {
             return Err(Corrupt);
         }
         let mut published = h.producer.published.load(Ordering::Relaxed);
