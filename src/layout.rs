@@ -151,7 +151,7 @@ pub(crate) struct RingHeader {
     pub model_data: Box<[AtomicU64]>,
 }
 
-#[cfg(loom)]
+#[cfg(all(test, loom))]
 impl RingHeader {
     /// A zeroed header in private memory, for the loom models.
     pub(crate) fn new_for_model() -> Self {

@@ -920,10 +920,12 @@ mod loom_models {
             let s = shared(256);
             let s2 = s.clone();
             let prod = thread::spawn(move || {
-                let mut dead = Producer::new(raw(&s2)).unwrap();
-                assert!(dead.try_write(FIRST | LAST, &[&[0xdd; 8]]).unwrap());
-                assert!(dead.try_write(FIRST | LAST, &[&[0xee; 8]]).unwrap());
-                drop(dead); // killed before its commit
+                {
+                    // Killed before its commit.
+                    let mut dead = Producer::new(raw(&s2)).unwrap();
+                    assert!(dead.try_write(FIRST | LAST, &[&[0xdd; 8]]).unwrap());
+                    assert!(dead.try_write(FIRST | LAST, &[&[0xee; 8]]).unwrap());
+                }
                 let mut p = Producer::new(raw(&s2)).unwrap();
                 assert!(p.try_write(FIRST | LAST, &[&[1; 8]]).unwrap());
                 p.commit();
