@@ -84,6 +84,18 @@ impl From<ring::Corrupt> for Corrupt {
 pub const RING_HEADER_SIZE: usize = layout::RING_HEADER_SIZE;
 /// Size of a record header.
 pub const RECORD_HEADER_SIZE: usize = ring::REC_HDR;
+/// Records start at multiples of this many bytes; a ring's capacity is at least this.
+pub const RECORD_ALIGN: usize = ring::REC_ALIGN;
+
+/// The bytes of a record header as a producer writes them for a record at position `pos`:
+/// the commit stamp (`!pos`), then `len` and `flags` (all little-endian).
+pub fn record_header(pos: u64, len: u32, flags: u32) -> [u8; RECORD_HEADER_SIZE] {
+    let mut h = [0u8; RECORD_HEADER_SIZE];
+    h[..8].copy_from_slice(&(!pos).to_le_bytes());
+    h[8..12].copy_from_slice(&len.to_le_bytes());
+    h[12..].copy_from_slice(&flags.to_le_bytes());
+    h
+}
 /// Record flag: first record of a message.
 pub const RECORD_FIRST: u32 = ring::FIRST;
 /// Record flag: last record of a message.
@@ -113,10 +125,10 @@ pub struct RingMemory {
 }
 
 impl RingMemory {
-    /// `None` unless `cap` is a power of two >= 8 (the library computes capacities in
-    /// private memory and never builds a ring otherwise).
+    /// `None` unless `cap` is a power of two >= [`RECORD_ALIGN`] (the library computes
+    /// capacities in private memory and never builds a ring otherwise).
     pub fn new(cap: usize) -> Option<Self> {
-        if !cap.is_power_of_two() || cap < 8 {
+        if !cap.is_power_of_two() || cap < RECORD_ALIGN {
             return None;
         }
         let layout = Layout::from_size_align(RING_HEADER_SIZE.checked_add(cap)?, 128).ok()?;

@@ -12,7 +12,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"WKEVENTS"` read as a little-endian u64.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"WKEVENTS");
 /// Bumped on any change of this file or of the record formats.
-pub(crate) const LAYOUT_VERSION: u32 = 2;
+pub(crate) const LAYOUT_VERSION: u32 = 3;
 /// Size of [`RegionHeader`].
 pub(crate) const HEADER_SIZE: usize = 256;
 /// Size of [`SlotHeader`].
@@ -82,11 +82,12 @@ pub(crate) const SLOT_DETACHED: u32 = 2;
 /// pairs 64-byte lines on x86, hence 128).
 #[repr(C, align(128))]
 pub(crate) struct ProducerLine {
-    /// Bytes ever committed. The commit of a record is one Release store of this word.
+    /// A recent committed end (a hint since version 3: records are committed by the stamp in
+    /// their own header). Stored every quarter ring; never past the committed end.
     pub write_pos: AtomicU64,
     /// Events the producer dropped for this consumer (its backlog overflowed).
     pub lost: AtomicU64,
-    /// Messages ever committed (statistics and queue depth).
+    /// Messages written up to `write_pos` (statistics; stored with the hint).
     pub published: AtomicU64,
     /// 1 while the producer waits for space (it has a backlog for this ring).
     pub want_space: AtomicU32,
@@ -144,9 +145,13 @@ pub(crate) fn dedup_buckets_for(unique_capacity: usize) -> usize {
 pub(crate) struct RingHeader {
     pub producer: ProducerLine,
     pub consumer: ConsumerLine,
+    /// Loom models only: the ring's data area as atomics (up to 256 bytes), so the models
+    /// see the ordering of record stamps and bodies.
+    #[cfg(loom)]
+    pub model_data: Box<[AtomicU64]>,
 }
 
-#[cfg(loom)]
+#[cfg(all(test, loom))]
 impl RingHeader {
     /// A zeroed header in private memory, for the loom models.
     pub(crate) fn new_for_model() -> Self {
@@ -168,6 +173,7 @@ impl RingHeader {
                 lost_seen: z64(),
                 _reserved: std::array::from_fn(|_| z64()),
             },
+            model_data: (0..32).map(|_| z64()).collect(),
         }
     }
 }

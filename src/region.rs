@@ -285,6 +285,18 @@ mod tests {
     }
 
     #[test]
+    fn a_region_of_layout_version_2_is_refused() {
+        // Version 2 committed records through `write_pos`; a version-3 attacher would wait
+        // for stamps its creator never writes, so the mismatch must be refused, and say so.
+        assert_eq!(LAYOUT_VERSION, 3);
+        let g = Geometry::new(2, false, 4096, 64);
+        let r = Region::create(g, 1024).unwrap();
+        r.header().layout_version.store(2, Ordering::Release);
+        let e = Region::open(dup(r.fd()), g).err().expect("must be rejected").to_string();
+        assert!(e.contains("layout version 2, this build speaks version 3"), "{e}");
+    }
+
+    #[test]
     fn unsealed_memfd_is_rejected() {
         let g = Geometry::new(1, false, 4096, 64);
         let fd = sys::memfd_unsealed(g.region_size);

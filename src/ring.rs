@@ -1,29 +1,48 @@
 //! Single-producer single-consumer ring of variable-length records over a [`RingHeader`]
 //! and a power-of-two data area, both in shared memory. No syscalls here.
 //!
-//! A record is an 8-byte header (`len: u32`, `flags: u32`) followed by `len` body bytes,
-//! padded to a multiple of 8. Positions are byte counts since the ring was created (`u64`,
-//! never wrap); the offset in the data area is `pos & (capacity - 1)`. A body may wrap
-//! around the end of the data area: it is copied in two pieces, so no space is wasted.
-//! The header never wraps: records start at multiples of 8 and the capacity is one.
+//! A record is a 16-byte header followed by `len` body bytes; the record is padded to a
+//! multiple of [`REC_ALIGN`] (64) bytes, so every record starts on its own cache line and the
+//! adjacent-line prefetch brings the start of the body with the header. Header words:
+//! - `+0` **commit stamp**: `!pos` (bitwise not of the record's own position), stored last,
+//!   with Release. It is the commit of the record: the consumer Acquire-polls this word at
+//!   its read position and accepts the record only when it equals `!read`.
+//! - `+8` `len: u32` (low half) and `flags: u32` (high half), stored before the stamp.
 //!
-//! Protocol: the producer writes records past `write_pos`, then publishes them all with one
-//! Release store of `write_pos` (a producer killed before that store leaves nothing visible).
-//! The consumer Acquire-loads `write_pos`, copies records out, and Release-stores
-//! `read_pos`. Each side caches the other's position and re-reads it only when the ring
-//! looks full (producer) or empty (consumer).
+//! Positions are byte counts since the ring was created (`u64`, never wrap); the offset in
+//! the data area is `pos & (capacity - 1)`. The header never wraps (records start on 64-byte
+//! boundaries and the capacity is a multiple of 64); a body may wrap around the end of the
+//! data area and is then copied in two pieces (the non-wrapping fast path is one copy).
 //!
-//! Both positions are untrusted: the other side may be buggy or hostile. Every value read
-//! is checked against the side's own private state; a violation is reported as
-//! [`Corrupt`], never trusted for addressing.
+//! Why stale bytes never pass: positions never repeat, so a header left from an earlier lap
+//! carries an older stamp. Before committing a record the producer also stores 0 into the
+//! stamp word of the *next* record slot (when that slot is free space), so the word the
+//! consumer polls next holds either 0, or (when the record filled the ring exactly) the
+//! header of the record one lap back, never body bytes, whatever the bodies contain. A stamp
+//! that is neither the expected one, 0, nor an older stamp of the same slot is [`Corrupt`].
+//!
+//! Protocol: the producer writes body and header words; the stamp of every record but the
+//! first one of a batch is stored at once, the first one's at [`Producer::commit`]: the
+//! consumer cannot get past an unstamped record, so a whole batch becomes visible with that
+//! one Release store, and a producer killed before it leaves nothing visible. `write_pos` is
+//! now only a **hint**, stored every quarter ring (restart, sanity checks): a restarted
+//! producer starts from it and walks the stamped records to the true end. The consumer
+//! copies records out and Release-stores `read_pos`; the producer re-reads it only when the
+//! ring looks full.
+//!
+//! Both positions and every header are untrusted: the other side may be buggy or hostile.
+//! Every value read is checked against the side's own private state; a violation is
+//! reported as [`Corrupt`], never trusted for addressing.
 
 use std::ptr::NonNull;
 
 use crate::layout::RingHeader;
-use crate::sync::{Ordering, fence};
+use crate::sync::{AtomicU64, Ordering, fence};
 
-/// Size of a record header.
-pub(crate) const REC_HDR: usize = 8;
+/// Size of a record header (commit stamp, then length and flags).
+pub(crate) const REC_HDR: usize = 16;
+/// Records start at multiples of this (one cache line).
+pub(crate) const REC_ALIGN: usize = 64;
 /// First record of a message.
 pub(crate) const FIRST: u32 = 1;
 /// Last record of a message (a whole message in one record is `FIRST | LAST`).
@@ -31,8 +50,18 @@ pub(crate) const LAST: u32 = 2;
 
 /// Bytes a record with a `len`-byte body occupies.
 pub(crate) const fn record_size(len: usize) -> usize {
-    REC_HDR + ((len + 7) & !7)
+    (REC_HDR + len + REC_ALIGN - 1) & !(REC_ALIGN - 1)
 }
+
+/// The commit stamp of a record at `pos` (never 0: positions are multiples of 64).
+const fn stamp(pos: u64) -> u64 {
+    !pos
+}
+
+/// The producer stores the `write_pos` hint when it lags the committed end by this fraction
+/// of the capacity (a quarter): restart walks stay short and the producer line is written
+/// about four times per lap instead of once per commit.
+const HINT_DIVISOR: usize = 4;
 
 /// The other side broke the ring protocol (or shared memory was overwritten).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,19 +69,28 @@ pub(crate) struct Corrupt;
 
 /// Raw view of one ring: header and data area.
 ///
-/// Invariants: `hdr` points to a `RingHeader` and `data` to `cap` bytes, both inside a
-/// mapping that outlives every `Producer`/`Consumer` built from this view; `cap` is a power
-/// of two >= 8.
+/// Invariants: `hdr` points to a `RingHeader` and `data` to `cap` bytes aligned to 64, both
+/// inside a mapping that outlives every `Producer`/`Consumer` built from this view; `cap` is
+/// a power of two >= [`REC_ALIGN`]. Under `cfg(loom)` the data area is modelled by the
+/// header's `model_data` words and `data` is not used.
 #[derive(Clone, Copy)]
 pub(crate) struct RawRing {
     pub hdr: NonNull<RingHeader>,
+    #[cfg_attr(loom, allow(dead_code))]
     pub data: NonNull<u8>,
     pub cap: usize,
 }
 
 // SAFETY: the pointers refer to shared memory that is only accessed through atomics
-// (header) or through the SPSC protocol (data); moving the view between threads is fine.
+// (header words) or through the SPSC protocol (bodies); moving the view between threads is
+// fine.
 unsafe impl Send for RawRing {}
+
+/// A record header as read from the ring (not yet validated).
+struct Hdr {
+    len: u64,
+    flags: u32,
+}
 
 impl RawRing {
     fn hdr(&self) -> &RingHeader {
@@ -61,18 +99,64 @@ impl RawRing {
         unsafe { self.hdr.as_ref() }
     }
 
+    /// Data offset of position `pos`.
+    fn off(&self, pos: u64) -> usize {
+        (pos as usize) & (self.cap - 1)
+    }
+
+    /// The 8-byte word at data offset `off` (a multiple of 8, below `cap`).
+    #[cfg(not(loom))]
+    fn word(&self, off: usize) -> &AtomicU64 {
+        debug_assert!(off % 8 == 0 && off + 8 <= self.cap);
+        // SAFETY: the data area is 64-aligned and `cap` bytes long (type invariant), so
+        // `data + off` is an 8-aligned u64 inside it; `AtomicU64` has the size, alignment and
+        // bit validity of u64. Both sides access header words only through atomics while the
+        // other side may touch them (bodies are written only in free space, see try_write).
+        unsafe { &*self.data.as_ptr().add(off).cast::<AtomicU64>() }
+    }
+
+    /// The 8-byte word at data offset `off`: loom models the data area as atomics.
+    #[cfg(loom)]
+    fn word(&self, off: usize) -> &AtomicU64 {
+        &self.hdr().model_data[off / 8]
+    }
+
+    /// Read the header words of the record slot at `pos`. `None` unless the stamp says a
+    /// record was committed at exactly `pos`; `Err` when the stamp is impossible there.
+    fn read_hdr(&self, pos: u64) -> Result<Option<Hdr>, Corrupt> {
+        let off = self.off(pos);
+        let s = self.word(off).load(Ordering::Acquire);
+        if s != stamp(pos) {
+            // Not written yet: 0 (the producer cleared the slot), or the stamp of a record
+            // of an earlier lap at this same offset. Anything else is not the producer's.
+            let old = !s;
+            if s == 0 || (old < pos && self.off(old) == off) {
+                return Ok(None);
+            }
+            return Err(Corrupt);
+        }
+        let w = self.word(off + 8).load(Ordering::Relaxed);
+        Ok(Some(Hdr { len: w & 0xffff_ffff, flags: (w >> 32) as u32 }))
+    }
+
     /// Copy `src` into the data area at position `pos`, wrapping around the end.
     ///
     /// # Safety
     /// `[pos, pos + src.len())` must be free space owned by the producer, `src.len() <= cap`.
+    #[cfg(not(loom))]
     unsafe fn copy_in(&self, pos: u64, src: &[u8]) {
-        let off = (pos as usize) & (self.cap - 1);
-        let first = src.len().min(self.cap - off);
+        let off = self.off(pos);
+        let dst = self.data.as_ptr();
         // SAFETY: off + first <= cap and src.len() - first <= cap - first, both ranges lie in
         // the data area; the caller owns them. Source is private memory, so no overlap.
         unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.data.as_ptr().add(off), first);
-            std::ptr::copy_nonoverlapping(src.as_ptr().add(first), self.data.as_ptr(), src.len() - first);
+            if off + src.len() <= self.cap {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(off), src.len());
+            } else {
+                let first = self.cap - off;
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(off), first);
+                std::ptr::copy_nonoverlapping(src.as_ptr().add(first), dst, src.len() - first);
+            }
         }
     }
 
@@ -80,15 +164,73 @@ impl RawRing {
     ///
     /// # Safety
     /// `[pos, pos + len)` must be committed, unconsumed bytes; `dst` valid for `len` writes.
+    #[cfg(not(loom))]
     unsafe fn copy_out(&self, pos: u64, dst: *mut u8, len: usize) {
-        let off = (pos as usize) & (self.cap - 1);
-        let first = len.min(self.cap - off);
+        let off = self.off(pos);
+        let src = self.data.as_ptr();
         // SAFETY: as in copy_in, both ranges are inside the data area; dst is private memory.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.data.as_ptr().add(off), dst, first);
-            std::ptr::copy_nonoverlapping(self.data.as_ptr(), dst.add(first), len - first);
+            if off + len <= self.cap {
+                std::ptr::copy_nonoverlapping(src.add(off), dst, len);
+            } else {
+                let first = self.cap - off;
+                std::ptr::copy_nonoverlapping(src.add(off), dst, first);
+                std::ptr::copy_nonoverlapping(src, dst.add(first), len - first);
+            }
         }
     }
+
+    /// Loom: body bytes go through Relaxed word accesses (one per word touched), so a
+    /// consumer that reads a body without synchronizing with its producer can observe old
+    /// words.
+    ///
+    /// # Safety
+    /// As the non-loom version.
+    #[cfg(loom)]
+    unsafe fn copy_in(&self, pos: u64, src: &[u8]) {
+        let mut i = 0;
+        while i < src.len() {
+            let off = self.off(pos + i as u64);
+            let (base, skip) = (off & !7, off & 7);
+            let n = (8 - skip).min(src.len() - i);
+            let w = self.word(base);
+            let mut bytes = if n == 8 { [0u8; 8] } else { w.load(Ordering::Relaxed).to_le_bytes() };
+            bytes[skip..skip + n].copy_from_slice(&src[i..i + n]);
+            w.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+            i += n;
+        }
+    }
+
+    /// Loom: see `copy_in`.
+    ///
+    /// # Safety
+    /// As the non-loom version.
+    #[cfg(loom)]
+    unsafe fn copy_out(&self, pos: u64, dst: *mut u8, len: usize) {
+        let mut i = 0;
+        while i < len {
+            let off = self.off(pos + i as u64);
+            let (base, skip) = (off & !7, off & 7);
+            let n = (8 - skip).min(len - i);
+            let bytes = self.word(base).load(Ordering::Relaxed).to_le_bytes();
+            // SAFETY: dst is valid for len writes (caller); i + n <= len.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr().add(skip), dst.add(i), n) };
+            i += n;
+        }
+    }
+}
+
+/// Validate a header read at `pos` against the consumer position `read` (the producer can
+/// only have written up to `read + cap`): its record end, or `Corrupt`.
+fn record_end(ring: &RawRing, h: &Hdr, pos: u64, read: u64) -> Result<u64, Corrupt> {
+    if h.len > (ring.cap - REC_HDR) as u64 || h.flags & !(FIRST | LAST) != 0 {
+        return Err(Corrupt);
+    }
+    let end = pos.checked_add(record_size(h.len as usize) as u64).ok_or(Corrupt)?;
+    if end - read > ring.cap as u64 {
+        return Err(Corrupt);
+    }
+    Ok(end)
 }
 
 /// The writing end. At most one `Producer` per ring exists in the whole system: the slot
@@ -97,27 +239,42 @@ pub(crate) struct Producer {
     ring: RawRing,
     /// Next byte to write (ahead of `committed` while a batch is open).
     write: u64,
-    /// Last value stored to `write_pos`.
+    /// End of the last committed record. While a batch is open, the record at `committed`
+    /// is the one whose stamp is held back until [`Producer::commit`].
     committed: u64,
     /// Last `read_pos` seen; `write - cached_read <= cap` always.
     cached_read: u64,
     /// Messages written (committed or not).
     published: u64,
+    /// Last value stored to the `write_pos` hint.
+    hinted: u64,
 }
 
 impl Producer {
-    /// Resume producing on `ring` from the positions stored in it (a restarted producer
-    /// continues where its predecessor committed; anything it wrote but had not committed is
-    /// overwritten).
+    /// Resume producing on `ring`: from the `write_pos` hint (or the consumer's position if
+    /// that is further), walking every record stamped since to the true committed end. A
+    /// predecessor killed mid-batch left its batch's first record unstamped, so its
+    /// uncommitted records are not walked and are overwritten.
     pub(crate) fn new(ring: RawRing) -> Result<Self, Corrupt> {
         let h = ring.hdr();
-        let write = h.producer.write_pos.load(Ordering::Acquire);
+        let hint = h.producer.write_pos.load(Ordering::Acquire);
         let read = h.consumer.read_pos.load(Ordering::Acquire);
-        if read > write || write - read > ring.cap as u64 || write % 8 != 0 {
+        let cap = ring.cap as u64;
+        let a = REC_ALIGN as u64;
+        // The hint never passes the committed end (<= read + cap) and lags it by less than
+        // a quarter ring plus one batch (< 2 cap).
+        if hint % a != 0 || read % a != 0 || hint > read.saturating_add(cap) || read > hint.saturating_add(2 * cap) {
             return Err(Corrupt);
         }
-        let published = h.producer.published.load(Ordering::Relaxed);
-        Ok(Producer { ring, write, committed: write, cached_read: read, published })
+        let mut published = h.producer.published.load(Ordering::Relaxed);
+        let mut pos = hint.max(read);
+        while let Some(rec) = ring.read_hdr(pos)? {
+            pos = record_end(&ring, &rec, pos, read)?;
+            if rec.flags & LAST != 0 {
+                published = published.wrapping_add(1);
+            }
+        }
+        Ok(Producer { ring, write: pos, committed: pos, cached_read: read, published, hinted: hint })
     }
 
     /// Free bytes, re-reading the consumer's position. `Err` when that position is
@@ -147,7 +304,8 @@ impl Producer {
         if free < record_size(want) {
             free = self.refresh()?;
         }
-        Ok(free.saturating_sub(REC_HDR) & !7)
+        // `free` is a multiple of REC_ALIGN, so a body of `free - REC_HDR` fills it exactly.
+        Ok(free.saturating_sub(REC_HDR))
     }
 
     /// Append one record whose body is the concatenation of `parts`, uncommitted.
@@ -163,19 +321,25 @@ impl Producer {
         }
         // Positions come from shared memory: one near u64::MAX is corrupt, not a panic.
         let Some(end) = self.write.checked_add(need as u64) else { return Err(Corrupt) };
-        let mut hdr = [0u8; REC_HDR];
-        hdr[..4].copy_from_slice(&(len as u32).to_le_bytes());
-        hdr[4..].copy_from_slice(&flags.to_le_bytes());
-        let mut pos = self.write;
+        let mut pos = self.write + REC_HDR as u64;
         // SAFETY: need <= free space, so [write, write + need) is owned by the producer; each
         // part is copied at increasing positions inside that range.
         unsafe {
-            self.ring.copy_in(pos, &hdr);
-            pos += REC_HDR as u64;
             for p in parts {
                 self.ring.copy_in(pos, p);
                 pos += p.len() as u64;
             }
+        }
+        let off = self.ring.off(self.write);
+        if end - self.cached_read < self.ring.cap as u64 {
+            // The next record slot is free space: clear its stamp word, so the consumer
+            // never finds old bytes there (see the module docs).
+            self.ring.word(self.ring.off(end)).store(0, Ordering::Relaxed);
+        }
+        self.ring.word(off + 8).store(len as u64 | (u64::from(flags) << 32), Ordering::Relaxed);
+        if self.write != self.committed {
+            // Not the first record of the batch: invisible until that one is stamped.
+            self.ring.word(off).store(stamp(self.write), Ordering::Release);
         }
         self.write = end;
         if flags & LAST != 0 {
@@ -184,17 +348,27 @@ impl Producer {
         Ok(true)
     }
 
-    /// Publish everything written since the last commit: one Release store of `write_pos`.
-    /// Returns whether anything was published.
+    /// Publish everything written since the last commit: one Release store of the stamp of
+    /// the batch's first record. Returns whether anything was published.
     pub(crate) fn commit(&mut self) -> bool {
         if self.write == self.committed {
             return false;
         }
+        let first = self.committed;
+        self.ring.word(self.ring.off(first)).store(stamp(first), Ordering::Release);
+        self.committed = self.write;
+        if self.committed - self.hinted >= (self.ring.cap / HINT_DIVISOR) as u64 {
+            self.store_hint();
+        }
+        true
+    }
+
+    /// Store the `write_pos` hint and the `published` counter now.
+    pub(crate) fn store_hint(&mut self) {
         let p = &self.ring.hdr().producer;
         p.published.store(self.published, Ordering::Relaxed);
-        p.write_pos.store(self.write, Ordering::Release);
-        self.committed = self.write;
-        true
+        p.write_pos.store(self.committed, Ordering::Release);
+        self.hinted = self.committed;
     }
 
     /// Ask the consumer to wake us when it frees space, then re-check: returns the body
@@ -214,7 +388,7 @@ impl Producer {
         lost.store(lost.load(Ordering::Relaxed).saturating_add(n), Ordering::Release);
     }
 
-    /// Messages committed but not yet consumed.
+    /// Messages written but not yet consumed.
     pub(crate) fn depth(&self) -> u64 {
         let consumed = self.ring.hdr().consumer.consumed.load(Ordering::Relaxed);
         self.published.saturating_sub(consumed)
@@ -233,11 +407,13 @@ pub(crate) struct Consumer {
     ring: RawRing,
     read: u64,
     released: u64,
-    cached_write: u64,
     consumed: u64,
     /// `read_pos` was stored by [`Consumer::commit_read`] without the fence and the
     /// want-space check, which the next [`Consumer::release`] still owes.
     unfenced: bool,
+    /// A corrupt record sits at `read` and no `write_pos` hint past it was seen yet: report
+    /// nothing until the hint moves past it (see [`Consumer::skip_all`]).
+    stuck: bool,
 }
 
 impl Consumer {
@@ -245,46 +421,37 @@ impl Consumer {
     pub(crate) fn new(ring: RawRing) -> Result<Self, Corrupt> {
         let h = ring.hdr();
         let read = h.consumer.read_pos.load(Ordering::Acquire);
-        let write = h.producer.write_pos.load(Ordering::Acquire);
-        if read > write || write - read > ring.cap as u64 || read % 8 != 0 {
+        let hint = h.producer.write_pos.load(Ordering::Acquire);
+        let cap = ring.cap as u64;
+        // As in Producer::new: hint <= committed <= read + cap, committed - hint < 2 cap.
+        if read % REC_ALIGN as u64 != 0
+            || hint % REC_ALIGN as u64 != 0
+            || hint > read.saturating_add(cap)
+            || read > hint.saturating_add(2 * cap)
+        {
             return Err(Corrupt);
         }
         let consumed = h.consumer.consumed.load(Ordering::Relaxed);
-        Ok(Consumer { ring, read, released: read, cached_write: read, consumed, unfenced: false })
+        Ok(Consumer { ring, read, released: read, consumed, unfenced: false, stuck: false })
     }
 
-    /// Is anything committed and unread? One Acquire load when the cache says empty.
+    /// Is a committed record waiting at the read position? One Acquire load of its stamp.
     pub(crate) fn has_data(&mut self) -> bool {
-        if self.read != self.cached_write {
-            return true;
+        if self.stuck {
+            return self.unstick();
         }
-        let w = self.ring.hdr().producer.write_pos.load(Ordering::Acquire);
-        w != self.read
+        self.ring.word(self.ring.off(self.read)).load(Ordering::Acquire) == stamp(self.read)
     }
 
     /// Look at the next record without consuming it.
     pub(crate) fn peek(&mut self) -> Result<Option<RecordInfo>, Corrupt> {
-        if self.read == self.cached_write {
-            let w = self.ring.hdr().producer.write_pos.load(Ordering::Acquire);
-            if w < self.cached_write || w - self.released > self.ring.cap as u64 || w % 8 != 0 {
-                return Err(Corrupt);
-            }
-            self.cached_write = w;
-            if w == self.read {
-                return Ok(None);
-            }
+        if self.stuck && !self.unstick() {
+            return Ok(None);
         }
-        let avail = (self.cached_write - self.read) as usize;
-        let mut hdr = [0u8; REC_HDR];
-        // SAFETY: avail >= 8 (positions are multiples of 8 and differ), and the bytes are
-        // committed and not yet released, so the producer does not write them.
-        unsafe { self.ring.copy_out(self.read, hdr.as_mut_ptr(), REC_HDR) };
-        let len = u32::from_le_bytes(hdr[..4].try_into().expect("4 bytes")) as usize;
-        let flags = u32::from_le_bytes(hdr[4..].try_into().expect("4 bytes"));
-        if len > self.ring.cap - REC_HDR || record_size(len) > avail || flags & !(FIRST | LAST) != 0 {
-            return Err(Corrupt);
-        }
-        Ok(Some(RecordInfo { len, flags }))
+        let Some(h) = self.ring.read_hdr(self.read)? else { return Ok(None) };
+        // The producer writes only below released + cap.
+        record_end(&self.ring, &h, self.read, self.released)?;
+        Ok(Some(RecordInfo { len: h.len as usize, flags: h.flags }))
     }
 
     /// Consume the record `info` (from the last `peek`), copying its body to `dst`
@@ -295,27 +462,36 @@ impl Consumer {
     /// byte writes.
     pub(crate) unsafe fn consume(&mut self, info: RecordInfo, dst: Option<*mut u8>) {
         if let Some(dst) = dst {
-            // SAFETY: peek checked that the whole record is committed and unreleased.
+            // SAFETY: peek checked that the record is stamped (committed) and lies within
+            // cap of the released position, so the producer does not write it.
             unsafe { self.ring.copy_out(self.read + REC_HDR as u64, dst, info.len) };
         }
+        // peek checked that this addition does not overflow (record_end).
         self.read += record_size(info.len) as u64;
         if info.flags & LAST != 0 {
             self.consumed = self.consumed.wrapping_add(1);
         }
     }
 
-    /// Drop everything committed so far (after [`Corrupt`]): the producer can go on.
+    /// Drop everything committed so far (after [`Corrupt`]): jump to the producer's
+    /// `write_pos` hint when it is past the read position; otherwise report nothing until it
+    /// is (the producer stores it at least every quarter ring, so a live producer gets us
+    /// going again, and its full ring makes it count its drops meanwhile).
     pub(crate) fn skip_all(&mut self) {
+        self.read = self.released;
+        self.stuck = true;
+        self.unstick();
+    }
+
+    /// While stuck: jump to the hint if it is a plausible position past us.
+    fn unstick(&mut self) -> bool {
         let w = self.ring.hdr().producer.write_pos.load(Ordering::Acquire);
-        // Only jump forward, and never past what could be ours.
-        if w > self.read && w - self.released <= self.ring.cap as u64 && w % 8 == 0 {
+        if w > self.read && w - self.released <= self.ring.cap as u64 && w % REC_ALIGN as u64 == 0 {
             self.read = w;
-        } else {
-            // Positions are nonsense; stay where we are, the producer will find the ring
-            // full (or corrupt) and count its drops.
-            self.read = self.released;
+            self.stuck = false;
+            return true;
         }
-        self.cached_write = self.read;
+        false
     }
 
     /// Give consumed space back to the producer: one Release store of `read_pos`.
@@ -364,10 +540,18 @@ impl Consumer {
         }
     }
 
-    /// Messages committed but not consumed (statistics).
+    /// Messages committed but not consumed (statistics): walks the stamped records from
+    /// the read position (at most one ring's worth), so it needs no counter the producer
+    /// would have to store per commit.
     pub(crate) fn depth(&self) -> u64 {
-        let published = self.ring.hdr().producer.published.load(Ordering::Relaxed);
-        published.saturating_sub(self.consumed)
+        let mut n = 0;
+        let mut pos = self.read;
+        while let Ok(Some(h)) = self.ring.read_hdr(pos) {
+            let Ok(end) = record_end(&self.ring, &h, pos, self.released) else { break };
+            n += u64::from(h.flags & LAST != 0);
+            pos = end;
+        }
+        n
     }
 }
 
@@ -399,6 +583,19 @@ mod tests {
         }
     }
 
+    impl TestRing {
+        fn hdr(&self) -> &RingHeader {
+            // SAFETY: test-only access to the private header.
+            unsafe { self.raw.hdr.as_ref() }
+        }
+
+        /// Write a record header (stamp, len, flags) at data offset `off`, as a peer could.
+        fn poke_hdr(&self, off: usize, stamp_word: u64, len: u32, flags: u32) {
+            self.raw.word(off + 8).store(u64::from(len) | (u64::from(flags) << 32), Ordering::Relaxed);
+            self.raw.word(off).store(stamp_word, Ordering::Release);
+        }
+    }
+
     fn pop(c: &mut Consumer) -> Option<(u32, Vec<u8>)> {
         let info = c.peek().unwrap()?;
         let mut v = vec![0u8; info.len];
@@ -409,13 +606,16 @@ mod tests {
 
     #[test]
     fn wrap_around_keeps_every_byte() {
-        let r = test_ring(64);
+        let r = test_ring(256);
         let mut p = Producer::new(r.raw).unwrap();
         let mut c = Consumer::new(r.raw).unwrap();
-        // Odd sizes force bodies to straddle the end of the data area many times.
-        for round in 0..200u32 {
-            let len = (round as usize * 7) % 41;
+        let mut wrapped = 0;
+        // Varied sizes put records at every 64-byte offset; bodies over 48 bytes that start
+        // at offset 192 straddle the end of the data area.
+        for round in 0..300u32 {
+            let len = (round as usize * 37) % 200;
             let body: Vec<u8> = (0..len).map(|i| (i as u32 + round) as u8).collect();
+            wrapped += usize::from(r.raw.off(p.write) + REC_HDR + len > 256);
             assert!(p.try_write(FIRST | LAST, &[&body[..len / 2], &body[len / 2..]]).unwrap());
             assert!(p.commit());
             let (flags, got) = pop(&mut c).expect("record");
@@ -424,64 +624,196 @@ mod tests {
             assert!(pop(&mut c).is_none());
             c.release();
         }
+        assert!(wrapped > 20, "only {wrapped} bodies wrapped");
+    }
+
+    #[test]
+    fn records_are_line_aligned() {
+        let r = test_ring(4096);
+        let mut p = Producer::new(r.raw).unwrap();
+        for len in [0, 1, 47, 48, 49, 100, 111, 112, 113] {
+            let before = p.write;
+            assert!(p.try_write(FIRST | LAST, &[&vec![1u8; len]]).unwrap());
+            assert_eq!(p.write - before, (REC_HDR + len).div_ceil(64) as u64 * 64, "len {len}");
+            assert_eq!(p.write % 64, 0);
+        }
     }
 
     #[test]
     fn full_ring_refuses_then_accepts_after_release() {
-        let r = test_ring(64);
+        let r = test_ring(128);
         let mut p = Producer::new(r.raw).unwrap();
         let mut c = Consumer::new(r.raw).unwrap();
-        assert!(p.try_write(FIRST | LAST, &[&[1u8; 24]]).unwrap()); // 32 bytes
-        assert!(p.try_write(FIRST | LAST, &[&[2u8; 24]]).unwrap()); // 64 bytes: full
+        assert!(p.try_write(FIRST | LAST, &[&[1u8; 48]]).unwrap()); // 64 bytes
+        assert!(p.try_write(FIRST | LAST, &[&[2u8; 40]]).unwrap()); // 128 bytes: full
         assert!(!p.try_write(FIRST | LAST, &[&[3u8; 1]]).unwrap());
+        assert!(!p.try_write(FIRST | LAST, &[&[3u8; 200]]).unwrap(), "larger than the ring");
         p.commit();
         assert_eq!(p.depth(), 2);
-        assert_eq!(pop(&mut c).unwrap().1, vec![1u8; 24]);
+        assert_eq!(c.depth(), 2);
+        assert_eq!(pop(&mut c).unwrap().1, vec![1u8; 48]);
         // Not released yet: still full for the producer.
         assert!(!p.try_write(FIRST | LAST, &[&[3u8; 1]]).unwrap());
         c.release();
         assert!(p.try_write(FIRST | LAST, &[&[3u8; 1]]).unwrap());
         p.commit();
-        assert_eq!(pop(&mut c).unwrap().1, vec![2u8; 24]);
+        assert_eq!(pop(&mut c).unwrap().1, vec![2u8; 40]);
+        // The slot of position 128 held the stamp of position 0 until record 3 was written.
         assert_eq!(pop(&mut c).unwrap().1, vec![3u8; 1]);
+        assert!(pop(&mut c).is_none());
     }
 
     #[test]
     fn uncommitted_records_are_invisible() {
-        let r = test_ring(64);
+        let r = test_ring(256);
         let mut p = Producer::new(r.raw).unwrap();
         let mut c = Consumer::new(r.raw).unwrap();
+        // A batch of two: the second record's stamp is stored at once, the first one's only
+        // at commit, so neither is visible.
         assert!(p.try_write(FIRST | LAST, &[b"abc"]).unwrap());
+        assert!(p.try_write(FIRST | LAST, &[b"def"]).unwrap());
+        assert_eq!(r.raw.word(64).load(Ordering::Relaxed), stamp(64));
         assert!(!c.has_data());
         assert!(pop(&mut c).is_none());
-        // A "restarted" producer resumes from the committed position: the record is gone.
+        assert_eq!(c.depth(), 0);
+        // The producer dies here. Its successor resumes at the committed end (0) and its
+        // first record (64 bytes) ends where the dead batch's second record was: it clears
+        // that stamp before committing, so "def" never shows.
         let mut p2 = Producer::new(r.raw).unwrap();
+        assert_eq!(p2.write, 0);
         assert!(p2.try_write(FIRST | LAST, &[b"xyz"]).unwrap());
         p2.commit();
         assert_eq!(pop(&mut c).unwrap().1, b"xyz");
+        assert!(pop(&mut c).is_none(), "a record of the dead batch became visible");
+        assert!(p2.try_write(FIRST | LAST, &[b"uvw"]).unwrap());
+        p2.commit();
+        assert_eq!(pop(&mut c).unwrap().1, b"uvw");
         // The first producer's cached view is stale but harmless: it is never used again.
         let _ = p.max_body();
     }
 
     #[test]
-    fn corrupt_positions_are_detected() {
-        let r = test_ring(64);
+    fn restarted_producer_walks_past_the_lazy_hint() {
+        let r = test_ring(4096);
+        let mut p = Producer::new(r.raw).unwrap();
+        for i in 0..5u8 {
+            assert!(p.try_write(FIRST | LAST, &[&[i; 10]]).unwrap());
+            p.commit();
+        }
+        // 5 records of 64 bytes: less than a quarter ring, so no hint yet.
+        assert_eq!(r.hdr().producer.write_pos.load(Ordering::Relaxed), 0);
+        let mut c = Consumer::new(r.raw).unwrap();
+        assert_eq!(c.depth(), 5);
+        assert_eq!(pop(&mut c).unwrap().1, [0u8; 10]);
+        assert_eq!(pop(&mut c).unwrap().1, [1u8; 10]);
+        c.release();
+        // The consumer is past the hint now; a successor resumes after record 4, not at 0.
+        let mut p2 = Producer::new(r.raw).unwrap();
+        assert_eq!(p2.write, 5 * 64);
+        assert!(p2.try_write(FIRST | LAST, &[&[9u8; 10]]).unwrap());
+        p2.commit();
+        for want in [2u8, 3, 4, 9] {
+            assert_eq!(pop(&mut c).unwrap().1, [want; 10]);
+        }
+        assert!(pop(&mut c).is_none());
+        // The hint is stored once the committed end is a quarter ring past it.
+        for _ in 0..16 {
+            assert!(p2.try_write(FIRST | LAST, &[&[0u8; 1]]).unwrap());
+            p2.commit();
+            c.peek().unwrap();
+            pop(&mut c);
+            c.release();
+        }
+        let hint = r.hdr().producer.write_pos.load(Ordering::Relaxed);
+        assert!(hint >= 1024 && hint <= p2.committed, "{hint}");
+    }
+
+    #[test]
+    fn stale_lap_bytes_are_not_accepted() {
+        let r = test_ring(128);
         let mut p = Producer::new(r.raw).unwrap();
         let mut c = Consumer::new(r.raw).unwrap();
-        // SAFETY: test-only direct access to the private header.
-        let h = unsafe { r.raw.hdr.as_ref() };
-        h.producer.write_pos.store(1 << 40, Ordering::Release);
+        // Fill the ring exactly: no next slot to clear, the slot of position 128 keeps the
+        // complete, valid-looking header of position 0 (same length, same flags).
+        assert!(p.try_write(FIRST | LAST, &[&[7u8; 48]]).unwrap());
+        assert!(p.try_write(FIRST | LAST, &[&[8u8; 48]]).unwrap());
+        p.commit();
+        assert_eq!(pop(&mut c).unwrap().1, [7u8; 48]);
+        assert_eq!(pop(&mut c).unwrap().1, [8u8; 48]);
+        c.release();
+        assert_eq!(r.raw.word(0).load(Ordering::Relaxed), stamp(0));
+        assert_eq!(c.peek(), Ok(None), "the header of lap 0 was taken for position 128");
+        assert!(!c.has_data());
+        assert_eq!(c.depth(), 0);
+        // Any older lap of the same slot is equally "not yet".
+        r.poke_hdr(64, stamp(64), 48, FIRST | LAST);
+        assert!(p.try_write(FIRST | LAST, &[&[9u8; 48]]).unwrap());
+        p.commit();
+        assert_eq!(pop(&mut c).unwrap().1, [9u8; 48]);
+        assert_eq!(c.peek(), Ok(None));
+    }
+
+    #[test]
+    fn a_wrong_stamp_is_corrupt_not_a_spin() {
+        let r = test_ring(256);
+        let mut c = Consumer::new(r.raw).unwrap();
+        for bad in [stamp(64), stamp(256), stamp(8), stamp(1 << 40), 1] {
+            r.poke_hdr(0, bad, 8, FIRST | LAST);
+            assert_eq!(c.peek(), Err(Corrupt), "stamp {bad:#x}");
+            assert!(!c.has_data());
+        }
+        // A correct stamp with an impossible length or unknown flags.
+        r.poke_hdr(0, stamp(0), 241, FIRST | LAST);
         assert_eq!(c.peek(), Err(Corrupt));
-        h.producer.write_pos.store(16, Ordering::Release);
-        // A header claiming a body longer than the committed bytes.
-        // SAFETY: writes the first 8 data bytes of the private ring.
-        unsafe { r.raw.data.as_ptr().cast::<[u8; 8]>().write([200, 0, 0, 0, 3, 0, 0, 0]) };
+        r.poke_hdr(0, stamp(0), u32::MAX, FIRST | LAST);
+        assert_eq!(c.peek(), Err(Corrupt));
+        r.poke_hdr(0, stamp(0), 8, 4);
+        assert_eq!(c.peek(), Err(Corrupt));
+        r.poke_hdr(0, stamp(0), 240, LAST);
+        assert_eq!(c.peek().unwrap().unwrap(), RecordInfo { len: 240, flags: LAST });
+        // A position near 2^64 with a record that would run past it.
+        let top = u64::MAX - 63;
+        r.hdr().consumer.read_pos.store(top, Ordering::Relaxed);
+        r.hdr().producer.write_pos.store(top, Ordering::Relaxed);
+        let mut c = Consumer::new(r.raw).unwrap();
+        r.poke_hdr(r.raw.off(top), stamp(top), 8, FIRST | LAST);
+        assert_eq!(c.peek(), Err(Corrupt));
+        assert_eq!(Producer::new(r.raw).err(), Some(Corrupt));
+    }
+
+    #[test]
+    fn corrupt_positions_are_detected() {
+        let r = test_ring(256);
+        let mut p = Producer::new(r.raw).unwrap();
+        let h = r.hdr();
+        // A hint beyond anything the consumer could have left room for.
+        h.producer.write_pos.store(1 << 40, Ordering::Release);
+        assert!(Consumer::new(r.raw).is_err());
+        assert!(Producer::new(r.raw).is_err());
+        h.producer.write_pos.store(8, Ordering::Release);
+        assert!(Consumer::new(r.raw).is_err(), "unaligned hint");
+        h.producer.write_pos.store(0, Ordering::Release);
+        let mut c = Consumer::new(r.raw).unwrap();
+        // A stamped header claiming a body longer than the ring: skipped, and the consumer
+        // reports nothing (instead of the same error again) until the hint moves past it.
+        r.poke_hdr(0, stamp(0), 1000, FIRST | LAST);
         assert_eq!(c.peek(), Err(Corrupt));
         c.skip_all();
+        assert_eq!(c.peek(), Ok(None));
         assert!(!c.has_data());
+        h.producer.write_pos.store(128, Ordering::Release);
+        r.poke_hdr(128, stamp(128), 3, FIRST | LAST);
+        assert!(c.has_data());
+        assert_eq!(c.peek().unwrap().unwrap().len, 3);
         c.release();
         h.consumer.read_pos.store(1 << 50, Ordering::Release);
         assert_eq!(p.refresh(), Err(Corrupt));
+        assert!(Producer::new(r.raw).is_err());
+        // A successor walks the stamped records from the hint; an impossible one on the way
+        // makes the ring corrupt for it.
+        h.consumer.read_pos.store(128, Ordering::Release);
+        assert_eq!(Producer::new(r.raw).unwrap().write, 192);
+        r.poke_hdr(192, stamp(192), 1000, FIRST | LAST);
         assert!(Producer::new(r.raw).is_err());
     }
 
@@ -503,13 +835,13 @@ mod tests {
         let r = test_ring(64);
         let mut p = Producer::new(r.raw).unwrap();
         let mut c = Consumer::new(r.raw).unwrap();
-        assert!(p.try_write(FIRST | LAST, &[&[0u8; 56]]).unwrap());
+        assert!(p.try_write(FIRST | LAST, &[&[0u8; 48]]).unwrap());
         p.commit();
         assert_eq!(p.request_space(8).unwrap(), 0);
         pop(&mut c).unwrap();
         assert!(c.release());
         assert!(!c.release());
-        assert_eq!(p.body_room(8).unwrap(), 56);
+        assert_eq!(p.body_room(8).unwrap(), 48);
     }
 }
 
@@ -519,30 +851,42 @@ mod loom_models {
     use loom::thread;
     use std::sync::Arc;
 
+    /// The ring header (its `model_data` words are the data area) and a dummy data pointer.
     struct Shared {
         hdr: Box<RingHeader>,
-        data: Box<[u8]>,
+        cap: usize,
+    }
+
+    fn shared(cap: usize) -> Arc<Shared> {
+        Arc::new(Shared { hdr: Box::new(RingHeader::new_for_model()), cap })
     }
 
     fn raw(s: &Shared) -> RawRing {
-        RawRing {
-            hdr: NonNull::from(&*s.hdr),
-            data: NonNull::new(s.data.as_ptr() as *mut u8).unwrap(),
-            cap: s.data.len(),
-        }
+        assert!(s.cap <= s.hdr.model_data.len() * 8);
+        RawRing { hdr: NonNull::from(&*s.hdr), data: NonNull::dangling(), cap: s.cap }
     }
 
-    /// FIFO, no overrun, no record lost or duplicated, with wrap-around and a full ring.
+    fn pop(c: &mut Consumer) -> Option<Vec<u8>> {
+        let info = c.peek().expect("an honest producer never looks corrupt")?;
+        let mut v = vec![0u8; info.len];
+        // SAFETY: info from peek; v holds info.len bytes.
+        unsafe { c.consume(info, Some(v.as_mut_ptr())) };
+        Some(v)
+    }
+
+    /// FIFO, no overrun, no record lost, duplicated, torn or stale, with a full ring and a
+    /// second lap (the third record reuses the slot of the first one, whose complete header
+    /// stays there while the ring is full).
     #[test]
     fn spsc_records_in_order() {
         loom::model(|| {
-            let s = Arc::new(Shared { hdr: Box::new(RingHeader::new_for_model()), data: vec![0u8; 32].into() });
+            let s = shared(128);
             let s2 = s.clone();
             let prod = thread::spawn(move || {
                 let mut p = Producer::new(raw(&s2)).unwrap();
-                let mut i = 0u8;
-                while i < 3 {
-                    if p.try_write(FIRST | LAST, &[&[i; 9]]).unwrap() {
+                let mut i = 1u8;
+                while i <= 3 {
+                    if p.try_write(FIRST | LAST, &[&[i; 8]]).unwrap() {
                         p.commit();
                         i += 1;
                     } else {
@@ -551,15 +895,11 @@ mod loom_models {
                 }
             });
             let mut c = Consumer::new(raw(&s)).unwrap();
-            let mut got = 0u8;
-            while got < 3 {
-                match c.peek().unwrap() {
-                    Some(info) => {
-                        assert_eq!(info.len, 9);
-                        let mut v = [0u8; 9];
-                        // SAFETY: info from peek; v holds 9 bytes.
-                        unsafe { c.consume(info, Some(v.as_mut_ptr())) };
-                        assert_eq!(v, [got; 9]);
+            let mut got = 1u8;
+            while got <= 3 {
+                match pop(&mut c) {
+                    Some(v) => {
+                        assert_eq!(v, [got; 8], "record {got} torn or stale");
                         got += 1;
                         c.release();
                     }
@@ -567,7 +907,42 @@ mod loom_models {
                 }
             }
             prod.join().unwrap();
-            assert_eq!(c.peek().unwrap(), None);
+            assert_eq!(pop(&mut c), None);
+        });
+    }
+
+    /// A batch becomes visible whole or not at all; a producer that dies before committing
+    /// leaves nothing visible, and the records its batch stamped early never show up after
+    /// a successor reuses the positions.
+    #[test]
+    fn dead_batch_stays_invisible() {
+        loom::model(|| {
+            let s = shared(256);
+            let s2 = s.clone();
+            let prod = thread::spawn(move || {
+                {
+                    // Killed before its commit.
+                    let mut dead = Producer::new(raw(&s2)).unwrap();
+                    assert!(dead.try_write(FIRST | LAST, &[&[0xdd; 8]]).unwrap());
+                    assert!(dead.try_write(FIRST | LAST, &[&[0xee; 8]]).unwrap());
+                }
+                let mut p = Producer::new(raw(&s2)).unwrap();
+                assert!(p.try_write(FIRST | LAST, &[&[1; 8]]).unwrap());
+                p.commit();
+                assert!(p.try_write(FIRST | LAST, &[&[2; 24]]).unwrap());
+                p.commit();
+            });
+            let mut c = Consumer::new(raw(&s)).unwrap();
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                match pop(&mut c) {
+                    Some(v) => got.push(v),
+                    None => thread::yield_now(),
+                }
+            }
+            prod.join().unwrap();
+            assert_eq!(got, [vec![1u8; 8], vec![2u8; 24]]);
+            assert_eq!(pop(&mut c), None);
         });
     }
 
@@ -577,7 +952,7 @@ mod loom_models {
     #[test]
     fn want_space_no_lost_request() {
         loom::model(|| {
-            let s = Arc::new(Shared { hdr: Box::new(RingHeader::new_for_model()), data: vec![0u8; 16].into() });
+            let s = shared(64);
             let mut p = Producer::new(raw(&s)).unwrap();
             assert!(p.try_write(FIRST | LAST, &[&[7u8; 8]]).unwrap());
             p.commit();

@@ -8,8 +8,8 @@
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use worker_events::fuzz_api::{
-    CONSUMED, LOST, LOST_SEEN, PUBLISHED, READ_POS, RECORD_FIRST, RECORD_HEADER_SIZE, RECORD_LAST, RING_HEADER_SIZE,
-    RingConsumer, RingMemory, RingProducer, WANT_SPACE, WRITE_POS,
+    CONSUMED, LOST, LOST_SEEN, PUBLISHED, READ_POS, RECORD_ALIGN, RECORD_FIRST, RECORD_HEADER_SIZE, RECORD_LAST,
+    RING_HEADER_SIZE, RingConsumer, RingMemory, RingProducer, WANT_SPACE, WRITE_POS, record_header,
 };
 
 /// Header words a peer may write.
@@ -83,9 +83,12 @@ enum Op {
         from_write: bool,
         delta: i16,
     },
-    /// A record header at `slot` records (8-byte units) past the stored read position.
+    /// A record header at `slot` record slots (64-byte units) past the stored read
+    /// position, stamped for that position moved by `stamp_delta` slots (0: a valid stamp;
+    /// minus the slots of a ring: a header of the previous lap).
     RecordHeader {
         slot: u8,
+        stamp_delta: i8,
         len: u32,
         flags: u32,
     },
@@ -112,7 +115,7 @@ fn check_peek(cons: &mut RingConsumer<'_>, cap: usize) {
 }
 
 fuzz_target!(|input: Input| {
-    let cap = 1usize << (3 + input.cap_log2 % 11); // 8 B ..= 8 KiB
+    let cap = 1usize << (6 + input.cap_log2 % 8); // 64 B ..= 8 KiB
     let mem = RingMemory::new(cap).expect("valid capacity");
     mem.write(0, &input.header[..input.header.len().min(RING_HEADER_SIZE)]);
     mem.write(RING_HEADER_SIZE, &input.data);
@@ -150,7 +153,10 @@ fuzz_target!(|input: Input| {
                     let before = mem.read_u64(READ_POS);
                     c.release();
                     let after = mem.read_u64(READ_POS);
-                    assert!(after == before || after.is_multiple_of(8), "consumer stored an unaligned position");
+                    assert!(
+                        after == before || after.is_multiple_of(RECORD_ALIGN as u64),
+                        "consumer stored an unaligned position"
+                    );
                 }
             }
             Op::TakeLost => {
@@ -231,13 +237,12 @@ fuzz_target!(|input: Input| {
                 mem.write(off, &value.to_le_bytes());
                 tame(&mem);
             }
-            Op::RecordHeader { slot, len, flags } => {
-                let pos = mem.read_u64(READ_POS).wrapping_add(8 * u64::from(slot));
-                let off = (pos as usize) & (cap - 1) & !7;
-                let mut hdr = [0u8; 8];
-                hdr[..4].copy_from_slice(&len.to_le_bytes());
-                hdr[4..].copy_from_slice(&flags.to_le_bytes());
-                mem.write(RING_HEADER_SIZE + off, &hdr);
+            Op::RecordHeader { slot, stamp_delta, len, flags } => {
+                let a = RECORD_ALIGN as u64;
+                let pos = (mem.read_u64(READ_POS) & !(a - 1)).wrapping_add(a * u64::from(slot));
+                let off = (pos as usize) & (cap - 1);
+                let stamped = pos.wrapping_add_signed(i64::from(stamp_delta) * a as i64);
+                mem.write(RING_HEADER_SIZE + off, &record_header(stamped, len, flags));
             }
             Op::Poke { offset, ref bytes } => {
                 mem.write(offset as usize % mem.len(), bytes);

@@ -1,7 +1,8 @@
 //! SPSC ring, both ends honest, checked op by op against a model: FIFO delivery of exactly
 //! the committed records, "fits" decided exactly by the free space, uncommitted records
 //! dropped by a restarted producer, consumed-but-unreleased records delivered again to a
-//! restarted consumer, the want-space handshake, the lost counter and both depths.
+//! restarted consumer, the want-space handshake, the lost counter, both depths and the lazy
+//! `write_pos` hint (a restarted producer walks the stamped records past it).
 //! Starting positions and counters are arbitrary (valid) values, so masking and wrap-around
 //! of the data area are exercised at any offset.
 #![no_main]
@@ -11,8 +12,8 @@ use std::collections::VecDeque;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use worker_events::fuzz_api::{
-    CONSUMED, PUBLISHED, READ_POS, RECORD_FIRST, RECORD_HEADER_SIZE, RECORD_LAST, RingConsumer, RingMemory,
-    RingProducer, WRITE_POS,
+    CONSUMED, PUBLISHED, READ_POS, RECORD_ALIGN, RECORD_FIRST, RECORD_HEADER_SIZE, RECORD_LAST, RingConsumer,
+    RingMemory, RingProducer, WRITE_POS,
 };
 
 #[derive(Arbitrary, Debug)]
@@ -35,7 +36,7 @@ enum Op {
 #[derive(Arbitrary, Debug)]
 struct Input {
     cap_log2: u8,
-    /// Initial read = write position, in 8-byte units.
+    /// Initial read = write position, in record-alignment units.
     start: u64,
     published: u64,
     backlog: u32,
@@ -43,11 +44,12 @@ struct Input {
 }
 
 const fn record_size(len: usize) -> usize {
-    RECORD_HEADER_SIZE + ((len + 7) & !7)
+    (RECORD_HEADER_SIZE + len + RECORD_ALIGN - 1) & !(RECORD_ALIGN - 1)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Rec {
+    pos: u64,
     flags: u32,
     body: Vec<u8>,
 }
@@ -61,7 +63,11 @@ struct Model {
     cached_read: u64,
     prod_published: u64,
     pending: Vec<Rec>,
+    /// Position and LAST flag of every record ever committed.
+    log: Vec<(u64, bool)>,
     // shared words
+    /// The `write_pos` hint.
+    hinted: u64,
     read_pos: u64,
     stored_published: u64,
     stored_consumed: u64,
@@ -89,11 +95,11 @@ impl Model {
 }
 
 fuzz_target!(|input: Input| {
-    let cap = 1usize << (3 + input.cap_log2 % 11); // 8 B ..= 8 KiB
+    let cap = 1usize << (6 + input.cap_log2 % 8); // 64 B ..= 8 KiB
     let mem = RingMemory::new(cap).expect("valid capacity");
     // Positions far from 2^64: overflow near the end of the position space is the business
     // of the ring_consumer target. 512 ops of at most 8 KiB each stay far below 2^40.
-    let start = (input.start % (1 << 58)) * 8;
+    let start = (input.start % (1 << 52)) * RECORD_ALIGN as u64;
     let published = input.published % (1 << 62);
     let consumed = published.saturating_sub(u64::from(input.backlog));
     for (off, v) in [(WRITE_POS, start), (READ_POS, start), (PUBLISHED, published), (CONSUMED, consumed)] {
@@ -107,6 +113,8 @@ fuzz_target!(|input: Input| {
         cached_read: start,
         prod_published: published,
         pending: Vec::new(),
+        log: Vec::new(),
+        hinted: start,
         read_pos: start,
         stored_published: published,
         stored_consumed: consumed,
@@ -139,15 +147,20 @@ fuzz_target!(|input: Input| {
                     if flags & RECORD_LAST != 0 {
                         m.prod_published += 1;
                     }
-                    m.pending.push(Rec { flags, body });
+                    m.pending.push(Rec { pos: m.write - need as u64, flags, body });
                 }
             }
             Op::Commit => {
                 assert_eq!(prod.commit(), m.write != m.committed);
                 if m.write != m.committed {
                     m.committed = m.write;
-                    m.stored_published = m.prod_published;
+                    m.log.extend(m.pending.iter().map(|r| (r.pos, r.flags & RECORD_LAST != 0)));
                     m.queue.extend(m.pending.drain(..));
+                    // The hint (and `published` with it) is stored every quarter ring.
+                    if m.committed - m.hinted >= (cap / 4) as u64 {
+                        m.hinted = m.committed;
+                        m.stored_published = m.prod_published;
+                    }
                 }
             }
             Op::Pop { keep } => {
@@ -183,12 +196,12 @@ fuzz_target!(|input: Input| {
                 if free < record_size(want) {
                     free = m.refresh();
                 }
-                assert_eq!(prod.body_room(want), Ok(free.saturating_sub(RECORD_HEADER_SIZE) & !7));
+                assert_eq!(prod.body_room(want), Ok(free.saturating_sub(RECORD_HEADER_SIZE)));
             }
             Op::RequestSpace { want } => {
                 m.want_space = true;
                 let free = m.refresh();
-                let room = free.saturating_sub(RECORD_HEADER_SIZE) & !7;
+                let room = free.saturating_sub(RECORD_HEADER_SIZE);
                 assert_eq!(prod.request_space(want as usize), Ok(room));
             }
             Op::AddLost { n } => {
@@ -201,13 +214,18 @@ fuzz_target!(|input: Input| {
             }
             Op::Depths => {
                 assert_eq!(prod.depth(), m.prod_published.saturating_sub(m.stored_consumed));
-                assert_eq!(cons.depth(), m.stored_published.saturating_sub(m.cons_consumed));
+                // The consumer counts the committed messages it has not consumed.
+                assert_eq!(cons.depth(), m.queue.iter().filter(|r| r.flags & RECORD_LAST != 0).count() as u64);
             }
             Op::RestartProducer => {
                 prod = mem.producer().expect("valid positions");
+                // It walks the stamped records from the hint (or the consumer's position if
+                // that is further) to the committed end, counting the messages it passes.
+                let from = m.hinted.max(m.read_pos);
+                let walked = m.log.iter().filter(|&&(pos, last)| last && pos >= from).count() as u64;
                 m.write = m.committed;
                 m.cached_read = m.read_pos;
-                m.prod_published = m.stored_published;
+                m.prod_published = m.stored_published + walked;
                 m.pending.clear();
             }
             Op::RestartConsumer => {
@@ -220,6 +238,7 @@ fuzz_target!(|input: Input| {
             }
         }
     }
-    assert_eq!(mem.read_u64(WRITE_POS), m.committed);
+    assert_eq!(mem.read_u64(WRITE_POS), m.hinted);
+    assert_eq!(mem.read_u64(PUBLISHED), m.stored_published);
     assert_eq!(mem.read_u64(READ_POS), m.read_pos);
 });

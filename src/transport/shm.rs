@@ -18,7 +18,7 @@ use super::{Deliver, PeerDepth, PortCounters};
 use crate::message::{self, Kind};
 use crate::notify;
 use crate::region::Region;
-use crate::ring::{Consumer, FIRST, LAST, Producer, record_size};
+use crate::ring::{Consumer, FIRST, LAST, Producer, REC_HDR, record_size};
 use crate::sys::EventFd;
 use crate::wire::{Offer, Peer};
 
@@ -480,7 +480,7 @@ fn wake(region: &Region, eventfds: &[EventFd], slot: u32, counters: &mut PortCou
 fn write_msg(prod: &mut Producer, msg: &[u8], mut sent: usize) -> Result<usize, crate::ring::Corrupt> {
     let len = msg.len();
     let max_body = prod.max_body();
-    if sent == 0 && record_size(len) <= max_body + 8 && prod.try_write(FIRST | LAST, &[msg])? {
+    if sent == 0 && record_size(len) <= max_body + REC_HDR && prod.try_write(FIRST | LAST, &[msg])? {
         return Ok(len);
     }
     if sent == 0 && len <= max_body / 4 {
