@@ -24,7 +24,7 @@ pub const KIND_REJECT: u8 = 3;
 pub struct Hello {
     /// Control protocol version (this build speaks 2).
     pub protocol: u32,
-    /// Shared-memory layout version (this build uses 2).
+    /// Shared-memory layout version (this build's: [`layout_version`]).
     pub layout: u32,
     pub slot: u32,
     pub pid: u32,
@@ -35,12 +35,22 @@ pub struct Hello {
     pub ring_capacity: u32,
 }
 
+/// The shared-memory layout version this build speaks, read from the constant in
+/// `src/layout.rs` (the crate keeps it private), so a layout change needs no test edit.
+pub fn layout_version() -> u32 {
+    const SRC: &str = include_str!("../../src/layout.rs");
+    SRC.lines()
+        .find_map(|l| l.trim().strip_prefix("pub(crate) const LAYOUT_VERSION: u32 = "))
+        .and_then(|rest| rest.trim_end_matches(';').trim().parse().ok())
+        .expect("src/layout.rs defines LAYOUT_VERSION")
+}
+
 impl Hello {
     /// A well-formed HELLO for `slot` of the deployment `cfg` describes.
     pub fn for_cfg(cfg: &Cfg, slot: u32) -> Hello {
         Hello {
             protocol: 2,
-            layout: 2,
+            layout: layout_version(),
             slot,
             pid: std::process::id(),
             workers: cfg.workers,
