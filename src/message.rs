@@ -123,8 +123,29 @@ pub(crate) struct Decoded<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Malformed;
 
+/// A message whose header and lengths are checked but whose names are not validated as
+/// UTF-8 yet: the receiver's subscription memo skips the validation for a name pair it has
+/// already seen (`Subscriptions::run_raw`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Raw<'a> {
+    pub source: &'a [u8],
+    pub event: &'a [u8],
+    pub data: &'a [u8],
+    pub wid: Option<Wid>,
+    pub kind: Kind,
+}
+
 /// Decode a message received from another process. Nothing in it is trusted.
 pub(crate) fn decode(buf: &[u8], workers: u32, agent: bool, max_payload_len: usize) -> Result<Decoded<'_>, Malformed> {
+    let r = decode_raw(buf, workers, agent, max_payload_len)?;
+    let source = std::str::from_utf8(r.source).map_err(|_| Malformed)?;
+    let event = std::str::from_utf8(r.event).map_err(|_| Malformed)?;
+    Ok(Decoded { event: Event { source, event, data: r.data, wid: r.wid }, kind: r.kind })
+}
+
+/// [`decode`] without the UTF-8 validation of the names (the caller validates them, or
+/// compares them with names it validated before).
+pub(crate) fn decode_raw(buf: &[u8], workers: u32, agent: bool, max_payload_len: usize) -> Result<Raw<'_>, Malformed> {
     if buf.len() < MSG_HDR {
         return Err(Malformed);
     }
@@ -139,15 +160,15 @@ pub(crate) fn decode(buf: &[u8], workers: u32, agent: bool, max_payload_len: usi
     }
     let data = &buf[MSG_HDR..MSG_HDR + data_len];
     let src_start = MSG_HDR + data_len;
-    let source = std::str::from_utf8(&buf[src_start..src_start + src_len]).map_err(|_| Malformed)?;
-    let event = std::str::from_utf8(&buf[src_start + src_len..]).map_err(|_| Malformed)?;
+    let source = &buf[src_start..src_start + src_len];
+    let event = &buf[src_start + src_len..];
     let wid = match origin {
         ORIGIN_NONE => None,
         o if o < workers => Some(Wid::Worker(o)),
         o if agent && o == workers => Some(Wid::PrivilegedAgent),
         _ => return Err(Malformed),
     };
-    Ok(Decoded { event: Event { source, event, data, wid }, kind })
+    Ok(Raw { source, event, data, wid, kind })
 }
 
 #[cfg(all(test, not(loom)))]

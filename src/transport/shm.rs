@@ -408,18 +408,18 @@ impl ShmPort {
         let geo = *self.region.geometry();
         let max_payload = self.max_payload_len;
         self.drain(budget, &mut |inc| match inc {
-            Incoming::Message { from, bytes } => match message::decode(bytes, geo.workers, geo.agent, max_payload) {
-                Ok(d)
-                    if (d.kind == Kind::All && d.event.wid == Some(geo.wid_of(from)))
-                        || (d.kind == Kind::Unique && d.event.wid.is_some()) =>
-                {
-                    sink.event(&d.event);
+            Incoming::Message { from, bytes } => {
+                match message::decode_raw(bytes, geo.workers, geo.agent, max_payload) {
+                    Ok(m)
+                        if ((m.kind == Kind::All && m.wid == Some(geo.wid_of(from)))
+                            || (m.kind == Kind::Unique && m.wid.is_some()))
+                            && sink.raw_event(&m) => {}
+                    _ => {
+                        tracing::warn!(from, "dropping a malformed message");
+                        sink.dropped();
+                    }
                 }
-                _ => {
-                    tracing::warn!(from, "dropping a malformed message");
-                    sink.dropped();
-                }
-            },
+            }
             Incoming::Lost { from, count } => sink.lost(from, count),
         })
     }

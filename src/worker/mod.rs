@@ -120,6 +120,7 @@ impl Events {
             geo,
             subs: Subscriptions::default(),
             local: VecDeque::new(),
+            unrun_self: 0,
             pool: Vec::new(),
             stats: Stats::default(),
             path,
@@ -180,6 +181,9 @@ pub struct Worker {
     /// Events for our own callbacks ("all" self-copies, "current", unique events the broker
     /// gave itself, system notices), in publish order.
     local: VecDeque<AlignedVec>,
+    /// Our own "all" events published since the last dispatch that matched no callback of
+    /// ours at publish time: not queued, only counted (as delivered) by the next dispatch.
+    unrun_self: usize,
     /// Spare message buffers (no allocation per event in steady state).
     pool: Vec<AlignedVec>,
     stats: Stats,

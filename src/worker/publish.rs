@@ -37,7 +37,7 @@ impl Worker {
             self.pool.push(buf);
             return Err(e);
         }
-        self.send(buf, target)
+        self.send(buf, target, source, event)
     }
 
     /// Publish raw bytes.
@@ -66,7 +66,7 @@ impl Worker {
             self.pool.push(buf);
             return Err(e);
         }
-        self.send(buf, target)
+        self.send(buf, target, source, event)
     }
 
     /// The origin and kind a target's message carries (in testing mode no origin: events
@@ -83,7 +83,7 @@ impl Worker {
         }
     }
 
-    fn send(&mut self, buf: AlignedVec, target: Target<'_>) -> Result<(), PublishError> {
+    fn send(&mut self, buf: AlignedVec, target: Target<'_>, source: &str, event: &str) -> Result<(), PublishError> {
         if self.path.is_in_process() {
             // Synchronous, in-process, wid None.
             let (g, max) = (self.geo, self.opts.max_payload_len);
@@ -99,7 +99,7 @@ impl Worker {
         }
         let cap = self.opts.max_queue_len;
         let all = target == Target::All;
-        if self.local.len() >= cap || (all && !self.path.has_room(cap)) {
+        if self.local.len() + self.unrun_self >= cap || (all && !self.path.has_room(cap)) {
             self.stats.overflows += 1;
             self.pool.push(buf);
             return Err(PublishError::QueueOverflow);
@@ -108,7 +108,15 @@ impl Worker {
             let conns = self.ctl.as_mut().map(|c| c as &mut dyn Connections);
             self.path.send_all(&buf, conns);
         }
-        self.local.push_back(buf);
+        if all && !self.subs.wants(source, event) {
+            // Our own copy would run no callback: count it for the next dispatch (which
+            // reports it as delivered, as before) instead of queueing and decoding it. A
+            // callback subscribed after this publish does not see it.
+            self.unrun_self += 1;
+            self.recycle(buf);
+        } else {
+            self.local.push_back(buf);
+        }
         self.stats.published += 1;
         Ok(())
     }
