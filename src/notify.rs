@@ -11,6 +11,12 @@
 //! parked. No lost wake-up; the loom model below checks exactly this with the real ring.
 //!
 //! While the receiver is busy (`parked == 0`) a publisher makes no syscall at all.
+//!
+//! The eventfd is registered edge-triggered in the receiver's epoll set and never read:
+//! each publisher write is one edge, consumed by the `epoll_wait` that reports it (the
+//! sleeping receiver's own, or a harvesting `epoll_wait(0)` when the receiver finds the
+//! flag cleared without having slept). The flag protocol above is unchanged by that: it
+//! decides *whether* a write happens; the edge only carries it.
 
 use crate::sync::{AtomicU32, Ordering, fence};
 
@@ -22,8 +28,8 @@ pub(crate) fn arm(parked: &AtomicU32) {
 }
 
 /// Clear the parked flag after waking (or when work was found on the re-check). Returns
-/// true when a publisher had already cleared it: that publisher wrote the eventfd, which
-/// the caller must drain.
+/// true when a publisher had already cleared it: that publisher wrote (or is about to
+/// write) the eventfd, an edge the caller consumes with an `epoll_wait` if it did not sleep.
 pub(crate) fn disarm(parked: &AtomicU32) -> bool {
     parked.swap(0, Ordering::Acquire) == 0
 }
@@ -99,7 +105,7 @@ mod loom_models {
             publisher.join().unwrap();
             if sleeps {
                 assert_eq!(s.eventfd.load(Ordering::Relaxed), 1, "lost wake-up");
-                // Woken: the flag was cleared by the publisher, so disarm says "drain".
+                // Woken: the flag was cleared by the publisher, so disarm says "woken".
                 assert!(disarm(&s.parked));
                 assert!(c.has_data());
             }

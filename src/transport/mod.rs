@@ -226,7 +226,8 @@ impl DataPath {
         }
     }
 
-    /// Clear the parked flag; true when woken through the eventfd (shared memory).
+    /// Clear the parked flag; true when a publisher cleared it first and wrote our eventfd
+    /// (shared memory): an edge the caller harvests unless its `epoll_wait` saw it.
     pub(crate) fn disarm(&mut self) -> bool {
         match self {
             DataPath::Shm(port) => port.disarm(),
@@ -240,6 +241,14 @@ impl DataPath {
         match self {
             DataPath::Shm(port) => port.arm(),
             _ => true,
+        }
+    }
+
+    /// Whether an inbound ring has a record waiting (shared memory; false otherwise).
+    pub(crate) fn has_inbound(&mut self) -> bool {
+        match self {
+            DataPath::Shm(port) => port.has_inbound(),
+            _ => false,
         }
     }
 

@@ -353,17 +353,20 @@ impl ShmPort {
         true
     }
 
-    /// Clear the parked flag; drain our eventfd if a peer wrote it. Returns whether we
-    /// were woken through the eventfd.
+    /// Clear the parked flag. Returns whether a peer cleared it first, i.e. wrote (or is
+    /// about to write) our eventfd: one edge for the epoll set, which the caller harvests
+    /// unless its own `epoll_wait` already reported it (the eventfd is never read).
     pub(crate) fn disarm(&mut self) -> bool {
         if !std::mem::take(&mut self.armed) {
             return false;
         }
-        if notify::disarm(self.region.parked_flag(self.me)) {
-            self.eventfds[self.me as usize].drain();
-            return true;
-        }
-        false
+        notify::disarm(self.region.parked_flag(self.me))
+    }
+
+    /// Whether an inbound ring has a committed record (a few loads; no fence, no flush):
+    /// what a dispatch spinning for the next event of a stream polls.
+    pub(crate) fn has_inbound(&mut self) -> bool {
+        self.inb.iter_mut().flatten().any(|i| i.cons.as_mut().is_some_and(|c| c.has_data()))
     }
 
     /// Give up every backlog (closing): each message never started in its ring is counted

@@ -148,7 +148,11 @@ impl Events {
 ///
 /// `Worker` is [`AsFd`]: the descriptor (an epoll set over this slot's eventfd and the
 /// control sockets) becomes readable when `dispatch` has work, **once `dispatch` has
-/// returned 0** (as with `EAGAIN`, drain until 0 before going back to your poller). In
+/// returned 0** (as with `EAGAIN`, drain until 0 before going back to your poller; it works
+/// level- and edge-triggered: each wake-up is a new edge). Events that arrive while the
+/// worker is inside `dispatch`, or between calls while `dispatch` keeps finding events,
+/// cost no syscall; a `dispatch` that finds nothing while a stream is flowing polls for up
+/// to 20 µs before arming (see [`Worker::dispatch`]). In
 /// [busy-poll mode](Worker::set_busy_poll) it is never armed and publishers make no syscall.
 ///
 /// # Examples
