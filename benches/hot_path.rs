@@ -23,6 +23,10 @@
 //!   ~2 µs, while this process loops on `dispatch()` in the default mode (not busy-poll):
 //!   the "zero syscalls per event while the receiver is inside dispatch" target.
 
+// The counters are process-private std atomics, not shared memory: the clippy.toml ban on
+// std atomics (for src/) does not apply.
+#![allow(clippy::disallowed_types)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,8 +44,6 @@ struct Ping {
     pad: [u8; 56],
 }
 
-// The counter is a process-private std atomic (the clippy.toml ban is for shared memory in src/).
-#[allow(clippy::disallowed_types)]
 fn main() {
     if let Ok(role) = std::env::var(ROLE_ENV) {
         child_prologue();
@@ -114,7 +116,6 @@ fn until(w: &mut Worker, busy: bool, mut done: impl FnMut() -> bool) {
 }
 
 /// Worker 0 here, worker 1 in a peer process (`role`), `n` round trips or events.
-#[allow(clippy::disallowed_types)]
 fn two_process(n: u64, role: &str) {
     let cpu = pin_pair();
     let dir = TempDir::new("we-hot2");
@@ -159,7 +160,6 @@ fn two_process(n: u64, role: &str) {
     reap(&mut child);
 }
 
-#[allow(clippy::disallowed_types)]
 fn child_main(role: &str) {
     let sock = std::path::PathBuf::from(std::env::var_os(SOCK_ENV).expect("sock"));
     let n: u64 = std::env::var("WE_HOT_EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);

@@ -112,6 +112,34 @@ mod loom_models {
         });
     }
 
+    /// The receiver never reads the eventfd (edge-triggered): it harvests an edge exactly
+    /// when `disarm` says it was woken. That is sound only if "woken" holds exactly when
+    /// this arm cycle produces one eventfd write: no write without "woken" (a stray edge
+    /// would keep an external poller's fd readable) and no "woken" without a write.
+    #[test]
+    fn woken_disarm_means_exactly_one_write() {
+        loom::model(|| {
+            let s = shared();
+            let s2 = s.clone();
+            let publisher = thread::spawn(move || {
+                let mut p = Producer::new(raw(&s2)).unwrap();
+                assert!(p.try_write(FIRST | LAST, &[b"event"]).unwrap());
+                p.commit();
+                after_commit();
+                if should_wake(&s2.parked) {
+                    s2.eventfd.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            let mut c = Consumer::new(raw(&s)).unwrap();
+            arm(&s.parked);
+            // A dispatch loop: re-check, then disarm at the next pass without sleeping.
+            let _ = c.has_data();
+            let woken = disarm(&s.parked);
+            publisher.join().unwrap();
+            assert_eq!(s.eventfd.load(Ordering::Relaxed), u64::from(woken));
+        });
+    }
+
     /// Two publishers and one sleeping receiver: exactly one eventfd write per sleep.
     #[test]
     fn one_wake_per_sleep() {

@@ -237,7 +237,7 @@ impl ShmPort {
 
     /// Drain inbound rings, handing each message (and lost notices) to `deliver`. At most
     /// `budget` messages per ring. Returns (messages, more_pending).
-    fn drain(&mut self, budget: usize, deliver: &mut dyn FnMut(Incoming<'_>)) -> (usize, bool) {
+    fn drain<F: FnMut(Incoming<'_>)>(&mut self, budget: usize, mut deliver: F) -> (usize, bool) {
         let mut total = 0;
         let mut more = false;
         for from in 0..self.inb.len() {
@@ -410,7 +410,7 @@ impl ShmPort {
         self.flush();
         let geo = *self.region.geometry();
         let max_payload = self.max_payload_len;
-        self.drain(budget, &mut |inc| match inc {
+        self.drain(budget, |inc| match inc {
             Incoming::Message { from, bytes } => {
                 match message::decode_raw(bytes, geo.workers, geo.agent, max_payload) {
                     Ok(m)
