@@ -108,7 +108,35 @@ struct Memo {
 impl Memo {
     #[inline]
     fn hit(&self, source: &[u8], event: &[u8]) -> bool {
-        self.valid && self.source.as_bytes() == source && self.event.as_bytes() == event
+        self.valid && same(self.source.as_bytes(), source) && same(self.event.as_bytes(), event)
+    }
+}
+
+/// `a == b`, inline for names up to 16 bytes (two overlapping word compares instead of a
+/// `memcmp` call).
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        8..=16 => {
+            let w = |s: &[u8]| {
+                let lo = u64::from_le_bytes(s[..8].try_into().expect("8 bytes"));
+                (lo, u64::from_le_bytes(s[n - 8..].try_into().expect("8 bytes")))
+            };
+            w(a) == w(b)
+        }
+        4..=7 => {
+            let w = |s: &[u8]| {
+                let lo = u32::from_le_bytes(s[..4].try_into().expect("4 bytes"));
+                (lo, u32::from_le_bytes(s[n - 4..].try_into().expect("4 bytes")))
+            };
+            w(a) == w(b)
+        }
+        0..=3 => a.iter().zip(b).all(|(x, y)| x == y),
+        _ => a == b,
     }
 }
 
@@ -358,6 +386,21 @@ mod tests {
         let any = subs.subscribe("*", "*", Box::new(|_| {}));
         assert!(subs.wants("b", "z"));
         assert!(subs.unsubscribe(any) && !subs.wants("b", "z"));
+    }
+
+    #[test]
+    fn same_compares_every_length() {
+        let long = "abcdefghijklmnopqrstuvwxyz";
+        for n in 0..=long.len() {
+            let a = &long.as_bytes()[..n];
+            assert!(same(a, a));
+            for i in 0..n {
+                let mut b = a.to_vec();
+                b[i] ^= 1;
+                assert!(!same(a, &b), "differs at {i} of {n}");
+            }
+            assert!(!same(a, &long.as_bytes()[..n.saturating_sub(1)]) || n == 0);
+        }
     }
 
     #[test]

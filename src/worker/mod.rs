@@ -220,6 +220,14 @@ impl Worker {
     /// Matching runs `("*","*")`, then `(source,"*")`, then `(source,event)`, each level in
     /// subscription order.
     ///
+    /// A subscription sees events that arrive after it is made. For this worker's own
+    /// `Target::All` events that means events published after it: whether the publisher's
+    /// own copy is kept for its callbacks is decided at `publish` (a copy no callback wants
+    /// is not queued, only counted as delivered by the next dispatch), so an event published
+    /// just before a `subscribe` in the same process is not delivered to the new callback.
+    /// A subscription that exists at `publish` time gets the event, in publish order with
+    /// this worker's `Target::Current` events.
+    ///
     /// ```
     /// # use worker_events::{Events, Options, Wid};
     /// let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();

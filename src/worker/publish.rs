@@ -121,3 +121,42 @@ impl Worker {
         Ok(())
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use crate::error::PublishError;
+    use crate::event::{Target, Wid};
+    use crate::options::{Options, Transport};
+    use crate::worker::Events;
+
+    /// The publisher's own copy of an `All` event is decided at publish: unwanted copies are
+    /// counted (delivered, dispatch's return, the own-queue bound) but never run, and a
+    /// subscription made after the publish does not see the event.
+    #[test]
+    fn own_all_copy_is_decided_at_publish() {
+        let d = std::env::temp_dir().join(format!("we-self-copy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let opts = Options::new(d.join("ev.sock")).workers(1).transport(Transport::SharedMemory).max_queue_len(4);
+        let mut w = Events::new(opts).unwrap().init_worker(Wid::Worker(0)).unwrap();
+        assert!(w.wait_ready(Duration::from_secs(5)).unwrap());
+        w.publish_bytes(Target::All, "s", "e", b"0").unwrap(); // nobody wants it
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        w.subscribe("s", "e", move |ev| s.lock().unwrap().push(ev.data_bytes().to_vec()));
+        w.publish_bytes(Target::Current, "s", "e", b"1").unwrap();
+        w.publish_bytes(Target::All, "s", "e", b"2").unwrap();
+        w.publish_bytes(Target::All, "s", "other", b"3").unwrap(); // nobody wants it
+        let e = w.publish_bytes(Target::All, "s", "other", b"4").unwrap_err();
+        assert_eq!(e, PublishError::QueueOverflow, "unqueued copies still count against max_queue_len");
+        assert_eq!(w.dispatch().unwrap(), 4);
+        assert_eq!(*seen.lock().unwrap(), [b"1".to_vec(), b"2".to_vec()], "in publish order, not the earlier one");
+        let st = w.stats();
+        assert_eq!((st.published, st.delivered, st.callbacks_run, st.overflows), (4, 4, 2, 1));
+        assert_eq!(w.dispatch().unwrap(), 0);
+        drop(w);
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
