@@ -4,6 +4,7 @@
 //! limits; decoding trusts nothing in the bytes.
 
 use rkyv::rancor;
+use rkyv::ser::allocator::Arena;
 use rkyv::util::AlignedVec;
 
 use crate::error::PublishError;
@@ -90,6 +91,28 @@ pub(crate) fn encode_bytes(
     }
     begin(buf);
     buf.extend_from_slice(data);
+    finish(buf, source, event, origin, kind, max_payload_len)
+}
+
+/// [`encode_typed`] with the caller's serialization arena (no thread-local arena to take
+/// and put back per event).
+#[allow(clippy::too_many_arguments)] // encode_typed's seven, plus the arena
+pub(crate) fn encode_typed_in<T: Payload>(
+    buf: &mut AlignedVec,
+    arena: &mut Arena,
+    source: &str,
+    event: &str,
+    value: &T,
+    origin: u32,
+    kind: Kind,
+    max_payload_len: usize,
+) -> Result<(), PublishError> {
+    begin(buf);
+    let taken = std::mem::take(buf);
+    match rkyv::api::high::to_bytes_in_with_alloc::<_, _, rancor::Error>(value, taken, arena.acquire()) {
+        Ok(b) => *buf = b,
+        Err(e) => return Err(PublishError::Serialize(e.to_string())),
+    }
     finish(buf, source, event, origin, kind, max_payload_len)
 }
 
@@ -181,6 +204,9 @@ mod tests {
         encode_typed(&mut buf, "src", "ev", &12345u64, 2, Kind::All, 1024).unwrap();
         let d = decode(&buf, 4, false, 1024).unwrap();
         assert_eq!((d.event.source, d.event.event, d.event.wid), ("src", "ev", Some(Wid::Worker(2))));
+        let mut own = AlignedVec::new();
+        encode_typed_in(&mut own, &mut Arena::new(), "src", "ev", &12345u64, 2, Kind::All, 1024).unwrap();
+        assert_eq!(own.as_slice(), buf.as_slice(), "the same bytes with the caller's arena");
         assert_eq!(d.event.data.as_ptr() as usize % 16, 0);
         assert_eq!(d.event.deserialize::<u64>().unwrap(), 12345);
     }

@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 
+use rkyv::ser::allocator::Arena;
 use rkyv::util::AlignedVec;
 
 use crate::control::Control;
@@ -122,6 +123,7 @@ impl Events {
             local: VecDeque::new(),
             unrun_self: 0,
             pool: Vec::new(),
+            arena: Arena::new(),
             stats: Stats::default(),
             path,
             ctl,
@@ -190,6 +192,8 @@ pub struct Worker {
     unrun_self: usize,
     /// Spare message buffers (no allocation per event in steady state).
     pool: Vec<AlignedVec>,
+    /// rkyv's serialization arena for `publish` (kept here rather than thread-local).
+    arena: Arena,
     stats: Stats,
     // Drop order matters: the data path marks the slot detached before `ctl` releases the
     // slot lock (a successor may take the slot the moment the lock goes).

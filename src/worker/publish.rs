@@ -33,7 +33,8 @@ impl Worker {
     ) -> Result<(), PublishError> {
         let (origin, kind) = self.route(target)?;
         let mut buf = self.pool.pop().unwrap_or_default();
-        if let Err(e) = message::encode_typed(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
+        let max = self.opts.max_payload_len;
+        if let Err(e) = message::encode_typed_in(&mut buf, &mut self.arena, source, event, data, origin, kind, max) {
             self.pool.push(buf);
             return Err(e);
         }
