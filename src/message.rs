@@ -4,6 +4,7 @@
 //! limits; decoding trusts nothing in the bytes.
 
 use rkyv::rancor;
+use rkyv::ser::allocator::Arena;
 use rkyv::util::AlignedVec;
 
 use crate::error::PublishError;
@@ -93,6 +94,28 @@ pub(crate) fn encode_bytes(
     finish(buf, source, event, origin, kind, max_payload_len)
 }
 
+/// [`encode_typed`] with the caller's serialization arena (no thread-local arena to take
+/// and put back per event).
+#[allow(clippy::too_many_arguments)] // encode_typed's seven, plus the arena
+pub(crate) fn encode_typed_in<T: Payload>(
+    buf: &mut AlignedVec,
+    arena: &mut Arena,
+    source: &str,
+    event: &str,
+    value: &T,
+    origin: u32,
+    kind: Kind,
+    max_payload_len: usize,
+) -> Result<(), PublishError> {
+    begin(buf);
+    let taken = std::mem::take(buf);
+    match rkyv::api::high::to_bytes_in_with_alloc::<_, _, rancor::Error>(value, taken, arena.acquire()) {
+        Ok(b) => *buf = b,
+        Err(e) => return Err(PublishError::Serialize(e.to_string())),
+    }
+    finish(buf, source, event, origin, kind, max_payload_len)
+}
+
 /// Encode a typed message into `buf` (rkyv, serialized once for every receiver).
 pub(crate) fn encode_typed<T: Payload>(
     buf: &mut AlignedVec,
@@ -123,8 +146,29 @@ pub(crate) struct Decoded<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Malformed;
 
+/// A message whose header and lengths are checked but whose names are not validated as
+/// UTF-8 yet: the receiver's subscription memo skips the validation for a name pair it has
+/// already seen (`Subscriptions::run_raw`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Raw<'a> {
+    pub source: &'a [u8],
+    pub event: &'a [u8],
+    pub data: &'a [u8],
+    pub wid: Option<Wid>,
+    pub kind: Kind,
+}
+
 /// Decode a message received from another process. Nothing in it is trusted.
 pub(crate) fn decode(buf: &[u8], workers: u32, agent: bool, max_payload_len: usize) -> Result<Decoded<'_>, Malformed> {
+    let r = decode_raw(buf, workers, agent, max_payload_len)?;
+    let source = std::str::from_utf8(r.source).map_err(|_| Malformed)?;
+    let event = std::str::from_utf8(r.event).map_err(|_| Malformed)?;
+    Ok(Decoded { event: Event { source, event, data: r.data, wid: r.wid }, kind: r.kind })
+}
+
+/// [`decode`] without the UTF-8 validation of the names (the caller validates them, or
+/// compares them with names it validated before).
+pub(crate) fn decode_raw(buf: &[u8], workers: u32, agent: bool, max_payload_len: usize) -> Result<Raw<'_>, Malformed> {
     if buf.len() < MSG_HDR {
         return Err(Malformed);
     }
@@ -139,15 +183,15 @@ pub(crate) fn decode(buf: &[u8], workers: u32, agent: bool, max_payload_len: usi
     }
     let data = &buf[MSG_HDR..MSG_HDR + data_len];
     let src_start = MSG_HDR + data_len;
-    let source = std::str::from_utf8(&buf[src_start..src_start + src_len]).map_err(|_| Malformed)?;
-    let event = std::str::from_utf8(&buf[src_start + src_len..]).map_err(|_| Malformed)?;
+    let source = &buf[src_start..src_start + src_len];
+    let event = &buf[src_start + src_len..];
     let wid = match origin {
         ORIGIN_NONE => None,
         o if o < workers => Some(Wid::Worker(o)),
         o if agent && o == workers => Some(Wid::PrivilegedAgent),
         _ => return Err(Malformed),
     };
-    Ok(Decoded { event: Event { source, event, data, wid }, kind })
+    Ok(Raw { source, event, data, wid, kind })
 }
 
 #[cfg(all(test, not(loom)))]
@@ -160,6 +204,9 @@ mod tests {
         encode_typed(&mut buf, "src", "ev", &12345u64, 2, Kind::All, 1024).unwrap();
         let d = decode(&buf, 4, false, 1024).unwrap();
         assert_eq!((d.event.source, d.event.event, d.event.wid), ("src", "ev", Some(Wid::Worker(2))));
+        let mut own = AlignedVec::new();
+        encode_typed_in(&mut own, &mut Arena::new(), "src", "ev", &12345u64, 2, Kind::All, 1024).unwrap();
+        assert_eq!(own.as_slice(), buf.as_slice(), "the same bytes with the caller's arena");
         assert_eq!(d.event.data.as_ptr() as usize % 16, 0);
         assert_eq!(d.event.deserialize::<u64>().unwrap(), 12345);
     }

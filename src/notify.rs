@@ -11,6 +11,12 @@
 //! parked. No lost wake-up; the loom model below checks exactly this with the real ring.
 //!
 //! While the receiver is busy (`parked == 0`) a publisher makes no syscall at all.
+//!
+//! The eventfd is registered edge-triggered in the receiver's epoll set and never read:
+//! each publisher write is one edge, consumed by the `epoll_wait` that reports it (the
+//! sleeping receiver's own, or a harvesting `epoll_wait(0)` when the receiver finds the
+//! flag cleared without having slept). The flag protocol above is unchanged by that: it
+//! decides *whether* a write happens; the edge only carries it.
 
 use crate::sync::{AtomicU32, Ordering, fence};
 
@@ -22,8 +28,8 @@ pub(crate) fn arm(parked: &AtomicU32) {
 }
 
 /// Clear the parked flag after waking (or when work was found on the re-check). Returns
-/// true when a publisher had already cleared it: that publisher wrote the eventfd, which
-/// the caller must drain.
+/// true when a publisher had already cleared it: that publisher wrote (or is about to
+/// write) the eventfd, an edge the caller consumes with an `epoll_wait` if it did not sleep.
 pub(crate) fn disarm(parked: &AtomicU32) -> bool {
     parked.swap(0, Ordering::Acquire) == 0
 }
@@ -99,10 +105,38 @@ mod loom_models {
             publisher.join().unwrap();
             if sleeps {
                 assert_eq!(s.eventfd.load(Ordering::Relaxed), 1, "lost wake-up");
-                // Woken: the flag was cleared by the publisher, so disarm says "drain".
+                // Woken: the flag was cleared by the publisher, so disarm says "woken".
                 assert!(disarm(&s.parked));
                 assert!(c.has_data());
             }
+        });
+    }
+
+    /// The receiver never reads the eventfd (edge-triggered): it harvests an edge exactly
+    /// when `disarm` says it was woken. That is sound only if "woken" holds exactly when
+    /// this arm cycle produces one eventfd write: no write without "woken" (a stray edge
+    /// would keep an external poller's fd readable) and no "woken" without a write.
+    #[test]
+    fn woken_disarm_means_exactly_one_write() {
+        loom::model(|| {
+            let s = shared();
+            let s2 = s.clone();
+            let publisher = thread::spawn(move || {
+                let mut p = Producer::new(raw(&s2)).unwrap();
+                assert!(p.try_write(FIRST | LAST, &[b"event"]).unwrap());
+                p.commit();
+                after_commit();
+                if should_wake(&s2.parked) {
+                    s2.eventfd.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            let mut c = Consumer::new(raw(&s)).unwrap();
+            arm(&s.parked);
+            // A dispatch loop: re-check, then disarm at the next pass without sleeping.
+            let _ = c.has_data();
+            let woken = disarm(&s.parked);
+            publisher.join().unwrap();
+            assert_eq!(s.eventfd.load(Ordering::Relaxed), u64::from(woken));
         });
     }
 

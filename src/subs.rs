@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use crate::event::Event;
+use crate::event::{Event, Wid};
 
 /// A subscription callback.
 pub(crate) type Callback = Box<dyn FnMut(&Event<'_>) + Send + 'static>;
@@ -31,20 +31,45 @@ pub(crate) type Callback = Box<dyn FnMut(&Event<'_>) + Send + 'static>;
 pub struct SubscriptionId(pub(crate) u64);
 
 /// The FxHash function (rustc's): fast on short strings, fine for keys this process chose.
+/// Whole 8-byte words, then the tail (1-7 bytes) as one more word: one multiply round per
+/// 8 bytes, never one per byte.
 #[derive(Default, Clone, Copy)]
 struct FxHasher(u64);
 
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
+impl FxHasher {
+    #[inline]
+    fn round(&mut self, w: u64) {
         const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
         let mut chunks = bytes.chunks_exact(8);
         for c in &mut chunks {
-            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
+            self.round(u64::from_le_bytes(c.try_into().expect("8 bytes")));
         }
-        for &b in chunks.remainder() {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
-        }
+        let r = chunks.remainder();
+        let n = r.len();
+        let w = if n >= 4 {
+            // Two (possibly overlapping) 4-byte reads cover 4..=7 bytes.
+            let lo = u32::from_le_bytes(r[..4].try_into().expect("4 bytes"));
+            let hi = u32::from_le_bytes(r[n - 4..].try_into().expect("4 bytes"));
+            u64::from(lo) | (u64::from(hi) << 32)
+        } else if n > 0 {
+            u64::from(r[0]) | (u64::from(r[n / 2]) << 8) | (u64::from(r[n - 1]) << 16)
+        } else {
+            return;
+        };
+        // The tail length keeps "ab" and "abb" (same bytes read) apart.
+        self.round(w ^ ((n as u64) << 59));
+    }
+
+    #[inline]
+    fn write_u8(&mut self, b: u8) {
+        self.round(u64::from(b));
     }
 
     fn finish(&self) -> u64 {
@@ -54,14 +79,65 @@ impl Hasher for FxHasher {
 
 type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 type List = Vec<(u64, Callback)>;
+/// Index of a list in [`Subscriptions::lists`] (stable while the list exists).
+type ListId = u32;
 
 /// The subscriptions of one source name.
-#[derive(Default)]
 struct BySource {
-    /// `(source, "*")`, in subscription order.
-    any: List,
-    /// `(source, event)` by event name, each in subscription order.
-    events: FxMap<Box<str>, List>,
+    /// `(source, "*")`, in subscription order (possibly empty).
+    any: ListId,
+    /// `(source, event)` by event name, each in subscription order (never empty).
+    events: FxMap<Box<str>, ListId>,
+}
+
+/// The last (source, event) looked up and what it resolved to: a stream repeats the same
+/// names for thousands of events, so a repeated pair costs one short compare, no hashing
+/// and (for received messages) no UTF-8 validation. Cleared by every subscribe and
+/// unsubscribe, the only changes to the tables.
+#[derive(Default)]
+struct Memo {
+    valid: bool,
+    source: String,
+    event: String,
+    /// The `(source, "*")` list to run (already `None` for a literal `"*"` source).
+    any: Option<ListId>,
+    /// The `(source, event)` list to run (already `None` for a literal `"*"` event).
+    event_list: Option<ListId>,
+}
+
+impl Memo {
+    #[inline]
+    fn hit(&self, source: &[u8], event: &[u8]) -> bool {
+        self.valid && same(self.source.as_bytes(), source) && same(self.event.as_bytes(), event)
+    }
+}
+
+/// `a == b`, inline for names up to 16 bytes (two overlapping word compares instead of a
+/// `memcmp` call).
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        8..=16 => {
+            let w = |s: &[u8]| {
+                let lo = u64::from_le_bytes(s[..8].try_into().expect("8 bytes"));
+                (lo, u64::from_le_bytes(s[n - 8..].try_into().expect("8 bytes")))
+            };
+            w(a) == w(b)
+        }
+        4..=7 => {
+            let w = |s: &[u8]| {
+                let lo = u32::from_le_bytes(s[..4].try_into().expect("4 bytes"));
+                (lo, u32::from_le_bytes(s[n - 4..].try_into().expect("4 bytes")))
+            };
+            w(a) == w(b)
+        }
+        0..=3 => a.iter().zip(b).all(|(x, y)| x == y),
+        _ => a == b,
+    }
 }
 
 #[derive(Default)]
@@ -71,7 +147,11 @@ pub(crate) struct Subscriptions {
     wild: List,
     /// Every other subscription, by source name.
     table: FxMap<Box<str>, BySource>,
+    /// The lists the table points to; `free` holds the ids of removed ones.
+    lists: Vec<List>,
+    free: Vec<ListId>,
     index: HashMap<u64, (Box<str>, Box<str>)>,
+    memo: Memo,
 }
 
 /// Outcome of running the callbacks for one event.
@@ -82,13 +162,46 @@ pub(crate) struct RunStats {
 }
 
 impl Subscriptions {
+    fn new_list(&mut self) -> ListId {
+        match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.lists.push(List::new());
+                ListId::try_from(self.lists.len() - 1).expect("fewer than 2^32 subscription lists")
+            }
+        }
+    }
+
+    fn free_list(&mut self, id: ListId) {
+        self.lists[id as usize] = List::new();
+        self.free.push(id);
+    }
+
     pub(crate) fn subscribe(&mut self, source: &str, event: &str, cb: Callback) -> SubscriptionId {
+        self.memo.valid = false;
         self.next += 1;
         let id = self.next;
-        match (source, event) {
-            ("*", "*") => self.wild.push((id, cb)),
-            (s, "*") => self.table.entry(s.into()).or_default().any.push((id, cb)),
-            (s, e) => self.table.entry(s.into()).or_default().events.entry(e.into()).or_default().push((id, cb)),
+        let list = match (source, event) {
+            ("*", "*") => None,
+            (s, e) => {
+                if !self.table.contains_key(s) {
+                    let any = self.new_list();
+                    self.table.insert(s.into(), BySource { any, events: FxMap::default() });
+                }
+                if e == "*" {
+                    Some(self.table[s].any)
+                } else if let Some(&l) = self.table[s].events.get(e) {
+                    Some(l)
+                } else {
+                    let l = self.new_list();
+                    self.table.get_mut(s).expect("inserted above").events.insert(e.into(), l);
+                    Some(l)
+                }
+            }
+        };
+        match list {
+            None => self.wild.push((id, cb)),
+            Some(l) => self.lists[l as usize].push((id, cb)),
         }
         self.index.insert(id, (source.into(), event.into()));
         SubscriptionId(id)
@@ -96,25 +209,62 @@ impl Subscriptions {
 
     pub(crate) fn unsubscribe(&mut self, id: SubscriptionId) -> bool {
         let Some((s, e)) = self.index.remove(&id.0) else { return false };
+        self.memo.valid = false;
         let keep = |(i, _): &(u64, Callback)| *i != id.0;
         if (&*s, &*e) == ("*", "*") {
             self.wild.retain(keep);
             return true;
         }
-        if let Some(by) = self.table.get_mut(&s) {
-            if &*e == "*" {
-                by.any.retain(keep);
-            } else if let Some(list) = by.events.get_mut(&e) {
-                list.retain(keep);
-                if list.is_empty() {
-                    by.events.remove(&e);
-                }
-            }
-            if by.any.is_empty() && by.events.is_empty() {
-                self.table.remove(&s);
+        let Some(by) = self.table.get_mut(&s) else { return true };
+        let any = by.any;
+        if &*e == "*" {
+            self.lists[any as usize].retain(keep);
+        } else if let Some(&l) = by.events.get(&e) {
+            self.lists[l as usize].retain(keep);
+            if self.lists[l as usize].is_empty() {
+                by.events.remove(&e);
+                self.free_list(l);
             }
         }
+        let by = &self.table[&s];
+        if self.lists[any as usize].is_empty() && by.events.is_empty() {
+            self.table.remove(&s);
+            self.free_list(any);
+        }
         true
+    }
+
+    /// Resolve `(source, event)` into the memo (a miss hashes and probes the tables).
+    fn resolve(&mut self, source: &str, event: &str) {
+        let (mut any, mut event_list) = (None, None);
+        if let Some(by) = self.table.get(source) {
+            if source != "*" {
+                any = Some(by.any);
+            }
+            if event != "*" {
+                event_list = by.events.get(event).copied();
+            }
+        }
+        let m = &mut self.memo;
+        m.source.clear();
+        m.source.push_str(source);
+        m.event.clear();
+        m.event.push_str(event);
+        m.any = any;
+        m.event_list = event_list;
+        m.valid = true;
+    }
+
+    /// Whether an event `(source, event)` would run at least one callback now.
+    pub(crate) fn wants(&mut self, source: &str, event: &str) -> bool {
+        if !self.wild.is_empty() {
+            return true;
+        }
+        if !self.memo.hit(source.as_bytes(), event.as_bytes()) {
+            self.resolve(source, event);
+        }
+        let nonempty = |l: Option<ListId>| l.is_some_and(|l| !self.lists[l as usize].is_empty());
+        nonempty(self.memo.any) || nonempty(self.memo.event_list)
     }
 
     /// Run the callbacks for `ev`: `("*","*")`, then `(source,"*")`, then `(source,event)`,
@@ -122,21 +272,50 @@ impl Subscriptions {
     /// whose source or name is literally `"*"`) is not run twice. A panicking callback is
     /// caught and logged; the others still run.
     pub(crate) fn run(&mut self, ev: &Event<'_>) -> RunStats {
-        let mut st = RunStats::default();
-        run_list(&mut self.wild, ev, &mut st);
-        let (source, event) = (ev.source(), ev.event());
-        if let Some(by) = self.table.get_mut(source) {
-            if source != "*" {
-                run_list(&mut by.any, ev, &mut st);
-            }
-            if event != "*" {
-                if let Some(list) = by.events.get_mut(event) {
-                    run_list(list, ev, &mut st);
-                }
-            }
+        if !self.memo.hit(ev.source.as_bytes(), ev.event.as_bytes()) {
+            self.resolve(ev.source, ev.event);
         }
-        st
+        self.run_resolved(ev)
     }
+
+    /// [`Subscriptions::run`] for an event whose names are still unchecked bytes (as read
+    /// from another process): a pair equal to the memo's needs no UTF-8 validation (the
+    /// memo's names were validated); otherwise the names are validated here. `None` when a
+    /// name is not UTF-8 (nothing ran).
+    pub(crate) fn run_raw(&mut self, source: &[u8], event: &[u8], data: &[u8], wid: Option<Wid>) -> Option<RunStats> {
+        if !self.memo.hit(source, event) {
+            let s = std::str::from_utf8(source).ok()?;
+            let e = std::str::from_utf8(event).ok()?;
+            self.resolve(s, e);
+        }
+        // The names are the memo's own (equal bytes): no validation, no lifetime games.
+        let Subscriptions { wild, lists, memo, .. } = self;
+        let ev = Event { source: &memo.source, event: &memo.event, data, wid };
+        Some(run_levels(wild, lists, memo.any, memo.event_list, &ev))
+    }
+
+    fn run_resolved(&mut self, ev: &Event<'_>) -> RunStats {
+        let Subscriptions { wild, lists, memo, .. } = self;
+        run_levels(wild, lists, memo.any, memo.event_list, ev)
+    }
+}
+
+fn run_levels(
+    wild: &mut List,
+    lists: &mut [List],
+    any: Option<ListId>,
+    event_list: Option<ListId>,
+    ev: &Event<'_>,
+) -> RunStats {
+    let mut st = RunStats::default();
+    run_list(wild, ev, &mut st);
+    if let Some(l) = any {
+        run_list(&mut lists[l as usize], ev, &mut st);
+    }
+    if let Some(l) = event_list {
+        run_list(&mut lists[l as usize], ev, &mut st);
+    }
+    st
 }
 
 fn run_list(list: &mut List, ev: &Event<'_>, st: &mut RunStats) {
@@ -182,5 +361,59 @@ mod tests {
         assert_eq!(run(&mut subs, "a", "x"), ["a/*#2", "a/x#4"]);
         assert!(subs.unsubscribe(ids[2]) && subs.unsubscribe(ids[4]) && subs.unsubscribe(ids[3]));
         assert!(subs.table.is_empty() && subs.wild.is_empty(), "empty entries are removed");
+        assert_eq!(subs.free.len(), subs.lists.len(), "every list is free again");
+    }
+
+    #[test]
+    fn the_memo_follows_subscribe_and_unsubscribe() {
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let mut subs = Subscriptions::default();
+        assert!(!subs.wants("a", "x"));
+        assert_eq!(subs.run(&ev("a", "x")).called, 0);
+        let h = hits.clone();
+        let id = subs.subscribe("a", "x", Box::new(move |e| h.lock().unwrap().push(e.event().to_owned())));
+        // The pair is memoized as "nothing" from the run above: the subscribe must clear it.
+        assert!(subs.wants("a", "x") && !subs.wants("a", "y") && !subs.wants("b", "x"));
+        assert_eq!(subs.run_raw(b"a", b"x", &[], None).map(|r| r.called), Some(1));
+        assert_eq!(subs.run_raw(b"a", b"x", &[], None).map(|r| r.called), Some(1), "memo hit");
+        assert_eq!(subs.run_raw(b"a", b"y", &[], None).map(|r| r.called), Some(0));
+        assert!(subs.run_raw(b"a", &[0xff], &[], None).is_none(), "invalid UTF-8 is refused");
+        assert!(subs.run_raw(&[0xc3], b"x", &[], None).is_none());
+        assert_eq!(*hits.lock().unwrap(), ["x", "x"]);
+        assert!(subs.unsubscribe(id));
+        assert!(!subs.wants("a", "x"));
+        assert_eq!(subs.run(&ev("a", "x")).called, 0);
+        let any = subs.subscribe("*", "*", Box::new(|_| {}));
+        assert!(subs.wants("b", "z"));
+        assert!(subs.unsubscribe(any) && !subs.wants("b", "z"));
+    }
+
+    #[test]
+    fn same_compares_every_length() {
+        let long = "abcdefghijklmnopqrstuvwxyz";
+        for n in 0..=long.len() {
+            let a = &long.as_bytes()[..n];
+            assert!(same(a, a));
+            for i in 0..n {
+                let mut b = a.to_vec();
+                b[i] ^= 1;
+                assert!(!same(a, &b), "differs at {i} of {n}");
+            }
+            assert!(!same(a, &long.as_bytes()[..n.saturating_sub(1)]) || n == 0);
+        }
+    }
+
+    #[test]
+    fn fx_tail_is_one_round_and_tells_lengths_apart() {
+        let h = |b: &[u8]| {
+            let mut f = FxHasher::default();
+            f.write(b);
+            f.finish()
+        };
+        let words = ["", "a", "ab", "abb", "abc", "abcd", "abcde", "abcdefg", "abcdefgh", "abcdefghi", "bench", "ping"];
+        let mut seen: Vec<u64> = words.iter().map(|w| h(w.as_bytes())).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), words.len(), "distinct short names hash apart");
     }
 }

@@ -36,16 +36,12 @@ impl EventFd {
         EventFd(fd)
     }
 
-    /// Add one to the counter. A saturated counter (EAGAIN) is already readable: fine.
+    /// Add one to the counter: one readiness edge for an edge-triggered epoll registration.
+    /// Nobody reads the counter (see `Epoll::add_edge_triggered`); it cannot saturate in
+    /// practice (2^64 - 2 writes).
     pub(crate) fn notify(&self) {
         let one: u64 = 1;
         let _ = syscall!(write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8));
-    }
-
-    /// Reset the counter to zero; returns whether it was non-zero.
-    pub(crate) fn drain(&self) -> bool {
-        let mut v: u64 = 0;
-        syscall!(read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8)).is_ok()
     }
 
     pub(crate) fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
@@ -74,6 +70,14 @@ impl Epoll {
 
     pub(crate) fn add(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        syscall!(epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev)).map(drop)
+    }
+
+    /// Register `fd` edge-triggered (`EPOLLIN | EPOLLET`): every write to an eventfd is one
+    /// edge, reported by one `epoll_wait` on this set and then gone, so the counter never
+    /// needs a `read` to stop the set from staying readable.
+    pub(crate) fn add_edge_triggered(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: token };
         syscall!(epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev)).map(drop)
     }
 

@@ -13,6 +13,7 @@ use rkyv::util::AlignedVec;
 
 use crate::dedup::Check;
 use crate::event::Event;
+use crate::message;
 use crate::options::Transport;
 use crate::wire::queue::{Inbox, OutQueue};
 use crate::wire::{Connections, DataPlane, Link, Offer, Peer};
@@ -26,6 +27,16 @@ const RING_BUDGET: usize = 4096;
 pub(crate) trait Deliver {
     /// Run the callbacks of a checked event.
     fn event(&mut self, ev: &Event<'_>);
+    /// Run the callbacks of a checked message whose names are not validated as UTF-8 yet;
+    /// false (nothing ran) when a name is not UTF-8. The default validates, then calls
+    /// [`Deliver::event`]; the worker's sink skips the validation for names it has seen.
+    fn raw_event(&mut self, m: &message::Raw<'_>) -> bool {
+        let (Ok(source), Ok(event)) = (std::str::from_utf8(m.source), std::str::from_utf8(m.event)) else {
+            return false;
+        };
+        self.event(&Event { source, event, data: m.data, wid: m.wid });
+        true
+    }
     /// `count` events of publisher slot `from` never reached this worker (a lost notice).
     fn lost(&mut self, from: u32, count: u64);
     /// A malformed or repeated message was dropped.
@@ -215,7 +226,8 @@ impl DataPath {
         }
     }
 
-    /// Clear the parked flag; true when woken through the eventfd (shared memory).
+    /// Clear the parked flag; true when a publisher cleared it first and wrote our eventfd
+    /// (shared memory): an edge the caller harvests unless its `epoll_wait` saw it.
     pub(crate) fn disarm(&mut self) -> bool {
         match self {
             DataPath::Shm(port) => port.disarm(),
@@ -229,6 +241,14 @@ impl DataPath {
         match self {
             DataPath::Shm(port) => port.arm(),
             _ => true,
+        }
+    }
+
+    /// Whether an inbound ring has a record waiting (shared memory; false otherwise).
+    pub(crate) fn has_inbound(&mut self) -> bool {
+        match self {
+            DataPath::Shm(port) => port.has_inbound(),
+            _ => false,
         }
     }
 

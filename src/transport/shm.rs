@@ -237,7 +237,7 @@ impl ShmPort {
 
     /// Drain inbound rings, handing each message (and lost notices) to `deliver`. At most
     /// `budget` messages per ring. Returns (messages, more_pending).
-    fn drain(&mut self, budget: usize, deliver: &mut dyn FnMut(Incoming<'_>)) -> (usize, bool) {
+    fn drain<F: FnMut(Incoming<'_>)>(&mut self, budget: usize, mut deliver: F) -> (usize, bool) {
         let mut total = 0;
         let mut more = false;
         for from in 0..self.inb.len() {
@@ -353,17 +353,20 @@ impl ShmPort {
         true
     }
 
-    /// Clear the parked flag; drain our eventfd if a peer wrote it. Returns whether we
-    /// were woken through the eventfd.
+    /// Clear the parked flag. Returns whether a peer cleared it first, i.e. wrote (or is
+    /// about to write) our eventfd: one edge for the epoll set, which the caller harvests
+    /// unless its own `epoll_wait` already reported it (the eventfd is never read).
     pub(crate) fn disarm(&mut self) -> bool {
         if !std::mem::take(&mut self.armed) {
             return false;
         }
-        if notify::disarm(self.region.parked_flag(self.me)) {
-            self.eventfds[self.me as usize].drain();
-            return true;
-        }
-        false
+        notify::disarm(self.region.parked_flag(self.me))
+    }
+
+    /// Whether an inbound ring has a committed record (a few loads; no fence, no flush):
+    /// what a dispatch spinning for the next event of a stream polls.
+    pub(crate) fn has_inbound(&mut self) -> bool {
+        self.inb.iter_mut().flatten().any(|i| i.cons.as_mut().is_some_and(|c| c.has_data()))
     }
 
     /// Give up every backlog (closing): each message never started in its ring is counted
@@ -407,19 +410,19 @@ impl ShmPort {
         self.flush();
         let geo = *self.region.geometry();
         let max_payload = self.max_payload_len;
-        self.drain(budget, &mut |inc| match inc {
-            Incoming::Message { from, bytes } => match message::decode(bytes, geo.workers, geo.agent, max_payload) {
-                Ok(d)
-                    if (d.kind == Kind::All && d.event.wid == Some(geo.wid_of(from)))
-                        || (d.kind == Kind::Unique && d.event.wid.is_some()) =>
-                {
-                    sink.event(&d.event);
+        self.drain(budget, |inc| match inc {
+            Incoming::Message { from, bytes } => {
+                match message::decode_raw(bytes, geo.workers, geo.agent, max_payload) {
+                    Ok(m)
+                        if ((m.kind == Kind::All && m.wid == Some(geo.wid_of(from)))
+                            || (m.kind == Kind::Unique && m.wid.is_some()))
+                            && sink.raw_event(&m) => {}
+                    _ => {
+                        tracing::warn!(from, "dropping a malformed message");
+                        sink.dropped();
+                    }
                 }
-                _ => {
-                    tracing::warn!(from, "dropping a malformed message");
-                    sink.dropped();
-                }
-            },
+            }
             Incoming::Lost { from, count } => sink.lost(from, count),
         })
     }

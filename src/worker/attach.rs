@@ -124,7 +124,10 @@ impl Worker {
         let port = ShmPort::attach(region, eventfds, self.slot, o.max_queue_len, o.max_payload_len);
         self.switch_path(DataPath::Shm(port));
         if let Some(port) = self.path.shm() {
-            self.epoll.add(port.my_eventfd().as_fd(), TOKEN_EVENTFD).map_err(|e| Error::io("epoll_ctl", e))?;
+            // Edge-triggered: a wake-up seen by `wait`'s own epoll_wait needs no read.
+            self.epoll
+                .add_edge_triggered(port.my_eventfd().as_fd(), TOKEN_EVENTFD)
+                .map_err(|e| Error::io("epoll_ctl", e))?;
         }
         if let Some(ctl) = self.ctl.as_mut() {
             ctl.hold_region();

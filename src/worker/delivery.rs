@@ -9,11 +9,14 @@ use crate::event::{Event, Lost, SYSTEM_SOURCE};
 use crate::layout::Geometry;
 use crate::message::{self, Kind};
 use crate::stats::Stats;
-use crate::subs::Subscriptions;
+use crate::subs::{RunStats, Subscriptions};
 use crate::transport::{Deliver, PortCounters};
 
-/// Spare buffers kept for reuse.
-const POOL_MAX: usize = 64;
+/// Spare buffers kept for reuse, at least (up to `max_queue_len` small ones are kept, so a
+/// burst of self-delivered events allocates nothing once the pool has grown).
+const POOL_MIN: usize = 64;
+/// A buffer up to this capacity counts as small.
+const SMALL_BUF: usize = 4096;
 
 /// The worker's callbacks and counters, as a transport sees them.
 pub(super) struct Delivery<'a> {
@@ -27,6 +30,12 @@ impl Deliver for Delivery<'_> {
         run_callbacks(self.subs, self.stats, ev);
     }
 
+    fn raw_event(&mut self, m: &message::Raw<'_>) -> bool {
+        let Some(r) = self.subs.run_raw(m.source, m.event, m.data, m.wid) else { return false };
+        count_run(self.stats, r);
+        true
+    }
+
     fn lost(&mut self, from: u32, count: u64) {
         deliver_lost_notice(self.subs, self.stats, &self.geo, from, count);
     }
@@ -38,7 +47,11 @@ impl Deliver for Delivery<'_> {
 
 /// Run the callbacks for one delivered event and count it.
 pub(super) fn run_callbacks(subs: &mut Subscriptions, stats: &mut Stats, ev: &Event<'_>) {
-    let r = subs.run(ev);
+    count_run(stats, subs.run(ev));
+}
+
+/// Count one delivered event whose callbacks ran with outcome `r`.
+fn count_run(stats: &mut Stats, r: RunStats) {
     stats.delivered += 1;
     stats.callbacks_run += r.called;
     stats.callback_panics += r.panicked;
@@ -69,7 +82,9 @@ pub(super) fn fold_counters(s: &mut Stats, c: PortCounters) {
 impl Worker {
     /// Run our own queue (this worker's own stream, in publish order); returns the events run.
     pub(super) fn run_local(&mut self) -> usize {
-        let mut n = 0;
+        // Our own "all" events that no callback wanted (see `send`): delivered to nobody.
+        let mut n = std::mem::take(&mut self.unrun_self);
+        self.stats.delivered += n as u64;
         for _ in 0..self.local.len() {
             let Some(buf) = self.local.pop_front() else { break };
             let (g, max) = (self.geo, self.opts.max_payload_len);
@@ -90,7 +105,8 @@ impl Worker {
     /// Give a buffer back to the pool.
     pub(super) fn recycle(&mut self, mut buf: AlignedVec) {
         buf.clear();
-        if self.pool.len() < POOL_MAX {
+        let keep = if buf.capacity() <= SMALL_BUF { self.opts.max_queue_len.max(POOL_MIN) } else { POOL_MIN };
+        if self.pool.len() < keep {
             self.pool.push(buf);
         }
     }

@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 
+use rkyv::ser::allocator::Arena;
 use rkyv::util::AlignedVec;
 
 use crate::control::Control;
@@ -120,7 +121,9 @@ impl Events {
             geo,
             subs: Subscriptions::default(),
             local: VecDeque::new(),
+            unrun_self: 0,
             pool: Vec::new(),
+            arena: Arena::new(),
             stats: Stats::default(),
             path,
             ctl,
@@ -147,7 +150,11 @@ impl Events {
 ///
 /// `Worker` is [`AsFd`]: the descriptor (an epoll set over this slot's eventfd and the
 /// control sockets) becomes readable when `dispatch` has work, **once `dispatch` has
-/// returned 0** (as with `EAGAIN`, drain until 0 before going back to your poller). In
+/// returned 0** (as with `EAGAIN`, drain until 0 before going back to your poller; it works
+/// level- and edge-triggered: each wake-up is a new edge). Events that arrive while the
+/// worker is inside `dispatch`, or between calls while `dispatch` keeps finding events,
+/// cost no syscall; a `dispatch` that finds nothing while a stream is flowing polls for up
+/// to 20 µs before arming (see [`Worker::dispatch`]). In
 /// [busy-poll mode](Worker::set_busy_poll) it is never armed and publishers make no syscall.
 ///
 /// # Examples
@@ -180,8 +187,13 @@ pub struct Worker {
     /// Events for our own callbacks ("all" self-copies, "current", unique events the broker
     /// gave itself, system notices), in publish order.
     local: VecDeque<AlignedVec>,
+    /// Our own "all" events published since the last dispatch that matched no callback of
+    /// ours at publish time: not queued, only counted (as delivered) by the next dispatch.
+    unrun_self: usize,
     /// Spare message buffers (no allocation per event in steady state).
     pool: Vec<AlignedVec>,
+    /// rkyv's serialization arena for `publish` (kept here rather than thread-local).
+    arena: Arena,
     stats: Stats,
     // Drop order matters: the data path marks the slot detached before `ctl` releases the
     // slot lock (a successor may take the slot the moment the lock goes).
@@ -211,6 +223,14 @@ impl Worker {
     /// Register `callback` for events matching `(source, event)`; `"*"` is a wildcard.
     /// Matching runs `("*","*")`, then `(source,"*")`, then `(source,event)`, each level in
     /// subscription order.
+    ///
+    /// A subscription sees events that arrive after it is made. For this worker's own
+    /// `Target::All` events that means events published after it: whether the publisher's
+    /// own copy is kept for its callbacks is decided at `publish` (a copy no callback wants
+    /// is not queued, only counted as delivered by the next dispatch), so an event published
+    /// just before a `subscribe` in the same process is not delivered to the new callback.
+    /// A subscription that exists at `publish` time gets the event, in publish order with
+    /// this worker's `Target::Current` events.
     ///
     /// ```
     /// # use worker_events::{Events, Options, Wid};

@@ -33,11 +33,12 @@ impl Worker {
     ) -> Result<(), PublishError> {
         let (origin, kind) = self.route(target)?;
         let mut buf = self.pool.pop().unwrap_or_default();
-        if let Err(e) = message::encode_typed(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
+        let max = self.opts.max_payload_len;
+        if let Err(e) = message::encode_typed_in(&mut buf, &mut self.arena, source, event, data, origin, kind, max) {
             self.pool.push(buf);
             return Err(e);
         }
-        self.send(buf, target)
+        self.send(buf, target, source, event)
     }
 
     /// Publish raw bytes.
@@ -66,7 +67,7 @@ impl Worker {
             self.pool.push(buf);
             return Err(e);
         }
-        self.send(buf, target)
+        self.send(buf, target, source, event)
     }
 
     /// The origin and kind a target's message carries (in testing mode no origin: events
@@ -83,7 +84,7 @@ impl Worker {
         }
     }
 
-    fn send(&mut self, buf: AlignedVec, target: Target<'_>) -> Result<(), PublishError> {
+    fn send(&mut self, buf: AlignedVec, target: Target<'_>, source: &str, event: &str) -> Result<(), PublishError> {
         if self.path.is_in_process() {
             // Synchronous, in-process, wid None.
             let (g, max) = (self.geo, self.opts.max_payload_len);
@@ -99,7 +100,7 @@ impl Worker {
         }
         let cap = self.opts.max_queue_len;
         let all = target == Target::All;
-        if self.local.len() >= cap || (all && !self.path.has_room(cap)) {
+        if self.local.len() + self.unrun_self >= cap || (all && !self.path.has_room(cap)) {
             self.stats.overflows += 1;
             self.pool.push(buf);
             return Err(PublishError::QueueOverflow);
@@ -108,8 +109,55 @@ impl Worker {
             let conns = self.ctl.as_mut().map(|c| c as &mut dyn Connections);
             self.path.send_all(&buf, conns);
         }
-        self.local.push_back(buf);
+        if all && !self.subs.wants(source, event) {
+            // Our own copy would run no callback: count it for the next dispatch (which
+            // reports it as delivered, as before) instead of queueing and decoding it. A
+            // callback subscribed after this publish does not see it.
+            self.unrun_self += 1;
+            self.recycle(buf);
+        } else {
+            self.local.push_back(buf);
+        }
         self.stats.published += 1;
         Ok(())
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use crate::error::PublishError;
+    use crate::event::{Target, Wid};
+    use crate::options::{Options, Transport};
+    use crate::worker::Events;
+
+    /// The publisher's own copy of an `All` event is decided at publish: unwanted copies are
+    /// counted (delivered, dispatch's return, the own-queue bound) but never run, and a
+    /// subscription made after the publish does not see the event.
+    #[test]
+    fn own_all_copy_is_decided_at_publish() {
+        let d = std::env::temp_dir().join(format!("we-self-copy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let opts = Options::new(d.join("ev.sock")).workers(1).transport(Transport::SharedMemory).max_queue_len(4);
+        let mut w = Events::new(opts).unwrap().init_worker(Wid::Worker(0)).unwrap();
+        assert!(w.wait_ready(Duration::from_secs(5)).unwrap());
+        w.publish_bytes(Target::All, "s", "e", b"0").unwrap(); // nobody wants it
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        w.subscribe("s", "e", move |ev| s.lock().unwrap().push(ev.data_bytes().to_vec()));
+        w.publish_bytes(Target::Current, "s", "e", b"1").unwrap();
+        w.publish_bytes(Target::All, "s", "e", b"2").unwrap();
+        w.publish_bytes(Target::All, "s", "other", b"3").unwrap(); // nobody wants it
+        let e = w.publish_bytes(Target::All, "s", "other", b"4").unwrap_err();
+        assert_eq!(e, PublishError::QueueOverflow, "unqueued copies still count against max_queue_len");
+        assert_eq!(w.dispatch().unwrap(), 4);
+        assert_eq!(*seen.lock().unwrap(), [b"1".to_vec(), b"2".to_vec()], "in publish order, not the earlier one");
+        let st = w.stats();
+        assert_eq!((st.published, st.delivered, st.callbacks_run, st.overflows), (4, 4, 2, 1));
+        assert_eq!(w.dispatch().unwrap(), 0);
+        drop(w);
+        let _ = std::fs::remove_dir_all(d);
     }
 }
