@@ -259,7 +259,7 @@ fn shm_unique_events_flow_while_the_broker_is_stopped() {
     let cfg = Cfg::new(&dir.sock(), 4);
     let mut ws: Vec<Child> = (0..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
     let b = broker_index(&reports(&mut ws));
-    let mut frozen = ws.remove(b);
+    let frozen = ws.remove(b);
     frozen.signal(libc::SIGSTOP);
     for w in ws.iter_mut() {
         w.send(Cmd::uniq("u", "e", "s", 0, N));
