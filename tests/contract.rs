@@ -215,7 +215,7 @@ fn hello_with_a_wrong_version_or_geometry_is_rejected_and_the_broker_keeps_servi
     let ring = good.ring_capacity;
     let cases = [
         (Hello { protocol: 99, ..good }, "control protocol version 99, the broker speaks 2"),
-        (Hello { layout: 99, ..good }, "shared-memory layout version 99, the broker uses 2"),
+        (Hello { layout: 99, ..good }, "shared-memory layout version 99, the broker uses 3"),
         (Hello { workers: 4, ..good }, "options differ from the broker's: workers 4/3"),
         (Hello { ring_capacity: ring * 2, ..good }, "options differ from the broker's"),
         (Hello { agent: 1, ..good }, "privileged agent true/false"),

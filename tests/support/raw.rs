@@ -24,7 +24,7 @@ pub const KIND_REJECT: u8 = 3;
 pub struct Hello {
     /// Control protocol version (this build speaks 2).
     pub protocol: u32,
-    /// Shared-memory layout version (this build uses 2).
+    /// Shared-memory layout version (this build uses 3).
     pub layout: u32,
     pub slot: u32,
     pub pid: u32,
@@ -40,7 +40,7 @@ impl Hello {
     pub fn for_cfg(cfg: &Cfg, slot: u32) -> Hello {
         Hello {
             protocol: 2,
-            layout: 2,
+            layout: 3,
             slot,
             pid: std::process::id(),
             workers: cfg.workers,
