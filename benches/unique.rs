@@ -5,7 +5,7 @@
 //! | criterion id                                       | what                                                   |
 //! |----------------------------------------------------|--------------------------------------------------------|
 //! | `unique_xproc_busy/all_to_broker_baseline`          | `publish(All)` in worker 1 -> callback in worker 0     |
-//! | `unique_xproc_busy/unique_to_publisher`             | `publish(Unique)` in worker 1 -> socket -> broker dedups, writes ring 0->1 -> callback in worker 1 |
+//! | `unique_xproc_busy/unique_to_broker`                | `publish(Unique)` in worker 1 -> (shared memory) dedup in the publisher, ring 1->0 -> callback in worker 0; (socket) broker dedups, sends back -> callback in worker 1 |
 //! | `unique_xproc_parked/...`                           | the same two with both processes parked in `wait(None)` |
 //! | `unique_at_broker/baseline_all_publish_dispatch`    | one process (the broker): `publish(All) + dispatch`    |
 //! | `unique_at_broker/unique_duplicate_dropped_table_N` | `publish(Unique) + dispatch` of a hash live in the table: dropped |
@@ -20,9 +20,7 @@
 //! 0 reports its figure back with an `All` "ack" event; the publisher waits for each delivery
 //! before it publishes the next event, so nothing queues. The broker picks unique targets
 //! round-robin among the live slots; each unique event is classified by the process whose
-//! callback ran. Since the broker prefers another live
-//! worker as the target (see `MEASURED`), with two workers every unique event goes back to
-//! the publisher. The kinds are interleaved (one
+//! callback ran (see `MEASURED`). The kinds are interleaved (one
 //! cycle = one `All`, one unique) whatever criterion function runs, so drift on the noisy VM
 //! hits baseline and unique alike. A preemption of either busy-polling process (the host is
 //! shared; other processes' time slices are milliseconds) costs the event in flight
@@ -157,11 +155,12 @@ enum Kind {
 }
 
 const KINDS: [Kind; 3] = [Kind::AllToBroker, Kind::UniqueToBroker, Kind::UniqueToPublisher];
-/// The kinds criterion measures. A broker sends unique events to another live worker when
-/// there is one (an event it kept for itself could die with it after being acknowledged),
-/// so with two workers every unique event goes back to the publisher: `UniqueToBroker` only
-/// shows in the summary if it ever happens.
-const MEASURED: [Kind; 2] = [Kind::AllToBroker, Kind::UniqueToPublisher];
+/// The kinds criterion measures; a unique kind's samples take every unique event, wherever
+/// its callback ran. On shared memory the publisher routes its own unique events and
+/// prefers another live worker, so with two workers they go to worker 0, the same hop as
+/// the `All` baseline; on the socket transport the broker routes them and sends them back
+/// to the publisher. The summary tells the two apart.
+const MEASURED: [Kind; 2] = [Kind::AllToBroker, Kind::UniqueToBroker];
 
 impl Kind {
     fn id(self) -> &'static str {
@@ -333,7 +332,8 @@ impl XProc {
             cycles += 1;
             assert!(cycles <= 4 * n + 1000, "no {kind:?} event in {cycles} cycles: the target choice changed");
             for (k, ns) in self.cycle() {
-                if k == kind && (v.len() as u64) < n {
+                let same = (k == Kind::AllToBroker) == (kind == Kind::AllToBroker);
+                if same && (v.len() as u64) < n {
                     v.push(ns);
                 }
             }

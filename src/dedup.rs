@@ -1,28 +1,58 @@
 //! Shared-memory hash table with expiry: the unique-event dedup cache.
 //!
-//! `buckets` (a power of two, at least twice `unique_capacity`) entries of 32 bytes:
-//! a 128-bit tag (SipHash-1-3 of the unique hash, keyed with the random key in the region
-//! header, so peers cannot aim collisions) and an expiry instant on `CLOCK_MONOTONIC`
-//! (system-wide, so a successor broker reads the same clock). Linear probing within a
-//! bounded window of [`MAX_PROBE`] entries: an entry whose expiry has passed is free again;
-//! a never-used entry (tag 0) ends a lookup early.
+//! `buckets` (a power of two, at least twice `unique_capacity`) entries of 32 bytes: a
+//! 128-bit tag (SipHash-1-3 of the unique hash, keyed with the random key in the region
+//! header, so peers cannot aim collisions), an expiry instant on `CLOCK_MONOTONIC`
+//! (system-wide, so every process reads the same clock) and a state word. Linear probing
+//! within a bounded window of [`MAX_PROBE`] entries: a recorded entry whose expiry has passed
+//! is free again; a never-used entry (state 0) ends a lookup early.
 //!
-//! Concurrency: only the broker reads or writes the table, and the broker is whoever holds
-//! the broker lock, which the kernel gives to one live process at a time. There is no
-//! concurrent access to model; a broker killed in the middle of an insert leaves at worst
-//! an entry whose two tag halves do not match any hash (it expires like any other).
-//! The one exception is a broker that was frozen (SIGSTOP, a long page fault) while a
-//! successor took the lock: until it reads the new epoch in the region header and steps
-//! down (the first thing each of its control polls does), it may still insert. The entries
-//! are atomics, so that is never undefined behaviour; at worst the same hash is recorded
-//! twice and delivered twice, which the unique contract tolerates as at-least-once in that
-//! window (documented in the crate's fault model).
+//! Concurrency: on shared memory every publisher records its own unique events, so the table
+//! has many writers in many processes, any of which may be killed at any instruction or
+//! frozen (SIGSTOP). The state word of an entry is `stamp << 2 | kind`:
 //!
-//! Full window: if all [`MAX_PROBE`] entries of a hash's window are live, the hash cannot
-//! be recorded. The event is still delivered (a cache purge delivered twice is harmless; a
-//! purge dropped is stale data), the broker counts it in `Stats::unique_unrecorded` and
-//! logs a warning: a later event with the same hash may then be delivered again. Never a
-//! silent duplicate, never a hang.
+//! * `FREE` (kind 0): stamp 0 = never used; otherwise released or never finished.
+//! * `BUSY` (1): one claimer owns the entry and is writing the tag and the expiry.
+//! * `CLAIMED` (2): the tag is valid; its claimer is checking the window for a rival.
+//! * `LIVE` (3): the tag and the expiry are valid: the hash is recorded.
+//!
+//! The stamp is the claim's `CLOCK_MONOTONIC` time, strictly greater than the entry's previous
+//! stamp, so a state value never repeats (no ABA: every transition is a compare-and-swap from
+//! the value the writer saw, and a reader that sees the same state before and after reading
+//! the tag read a consistent tag). A claim (`check_and_record`):
+//!
+//! 1. looks the tag up (a `LIVE`, unexpired equal tag: duplicate) and picks the first free
+//!    entry of the window: never used, released, expired, or a `BUSY`/`CLAIMED` claim older
+//!    than the claim timeout (its claimer died or is frozen);
+//! 2. takes it by CAS (state seen -> `BUSY`), writes tag and expiry, then CAS `BUSY` ->
+//!    `CLAIMED` (failing only when the claim was broken as stale), then a SeqCst fence;
+//! 3. rescans the window (Dekker: of two claimers of one tag, each publishing its claim
+//!    before its rescan, at least one sees the other): an unexpired `LIVE` equal tag, or a
+//!    `CLAIMED` equal tag *earlier* in the window, means another claim wins (ours is
+//!    released: duplicate); a `CLAIMED` equal tag *later* in the window is broken (CAS ->
+//!    `FREE`), so its claimer's commit fails and it starts over, finding ours;
+//! 4. commits by CAS `CLAIMED` -> `LIVE`; a claim broken meanwhile starts over.
+//!
+//! So of any set of concurrent claims of one tag exactly one commits, and an expired entry is
+//! taken over by exactly one claimer (the CAS of step 2); the loom models below check both,
+//! and fail with a plain load and store in place of that CAS. A claimer killed mid-claim
+//! leaves a `BUSY` or `CLAIMED` entry that becomes free after the claim timeout (1 s, or the
+//! `unique_timeout` if shorter): never wedged. Its event dies with it, and an equal tag
+//! claimed concurrently behind its `CLAIMED` entry is counted a duplicate of it: a hash whose
+//! publisher is killed in that window of a few hundred nanoseconds can be lost once (at most
+//! once, never twice). A claimer frozen for longer than the claim timeout between steps 2 and
+//! 4 has its claim broken; it notices at its next CAS and starts over. The one residual
+//! hazard is a claimer frozen that long between its CAS to `BUSY` and its tag stores: when
+//! it resumes, its stores may land in the entry of the claimer that took the stale entry
+//! over, which may then deliver one hash twice or drop one (documented in the crate's fault
+//! model). Every word is an atomic, so none of this is ever undefined behaviour.
+//!
+//! Full window: if all [`MAX_PROBE`] entries of a hash's window are live (or being claimed),
+//! the hash cannot be recorded. The event is still delivered (a cache purge delivered twice
+//! is harmless; a purge dropped is stale data), counted in `Stats::unique_unrecorded` with a
+//! warning: a later event with the same hash may then be delivered again. Never a silent
+//! duplicate, never a hang. The same holds for a claim that lost [`MAX_RETRIES`] races in a
+//! row (not seen in practice).
 
 use std::hash::Hasher;
 use std::ptr::NonNull;
@@ -30,10 +60,10 @@ use std::ptr::NonNull;
 use siphasher::sip128::{Hasher128, SipHasher13};
 
 pub(crate) use crate::layout::{DEDUP_MAX_PROBE as MAX_PROBE, DedupEntry, dedup_buckets_for as buckets_for};
-use crate::sync::Ordering;
+use crate::sync::{Ordering, fence};
 use crate::sys;
 
-/// The 128-bit tag of a unique hash. Never all-zero (zero marks a never-used entry).
+/// The 128-bit tag of a unique hash. Never all-zero.
 pub(crate) fn tag(key: (u64, u64), hash: &[u8]) -> (u64, u64) {
     let mut h = SipHasher13::new_with_keys(key.0, key.1);
     h.write(hash);
@@ -50,6 +80,42 @@ pub(crate) enum Check {
     Duplicate,
     /// Not seen, but no free entry in its window: deliver it unrecorded (counted).
     Full,
+}
+
+/// Entry kinds (the low two bits of the state word).
+const FREE: u64 = 0;
+const BUSY: u64 = 1;
+const CLAIMED: u64 = 2;
+const LIVE: u64 = 3;
+
+/// A `BUSY` or `CLAIMED` entry older than this (or than the ttl, if shorter) is abandoned.
+const CLAIM_TIMEOUT_NS: u64 = 1_000_000_000;
+/// Claims started over (lost CAS races) before giving up with [`Check::Full`].
+const MAX_RETRIES: usize = 64;
+
+fn kind(state: u64) -> u64 {
+    state & 3
+}
+
+fn stamp(state: u64) -> u64 {
+    state >> 2
+}
+
+fn pack(stamp: u64, kind: u64) -> u64 {
+    (stamp << 2) | kind
+}
+
+/// A consistent reading of one entry.
+struct Seen {
+    state: u64,
+    tag: (u64, u64),
+    expires: u64,
+}
+
+/// What claim step 3 concluded.
+enum Contest {
+    Won,
+    Lost,
 }
 
 /// A view of the table. Invariant: `entries` points to `buckets` entries (a power of two
@@ -73,47 +139,131 @@ impl DedupTable<'_> {
     }
 
     fn entry(&self, i: usize) -> &DedupEntry {
-        // SAFETY: i is masked to < buckets by every caller; entries are atomics, valid for
-        // the view's lifetime per the type invariant.
+        // SAFETY: i is masked to < buckets; entries are atomics, valid for the view's
+        // lifetime per the type invariant.
         unsafe { self.entries.add(i & (self.buckets - 1)).as_ref() }
     }
 
-    /// Look `tag` up at time `now_ns`; if absent (or expired), record it until
-    /// `now_ns + ttl_ns`.
-    pub(crate) fn check_and_record(&self, tag: (u64, u64), now_ns: u64, ttl_ns: u64) -> Check {
-        let start = tag.0 as usize;
-        let mut free = None;
-        for i in 0..MAX_PROBE {
-            let e = self.entry(start.wrapping_add(i));
-            let lo = e.tag_lo.load(Ordering::Acquire);
+    /// Read an entry: its state (Acquire), and for `CLAIMED`/`LIVE` its tag and expiry,
+    /// re-checked against the state (seqlock: tag stores happen only in `BUSY`).
+    fn read(e: &DedupEntry) -> Seen {
+        loop {
+            let state = e.state.load(Ordering::Acquire);
+            if kind(state) < CLAIMED {
+                return Seen { state, tag: (0, 0), expires: 0 };
+            }
+            let tag = (e.tag_lo.load(Ordering::Relaxed), e.tag_hi.load(Ordering::Relaxed));
             let expires = e.expires_ns.load(Ordering::Relaxed);
-            let live = lo != 0 && expires > now_ns;
-            if live && lo == tag.0 && e.tag_hi.load(Ordering::Relaxed) == tag.1 {
-                return Check::Duplicate;
-            }
-            if !live && free.is_none() {
-                free = Some(start.wrapping_add(i));
-            }
-            if lo == 0 {
-                // Never used: nothing was ever inserted past this point of the window.
-                break;
+            fence(Ordering::Acquire);
+            if e.state.load(Ordering::Relaxed) == state {
+                return Seen { state, tag, expires };
             }
         }
-        let Some(slot) = free else { return Check::Full };
-        let e = self.entry(slot);
-        e.tag_hi.store(tag.1, Ordering::Relaxed);
-        e.expires_ns.store(now_ns.saturating_add(ttl_ns), Ordering::Relaxed);
-        e.tag_lo.store(tag.0, Ordering::Release);
-        Check::New
     }
 
-    /// Live entries at `now_ns` (statistics, tests).
-    #[cfg(test)]
+    /// Look `tag` up at time `now_ns`; if absent (or expired), record it until
+    /// `now_ns + ttl_ns`. Safe against concurrent callers in any number of processes (see
+    /// the module docs).
+    pub(crate) fn check_and_record(&self, tag: (u64, u64), now_ns: u64, ttl_ns: u64) -> Check {
+        let stale_before = now_ns.saturating_sub(CLAIM_TIMEOUT_NS.min(ttl_ns));
+        let start = tag.0 as usize;
+        let abandoned = |s: &Seen| matches!(kind(s.state), BUSY | CLAIMED) && stamp(s.state) <= stale_before;
+        for _ in 0..MAX_RETRIES {
+            // 1. Look up; the first free entry.
+            let mut free = None;
+            for i in 0..MAX_PROBE {
+                let s = Self::read(self.entry(start.wrapping_add(i)));
+                if s.state == 0 {
+                    free = free.or(Some((i, s.state)));
+                    break;
+                }
+                let k = kind(s.state);
+                if k == LIVE && s.expires > now_ns && s.tag == tag {
+                    return Check::Duplicate;
+                }
+                let is_free = k == FREE || (k == LIVE && s.expires <= now_ns) || abandoned(&s);
+                if is_free && free.is_none() {
+                    free = Some((i, s.state));
+                }
+            }
+            let Some((mine, seen)) = free else { return Check::Full };
+            // 2. Take it, write the tag, publish the claim.
+            let e = self.entry(start.wrapping_add(mine));
+            let st = now_ns.max(stamp(seen) + 1);
+            if e.state.compare_exchange(seen, pack(st, BUSY), Ordering::Acquire, Ordering::Relaxed).is_err() {
+                continue;
+            }
+            fence(Ordering::Release);
+            e.tag_lo.store(tag.0, Ordering::Relaxed);
+            e.tag_hi.store(tag.1, Ordering::Relaxed);
+            e.expires_ns.store(now_ns.saturating_add(ttl_ns), Ordering::Relaxed);
+            let claimed = pack(st, CLAIMED);
+            if e.state.compare_exchange(pack(st, BUSY), claimed, Ordering::Release, Ordering::Relaxed).is_err() {
+                continue;
+            }
+            fence(Ordering::SeqCst);
+            // 3. Rivals for the same tag.
+            match self.contest(tag, start, mine, now_ns, stale_before) {
+                Contest::Lost => {
+                    let _ = e.state.compare_exchange(claimed, pack(st, FREE), Ordering::Release, Ordering::Relaxed);
+                    return Check::Duplicate;
+                }
+                // 4. Commit, unless our claim was broken meanwhile.
+                Contest::Won => {
+                    if e.state.compare_exchange(claimed, pack(st, LIVE), Ordering::Release, Ordering::Relaxed).is_ok() {
+                        return Check::New;
+                    }
+                }
+            }
+        }
+        Check::Full
+    }
+
+    /// Claim step 3: with our claim of `tag` published at window offset `mine`, look for
+    /// other claims or records of the same tag.
+    fn contest(&self, tag: (u64, u64), start: usize, mine: usize, now_ns: u64, stale_before: u64) -> Contest {
+        for j in 0..MAX_PROBE {
+            if j == mine {
+                continue;
+            }
+            let e = self.entry(start.wrapping_add(j));
+            loop {
+                let s = Self::read(e);
+                if s.state == 0 {
+                    // Never used: no claim of this window ever went past it.
+                    return Contest::Won;
+                }
+                if s.tag != tag {
+                    break;
+                }
+                if kind(s.state) == LIVE {
+                    if s.expires > now_ns {
+                        return Contest::Lost;
+                    }
+                    break;
+                }
+                // A rival claim of the same tag. An earlier one in the window wins, unless
+                // abandoned; a later one (or an abandoned one) is broken.
+                if j < mine && stamp(s.state) > stale_before {
+                    return Contest::Lost;
+                }
+                let broken = pack(stamp(s.state), FREE);
+                if e.state.compare_exchange(s.state, broken, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                    break;
+                }
+                // It moved on (committed, released, or taken over): look again.
+            }
+        }
+        Contest::Won
+    }
+
+    /// Recorded entries live at `now_ns` (statistics, tests).
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn live(&self, now_ns: u64) -> usize {
         (0..self.buckets)
             .filter(|&i| {
-                let e = self.entry(i);
-                e.tag_lo.load(Ordering::Relaxed) != 0 && e.expires_ns.load(Ordering::Relaxed) > now_ns
+                let s = Self::read(self.entry(i));
+                kind(s.state) == LIVE && s.expires > now_ns
             })
             .count()
     }
@@ -251,5 +401,102 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+/// The multi-writer claim under loom: publishers in different processes are threads here,
+/// the table a private array of the real entries (32 = one probe window), `now` each
+/// publisher's own reading of the clock.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use loom::thread;
+    use std::sync::Arc;
+
+    const KEY: (u64, u64) = (7, 9);
+    const TTL: u64 = 1_000;
+
+    fn table() -> Arc<Vec<DedupEntry>> {
+        Arc::new((0..MAX_PROBE).map(|_| DedupEntry::vacant()).collect())
+    }
+
+    fn view(v: &[DedupEntry]) -> DedupTable<'_> {
+        // SAFETY: `v` holds MAX_PROBE entries (a power of two) and outlives the view.
+        unsafe { DedupTable::new(NonNull::from(&v[0]), v.len()) }
+    }
+
+    /// `nows.len()` publishers claim `h` concurrently, each at its own time; exactly one
+    /// records it, the others see a duplicate; afterwards one live entry holds it.
+    fn exactly_one(v: Arc<Vec<DedupEntry>>, h: (u64, u64), nows: &'static [u64]) {
+        let handles: Vec<_> = nows
+            .iter()
+            .map(|&now| {
+                let v = v.clone();
+                thread::spawn(move || view(&v).check_and_record(h, now, TTL))
+            })
+            .collect();
+        let got: Vec<Check> = handles.into_iter().map(|t| t.join().unwrap()).collect();
+        let new = got.iter().filter(|&&c| c == Check::New).count();
+        assert_eq!(new, 1, "claims of one hash: {got:?}");
+        assert!(got.iter().all(|&c| c != Check::Full), "{got:?}");
+        let last = *nows.iter().max().unwrap();
+        assert_eq!(view(&v).check_and_record(h, last, TTL), Check::Duplicate);
+    }
+
+    /// Two publishers, an empty table: both go for the same first entry.
+    #[test]
+    fn two_claims_of_one_hash_on_one_entry() {
+        loom::model(|| exactly_one(table(), tag(KEY, b"h"), &[10, 10]));
+    }
+
+    /// Two publishers that pick different entries: the first entry of the window holds
+    /// another hash expiring at 100, so the publisher at time 50 takes the second entry and
+    /// the one at time 150 the first. Only the rescan (Dekker) keeps this to one record.
+    #[test]
+    fn two_claims_of_one_hash_on_two_entries() {
+        loom::model(|| {
+            let v = table();
+            let h = tag(KEY, b"h");
+            // Another hash in h's first entry, recorded at 0 until 100.
+            let mut other = tag(KEY, b"o");
+            other.0 = h.0;
+            other.1 ^= 1;
+            assert_eq!(view(&v).check_and_record(other, 0, 100), Check::New);
+            exactly_one(v, h, &[50, 150]);
+        });
+    }
+
+    /// An expired record of the hash is taken over by exactly one of two publishers.
+    #[test]
+    fn expired_entry_reclaimed_by_exactly_one() {
+        loom::model(|| {
+            let v = table();
+            let h = tag(KEY, b"h");
+            assert_eq!(view(&v).check_and_record(h, 0, 100), Check::New);
+            exactly_one(v, h, &[200, 200]);
+        });
+    }
+
+    /// Three publishers of one hash at once.
+    #[test]
+    fn three_claims_of_one_hash() {
+        loom::model(|| exactly_one(table(), tag(KEY, b"h"), &[10, 10, 10]));
+    }
+
+    /// A publisher killed mid-claim (its entry left `CLAIMED`) does not wedge the hash: after
+    /// the claim timeout, exactly one of two publishers records it.
+    #[test]
+    fn abandoned_claim_expires() {
+        loom::model(|| {
+            let v = table();
+            let h = tag(KEY, b"h");
+            let e = &v[h.0 as usize & (MAX_PROBE - 1)];
+            e.tag_lo.store(h.0, Ordering::Relaxed);
+            e.tag_hi.store(h.1, Ordering::Relaxed);
+            e.state.store(pack(1, CLAIMED), Ordering::Release);
+            // Within the claim timeout (capped by the ttl, 1000): still claimed, a duplicate.
+            assert_eq!(view(&v).check_and_record(h, 500, TTL), Check::Duplicate);
+            exactly_one(v, h, &[2_000, 2_000]);
+        });
     }
 }

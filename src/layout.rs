@@ -45,7 +45,10 @@ pub(crate) struct RegionHeader {
     pub sip_key: [AtomicU64; 2],
     pub max_payload_len: AtomicU32,
     pub creator_pid: AtomicU32,
-    pub _reserved: [AtomicU64; 2],
+    /// Unique events dropped as duplicates, by any publisher (fetch_add, Relaxed).
+    pub unique_duplicates: AtomicU64,
+    /// Unique events delivered unrecorded (full window), by any publisher.
+    pub unique_unrecorded: AtomicU64,
     // ---- second cache line: broker state (changes on election) ----
     pub broker_epoch: AtomicU64,
     pub broker_pid: AtomicU32,
@@ -112,14 +115,17 @@ pub(crate) const DEDUP_MAX_PROBE: usize = 32;
 /// Bytes per [`DedupEntry`].
 pub(crate) const DEDUP_ENTRY_SIZE: usize = 32;
 
-/// One entry of the unique-event dedup table (the algorithm is in `dedup.rs`).
+/// One entry of the unique-event dedup table (the claim protocol is in `dedup.rs`).
+/// `tag_lo`, `tag_hi` and `expires_ns` are written only by the claimer that moved `state`
+/// to `BUSY`, and read only while `state` says `CLAIMED` or `LIVE`.
 #[repr(C, align(32))]
 pub(crate) struct DedupEntry {
     pub tag_lo: AtomicU64,
     pub tag_hi: AtomicU64,
-    /// CLOCK_MONOTONIC nanoseconds after which the entry is free.
+    /// CLOCK_MONOTONIC nanoseconds after which a `LIVE` entry is free.
     pub expires_ns: AtomicU64,
-    pub _reserved: AtomicU64,
+    /// `stamp << 2 | kind` (kind: 0 free, 1 busy, 2 claimed, 3 live); 0 = never used.
+    pub state: AtomicU64,
 }
 
 impl DedupEntry {
@@ -129,7 +135,7 @@ impl DedupEntry {
             tag_lo: AtomicU64::new(0),
             tag_hi: AtomicU64::new(0),
             expires_ns: AtomicU64::new(0),
-            _reserved: AtomicU64::new(0),
+            state: AtomicU64::new(0),
         }
     }
 }
@@ -272,6 +278,8 @@ const _: () = {
     assert!(offset_of!(RegionHeader, sip_key) == 88);
     assert!(offset_of!(RegionHeader, max_payload_len) == 104);
     assert!(offset_of!(RegionHeader, creator_pid) == 108);
+    assert!(offset_of!(RegionHeader, unique_duplicates) == 112);
+    assert!(offset_of!(RegionHeader, unique_unrecorded) == 120);
     assert!(offset_of!(RegionHeader, broker_epoch) == 128);
     assert!(offset_of!(RegionHeader, broker_pid) == 136);
     assert!(offset_of!(RegionHeader, broker_slot) == 140);
@@ -295,6 +303,10 @@ const _: () = {
     assert!(offset_of!(ConsumerLine, lost_seen) == 16);
 
     assert!(size_of::<DedupEntry>() == DEDUP_ENTRY_SIZE);
+    assert!(offset_of!(DedupEntry, tag_lo) == 0);
+    assert!(offset_of!(DedupEntry, tag_hi) == 8);
+    assert!(offset_of!(DedupEntry, expires_ns) == 16);
+    assert!(offset_of!(DedupEntry, state) == 24);
 };
 
 #[cfg(all(test, not(loom)))]

@@ -98,16 +98,20 @@
 //!   that finds another value there (a second broker elected over the same region, for
 //!   example after the lock file was deleted and recreated) stops serving, releases the
 //!   broker lock, closes its connections and stays out of elections for 200 ms; its clients
-//!   resend their unacknowledged unique events to the other broker. It checks before
-//!   handling control traffic and before touching the dedup table.
-//! * **Unique events across a broker crash.** A publisher keeps each unique event until a
-//!   broker acknowledges it and resends what is unacknowledged to the next broker; the dedup
-//!   table is in the region, so the successor recognizes every hash already handled: never
-//!   delivered twice. The broker records a hash before it writes the event into the target's
-//!   ring, and gives unique events to workers other than itself whenever there are any. A
-//!   broker killed between those two steps loses that one event (at most once rather than
-//!   twice), as does a unique event waiting in the broker's private backlog because its
-//!   target's ring was full.
+//!   resend their unacknowledged unique events to the other broker (socket transport). It
+//!   checks before handling control traffic and, on the socket transport, before routing
+//!   unique events.
+//! * **Unique events across a broker crash.** On shared memory the broker is not on their
+//!   path: the publisher records the hash in the region's dedup table itself (a claim by
+//!   compare-and-swap, safe for any number of concurrent publishers) and writes the event
+//!   into the ring of one live worker, preferring workers other than itself; unique events
+//!   flow while the broker is dead or frozen, never delivered twice. A publisher killed while
+//!   recording a hash loses its event (and at most one concurrent event with the same hash).
+//!   On the socket transport a publisher keeps each unique event until a broker acknowledges
+//!   it and resends what is unacknowledged to the next broker; the broker records a hash
+//!   before it queues the event, and a broker killed between those two steps loses that one
+//!   event (at most once rather than twice); its table is private, so a successor starts
+//!   with an empty one.
 //! * **Worker killed.** The others keep publishing. The rings keep the events for the dead
 //!   slot; when its ring is full they wait in each publisher's backlog (`max_queue_len`), and
 //!   beyond that they are dropped and counted (`Stats::lost_outbound`, and the successor gets

@@ -220,6 +220,26 @@ impl Region {
         unsafe { DedupTable::new(self.at(g.dedup_offset), g.dedup_capacity) }
     }
 
+    /// Count one unique event dropped as a duplicate (`duplicate`) or delivered unrecorded
+    /// in the region-wide counters (every publisher records its own unique events).
+    pub(crate) fn count_unique(&self, duplicate: bool) {
+        let h = self.header();
+        let c = if duplicate { &h.unique_duplicates } else { &h.unique_unrecorded };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The region-wide unique counters: (duplicates, unrecorded).
+    pub(crate) fn unique_counters(&self) -> (u64, u64) {
+        let h = self.header();
+        (h.unique_duplicates.load(Ordering::Relaxed), h.unique_unrecorded.load(Ordering::Relaxed))
+    }
+
+    /// Does slot `slot` say it is attached (a live process, or a crashed one not yet
+    /// replaced: the slot lock tells those apart)? Acquire pairs with `mark_attached`.
+    pub(crate) fn slot_attached(&self, slot: u32) -> bool {
+        slot < self.geo.slots && self.slot(slot).state.load(Ordering::Acquire) == SLOT_ATTACHED
+    }
+
     /// The SipHash key of this region (random, chosen by the creator).
     pub(crate) fn sip_key(&self) -> (u64, u64) {
         let h = self.header();

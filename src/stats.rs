@@ -41,12 +41,17 @@ pub struct Stats {
     /// Times this worker lost its broker after having been attached (or, as the broker,
     /// stepped down because a newer one was elected: fencing).
     pub failovers: u64,
-    /// (broker) Unique events dropped because their hash was seen within `unique_timeout`.
+    /// Unique events dropped because their hash was seen within `unique_timeout`. On shared
+    /// memory every publisher records its own unique events in the shared table, and this is
+    /// the region-wide count (every attached worker reports the same figure, kept across
+    /// broker failovers); on the socket transport, the broker's own count.
     pub unique_duplicates: u64,
-    /// (broker) Unique events delivered without being recorded: the table window was full
-    /// (a later event with the same hash may be delivered again).
+    /// Unique events delivered without being recorded: the table window was full (a later
+    /// event with the same hash may be delivered again). Region-wide on shared memory, the
+    /// broker's on the socket transport, as `unique_duplicates`.
     pub unique_unrecorded: u64,
-    /// Unique events published and not yet acknowledged by a broker.
+    /// Unique events published and not yet handed on: waiting to attach, or (socket
+    /// transport) not yet acknowledged by a broker.
     pub unique_pending: u64,
     /// Per-peer queue state (empty until attached).
     pub peers: Vec<PeerStats>,

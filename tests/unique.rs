@@ -244,6 +244,58 @@ fn full_table_still_delivers_and_counts() {
     eprintln!("full table: unrecorded {unrec}, republished: {dups} duplicates, {} redelivered", total(&again));
 }
 
+// e ----------------------------------------------------------------------------------------
+
+/// Shared memory only: a unique event makes no hop through the broker (the publisher records
+/// the hash and writes into its target's ring), so with the broker frozen (SIGSTOP) three
+/// workers publishing the same 300 hashes still get each delivered exactly once: the ones
+/// whose target is a running worker while the broker is stopped, the ones handed to the
+/// frozen broker's ring once it runs again. Nothing waits in a publisher's outbox.
+#[test]
+fn shm_unique_events_flow_while_the_broker_is_stopped() {
+    const N: u64 = 300;
+    let dir = TempDir::new("uniq-stop");
+    let wd = Watchdog::new("uniq-stop");
+    let cfg = Cfg::new(&dir.sock(), 4);
+    let mut ws: Vec<Child> = (0..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
+    let b = broker_index(&reports(&mut ws));
+    let frozen = ws.remove(b);
+    frozen.signal(libc::SIGSTOP);
+    for w in ws.iter_mut() {
+        w.send(Cmd::uniq("u", "e", "s", 0, N));
+    }
+    for (i, w) in ws.iter_mut().enumerate() {
+        let r = w.publish_end();
+        assert_eq!((r.ok, r.err), (N, 0), "publisher {i}: {:?}", r.errors);
+    }
+    // Every hash was claimed once and the two other copies counted as duplicates (in the
+    // region-wide counters every worker reports), with the broker stopped all along.
+    let rs = poll(&wd, &mut ws, "all claims decided, some deliveries", |rs| {
+        rs.iter().all(|r| r.stat("unique_pending") == 0 && r.stat("unique_duplicates") == 2 * N)
+            && total(&deliveries(rs, "u", "e")) > 0
+    });
+    let live = deliveries(&rs, "u", "e");
+    assert!(live.values().all(|&c| c == 1), "delivered twice while the broker was stopped: {live:?}");
+    assert!(receivers(&rs, "u", "e") > 1, "deliveries not spread over the running workers");
+    for r in &rs {
+        assert_eq!(r.stat("unique_unrecorded"), 0);
+        assert_eq!(r.stat("is_broker"), 0, "the stopped broker was replaced");
+    }
+    frozen.signal(libc::SIGCONT);
+    ws.push(frozen);
+    let rs = poll(&wd, &mut ws, "every hash delivered", |rs| total(&deliveries(rs, "u", "e")) >= N);
+    ws[0].cmd(Cmd::Pump { ms: 20 });
+    let rs2 = reports(&mut ws);
+    for rs in [&rs, &rs2] {
+        let d = deliveries(rs, "u", "e");
+        assert_eq!(d, (0..N).map(|n| (n, 1)).collect::<BTreeMap<_, _>>(), "each hash exactly once");
+        for r in rs.iter() {
+            assert_eq!(r.stat("unique_duplicates"), 2 * N);
+            assert_eq!(r.stat("decode_errors"), 0);
+        }
+    }
+}
+
 // Every test above runs on both transports: `shm::<name>` and `socket::<name>`.
 per_transport!(
     concurrent_same_hash_delivered_exactly_once,

@@ -20,7 +20,8 @@ pub(super) struct BrokerView {
     pub(super) slot: Option<u32>,
     /// (region or broker id, epoch) of the last broker seen, for the `broker` notice.
     pub(super) seen: Option<(u64, u64)>,
-    /// (broker) Round-robin cursor for unique targets.
+    /// Round-robin cursor for unique targets: every publisher's own on shared memory, the
+    /// broker's on the socket transport.
     pub(super) next_unique_target: u32,
 }
 

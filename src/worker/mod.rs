@@ -337,7 +337,7 @@ impl Worker {
     /// ```
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
-        s.unique_pending = self.unique.len() as u64;
+        self.unique_stats(&mut s);
         delivery::fold_counters(&mut s, self.path.counters());
         let broker = self.broker.slot.unwrap_or(0);
         s.peers = self

@@ -223,7 +223,9 @@ impl Worker {
             if now.duration_since(p.last_control) >= CONTROL_INTERVAL {
                 p.last_control = now;
                 p.epoll_wait(&self.epoll, 0)?;
-                due = !p.tokens.is_empty();
+                // A fenced broker steps down even when no control traffic comes its way (on
+                // shared memory unique events no longer do).
+                due = !p.tokens.is_empty() || self.step_down_if_fenced();
             }
         }
         Ok(due)

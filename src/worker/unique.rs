@@ -1,6 +1,9 @@
-//! Unique events: the publisher's outbox (kept until a broker acknowledges them, resent to
-//! the next broker) and the broker's router (dedup, then one live target, round-robin,
-//! preferring other workers).
+//! Unique events. On shared memory the publisher routes its own unique events: it records
+//! the hash in the region's dedup table (a multi-writer claim, `dedup.rs`), picks one live
+//! target (round-robin, preferring other workers) and writes the event into that target's
+//! ring, with no broker on the path. On the socket transport the publisher's outbox keeps
+//! them until a broker acknowledges them (resent to the next broker), and the broker routes
+//! them the same way with its private table. Before attaching they wait in the outbox.
 
 use std::collections::VecDeque;
 
@@ -18,7 +21,8 @@ struct UniqueOut {
     msg: AlignedVec,
 }
 
-/// Unique events not yet acknowledged by a broker, in publish order.
+/// Unique events not yet routed (published before attaching) or, on the socket transport,
+/// not yet acknowledged by a broker, in publish order.
 #[derive(Default)]
 pub(super) struct UniqueOutbox {
     out: VecDeque<UniqueOut>,
@@ -55,8 +59,17 @@ impl UniqueOutbox {
 }
 
 impl Worker {
-    /// Queue a unique event and move it towards the broker.
+    /// Route a unique event (shared memory), or queue it and move it towards the broker.
     pub(super) fn queue_unique(&mut self, hash: &str, buf: AlignedVec) -> Result<(), PublishError> {
+        if self.path.shm().is_some() {
+            // Anything published before attaching goes first (per-publisher order).
+            self.pump_unique();
+            if self.unique.is_empty() {
+                self.stats.published += 1;
+                self.route_unique(self.slot, hash.as_bytes(), buf);
+                return Ok(());
+            }
+        }
         if self.unique.out.len() >= self.opts.max_queue_len {
             self.stats.overflows += 1;
             self.pool.push(buf);
@@ -70,10 +83,18 @@ impl Worker {
         Ok(())
     }
 
-    /// Move unique events towards the broker: handle them here when we are the broker,
-    /// send the ones not yet sent on this connection when attached, keep them otherwise.
+    /// Move waiting unique events on: on shared memory route them ourselves; on the socket
+    /// transport handle them here when we are the broker, send the ones not yet sent on this
+    /// connection when attached; keep them otherwise.
     pub(super) fn pump_unique(&mut self) {
         if self.unique.is_empty() || self.path.transport().is_none() {
+            return;
+        }
+        if self.path.shm().is_some() {
+            while let Some(u) = self.unique.out.pop_front() {
+                self.route_unique(self.slot, u.hash.as_bytes(), u.msg);
+            }
+            self.unique.sent = 0;
             return;
         }
         if self.is_broker() && !self.step_down_if_fenced() {
@@ -81,8 +102,7 @@ impl Worker {
                 return;
             }
             while let Some(u) = self.unique.out.pop_front() {
-                self.handle_unique(self.slot, u.hash.as_bytes(), &u.msg);
-                self.recycle(u.msg);
+                self.route_unique(self.slot, u.hash.as_bytes(), u.msg);
             }
             self.unique.sent = 0;
             return;
@@ -103,7 +123,7 @@ impl Worker {
         }
     }
 
-    /// (broker) Dedup a unique event and deliver it to one live worker.
+    /// (broker) A unique event from another worker's UNIQUE frame: check it, then route it.
     pub(super) fn handle_unique(&mut self, from: u32, hash: &[u8], msg: &[u8]) {
         let g = self.geo;
         let ok = message::decode(msg, g.workers, g.agent, self.opts.max_payload_len)
@@ -113,47 +133,78 @@ impl Worker {
             self.stats.dropped += 1;
             return;
         }
+        let mut buf = self.buffer();
+        buf.clear();
+        buf.extend_from_slice(msg);
+        self.route_unique(from, hash, buf);
+    }
+
+    /// Dedup a unique event of publisher slot `from` and deliver it to one live worker: the
+    /// publisher itself on shared memory, the broker on the socket transport.
+    fn route_unique(&mut self, from: u32, hash: &[u8], msg: AlignedVec) {
         let ttl = u64::try_from(self.opts.unique_timeout.as_nanos()).unwrap_or(u64::MAX);
         let now = crate::sys::monotonic_ns();
-        let Some(check) = self.path.dedup_check(hash, now, ttl) else { return };
+        let Some(check) = self.path.dedup_check(hash, now, ttl) else {
+            self.recycle(msg);
+            return;
+        };
+        let shared = self.path.shm().map(|p| p.region());
         match check {
             Check::Duplicate => {
-                self.stats.unique_duplicates += 1;
+                match shared {
+                    Some(r) => r.count_unique(true),
+                    None => self.stats.unique_duplicates += 1,
+                }
+                self.recycle(msg);
                 return;
             }
             Check::Full => {
-                self.stats.unique_unrecorded += 1;
+                match shared {
+                    Some(r) => r.count_unique(false),
+                    None => self.stats.unique_unrecorded += 1,
+                }
                 tracing::warn!(hash = %String::from_utf8_lossy(hash), "unique table window full; delivering unrecorded");
             }
             Check::New => {}
         }
         let target = self.pick_unique_target();
-        let mut buf = self.buffer();
-        buf.clear();
-        buf.extend_from_slice(msg);
         if target == self.slot {
-            self.local.push_back(buf);
+            self.local.push_back(msg);
         } else {
-            self.path.send_to(target, from, &buf);
-            self.recycle(buf);
+            self.path.send_to(target, from, &msg);
+            self.recycle(msg);
         }
     }
 
-    /// (broker) Next live slot other than ours, round-robin; ourselves when nobody else is
-    /// alive. (An event handed to another worker is in its ring at once; one kept for our
-    /// own callbacks would die with us if we were killed before dispatching it, after its
-    /// hash was recorded and acknowledged.)
+    /// Next live slot other than ours, round-robin from our own cursor; ourselves when
+    /// nobody else is alive. (An event handed to another worker is in its ring at once; one
+    /// kept for our own callbacks would die with us if we were killed before dispatching it,
+    /// after its hash was recorded.) Live: on shared memory the slot says attached (one
+    /// load, skipping never-attached and detached slots) and, for the one slot chosen, the
+    /// kernel says another process holds its slot lock (one `fcntl`).
     fn pick_unique_target(&mut self) -> u32 {
         let slots = self.geo.slots;
         let Some(ctl) = self.ctl.as_ref() else { return self.slot };
+        let region = self.path.shm().map(|p| p.region());
         let rr = &mut self.broker.next_unique_target;
         for i in 0..slots {
             let s = (*rr + i) % slots;
-            if s != self.slot && ctl.slot_alive(s) {
+            if s != self.slot && region.is_none_or(|r| r.slot_attached(s)) && ctl.slot_alive(s) {
                 *rr = (s + 1) % slots;
                 return s;
             }
         }
         self.slot
+    }
+
+    /// The unique counters of `stats()`: on shared memory the region-wide ones (every
+    /// publisher records its own events in the shared table), added to our own.
+    pub(super) fn unique_stats(&self, s: &mut crate::stats::Stats) {
+        s.unique_pending = self.unique.len() as u64;
+        if let Some(p) = self.path.shm() {
+            let (dups, unrec) = p.region().unique_counters();
+            s.unique_duplicates += dups;
+            s.unique_unrecorded += unrec;
+        }
     }
 }
