@@ -363,6 +363,67 @@ impl Options {
     }
 }
 
+/// The options every process of one deployment must share, compared by the broker at attach
+/// (HELLO carries them; a worker whose options differ is refused with a reason naming each
+/// differing option):
+/// * `workers`, `enable_privileged_agent`, `ring_capacity`, `unique_capacity`: the geometry
+///   of the shared region (slots, rings, dedup table); a region of another geometry cannot
+///   be mapped;
+/// * `max_payload_len`: a receiver with a smaller limit would drop larger events (and its
+///   frame limit would cut the connection on the socket transport);
+/// * `unique_timeout`: the dedup window is one rule for the whole deployment (every
+///   publisher records its own unique hashes in the shared table with its expiry);
+/// * `transport`: a worker that requires shared memory (or the sockets) is not attached to a
+///   broker that runs the other one; `Auto` accepts either.
+///
+/// `max_queue_len`, `broker_id` and `allow_uid` are local to each process and may differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AttachTerms {
+    pub workers: u32,
+    pub agent: bool,
+    pub ring_capacity: u64,
+    pub unique_capacity: u64,
+    pub max_payload_len: u64,
+    pub unique_timeout_ns: u64,
+    pub transport: Transport,
+}
+
+impl Transport {
+    /// Wire code in HELLO.
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Transport::Auto => 0,
+            Transport::SharedMemory => 1,
+            Transport::Socket => 2,
+        }
+    }
+
+    /// The transport of a wire code.
+    pub(crate) fn from_code(code: u32) -> Option<Transport> {
+        match code {
+            0 => Some(Transport::Auto),
+            1 => Some(Transport::SharedMemory),
+            2 => Some(Transport::Socket),
+            _ => None,
+        }
+    }
+}
+
+impl Options {
+    /// The options this process must share with the broker (see [`AttachTerms`]).
+    pub(crate) fn attach_terms(&self) -> AttachTerms {
+        AttachTerms {
+            workers: self.workers,
+            agent: self.enable_privileged_agent,
+            ring_capacity: self.ring_capacity as u64,
+            unique_capacity: self.unique_capacity as u64,
+            max_payload_len: self.max_payload_len as u64,
+            unique_timeout_ns: u64::try_from(self.unique_timeout.as_nanos()).unwrap_or(u64::MAX),
+            transport: self.transport,
+        }
+    }
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;

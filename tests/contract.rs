@@ -214,12 +214,13 @@ fn hello_with_a_wrong_version_or_geometry_is_rejected_and_the_broker_keeps_servi
     let good = Hello::for_cfg(&cfg, 2);
     let ring = good.ring_capacity;
     let layout_msg = format!("shared-memory layout version 99, the broker uses {}", layout_version());
+    let proto_msg = format!("control protocol version 99, the broker speaks {}", protocol_version());
     let cases = [
-        (Hello { protocol: 99, ..good }, "control protocol version 99, the broker speaks 2"),
+        (Hello { protocol: 99, ..good }, proto_msg.as_str()),
         (Hello { layout: 99, ..good }, layout_msg.as_str()),
         (Hello { workers: 4, ..good }, "options differ from the broker's: workers 4/3"),
         (Hello { ring_capacity: ring * 2, ..good }, "options differ from the broker's"),
-        (Hello { agent: 1, ..good }, "privileged agent true/false"),
+        (Hello { agent: 1, ..good }, "enable_privileged_agent true/false"),
         (Hello { slot: 3, ..good }, "slot 3 out of range 0..3"),
     ];
     for (h, needle) in &cases {

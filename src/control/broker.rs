@@ -6,8 +6,9 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use super::client::uid_ok;
-use super::protocol;
+use super::protocol::{self, Flavor};
 use super::{Conn, Control, CtlEvent, Role};
+use crate::options::AttachTerms;
 use crate::sys::{self, Epoll};
 use crate::wire::frame::{FrameWriter, ReadState, kind};
 use crate::wire::queue::flush_conn;
@@ -33,18 +34,21 @@ impl Control {
             self.accept_pending(epoll);
         }
         let Role::Broker { conns, .. } = &mut self.role else { return };
-        let attached: Vec<u32> = conns.iter().filter_map(|c| c.slot).collect();
-        let socket = matches!(offer, Offer::Socket { .. });
+        // Slots attached, including those welcomed in this poll: a second HELLO for one slot
+        // is refused (busy) even when both arrive in the same poll.
+        let mut attached: Vec<u32> = conns.iter().filter_map(|c| c.slot).collect();
+        let hello = Hello { terms: &self.terms, me: self.slot, offer };
         for c in conns.iter_mut().filter(|c| !c.closing) {
             let mut fds = Vec::new();
             let state = c.rd.fill(c.fd.as_fd(), &mut fds);
             drop(fds); // clients never pass descriptors; close any they send
+            // Every complete frame is handled, also those that arrived in the same read as
+            // the peer's hang-up or an error (a publisher that exits right after a burst).
+            read_frames(c, &hello, &mut attached, data, events);
             if !matches!(state, Ok(ReadState::Open)) {
                 c.closing = true;
                 c.wr = FrameWriter::default();
-                continue;
             }
-            read_frames(c, &self.geo, self.slot, &attached, offer, socket, data, events);
         }
         conns.retain_mut(|c| {
             let q = match c.slot {
@@ -97,35 +101,44 @@ impl Control {
     }
 }
 
-/// Handle every complete frame a worker sent.
-#[allow(clippy::too_many_arguments)]
+/// What the broker answers a HELLO with: its options, its slot, its offer.
+struct Hello<'a, 'b> {
+    terms: &'a AttachTerms,
+    me: u32,
+    offer: &'a Offer<'b>,
+}
+
+/// Handle every complete frame a worker sent; `attached` gains the slot of a worker welcomed
+/// here.
 fn read_frames(
     c: &mut Conn,
-    geo: &crate::layout::Geometry,
-    me: u32,
-    attached: &[u32],
-    offer: &Offer<'_>,
-    socket: bool,
+    h: &Hello<'_, '_>,
+    attached: &mut Vec<u32>,
     data: &mut dyn DataPlane,
     events: &mut Vec<CtlEvent>,
 ) {
+    let flavor = Flavor::of(h.offer);
+    let socket = flavor == Some(Flavor::Socket);
     loop {
         match c.rd.next_frame() {
             Ok(None) => break,
-            Ok(Some((kind::HELLO, body))) if c.slot.is_none() => match protocol::check_hello(body, geo, me, attached) {
-                Ok(slot) => {
-                    if protocol::welcome(&mut c.wr, me, offer) {
-                        c.slot = Some(slot);
-                        tracing::debug!(slot, pid = c.pid, socket, "worker attached");
-                    } else {
-                        reject(c, "broker has no region to hand out");
+            Ok(Some((kind::HELLO, body))) if c.slot.is_none() => {
+                match protocol::check_hello(body, h.terms, flavor, h.me, attached) {
+                    Ok(slot) => {
+                        if protocol::welcome(&mut c.wr, h.me, h.offer) {
+                            c.slot = Some(slot);
+                            attached.push(slot);
+                            tracing::debug!(slot, pid = c.pid, socket, "worker attached");
+                        } else {
+                            reject(c, "broker has no region to hand out");
+                        }
+                    }
+                    Err(reason) => {
+                        tracing::warn!(pid = c.pid, %reason, "attach refused");
+                        reject(c, &reason);
                     }
                 }
-                Err(reason) => {
-                    tracing::warn!(pid = c.pid, %reason, "attach refused");
-                    reject(c, &reason);
-                }
-            },
+            }
             Ok(Some((kind::EVENT, body))) if socket && c.slot.is_some() => {
                 data.receive(Peer::Slot(c.slot.expect("guarded")), kind::EVENT, body);
             }

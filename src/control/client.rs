@@ -141,7 +141,7 @@ impl Control {
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("broker runs as foreign uid {uid}")));
         }
         let mut conn = self.new_conn(fd);
-        protocol::hello(&mut conn.wr, self.slot, &self.geo);
+        protocol::hello(&mut conn.wr, self.slot, &self.terms);
         conn.wr.flush(conn.fd.as_fd())?;
         Ok(conn)
     }

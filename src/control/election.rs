@@ -36,6 +36,10 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_millis(50);
 pub(crate) const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 /// Lock-file byte of slot 0's "holds the region" lock (far above the worker-id bytes).
 pub(crate) const REGION_LOCK_BASE: u64 = 1 << 24;
+/// How long a worker that won the election but could not serve (the socket path cannot be
+/// bound, no descriptors left, ...) stays out of elections: another worker may take over
+/// meanwhile, and a persistent failure costs one attempt per period, not one per backoff.
+pub(crate) const SERVE_RETRY: Duration = Duration::from_secs(1);
 /// Lock-file byte of the broker role.
 const BROKER_BYTE: u64 = 0;
 
@@ -98,8 +102,11 @@ pub(crate) struct Election {
     holds_region: bool,
     /// Closing: never run for election again.
     leaving: bool,
-    /// After stepping down (fenced): do not run for election before this instant.
+    /// After stepping down (fenced) or failing to serve: do not run for election before
+    /// this instant.
     no_run_until: Option<Instant>,
+    /// Serving failed since the last success (the error was surfaced once already).
+    serve_failed: bool,
 }
 
 impl Default for Election {
@@ -110,6 +117,7 @@ impl Default for Election {
             holds_region: false,
             leaving: false,
             no_run_until: None,
+            serve_failed: false,
         }
     }
 }
@@ -162,6 +170,24 @@ impl Control {
                 Err(e) => tracing::warn!(error = %e, "cannot take the region lock byte"),
             }
         }
+    }
+
+    /// We won the election but could not become the broker: release the broker lock (so
+    /// that another worker can take over), drop whatever was set up, and stay out of
+    /// elections for [`SERVE_RETRY`]. True the first time since the last success: the
+    /// caller surfaces the error once, later failures are only logged.
+    pub(crate) fn serve_failed(&mut self, epoll: &Epoll) -> bool {
+        self.lock.release_broker();
+        self.drop_role(epoll);
+        let now = Instant::now();
+        self.election.no_run_until = Some(now + SERVE_RETRY);
+        self.next_retry = now + self.election.next_backoff();
+        !std::mem::replace(&mut self.election.serve_failed, true)
+    }
+
+    /// Serving started: a later failure is surfaced again.
+    pub(super) fn served(&mut self) {
+        self.election.serve_failed = false;
     }
 
     /// Detached and due for another connection attempt.

@@ -2,9 +2,10 @@
 //! event queues: on the socket transport the data frames it reads go to, and the frames it
 //! writes come from, a [`DataPlane`] the caller passes in (see `wire/`).
 //!
-//! Attach: a client connects, sends HELLO (protocol and layout versions, slot, pid,
-//! geometry); the broker checks the peer's uid (`SO_PEERCRED`), the slot and the geometry,
-//! and answers WELCOME with what the data path offers (on shared memory the region memfd and
+//! Attach: a client connects, sends HELLO (protocol and layout versions, slot, pid, and every
+//! option that must match, [`AttachTerms`]); the broker checks the peer's uid
+//! (`SO_PEERCRED`), the slot (free, also of HELLOs read in the same poll) and the options
+//! (a refusal names each one that differs), and answers WELCOME with what the data path offers (on shared memory the region memfd and
 //! every slot's eventfd, `SCM_RIGHTS`), or REJECT with a reason. The client checks the
 //! broker's uid the same way. Unique events travel as UNIQUE frames, acknowledged by
 //! UNIQUE_ACK. Election and failover: `election.rs`; the client and broker halves of
@@ -23,6 +24,7 @@ pub(crate) use protocol::{ShmWelcome, Welcome};
 
 use crate::error::{Error, Result};
 use crate::layout::Geometry;
+use crate::options::AttachTerms;
 use crate::sys::{self, Epoll};
 use crate::wire::frame::{FrameReader, FrameWriter};
 use crate::wire::queue::flush_conn;
@@ -81,6 +83,8 @@ pub(crate) struct Control {
     lock: LockFile,
     slot: u32,
     geo: Geometry,
+    /// The options HELLO carries and the broker compares.
+    terms: AttachTerms,
     preferred: bool,
     allowed_uids: Vec<u32>,
     max_frame: usize,
@@ -101,6 +105,7 @@ impl Control {
         path: &Path,
         slot: u32,
         geo: Geometry,
+        terms: AttachTerms,
         preferred: bool,
         allowed_uids: Vec<u32>,
         max_frame: usize,
@@ -125,6 +130,7 @@ impl Control {
             lock,
             slot,
             geo,
+            terms,
             preferred,
             allowed_uids,
             max_frame,
@@ -197,6 +203,7 @@ impl Control {
         let listener = sys::listen_unix(&self.path).map_err(|e| Error::io("listening on the control socket", e))?;
         epoll.add(listener.as_fd(), TOKEN_LISTENER).map_err(|e| Error::io("epoll_ctl", e))?;
         self.drop_role(epoll);
+        self.served();
         tracing::info!(slot = self.slot, path = %self.path.display(), "elected broker");
         self.role = Role::Broker { listener, conns: Vec::new(), next_token: TOKEN_CONN_BASE };
         Ok(())

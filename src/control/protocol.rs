@@ -5,13 +5,14 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use crate::event::MAX_UNIQUE_HASH_LEN;
-use crate::layout::{Geometry, LAYOUT_VERSION};
+use crate::layout::LAYOUT_VERSION;
+use crate::options::{AttachTerms, Transport};
 use crate::sys;
 use crate::wire::Offer;
 use crate::wire::frame::{Body, FrameWriter, kind};
 
 /// Version of the control protocol spoken by this build.
-pub(crate) const PROTOCOL_VERSION: u32 = 2;
+pub(crate) const PROTOCOL_VERSION: u32 = 3;
 
 /// Reason prefix of a transient refusal: the slot still looks attached because the broker
 /// has not yet seen its previous holder's connection close. The client retries (backoff)
@@ -28,6 +29,15 @@ pub(crate) enum Flavor {
 }
 
 impl Flavor {
+    /// The flavor a broker's offer announces (`None`: nothing to offer).
+    pub(crate) fn of(offer: &Offer<'_>) -> Option<Flavor> {
+        match offer {
+            Offer::Nothing => None,
+            Offer::Shm { .. } => Some(Flavor::Shm),
+            Offer::Socket { .. } => Some(Flavor::Socket),
+        }
+    }
+
     fn code(self) -> u32 {
         match self {
             Flavor::Shm => 0,
@@ -53,8 +63,13 @@ pub(crate) struct Welcome {
     pub broker_id: u64,
 }
 
-/// Queue a HELLO: protocol and layout versions, slot, pid, geometry.
-pub(crate) fn hello(wr: &mut FrameWriter, slot: u32, g: &Geometry) {
+/// Queue a HELLO: protocol and layout versions, slot, pid, then every option that must match
+/// the broker's ([`AttachTerms`]): `workers u32, agent u32, ring_capacity u32,
+/// unique_capacity u32, max_payload_len u32, unique_timeout_ns u64, transport u32`.
+pub(crate) fn hello(wr: &mut FrameWriter, slot: u32, t: &AttachTerms) {
+    // Validated options: ring_capacity <= 64 MiB, unique_capacity <= 2^24, max_payload_len
+    // <= 16 MiB all fit.
+    let narrow = |v: u64| v as u32;
     wr.frame(
         kind::HELLO,
         &[
@@ -62,16 +77,71 @@ pub(crate) fn hello(wr: &mut FrameWriter, slot: u32, g: &Geometry) {
             &LAYOUT_VERSION.to_le_bytes(),
             &slot.to_le_bytes(),
             &sys::pid().to_le_bytes(),
-            &g.workers.to_le_bytes(),
-            &u32::from(g.agent).to_le_bytes(),
-            &(g.ring_capacity as u32).to_le_bytes(),
+            &t.workers.to_le_bytes(),
+            &u32::from(t.agent).to_le_bytes(),
+            &narrow(t.ring_capacity).to_le_bytes(),
+            &narrow(t.unique_capacity).to_le_bytes(),
+            &narrow(t.max_payload_len).to_le_bytes(),
+            &t.unique_timeout_ns.to_le_bytes(),
+            &t.transport.code().to_le_bytes(),
         ],
     );
 }
 
-/// Check a HELLO against the broker's geometry and the slots attached already; the slot to
-/// attach, or the reason to refuse.
-pub(crate) fn check_hello(body: &[u8], geo: &Geometry, broker_slot: u32, attached: &[u32]) -> Result<u32, String> {
+/// Parse the options a HELLO carries (after protocol, layout, slot and pid).
+fn parse_terms(b: &mut Body<'_>) -> Result<AttachTerms, String> {
+    let (workers, agent, ring) = (b.u32()?, b.u32()?, b.u32()?);
+    let (unique_capacity, max_payload_len, unique_timeout_ns) = (b.u32()?, b.u32()?, b.u64()?);
+    let code = b.u32()?;
+    let transport = Transport::from_code(code).ok_or_else(|| format!("unknown transport code {code}"))?;
+    Ok(AttachTerms {
+        workers,
+        agent: agent != 0,
+        ring_capacity: u64::from(ring),
+        unique_capacity: u64::from(unique_capacity),
+        max_payload_len: u64::from(max_payload_len),
+        unique_timeout_ns,
+        transport,
+    })
+}
+
+/// Every option of `theirs` that differs from the broker's `ours` (or, for the transport,
+/// that the data path `offered` cannot satisfy), as `name theirs/ours`.
+fn differences(theirs: &AttachTerms, ours: &AttachTerms, offered: Option<Flavor>) -> Vec<String> {
+    let mut d = Vec::new();
+    let mut cmp = |name: &str, a: String, b: String| {
+        if a != b {
+            d.push(format!("{name} {a}/{b}"));
+        }
+    };
+    cmp("workers", theirs.workers.to_string(), ours.workers.to_string());
+    cmp("enable_privileged_agent", theirs.agent.to_string(), ours.agent.to_string());
+    cmp("ring_capacity", theirs.ring_capacity.to_string(), ours.ring_capacity.to_string());
+    cmp("unique_capacity", theirs.unique_capacity.to_string(), ours.unique_capacity.to_string());
+    cmp("max_payload_len", theirs.max_payload_len.to_string(), ours.max_payload_len.to_string());
+    let dur = |ns: u64| format!("{:?}", std::time::Duration::from_nanos(ns));
+    cmp("unique_timeout", dur(theirs.unique_timeout_ns), dur(ours.unique_timeout_ns));
+    let runs = match offered {
+        Some(Flavor::Shm) => Transport::SharedMemory,
+        Some(Flavor::Socket) => Transport::Socket,
+        None => theirs.transport,
+    };
+    if theirs.transport != Transport::Auto && theirs.transport != runs {
+        d.push(format!("transport {:?}/{runs:?} (the broker runs {runs:?})", theirs.transport));
+    }
+    d
+}
+
+/// Check a HELLO against the broker's options, the data path it offers and the slots attached
+/// already; the slot to attach, or the reason to refuse (naming every option that differs,
+/// as `option worker's/broker's`).
+pub(crate) fn check_hello(
+    body: &[u8],
+    ours: &AttachTerms,
+    offered: Option<Flavor>,
+    broker_slot: u32,
+    attached: &[u32],
+) -> Result<u32, String> {
     let mut b = Body(body);
     let proto = b.u32()?;
     if proto != PROTOCOL_VERSION {
@@ -83,18 +153,14 @@ pub(crate) fn check_hello(body: &[u8], geo: &Geometry, broker_slot: u32, attache
     }
     let slot = b.u32()?;
     let _pid = b.u32()?;
-    let (workers, agent, ring) = (b.u32()?, b.u32()?, b.u32()?);
-    if workers != geo.workers || (agent != 0) != geo.agent || ring as usize != geo.ring_capacity {
-        return Err(format!(
-            "options differ from the broker's: workers {workers}/{}, privileged agent {}/{}, ring_capacity {ring}/{}",
-            geo.workers,
-            agent != 0,
-            geo.agent,
-            geo.ring_capacity
-        ));
+    let theirs = parse_terms(&mut b)?;
+    let diff = differences(&theirs, ours, offered);
+    if !diff.is_empty() {
+        return Err(format!("options differ from the broker's: {}", diff.join(", ")));
     }
-    if slot >= geo.slots {
-        return Err(format!("slot {slot} out of range 0..{}", geo.slots));
+    let slots = ours.workers + u32::from(ours.agent);
+    if slot >= slots {
+        return Err(format!("slot {slot} out of range 0..{slots}"));
     }
     if slot == broker_slot || attached.contains(&slot) {
         // A well-behaved client holds the slot's lock, so the other holder is dead and its

@@ -33,7 +33,20 @@ impl Worker {
         let mut acks: Vec<Ack> = Vec::new();
         for ev in events {
             match ev {
-                CtlEvent::Elected => self.become_broker()?,
+                CtlEvent::Elected => {
+                    if let Err(e) = self.become_broker() {
+                        // Release the broker lock and back off, so that another worker can
+                        // take over; the error is surfaced once, not on every attempt.
+                        self.broker.slot = None;
+                        let first = self.ctl.as_mut().is_some_and(|c| c.serve_failed(&self.epoll));
+                        if first {
+                            tracing::error!(error = %e, "won the election but cannot serve; resigned it");
+                            self.pending_error = Some(e);
+                        } else {
+                            tracing::debug!(error = %e, "still cannot serve; resigned the election again");
+                        }
+                    }
+                }
                 CtlEvent::Welcome(w) => self.welcomed(w)?,
                 CtlEvent::Rejected(reason) => {
                     tracing::error!(%reason, "attach refused by the broker");

@@ -111,7 +111,8 @@ impl Events {
         } else {
             let max_frame = message::max_message_len(o.max_payload_len) + 1024;
             let preferred = wid == Wid::Worker(o.broker_id);
-            let ctl = Control::new(&o.listening, slot, geo, preferred, o.allowed_uids.clone(), max_frame)?;
+            let terms = o.attach_terms();
+            let ctl = Control::new(&o.listening, slot, geo, terms, preferred, o.allowed_uids.clone(), max_frame)?;
             (DataPath::Unattached(PreAttach::default()), Some(ctl))
         };
         let mut w = Worker {

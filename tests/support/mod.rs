@@ -34,7 +34,7 @@ pub use cfg::{Cfg, Early, Runs, Spawn};
 pub use child::{Child, Watchdog};
 pub use cluster::Cluster;
 pub use cmd::{Cmd, Item, Tgt};
-pub use raw::{Hello, KIND_REJECT, KIND_WELCOME, Reply, hello_frame, layout_version, raw_exchange};
+pub use raw::{Hello, KIND_REJECT, KIND_WELCOME, Reply, hello_frame, layout_version, protocol_version, raw_exchange};
 pub use report::{PubResult, Report};
 use worker_events::{Transport, Wid, Worker};
 pub use worker_events_dev_support::{Rng, Sample, TempDir, monotonic_ns};

@@ -22,17 +22,33 @@ pub const KIND_REJECT: u8 = 3;
 /// The fields of a HELLO, the first frame a worker sends on the control socket.
 #[derive(Debug, Clone, Copy)]
 pub struct Hello {
-    /// Control protocol version (this build speaks 2).
+    /// Control protocol version (this build's: [`protocol_version`]).
     pub protocol: u32,
     /// Shared-memory layout version (this build's: [`layout_version`]).
     pub layout: u32,
     pub slot: u32,
     pub pid: u32,
-    /// The geometry, which must equal the broker's options: `workers`, privileged agent
-    /// (0/1), `ring_capacity` in bytes.
+    /// The options that must equal the broker's: `workers`, privileged agent (0/1),
+    /// `ring_capacity` in bytes, `unique_capacity`, `max_payload_len`, `unique_timeout` in
+    /// nanoseconds, and the transport (0 Auto, 1 SharedMemory, 2 Socket; Auto accepts the
+    /// broker's).
     pub workers: u32,
     pub agent: u32,
     pub ring_capacity: u32,
+    pub unique_capacity: u32,
+    pub max_payload_len: u32,
+    pub unique_timeout_ns: u64,
+    pub transport: u32,
+}
+
+/// The control protocol version this build speaks, read from the constant in
+/// `src/control/protocol.rs`, so a protocol change needs no test edit.
+pub fn protocol_version() -> u32 {
+    const SRC: &str = include_str!("../../src/control/protocol.rs");
+    SRC.lines()
+        .find_map(|l| l.trim().strip_prefix("pub(crate) const PROTOCOL_VERSION: u32 = "))
+        .and_then(|rest| rest.trim_end_matches(';').trim().parse().ok())
+        .expect("src/control/protocol.rs defines PROTOCOL_VERSION")
 }
 
 /// The shared-memory layout version this build speaks, read from the constant in
@@ -48,30 +64,48 @@ pub fn layout_version() -> u32 {
 impl Hello {
     /// A well-formed HELLO for `slot` of the deployment `cfg` describes.
     pub fn for_cfg(cfg: &Cfg, slot: u32) -> Hello {
+        let o = cfg.options();
         Hello {
-            protocol: 2,
+            protocol: protocol_version(),
             layout: layout_version(),
             slot,
             pid: std::process::id(),
             workers: cfg.workers,
             agent: u32::from(cfg.agent),
-            ring_capacity: cfg.options().get_ring_capacity() as u32,
+            ring_capacity: o.get_ring_capacity() as u32,
+            unique_capacity: o.get_unique_capacity() as u32,
+            max_payload_len: o.get_max_payload_len() as u32,
+            unique_timeout_ns: o.get_unique_timeout().as_nanos() as u64,
+            transport: 0,
         }
     }
 }
 
 /// The bytes of a HELLO frame. Every control frame is `len: u32 LE` (the bytes that follow),
-/// `kind: u8`, then `len - 1` body bytes. A HELLO's body is seven `u32 LE`: protocol
-/// version, layout version, slot, pid, workers, privileged agent (0/1), ring_capacity. The
+/// `kind: u8`, then `len - 1` body bytes. A HELLO's body is, little-endian: protocol
+/// version, layout version, slot, pid, workers, privileged agent (0/1), ring_capacity,
+/// unique_capacity, max_payload_len (each `u32`), unique_timeout in ns (`u64`), transport
+/// (`u32`). The
 /// broker answers WELCOME (kind 2; on shared memory the region and eventfds ride with it) or
 /// REJECT (kind 3, body = the reason in UTF-8), and closes the connection after a REJECT.
 pub fn hello_frame(h: &Hello) -> Vec<u8> {
-    let fields = [h.protocol, h.layout, h.slot, h.pid, h.workers, h.agent, h.ring_capacity];
-    let mut v = ((1 + 4 * fields.len()) as u32).to_le_bytes().to_vec();
+    let fields = [
+        h.protocol,
+        h.layout,
+        h.slot,
+        h.pid,
+        h.workers,
+        h.agent,
+        h.ring_capacity,
+        h.unique_capacity,
+        h.max_payload_len,
+    ];
+    let mut body: Vec<u8> = fields.iter().flat_map(|f| f.to_le_bytes()).collect();
+    body.extend_from_slice(&h.unique_timeout_ns.to_le_bytes());
+    body.extend_from_slice(&h.transport.to_le_bytes());
+    let mut v = ((1 + body.len()) as u32).to_le_bytes().to_vec();
     v.push(KIND_HELLO);
-    for f in fields {
-        v.extend_from_slice(&f.to_le_bytes());
-    }
+    v.extend_from_slice(&body);
     v
 }
 

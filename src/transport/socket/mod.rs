@@ -12,6 +12,14 @@
 //! at `dispatch`, `wait`, `flush`, or once [`COALESCE_BYTES`] wait on a connected link.
 //! The control channel reaches the queues through [`DataPlane`]; the transport reaches the
 //! connections through [`Connections`].
+//!
+//! What is reported and what is not (see the README, "Socket transport"): gaps in a
+//! publisher's sequence, including the first events of a restarted publisher's new
+//! incarnation ([`seq`]), and events a full destination queue dropped, become `lost`
+//! notices. Events in a killed receiver's socket buffer, frame reader and inbox, and events a
+//! killed publisher still had queued, are gone without a notice: the broker knows only what
+//! the kernel took, not what the receiver consumed (that would take per-slot delivery
+//! acknowledgements).
 
 pub(crate) mod seq;
 
