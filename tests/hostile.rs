@@ -312,7 +312,6 @@ fn two_hellos_for_one_slot_in_one_poll_welcome_only_one() {
 /// worker panic (overflow checks are on in test builds): the test plays the broker and
 /// sends them; the worker keeps running and answers.
 #[test]
-#[ignore = "needs `stats.lost` to saturate in src/worker/delivery.rs (another branch's file): it panics there"]
 fn counts_of_u64_max_from_a_peer_do_not_panic() {
     let wd = Watchdog::new("u64max");
     let dir = TempDir::new("u64max");

@@ -178,7 +178,7 @@ pub fn record(rec: &Mutex<Rec>, runs: Option<&RunFiles>, ev: &Event<'_>) {
         let mut r = rec.lock().unwrap();
         if let Some(l) = ev.lost() {
             r.lost.push((wid_str(Some(l.publisher)), l.count));
-            r.lost_total += l.count;
+            r.lost_total = r.lost_total.saturating_add(l.count);
             if r.log.len() < MAX_LOG {
                 r.log.push(format!("lost {} {}", wid_str(Some(l.publisher)), l.count));
             }
