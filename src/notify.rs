@@ -34,7 +34,8 @@ pub(crate) fn disarm(parked: &AtomicU32) -> bool {
     parked.swap(0, Ordering::Acquire) == 0
 }
 
-/// The publisher's fence between its commits and its [`should_wake`] checks.
+/// The publisher's fence between its commits and its [`should_wake`] checks (also a
+/// consumer's, between its release of ring space and the producer's `parked` check).
 pub(crate) fn after_commit() {
     fence(Ordering::SeqCst);
 }
