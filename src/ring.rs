@@ -1043,15 +1043,21 @@ mod loom_models {
                 let info = c.peek().unwrap().unwrap();
                 // SAFETY: discard the record from peek.
                 unsafe { c.consume(info, None) };
-                let mut wake = c.release();
-                let cparked = AtomicU32::new(0);
-                notify::arm(&cparked);
-                wake |= c.settle();
-                if wake {
+                // As `ShmPort::drain`, then `ShmPort::arm`: wake at once when the release's
+                // pre-check sees the request, else when the arm pays the owed check.
+                let wake = || {
                     notify::after_commit();
                     if notify::should_wake(&pp) {
                         e.fetch_add(1, Ordering::Relaxed);
                     }
+                };
+                if c.release() {
+                    wake();
+                }
+                let cparked = AtomicU32::new(0);
+                notify::arm(&cparked);
+                if c.settle() {
+                    wake();
                 }
             });
             let mut sleeps = p.request_space(8).unwrap() < 8;
