@@ -12,6 +12,26 @@
 //!
 //! While the receiver is busy (`parked == 0`) a publisher makes no syscall at all.
 //!
+//! **Why the publisher's fence is not deferred.** The fence costs the publisher a wait for
+//! its stamp store to leave the store buffer (one ownership transfer of the record's line).
+//! Deferring it ("lazy wake fence": a Relaxed look at `parked` after the commit, the fenced
+//! re-check owed until the publisher's next call into the library or N publishes) is not
+//! sound for this library's users. Without the fence the publisher's load of `parked` may
+//! be performed before its stamp store is visible (store-load reordering, allowed on
+//! x86-TSO): it reads 0 while the receiver, having stored `parked = 1` and fenced, re-checks
+//! and misses the stamp still in the publisher's store buffer. Both sides miss; the
+//! receiver's re-check cannot close this, it is the very load that misses. The receiver
+//! then sleeps until the publisher pays the owed check, and a publisher of a prefork proxy
+//! publishes from a request handler and goes back to its own event loop, calling the
+//! library again only when its own fd turns readable, possibly never. A receiver asleep in
+//! an external poller has no timeout of ours to bound that. So the bound would be "the
+//! publisher's next call", unbounded in time; closing it without a publisher fence needs an
+//! asymmetric barrier on the receiver's side (`membarrier`, a syscall and IPIs per arm,
+//! more syscalls per parked hop than the raw baseline). The loom model `no_lost_wakeup`
+//! fails with [`after_commit`] removed. The fence stays: one per publish call, however many
+//! rings it committed. (The consumer's want-space fence *is* deferred, see
+//! `Consumer::release` in ring.rs: the consumer pays it at its own arm, before it sleeps.)
+//!
 //! The eventfd is registered edge-triggered in the receiver's epoll set and never read:
 //! each publisher write is one edge, consumed by the `epoll_wait` that reports it (the
 //! sleeping receiver's own, or a harvesting `epoll_wait(0)` when the receiver finds the
@@ -34,7 +54,8 @@ pub(crate) fn disarm(parked: &AtomicU32) -> bool {
     parked.swap(0, Ordering::Acquire) == 0
 }
 
-/// The publisher's fence between its commits and its [`should_wake`] checks.
+/// The publisher's fence between its commits and its [`should_wake`] checks (also a
+/// consumer's, between its release of ring space and the producer's `parked` check).
 pub(crate) fn after_commit() {
     fence(Ordering::SeqCst);
 }

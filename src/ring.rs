@@ -372,8 +372,10 @@ impl Producer {
     }
 
     /// Ask the consumer to wake us when it frees space, then re-check: returns the body
-    /// room available after the re-check. If it is still too small, the consumer will see
-    /// the flag after its next release (SeqCst fences on both sides: no lost request).
+    /// room available after the re-check. If it is still too small, the consumer sees the
+    /// flag at its next release (Relaxed pre-check) or, at the latest, at the fenced check
+    /// it owes after that release (`Consumer::settle`: SeqCst fences on both sides, so no
+    /// lost request; the consumer pays it before it sleeps, or within a few drain passes).
     pub(crate) fn request_space(&mut self, want: usize) -> Result<usize, Corrupt> {
         self.ring.hdr().producer.want_space.store(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
@@ -395,6 +397,12 @@ impl Producer {
     }
 }
 
+/// The SeqCst fence that lets [`Consumer::settle`] pay the want-space checks owed by
+/// every release before it (one fence for any number of rings).
+pub(crate) fn settle_fence() {
+    fence(Ordering::SeqCst);
+}
+
 /// What [`Consumer::peek`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RecordInfo {
@@ -408,9 +416,12 @@ pub(crate) struct Consumer {
     read: u64,
     released: u64,
     consumed: u64,
-    /// `read_pos` was stored by [`Consumer::commit_read`] without the fence and the
-    /// want-space check, which the next [`Consumer::release`] still owes.
-    unfenced: bool,
+    /// `read_pos` was stored by [`Consumer::commit_read`] and the want-space pre-check
+    /// (a Relaxed load) was not made since: the next [`Consumer::release`] makes it.
+    unchecked: bool,
+    /// `read_pos` was stored since the last *fenced* want-space check: the check
+    /// [`Consumer::settle`] makes after a SeqCst fence is owed (see [`Consumer::release`]).
+    owed: bool,
     /// A corrupt record sits at `read` and no `write_pos` hint past it was seen yet: report
     /// nothing until the hint moves past it (see [`Consumer::skip_all`]).
     stuck: bool,
@@ -432,7 +443,7 @@ impl Consumer {
             return Err(Corrupt);
         }
         let consumed = h.consumer.consumed.load(Ordering::Relaxed);
-        Ok(Consumer { ring, read, released: read, consumed, unfenced: false, stuck: false })
+        Ok(Consumer { ring, read, released: read, consumed, unchecked: false, owed: false, stuck: false })
     }
 
     /// Is a committed record waiting at the read position? One Acquire load of its stamp.
@@ -494,23 +505,44 @@ impl Consumer {
         false
     }
 
-    /// Give consumed space back to the producer: one Release store of `read_pos`.
-    /// Returns true when the producer asked to be woken for space (the caller wakes it).
+    /// Give consumed space back to the producer: one Release store of `read_pos`, then a
+    /// Relaxed look at `want_space`. Returns true when the producer asked to be woken (the
+    /// caller wakes it). No fence: a request the producer stores concurrently may be missed
+    /// here (its store and ours may each be invisible to the other's load), so the fenced
+    /// check is left **owed** ([`Consumer::owes_check`]) and paid by [`Consumer::settle`]
+    /// after the caller's next SeqCst fence: the one [`crate::notify::arm`] issues before
+    /// the consumer sleeps, or one every few drain passes while it never sleeps.
     pub(crate) fn release(&mut self) -> bool {
-        if self.read == self.released && !std::mem::take(&mut self.unfenced) {
+        self.commit_read();
+        if !std::mem::take(&mut self.unchecked) {
             return false;
         }
-        self.commit_read();
-        self.unfenced = false;
-        fence(Ordering::SeqCst);
+        let want = &self.ring.hdr().producer.want_space;
+        want.load(Ordering::Relaxed) == 1 && want.swap(0, Ordering::AcqRel) == 1
+    }
+
+    /// A release since the last [`Consumer::settle`] left the fenced want-space check owed.
+    pub(crate) fn owes_check(&self) -> bool {
+        self.owed
+    }
+
+    /// Pay the owed want-space check: true when the producer asked to be woken (the caller
+    /// wakes it). The caller must have issued a SeqCst fence ([`settle_fence`], or
+    /// [`crate::notify::arm`]) after its last [`Consumer::release`]; that fence against the
+    /// producer's fence in [`Producer::request_space`] makes at least one side see the
+    /// other's store: the producer sees the freed space, or this load sees the request.
+    pub(crate) fn settle(&mut self) -> bool {
+        if !std::mem::take(&mut self.owed) {
+            return false;
+        }
         let want = &self.ring.hdr().producer.want_space;
         want.load(Ordering::Relaxed) == 1 && want.swap(0, Ordering::AcqRel) == 1
     }
 
     /// Publish the consumed position now, before the caller runs callbacks on what it
     /// consumed: a successor of a consumer killed inside a callback resumes after that
-    /// message and never sees it again. One Release store; the fence and the want-space
-    /// check are left to the next [`Consumer::release`].
+    /// message and never sees it again. One Release store; the want-space check is left to
+    /// the next [`Consumer::release`] (and its fenced form to [`Consumer::settle`]).
     pub(crate) fn commit_read(&mut self) {
         if self.read == self.released {
             return;
@@ -519,7 +551,8 @@ impl Consumer {
         c.consumed.store(self.consumed, Ordering::Relaxed);
         c.read_pos.store(self.read, Ordering::Release);
         self.released = self.read;
-        self.unfenced = true;
+        self.unchecked = true;
+        self.owed = true;
     }
 
     /// Events the producer dropped for us and not yet reported; marks them reported.
@@ -947,11 +980,12 @@ mod loom_models {
     }
 
     /// The want-space handshake never loses a request: if the producer stopped because the
-    /// ring was full, the consumer's release either made space visible to the producer's
-    /// re-check, or returned true (the consumer will wake the producer).
-    #[test]
-    fn want_space_no_lost_request() {
-        loom::model(|| {
+    /// ring was full, its re-check saw the freed space, or the consumer's release returned
+    /// true, or the fenced check that release left owed returned true when the consumer paid
+    /// it. `pay` is the consumer's fence: its arm before sleeping ([`crate::notify::arm`]),
+    /// or the periodic [`settle_fence`].
+    fn want_space_model(pay: fn(&crate::sync::AtomicU32)) {
+        loom::model(move || {
             let s = shared(64);
             let mut p = Producer::new(raw(&s)).unwrap();
             assert!(p.try_write(FIRST | LAST, &[&[7u8; 8]]).unwrap());
@@ -962,11 +996,82 @@ mod loom_models {
                 let info = c.peek().unwrap().unwrap();
                 // SAFETY: discard the record from peek.
                 unsafe { c.consume(info, None) };
-                c.release()
+                let woken = c.release();
+                // Nothing more to read: the consumer arms (or a later pass pays), then
+                // settles what the release left owed.
+                let parked = crate::sync::AtomicU32::new(0);
+                pay(&parked);
+                let settled = c.settle();
+                assert!(!(woken && settled), "one request, two wake-ups");
+                woken || settled
             });
             let room = p.request_space(8).unwrap();
             let woken = cons.join().unwrap();
             assert!(room >= 8 || woken, "producer waits for space and nobody will wake it");
+        });
+    }
+
+    #[test]
+    fn want_space_no_lost_request_paid_at_arm() {
+        want_space_model(|parked| crate::notify::arm(parked));
+    }
+
+    #[test]
+    fn want_space_no_lost_request_paid_by_periodic_settle() {
+        want_space_model(|_| settle_fence());
+    }
+
+    /// The whole full-ring path between two processes: the producer asks for room, and if
+    /// its re-check finds none it arms its own wake-up and re-checks once more (as
+    /// `ShmPort::arm` retries the backlog); the consumer releases, pays the owed check at its
+    /// arm, and wakes a producer that asked (fence, then the `parked` claim). A producer
+    /// that decides to sleep always gets its eventfd written.
+    #[test]
+    fn full_ring_producer_is_woken() {
+        use crate::notify;
+        use crate::sync::AtomicU32;
+        loom::model(|| {
+            let s = shared(64);
+            let pparked = Arc::new(AtomicU32::new(0));
+            let efd = Arc::new(AtomicU64::new(0));
+            let mut p = Producer::new(raw(&s)).unwrap();
+            assert!(p.try_write(FIRST | LAST, &[&[7u8; 8]]).unwrap());
+            p.commit();
+            let (s2, pp, e) = (s.clone(), pparked.clone(), efd.clone());
+            let cons = thread::spawn(move || {
+                let mut c = Consumer::new(raw(&s2)).unwrap();
+                let info = c.peek().unwrap().unwrap();
+                // SAFETY: discard the record from peek.
+                unsafe { c.consume(info, None) };
+                // As `ShmPort::drain`, then `ShmPort::arm`: wake at once when the release's
+                // pre-check sees the request, else when the arm pays the owed check.
+                let wake = || {
+                    notify::after_commit();
+                    if notify::should_wake(&pp) {
+                        e.fetch_add(1, Ordering::Relaxed);
+                    }
+                };
+                if c.release() {
+                    wake();
+                }
+                let cparked = AtomicU32::new(0);
+                notify::arm(&cparked);
+                if c.settle() {
+                    wake();
+                }
+            });
+            let mut sleeps = p.request_space(8).unwrap() < 8;
+            if sleeps {
+                notify::arm(&pparked);
+                sleeps = p.body_room(8).unwrap() < 8;
+                if !sleeps {
+                    notify::disarm(&pparked);
+                }
+            }
+            cons.join().unwrap();
+            if sleeps {
+                assert_eq!(efd.load(Ordering::Relaxed), 1, "lost wake-up of a producer waiting for room");
+            }
         });
     }
 }

@@ -18,9 +18,14 @@ use super::{Deliver, PeerDepth, PortCounters};
 use crate::message::{self, Kind};
 use crate::notify;
 use crate::region::Region;
-use crate::ring::{Consumer, FIRST, LAST, Producer, REC_HDR, record_size};
+use crate::ring::{self, Consumer, FIRST, LAST, Producer, REC_HDR, record_size};
 use crate::sys::EventFd;
 use crate::wire::{Offer, Peer};
+
+/// Drain passes after a release before the fenced want-space checks it left owed are paid
+/// anyway (a consumer that never arms: busy-poll, or a stream that never pauses). A producer
+/// waiting for room is told within this many passes of the consumer, or at its next arm.
+const SETTLE_PASSES: u32 = 64;
 
 /// What the inbound side hands to the dispatcher.
 enum Incoming<'a> {
@@ -70,6 +75,8 @@ pub(crate) struct ShmPort {
     /// Peers whose backlog is not empty.
     backlogged: usize,
     armed: bool,
+    /// Drain passes since a release left a fenced want-space check owed (0: none owed).
+    owed_passes: u32,
     pub(crate) counters: PortCounters,
 }
 
@@ -113,6 +120,7 @@ impl ShmPort {
             max_payload_len,
             backlogged: 0,
             armed: false,
+            owed_passes: 0,
             counters: PortCounters::default(),
         }
     }
@@ -321,9 +329,32 @@ impl ShmPort {
             if local_lost > 0 {
                 deliver(Incoming::Lost { from, count: local_lost });
             }
+            if cons.owes_check() && self.owed_passes == 0 {
+                self.owed_passes = 1;
+            }
             total += n;
         }
+        if self.owed_passes > 0 {
+            self.owed_passes += 1;
+            if self.owed_passes > SETTLE_PASSES {
+                ring::settle_fence();
+                self.settle();
+            }
+        }
         (total, more)
+    }
+
+    /// Pay the want-space checks that releases left owed: wake every producer that asked
+    /// for room. The caller issued a SeqCst fence after the last release.
+    fn settle(&mut self) {
+        self.owed_passes = 0;
+        for (from, inb) in self.inb.iter_mut().enumerate() {
+            if let Some(c) = inb.as_mut().and_then(|i| i.cons.as_mut()) {
+                if c.settle() {
+                    wake(&self.region, &self.eventfds, from as u32, &mut self.counters);
+                }
+            }
+        }
     }
 
     /// Retry the backlogs, then tell whether there is anything to do: inbound data, or a
@@ -341,10 +372,17 @@ impl ShmPort {
 
     /// Mark ourselves parked and re-check. Returns true when it is safe to sleep on the
     /// eventfd (nothing arrived between the last drain and the arm).
+    ///
+    /// The arm's fence also pays the want-space checks owed by earlier releases (a producer
+    /// waiting for room this consumer freed is woken before the consumer sleeps).
     pub(crate) fn arm(&mut self) -> bool {
         if !self.armed {
             notify::arm(self.region.parked_flag(self.me));
             self.armed = true;
+            self.settle();
+        } else if self.owed_passes > 0 {
+            ring::settle_fence();
+            self.settle();
         }
         if self.flush_and_find_work() {
             self.disarm();
@@ -430,6 +468,10 @@ impl ShmPort {
 
 impl Drop for ShmPort {
     fn drop(&mut self) {
+        if self.owed_passes > 0 {
+            ring::settle_fence();
+            self.settle();
+        }
         self.region.mark_detached(self.me);
     }
 }
@@ -470,7 +512,11 @@ fn offer(
 }
 
 fn wake(region: &Region, eventfds: &[EventFd], slot: u32, counters: &mut PortCounters) {
-    // `Consumer::release` issued the SeqCst fence after its store of read_pos.
+    // `Consumer::release`/`settle` won the swap of `want_space` after the store of
+    // read_pos. The fence orders that store before the load of the producer's `parked`
+    // (the wake handshake of notify.rs): a producer not seen parked re-reads read_pos on
+    // its arm re-check. Only on this path (a producer asked for room), not per release.
+    notify::after_commit();
     if notify::should_wake(region.parked_flag(slot)) {
         eventfds[slot as usize].notify();
         counters.wakeups_sent += 1;
