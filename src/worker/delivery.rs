@@ -97,6 +97,12 @@ impl Worker {
         n
     }
 
+    /// [`Worker::run_local`] when our own queue has anything (two loads otherwise).
+    #[inline]
+    pub(super) fn run_local_if_any(&mut self) -> usize {
+        if self.unrun_self == 0 && self.local.is_empty() { 0 } else { self.run_local() }
+    }
+
     /// A buffer from the pool (or a new one).
     pub(super) fn buffer(&mut self) -> AlignedVec {
         self.pool.pop().unwrap_or_default()
