@@ -256,7 +256,10 @@ impl ShmPort {
                     break;
                 }
                 let info = match cons.peek() {
-                    Ok(Some(info)) => info,
+                    Ok(Some(info)) => {
+                        cons.prefetch_next(info);
+                        info
+                    }
                     Ok(None) => break,
                     Err(_) => {
                         tracing::warn!(from, "corrupt ring: skipping its committed contents");
