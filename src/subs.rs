@@ -101,9 +101,11 @@ struct Memo {
     valid: bool,
     source: String,
     event: String,
-    /// The `(source, "*")` list to run (already `None` for a literal `"*"` source).
+    /// The `(source, "*")` list to run (already `None` for a literal `"*"` source, or when
+    /// that list is empty).
     any: Option<ListId>,
-    /// The `(source, event)` list to run (already `None` for a literal `"*"` event).
+    /// The `(source, event)` list to run (already `None` for a literal `"*"` event, or when
+    /// that list is empty).
     event_list: Option<ListId>,
 }
 
@@ -241,8 +243,10 @@ impl Subscriptions {
         true
     }
 
-    /// Resolve `(source, event)` into `m` (a miss hashes and probes the tables).
-    fn resolve(table: &FxMap<Box<str>, BySource>, m: &mut Memo, source: &str, event: &str) {
+    /// Resolve `(source, event)` into `m` (a miss hashes and probes the tables). Empty
+    /// lists resolve to `None`: the tables only change in subscribe and unsubscribe, which
+    /// clear the memos.
+    fn resolve(table: &FxMap<Box<str>, BySource>, lists: &[List], m: &mut Memo, source: &str, event: &str) {
         let (mut any, mut event_list) = (None, None);
         if let Some(by) = table.get(source) {
             if source != "*" {
@@ -252,6 +256,8 @@ impl Subscriptions {
                 event_list = by.events.get(event).copied();
             }
         }
+        let nonempty = |l: Option<ListId>| l.filter(|&l| !lists[l as usize].is_empty());
+        let (any, event_list) = (nonempty(any), nonempty(event_list));
         m.source.clear();
         m.source.push_str(source);
         m.event.clear();
@@ -267,10 +273,9 @@ impl Subscriptions {
             return true;
         }
         if !self.wants_memo.hit(source.as_bytes(), event.as_bytes()) {
-            Self::resolve(&self.table, &mut self.wants_memo, source, event);
+            Self::resolve(&self.table, &self.lists, &mut self.wants_memo, source, event);
         }
-        let nonempty = |l: Option<ListId>| l.is_some_and(|l| !self.lists[l as usize].is_empty());
-        nonempty(self.wants_memo.any) || nonempty(self.wants_memo.event_list)
+        self.wants_memo.any.is_some() || self.wants_memo.event_list.is_some()
     }
 
     /// Run the callbacks for `ev`: `("*","*")`, then `(source,"*")`, then `(source,event)`,
@@ -279,7 +284,7 @@ impl Subscriptions {
     /// caught and logged; the others still run.
     pub(crate) fn run(&mut self, ev: &Event<'_>) -> RunStats {
         if !self.memo.hit(ev.source.as_bytes(), ev.event.as_bytes()) {
-            Self::resolve(&self.table, &mut self.memo, ev.source, ev.event);
+            Self::resolve(&self.table, &self.lists, &mut self.memo, ev.source, ev.event);
         }
         self.run_resolved(ev)
     }
@@ -292,7 +297,7 @@ impl Subscriptions {
         if !self.memo.hit(source, event) {
             let s = std::str::from_utf8(source).ok()?;
             let e = std::str::from_utf8(event).ok()?;
-            Self::resolve(&self.table, &mut self.memo, s, e);
+            Self::resolve(&self.table, &self.lists, &mut self.memo, s, e);
         }
         // The names are the memo's own (equal bytes): no validation, no lifetime games.
         let Subscriptions { wild, lists, memo, .. } = self;
@@ -314,7 +319,9 @@ fn run_levels(
     ev: &Event<'_>,
 ) -> RunStats {
     let mut st = RunStats::default();
-    run_list(wild, ev, &mut st);
+    if !wild.is_empty() {
+        run_list(wild, ev, &mut st);
+    }
     if let Some(l) = any {
         run_list(&mut lists[l as usize], ev, &mut st);
     }
