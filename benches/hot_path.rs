@@ -21,6 +21,9 @@
 //! and worker 0 dispatches that. Instructions per hop = difference of two totals / (2 x the
 //! difference of `WE_HOT_EVENTS`), the CPU work of one publish -> callback hop and its
 //! dispatch epilogue (not the cache-line transfers, which one process does not pay).
+//! `WE_HOT_IDLE=k` adds k dispatch calls that find nothing per round trip (a busy-polling
+//! receiver's idle pass, whose length is the detection delay): their cost is the difference
+//! with `WE_HOT_IDLE` unset, divided by k x the round trips.
 //!
 //! Two more modes count syscalls with `strace -f -c` (again, the difference of two runs of
 //! different lengths, divided by the difference of their lengths, cancels the setup):
@@ -131,7 +134,11 @@ fn hop(n: u64) {
     w1.subscribe("bench", "ping", move |ev| {
         r.store(ev.data::<Ping>().expect("valid ping").seq.to_native(), Ordering::Relaxed)
     });
+    let idle: u32 = std::env::var("WE_HOT_IDLE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     for seq in 1..=n {
+        for _ in 0..idle {
+            w1.dispatch().expect("idle dispatch");
+        }
         w0.publish(Target::All, "bench", "ping", &Ping { seq, pad: [0x5a; 56] }).expect("ping");
         while req.load(Ordering::Relaxed) != seq {
             w1.dispatch().expect("dispatch 1");
