@@ -228,7 +228,7 @@ impl Worker {
     /// Drain the data path into our callbacks.
     fn drain_path(&mut self) -> Drained {
         let conns = self.ctl.as_mut().map(|c| c as &mut dyn Connections);
-        let mut sink = Delivery { subs: &mut self.subs, stats: &mut self.stats, geo: self.geo };
+        let mut sink = Delivery { subs: &mut self.subs, stats: &mut self.stats, geo: &self.geo };
         self.path.drain(&mut sink, conns)
     }
 
