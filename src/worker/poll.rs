@@ -211,16 +211,14 @@ impl Worker {
         n += drained.events;
         let mut more = drained.more;
         self.count_towards_control(n);
-        if (n == 0 && !more) || self.pacing.countdown == 0 {
-            if self.control_due()? {
-                self.poll_control()?;
-                // The control work may have queued events for us (a unique event) or
-                // attached or replaced the data path: run and drain them in this pass.
-                n += self.run_local_if_any();
-                let again = self.drain_path();
-                n += again.events;
-                more |= again.more;
-            }
+        if ((n == 0 && !more) || self.pacing.countdown == 0) && self.control_due()? {
+            self.poll_control()?;
+            // The control work may have queued events for us (a unique event) or attached
+            // or replaced the data path: run and drain them in this pass.
+            n += self.run_local_if_any();
+            let again = self.drain_path();
+            n += again.events;
+            more |= again.more;
         }
         Ok((n, more))
     }
