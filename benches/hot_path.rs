@@ -14,6 +14,17 @@
 //! Instructions per event = difference of the two totals / 100,000 (setup cancels out).
 //! `WE_HOT_SELF=1` also subscribes worker 0 to its own events (the self-delivery path).
 //!
+//! `WE_HOT_MODE=hop`: the `latency/we_busy_poll` ping-pong, in one process: both workers in
+//! busy-poll mode with that scenario's subscriptions (each side subscribes only to the other
+//! side's event, so its own copies find no callback); per round trip, worker 0 publishes
+//! "ping", worker 1 dispatches it (validated access in the callback), then publishes "pong",
+//! and worker 0 dispatches that. Instructions per hop = difference of two totals / (2 x the
+//! difference of `WE_HOT_EVENTS`), the CPU work of one publish -> callback hop and its
+//! dispatch epilogue (not the cache-line transfers, which one process does not pay).
+//! `WE_HOT_IDLE=k` adds k dispatch calls that find nothing per round trip (a busy-polling
+//! receiver's idle pass, whose length is the detection delay): their cost is the difference
+//! with `WE_HOT_IDLE` unset, divided by k x the round trips.
+//!
 //! Two more modes count syscalls with `strace -f -c` (again, the difference of two runs of
 //! different lengths, divided by the difference of their lengths, cancels the setup):
 //! - `WE_HOT_MODE=parked`: `WE_HOT_EVENTS` ping-pong round trips between this process and
@@ -57,6 +68,7 @@ fn main() {
     match std::env::var("WE_HOT_MODE").as_deref() {
         Ok("parked") => return two_process(n, "parked"),
         Ok("stream") => return two_process(n, "stream"),
+        Ok("hop") => return hop(n),
         _ => {}
     }
     let self_sub = std::env::var_os("WE_HOT_SELF").is_some();
@@ -97,6 +109,46 @@ fn main() {
         assert!(Instant::now() < deadline + Duration::from_secs(600), "events missing");
     }
     println!("events delivered: {}", got.load(Ordering::Relaxed));
+}
+
+/// `n` busy-poll round trips between two workers of this process (see the module docs).
+fn hop(n: u64) {
+    let dir = TempDir::new("we-hop");
+    let events = Events::new(options(&dir.join("ev.sock"))).expect("options");
+    let mut w0 = events.init_worker(Wid::Worker(0)).expect("worker 0");
+    let mut w1 = events.init_worker(Wid::Worker(1)).expect("worker 1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(w0.is_ready() && w1.is_ready()) {
+        w0.dispatch().expect("dispatch 0");
+        w1.dispatch().expect("dispatch 1");
+        assert!(Instant::now() < deadline, "worker 1 did not attach");
+    }
+    w0.set_busy_poll(true);
+    w1.set_busy_poll(true);
+    let (pong, req) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let p = pong.clone();
+    w0.subscribe("bench", "pong", move |ev| {
+        p.store(ev.data::<Ping>().expect("valid pong").seq.to_native(), Ordering::Release)
+    });
+    let r = req.clone();
+    w1.subscribe("bench", "ping", move |ev| {
+        r.store(ev.data::<Ping>().expect("valid ping").seq.to_native(), Ordering::Relaxed)
+    });
+    let idle: u32 = std::env::var("WE_HOT_IDLE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    for seq in 1..=n {
+        for _ in 0..idle {
+            w1.dispatch().expect("idle dispatch");
+        }
+        w0.publish(Target::All, "bench", "ping", &Ping { seq, pad: [0x5a; 56] }).expect("ping");
+        while req.load(Ordering::Relaxed) != seq {
+            w1.dispatch().expect("dispatch 1");
+        }
+        w1.publish(Target::All, "bench", "pong", &Ping { seq, pad: [0x5a; 56] }).expect("pong");
+        while pong.load(Ordering::Acquire) != seq {
+            w0.dispatch().expect("dispatch 0");
+        }
+    }
+    println!("round trips: {n}");
 }
 
 fn options(sock: &std::path::Path) -> Options {

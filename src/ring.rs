@@ -484,6 +484,26 @@ impl Consumer {
         }
     }
 
+    /// Ask the cache for the line of the record slot after `info` (from the last `peek`):
+    /// the stamp read next. Its transfer from the producer's core then overlaps with the
+    /// copy and the callbacks of this record instead of following them (a ping-pong reads
+    /// that stamp, still 0, before replying). A hint only: it reads nothing.
+    #[inline]
+    pub(crate) fn prefetch_next(&self, info: RecordInfo) {
+        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        {
+            let next = self.ring.off(self.read.wrapping_add(record_size(info.len) as u64));
+            // SAFETY: `next` < cap, so the address is inside the data area (type invariant);
+            // a prefetch never faults and has no architectural effect.
+            unsafe {
+                let p = self.ring.data.as_ptr().add(next);
+                std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
+            }
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+        let _ = info;
+    }
+
     /// Drop everything committed so far (after [`Corrupt`]): jump to the producer's
     /// `write_pos` hint when it is past the read position; otherwise report nothing until it
     /// is (the producer stores it at least every quarter ring, so a live producer gets us

@@ -93,15 +93,19 @@ struct BySource {
 /// The last (source, event) looked up and what it resolved to: a stream repeats the same
 /// names for thousands of events, so a repeated pair costs one short compare, no hashing
 /// and (for received messages) no UTF-8 validation. Cleared by every subscribe and
-/// unsubscribe, the only changes to the tables.
+/// unsubscribe, the only changes to the tables. Received events and the publisher's own
+/// `wants` question each have one: a worker that answers "ping" with "pong" would otherwise
+/// evict one pair with the other twice per round trip.
 #[derive(Default)]
 struct Memo {
     valid: bool,
     source: String,
     event: String,
-    /// The `(source, "*")` list to run (already `None` for a literal `"*"` source).
+    /// The `(source, "*")` list to run (already `None` for a literal `"*"` source, or when
+    /// that list is empty).
     any: Option<ListId>,
-    /// The `(source, event)` list to run (already `None` for a literal `"*"` event).
+    /// The `(source, event)` list to run (already `None` for a literal `"*"` event, or when
+    /// that list is empty).
     event_list: Option<ListId>,
 }
 
@@ -151,7 +155,10 @@ pub(crate) struct Subscriptions {
     lists: Vec<List>,
     free: Vec<ListId>,
     index: HashMap<u64, (Box<str>, Box<str>)>,
+    /// What the last received (or locally run) event resolved to.
     memo: Memo,
+    /// What the last [`Subscriptions::wants`] (asked on every `All` publish) resolved to.
+    wants_memo: Memo,
 }
 
 /// Outcome of running the callbacks for one event.
@@ -179,6 +186,7 @@ impl Subscriptions {
 
     pub(crate) fn subscribe(&mut self, source: &str, event: &str, cb: Callback) -> SubscriptionId {
         self.memo.valid = false;
+        self.wants_memo.valid = false;
         self.next += 1;
         let id = self.next;
         let list = match (source, event) {
@@ -210,6 +218,7 @@ impl Subscriptions {
     pub(crate) fn unsubscribe(&mut self, id: SubscriptionId) -> bool {
         let Some((s, e)) = self.index.remove(&id.0) else { return false };
         self.memo.valid = false;
+        self.wants_memo.valid = false;
         let keep = |(i, _): &(u64, Callback)| *i != id.0;
         if (&*s, &*e) == ("*", "*") {
             self.wild.retain(keep);
@@ -234,10 +243,12 @@ impl Subscriptions {
         true
     }
 
-    /// Resolve `(source, event)` into the memo (a miss hashes and probes the tables).
-    fn resolve(&mut self, source: &str, event: &str) {
+    /// Resolve `(source, event)` into `m` (a miss hashes and probes the tables). Empty
+    /// lists resolve to `None`: the tables only change in subscribe and unsubscribe, which
+    /// clear the memos.
+    fn resolve(table: &FxMap<Box<str>, BySource>, lists: &[List], m: &mut Memo, source: &str, event: &str) {
         let (mut any, mut event_list) = (None, None);
-        if let Some(by) = self.table.get(source) {
+        if let Some(by) = table.get(source) {
             if source != "*" {
                 any = Some(by.any);
             }
@@ -245,7 +256,8 @@ impl Subscriptions {
                 event_list = by.events.get(event).copied();
             }
         }
-        let m = &mut self.memo;
+        let nonempty = |l: Option<ListId>| l.filter(|&l| !lists[l as usize].is_empty());
+        let (any, event_list) = (nonempty(any), nonempty(event_list));
         m.source.clear();
         m.source.push_str(source);
         m.event.clear();
@@ -260,11 +272,10 @@ impl Subscriptions {
         if !self.wild.is_empty() {
             return true;
         }
-        if !self.memo.hit(source.as_bytes(), event.as_bytes()) {
-            self.resolve(source, event);
+        if !self.wants_memo.hit(source.as_bytes(), event.as_bytes()) {
+            Self::resolve(&self.table, &self.lists, &mut self.wants_memo, source, event);
         }
-        let nonempty = |l: Option<ListId>| l.is_some_and(|l| !self.lists[l as usize].is_empty());
-        nonempty(self.memo.any) || nonempty(self.memo.event_list)
+        self.wants_memo.any.is_some() || self.wants_memo.event_list.is_some()
     }
 
     /// Run the callbacks for `ev`: `("*","*")`, then `(source,"*")`, then `(source,event)`,
@@ -273,7 +284,7 @@ impl Subscriptions {
     /// caught and logged; the others still run.
     pub(crate) fn run(&mut self, ev: &Event<'_>) -> RunStats {
         if !self.memo.hit(ev.source.as_bytes(), ev.event.as_bytes()) {
-            self.resolve(ev.source, ev.event);
+            Self::resolve(&self.table, &self.lists, &mut self.memo, ev.source, ev.event);
         }
         self.run_resolved(ev)
     }
@@ -286,7 +297,7 @@ impl Subscriptions {
         if !self.memo.hit(source, event) {
             let s = std::str::from_utf8(source).ok()?;
             let e = std::str::from_utf8(event).ok()?;
-            self.resolve(s, e);
+            Self::resolve(&self.table, &self.lists, &mut self.memo, s, e);
         }
         // The names are the memo's own (equal bytes): no validation, no lifetime games.
         let Subscriptions { wild, lists, memo, .. } = self;
@@ -308,7 +319,9 @@ fn run_levels(
     ev: &Event<'_>,
 ) -> RunStats {
     let mut st = RunStats::default();
-    run_list(wild, ev, &mut st);
+    if !wild.is_empty() {
+        run_list(wild, ev, &mut st);
+    }
     if let Some(l) = any {
         run_list(&mut lists[l as usize], ev, &mut st);
     }
@@ -386,6 +399,20 @@ mod tests {
         let any = subs.subscribe("*", "*", Box::new(|_| {}));
         assert!(subs.wants("b", "z"));
         assert!(subs.unsubscribe(any) && !subs.wants("b", "z"));
+    }
+
+    #[test]
+    fn publishing_one_pair_and_receiving_another_keep_both_memoized() {
+        let mut subs = Subscriptions::default();
+        subs.subscribe("bench", "pong", Box::new(|_| {}));
+        for _ in 0..3 {
+            assert!(!subs.wants("bench", "ping"), "our own ping: nobody local wants it");
+            assert_eq!(subs.run_raw(b"bench", b"pong", &[], None).map(|r| r.called), Some(1));
+        }
+        assert!(subs.wants_memo.hit(b"bench", b"ping") && subs.memo.hit(b"bench", b"pong"));
+        subs.subscribe("bench", "ping", Box::new(|_| {}));
+        assert!(!subs.wants_memo.valid && !subs.memo.valid, "a subscribe clears both");
+        assert!(subs.wants("bench", "ping"));
     }
 
     #[test]

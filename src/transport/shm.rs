@@ -15,6 +15,7 @@ use rkyv::util::AlignedVec;
 use std::os::fd::AsFd;
 
 use super::{Deliver, PeerDepth, PortCounters};
+use crate::event::Wid;
 use crate::message::{self, Kind};
 use crate::notify;
 use crate::region::Region;
@@ -264,7 +265,10 @@ impl ShmPort {
                     break;
                 }
                 let info = match cons.peek() {
-                    Ok(Some(info)) => info,
+                    Ok(Some(info)) => {
+                        cons.prefetch_next(info);
+                        info
+                    }
                     Ok(None) => break,
                     Err(_) => {
                         tracing::warn!(from, "corrupt ring: skipping its committed contents");
@@ -445,22 +449,25 @@ impl ShmPort {
     /// an "all" event comes from its publisher's ring; a unique event is relayed by the
     /// broker and carries its publisher's wid. Returns (messages, more pending).
     pub(crate) fn dispatch(&mut self, budget: usize, sink: &mut dyn Deliver) -> (usize, bool) {
-        self.flush();
-        let geo = *self.region.geometry();
+        if self.backlogged != 0 {
+            self.flush();
+        }
+        // Only what the checks need (the whole geometry is ten words, copied every pass).
+        let (workers, agent) = (self.region.geometry().workers, self.region.geometry().agent);
+        // As `Geometry::wid_of`.
+        let wid_of = |slot: u32| if agent && slot == workers { Wid::PrivilegedAgent } else { Wid::Worker(slot) };
         let max_payload = self.max_payload_len;
         self.drain(budget, |inc| match inc {
-            Incoming::Message { from, bytes } => {
-                match message::decode_raw(bytes, geo.workers, geo.agent, max_payload) {
-                    Ok(m)
-                        if ((m.kind == Kind::All && m.wid == Some(geo.wid_of(from)))
-                            || (m.kind == Kind::Unique && m.wid.is_some()))
-                            && sink.raw_event(&m) => {}
-                    _ => {
-                        tracing::warn!(from, "dropping a malformed message");
-                        sink.dropped();
-                    }
+            Incoming::Message { from, bytes } => match message::decode_raw(bytes, workers, agent, max_payload) {
+                Ok(m)
+                    if ((m.kind == Kind::All && m.wid == Some(wid_of(from)))
+                        || (m.kind == Kind::Unique && m.wid.is_some()))
+                        && sink.raw_event(&m) => {}
+                _ => {
+                    tracing::warn!(from, "dropping a malformed message");
+                    sink.dropped();
                 }
-            }
+            },
             Incoming::Lost { from, count } => sink.lost(from, count),
         })
     }

@@ -22,7 +22,7 @@ const SMALL_BUF: usize = 4096;
 pub(super) struct Delivery<'a> {
     pub(super) subs: &'a mut Subscriptions,
     pub(super) stats: &'a mut Stats,
-    pub(super) geo: Geometry,
+    pub(super) geo: &'a Geometry,
 }
 
 impl Deliver for Delivery<'_> {
@@ -37,7 +37,7 @@ impl Deliver for Delivery<'_> {
     }
 
     fn lost(&mut self, from: u32, count: u64) {
-        deliver_lost_notice(self.subs, self.stats, &self.geo, from, count);
+        deliver_lost_notice(self.subs, self.stats, self.geo, from, count);
     }
 
     fn dropped(&mut self) {
@@ -95,6 +95,12 @@ impl Worker {
             self.recycle(buf);
         }
         n
+    }
+
+    /// [`Worker::run_local`] when our own queue has anything (two loads otherwise).
+    #[inline]
+    pub(super) fn run_local_if_any(&mut self) -> usize {
+        if self.unrun_self == 0 && self.local.is_empty() { 0 } else { self.run_local() }
     }
 
     /// A buffer from the pool (or a new one).

@@ -21,6 +21,7 @@ use super::delivery::Delivery;
 use crate::control::{TOKEN_EVENTFD, TOKEN_LISTENER};
 use crate::error::{Error, Result};
 use crate::sys::Epoll;
+use crate::transport::Drained;
 use crate::wire::Connections;
 
 /// Dispatch calls between two looks at the clock while busy-polling.
@@ -176,8 +177,8 @@ impl Worker {
         }
     }
 
-    /// One dispatch pass: control, then our own queue and the data path (shared memory:
-    /// our queue first, then the rings; sockets: the frames first, then our queue).
+    /// One dispatch pass. Shared memory: see [`Worker::rings_pass`]. Otherwise control,
+    /// then the data path (socket frames), then our own queue.
     fn pass(&mut self) -> Result<(usize, bool)> {
         if self.path.disarm() {
             self.stats.wakeups_received += 1;
@@ -187,22 +188,52 @@ impl Worker {
                 self.pacing.epoll_wait(&self.epoll, 0)?;
             }
         }
+        if self.path.shm().is_some() {
+            return self.rings_pass();
+        }
         if self.control_due()? {
             self.poll_control()?;
         }
-        let local_first = self.path.shm().is_some();
-        let mut n = if local_first { self.run_local() } else { 0 };
-        let conns = self.ctl.as_mut().map(|c| c as &mut dyn Connections);
-        let mut sink = Delivery { subs: &mut self.subs, stats: &mut self.stats, geo: self.geo };
-        let drained = self.path.drain(&mut sink, conns);
-        n += drained.events;
-        if !local_first {
-            n += self.run_local();
-        }
-        // Busy with events: count them towards the next look at the control sockets, so a
-        // lost broker is noticed within a few hundred events, not a few hundred passes.
-        self.pacing.countdown = self.pacing.countdown.saturating_sub(n.min(u32::MAX as usize) as u32);
+        let drained = self.drain_path();
+        let n = drained.events + self.run_local();
+        self.count_towards_control(n);
         Ok((n, drained.more))
+    }
+
+    /// A pass on shared memory: our own queue (if anything is in it), then the rings; the
+    /// control sockets only when that found nothing, or once the events delivered since the
+    /// last look reach [`CONTROL_EVERY`]. A pass that delivers returns without the control
+    /// checks, so a busy-polling receiver goes from the callback back to its caller at
+    /// once, and a busy worker still notices a lost broker within a few hundred events.
+    fn rings_pass(&mut self) -> Result<(usize, bool)> {
+        let mut n = self.run_local_if_any();
+        let drained = self.drain_path();
+        n += drained.events;
+        let mut more = drained.more;
+        self.count_towards_control(n);
+        if ((n == 0 && !more) || self.pacing.countdown == 0) && self.control_due()? {
+            self.poll_control()?;
+            // The control work may have queued events for us (a unique event) or attached
+            // or replaced the data path: run and drain them in this pass.
+            n += self.run_local_if_any();
+            let again = self.drain_path();
+            n += again.events;
+            more |= again.more;
+        }
+        Ok((n, more))
+    }
+
+    /// Drain the data path into our callbacks.
+    fn drain_path(&mut self) -> Drained {
+        let conns = self.ctl.as_mut().map(|c| c as &mut dyn Connections);
+        let mut sink = Delivery { subs: &mut self.subs, stats: &mut self.stats, geo: &self.geo };
+        self.path.drain(&mut sink, conns)
+    }
+
+    /// Busy with events: count them towards the next look at the control sockets, so a lost
+    /// broker is noticed within a few hundred events, not a few hundred passes.
+    fn count_towards_control(&mut self, n: usize) {
+        self.pacing.countdown = self.pacing.countdown.saturating_sub(n.min(u32::MAX as usize) as u32);
     }
 
     /// Is the control channel due for a poll this pass?
