@@ -23,18 +23,12 @@ use crate::ring::{self, Consumer, FIRST, LAST, Producer, REC_HDR, record_size};
 use crate::sys::EventFd;
 use crate::wire::{Offer, Peer};
 
+mod receive;
+
 /// Drain passes after a release before the fenced want-space checks it left owed are paid
 /// anyway (a consumer that never arms: busy-poll, or a stream that never pauses). A producer
 /// waiting for room is told within this many passes of the consumer, or at its next arm.
 const SETTLE_PASSES: u32 = 64;
-
-/// What the inbound side hands to the dispatcher.
-enum Incoming<'a> {
-    /// A complete message (not yet validated) from slot `from`.
-    Message { from: u32, bytes: &'a [u8] },
-    /// `count` events from slot `from` were lost on the way to us.
-    Lost { from: u32, count: u64 },
-}
 
 struct Pending {
     msg: Arc<AlignedVec>,
@@ -244,110 +238,6 @@ impl ShmPort {
         progress
     }
 
-    /// Drain inbound rings, handing each message (and lost notices) to `deliver`. At most
-    /// `budget` messages per ring. Returns (messages, more_pending).
-    fn drain<F: FnMut(Incoming<'_>)>(&mut self, budget: usize, mut deliver: F) -> (usize, bool) {
-        let mut total = 0;
-        let mut more = false;
-        for from in 0..self.inb.len() {
-            let Some(inb) = self.inb[from].as_mut() else { continue };
-            let Some(cons) = inb.cons.as_mut() else { continue };
-            let from = from as u32;
-            let lost = cons.take_lost();
-            if lost > 0 {
-                deliver(Incoming::Lost { from, count: lost });
-            }
-            let mut local_lost = 0u64;
-            let mut n = 0;
-            loop {
-                if n >= budget {
-                    more = true;
-                    break;
-                }
-                let info = match cons.peek() {
-                    Ok(Some(info)) => {
-                        cons.prefetch_next(info);
-                        info
-                    }
-                    Ok(None) => break,
-                    Err(_) => {
-                        tracing::warn!(from, "corrupt ring: skipping its committed contents");
-                        cons.skip_all();
-                        self.counters.dropped += 1;
-                        if inb.state != Asm::Discarding {
-                            local_lost += 1;
-                        }
-                        inb.state = Asm::Idle;
-                        break;
-                    }
-                };
-                if info.flags & FIRST != 0 {
-                    if inb.state == Asm::Assembling {
-                        // The producer restarted mid-message: its partial message is gone.
-                        local_lost += 1;
-                    }
-                    inb.asm.clear();
-                    inb.state = Asm::Assembling;
-                } else if inb.state == Asm::Idle {
-                    // A tail whose head we never saw (we restarted mid-message).
-                    local_lost += 1;
-                    inb.state = Asm::Discarding;
-                }
-                if inb.state == Asm::Assembling && inb.asm.len() + info.len > self.max_msg {
-                    local_lost += 1;
-                    self.counters.dropped += 1;
-                    inb.state = Asm::Discarding;
-                }
-                if inb.state == Asm::Discarding {
-                    // SAFETY: `info` comes from the peek just above; the body is discarded.
-                    unsafe { cons.consume(info, None) };
-                } else {
-                    inb.asm.reserve(info.len);
-                    let len = inb.asm.len();
-                    // SAFETY: `info` comes from the peek above; `reserve` made room for
-                    // info.len bytes past `len`, which `consume` fills entirely before
-                    // `set_len` exposes them.
-                    unsafe {
-                        cons.consume(info, Some(inb.asm.as_mut_ptr().add(len)));
-                        inb.asm.set_len(len + info.len);
-                    }
-                }
-                if info.flags & LAST == 0 {
-                    // Mid-message: give the space back at once so the producer can stream.
-                    if cons.release() {
-                        wake(&self.region, &self.eventfds, from, &mut self.counters);
-                    }
-                    continue;
-                }
-                let state = std::mem::replace(&mut inb.state, Asm::Idle);
-                if state == Asm::Assembling {
-                    n += 1;
-                    // Consumed before the callbacks run: a successor never sees it again.
-                    cons.commit_read();
-                    deliver(Incoming::Message { from, bytes: &inb.asm });
-                }
-            }
-            if cons.release() {
-                wake(&self.region, &self.eventfds, from, &mut self.counters);
-            }
-            if local_lost > 0 {
-                deliver(Incoming::Lost { from, count: local_lost });
-            }
-            if cons.owes_check() && self.owed_passes == 0 {
-                self.owed_passes = 1;
-            }
-            total += n;
-        }
-        if self.owed_passes > 0 {
-            self.owed_passes += 1;
-            if self.owed_passes > SETTLE_PASSES {
-                ring::settle_fence();
-                self.settle();
-            }
-        }
-        (total, more)
-    }
-
     /// Pay the want-space checks that releases left owed: wake every producer that asked
     /// for room. The caller issued a SeqCst fence after the last release.
     fn settle(&mut self) {
@@ -442,33 +332,6 @@ impl ShmPort {
             let backlog = o.backlog.len() as u64;
             let inbound = n.cons.as_ref().map_or(0, |c| c.depth());
             Some(PeerDepth { peer: Peer::Slot(i as u32), outbound: ring + backlog, backlog, inbound })
-        })
-    }
-
-    /// Retry the backlogs, then drain the inbound rings into `sink`, checking each message:
-    /// an "all" event comes from its publisher's ring; a unique event is relayed by the
-    /// broker and carries its publisher's wid. Returns (messages, more pending).
-    pub(crate) fn dispatch(&mut self, budget: usize, sink: &mut dyn Deliver) -> (usize, bool) {
-        if self.backlogged != 0 {
-            self.flush();
-        }
-        // Only what the checks need (the whole geometry is ten words, copied every pass).
-        let (workers, agent) = (self.region.geometry().workers, self.region.geometry().agent);
-        // As `Geometry::wid_of`.
-        let wid_of = |slot: u32| if agent && slot == workers { Wid::PrivilegedAgent } else { Wid::Worker(slot) };
-        let max_payload = self.max_payload_len;
-        self.drain(budget, |inc| match inc {
-            Incoming::Message { from, bytes } => match message::decode_raw(bytes, workers, agent, max_payload) {
-                Ok(m)
-                    if ((m.kind == Kind::All && m.wid == Some(wid_of(from)))
-                        || (m.kind == Kind::Unique && m.wid.is_some()))
-                        && sink.raw_event(&m) => {}
-                _ => {
-                    tracing::warn!(from, "dropping a malformed message");
-                    sink.dropped();
-                }
-            },
-            Incoming::Lost { from, count } => sink.lost(from, count),
         })
     }
 }
