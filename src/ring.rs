@@ -362,12 +362,18 @@ impl Producer {
         }))
     }
 
+    /// Loom models the data area as atomics: nothing can be built in place, so callers
+    /// always take their copying path (which the models check).
+    #[cfg(loom)]
+    pub(crate) fn reserve(&mut self, _min: usize) -> Result<Option<&mut [std::mem::MaybeUninit<u8>]>, Corrupt> {
+        Ok(None)
+    }
+
     /// Append (uncommitted, as [`Producer::try_write`]) the record whose `len` body bytes
     /// were just built in the space [`Producer::reserve`] returned.
     ///
     /// # Panics
     /// If `len` exceeds that space (a caller bug: the record would cover unread bytes).
-    #[cfg(not(loom))]
     pub(crate) fn write_reserved(&mut self, flags: u32, len: usize) {
         let need = record_size(len);
         assert!(need <= self.free_cached() && self.ring.off(self.write) + need <= self.ring.cap, "beyond reserve");

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use rkyv::util::AlignedVec;
 
 use super::{Outbound, Pending, ShmPort};
+use crate::notify;
 use crate::ring::{FIRST, LAST, Producer, REC_HDR, record_size};
 use crate::transport::PortCounters;
 
@@ -32,23 +33,31 @@ impl ShmPort {
         let Some(first) = self.out.iter().position(|o| o.as_ref().is_some_and(|o| o.prod.is_some())) else {
             return Ok(false);
         };
+        let only = self.out.len() <= 2;
         let Some(o) = self.out[first].as_mut() else { return Ok(false) };
         let Some(prod) = o.prod.as_mut() else { return Ok(false) };
         let Ok(Some(space)) = prod.reserve(min) else { return Ok(false) };
         let at = space.as_ptr().cast::<u8>();
         let Some(len) = build(space)? else { return Ok(false) };
         prod.write_reserved(FIRST | LAST, len);
-        o.touched = true;
-        if self.out.len() > 2 {
-            // SAFETY: `build` initialized these `len` bytes of our own, not yet committed
-            // record: nothing writes them until this producer reuses the space, after the
-            // copies below.
-            let msg = unsafe { std::slice::from_raw_parts(at, len) };
-            let mut shared = None;
-            for (i, o) in self.out.iter_mut().enumerate() {
-                let Some(o) = o.as_mut().filter(|_| i != first) else { continue };
-                offer(o, msg, &mut shared, self.max_queue_len, &mut self.backlogged, &mut self.counters);
+        if only {
+            // The only peer: commit and wake it without scanning every ring twice.
+            prod.commit();
+            notify::after_commit();
+            if notify::should_wake(self.region.parked_flag(first as u32)) {
+                self.eventfds[first].notify();
+                self.counters.wakeups_sent += 1;
             }
+            return Ok(true);
+        }
+        o.touched = true;
+        // SAFETY: `build` initialized these `len` bytes of our own, not yet committed record:
+        // nothing writes them until this producer reuses the space, after the copies below.
+        let msg = unsafe { std::slice::from_raw_parts(at, len) };
+        let mut shared = None;
+        for (i, o) in self.out.iter_mut().enumerate() {
+            let Some(o) = o.as_mut().filter(|_| i != first) else { continue };
+            offer(o, msg, &mut shared, self.max_queue_len, &mut self.backlogged, &mut self.counters);
         }
         self.commit_and_wake();
         Ok(true)
