@@ -1,5 +1,5 @@
 //! Scale of `worker-events` in the number of workers, each figure against a reference measured
-//! in the same run (the targets are `ARCHITECTURE.md` §P2 (1->3 broadcast) and §P5 (scale)):
+//! in the same run (the targets are `ARCHITECTURE.md` §P3 (1->3 broadcast) and §P5 (scale)):
 //!
 //! 1. **publish(All) cost per N**: the publisher's (worker 0's) time for one
 //!    `publish(Target::All)` of a 64-byte typed event, for N = 2, 4, 16, 64 workers at default
@@ -898,7 +898,7 @@ fn print_broadcast(plan: &Plan, b: &BroadcastResult) {
         plan.bc_rounds, plan.bc_chunks
     );
     println!(
-        "{:<44} {:>15} {:>15} {:<16} target (ARCHITECTURE.md §P2)",
+        "{:<44} {:>15} {:>15} {:<16} target (ARCHITECTURE.md §P3)",
         "measurement", "median", "best decile", "ratio"
     );
     let row = |label: &str, c: &Compared, ratio: &str, target: &str| {
