@@ -378,6 +378,11 @@ impl XSummary {
         );
         for k in KINDS {
             let v = &lat[k.index()];
+            if v.is_empty() && k != Kind::AllToBroker {
+                // No event took this route (on shared memory unique events never come back
+                // to their publisher): nothing to show.
+                continue;
+            }
             let p50 = us(v, 0.5);
             println!(
                 "  {:<34} {:>9} {:>7.2}us {:>7.2}us {:>7.2}us {:>7}  {}",
