@@ -12,6 +12,14 @@
 //!   take over (it runs at once), and a fresh region would strand every event queued in the
 //!   live one (a restarted worker must get the events queued for its slot).
 //!
+//! Byte 0 alone cannot tell a stuck broker (stopped, or its worker blocked in a callback)
+//! from a live one: on shared memory the serving broker also stores a heartbeat in the region
+//! every [`BEAT_INTERVAL`], and a region holder that finds it older than [`STUCK_AFTER`]
+//! takes the role over by a compare-and-swap on it and the next epoch, serving without byte 0
+//! until the stuck holder lets go (`worker/broker.rs`, `Region::take_over_stale_broker`).
+//! Epoch plus heartbeat are the authority; byte 0 is taken by whoever serves as soon as it
+//! is free. A lock file removed or replaced at the path: `lockfile.rs`.
+//!
 //! The preferred broker (`broker_id`) takes byte 0 at once; any other worker only after it
 //! has failed to reach a broker for [`ELECTION_GRACE`], so the preferred one normally wins at
 //! start-up while a missing or dead broker is still replaced.

@@ -24,7 +24,7 @@ use std::path::Path;
 use super::Control;
 use super::election::{LockFile, lock_path};
 use crate::error::{Error, Result};
-use crate::sys::{self, Epoll};
+use crate::sys;
 
 /// Create the socket's directory (mode 0700) if missing; refuse one that belongs to a uid
 /// that is neither ours, root's nor allowed, or that every user may write without the
@@ -72,7 +72,7 @@ impl Control {
 
     /// Compare the lock file at the path with ours; on a difference, take our locks in the
     /// file at the path (see the module docs).
-    pub(super) fn check_lock_file(&mut self, _epoll: &Epoll) {
+    pub(super) fn check_lock_file(&mut self) {
         if !self.lock_replaced() {
             return;
         }

@@ -335,7 +335,7 @@ impl Control {
         }
         if now >= self.next_lock_check {
             self.next_lock_check = now + election::CHECK_INTERVAL;
-            self.check_lock_file(epoll);
+            self.check_lock_file();
         }
         match self.role {
             Role::Detached => {
