@@ -53,7 +53,8 @@ fn resume_later(pid: u32, after: Duration) -> (mpsc::Sender<()>, std::thread::Jo
 /// is killed and restarted: its attach needs a broker, so it is ready only once a region
 /// holder has taken the role over (the stopped broker keeps its lock byte). Events keep
 /// flowing. After SIGCONT the old broker sees the newer epoch and steps down: exactly one
-/// broker, and every stream complete, in order, without duplicates.
+/// broker; its lock byte released (killing the new broker elects a successor through the
+/// lock at once); every stream complete, in order, without duplicates.
 #[test]
 fn a_stopped_broker_is_replaced_and_steps_down_when_it_resumes() {
     let _serial = serial();
@@ -100,6 +101,30 @@ fn a_stopped_broker_is_replaced_and_steps_down_when_it_resumes() {
         assert!(Instant::now() < end, "w0 never re-attached after stepping down");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The stepped-down broker released its lock byte and the new broker took it (the lock
+    // and the epoch agree again): with w0 stopped again, killing the new broker lets a
+    // survivor win the ordinary election at once, well before the 700 ms heartbeat bound
+    // that would be the only way in if w0 had kept the byte.
+    std::thread::sleep(Duration::from_millis(250)); // the new broker's next beat adopts it
+    c.proc(0).signal(libc::SIGSTOP);
+    let killed = serving[0];
+    c.kill(killed);
+    let t = Instant::now();
+    let next = loop {
+        let running: Vec<u32> = c.live().into_iter().filter(|&s| s != 0).collect();
+        if let Some(&b) = running.iter().find(|&&s| c.status(s).0) {
+            break b;
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "no broker after the new one was killed");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let elected = t.elapsed();
+    eprintln!("w{next} elected {elected:?} after the kill of w{killed}");
+    assert!(elected < Duration::from_millis(500), "election took {elected:?}: the lock byte was not released");
+    c.proc(0).signal(libc::SIGCONT);
+    c.spawn(killed);
+    c.start_stream(killed);
+    std::thread::sleep(Duration::from_millis(200));
     let reports = c.finish_and_check();
     assert!(reports[&0].stat("failovers") >= 1, "w0 counted its step-down");
 }
