@@ -53,7 +53,12 @@ pub(crate) struct RegionHeader {
     pub broker_epoch: AtomicU64,
     pub broker_pid: AtomicU32,
     pub broker_slot: AtomicU32,
-    pub _reserved2: [AtomicU64; 14],
+    /// CLOCK_MONOTONIC nanoseconds of the serving broker's last heartbeat (it stores one at
+    /// least every `BEAT_INTERVAL` while it serves); a worker that finds it older than
+    /// `STUCK_AFTER` takes the role over by a compare-and-swap on this word, then a new epoch
+    /// (see `control/election.rs`).
+    pub broker_heartbeat: AtomicU64,
+    pub _reserved2: [AtomicU64; 13],
 }
 
 /// Per-slot state. Written by the slot's owner (`parked`, `state`, `pid`, `generation`).
@@ -277,6 +282,7 @@ const _: () = {
     assert!(offset_of!(RegionHeader, dedup_capacity) == 80);
     assert!(offset_of!(RegionHeader, sip_key) == 88);
     assert!(offset_of!(RegionHeader, max_payload_len) == 104);
+    assert!(offset_of!(RegionHeader, broker_heartbeat) == 144);
     assert!(offset_of!(RegionHeader, creator_pid) == 108);
     assert!(offset_of!(RegionHeader, unique_duplicates) == 112);
     assert!(offset_of!(RegionHeader, unique_unrecorded) == 120);

@@ -101,6 +101,45 @@
 //!   resend their unacknowledged unique events to the other broker (socket transport). It
 //!   checks before handling control traffic and, on the socket transport, before routing
 //!   unique events.
+//! * **Broker stuck.** A broker that is alive but does not serve (SIGSTOPped, or its worker
+//!   blocked in a callback) keeps its lock byte, so liveness is also a heartbeat: a serving
+//!   broker stores CLOCK_MONOTONIC nanoseconds in the region header at least every 100 ms
+//!   (a timer in its epoll set wakes it, also when idle or driven by an external poller).
+//!   Every other worker that holds the region looks at it every 200 ms; one that finds it
+//!   older than 700 ms swaps it (compare-and-swap from the stale value: one worker wins),
+//!   claims the next epoch, binds a new socket and renames it over the socket path (a
+//!   connecting client finds the old socket or the new one, never none), and serves without
+//!   the lock byte, which it takes once the stuck broker lets go of it. So a stuck broker is
+//!   replaced within 0.9 s of its last heartbeat, plus the takeover's own scheduling delay;
+//!   a worker whose HELLO sat in the stuck broker's backlog gives up after 500 ms and
+//!   reconnects to the new socket (measured: a worker killed and restarted while the broker
+//!   is stopped is attached about 1 s after the stop). When the stuck broker runs again,
+//!   its first control poll (its timer is due at once) finds the newer epoch: it steps down
+//!   (fencing, below), closing its listener without unlinking the path (the new broker's),
+//!   closing its connections (their workers reconnect to the new broker), releasing its
+//!   lock byte; it serves nothing meanwhile. `All` and unique events never wait for it. A
+//!   worker blocked in a callback for more than 700 ms while it is the broker therefore loses
+//!   the role; the cost of the heartbeat is 10 wake-ups per second for the broker and 5 for
+//!   every other worker, also when idle. On the socket transport there is no shared region
+//!   to hold a heartbeat: a stuck broker stops every event and attach until it runs again or
+//!   dies (then the usual election follows). Publishers keep their events meanwhile, within
+//!   `max_queue_len` (beyond it `publish` fails), and clients whose HELLO is unanswered
+//!   reconnect every 500 ms; nothing is lost silently, but nothing is bounded in time.
+//! * **Lock file removed or replaced.** The locks live on the lock file's inode, so a
+//!   `<listening>.lock` removed under a running deployment (an operator, a tmp cleaner)
+//!   would let a new process lock a live worker id or the broker byte in a fresh file. The
+//!   lock file is opened with `O_NOFOLLOW` and must be a regular file of our uid (or an
+//!   allowed one) that not every user may write; the socket's directory must belong to us,
+//!   root or an allowed uid, and be sticky if every user may write it. Every live process compares the path's
+//!   device and inode with its open file every 200 ms, and before running for election
+//!   (it does not run while they differ); on a difference it takes its locks (slot, region,
+//!   broker) in the file at the path too, keeping the old one open, so new processes find
+//!   the live ids taken ([`Error::WidInUse`]) and the broker byte and region held. HELLO
+//!   carries the lock file's device and inode, and a broker refuses a worker whose lock file
+//!   is not its own ([`Error::AttachRefused`] naming the lock file): a process that locked
+//!   a live id in a fresh file before the live ones moved is refused by the broker. A socket file is replaced only when a `connect` to it is refused (and
+//!   it belongs to our uid); a socket that still accepts connections is never unlinked
+//!   (except by the takeover from a stuck broker above, atomically).
 //! * **Unique events across a broker crash.** On shared memory the broker is not on their
 //!   path: the publisher records the hash in the region's dedup table itself (a claim by
 //!   compare-and-swap, safe for any number of concurrent publishers) and writes the event

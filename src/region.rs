@@ -201,13 +201,48 @@ impl Region {
         self.header().broker_epoch.load(Ordering::Acquire)
     }
 
-    /// Claim the broker role in the header: one more epoch (returned), our slot and pid.
+    /// Claim the broker role in the header: a fresh heartbeat, one more epoch (returned),
+    /// our slot and pid.
     pub(crate) fn claim_broker(&self, slot: u32) -> u64 {
         let h = self.header();
+        h.broker_heartbeat.store(sys::monotonic_ns(), Ordering::Release);
         let epoch = h.broker_epoch.fetch_add(1, Ordering::AcqRel) + 1;
         h.broker_slot.store(slot, Ordering::Relaxed);
         h.broker_pid.store(sys::pid(), Ordering::Release);
         epoch
+    }
+
+    /// Slot of the broker that claimed the current epoch (informative).
+    pub(crate) fn broker_slot(&self) -> u32 {
+        self.header().broker_slot.load(Ordering::Relaxed)
+    }
+
+    /// (serving broker) Store a heartbeat: CLOCK_MONOTONIC nanoseconds `now`.
+    pub(crate) fn broker_beat(&self, now: u64) {
+        self.header().broker_heartbeat.store(now, Ordering::Release);
+    }
+
+    /// The broker's last heartbeat (CLOCK_MONOTONIC nanoseconds; 0: never).
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn broker_heartbeat(&self) -> u64 {
+        self.header().broker_heartbeat.load(Ordering::Acquire)
+    }
+
+    /// Take the broker role over from a broker whose heartbeat is older than `stale_ns` at
+    /// `now`: swap the heartbeat from the stale value read to `now` (of several workers that
+    /// saw it stale, exactly one wins the swap), then claim the next epoch (which fences the
+    /// stale broker). `Some(epoch)` when we won.
+    pub(crate) fn take_over_stale_broker(&self, slot: u32, now: u64, stale_ns: u64) -> Option<u64> {
+        let h = self.header();
+        let beat = h.broker_heartbeat.load(Ordering::Acquire);
+        if now.saturating_sub(beat) <= stale_ns {
+            return None;
+        }
+        h.broker_heartbeat.compare_exchange(beat, now, Ordering::AcqRel, Ordering::Relaxed).ok()?;
+        let epoch = h.broker_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        h.broker_slot.store(slot, Ordering::Relaxed);
+        h.broker_pid.store(sys::pid(), Ordering::Release);
+        Some(epoch)
     }
 
     /// The unique-event dedup table.
@@ -314,6 +349,23 @@ mod tests {
         r.header().layout_version.store(2, Ordering::Release);
         let e = Region::open(dup(r.fd()), g).err().expect("must be rejected").to_string();
         assert!(e.contains("layout version 2, this build speaks version 3"), "{e}");
+    }
+
+    #[test]
+    fn only_a_stale_broker_is_taken_over_and_by_one_worker() {
+        let g = Geometry::new(3, false, 4096, 64);
+        let r = Region::create(g, 1024).unwrap();
+        let o = Region::open(dup(r.fd()), g).unwrap();
+        let e1 = r.claim_broker(0);
+        let t = r.broker_heartbeat();
+        assert!(t > 0);
+        assert_eq!(o.take_over_stale_broker(1, t + 500, 1000), None, "fresh heartbeat");
+        r.broker_beat(t + 900);
+        assert_eq!(o.take_over_stale_broker(1, t + 1500, 1000), None, "beat again");
+        let e2 = o.take_over_stale_broker(1, t + 2000, 1000).expect("stale: taken over");
+        assert_eq!(e2, e1 + 1);
+        assert_eq!(r.broker_epoch(), e2, "the old broker sees it is fenced");
+        assert_eq!(r.take_over_stale_broker(2, t + 2000, 1000), None, "the winner's heartbeat is fresh");
     }
 
     #[test]

@@ -125,12 +125,83 @@ pub(crate) fn memfd_size_and_sealed(fd: BorrowedFd<'_>) -> io::Result<(u64, bool
     Ok((st.st_size as u64, seals & want == want))
 }
 
-/// Open (creating, mode 0600) the lock file.
-pub(crate) fn open_lock_file(path: &Path) -> io::Result<OwnedFd> {
+/// Open the lock file without following a symbolic link (`O_NOFOLLOW`), creating it (mode
+/// 0600) if it does not exist. `true` with it when this call created it.
+pub(crate) fn open_lock_file(path: &Path) -> io::Result<(OwnedFd, bool)> {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    let fd = syscall!(open(c.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC, 0o600 as libc::c_uint))?;
-    Ok(owned(fd))
+    let base = libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+    let mode = 0o600 as libc::c_uint;
+    match syscall!(open(c.as_ptr(), base | libc::O_CREAT | libc::O_EXCL, mode)) {
+        Ok(fd) => Ok((owned(fd), true)),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok((owned(syscall!(open(c.as_ptr(), base, mode))?), false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Identity, owner and mode of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub uid: u32,
+    /// `st_mode` (type and permission bits).
+    pub mode: u32,
+}
+
+impl FileId {
+    fn of(st: &libc::stat) -> FileId {
+        FileId { dev: st.st_dev, ino: st.st_ino, uid: st.st_uid, mode: st.st_mode }
+    }
+
+    /// Same file (device and inode)?
+    pub(crate) fn same_file(&self, other: &FileId) -> bool {
+        self.dev == other.dev && self.ino == other.ino
+    }
+
+    /// A regular file?
+    pub(crate) fn is_regular(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFREG
+    }
+}
+
+/// `fstat` of an open descriptor.
+pub(crate) fn fstat_id(fd: BorrowedFd<'_>) -> io::Result<FileId> {
+    // SAFETY: zeroed `stat` is valid; the kernel fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    syscall!(fstat(fd.as_raw_fd(), &mut st))?;
+    Ok(FileId::of(&st))
+}
+
+/// `lstat` of a path (a symbolic link is described, not followed).
+pub(crate) fn lstat_id(path: &Path) -> io::Result<FileId> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: zeroed `stat` is valid; the kernel fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    syscall!(lstat(c.as_ptr(), &mut st))?;
+    Ok(FileId::of(&st))
+}
+
+/// A non-blocking, close-on-exec CLOCK_MONOTONIC timerfd firing every `period`.
+pub(crate) fn timerfd(period: std::time::Duration) -> io::Result<OwnedFd> {
+    let fd = owned(syscall!(timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC))?);
+    timerfd_set(fd.as_fd(), period)?;
+    Ok(fd)
+}
+
+/// Read (reset) a timerfd's expiry count; nothing if it has not expired.
+pub(crate) fn timerfd_read(fd: BorrowedFd<'_>) {
+    let mut n = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live 8-byte buffer.
+    let _ = unsafe { libc::read(fd.as_raw_fd(), n.as_mut_ptr().cast(), n.len()) };
+}
+
+/// Re-arm a timerfd to fire every `period` from now.
+pub(crate) fn timerfd_set(fd: BorrowedFd<'_>, period: std::time::Duration) -> io::Result<()> {
+    let ts = libc::timespec { tv_sec: period.as_secs() as libc::time_t, tv_nsec: period.subsec_nanos() as _ };
+    let spec = libc::itimerspec { it_interval: ts, it_value: ts };
+    syscall!(timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut())).map(drop)
 }
 
 fn ofd_flock(start: u64, ty: libc::c_int) -> libc::flock {
@@ -202,8 +273,9 @@ fn stream_socket() -> io::Result<OwnedFd> {
 }
 
 /// Bind and listen on `path` (non-blocking). The caller must hold the broker lock: a stale
-/// socket file left by a dead broker is removed first. Only a socket is ever removed: any
-/// other kind of file at `path` makes this fail (`AlreadyExists`) rather than delete it.
+/// socket file left by a dead broker is removed first. Only a socket nobody listens on (a
+/// `connect` fails) is ever removed: a socket that still accepts connections makes this fail
+/// (`AddrInUse`), and any other kind of file `AlreadyExists`, rather than delete it.
 pub(crate) fn listen_unix(path: &Path) -> io::Result<OwnedFd> {
     let (addr, len) = sockaddr(path)?;
     remove_stale_socket(path)?;
@@ -213,14 +285,62 @@ pub(crate) fn listen_unix(path: &Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Remove the socket file at `path` if there is one; refuse to touch anything else.
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
+/// Bind and listen on `path`, replacing whatever socket is there, live or not, atomically:
+/// bind a temporary name beside it, then `rename` it over `path` (a connecting client finds
+/// the old socket or the new one, never none). Used only by a worker that took the broker
+/// role over from a stuck broker (its socket still accepts connections into a backlog that
+/// nobody reads). Anything at `path` that is not a socket is refused (`AlreadyExists`).
+pub(crate) fn listen_unix_over(path: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        },
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; refusing to replace it", path.display()),
+            ));
+        }
+        _ => {}
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.new", pid()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let (addr, len) = sockaddr(&tmp)?;
+    let fd = stream_socket()?;
+    syscall!(bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len))?;
+    let listening = syscall!(listen(fd.as_raw_fd(), 1024)).and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = listening {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(fd)
+}
+
+/// Remove the socket file at `path` if there is one and nobody listens on it; refuse to
+/// touch anything else (a live socket, a socket of another user, any other kind of file).
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if m.uid() != euid() {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{} is a socket of uid {}, not ours; refusing to replace it", path.display(), m.uid()),
+                ));
+            }
+            // Only a refused connection proves nobody listens: a full backlog (EAGAIN) is a
+            // live but slow broker.
+            if connect_unix(path).err().and_then(|e| e.raw_os_error()) != Some(libc::ECONNREFUSED) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} still accepts connections; refusing to replace it", path.display()),
+                ));
+            }
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
         Ok(_) => Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             format!("{} exists and is not a socket; refusing to replace it", path.display()),

@@ -37,7 +37,8 @@ impl Control {
         // Slots attached, including those welcomed in this poll: a second HELLO for one slot
         // is refused (busy) even when both arrive in the same poll.
         let mut attached: Vec<u32> = conns.iter().filter_map(|c| c.slot).collect();
-        let hello = Hello { terms: &self.terms, me: self.slot, offer };
+        let lock = (self.lock_id.dev, self.lock_id.ino);
+        let hello = Hello { terms: &self.terms, lock, me: self.slot, offer };
         for c in conns.iter_mut().filter(|c| !c.closing) {
             let mut fds = Vec::new();
             let state = c.rd.fill(c.fd.as_fd(), &mut fds);
@@ -104,6 +105,7 @@ impl Control {
 /// What the broker answers a HELLO with: its options, its slot, its offer.
 struct Hello<'a, 'b> {
     terms: &'a AttachTerms,
+    lock: protocol::LockId,
     me: u32,
     offer: &'a Offer<'b>,
 }
@@ -123,7 +125,7 @@ fn read_frames(
         match c.rd.next_frame() {
             Ok(None) => break,
             Ok(Some((kind::HELLO, body))) if c.slot.is_none() => {
-                match protocol::check_hello(body, h.terms, flavor, h.me, attached) {
+                match protocol::check_hello(body, h.terms, h.lock, flavor, h.me, attached) {
                     Ok(slot) => {
                         if protocol::welcome(&mut c.wr, h.me, h.offer) {
                             c.slot = Some(slot);

@@ -41,6 +41,7 @@ impl Control {
             Err(e) => {
                 tracing::trace!(error = %e, "no broker yet");
                 if self.may_run(now) && self.lock.try_broker() {
+                    self.took_broker_byte();
                     events.push(CtlEvent::Elected);
                 }
             }
@@ -117,6 +118,12 @@ impl Control {
             broken = matches!(next, Next::Break);
         }
         let Role::Client { conn, welcomed, .. } = &mut self.role else { return };
+        if !broken && welcomed.is_none() && now >= conn.opened + super::HELLO_TIMEOUT {
+            // The broker does not answer: it is stuck (a worker that takes the role over
+            // renames a new socket over the path meanwhile), or slow. Reconnect.
+            tracing::debug!("no answer to HELLO; reconnecting");
+            broken = true;
+        }
         if !broken {
             let link = Link { peer: Peer::Broker, conn: conn.id };
             let q = if *welcomed == Some(Flavor::Socket) { data.outbound(link) } else { None };
@@ -141,7 +148,7 @@ impl Control {
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("broker runs as foreign uid {uid}")));
         }
         let mut conn = self.new_conn(fd);
-        protocol::hello(&mut conn.wr, self.slot, &self.terms);
+        protocol::hello(&mut conn.wr, self.slot, &self.terms, (self.lock_id.dev, self.lock_id.ino));
         conn.wr.flush(conn.fd.as_fd())?;
         Ok(conn)
     }

@@ -12,6 +12,14 @@
 //!   take over (it runs at once), and a fresh region would strand every event queued in the
 //!   live one (a restarted worker must get the events queued for its slot).
 //!
+//! Byte 0 alone cannot tell a stuck broker (stopped, or its worker blocked in a callback)
+//! from a live one: on shared memory the serving broker also stores a heartbeat in the region
+//! every [`BEAT_INTERVAL`], and a region holder that finds it older than [`STUCK_AFTER`]
+//! takes the role over by a compare-and-swap on it and the next epoch, serving without byte 0
+//! until the stuck holder lets go (`worker/broker.rs`, `Region::take_over_stale_broker`).
+//! Epoch plus heartbeat are the authority; byte 0 is taken by whoever serves as soon as it
+//! is free. A lock file removed or replaced at the path: `lockfile.rs`.
+//!
 //! The preferred broker (`broker_id`) takes byte 0 at once; any other worker only after it
 //! has failed to reach a broker for [`ELECTION_GRACE`], so the preferred one normally wins at
 //! start-up while a missing or dead broker is still replaced.
@@ -42,6 +50,17 @@ pub(crate) const REGION_LOCK_BASE: u64 = 1 << 24;
 pub(crate) const SERVE_RETRY: Duration = Duration::from_secs(1);
 /// Lock-file byte of the broker role.
 const BROKER_BYTE: u64 = 0;
+/// A serving broker stores a heartbeat in the region at least this often (a timer wakes it
+/// even when idle, also when an external poller drives it).
+pub(crate) const BEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// A worker that is not the broker looks at the broker's heartbeat (and at the lock file)
+/// this often.
+pub(crate) const CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// A broker whose heartbeat is older than this is stuck (stopped, or its worker blocked in a
+/// callback): a region holder takes the role over. With [`CHECK_INTERVAL`], a stuck broker
+/// is replaced within 0.9 s of its last heartbeat (plus the scheduling delay of the
+/// worker that takes over).
+pub(crate) const STUCK_AFTER: Duration = Duration::from_millis(700);
 
 /// Path of the lock file beside the socket.
 pub(crate) fn lock_path(path: &Path) -> PathBuf {
@@ -55,9 +74,27 @@ pub(crate) fn lock_path(path: &Path) -> PathBuf {
 pub(crate) struct LockFile(OwnedFd);
 
 impl LockFile {
-    /// Open (creating, mode 0600) the lock file.
-    pub(crate) fn open(path: &Path) -> io::Result<LockFile> {
-        sys::open_lock_file(path).map(LockFile)
+    /// Open (creating, mode 0600) the lock file, never through a symbolic link; refuse one
+    /// that is not a regular file, belongs to a uid that is neither ours nor allowed, or that
+    /// any user may write. Also returns its identity and whether this call created it.
+    pub(crate) fn open(path: &Path, allowed_uids: &[u32]) -> io::Result<(LockFile, sys::FileId, bool)> {
+        let (fd, created) = sys::open_lock_file(path)?;
+        let id = sys::fstat_id(fd.as_fd())?;
+        let refuse = |why: String| Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
+        if !id.is_regular() {
+            return refuse(format!("{} is not a regular file", path.display()));
+        }
+        if id.uid != sys::euid() && !allowed_uids.contains(&id.uid) {
+            return refuse(format!(
+                "{} belongs to uid {}, not to this user (or an allowed uid)",
+                path.display(),
+                id.uid
+            ));
+        }
+        if id.mode & 0o002 != 0 {
+            return refuse(format!("{} is writable by every user (mode {:o})", path.display(), id.mode & 0o7777));
+        }
+        Ok((LockFile(fd), id, created))
     }
 
     /// Take the lock of worker slot `slot`; false when another live process holds it.
@@ -99,7 +136,7 @@ pub(crate) struct Election {
     /// xorshift64 state for the jitter.
     rng: u64,
     /// This process holds its region lock byte (it has the shared region).
-    holds_region: bool,
+    pub(super) holds_region: bool,
     /// Closing: never run for election again.
     leaving: bool,
     /// After stepping down (fenced) or failing to serve: do not run for election before
@@ -107,6 +144,9 @@ pub(crate) struct Election {
     no_run_until: Option<Instant>,
     /// Serving failed since the last success (the error was surfaced once already).
     serve_failed: bool,
+    /// This process holds the broker lock byte (a worker that took the role over from a
+    /// stuck broker serves without it until the stuck one lets go).
+    pub(super) holds_broker_byte: bool,
 }
 
 impl Default for Election {
@@ -118,6 +158,7 @@ impl Default for Election {
             leaving: false,
             no_run_until: None,
             serve_failed: false,
+            holds_broker_byte: false,
         }
     }
 }
@@ -149,6 +190,12 @@ impl Control {
         if e.leaving || e.no_run_until.is_some_and(|t| now < t) {
             return false;
         }
+        if self.lock_replaced() {
+            // Our lock file is not the one at the path (removed or replaced): its byte 0 no
+            // longer excludes a broker of the processes that opened the new file. Wait for
+            // the lock-file check to move us onto the file at the path.
+            return false;
+        }
         if e.holds_region || self.was_attached {
             // We hold the live region (and its queues): take over at once.
             return true;
@@ -172,12 +219,34 @@ impl Control {
         }
     }
 
+    /// Took the broker lock byte (the election).
+    pub(super) fn took_broker_byte(&mut self) {
+        self.election.holds_broker_byte = true;
+    }
+
+    /// (broker) Take the broker lock byte if we serve without it (we took the role over from
+    /// a stuck broker, which holds it until it runs again and steps down, or dies): the lock
+    /// and the epoch agree again.
+    pub(crate) fn adopt_broker_lock(&mut self) {
+        if self.is_broker() && !self.election.holds_broker_byte && self.lock.try_broker() {
+            tracing::info!(slot = self.slot, "took the broker lock byte over from the stuck broker");
+            self.election.holds_broker_byte = true;
+        }
+    }
+
+    /// May this worker take the broker role over from a stuck broker now (not closing, not
+    /// just stepped down, not the broker)?
+    pub(crate) fn may_take_over(&self, now: Instant) -> bool {
+        let e = &self.election;
+        !self.is_broker() && !e.leaving && e.no_run_until.is_none_or(|t| now >= t)
+    }
+
     /// We won the election but could not become the broker: release the broker lock (so
     /// that another worker can take over), drop whatever was set up, and stay out of
     /// elections for [`SERVE_RETRY`]. True the first time since the last success: the
     /// caller surfaces the error once, later failures are only logged.
     pub(crate) fn serve_failed(&mut self, epoll: &Epoll) -> bool {
-        self.lock.release_broker();
+        self.release_broker_byte();
         self.drop_role(epoll);
         let now = Instant::now();
         self.election.no_run_until = Some(now + SERVE_RETRY);
@@ -185,14 +254,27 @@ impl Control {
         !std::mem::replace(&mut self.election.serve_failed, true)
     }
 
+    fn release_broker_byte(&mut self) {
+        self.lock.release_broker();
+        for old in &self.retired {
+            old.release_broker();
+        }
+        self.election.holds_broker_byte = false;
+    }
+
     /// Serving started: a later failure is surfaced again.
     pub(super) fn served(&mut self) {
         self.election.serve_failed = false;
     }
 
-    /// Detached and due for another connection attempt.
+    /// Detached and due for another connection attempt, or waiting for an answer to our
+    /// HELLO for too long (see [`super::HELLO_TIMEOUT`]).
     pub(crate) fn retry_due(&self) -> bool {
-        matches!(self.role, Role::Detached) && Instant::now() >= self.next_retry
+        match &self.role {
+            Role::Detached => Instant::now() >= self.next_retry,
+            Role::Client { conn, welcomed: None, .. } => Instant::now() >= conn.opened + super::HELLO_TIMEOUT,
+            _ => false,
+        }
     }
 
     /// (broker) A newer broker exists (fencing): stop serving, release the broker lock,
@@ -201,7 +283,8 @@ impl Control {
         if !self.is_broker() {
             return;
         }
-        self.lock.release_broker();
+        // Our listener is closed, never unlinked: the path is the new broker's.
+        self.release_broker_byte();
         self.drop_role(epoll);
         let now = Instant::now();
         self.election.no_run_until = Some(now + ELECTION_GRACE);
@@ -214,7 +297,7 @@ impl Control {
     pub(crate) fn resign(&mut self, epoll: &Epoll) {
         self.election.leaving = true;
         if self.is_broker() {
-            self.lock.release_broker();
+            self.release_broker_byte();
             self.drop_role(epoll);
             tracing::info!(slot = self.slot, "resigned the broker role");
         }
@@ -248,7 +331,17 @@ mod tests {
         assert!(sys::connect_unix(&path).is_err(), "nobody listens on the stale socket");
         let l = sys::listen_unix(&path).unwrap();
         assert!(sys::connect_unix(&path).is_ok());
-        drop(l);
+        // A socket that still accepts connections is never replaced by an election winner...
+        let e = sys::listen_unix(&path).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+        assert!(sys::connect_unix(&path).is_ok(), "the live socket is still there");
+        // ... only by the takeover from a stuck broker, atomically (renamed over it).
+        let l2 = sys::listen_unix_over(&path).unwrap();
+        while sys::accept(l.as_fd()).unwrap().is_some() {} // the probes above
+        let _c = sys::connect_unix(&path).unwrap();
+        assert!(sys::accept(l2.as_fd()).unwrap().is_some(), "the path leads to the new listener");
+        assert!(sys::accept(l.as_fd()).unwrap().is_none(), "not to the old one");
+        drop((l, l2));
         // Anything else at the path is left alone.
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, b"not a socket").unwrap();

@@ -14,12 +14,14 @@
 mod broker;
 mod client;
 mod election;
+mod lockfile;
 mod protocol;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub(crate) use election::STUCK_AFTER;
 pub(crate) use protocol::{ShmWelcome, Welcome};
 
 use crate::error::{Error, Result};
@@ -34,11 +36,17 @@ use protocol::Flavor;
 
 /// Delay between connection attempts while no broker answers.
 const RETRY: Duration = Duration::from_millis(5);
+/// A client whose HELLO has no answer after this long reconnects: the broker is stuck, and
+/// its listening socket may have been replaced by the worker that took over meanwhile.
+const HELLO_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Epoll tokens.
 pub(crate) const TOKEN_EVENTFD: u64 = 0;
 pub(crate) const TOKEN_LISTENER: u64 = 1;
 pub(crate) const TOKEN_CLIENT: u64 = 2;
+/// The control timer (heartbeats, stuck-broker and lock-file checks): its readiness makes
+/// the control channel due.
+pub(crate) const TOKEN_TIMER: u64 = 3;
 const TOKEN_CONN_BASE: u64 = 16;
 
 /// Something the worker must act on.
@@ -65,6 +73,8 @@ struct Conn {
     wr: FrameWriter,
     slot: Option<u32>,
     pid: i32,
+    /// When it was opened (a client gives up on a HELLO unanswered for [`HELLO_TIMEOUT`]).
+    opened: Instant,
     /// Close once the writer has drained (after a REJECT).
     closing: bool,
 }
@@ -81,6 +91,18 @@ enum Role {
 pub(crate) struct Control {
     path: PathBuf,
     lock: LockFile,
+    /// Device and inode of `lock` (compared with the path's, see `lockfile.rs`).
+    lock_id: sys::FileId,
+    /// Lock files we moved off (removed or replaced at the path): kept open so that peers
+    /// still using them see our locks.
+    retired: Vec<LockFile>,
+    /// When to compare the lock file at the path with ours next.
+    next_lock_check: Instant,
+    /// The replaced-lock-file condition was reported (reported once).
+    lock_warned: bool,
+    /// Periodic timer: a broker's heartbeat, the others' stuck-broker and lock-file checks.
+    timer: OwnedFd,
+    timer_registered: bool,
     slot: u32,
     geo: Geometry,
     /// The options HELLO carries and the broker compares.
@@ -110,24 +132,27 @@ impl Control {
         allowed_uids: Vec<u32>,
         max_frame: usize,
     ) -> Result<Control> {
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() && !dir.exists() {
-                use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(|e| Error::io("creating the directory of the listening socket", e))?;
-            }
-        }
-        let lock = LockFile::open(&election::lock_path(path)).map_err(|e| Error::io("opening the lock file", e))?;
+        lockfile::check_dir(path, &allowed_uids)?;
+        let lock_path = election::lock_path(path);
+        // A lock file created here while a broker serves means the running deployment's one
+        // was removed: that broker refuses our HELLO (it names its own lock file), see
+        // `lockfile.rs`.
+        let (lock, lock_id, _created) =
+            LockFile::open(&lock_path, &allowed_uids).map_err(|e| Error::io("opening the lock file", e))?;
         if !lock.try_slot(slot).map_err(|e| Error::io("locking the worker slot", e))? {
             return Err(Error::WidInUse(geo.wid_of(slot)));
         }
+        let timer = sys::timerfd(election::CHECK_INTERVAL).map_err(|e| Error::io("creating the control timer", e))?;
         let now = Instant::now();
         Ok(Control {
             path: path.to_path_buf(),
             lock,
+            lock_id,
+            retired: Vec::new(),
+            next_lock_check: now + election::CHECK_INTERVAL,
+            lock_warned: false,
+            timer,
+            timer_registered: false,
             slot,
             geo,
             terms,
@@ -183,6 +208,9 @@ impl Control {
     pub(crate) fn retry_in(&self, now: Instant, data_output: bool) -> Option<Duration> {
         match &self.role {
             Role::Detached => Some(self.next_retry.saturating_duration_since(now)),
+            Role::Client { conn, welcomed: None, .. } => {
+                Some((conn.opened + HELLO_TIMEOUT).saturating_duration_since(now))
+            }
             _ if data_output || self.has_output() => Some(RETRY.min(Duration::from_millis(1))),
             _ => None,
         }
@@ -201,15 +229,46 @@ impl Control {
     /// Become the broker: listen on the socket path. Called after [`CtlEvent::Elected`].
     pub(crate) fn serve(&mut self, epoll: &Epoll) -> Result<()> {
         let listener = sys::listen_unix(&self.path).map_err(|e| Error::io("listening on the control socket", e))?;
+        self.serve_on(listener, epoll)
+    }
+
+    /// Become the broker in place of a stuck one (we won the region's heartbeat swap and its
+    /// next epoch): listen on a fresh socket renamed over the path, whose old socket still
+    /// accepts connections nobody reads. The lock byte stays the stuck broker's until it lets
+    /// go ([`Control::adopt_broker_lock`]).
+    pub(crate) fn serve_over(&mut self, epoll: &Epoll) -> Result<()> {
+        let listener =
+            sys::listen_unix_over(&self.path).map_err(|e| Error::io("listening on the control socket", e))?;
+        self.serve_on(listener, epoll)?;
+        self.adopt_broker_lock();
+        Ok(())
+    }
+
+    fn serve_on(&mut self, listener: OwnedFd, epoll: &Epoll) -> Result<()> {
         epoll.add(listener.as_fd(), TOKEN_LISTENER).map_err(|e| Error::io("epoll_ctl", e))?;
         self.drop_role(epoll);
         self.served();
+        self.set_timer(election::BEAT_INTERVAL);
         tracing::info!(slot = self.slot, path = %self.path.display(), "elected broker");
         self.role = Role::Broker { listener, conns: Vec::new(), next_token: TOKEN_CONN_BASE };
         Ok(())
     }
 
+    /// The control timer was reported ready: read it (so it stops being readable).
+    pub(crate) fn timer_fired(&self) {
+        sys::timerfd_read(self.timer.as_fd());
+    }
+
+    fn set_timer(&self, period: Duration) {
+        if let Err(e) = sys::timerfd_set(self.timer.as_fd(), period) {
+            tracing::warn!(error = %e, "cannot set the control timer");
+        }
+    }
+
     fn drop_role(&mut self, epoll: &Epoll) {
+        if self.is_broker() {
+            self.set_timer(election::CHECK_INTERVAL);
+        }
         match std::mem::replace(&mut self.role, Role::Detached) {
             Role::Detached => {}
             Role::Client { conn, .. } => epoll.delete(conn.fd.as_fd()),
@@ -232,6 +291,7 @@ impl Control {
             wr: FrameWriter::default(),
             slot: None,
             pid: 0,
+            opened: Instant::now(),
             closing: false,
         }
     }
@@ -268,6 +328,15 @@ impl Control {
         data: &mut dyn DataPlane,
     ) -> Vec<CtlEvent> {
         let mut events = Vec::new();
+        if !self.timer_registered {
+            // Level-triggered: readable until `timer_fired` reads it, so an expiry whose
+            // readiness a dispatch pass did not pass on is reported again.
+            self.timer_registered = epoll.add(self.timer.as_fd(), TOKEN_TIMER).is_ok();
+        }
+        if now >= self.next_lock_check {
+            self.next_lock_check = now + election::CHECK_INTERVAL;
+            self.check_lock_file();
+        }
         match self.role {
             Role::Detached => {
                 if self.poll_detached(now, epoll, &mut events) {

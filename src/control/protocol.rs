@@ -65,8 +65,10 @@ pub(crate) struct Welcome {
 
 /// Queue a HELLO: protocol and layout versions, slot, pid, then every option that must match
 /// the broker's ([`AttachTerms`]): `workers u32, agent u32, ring_capacity u32,
-/// unique_capacity u32, max_payload_len u32, unique_timeout_ns u64, transport u32`.
-pub(crate) fn hello(wr: &mut FrameWriter, slot: u32, t: &AttachTerms) {
+/// unique_capacity u32, max_payload_len u32, unique_timeout_ns u64, transport u32`; then the
+/// device and inode of the lock file the worker locked its id in (`u64, u64`; a broker
+/// refuses a worker whose lock file is not its own: that lock does not exclude its peers).
+pub(crate) fn hello(wr: &mut FrameWriter, slot: u32, t: &AttachTerms, lock: LockId) {
     // Validated options: ring_capacity <= 64 MiB, unique_capacity <= 2^24, max_payload_len
     // <= 16 MiB all fit.
     let narrow = |v: u64| v as u32;
@@ -84,9 +86,14 @@ pub(crate) fn hello(wr: &mut FrameWriter, slot: u32, t: &AttachTerms) {
             &narrow(t.max_payload_len).to_le_bytes(),
             &t.unique_timeout_ns.to_le_bytes(),
             &t.transport.code().to_le_bytes(),
+            &lock.0.to_le_bytes(),
+            &lock.1.to_le_bytes(),
         ],
     );
 }
+
+/// Device and inode of a lock file.
+pub(crate) type LockId = (u64, u64);
 
 /// Parse the options a HELLO carries (after protocol, layout, slot and pid).
 fn parse_terms(b: &mut Body<'_>) -> Result<AttachTerms, String> {
@@ -138,6 +145,7 @@ fn differences(theirs: &AttachTerms, ours: &AttachTerms, offered: Option<Flavor>
 pub(crate) fn check_hello(
     body: &[u8],
     ours: &AttachTerms,
+    our_lock: LockId,
     offered: Option<Flavor>,
     broker_slot: u32,
     attached: &[u32],
@@ -154,6 +162,18 @@ pub(crate) fn check_hello(
     let slot = b.u32()?;
     let _pid = b.u32()?;
     let theirs = parse_terms(&mut b)?;
+    // Optional (a hand-written HELLO may end before it): the worker's lock file.
+    if b.0.len() >= 16 {
+        let lock = (b.u64()?, b.u64()?);
+        if lock != our_lock {
+            return Err(format!(
+                "the worker locked its id in another lock file than the broker's (device:inode {}:{}, the \
+                 broker's {}:{}): the lock file was removed or replaced, so its id lock does not exclude this \
+                 deployment's workers",
+                lock.0, lock.1, our_lock.0, our_lock.1
+            ));
+        }
+    }
     let diff = differences(&theirs, ours, offered);
     if !diff.is_empty() {
         return Err(format!("options differ from the broker's: {}", diff.join(", ")));

@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::time::Instant;
 
 use super::Worker;
-use crate::control::{CtlEvent, ShmWelcome, TOKEN_EVENTFD, Welcome};
+use crate::control::{CtlEvent, ShmWelcome, TOKEN_EVENTFD, TOKEN_TIMER, Welcome};
 use crate::error::{Error, Result};
 use crate::region::Region;
 use crate::sys::EventFd;
@@ -24,7 +24,10 @@ struct Ack {
 impl Worker {
     /// Poll the control channel and handle what it reports.
     pub(super) fn poll_control(&mut self) -> Result<()> {
-        self.step_down_if_fenced();
+        if let (Some(ctl), true) = (self.ctl.as_ref(), self.pacing.tokens.contains(&TOKEN_TIMER)) {
+            ctl.timer_fired();
+        }
+        self.broker_tick();
         let Some(ctl) = self.ctl.as_mut() else { return Ok(()) };
         let listener_ready = self.pacing.take_listener_ready();
         let (offer, data) = self.path.control_view(ctl.is_broker(), self.broker.epoch);

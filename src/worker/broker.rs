@@ -3,12 +3,13 @@
 //! "broker")` notice.
 
 use super::Worker;
+use crate::control::STUCK_AFTER;
 use crate::error::{Error, Result};
 use crate::event::{NewBroker, SYSTEM_SOURCE};
 use crate::message::{self, Kind};
 use crate::options::Transport;
 use crate::region::Region;
-use crate::sys::EventFd;
+use crate::sys::{self, EventFd};
 use crate::transport::DataPath;
 
 /// What this worker knows of the broker.
@@ -108,6 +109,43 @@ impl Worker {
         if let Some(id) = self.path.shm().map(|p| p.region().id()) {
             self.note_broker(self.slot, self.broker.epoch, id);
         }
+    }
+
+    /// The broker's liveness duties, on every control poll (a timer makes one due at least
+    /// every 100 ms for the broker, 200 ms for the others): a fenced broker steps down; a
+    /// serving one stores its heartbeat in the region (and takes the lock byte if it serves
+    /// without it); any other region holder takes the role over when the heartbeat is older
+    /// than [`STUCK_AFTER`] (the broker is stopped, or blocked in a callback).
+    pub(super) fn broker_tick(&mut self) {
+        if self.step_down_if_fenced() {
+            return;
+        }
+        let (Some(ctl), Some(port)) = (self.ctl.as_mut(), self.path.shm()) else { return };
+        let now = sys::monotonic_ns();
+        if ctl.is_broker() {
+            port.region().broker_beat(now);
+            ctl.adopt_broker_lock();
+            return;
+        }
+        if !ctl.may_take_over(std::time::Instant::now()) {
+            return;
+        }
+        let stale = STUCK_AFTER.as_nanos() as u64;
+        let Some(epoch) = port.region().take_over_stale_broker(self.slot, now, stale) else { return };
+        let stuck = port.region().broker_slot();
+        tracing::warn!(wid = %self.wid, stuck, epoch, "the broker has not served for {STUCK_AFTER:?}; taking its role over");
+        if let Err(e) = ctl.serve_over(&self.epoll) {
+            // The epoch is ours but nobody serves: our heartbeat goes stale in turn, and
+            // another worker (or we, later) takes over.
+            tracing::error!(error = %e, "took the broker role over but cannot serve");
+            self.pending_error.get_or_insert(e);
+            return;
+        }
+        self.broker.epoch = epoch;
+        self.broker.slot = Some(self.slot);
+        self.stats.failovers += 1;
+        self.note_elected();
+        self.pump_unique();
     }
 
     /// (broker) Fencing: when the region's broker epoch is no longer ours, a newer broker
