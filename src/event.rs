@@ -6,7 +6,6 @@ use std::fmt;
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::rancor;
 use rkyv::ser::allocator::ArenaHandle;
-use rkyv::ser::writer::Buffer;
 use rkyv::util::AlignedVec;
 
 use crate::error::Error;
@@ -106,19 +105,9 @@ pub struct NewBroker {
 }
 
 /// A value that can be published with [`crate::worker::Worker::publish`]: anything rkyv can
-/// serialize (derive `rkyv::Archive` and `rkyv::Serialize`). Serialized either into a
-/// private buffer or straight into free ring space (rkyv's `Buffer` writer), so both
-/// serializers are required; derived implementations are generic and provide both.
-pub trait Payload:
-    for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
-    + for<'a, 'b> rkyv::Serialize<HighSerializer<Buffer<'b>, ArenaHandle<'a>, rancor::Error>>
-{
-}
-impl<T> Payload for T where
-    T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>
-        + for<'a, 'b> rkyv::Serialize<HighSerializer<Buffer<'b>, ArenaHandle<'a>, rancor::Error>>
-{
-}
+/// serialize (derive `rkyv::Archive` and `rkyv::Serialize`).
+pub trait Payload: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>> {}
+impl<T> Payload for T where T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>> {}
 
 /// One delivered event, borrowed for the duration of a callback.
 ///

@@ -4,10 +4,7 @@
 //! limits; decoding trusts nothing in the bytes.
 
 use rkyv::rancor;
-use std::mem::MaybeUninit;
-
 use rkyv::ser::allocator::Arena;
-use rkyv::ser::writer::Buffer;
 use rkyv::util::AlignedVec;
 
 use crate::error::PublishError;
@@ -138,95 +135,6 @@ pub(crate) fn encode_typed<T: Payload>(
     finish(buf, source, event, origin, kind, max_payload_len)
 }
 
-/// Build a message in `out` (free ring space, for publishing in place): the header, the
-/// data that `data` writes at the start of the slice it is given (returning its length, or
-/// `None` when it does not fit), then the names. Returns the message length, or `None` when
-/// the message does not fit in `out` (or a name is too long): the caller then encodes into
-/// a private buffer, whose checks give the exact error. The only error returned here is
-/// the payload limit, checked exactly as [`finish`] does.
-fn encode_into(
-    out: &mut [MaybeUninit<u8>],
-    source: &str,
-    event: &str,
-    origin: u32,
-    kind: Kind,
-    max_payload_len: usize,
-    data: impl FnOnce(&mut [MaybeUninit<u8>]) -> Option<usize>,
-) -> Result<Option<usize>, PublishError> {
-    let names = source.len() + event.len();
-    if source.len() > u16::MAX as usize || event.len() > u16::MAX as usize || out.len() < MSG_HDR + names {
-        return Ok(None);
-    }
-    let room = out.len() - MSG_HDR - names;
-    let Some(data_len) = data(&mut out[MSG_HDR..MSG_HDR + room]) else { return Ok(None) };
-    if data_len > max_payload_len {
-        return Err(PublishError::PayloadTooLarge { limit: max_payload_len });
-    }
-    let mut h = [0u8; MSG_HDR];
-    h[0..4].copy_from_slice(&(data_len as u32).to_le_bytes());
-    h[4..6].copy_from_slice(&(source.len() as u16).to_le_bytes());
-    h[6..8].copy_from_slice(&(event.len() as u16).to_le_bytes());
-    h[8..12].copy_from_slice(&origin.to_le_bytes());
-    h[12] = kind as u8;
-    write_bytes(&mut out[..MSG_HDR], &h);
-    let names_at = MSG_HDR + data_len;
-    write_bytes(&mut out[names_at..names_at + source.len()], source.as_bytes());
-    write_bytes(&mut out[names_at + source.len()..names_at + names], event.as_bytes());
-    Ok(Some(names_at + names))
-}
-
-/// Copy `src` into `dst` (same length).
-fn write_bytes(dst: &mut [MaybeUninit<u8>], src: &[u8]) {
-    debug_assert_eq!(dst.len(), src.len());
-    // SAFETY: `MaybeUninit<u8>` has the layout of `u8`; the lengths are equal (the slice
-    // copy below panics otherwise) and the two slices cannot overlap (one is `&mut`).
-    let src: &[MaybeUninit<u8>] = unsafe { std::slice::from_raw_parts(src.as_ptr().cast(), src.len()) };
-    dst.copy_from_slice(src);
-}
-
-/// [`encode_bytes`] in place (see [`encode_into`]).
-pub(crate) fn encode_bytes_into(
-    out: &mut [MaybeUninit<u8>],
-    source: &str,
-    event: &str,
-    data: &[u8],
-    origin: u32,
-    kind: Kind,
-    max_payload_len: usize,
-) -> Result<Option<usize>, PublishError> {
-    if data.len() > max_payload_len {
-        return Err(PublishError::PayloadTooLarge { limit: max_payload_len });
-    }
-    encode_into(out, source, event, origin, kind, max_payload_len, |area| {
-        let dst = area.get_mut(..data.len())?;
-        write_bytes(dst, data);
-        Some(data.len())
-    })
-}
-
-/// [`encode_typed_in`] in place (see [`encode_into`]): rkyv serializes straight into the
-/// free space. The bytes are the same as in a private buffer (the data starts 16-aligned in
-/// both, and rkyv's padding depends only on positions modulo the alignment).
-#[allow(clippy::too_many_arguments)] // encode_typed_in's eight
-pub(crate) fn encode_typed_into<T: Payload>(
-    out: &mut [MaybeUninit<u8>],
-    arena: &mut Arena,
-    source: &str,
-    event: &str,
-    value: &T,
-    origin: u32,
-    kind: Kind,
-    max_payload_len: usize,
-) -> Result<Option<usize>, PublishError> {
-    encode_into(out, source, event, origin, kind, max_payload_len, |area| {
-        // An overflow of `area` (or any other serializer error) falls back to the private
-        // buffer, which reports a real error exactly.
-        let w =
-            rkyv::api::high::to_bytes_in_with_alloc::<_, _, rancor::Error>(value, Buffer::from(area), arena.acquire());
-        w.ok().map(|b| b.len())
-    })
-}
-
 /// A decoded message header, all lengths checked against the buffer.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Decoded<'a> {
@@ -301,81 +209,6 @@ mod tests {
         assert_eq!(own.as_slice(), buf.as_slice(), "the same bytes with the caller's arena");
         assert_eq!(d.event.data.as_ptr() as usize % 16, 0);
         assert_eq!(d.event.deserialize::<u64>().unwrap(), 12345);
-    }
-
-    /// The in-place encoders write the same bytes as the private-buffer ones, refuse
-    /// exactly what they refuse over the payload limit, and give up (`None`) when the
-    /// message does not fit in the space.
-    #[test]
-    fn in_place_matches_private_buffer() {
-        let mut buf = AlignedVec::new();
-        encode_typed(&mut buf, "src", "ev", &(7u64, [5u8; 56]), 1, Kind::All, 1024).unwrap();
-        let mut space = AlignedVec::new();
-        space.extend_from_slice(&[0u8; 4096]);
-        let n = encode_typed_into(
-            out_of(&mut space, 4096),
-            &mut Arena::new(),
-            "src",
-            "ev",
-            &(7u64, [5u8; 56]),
-            1,
-            Kind::All,
-            1024,
-        );
-        let n = n.unwrap().expect("fits");
-        assert_eq!(&space[..n], buf.as_slice());
-        let too_small = out_of(&mut space, buf.len() - 1);
-        assert_eq!(
-            encode_typed_into(too_small, &mut Arena::new(), "src", "ev", &(7u64, [5u8; 56]), 1, Kind::All, 1024),
-            Ok(None)
-        );
-        let payload = buf.len() - MSG_HDR - 5;
-        let lim = encode_typed_into(
-            out_of(&mut space, 4096),
-            &mut Arena::new(),
-            "src",
-            "ev",
-            &(7u64, [5u8; 56]),
-            1,
-            Kind::All,
-            payload - 1,
-        );
-        assert_eq!(lim, Err(PublishError::PayloadTooLarge { limit: payload - 1 }));
-        assert!(
-            encode_typed_into(
-                out_of(&mut space, 4096),
-                &mut Arena::new(),
-                "src",
-                "ev",
-                &(7u64, [5u8; 56]),
-                1,
-                Kind::All,
-                payload
-            )
-            .unwrap()
-            .is_some()
-        );
-
-        encode_bytes(&mut buf, "s", "e", &[9u8; 100], 0, Kind::All, 100).unwrap();
-        let n = encode_bytes_into(out_of(&mut space, 4096), "s", "e", &[9u8; 100], 0, Kind::All, 100).unwrap().unwrap();
-        assert_eq!(&space[..n], buf.as_slice());
-        let e = encode_bytes_into(out_of(&mut space, 4096), "s", "e", &[9u8; 101], 0, Kind::All, 100).unwrap_err();
-        assert_eq!(e, PublishError::PayloadTooLarge { limit: 100 });
-        assert_eq!(encode_bytes_into(out_of(&mut space, 117), "s", "e", &[9u8; 100], 0, Kind::All, 100), Ok(None));
-        let long = "x".repeat(u16::MAX as usize + 1);
-        assert_eq!(
-            encode_bytes_into(out_of(&mut space, 4096), &long, "e", b"", 0, Kind::All, 100),
-            Ok(None),
-            "the private path reports it"
-        );
-    }
-
-    /// The first `n` bytes of `v` as free space (16-aligned, as in a ring).
-    fn out_of(v: &mut AlignedVec, n: usize) -> &mut [MaybeUninit<u8>] {
-        let b = &mut v[..n];
-        // SAFETY: `MaybeUninit<u8>` has the layout of `u8`, and the encoders only write
-        // initialized bytes through the slice.
-        unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr().cast(), n) }
     }
 
     #[test]

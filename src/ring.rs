@@ -330,60 +330,6 @@ impl Producer {
                 pos += p.len() as u64;
             }
         }
-        self.seal(flags, len, end);
-        Ok(true)
-    }
-
-    /// Free space for the body of one record at the write position that does not wrap
-    /// around the end of the data area, to build the body in place (then
-    /// [`Producer::write_reserved`]): at least `min` bytes, or `None` when that much is not
-    /// free and contiguous right now. Nothing is visible to the consumer until the record is
-    /// written and committed; a reservation that is never written costs nothing.
-    #[cfg(not(loom))]
-    pub(crate) fn reserve(&mut self, min: usize) -> Result<Option<&mut [std::mem::MaybeUninit<u8>]>, Corrupt> {
-        let off = self.ring.off(self.write);
-        let to_end = self.ring.cap - off;
-        let need = record_size(min);
-        let mut free = self.free_cached();
-        if free.min(to_end) < need {
-            free = self.refresh()?;
-        }
-        let room = free.min(to_end);
-        if room < need || self.write.checked_add(room as u64).is_none() {
-            return Ok(None);
-        }
-        // SAFETY: [write, write + room) is free space owned by the producer (room <= free)
-        // and does not wrap (room <= cap - off), so [off + REC_HDR, off + room) lies inside
-        // the data area; the consumer does not read it before the record's stamp is stored.
-        // The slice's lifetime is tied to `&mut self`: no other producer call can run while
-        // it is alive.
-        Ok(Some(unsafe {
-            std::slice::from_raw_parts_mut(self.ring.data.as_ptr().add(off + REC_HDR).cast(), room - REC_HDR)
-        }))
-    }
-
-    /// Loom models the data area as atomics: nothing can be built in place, so callers
-    /// always take their copying path (which the models check).
-    #[cfg(loom)]
-    pub(crate) fn reserve(&mut self, _min: usize) -> Result<Option<&mut [std::mem::MaybeUninit<u8>]>, Corrupt> {
-        Ok(None)
-    }
-
-    /// Append (uncommitted, as [`Producer::try_write`]) the record whose `len` body bytes
-    /// were just built in the space [`Producer::reserve`] returned.
-    ///
-    /// # Panics
-    /// If `len` exceeds that space (a caller bug: the record would cover unread bytes).
-    pub(crate) fn write_reserved(&mut self, flags: u32, len: usize) {
-        let need = record_size(len);
-        assert!(need <= self.free_cached() && self.ring.off(self.write) + need <= self.ring.cap, "beyond reserve");
-        // No overflow: `reserve` checked write + room, and need <= room.
-        self.seal(flags, len, self.write + need as u64);
-    }
-
-    /// Write the header words of the record at `write` (body of `len` bytes already in place,
-    /// record ending at `end`) and advance: stamped at once unless it opens the batch.
-    fn seal(&mut self, flags: u32, len: usize, end: u64) {
         let off = self.ring.off(self.write);
         if end - self.cached_read < self.ring.cap as u64 {
             // The next record slot is free space: clear its stamp word, so the consumer
@@ -399,6 +345,7 @@ impl Producer {
         if flags & LAST != 0 {
             self.published = self.published.wrapping_add(1);
         }
+        Ok(true)
     }
 
     /// Publish everything written since the last commit: one Release store of the stamp of

@@ -1,18 +1,13 @@
 //! Publishing: encode once, route by target, hand "all" events to the data path and to our
 //! own callbacks' queue, unique events to the outbox (`unique.rs`).
 
-use std::mem::MaybeUninit;
-
 use rkyv::util::AlignedVec;
 
 use super::Worker;
 use super::delivery::run_callbacks;
 use crate::error::PublishError;
 use crate::event::{MAX_UNIQUE_HASH_LEN, Payload, Target};
-use crate::message::{self, Kind, MSG_HDR, ORIGIN_NONE};
-use crate::options::Options;
-use crate::subs::Subscriptions;
-use crate::transport::DataPath;
+use crate::message::{self, Kind, ORIGIN_NONE};
 use crate::wire::Connections;
 
 impl Worker {
@@ -37,29 +32,8 @@ impl Worker {
         data: &T,
     ) -> Result<(), PublishError> {
         let (origin, kind) = self.route(target)?;
-        let max = self.opts.max_payload_len;
-        let min = MSG_HDR + source.len() + event.len() + std::mem::size_of::<T>();
-        let arena = &mut self.arena;
-        let build = |out: &mut [MaybeUninit<u8>]| {
-            message::encode_typed_into(out, arena, source, event, data, origin, kind, max)
-        };
-        if target == Target::All
-            && Self::in_place(
-                &mut self.path,
-                &mut self.subs,
-                self.local.len() + self.unrun_self,
-                &self.opts,
-                source,
-                event,
-                min,
-                build,
-            )?
-        {
-            self.unrun_self += 1;
-            self.stats.published += 1;
-            return Ok(());
-        }
         let mut buf = self.pool.pop().unwrap_or_default();
+        let max = self.opts.max_payload_len;
         if let Err(e) = message::encode_typed_in(&mut buf, &mut self.arena, source, event, data, origin, kind, max) {
             self.pool.push(buf);
             return Err(e);
@@ -88,28 +62,8 @@ impl Worker {
         data: &[u8],
     ) -> Result<(), PublishError> {
         let (origin, kind) = self.route(target)?;
-        let max = self.opts.max_payload_len;
-        let min = MSG_HDR + source.len() + event.len() + data.len();
-        let build =
-            |out: &mut [MaybeUninit<u8>]| message::encode_bytes_into(out, source, event, data, origin, kind, max);
-        if target == Target::All
-            && Self::in_place(
-                &mut self.path,
-                &mut self.subs,
-                self.local.len() + self.unrun_self,
-                &self.opts,
-                source,
-                event,
-                min,
-                build,
-            )?
-        {
-            self.unrun_self += 1;
-            self.stats.published += 1;
-            return Ok(());
-        }
         let mut buf = self.pool.pop().unwrap_or_default();
-        if let Err(e) = message::encode_bytes(&mut buf, source, event, data, origin, kind, max) {
+        if let Err(e) = message::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
             self.pool.push(buf);
             return Err(e);
         }
@@ -128,30 +82,6 @@ impl Worker {
             }
             Target::Unique(_) => Ok((origin, Kind::Unique)),
         }
-    }
-
-    /// The fast path of an "all" event on shared memory: when no local callback wants it
-    /// (so no private copy is needed for our own queue) and our own queue has room, `build`
-    /// encodes it straight into the first peer's ring ([`ShmPort::send_all_in_place`]).
-    /// Returns false, having done nothing, when the path does not apply: the caller then
-    /// takes the general path (private buffer, `send`), whose rules it mirrors. On true the
-    /// caller counts the event as published and as our own unrun copy, as `send` does.
-    #[allow(clippy::too_many_arguments)] // split borrows of the worker's fields
-    fn in_place(
-        path: &mut DataPath,
-        subs: &mut Subscriptions,
-        own_queued: usize,
-        opts: &Options,
-        source: &str,
-        event: &str,
-        min: usize,
-        build: impl FnOnce(&mut [MaybeUninit<u8>]) -> Result<Option<usize>, PublishError>,
-    ) -> Result<bool, PublishError> {
-        let DataPath::Shm(port) = path else { return Ok(false) };
-        if own_queued >= opts.max_queue_len || subs.wants(source, event) {
-            return Ok(false);
-        }
-        port.send_all_in_place(min, build)
     }
 
     fn send(&mut self, buf: AlignedVec, target: Target<'_>, source: &str, event: &str) -> Result<(), PublishError> {
