@@ -116,7 +116,8 @@ pub(crate) fn encode_typed_in<T: Payload>(
     finish(buf, source, event, origin, kind, max_payload_len)
 }
 
-/// Encode a typed message into `buf` (rkyv, serialized once for every receiver).
+/// Encode a typed message into `buf` (rkyv, serialized once for every receiver) with a
+/// fresh arena: for the library's rare notices; `publish` uses the worker's own arena.
 pub(crate) fn encode_typed<T: Payload>(
     buf: &mut AlignedVec,
     source: &str,
@@ -126,13 +127,7 @@ pub(crate) fn encode_typed<T: Payload>(
     kind: Kind,
     max_payload_len: usize,
 ) -> Result<(), PublishError> {
-    begin(buf);
-    let taken = std::mem::take(buf);
-    match rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, taken) {
-        Ok(b) => *buf = b,
-        Err(e) => return Err(PublishError::Serialize(e.to_string())),
-    }
-    finish(buf, source, event, origin, kind, max_payload_len)
+    encode_typed_in(buf, &mut Arena::new(), source, event, value, origin, kind, max_payload_len)
 }
 
 /// A decoded message header, all lengths checked against the buffer.
