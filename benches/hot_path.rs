@@ -155,16 +155,9 @@ fn options(sock: &std::path::Path) -> Options {
     Options::new(sock).workers(2).transport(Transport::SharedMemory)
 }
 
-fn until(w: &mut Worker, busy: bool, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        if busy {
-            w.dispatch().expect("dispatch");
-        } else {
-            w.wait(Some(Duration::from_millis(50))).expect("wait");
-        }
-        assert!(Instant::now() < deadline, "the peer process did not answer");
-    }
+/// Dispatch until `done()`, for at most 60 s (callgrind is slow).
+fn until(w: &mut Worker, busy: bool, done: impl FnMut() -> bool) {
+    support::serve_until(w, busy, Duration::from_secs(60), done);
 }
 
 /// Worker 0 here, worker 1 in a peer process (`role`), `n` round trips or events.

@@ -50,6 +50,7 @@ use criterion::Criterion;
 use support::scenario::{
     Metric, Pair, PerfTarget, Scenario, Side, TimeUnit, criterion_phase, print_summary, self_timed,
 };
+use support::shm::Shm;
 use support::{ROLE_ENV, SOCK_ENV, child_command, child_prologue, criterion_test_mode, pin_pair, reap};
 use worker_events::{Events, Options, SYSTEM_SOURCE, Target, Transport, Wid, Worker};
 use worker_events_dev_support::process::allowed_cpus;
@@ -224,62 +225,9 @@ fn main() {
 // ---------------------------------------------------------------------------------------
 // Processes, CPUs, shared memory
 
-/// A shared mapping of [`SHM_LEN`] bytes backed by a memfd. (A `MAP_SHARED | MAP_ANONYMOUS`
-/// mapping is the same kind of shmem object, but it would not survive the child's `execve`;
-/// the memfd is inherited as a descriptor and mapped again by the child.)
-struct Shm {
-    ptr: *mut u8,
-    fd: OwnedFd,
-}
-
-impl Shm {
-    fn create() -> Shm {
-        // SAFETY: memfd_create with a valid C string; the fd is owned right after.
-        let raw = unsafe { libc::memfd_create(c"we-bench".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: `raw` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: plain ftruncate on our descriptor.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), SHM_LEN as libc::off_t) }, 0);
-        Shm::map(fd)
-    }
-
-    fn map(fd: OwnedFd) -> Shm {
-        // SAFETY: a fresh shared mapping of a memfd of SHM_LEN bytes; unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                SHM_LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
-        Shm { ptr: ptr.cast(), fd }
-    }
-
-    fn word(&self, off: usize) -> &AtomicU64 {
-        assert!(off % 8 == 0 && off + 8 <= SHM_LEN);
-        // SAFETY: in bounds, 8-aligned (page-aligned base), shared memory only ever accessed
-        // atomically at these offsets by both processes.
-        unsafe { &*self.ptr.add(off).cast::<AtomicU64>() }
-    }
-
-    fn slot(&self, i: u64) -> *mut [u8; 64] {
-        let off = RING_OFF + (i % RING_SLOTS) as usize * 64;
-        assert!(off + 64 <= SHM_LEN);
-        // SAFETY: in bounds (checked above).
-        unsafe { self.ptr.add(off).cast() }
-    }
-}
-
-impl Drop for Shm {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping made in `map`; no reference outlives `self`.
-        unsafe { libc::munmap(self.ptr.cast(), SHM_LEN) };
-    }
+/// The ring slot of message `i` in the bare ring's part of the mapping.
+fn ring_slot(shm: &Shm, i: u64) -> *mut [u8; 64] {
+    shm.slot(RING_OFF + (i % RING_SLOTS) as usize * 64).cast()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -293,9 +241,8 @@ struct ShmPingPong {
 
 impl ShmPingPong {
     fn new(cpu: Option<usize>) -> Self {
-        let shm = Shm::create();
-        let child =
-            child_command("shm-pong", cpu, &[shm.fd.as_raw_fd()], None).spawn().expect("spawning the peer process");
+        let shm = Shm::create(SHM_LEN);
+        let child = child_command("shm-pong", cpu, &[shm.raw_fd()], None).spawn().expect("spawning the peer process");
         let mut s = ShmPingPong { shm, child, seq: 0 };
         s.run(1000); // the child is up and answering
         s
@@ -428,9 +375,8 @@ struct BareRing {
 
 impl BareRing {
     fn new(cpu: Option<usize>) -> Self {
-        let shm = Shm::create();
-        let child =
-            child_command("ring-sink", cpu, &[shm.fd.as_raw_fd()], None).spawn().expect("spawning the peer process");
+        let shm = Shm::create(SHM_LEN);
+        let child = child_command("ring-sink", cpu, &[shm.raw_fd()], None).spawn().expect("spawning the peer process");
         let mut s = BareRing { shm, child, head: 0 };
         s.run(10_000);
         s
@@ -452,7 +398,7 @@ impl Scenario for BareRing {
             msg[..8].copy_from_slice(&self.head.to_le_bytes());
             // SAFETY: the slot is free (head - tail < RING_SLOTS), in bounds, and only this
             // process writes it until the Release store below publishes it; plain bytes.
-            unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), self.shm.slot(self.head).cast::<u8>(), 64) };
+            unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), ring_slot(&self.shm, self.head).cast::<u8>(), 64) };
             self.head += 1;
             head_w.store(self.head, Ordering::Release);
         }
@@ -488,7 +434,7 @@ fn child_ring_sink(shm: &Shm) {
             let mut m = [0u8; 64];
             // SAFETY: the producer published this slot (tail < head, Acquire above) and
             // does not touch it until we release it below; plain bytes.
-            unsafe { std::ptr::copy_nonoverlapping(shm.slot(tail).cast::<u8>(), m.as_mut_ptr(), 64) };
+            unsafe { std::ptr::copy_nonoverlapping(ring_slot(shm, tail).cast::<u8>(), m.as_mut_ptr(), 64) };
             let m = black_box(m);
             sum = sum.wrapping_add(u64::from_le_bytes(m[..8].try_into().expect("8 bytes")));
             tail += 1;
@@ -521,16 +467,8 @@ fn options(sock: &std::path::Path, socket: bool) -> Options {
 }
 
 /// Dispatch (busy or parked) until `done()`, for at most 20 s.
-fn serve_until(w: &mut Worker, busy: bool, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        if busy {
-            w.dispatch().expect("dispatch");
-        } else {
-            w.wait(Some(Duration::from_millis(50))).expect("wait");
-        }
-        assert!(Instant::now() < deadline, "the peer process did not answer");
-    }
+fn serve_until(w: &mut Worker, busy: bool, done: impl FnMut() -> bool) {
+    support::serve_until(w, busy, Duration::from_secs(20), done);
 }
 
 impl WePingPong {
@@ -900,10 +838,7 @@ fn child_main(role: &str) {
         // SAFETY: the descriptor was inherited for us alone (its number came in FD_ENV).
         UnixStream::from(unsafe { OwnedFd::from_raw_fd(fds[0]) })
     };
-    let take_shm = || {
-        // SAFETY: the descriptor was inherited for us alone (its number came in FD_ENV).
-        Shm::map(unsafe { OwnedFd::from_raw_fd(fds[0]) })
-    };
+    let take_shm = || Shm::inherited(&fds, SHM_LEN);
     match role {
         "shm-pong" => child_shm_pong(&take_shm()),
         "ring-sink" => child_ring_sink(&take_shm()),

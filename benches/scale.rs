@@ -43,7 +43,6 @@
 mod support;
 
 use std::hint::black_box;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Child;
 use std::sync::Arc;
@@ -51,6 +50,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use support::scenario::Scenario;
+use support::shm::Shm;
 use support::summary::{Compared, alternate, per_op_ns};
 use support::{ROLE_ENV, SOCK_ENV, child_command, child_prologue, criterion_test_mode, pin, reap, wanted};
 use worker_events::{Events, Options, Target, Transport, Wid, Worker};
@@ -141,69 +141,6 @@ fn main() {
 // ---------------------------------------------------------------------------------------
 // The bench's shared memory: control words and one line per receiver
 
-/// A shared mapping backed by a memfd of the bench's own (not the library's region),
-/// inherited by the children as a descriptor and mapped again by them.
-struct Shm {
-    ptr: *mut u8,
-    len: usize,
-    fd: OwnedFd,
-}
-
-impl Shm {
-    fn create(len: usize) -> Shm {
-        // SAFETY: memfd_create with a valid C string; the fd is owned right after.
-        let raw = unsafe { libc::memfd_create(c"we-bench-scale".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: `raw` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: plain ftruncate on our descriptor.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) }, 0);
-        Shm::map(fd, len)
-    }
-
-    fn map(fd: OwnedFd, len: usize) -> Shm {
-        // SAFETY: a fresh shared mapping of a memfd of `len` bytes; unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
-        Shm { ptr: ptr.cast(), len, fd }
-    }
-
-    /// Map the memfd the parent passed (the first inherited descriptor), `len` bytes.
-    fn inherited(fds: &[i32], len: usize) -> Shm {
-        // SAFETY: the descriptor was inherited for us alone (its number came in the env).
-        Shm::map(unsafe { OwnedFd::from_raw_fd(fds[0]) }, len)
-    }
-
-    fn word(&self, off: usize) -> &AtomicU64 {
-        assert!(off % 8 == 0 && off + 8 <= self.len);
-        // SAFETY: in bounds, 8-aligned (page-aligned base), shared memory only ever accessed
-        // atomically at these offsets by every process.
-        unsafe { &*self.ptr.add(off).cast::<AtomicU64>() }
-    }
-
-    fn slot(&self, off: usize) -> *mut u8 {
-        assert!(off + 64 <= self.len);
-        // SAFETY: in bounds (checked above).
-        unsafe { self.ptr.add(off) }
-    }
-}
-
-impl Drop for Shm {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping made in `map`; no reference outlives `self`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 /// Layout of a group's shared words: the control line, then one 128-byte line per worker.
 const LINE: usize = 128;
 const GROUP_SHM_LEN: usize = LINE * (1 + 64);
@@ -261,7 +198,7 @@ impl Group {
         let worker = events.init_worker(Wid::Worker(0)).expect("init_worker(0)");
         let children = (1..n)
             .map(|wid| {
-                child_command("receiver", cpu, &[shm.fd.as_raw_fd()], Some(&sock))
+                child_command("receiver", cpu, &[shm.raw_fd()], Some(&sock))
                     .env(INDEX_ENV, wid.to_string())
                     .env(WORKERS_ENV, n.to_string())
                     .spawn()
@@ -715,7 +652,7 @@ impl BareBroadcast {
         let shm = Shm::create(BARE_SHM_LEN);
         let children = (0..RINGS)
             .map(|r| {
-                child_command("bare-sink", cpu, &[shm.fd.as_raw_fd()], None)
+                child_command("bare-sink", cpu, &[shm.raw_fd()], None)
                     .env(INDEX_ENV, r.to_string())
                     .spawn()
                     .expect("spawning a consumer")

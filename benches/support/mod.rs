@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod scenario;
+pub mod shm;
 pub mod summary;
 
 use std::os::fd::RawFd;
@@ -120,4 +121,18 @@ pub fn wanted(id: &str) -> bool {
 /// `--bench` argument); the benches then skip their self-timed summaries.
 pub fn criterion_test_mode() -> bool {
     !std::env::args().any(|a| a == "--bench")
+}
+
+/// Dispatch `w` until `done()`: busy (`dispatch`) or parked (`wait`, 50 ms at a time), for at
+/// most `limit` (a peer that stopped answering fails the bench instead of hanging it).
+pub fn serve_until(w: &mut worker_events::Worker, busy: bool, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        if busy {
+            w.dispatch().expect("dispatch");
+        } else {
+            w.wait(Some(Duration::from_millis(50))).expect("wait");
+        }
+        assert!(std::time::Instant::now() < deadline, "the peer process did not answer");
+    }
 }
