@@ -91,6 +91,20 @@ mod loom_models {
         }
     }
 
+    /// The publisher's side of a hop, in production order: write and commit one record,
+    /// the fence after the commit, then the eventfd "write" if the receiver is parked.
+    fn publish_one(s: Arc<Shared>) -> thread::JoinHandle<()> {
+        thread::spawn(move || {
+            let mut p = Producer::new(raw(&s)).unwrap();
+            assert!(p.try_write(FIRST | LAST, &[b"event"]).unwrap());
+            p.commit();
+            after_commit();
+            if should_wake(&s.parked) {
+                s.eventfd.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    }
+
     fn shared() -> Arc<Shared> {
         Arc::new(Shared {
             hdr: Box::new(RingHeader::new_for_model()),
@@ -107,16 +121,7 @@ mod loom_models {
     fn no_lost_wakeup() {
         loom::model(|| {
             let s = shared();
-            let s2 = s.clone();
-            let publisher = thread::spawn(move || {
-                let mut p = Producer::new(raw(&s2)).unwrap();
-                assert!(p.try_write(FIRST | LAST, &[b"event"]).unwrap());
-                p.commit();
-                after_commit();
-                if should_wake(&s2.parked) {
-                    s2.eventfd.fetch_add(1, Ordering::Relaxed);
-                }
-            });
+            let publisher = publish_one(s.clone());
             let mut c = Consumer::new(raw(&s)).unwrap();
             arm(&s.parked);
             let sleeps = !c.has_data();
@@ -141,16 +146,7 @@ mod loom_models {
     fn woken_disarm_means_exactly_one_write() {
         loom::model(|| {
             let s = shared();
-            let s2 = s.clone();
-            let publisher = thread::spawn(move || {
-                let mut p = Producer::new(raw(&s2)).unwrap();
-                assert!(p.try_write(FIRST | LAST, &[b"event"]).unwrap());
-                p.commit();
-                after_commit();
-                if should_wake(&s2.parked) {
-                    s2.eventfd.fetch_add(1, Ordering::Relaxed);
-                }
-            });
+            let publisher = publish_one(s.clone());
             let mut c = Consumer::new(raw(&s)).unwrap();
             arm(&s.parked);
             // A dispatch loop: re-check, then disarm at the next pass without sleeping.
