@@ -54,6 +54,12 @@ pub enum Error {
         /// Events given up.
         events: u64,
     },
+    /// This `Worker` was created in a process that has since called `fork()`, and this is
+    /// the child. A worker belongs to the process that created it: its slot, its locks and
+    /// its rings are the parent's, so the child's copy refuses to run (and its drop leaves
+    /// the shared state alone). Create workers after forking (see `Events`).
+    #[error("this worker was created before a fork(): it belongs to the parent process")]
+    Forked,
     /// A system call failed.
     #[error("{context}: {source}")]
     Io {
@@ -109,6 +115,10 @@ pub enum PublishError {
     /// The typed value could not be serialized.
     #[error("failed to publish event: serialization failed: {0}")]
     Serialize(String),
+    /// This worker was created before a `fork()` and this is the child (see
+    /// [`Error::Forked`]): nothing was published.
+    #[error("failed to publish event: this worker belongs to the process that created it (fork without exec)")]
+    Forked,
 }
 
 /// Result alias for this crate.

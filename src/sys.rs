@@ -1,6 +1,10 @@
-//! Thin wrappers over the system calls this crate makes; the only file that calls libc or
+//! Thin wrappers over the system calls this crate makes; with `sys/fork.rs`, the only code that calls libc or
 //! nix directly. Every descriptor is created close-on-exec and (where it can block)
 //! non-blocking; `WouldBlock` is a normal state, not an error.
+
+mod fork;
+
+pub(crate) use fork::{ParentOnly, forks};
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

@@ -25,7 +25,7 @@
 //! start-up while a missing or dead broker is still replaced.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -71,7 +71,7 @@ pub(crate) fn lock_path(path: &Path) -> PathBuf {
 
 /// The lock file, with one method per named byte.
 #[derive(Debug)]
-pub(crate) struct LockFile(OwnedFd);
+pub(crate) struct LockFile(sys::ParentOnly);
 
 impl LockFile {
     /// Open (creating, mode 0600) the lock file, never through a symbolic link; refuse one
@@ -94,7 +94,7 @@ impl LockFile {
         if id.mode & 0o002 != 0 {
             return refuse(format!("{} is writable by every user (mode {:o})", path.display(), id.mode & 0o7777));
         }
-        Ok((LockFile(fd), id, created))
+        Ok((LockFile(sys::ParentOnly::new(fd)), id, created))
     }
 
     /// Take the lock of worker slot `slot`; false when another live process holds it.

@@ -68,7 +68,7 @@ pub(crate) enum CtlEvent {
 struct Conn {
     /// Never reused by this process (see [`Link`]).
     id: u64,
-    fd: OwnedFd,
+    fd: sys::ParentOnly,
     rd: FrameReader,
     wr: FrameWriter,
     slot: Option<u32>,
@@ -85,7 +85,7 @@ enum Role {
     /// Connected to the broker; `welcomed` with the data path it announced once attached.
     Client { conn: Conn, welcomed: Option<Flavor>, fds: Vec<OwnedFd> },
     /// We are the broker.
-    Broker { listener: OwnedFd, conns: Vec<Conn>, next_token: u64 },
+    Broker { listener: sys::ParentOnly, conns: Vec<Conn>, next_token: u64 },
 }
 
 pub(crate) struct Control {
@@ -250,6 +250,7 @@ impl Control {
         self.served();
         self.set_timer(election::BEAT_INTERVAL);
         tracing::info!(slot = self.slot, path = %self.path.display(), "elected broker");
+        let listener = sys::ParentOnly::new(listener);
         self.role = Role::Broker { listener, conns: Vec::new(), next_token: TOKEN_CONN_BASE };
         Ok(())
     }
@@ -286,7 +287,7 @@ impl Control {
         self.next_conn += 1;
         Conn {
             id,
-            fd,
+            fd: sys::ParentOnly::new(fd),
             rd: FrameReader::new(self.max_frame),
             wr: FrameWriter::default(),
             slot: None,

@@ -61,6 +61,15 @@ impl Worker {
         if std::mem::replace(&mut self.closed, true) || self.ctl.is_none() {
             return Ok(());
         }
+        if self.forked() {
+            // A fork() child's copy: the slot, rings and broker role are the parent's. Touch
+            // none of it (the port's drop would mark the parent's slot detached): leak the
+            // copies, which the child's exit unmaps and closes. Its copies of the lock file,
+            // listener and connections already point at /dev/null (`sys::ParentOnly`).
+            std::mem::forget(std::mem::replace(&mut self.path, crate::transport::DataPath::InProcess));
+            std::mem::forget(self.ctl.take());
+            return Err(Error::Forked);
+        }
         let deadline = Instant::now() + timeout;
         if let (Some(p), Some(ctl)) = (self.path.socket_mut(), self.ctl.as_mut()) {
             if ctl.is_broker() {

@@ -28,7 +28,7 @@ use crate::message;
 use crate::options::{Options, Transport};
 use crate::stats::{PeerStats, Stats};
 use crate::subs::{SubscriptionId, Subscriptions};
-use crate::sys::Epoll;
+use crate::sys::{self, Epoll};
 use crate::transport::{DataPath, PreAttach};
 use crate::wire::Peer;
 use broker::BrokerView;
@@ -134,6 +134,7 @@ impl Events {
             unique: UniqueOutbox::default(),
             broker: BrokerView::default(),
             closed: false,
+            forks: sys::forks(),
         };
         if w.ctl.is_some() {
             w.poll_control()?;
@@ -148,6 +149,18 @@ impl Events {
 /// One process's handle: subscribe, publish, dispatch. Single-threaded by design: callbacks
 /// run on the caller's thread inside [`Worker::dispatch`] / [`Worker::wait`]; the library
 /// starts no thread.
+///
+/// **`fork()`.** A worker belongs to the process that created it. Create workers after
+/// forking (the prefork model: [`Events::new`] in the master, [`Events::init_worker`] in each
+/// worker process). In a child forked (without `exec`) from a process that holds a worker,
+/// the child's copy refuses to run: every call returns [`Error::Forked`]
+/// ([`PublishError::Forked`](crate::error::PublishError::Forked) from `publish`, `false` from
+/// `flush`), and dropping it touches nothing shared. The child does not keep the parent's
+/// kernel state either: its copies of the lock file (the worker id, broker and region
+/// locks), the broker's listening socket and the control connections are pointed at
+/// `/dev/null` by a `pthread_atfork` handler, so a parent that dies frees its id and role at
+/// once even while the child lives (`tests/fork.rs`). A child made by a raw `clone` system
+/// call, not libc's `fork`, bypasses the handler.
 ///
 /// `Worker` is [`AsFd`]: the descriptor (an epoll set over this slot's eventfd and the
 /// control sockets) becomes readable when `dispatch` has work, **once `dispatch` has
@@ -208,6 +221,21 @@ pub struct Worker {
     broker: BrokerView,
     /// `close` has run (Drop does not run it again).
     closed: bool,
+    /// `sys::forks()` when this worker was created: it differs in a `fork()` child, where
+    /// every call refuses to run (the slot, locks and rings are the parent's).
+    forks: u64,
+}
+
+impl Worker {
+    /// Is this a `fork()` child's copy of a worker its parent created?
+    fn forked(&self) -> bool {
+        self.forks != sys::forks()
+    }
+
+    /// [`Error::Forked`] in a `fork()` child's copy.
+    fn check_fork(&self) -> Result<()> {
+        if self.forked() { Err(Error::Forked) } else { Ok(()) }
+    }
 }
 
 impl std::fmt::Debug for Worker {

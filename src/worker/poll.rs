@@ -114,6 +114,7 @@ impl Worker {
     /// assert_eq!(w.dispatch().unwrap(), 0);
     /// ```
     pub fn dispatch(&mut self) -> Result<usize> {
+        self.check_fork()?;
         self.dispatch_and(true)
     }
 
@@ -274,6 +275,9 @@ impl Worker {
     /// assert!(w.flush());
     /// ```
     pub fn flush(&mut self) -> bool {
+        if self.forked() {
+            return false;
+        }
         let conns = self.ctl.as_mut().map(|c| c as &mut dyn Connections);
         let data_done = self.path.flush(conns);
         data_done && !self.ctl.as_ref().is_some_and(|c| c.has_output())
@@ -293,6 +297,7 @@ impl Worker {
     /// assert_eq!(w.wait(Some(Duration::from_millis(1))).unwrap(), 0);
     /// ```
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<usize> {
+        self.check_fork()?;
         if self.path.is_in_process() {
             return Ok(0);
         }
@@ -335,6 +340,7 @@ impl Worker {
     /// assert!(w.wait_ready(Duration::from_secs(1)).unwrap());
     /// ```
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<bool> {
+        self.check_fork()?;
         let deadline = Instant::now() + timeout;
         while !self.is_ready() {
             let now = Instant::now();

@@ -31,6 +31,9 @@ impl Worker {
         event: &str,
         data: &T,
     ) -> Result<(), PublishError> {
+        if self.forked() {
+            return Err(PublishError::Forked);
+        }
         let (origin, kind) = self.route(target)?;
         let mut buf = self.pool.pop().unwrap_or_default();
         let max = self.opts.max_payload_len;
@@ -61,6 +64,9 @@ impl Worker {
         event: &str,
         data: &[u8],
     ) -> Result<(), PublishError> {
+        if self.forked() {
+            return Err(PublishError::Forked);
+        }
         let (origin, kind) = self.route(target)?;
         let mut buf = self.pool.pop().unwrap_or_default();
         if let Err(e) = message::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {

@@ -139,6 +139,13 @@ pub enum Cmd {
     Reach { ms: u64, want: Vec<(u32, u32, u64)> },
     /// `close <ms>`: `Worker::close`; answers `@@CLOSED <ok|error> <ms taken>` and exits.
     Close { ms: u64 },
+
+    // fork() without exec (issue 11, item 18) ------------------------------------------------
+    /// `fork <secs>`: `fork()`. The child tries the inherited worker (publish, dispatch,
+    /// flush, then drops it), writes `@@FORKCHILD <pid>|<publish>|<dispatch>|<flush>|<drop>`
+    /// (each an outcome: `ok`, or the error text), sleeps <secs> and exits without touching
+    /// anything else. The parent answers after that line, with `@@FORKED <pid>`.
+    Fork { secs: u32 },
 }
 
 impl Cmd {
@@ -200,6 +207,7 @@ impl std::fmt::Display for Cmd {
                 want.iter().try_for_each(|(p, i, last)| write!(f, " {p}:{i}:{last}"))
             }
             Cmd::Close { ms } => write!(f, "close {ms}"),
+            Cmd::Fork { secs } => write!(f, "fork {secs}"),
         }
     }
 }
@@ -310,6 +318,7 @@ impl FromStr for Cmd {
                     .collect::<Result<_, String>>()?,
             },
             "close" => Cmd::Close { ms: w.next("ms")? },
+            "fork" => Cmd::Fork { secs: w.next("secs")? },
             other => return Err(format!("unknown command {other}")),
         };
         match w.rest()[..] {

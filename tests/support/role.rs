@@ -298,6 +298,49 @@ impl Role {
         out(&format!("@@PUB {ok} {err}"));
     }
 
+    /// [`Cmd::Fork`]. This process has threads (the stdin reader): the child only calls the
+    /// library (whose fork check comes first), formats into memory and uses raw `write`,
+    /// `sleep` and `_exit`.
+    fn fork(&mut self, secs: u32) {
+        let mut pipe = [0i32; 2];
+        // SAFETY: a two-element array for pipe2.
+        assert_eq!(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fork; the child below keeps to the calls listed in the doc comment.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let publish = self
+                .worker
+                .publish_bytes(Target::All, "fork", "child", b"x")
+                .map_or_else(|e| e.to_string(), |()| "ok".into());
+            let dispatch = self.worker.dispatch().map_or_else(|e| e.to_string(), |n| format!("ok {n}"));
+            let flush = if self.worker.flush() { "flushed".to_string() } else { "not flushed".to_string() };
+            // Drop the inherited worker in the child (its drop must leave the parent's
+            // slot, rings and broker role alone), and never touch the field again.
+            // SAFETY: `self.worker` is not used after this; the child `_exit`s below.
+            unsafe { std::ptr::drop_in_place(&mut self.worker) };
+            let line = format!("@@FORKCHILD {}|{publish}|{dispatch}|{flush}|dropped\n", std::process::id());
+            // SAFETY: raw writes of owned buffers, then sleep and _exit (no destructors).
+            unsafe {
+                libc::write(1, line.as_ptr().cast(), line.len());
+                libc::write(pipe[1], b"x".as_ptr().cast(), 1);
+                libc::sleep(secs);
+                libc::_exit(0);
+            }
+        }
+        assert!(pid > 0, "fork failed");
+        // SAFETY: closing our copy of the write end; the read end is ours.
+        unsafe { libc::close(pipe[1]) };
+        let mut b = 0u8;
+        let mut fds = [libc::pollfd { fd: pipe[0], events: libc::POLLIN, revents: 0 }];
+        // SAFETY: one pollfd; then a one-byte read into `b`.
+        unsafe {
+            libc::poll(fds.as_mut_ptr(), 1, 20_000);
+            libc::read(pipe[0], (&mut b as *mut u8).cast(), 1);
+            libc::close(pipe[0]);
+        }
+        out(&format!("@@FORKED {pid}"));
+    }
+
     fn exec(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Publish { target, src, ev, start, count } => {
@@ -376,6 +419,7 @@ impl Role {
                 }
             }
             Cmd::Exit | Cmd::Close { .. } => unreachable!("handled by `serve`: they end the worker"),
+            Cmd::Fork { secs } => self.fork(secs),
             Cmd::Run { rate } => self.run = Some(Pace::new(rate, u64::MAX)),
             Cmd::RunStop => {
                 let p = self.run.take().unwrap_or_else(|| die("run-stop: no run"));
