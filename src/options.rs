@@ -77,6 +77,7 @@ pub struct Options {
     pub(crate) ring_capacity: usize,
     pub(crate) unique_capacity: usize,
     pub(crate) allowed_uids: Vec<u32>,
+    pub(crate) reload_generation: u64,
 }
 
 impl Options {
@@ -110,6 +111,7 @@ impl Options {
             ring_capacity: DEFAULT_RING_CAPACITY,
             unique_capacity: 65_536,
             allowed_uids: Vec::new(),
+            reload_generation: 0,
         }
     }
 
@@ -242,6 +244,58 @@ impl Options {
     /// ```
     pub fn listening(&self) -> &Path {
         &self.listening
+    }
+
+    /// The generation of workers this process belongs to (graceful reload). Default 0.
+    ///
+    /// **Reload model.** Each generation is its own deployment: its own control socket
+    /// ([`Options::socket_path`]: `<listening>` for generation 0, `<listening>.gen<N>`
+    /// otherwise), lock file, broker and shared region. During an nginx-style reload the
+    /// master starts the new generation's workers with `generation(n + 1)` and the same
+    /// worker ids while the old generation drains: no `WidInUse`, and each generation keeps
+    /// exchanging events among its own workers. The generations do not see each other's
+    /// events, as an old nginx worker keeps serving with the configuration it started with;
+    /// an event meant for both (rare during a reload window) is published by a process of
+    /// each. When the old generation has exited, [`Events::remove_files`] of its options
+    /// removes its socket and lock file (`tests/reload.rs`).
+    ///
+    /// [`Events::remove_files`]: crate::worker::Events::remove_files
+    ///
+    /// ```
+    /// let o = worker_events::Options::new("/run/p/ev.sock").generation(3);
+    /// assert_eq!(o.get_generation(), 3);
+    /// assert_eq!(o.socket_path(), std::path::Path::new("/run/p/ev.sock.gen3"));
+    /// let o = worker_events::Options::new("/run/p/ev.sock");
+    /// assert_eq!(o.socket_path(), std::path::Path::new("/run/p/ev.sock"));
+    /// ```
+    pub fn generation(mut self, generation: u64) -> Self {
+        self.reload_generation = generation;
+        self
+    }
+
+    /// See [`Options::generation`].
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/s").get_generation(), 0);
+    /// ```
+    pub fn get_generation(&self) -> u64 {
+        self.reload_generation
+    }
+
+    /// The control socket this generation uses (see [`Options::generation`]); its lock file
+    /// is `<socket_path>.lock`.
+    ///
+    /// ```
+    /// let o = worker_events::Options::new("unix:/a/b").generation(1);
+    /// assert_eq!(o.socket_path(), std::path::Path::new("/a/b.gen1"));
+    /// ```
+    pub fn socket_path(&self) -> PathBuf {
+        if self.reload_generation == 0 {
+            return self.listening.clone();
+        }
+        let mut s = self.listening.as_os_str().to_owned();
+        s.push(format!(".gen{}", self.reload_generation));
+        PathBuf::from(s)
     }
     /// See [`Options::workers`].
     ///

@@ -231,6 +231,18 @@ pub(crate) fn try_lock_byte(fd: BorrowedFd<'_>, byte: u64) -> io::Result<bool> {
     }
 }
 
+/// Take the exclusive open-file-description lock on the whole file (every byte, past its
+/// end too) without blocking. `Ok(false)`: another live process holds some byte of it.
+pub(crate) fn try_lock_all(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut fl = ofd_flock(0, libc::F_WRLCK);
+    fl.l_len = 0;
+    match syscall!(fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl)) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Release this open file description's lock on byte `byte` (no error if it held none).
 pub(crate) fn unlock_byte(fd: BorrowedFd<'_>, byte: u64) -> io::Result<()> {
     let fl = ofd_flock(byte, libc::F_UNLCK);
@@ -322,7 +334,7 @@ pub(crate) fn listen_unix_over(path: &Path) -> io::Result<OwnedFd> {
 
 /// Remove the socket file at `path` if there is one and nobody listens on it; refuse to
 /// touch anything else (a live socket, a socket of another user, any other kind of file).
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {

@@ -107,6 +107,11 @@ impl LockFile {
         sys::byte_locked_by_other(self.0.as_fd(), 1 + u64::from(slot))
     }
 
+    /// Take every lock of the file at once; false when any live process holds one.
+    pub(crate) fn try_all(&self) -> io::Result<bool> {
+        sys::try_lock_all(self.0.as_fd())
+    }
+
     /// Take the broker lock; false when another live process holds it (or on error).
     pub(crate) fn try_broker(&self) -> bool {
         sys::try_lock_byte(self.0.as_fd(), BROKER_BYTE).unwrap_or(false)

@@ -120,3 +120,24 @@ impl Control {
         self.lock_warned = false;
     }
 }
+
+/// Remove the control socket at `path` and its lock file once no live process uses them
+/// (a finished generation, see `Options::generation`). `Ok(false)`, touching nothing, while
+/// any process holds a lock in the file. While this runs it holds every lock of the file,
+/// so a process starting on the same path at that moment is refused as `WidInUse`.
+pub(crate) fn remove_files(path: &Path, allowed_uids: &[u32]) -> Result<bool> {
+    let lock = lock_path(path);
+    let (file, id, _) = LockFile::open(&lock, allowed_uids).map_err(|e| Error::io("opening the lock file", e))?;
+    if !file.try_all().map_err(|e| Error::io("locking the lock file", e))? {
+        return Ok(false);
+    }
+    match sys::remove_stale_socket(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Ok(false),
+        Err(e) => return Err(Error::io("removing the control socket", e)),
+    }
+    if sys::lstat_id(&lock).is_ok_and(|now| now.same_file(&id)) {
+        std::fs::remove_file(&lock).map_err(|e| Error::io("removing the lock file", e))?;
+    }
+    Ok(true)
+}

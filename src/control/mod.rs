@@ -32,6 +32,7 @@ use crate::wire::frame::{FrameReader, FrameWriter};
 use crate::wire::queue::flush_conn;
 use crate::wire::{Connections, DataPlane, Link, Offer, Peer};
 use election::{Election, LockFile};
+pub(crate) use lockfile::remove_files;
 use protocol::Flavor;
 
 /// Delay between connection attempts while no broker answers.

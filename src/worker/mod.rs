@@ -95,6 +95,36 @@ impl Events {
     /// # drop(w); let _ = std::fs::remove_dir_all(dir);
     /// ```
     pub fn init_worker(&self, wid: Wid) -> Result<Worker> {
+        self.init(wid)
+    }
+
+    /// Remove this deployment's control socket and lock file (at
+    /// [`Options::socket_path`]) once no live process uses them: for a master, after a
+    /// generation's workers have all exited (see [`Options::generation`]). Returns `false`,
+    /// touching nothing, while any process still holds a worker id or the broker role there.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the lock file cannot be opened or a file cannot be removed (a
+    /// socket or lock file of another user is refused, never removed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use worker_events::{Events, Options, Wid};
+    /// let dir = std::env::temp_dir().join(format!("we-doc-rm-{}", std::process::id()));
+    /// let old = Events::new(Options::new(dir.join("ev.sock")).workers(1).generation(1)).unwrap();
+    /// let w = old.init_worker(Wid::Worker(0)).unwrap();
+    /// assert!(!old.remove_files().unwrap()); // generation 1 still runs
+    /// drop(w);
+    /// assert!(old.remove_files().unwrap());
+    /// assert!(!dir.join("ev.sock.gen1").exists() && !dir.join("ev.sock.gen1.lock").exists());
+    /// # let _ = std::fs::remove_dir_all(dir);
+    /// ```
+    pub fn remove_files(&self) -> Result<bool> {
+        crate::control::remove_files(&self.opts.socket_path(), &self.opts.allowed_uids)
+    }
+
+    fn init(&self, wid: Wid) -> Result<Worker> {
         let o = &self.opts;
         let slot = match wid {
             Wid::Worker(i) if i < o.workers => i,
@@ -112,7 +142,7 @@ impl Events {
             let max_frame = message::max_message_len(o.max_payload_len) + 1024;
             let preferred = wid == Wid::Worker(o.broker_id);
             let terms = o.attach_terms();
-            let ctl = Control::new(&o.listening, slot, geo, terms, preferred, o.allowed_uids.clone(), max_frame)?;
+            let ctl = Control::new(&o.socket_path(), slot, geo, terms, preferred, o.allowed_uids.clone(), max_frame)?;
             (DataPath::Unattached(PreAttach::default()), Some(ctl))
         };
         let mut w = Worker {

@@ -185,6 +185,7 @@ key_table! {
         ring_capacity: Option<usize> = "WE_RING" => Options::ring_capacity,
         unique_timeout_ms: Option<u64> = "WE_UNIQ_TIMEOUT_MS" => |o: Options, ms| o.unique_timeout(Duration::from_millis(ms)),
         unique_capacity: Option<usize> = "WE_UNIQ_CAP" => Options::unique_capacity,
+        generation: Option<u64> = "WE_GENERATION" => Options::generation,
     }
 }
 
@@ -202,6 +203,7 @@ impl Cfg {
             ring_capacity: None,
             unique_timeout_ms: None,
             unique_capacity: None,
+            generation: None,
         }
     }
 
