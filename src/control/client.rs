@@ -57,8 +57,14 @@ impl Control {
         data: &mut dyn DataPlane,
         events: &mut Vec<CtlEvent>,
     ) {
-        let Role::Client { conn, fds, .. } = &mut self.role else { return };
-        let state = conn.rd.fill(conn.fd.as_fd(), fds);
+        let Role::Client { conn, fds, welcomed } = &mut self.role else { return };
+        // Descriptors ride only with the WELCOME: once welcomed, the read closes any the
+        // broker passes, and fails (we reconnect).
+        let want_fds = if welcomed.is_none() { Some(fds) } else { None };
+        let state = conn.rd.fill(conn.fd.as_fd(), want_fds, usize::MAX);
+        if let Err(e) = &state {
+            tracing::warn!(error = %e, "reading from the broker failed; reconnecting");
+        }
         let mut broken = !matches!(state, Ok(ReadState::Open));
         while !broken {
             let Role::Client { conn, welcomed, fds } = &mut self.role else { return };

@@ -77,6 +77,13 @@ struct Conn {
     opened: Instant,
     /// Close once the writer has drained (after a REJECT).
     closing: bool,
+    /// (broker) Its epoll token.
+    token: u64,
+    /// (broker) Held back by flow control: out of the epoll set, not read.
+    held: bool,
+    /// (broker) Accepted over [`broker::MAX_UNATTACHED`]: closed unless its first read
+    /// brings a HELLO that attaches it.
+    probation: bool,
 }
 
 enum Role {
@@ -293,6 +300,9 @@ impl Control {
             pid: 0,
             opened: Instant::now(),
             closing: false,
+            token: 0,
+            held: false,
+            probation: false,
         }
     }
 
