@@ -6,6 +6,12 @@
 #[macro_use]
 mod support;
 
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use support::sockclient::*;
 use support::*;
 use worker_events::{Transport, Wid};
 
@@ -73,4 +79,129 @@ fn a_burst_makes_publish_fail_and_live_receivers_lose_nothing() {
         eprintln!("round {round}: published ok {ok:?} of {N} each");
     }
     assert!(failures.is_empty(), "{} failures in {ROUNDS} rounds:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Item 15. A client that connects and never sends a complete HELLO (nothing at all, or
+/// half a frame) is disconnected after the attach timeout (2 s), while a worker that
+/// connects meanwhile attaches at once and the broker keeps serving.
+#[test]
+fn a_client_that_never_says_hello_is_disconnected_while_workers_attach() {
+    let dir = TempDir::new("nohello");
+    let wd = Watchdog::new("nohello");
+    let cfg = socket_cfg(&dir, 2);
+    let mut broker = wd.spawn(&cfg, Wid::Worker(0));
+    let start = Instant::now();
+    let mut silent = UnixStream::connect(dir.sock()).unwrap();
+    let mut half = UnixStream::connect(dir.sock()).unwrap();
+    half.write_all(&hello_frame(&Hello::for_cfg(&cfg, 1))[..20]).unwrap();
+    // A worker attaches meanwhile, and events flow.
+    let mut w1 = wd.spawn(&cfg, Wid::Worker(1));
+    assert!(start.elapsed() < Duration::from_millis(1500), "the worker took {:?} to attach", start.elapsed());
+    let r = w1.publish(Tgt::All, "h", "x", 0, 10);
+    assert_eq!((r.ok, r.err), (10, 0));
+    broker.until(10);
+    for (what, s) in [("a silent connection", &mut silent), ("half a HELLO", &mut half)] {
+        assert!(closed_within(s, Duration::from_secs(8)), "{what} was not closed within 8 s");
+        let t = start.elapsed();
+        assert!(t >= Duration::from_millis(1500), "{what} closed after {t:?}: before the attach timeout");
+    }
+    assert_eq!(broker.report().stream("w1", "h", "x"), seq(0, 10));
+}
+
+/// Item 15. Beyond 64 connections not attached, a new connection must bring its HELLO in
+/// its first read or is closed at once: 200 idle connections do not keep a real worker
+/// out, and all but the first 64 are refused long before the attach timeout.
+#[test]
+fn connections_over_the_cap_are_refused_while_workers_attach() {
+    const IDLE: usize = 200;
+    let dir = TempDir::new("conncap");
+    let wd = Watchdog::new("conncap");
+    let cfg = socket_cfg(&dir, 3);
+    let mut broker = wd.spawn(&cfg, Wid::Worker(0));
+    let mut idle: Vec<UnixStream> = (0..IDLE).map(|_| UnixStream::connect(dir.sock()).unwrap()).collect();
+    let start = Instant::now();
+    let mut w1 = wd.spawn(&cfg, Wid::Worker(1));
+    let mut w2 = wd.spawn(&cfg, Wid::Worker(2));
+    let r = w1.publish(Tgt::All, "c", "x", 0, 5);
+    assert_eq!((r.ok, r.err), (5, 0));
+    w2.until(5);
+    broker.until(5);
+    // Every connection over the cap was closed when it was accepted (before the workers
+    // connected), long before the attach timeout (2 s) closes the others.
+    let mut refused = 0;
+    for s in &mut idle {
+        if closed_within(s, Duration::from_millis(1)) {
+            refused += 1;
+        }
+    }
+    let t = start.elapsed();
+    assert!(refused >= IDLE - 64, "only {refused} of {IDLE} idle connections refused (cap 64) after {t:?}");
+    // And the ones under the cap at the attach timeout.
+    for (i, s) in idle.iter_mut().enumerate() {
+        assert!(closed_within(s, Duration::from_secs(8)), "idle connection {i} still open after the timeout");
+    }
+    assert_eq!(w2.report().stream("w1", "c", "x"), seq(0, 5));
+}
+
+/// Item 17. A client that passes descriptors to the broker (with its HELLO, or with
+/// garbage; in one control message or two) is refused: the broker closes the connection
+/// without a WELCOME and closes every descriptor (its buffer has room for one, the rest is
+/// truncated away), so its descriptor count does not grow, and it keeps serving.
+#[test]
+fn descriptors_passed_to_the_broker_are_closed() {
+    let dir = TempDir::new("brokerfds");
+    let wd = Watchdog::new("brokerfds");
+    let cfg = socket_cfg(&dir, 3);
+    let mut broker = wd.spawn(&cfg, Wid::Worker(0));
+    let mut w1 = wd.spawn(&cfg, Wid::Worker(1));
+    let before = fd_count(broker.pid());
+    let spare = spare_fds(253);
+    let raw: Vec<i32> = spare.iter().map(|f| f.as_raw_fd()).collect();
+    let hello = hello_frame(&Hello::for_cfg(&cfg, 2));
+    let garbage = b"\x05\x00\x00\x00\x06abcd";
+    for round in 0..10 {
+        for (what, bytes, n, groups) in
+            [("HELLO", &hello[..], 253, 1), ("HELLO", &hello[..], 240, 2), ("garbage", &garbage[..], 1, 1)]
+        {
+            let mut s = UnixStream::connect(dir.sock()).unwrap();
+            send_fds(&s, bytes, &raw[..n], groups).unwrap();
+            let reply = support::raw::read_reply(&mut s);
+            assert_eq!(reply, Reply::Closed, "round {round}: a {what} with {n} descriptors in {groups} message(s)");
+        }
+    }
+    // The broker still serves: a worker attaches and events flow.
+    let mut w2 = wd.spawn(&cfg, Wid::Worker(2));
+    let r = w1.publish(Tgt::All, "f", "x", 0, 5);
+    assert_eq!((r.ok, r.err), (5, 0));
+    w2.until(5);
+    broker.until(5);
+    let after = fd_count(broker.pid());
+    assert!(after <= before + 4, "the broker's descriptors grew from {before} to {after}");
+}
+
+/// Item 17. A worker keeps no descriptor its broker passes after the WELCOME: the test
+/// plays the broker, welcomes a socket worker, then passes 200 descriptors with a frame,
+/// ten times; the worker's descriptor count does not grow.
+#[test]
+fn descriptors_passed_after_welcome_are_closed_by_the_worker() {
+    let dir = TempDir::new("clientfds");
+    let wd = Watchdog::new("clientfds");
+    let cfg = socket_cfg(&dir, 2);
+    let streams = fake_broker(&dir.sock());
+    let mut w1 = wd.spawn(&cfg, Wid::Worker(1));
+    let s = streams.recv_timeout(Duration::from_secs(10)).expect("the worker connected");
+    let before = fd_count(w1.pid());
+    let spare = spare_fds(200);
+    let raw: Vec<i32> = spare.iter().map(|f| f.as_raw_fd()).collect();
+    let mut lost = 0u32.to_le_bytes().to_vec();
+    lost.extend_from_slice(&0u64.to_le_bytes());
+    for _ in 0..10 {
+        if send_fds(&s, &frame(KIND_LOST, &lost), &raw, 1).is_err() {
+            break; // the worker hung up on us: fine
+        }
+    }
+    // The worker reads them while it dispatches.
+    w1.cmd(Cmd::Pump { ms: 300 });
+    let after = fd_count(w1.pid());
+    assert!(after <= before + 4, "the worker's descriptors grew from {before} to {after}");
 }
