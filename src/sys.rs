@@ -44,11 +44,13 @@ impl EventFd {
         let _ = syscall!(write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8));
     }
 
+    /// Is `fd` an eventfd? `/proc/self/fd/N` names it (`anon_inode:[eventfd]`); without
+    /// `/proc` (a sandbox), [`is_eventfd_without_proc`] decides.
     pub(crate) fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
-        // /proc/self/fd/N -> "anon_inode:[eventfd]"
-        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-            .map(|p| p.as_os_str().as_bytes() == b"anon_inode:[eventfd]")
-            .unwrap_or(false)
+        match std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+            Ok(p) => p.as_os_str().as_bytes() == b"anon_inode:[eventfd]",
+            Err(_) => is_eventfd_without_proc(fd),
+        }
     }
 }
 
@@ -474,6 +476,22 @@ pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: Option<&m
         None => {}
     }
     Ok(n)
+}
+
+/// Is `fd` an eventfd, decided without `/proc`: `fstat` must show an anonymous inode (no
+/// file type bits: not a regular file, memfd, pipe, socket or device), and a `write` of an
+/// 8-byte zero must succeed, which of the anonymous-inode kinds only an eventfd accepts
+/// (epoll, timerfd, signalfd, inotify, pidfd and the others refuse writes, or 8 zero bytes).
+/// Adding 0 leaves the counter as it is and never blocks, even if another process cleared
+/// `O_NONBLOCK` on the shared open file description (a write blocks only when the counter
+/// would pass its maximum); it may wake a waiter once, which every waiter tolerates.
+pub(crate) fn is_eventfd_without_proc(fd: BorrowedFd<'_>) -> bool {
+    let Ok(id) = fstat_id(fd) else { return false };
+    if id.mode & libc::S_IFMT != 0 {
+        return false;
+    }
+    let zero = 0u64;
+    matches!(syscall!(write(fd.as_raw_fd(), (&zero as *const u64).cast(), 8)), Ok(8))
 }
 
 /// Plain non-blocking write (MSG_NOSIGNAL: a dead peer is EPIPE, not SIGPIPE).
