@@ -219,6 +219,8 @@ impl Control {
                 Some((conn.opened + HELLO_TIMEOUT).saturating_duration_since(now))
             }
             _ if data_output || self.has_output() => Some(RETRY.min(Duration::from_millis(1))),
+            // A connection held back by flow control is out of the epoll set: look again soon.
+            Role::Broker { conns, .. } if conns.iter().any(|c| c.held) => Some(Duration::from_millis(1)),
             _ => None,
         }
     }

@@ -3,10 +3,12 @@
 //!
 //! A worker appends each "all" event as an `EVENT` frame to its [`OutQueue`]; the broker
 //! delivers it to its own callbacks and appends a `DELIVER` frame to the queue of every other
-//! slot, attached or not yet. Queues are bounded by `max_queue_len` frames: a publisher whose
-//! own queue is full gets `QueueOverflow`; a destination queue that is full at the broker
-//! drops the event for that destination and owes it a `LOST` frame (publisher, count), sent
-//! ahead of the next event once there is room again.
+//! slot, attached or not yet. Queues are bounded in frames and in bytes (the publisher's own
+//! by `max_queue_len` frames and 64 MiB, a destination's at the broker in bytes; see
+//! `transport/socket`): a publisher whose own queue is full gets `QueueOverflow`; a
+//! destination queue that is full at the broker drops the event for that destination and
+//! owes it a `LOST` frame (publisher, count), sent ahead of the next event once there is
+//! room again.
 //!
 //! Writes are coalesced: frames accumulate in one buffer and go out in as few `send` calls as
 //! the socket takes (at `dispatch`, `wait`, `flush`, or once [`COALESCE_BYTES`] are queued).
@@ -352,6 +354,21 @@ mod tests {
         let mut lost = 3u32.to_le_bytes().to_vec();
         lost.extend_from_slice(&2u64.to_le_bytes());
         assert_eq!(got, vec![(7, b"a".to_vec()), (7, b"b".to_vec()), (8, lost), (7, b"d".to_vec())]);
+    }
+
+    #[test]
+    fn bounded_in_bytes_too() {
+        let mut q = OutQueue::new(usize::MAX, 100);
+        assert!(q.push(7, &[&[0u8; 60]]));
+        assert!(q.push(7, &[&[0u8; 60]]), "below the bound when pushed: the frame crossing it is taken");
+        assert!(q.is_full());
+        assert!(!q.push(7, &[b"x"]));
+        assert_eq!(q.queued_bytes(), 2 * 65);
+        let (a, _b) = pair();
+        q.write(a.as_fd()).unwrap();
+        assert_eq!(q.written(), 130);
+        assert!(!q.is_full());
+        assert!(q.push(7, &[b"x"]));
     }
 
     #[test]
