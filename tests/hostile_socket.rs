@@ -246,3 +246,40 @@ fn the_queue_of_a_slot_without_a_connection_is_dropped_with_a_lost_notice() {
     assert_eq!(r.stream("w1", "d", "early"), Vec::<u64>::new());
     assert_eq!(r.stream("w1", "d", "late"), vec![0]);
 }
+
+/// Item 17. A worker holds no more descriptors than a WELCOME carries while it waits for
+/// one: the test plays a broker that passes 200 descriptors with each of the first bytes
+/// of its WELCOME; the worker drops the connection (closing them) instead of collecting
+/// them, and its descriptor count does not grow.
+#[test]
+fn descriptors_flooded_before_welcome_are_closed_by_the_worker() {
+    let dir = TempDir::new("prewelcome");
+    let wd = Watchdog::new("prewelcome");
+    let cfg = socket_cfg(&dir, 2);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    // Opened here, so that the count below includes them.
+    let spare = spare_fds(200);
+    let _streams = fake_broker_with(&dir.sock(), move |s| {
+        let raw: Vec<i32> = spare.iter().map(|f| f.as_raw_fd()).collect();
+        let welcome = socket_welcome();
+        for b in &welcome[..10] {
+            if send_fds(s, std::slice::from_ref(b), &raw, 1).is_err() {
+                break; // the worker hung up on us
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = tx.send(());
+    });
+    // The worker never gets ready (no WELCOME completes), so it runs in this process, which
+    // plays the broker too: its descriptor count is the worker's plus the fake broker's.
+    let events = worker_events::Events::new(cfg.options()).unwrap();
+    let before = fd_count(std::process::id());
+    let mut w = events.init_worker(Wid::Worker(1)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut most = 0;
+    while rx.try_recv().is_err() && Instant::now() < deadline {
+        w.wait(Some(Duration::from_millis(5))).unwrap_or(0);
+        most = most.max(fd_count(std::process::id()));
+    }
+    assert!(most < before + 50, "the worker held up to {} descriptors more", most - before);
+}

@@ -95,6 +95,16 @@ pub fn socket_welcome() -> Vec<u8> {
 /// connections are accepted and held open, unanswered, until the listener thread ends with
 /// the test process.
 pub fn fake_broker(sock: &Path) -> mpsc::Receiver<UnixStream> {
+    fake_broker_with(sock, |_| {})
+}
+
+/// [`fake_broker`], running `before_welcome` on the first connection between the HELLO and
+/// the WELCOME.
+pub fn fake_broker_with(
+    sock: &Path,
+    before_welcome: impl FnOnce(&UnixStream) + Send + 'static,
+) -> mpsc::Receiver<UnixStream> {
+    let mut before_welcome = Some(before_welcome);
     let listener = UnixListener::bind(sock).unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -105,7 +115,10 @@ pub fn fake_broker(sock: &Path) -> mpsc::Receiver<UnixStream> {
             if first {
                 let (k, _) = read_frame(&mut s).expect("a HELLO");
                 assert_eq!(k, KIND_HELLO);
-                s.write_all(&socket_welcome()).unwrap();
+                if let Some(f) = before_welcome.take() {
+                    f(&s);
+                }
+                let _ = s.write_all(&socket_welcome());
                 let _ = tx.send(s.try_clone().unwrap());
                 first = false;
             }
