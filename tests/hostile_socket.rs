@@ -254,7 +254,6 @@ fn the_queue_of_a_slot_without_a_connection_is_dropped_with_a_lost_notice() {
 #[test]
 fn descriptors_flooded_before_welcome_are_closed_by_the_worker() {
     let dir = TempDir::new("prewelcome");
-    let wd = Watchdog::new("prewelcome");
     let cfg = socket_cfg(&dir, 2);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     // Opened here, so that the count below includes them.
