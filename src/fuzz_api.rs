@@ -43,7 +43,7 @@ impl FrameReader {
     /// # Errors
     /// Any socket error other than `WouldBlock` and `Interrupted`.
     pub fn fill(&mut self, sock: BorrowedFd<'_>, fds: &mut Vec<OwnedFd>) -> io::Result<bool> {
-        self.0.fill(sock, fds).map(|s| s == frame::ReadState::Open)
+        self.0.fill(sock, Some(fds), usize::MAX).map(|s| s == frame::ReadState::Open)
     }
 
     /// The next complete frame, `(kind, body)`, if one has arrived.

@@ -40,6 +40,15 @@ pub enum Transport {
     /// The unix sockets alone: every event goes through the broker, with one bounded queue
     /// per destination, coalesced writes, and lost notices for what a full queue or a dead
     /// broker dropped.
+    ///
+    /// Bounds (ARCHITECTURE.md, section B): flow control holds a publishing worker back
+    /// (its `publish` fails with `queue overflow`) while a receiver that keeps reading has
+    /// 256 KiB queued at the broker; a destination queue holds at most 256 KiB + 1 MiB + one
+    /// frame; a receiver that takes nothing for 1 s stops holding publishers back (what its
+    /// queue cannot hold is reported lost); the queue of a slot without a connection for
+    /// 10 s is dropped into a lost notice for its next holder. The broker closes a connection
+    /// that sends no HELLO within 2 s, refuses new idle connections beyond 64 unattached
+    /// ones, and refuses any that passes file descriptors.
     Socket,
 }
 
@@ -150,7 +159,9 @@ impl Options {
     /// Bound of every private queue (default 10,240 events): the publisher's own queue (a
     /// full one makes `publish` fail with `queue overflow`) and the backlog kept per receiver
     /// when its ring is full (a full backlog drops the event and the receiver gets a `lost`
-    /// notice).
+    /// notice). On the socket transport the publisher's own queue is also bounded by 64 MiB,
+    /// and the broker's queues per destination are bounded in bytes instead (see
+    /// [`Transport::Socket`]).
     ///
     /// ```
     /// assert_eq!(worker_events::Options::new("/tmp/s").max_queue_len(16).get_max_queue_len(), 16);

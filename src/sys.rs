@@ -48,11 +48,13 @@ impl EventFd {
         let _ = syscall!(write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8));
     }
 
+    /// Is `fd` an eventfd? `/proc/self/fd/N` names it (`anon_inode:[eventfd]`); without
+    /// `/proc` (a sandbox), [`is_eventfd_without_proc`] decides.
     pub(crate) fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
-        // /proc/self/fd/N -> "anon_inode:[eventfd]"
-        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-            .map(|p| p.as_os_str().as_bytes() == b"anon_inode:[eventfd]")
-            .unwrap_or(false)
+        match std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+            Ok(p) => p.as_os_str().as_bytes() == b"anon_inode:[eventfd]",
+            Err(_) => is_eventfd_without_proc(fd),
+        }
     }
 }
 
@@ -428,26 +430,84 @@ pub(crate) fn send_with_fds(sock: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd]) -> 
         .map_err(io::Error::from)
 }
 
-/// Receive into `buf`, collecting any descriptors passed with the data into `fds`
-/// (close-on-exec). `Ok(0)` is end of stream.
-pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    let mut iov = [io::IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; 256]);
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-    )
-    .map_err(io::Error::from)?;
-    let n = msg.bytes;
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            fds.extend(raw.into_iter().map(owned));
+/// Receive into `buf`. With `fds`, descriptors passed with the data are collected there
+/// (close-on-exec, room for 256 per call: more than one `SCM_RIGHTS` message carries). Without
+/// it the caller wants none: the control buffer has room for one descriptor only (the kernel
+/// installs no more than fit), and any received is closed at once and the call fails
+/// (`InvalidData`). A truncated control message (`MSG_CTRUNC`: the peer passed more than fit)
+/// closes every descriptor the kernel installed for this call and fails too, so none leaks.
+/// (`recvmsg` is called through libc: nix refuses to walk the control messages of a
+/// truncated buffer, which would leave the installed descriptors open.) `Ok(0)` is end of
+/// stream.
+pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: Option<&mut Vec<OwnedFd>>) -> io::Result<usize> {
+    const WIDE: usize = 256;
+    // u64 words: aligned for `cmsghdr`.
+    let mut space = [0u64; (WIDE * 4 + 64) / 8];
+    let room = if fds.is_some() { WIDE } else { 1 };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let controllen = (unsafe { libc::CMSG_SPACE((room * std::mem::size_of::<RawFd>()) as u32) } as usize)
+        .min(std::mem::size_of_val(&space));
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: zeroed msghdr is valid; the pointers set below outlive the call.
+    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+    mh.msg_iov = &mut iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = space.as_mut_ptr().cast();
+    mh.msg_controllen = controllen as _;
+    let n = syscall!(recvmsg(sock.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT))? as usize;
+    // Take ownership of every descriptor the kernel installed before deciding anything, so
+    // that each one is closed on every path below.
+    let mut got = Vec::new();
+    // SAFETY: the kernel wrote `msg_controllen <= controllen` bytes of well-formed control
+    // messages into `space`; CMSG_FIRSTHDR/CMSG_NXTHDR stay within them, and each
+    // SCM_RIGHTS message's data holds `(cmsg_len - CMSG_LEN(0)) / 4` descriptors it
+    // installed for us (read unaligned).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&mh);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let len = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    got.push(owned(data.add(i).read_unaligned()));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&mh, c);
         }
     }
+    if mh.msg_flags & libc::MSG_CTRUNC != 0 {
+        drop(got);
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "control message truncated (descriptors closed)"));
+    }
+    match fds {
+        Some(fds) => fds.append(&mut got),
+        None if !got.is_empty() => {
+            let k = got.len();
+            drop(got);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{k} descriptor(s) passed where none belong"),
+            ));
+        }
+        None => {}
+    }
     Ok(n)
+}
+
+/// Is `fd` an eventfd, decided without `/proc`: `fstat` must show an anonymous inode (no
+/// file type bits: not a regular file, memfd, pipe, socket or device), and a `write` of an
+/// 8-byte zero must succeed, which of the anonymous-inode kinds only an eventfd accepts
+/// (epoll, timerfd, signalfd, inotify, pidfd and the others refuse writes, or 8 zero bytes).
+/// Adding 0 leaves the counter as it is and never blocks, even if another process cleared
+/// `O_NONBLOCK` on the shared open file description (a write blocks only when the counter
+/// would pass its maximum); it may wake a waiter once, which every waiter tolerates.
+pub(crate) fn is_eventfd_without_proc(fd: BorrowedFd<'_>) -> bool {
+    let Ok(id) = fstat_id(fd) else { return false };
+    if id.mode & libc::S_IFMT != 0 {
+        return false;
+    }
+    let zero = 0u64;
+    matches!(syscall!(write(fd.as_raw_fd(), (&zero as *const u64).cast(), 8)), Ok(8))
 }
 
 /// Plain non-blocking write (MSG_NOSIGNAL: a dead peer is EPIPE, not SIGPIPE).

@@ -16,6 +16,14 @@ use crate::wire::{DataPlane, Link, Offer, Peer};
 
 /// Longest time a broker goes without trying `accept` (see [`Control::poll`]).
 const ACCEPT_INTERVAL: Duration = Duration::from_millis(1);
+/// A connection that has not been welcomed this long after it was accepted is closed (a
+/// worker sends its HELLO as soon as it connects).
+pub(crate) const ATTACH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections not attached (yet) beyond which a new one must bring a complete HELLO in its
+/// first read, or is closed at once: a flood of idle connections cannot keep workers out.
+pub(crate) const MAX_UNATTACHED: usize = 64;
+/// Frame length limit of a connection until it is welcomed (a HELLO is under 100 bytes).
+pub(crate) const HELLO_MAX_FRAME: usize = 1024;
 
 impl Control {
     /// Serving: accept, read, answer, write.
@@ -38,18 +46,44 @@ impl Control {
         // is refused (busy) even when both arrive in the same poll.
         let mut attached: Vec<u32> = conns.iter().filter_map(|c| c.slot).collect();
         let lock = (self.lock_id.dev, self.lock_id.ino);
-        let hello = Hello { terms: &self.terms, lock, me: self.slot, offer };
+        let hello = Hello { terms: &self.terms, lock, me: self.slot, offer, max_frame: self.max_frame };
+        let connected: Vec<u32> = conns.iter().filter(|c| !c.closing).filter_map(|c| c.slot).collect();
+        data.links_seen(&connected, now);
         for c in conns.iter_mut().filter(|c| !c.closing) {
-            let mut fds = Vec::new();
-            let state = c.rd.fill(c.fd.as_fd(), &mut fds);
-            drop(fds); // clients never pass descriptors; close any they send
+            if c.slot.is_none() && now.duration_since(c.opened) >= ATTACH_TIMEOUT {
+                tracing::warn!(pid = c.pid, "no HELLO within {ATTACH_TIMEOUT:?}; closing the connection");
+                c.closing = true;
+                c.wr = FrameWriter::default();
+                continue;
+            }
+            // Flow control: a publisher is read only as far as its destinations have room.
+            let budget = c.slot.map_or(usize::MAX, |s| data.read_budget(s));
+            if budget == 0 {
+                if !c.held {
+                    // Out of the epoll set while held back, or a level-triggered wait
+                    // would return at once on its unread bytes.
+                    epoll.delete(c.fd.as_fd());
+                    c.held = true;
+                }
+                continue;
+            }
+            if c.held {
+                c.held = epoll.add(c.fd.as_fd(), c.token).is_err();
+            }
+            // Clients never pass descriptors: the read closes any they send, and fails.
+            let state = c.rd.fill(c.fd.as_fd(), None, budget);
             // Every complete frame is handled, also those that arrived in the same read as
             // the peer's hang-up or an error (a publisher that exits right after a burst).
             read_frames(c, &hello, &mut attached, data, events);
-            if !matches!(state, Ok(ReadState::Open)) {
+            if let Err(e) = &state {
+                tracing::warn!(pid = c.pid, error = %e, "control connection read failed; closing");
+            }
+            if !matches!(state, Ok(ReadState::Open)) || (c.probation && c.slot.is_none()) {
+                // A hang-up, an error, or a connection over the cap without its HELLO.
                 c.closing = true;
                 c.wr = FrameWriter::default();
             }
+            c.probation = false;
         }
         conns.retain_mut(|c| {
             let q = match c.slot {
@@ -80,13 +114,20 @@ impl Control {
                     return;
                 }
             };
-            let Role::Broker { next_token, .. } = &mut self.role else { return };
+            let Role::Broker { next_token, conns, .. } = &mut self.role else { return };
             let token = *next_token;
             *next_token += 1;
+            let unattached = conns.iter().filter(|c| c.slot.is_none() && !c.closing).count();
             if epoll.add(fd.as_fd(), token).is_err() {
                 continue;
             }
             let mut c = self.new_conn(fd);
+            c.token = token;
+            c.rd.set_max_frame(HELLO_MAX_FRAME);
+            if unattached >= MAX_UNATTACHED {
+                tracing::warn!(unattached, "too many connections not attached; this one must attach at once");
+                c.probation = true;
+            }
             match sys::peer_cred(c.fd.as_fd()) {
                 Ok((pid, uid)) if uid_ok(uid, &self.allowed_uids) => c.pid = pid,
                 Ok((pid, uid)) => {
@@ -108,6 +149,8 @@ struct Hello<'a, 'b> {
     lock: protocol::LockId,
     me: u32,
     offer: &'a Offer<'b>,
+    /// Frame length limit once welcomed.
+    max_frame: usize,
 }
 
 /// Handle every complete frame a worker sent; `attached` gains the slot of a worker welcomed
@@ -129,6 +172,7 @@ fn read_frames(
                     Ok(slot) => {
                         if protocol::welcome(&mut c.wr, h.me, h.offer) {
                             c.slot = Some(slot);
+                            c.rd.set_max_frame(h.max_frame);
                             attached.push(slot);
                             tracing::debug!(slot, pid = c.pid, socket, "worker attached");
                         } else {

@@ -57,9 +57,21 @@ impl Control {
         data: &mut dyn DataPlane,
         events: &mut Vec<CtlEvent>,
     ) {
-        let Role::Client { conn, fds, .. } = &mut self.role else { return };
-        let state = conn.rd.fill(conn.fd.as_fd(), fds);
+        let Role::Client { conn, fds, welcomed } = &mut self.role else { return };
+        // Descriptors ride only with the WELCOME: once welcomed, the read closes any the
+        // broker passes, and fails (we reconnect).
+        let want_fds = if welcomed.is_none() { Some(&mut *fds) } else { None };
+        let state = conn.rd.fill(conn.fd.as_fd(), want_fds, usize::MAX);
+        if let Err(e) = &state {
+            tracing::warn!(error = %e, "reading from the broker failed; reconnecting");
+        }
         let mut broken = !matches!(state, Ok(ReadState::Open));
+        // A WELCOME carries the region and one eventfd per slot: more is not a broker's.
+        if fds.len() > 1 + self.geo.slots as usize {
+            tracing::warn!(fds = fds.len(), "the broker passed more descriptors than a WELCOME carries; reconnecting");
+            fds.clear();
+            broken = true;
+        }
         while !broken {
             let Role::Client { conn, welcomed, fds } = &mut self.role else { return };
             let frame = match conn.rd.next_frame() {

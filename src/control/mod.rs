@@ -78,6 +78,13 @@ struct Conn {
     opened: Instant,
     /// Close once the writer has drained (after a REJECT).
     closing: bool,
+    /// (broker) Its epoll token.
+    token: u64,
+    /// (broker) Held back by flow control: out of the epoll set, not read.
+    held: bool,
+    /// (broker) Accepted over [`broker::MAX_UNATTACHED`]: closed unless its first read
+    /// brings a HELLO that attaches it.
+    probation: bool,
 }
 
 enum Role {
@@ -213,6 +220,8 @@ impl Control {
                 Some((conn.opened + HELLO_TIMEOUT).saturating_duration_since(now))
             }
             _ if data_output || self.has_output() => Some(RETRY.min(Duration::from_millis(1))),
+            // A connection held back by flow control is out of the epoll set: look again soon.
+            Role::Broker { conns, .. } if conns.iter().any(|c| c.held) => Some(Duration::from_millis(1)),
             _ => None,
         }
     }
@@ -295,6 +304,9 @@ impl Control {
             pid: 0,
             opened: Instant::now(),
             closing: false,
+            token: 0,
+            held: false,
+            probation: false,
         }
     }
 

@@ -304,3 +304,38 @@ pub(crate) fn unique_ack(wr: &mut FrameWriter, id: u64) {
 pub(crate) fn parse_unique_ack(body: &[u8]) -> Result<u64, String> {
     Body(body).u64()
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::os::fd::{AsFd, OwnedFd};
+
+    use crate::sys;
+
+    /// The eventfd check that works without `/proc` tells an eventfd from every other kind
+    /// of descriptor a broker could pass instead (other anonymous inodes included).
+    #[test]
+    fn the_eventfd_check_needs_no_proc() {
+        let ev = sys::EventFd::new().unwrap();
+        assert!(sys::is_eventfd_without_proc(ev.as_fd()));
+        assert!(sys::EventFd::is_eventfd(ev.as_fd()));
+        let epoll = sys::Epoll::new().unwrap();
+        let timer = sys::timerfd(std::time::Duration::from_secs(1)).unwrap();
+        let memfd = sys::memfd_sealed(4096).unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let null: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let (r, w) = std::io::pipe().unwrap();
+        let others: [(&str, std::os::fd::BorrowedFd<'_>); 7] = [
+            ("epoll", epoll.as_fd()),
+            ("timerfd", timer.as_fd()),
+            ("memfd", memfd.as_fd()),
+            ("socket", a.as_fd()),
+            ("/dev/null", null.as_fd()),
+            ("pipe read end", r.as_fd()),
+            ("pipe write end", w.as_fd()),
+        ];
+        for (what, fd) in others {
+            assert!(!sys::is_eventfd_without_proc(fd), "{what} taken for an eventfd");
+            assert!(!sys::EventFd::is_eventfd(fd), "{what} taken for an eventfd");
+        }
+    }
+}

@@ -63,23 +63,35 @@ impl FrameReader {
         FrameReader { buf: Vec::new(), start: 0, end: 0, max_frame }
     }
 
-    /// Read what is available now (non-blocking), collecting passed descriptors; at most
-    /// [`FILL_LIMIT`] bytes per call, so one busy peer cannot hold the caller (epoll is
-    /// level-triggered: the rest is reported again).
-    pub(crate) fn fill(&mut self, sock: BorrowedFd<'_>, fds: &mut Vec<OwnedFd>) -> io::Result<ReadState> {
+    /// Read what is available now (non-blocking): at most `limit` bytes (and at most
+    /// [`FILL_LIMIT`]) per call, so one busy peer cannot hold the caller and a broker can
+    /// hold a publisher back (epoll is level-triggered: the rest is reported again).
+    ///
+    /// Descriptors: with `fds`, those passed with the bytes are collected there; without, the
+    /// peer must pass none: any it passes is closed at once and the read fails
+    /// (`InvalidData`), as does a truncated control message (`MSG_CTRUNC`, every descriptor
+    /// of it closed), so no descriptor a peer sends outlives the call unless asked for.
+    pub(crate) fn fill(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        mut fds: Option<&mut Vec<OwnedFd>>,
+        limit: usize,
+    ) -> io::Result<ReadState> {
+        let limit = limit.min(FILL_LIMIT);
         let mut taken = 0;
         loop {
-            if taken >= FILL_LIMIT {
+            if taken >= limit {
                 return Ok(ReadState::Open);
             }
             self.make_room();
-            let r = sys::recv_with_fds(sock, &mut self.buf[self.end..], fds);
+            let want = (limit - taken).min(self.buf.len() - self.end);
+            let r = sys::recv_with_fds(sock, &mut self.buf[self.end..self.end + want], fds.as_deref_mut());
             match r {
                 Ok(0) => return Ok(ReadState::Closed),
                 Ok(n) => {
                     self.end += n;
                     taken += n;
-                    if n < READ_CHUNK {
+                    if n < want {
                         // A short read: the socket is drained (what arrives meanwhile is
                         // read next time; epoll is level-triggered). Saves the EAGAIN call.
                         return Ok(ReadState::Open);
@@ -94,6 +106,11 @@ impl FrameReader {
                 }
             }
         }
+    }
+
+    /// Change the frame length limit (a connection is held to a small one until it attaches).
+    pub(crate) fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
     }
 
     /// Ensure [`READ_CHUNK`] bytes of room after `end`: reuse the space of the frames
@@ -278,7 +295,7 @@ mod tests {
             // The rest of a frame and the start of the next one.
             (&a).write_all(&frame[4..]).unwrap();
             (&a).write_all(&frame[..4]).unwrap();
-            r.fill(std::os::fd::AsFd::as_fd(&b), &mut fds).unwrap();
+            r.fill(std::os::fd::AsFd::as_fd(&b), Some(&mut fds), usize::MAX).unwrap();
             while let Some((k, body)) = r.next_frame().unwrap() {
                 assert_eq!((k, body), (7, &[1u8, 2, 3, 4][..]));
             }

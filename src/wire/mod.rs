@@ -6,6 +6,7 @@ pub(crate) mod frame;
 pub(crate) mod queue;
 
 use std::os::fd::BorrowedFd;
+use std::time::Instant;
 
 use queue::OutQueue;
 
@@ -33,6 +34,15 @@ pub(crate) trait DataPlane {
     /// The data frames to write on `link` after its control frames; `None` when this
     /// process carries no data on the sockets.
     fn outbound(&mut self, link: Link) -> Option<&mut OutQueue>;
+    /// (broker) Called once per poll with the slots that have an attached connection, before
+    /// any [`DataPlane::read_budget`]: flow-control bookkeeping and expiry of the queues of
+    /// slots gone for long.
+    fn links_seen(&mut self, _connected: &[u32], _now: Instant) {}
+    /// (broker) Bytes that may be read now from the connection of slot `from` (flow control:
+    /// 0 holds that publisher back). Unlimited unless the data plane says otherwise.
+    fn read_budget(&self, _from: u32) -> usize {
+        usize::MAX
+    }
 }
 
 /// The control channel's connections as the socket transport sees them; the control channel

@@ -3,10 +3,12 @@
 //!
 //! A worker appends each "all" event as an `EVENT` frame to its [`OutQueue`]; the broker
 //! delivers it to its own callbacks and appends a `DELIVER` frame to the queue of every other
-//! slot, attached or not yet. Queues are bounded by `max_queue_len` frames: a publisher whose
-//! own queue is full gets `QueueOverflow`; a destination queue that is full at the broker
-//! drops the event for that destination and owes it a `LOST` frame (publisher, count), sent
-//! ahead of the next event once there is room again.
+//! slot, attached or not yet. Queues are bounded in frames and in bytes (the publisher's own
+//! by `max_queue_len` frames and 64 MiB, a destination's at the broker in bytes; see
+//! `transport/socket`): a publisher whose own queue is full gets `QueueOverflow`; a
+//! destination queue that is full at the broker drops the event for that destination and
+//! owes it a `LOST` frame (publisher, count), sent ahead of the next event once there is
+//! room again.
 //!
 //! Writes are coalesced: frames accumulate in one buffer and go out in as few `send` calls as
 //! the socket takes (at `dispatch`, `wait`, `flush`, or once [`COALESCE_BYTES`] are queued).
@@ -29,8 +31,10 @@ use crate::sys;
 pub(crate) const COALESCE_BYTES: usize = 64 * 1024;
 
 /// Frames of one direction of one connection (or of one destination slot at the broker),
-/// bounded in frames. Invariant: `frame_head <= head <= buf.len()`, `frame_head` is the start
-/// of a frame, and `buf[frame_head..]` is a sequence of whole frames.
+/// bounded in frames and in bytes: a push is refused once either bound is reached, so a
+/// queue holds at most `cap_bytes` plus one frame. Invariant: `frame_head <= head <=
+/// buf.len()`, `frame_head` is the start of a frame, and `buf[frame_head..]` is a sequence
+/// of whole frames.
 #[derive(Debug)]
 pub(crate) struct OutQueue {
     buf: Vec<u8>,
@@ -41,6 +45,10 @@ pub(crate) struct OutQueue {
     /// Frames in `buf[frame_head..]`.
     frames: usize,
     cap: usize,
+    /// Bound of `buf[frame_head..]` in bytes.
+    cap_bytes: usize,
+    /// Bytes the kernel took from this queue, ever (progress of its reader).
+    written: u64,
     /// Events dropped for this destination, by publisher slot: a notice is owed.
     lost: Vec<LostCount>,
     /// Id of the connection `head` counts bytes of (0: none yet).
@@ -55,8 +63,19 @@ struct LostCount {
 }
 
 impl OutQueue {
-    pub(crate) fn new(cap: usize) -> OutQueue {
-        OutQueue { buf: Vec::new(), head: 0, frame_head: 0, frames: 0, cap, lost: Vec::new(), conn: 0 }
+    /// A queue of at most `cap` frames and `cap_bytes` bytes (plus the frame that crosses it).
+    pub(crate) fn new(cap: usize, cap_bytes: usize) -> OutQueue {
+        OutQueue {
+            buf: Vec::new(),
+            head: 0,
+            frame_head: 0,
+            frames: 0,
+            cap,
+            cap_bytes,
+            written: 0,
+            lost: Vec::new(),
+            conn: 0,
+        }
     }
 
     /// Frames queued and not completely written.
@@ -64,9 +83,19 @@ impl OutQueue {
         self.frames
     }
 
-    /// No room for another frame.
+    /// No room for another frame (either bound reached).
     pub(crate) fn is_full(&self) -> bool {
-        self.frames >= self.cap
+        self.frames >= self.cap || self.queued_bytes() >= self.cap_bytes
+    }
+
+    /// Bytes of the frames not completely written (what the byte bound counts).
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.buf.len() - self.frame_head
+    }
+
+    /// Bytes the kernel took from this queue so far (grows while its reader makes progress).
+    pub(crate) fn written(&self) -> u64 {
+        self.written
     }
 
     /// Bytes queued and not yet written.
@@ -97,9 +126,14 @@ impl OutQueue {
 
     /// Count an event from publisher `origin` dropped because this queue was full.
     pub(crate) fn note_lost(&mut self, origin: u32) {
+        self.note_lost_n(origin, 1);
+    }
+
+    /// Count `count` events from publisher `origin` dropped for this destination.
+    pub(crate) fn note_lost_n(&mut self, origin: u32, count: u64) {
         match self.lost.iter_mut().find(|l| l.origin == origin) {
-            Some(l) => l.count += 1,
-            None => self.lost.push(LostCount { origin, count: 1 }),
+            Some(l) => l.count = l.count.saturating_add(count),
+            None => self.lost.push(LostCount { origin, count }),
         }
     }
 
@@ -163,7 +197,10 @@ impl OutQueue {
     pub(crate) fn write(&mut self, sock: BorrowedFd<'_>) -> io::Result<()> {
         while self.head < self.buf.len() {
             match sys::send(sock, &self.buf[self.head..]) {
-                Ok(n) => self.head += n,
+                Ok(n) => {
+                    self.head += n;
+                    self.written += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -250,6 +287,11 @@ impl Inbox {
         self.count == 0
     }
 
+    /// Bytes held (records with their headers and padding).
+    pub(crate) fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Hand every record to `f` as `(from, kind, body)` (body 16-aligned), then empty the box.
     pub(crate) fn drain(&mut self, mut f: impl FnMut(Peer, u8, &[u8])) {
         let mut at = 0;
@@ -284,7 +326,7 @@ mod tests {
 
     fn read_all(r: &mut FrameReader, sock: &std::os::unix::net::UnixStream) -> Vec<(u8, Vec<u8>)> {
         let mut fds = Vec::new();
-        r.fill(sock.as_fd(), &mut fds).unwrap();
+        r.fill(sock.as_fd(), Some(&mut fds), usize::MAX).unwrap();
         let mut got = Vec::new();
         while let Some((k, b)) = r.next_frame().unwrap() {
             got.push((k, b.to_vec()));
@@ -294,7 +336,7 @@ mod tests {
 
     #[test]
     fn bounded_in_frames_and_lost_notices_precede_the_next_event() {
-        let mut q = OutQueue::new(2);
+        let mut q = OutQueue::new(2, usize::MAX);
         assert!(q.push(7, &[b"a"]));
         assert!(q.push(7, &[b"b"]));
         assert!(!q.push(7, &[b"c"]));
@@ -315,11 +357,26 @@ mod tests {
     }
 
     #[test]
+    fn bounded_in_bytes_too() {
+        let mut q = OutQueue::new(usize::MAX, 100);
+        assert!(q.push(7, &[&[0u8; 60]]));
+        assert!(q.push(7, &[&[0u8; 60]]), "below the bound when pushed: the frame crossing it is taken");
+        assert!(q.is_full());
+        assert!(!q.push(7, &[b"x"]));
+        assert_eq!(q.queued_bytes(), 2 * 65);
+        let (a, _b) = pair();
+        q.write(a.as_fd()).unwrap();
+        assert_eq!(q.written(), 130);
+        assert!(!q.is_full());
+        assert!(q.push(7, &[b"x"]));
+    }
+
+    #[test]
     fn a_frame_cut_by_a_broken_connection_is_resent_whole_and_nothing_twice() {
         // A small send buffer so that a big frame is taken only in part.
         let (a, b) = pair();
         let big = vec![0xabu8; 1 << 20];
-        let mut q = OutQueue::new(16);
+        let mut q = OutQueue::new(16, usize::MAX);
         assert!(q.push(7, &[b"first"]));
         assert!(q.push(7, &[&big]));
         assert!(q.push(7, &[b"last"]));
@@ -346,7 +403,7 @@ mod tests {
     fn control_frames_never_land_inside_a_data_frame() {
         let (a, b) = pair();
         let big = vec![1u8; 1 << 20];
-        let mut q = OutQueue::new(16);
+        let mut q = OutQueue::new(16, usize::MAX);
         let mut wr = FrameWriter::default();
         assert!(q.push(7, &[&big]));
         let mut r = FrameReader::new(2 << 20);

@@ -11,6 +11,7 @@
 //! | `child.rs`   | the parent's side: [`Watchdog`] spawns, [`Child`] talks and kills     |
 //! | `raw.rs`     | a raw control-socket client (HELLO frames), in-process or as a child  |
 //! | `cluster.rs` | failover: a set of children with the bookkeeping of its invariants    |
+//! | `sockclient.rs` | raw peers passing descriptors, a fake socket broker, fd counts     |
 //!
 //! Clock, percentiles, rng, temp dirs and process plumbing come from the workspace's
 //! `dev-support` crate. A test file starts with `#[macro_use] mod support; use support::*;`
@@ -26,6 +27,7 @@ pub mod raw;
 pub mod record;
 pub mod report;
 pub mod role;
+pub mod sockclient;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

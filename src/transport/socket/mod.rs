@@ -5,11 +5,25 @@
 //!
 //! A worker appends each "all" event as an `EVENT` frame to its queue; the broker delivers it
 //! to its own callbacks and appends a `DELIVER` frame to the queue of every other slot,
-//! attached or not yet. Queues are bounded by `max_queue_len` frames: a publisher whose own
-//! queue is full gets `QueueOverflow`; a destination queue that is full at the broker drops
-//! the event for that destination and owes it a `LOST` frame (publisher, count), sent ahead
-//! of the next event once there is room again. Writes are coalesced (see `wire/queue.rs`):
-//! at `dispatch`, `wait`, `flush`, or once [`COALESCE_BYTES`] wait on a connected link.
+//! attached or not yet. A publisher's own queue is bounded by `max_queue_len` frames and
+//! [`CLIENT_QUEUE_BYTES`]: when it is full `publish` fails with `QueueOverflow`. A
+//! destination queue at the broker is bounded in bytes ([`dest_queue_bytes`]); when it is
+//! full the event is dropped for that destination, which is owed a `LOST` frame (publisher,
+//! count), sent ahead of the next event once there is room again. Writes are coalesced (see
+//! `wire/queue.rs`): at `dispatch`, `wait`, `flush`, or once [`COALESCE_BYTES`] wait on a
+//! connected link.
+//!
+//! Flow control: the broker reads a publisher's connection only while every connected
+//! destination that keeps reading holds less than [`HIGH_WATER`] bytes (the frames read and
+//! not yet dispatched count too): [`SocketPort::read_budget`]. A burst therefore fills the
+//! publisher's socket buffer, then its own bounded queue, and `publish` fails, instead of
+//! the broker dropping for a receiver that keeps dispatching. A destination holds the
+//! others back for at most [`STALL_AFTER`] without taking a byte (a stopped or wedged
+//! receiver): then it is passed over until it reads again, and what its queue cannot hold
+//! is dropped and reported. A slot without a connection (dead, or never started) never
+//! holds anyone back; after [`DETACHED_KEEP`] without one its queue is dropped and counted
+//! in lost notices for its next holder. The broker's own events are not held back (it
+//! never refuses its own `publish`): they are bounded by the destination queues.
 //! The control channel reaches the queues through [`DataPlane`]; the transport reaches the
 //! connections through [`Connections`].
 //!
@@ -23,6 +37,8 @@
 
 pub(crate) mod seq;
 
+use std::time::{Duration, Instant};
+
 use rkyv::util::AlignedVec;
 
 use super::{Deliver, PeerDepth, PortCounters};
@@ -33,6 +49,38 @@ use crate::wire::frame::{Body, kind};
 use crate::wire::queue::{COALESCE_BYTES, Inbox, OutQueue};
 use crate::wire::{Connections, DataPlane, Link, Peer};
 use seq::{STAMP_LEN, Sequencer, Stamp, UNSEQUENCED, Verdict};
+
+/// (broker) Bytes queued for a connected destination above which the broker stops reading
+/// publishers' connections (flow control).
+pub(crate) const HIGH_WATER: usize = 256 * 1024;
+/// (broker) A destination at or above [`HIGH_WATER`] whose connection took no byte for this
+/// long no longer holds publishers back (until it reads again).
+pub(crate) const STALL_AFTER: Duration = Duration::from_secs(1);
+/// (broker) A slot without a connection for this long has its queue dropped, each event
+/// counted in a lost notice owed to the slot's next holder.
+pub(crate) const DETACHED_KEEP: Duration = Duration::from_secs(10);
+/// (client) Byte bound of a publisher's own queue, besides `max_queue_len` frames.
+pub(crate) const CLIENT_QUEUE_BYTES: usize = 64 << 20;
+
+/// (broker) Byte bound of one destination's queue: [`HIGH_WATER`], plus 1 MiB for what was
+/// read before the high-water mark showed (whole frames of publishers read in the same poll,
+/// the broker's own events), plus one frame of `max_frame` bytes.
+pub(crate) fn dest_queue_bytes(max_frame: usize) -> usize {
+    HIGH_WATER + (1 << 20) + max_frame
+}
+
+/// (broker) Flow-control state of one destination slot.
+#[derive(Debug, Clone, Copy, Default)]
+struct DestState {
+    /// It has an attached connection.
+    connected: bool,
+    /// Connected, at or above the high-water mark, and took nothing for [`STALL_AFTER`].
+    stalled: bool,
+    /// `written()` of its queue when last seen moving (or below the high-water mark), and when.
+    progress: (u64, Option<Instant>),
+    /// Since when it has had no connection (`None`: connected, or not seen yet).
+    detached_since: Option<Instant>,
+}
 
 /// This process's end of the socket transport.
 pub(crate) struct SocketPort {
@@ -54,6 +102,8 @@ pub(crate) struct SocketPort {
     dedup: Option<HeapTable>,
     /// (broker) Random id handed out in WELCOME; tells brokers apart.
     broker_id: u64,
+    /// (broker) Flow-control state per destination slot.
+    dests: Vec<DestState>,
     pub(crate) counters: PortCounters,
 }
 
@@ -66,18 +116,20 @@ impl SocketPort {
         max_queue_len: usize,
         unique_capacity: usize,
     ) -> SocketPort {
+        let dest_cap = dest_queue_bytes(message::max_message_len(max_payload_len) + STAMP_LEN + 64);
         SocketPort {
             me,
             geo,
             max_payload_len,
             unique_capacity,
             serving: false,
-            client_out: OutQueue::new(max_queue_len),
-            slot_out: (0..geo.slots).map(|_| OutQueue::new(max_queue_len)).collect(),
+            client_out: OutQueue::new(max_queue_len, CLIENT_QUEUE_BYTES),
+            slot_out: (0..geo.slots).map(|_| OutQueue::new(usize::MAX, dest_cap)).collect(),
             inbox: Inbox::default(),
             seq: Sequencer::new(geo.slots),
             dedup: None,
             broker_id: 0,
+            dests: vec![DestState::default(); geo.slots as usize],
             counters: PortCounters::default(),
         }
     }
@@ -341,6 +393,55 @@ impl SocketPort {
         }
     }
 
+    /// (broker) Once per poll, with the slots that have an attached connection: update each
+    /// destination's flow-control state, and drop the queue of a slot without a connection
+    /// for [`DETACHED_KEEP`] (its events become lost notices owed to the slot).
+    fn links_seen(&mut self, connected: &[u32], now: Instant) {
+        if !self.serving {
+            return;
+        }
+        for (t, d) in self.dests.iter_mut().enumerate() {
+            let q = &self.slot_out[t];
+            d.connected = connected.contains(&(t as u32));
+            if !d.connected {
+                d.stalled = false;
+                d.progress = (q.written(), None);
+                let since = *d.detached_since.get_or_insert(now);
+                if now.duration_since(since) >= DETACHED_KEEP && q.len() > 0 {
+                    self.counters.lost_outbound += drop_queue(&mut self.slot_out[t], self.geo, self.max_payload_len);
+                }
+                continue;
+            }
+            d.detached_since = None;
+            let moved = d.progress.0 != q.written() || q.pending_bytes() < HIGH_WATER;
+            if moved || d.progress.1.is_none() {
+                d.progress = (q.written(), Some(now));
+            }
+            let was = d.stalled;
+            d.stalled = !moved && d.progress.1.is_some_and(|t0| now.duration_since(t0) >= STALL_AFTER);
+            if d.stalled && !was {
+                tracing::warn!(slot = t, "a worker takes nothing from its socket; it no longer holds publishers back");
+            }
+        }
+    }
+
+    /// (broker) Bytes the broker may read now from publisher slot `from`: what every
+    /// connected, not stalled destination but `from` and ourselves has left below
+    /// [`HIGH_WATER`], less the frames read and not dispatched yet.
+    fn read_budget(&self, from: u32) -> usize {
+        if !self.serving {
+            return usize::MAX;
+        }
+        let mut room = HIGH_WATER.saturating_sub(self.inbox.bytes());
+        for (t, d) in self.dests.iter().enumerate() {
+            if t as u32 == from || t as u32 == self.me || !d.connected || d.stalled {
+                continue;
+            }
+            room = room.min(HIGH_WATER.saturating_sub(self.slot_out[t].pending_bytes()));
+        }
+        room
+    }
+
     /// Flush: write what the connections take now. True when no data is left to write.
     pub(crate) fn flush(&mut self, conns: &mut dyn Connections) -> bool {
         conns.write(self);
@@ -360,6 +461,57 @@ impl DataPlane for SocketPort {
         };
         q.map(|q| q.on_conn(link.conn))
     }
+
+    fn links_seen(&mut self, connected: &[u32], now: Instant) {
+        SocketPort::links_seen(self, connected, now);
+    }
+
+    fn read_budget(&self, from: u32) -> usize {
+        SocketPort::read_budget(self, from)
+    }
+}
+
+/// Drop everything queued for a slot gone for good: each event becomes a lost notice owed
+/// to the slot (by publisher), and lost notices already queued are owed again. Returns the
+/// events dropped.
+fn drop_queue(q: &mut OutQueue, geo: Geometry, max_payload_len: usize) -> u64 {
+    let mut owed: Vec<(u32, u64)> = Vec::new();
+    let mut msg = AlignedVec::<16>::new();
+    let mut dropped = 0u64;
+    q.drain_frames(|k, body| {
+        let (origin, count) = match k {
+            kind::DELIVER => {
+                msg.clear();
+                msg.extend_from_slice(body.get(STAMP_LEN..).unwrap_or_default());
+                match message::decode(&msg, geo.workers, geo.agent, max_payload_len) {
+                    Ok(d) => match d.event.wid {
+                        Some(w) => {
+                            dropped += 1;
+                            (geo.slot_of(w), 1)
+                        }
+                        None => return,
+                    },
+                    Err(_) => return,
+                }
+            }
+            kind::LOST => {
+                let mut b = Body(body);
+                match (b.u32(), b.u64()) {
+                    (Ok(o), Ok(c)) => (o, c),
+                    _ => return,
+                }
+            }
+            _ => return,
+        };
+        match owed.iter_mut().find(|(o, _)| *o == origin) {
+            Some(e) => e.1 = e.1.saturating_add(count),
+            None => owed.push((origin, count)),
+        }
+    });
+    for (origin, count) in owed {
+        q.note_lost_n(origin, count);
+    }
+    dropped
 }
 
 /// Queue `msg` for one destination, the owed lost notices first; false (and a notice owed)
