@@ -262,10 +262,11 @@ impl RingConsumer<'_> {
         Some(Some(body))
     }
 
-    /// `Consumer::skip_all`.
+    /// `Consumer::quarantine` (after `Corrupt`; the name is kept for the fuzz targets):
+    /// the ring reads as empty until its producer writes again.
     pub fn skip_all(&mut self) {
         self.peeked = None;
-        self.inner.skip_all();
+        self.inner.quarantine();
     }
 
     /// `Consumer::release`: true when the producer asked to be woken.

@@ -255,26 +255,50 @@ impl Producer {
     /// that is further), walking every record stamped since to the true committed end. A
     /// predecessor killed mid-batch left its batch's first record unstamped, so its
     /// uncommitted records are not walked and are overwritten.
+    ///
+    /// Resynchronization: when the hint is impossible, or the walk from it meets an impossible
+    /// record, the producer adopts the **consumer's** position instead: it walks from
+    /// `read_pos` (every record it passes is a valid, unconsumed one that stays), stops at
+    /// the first slot that does not hold one and, when that slot is corrupt, clears its
+    /// stamp word before anything else, so the consumer (quarantined there, or arriving
+    /// there) finds an empty slot and then this producer's records. `Err` only when the
+    /// consumer's position itself is unusable (not a multiple of [`REC_ALIGN`], or within
+    /// two rings of `u64::MAX`): the consumer repairs it at its next attach
+    /// ([`Consumer::new`]) and the caller retries.
     pub(crate) fn new(ring: RawRing) -> Result<Self, Corrupt> {
         let h = ring.hdr();
         let hint = h.producer.write_pos.load(Ordering::Acquire);
         let read = h.consumer.read_pos.load(Ordering::Acquire);
         let cap = ring.cap as u64;
-        let a = REC_ALIGN as u64;
-        // The hint never passes the committed end (<= read + cap) and lags it by less than
-        // a quarter ring plus one batch (< 2 cap).
-        if hint % a != 0 || read % a != 0 || hint > read.saturating_add(cap) || read > hint.saturating_add(2 * cap) {
+        if !usable_pos(read, cap) {
             return Err(Corrupt);
         }
-        let mut published = h.producer.published.load(Ordering::Relaxed);
-        let mut pos = hint.max(read);
-        while let Some(rec) = ring.read_hdr(pos)? {
-            pos = record_end(&ring, &rec, pos, read)?;
-            if rec.flags & LAST != 0 {
-                published = published.wrapping_add(1);
+        // The hint never passes the committed end (<= read + cap) and lags it by less than
+        // a quarter ring plus one batch (< 2 cap).
+        let hint_ok = usable_pos(hint, cap) && hint <= read + cap && read <= hint.saturating_add(2 * cap);
+        if hint_ok {
+            let published = h.producer.published.load(Ordering::Relaxed);
+            if let (end, n, false) = walk(&ring, hint.max(read), read) {
+                return Ok(Producer::at(ring, end, read, published.wrapping_add(n), hint));
             }
         }
-        Ok(Producer { ring, write: pos, committed: pos, cached_read: read, published, hinted: hint })
+        // Adopt the consumer's position: what it has not consumed yet is walked and kept.
+        let consumed = h.consumer.consumed.load(Ordering::Relaxed);
+        let (end, n, corrupt) = walk(&ring, read, read);
+        if corrupt {
+            // Clear the impossible stamp first (see above); the records written from here
+            // replace whatever was there.
+            ring.word(ring.off(end)).store(0, Ordering::Release);
+            fence(Ordering::SeqCst);
+        }
+        let mut p = Producer::at(ring, end, read, consumed.wrapping_add(n), hint);
+        // The hint is rewritten now: a successor or the consumer never meets the bad one.
+        p.store_hint();
+        Ok(p)
+    }
+
+    fn at(ring: RawRing, pos: u64, read: u64, published: u64, hinted: u64) -> Self {
+        Producer { ring, write: pos, committed: pos, cached_read: read, published, hinted }
     }
 
     /// Free bytes, re-reading the consumer's position. `Err` when that position is
@@ -422,41 +446,87 @@ pub(crate) struct Consumer {
     /// `read_pos` was stored since the last *fenced* want-space check: the check
     /// [`Consumer::settle`] makes after a SeqCst fence is owed (see [`Consumer::release`]).
     owed: bool,
-    /// A corrupt record sits at `read` and no `write_pos` hint past it was seen yet: report
-    /// nothing until the hint moves past it (see [`Consumer::skip_all`]).
-    stuck: bool,
+    /// The ring is quarantined (an impossible record at `read`): treated as empty until
+    /// what this snapshot recorded changes.
+    quarantined: Option<Snapshot>,
+    /// A corruption was reported and no record was consumed since: a new corruption is
+    /// part of the same episode and is not reported again.
+    episode: bool,
+    /// Messages skipped by a resynchronization, reported by the next [`Consumer::take_lost`].
+    gap: u64,
+    /// [`Consumer::new`] resynchronized and nobody asked yet ([`Consumer::take_resynced`]).
+    resynced: bool,
 }
 
 impl Consumer {
     /// Resume consuming from the stored `read_pos`.
+    ///
+    /// Resynchronization: when `read_pos` is unusable (not a multiple of [`REC_ALIGN`], or
+    /// within two rings of `u64::MAX`), the consumer adopts the **producer's** position: the
+    /// end of the records stamped from the `write_pos` hint (0 when the hint is unusable
+    /// too). Records before it are skipped, never delivered twice; the messages skipped
+    /// (estimated from the producer's `published` and our `consumed` counters, at most what
+    /// fits in the gap) are reported by the next [`Consumer::take_lost`]. The adopted
+    /// position is stored at once, so a restarted producer adopts it in turn
+    /// ([`Producer::new`]); [`Consumer::take_resynced`] tells the caller, which counts and
+    /// logs it. The producer's hint is not needed otherwise: stamps decide. Never `Err`
+    /// (the `Result` keeps the ends' constructors alike).
     pub(crate) fn new(ring: RawRing) -> Result<Self, Corrupt> {
         let h = ring.hdr();
         let read = h.consumer.read_pos.load(Ordering::Acquire);
-        let hint = h.producer.write_pos.load(Ordering::Acquire);
-        let cap = ring.cap as u64;
-        // As in Producer::new: hint <= committed <= read + cap, committed - hint < 2 cap.
-        if read % REC_ALIGN as u64 != 0
-            || hint % REC_ALIGN as u64 != 0
-            || hint > read.saturating_add(cap)
-            || read > hint.saturating_add(2 * cap)
-        {
-            return Err(Corrupt);
-        }
         let consumed = h.consumer.consumed.load(Ordering::Relaxed);
-        Ok(Consumer { ring, read, released: read, consumed, unchecked: false, owed: false, stuck: false })
+        let cap = ring.cap as u64;
+        let mut c = Consumer {
+            ring,
+            read,
+            released: read,
+            consumed,
+            unchecked: false,
+            owed: false,
+            quarantined: None,
+            episode: false,
+            gap: 0,
+            resynced: false,
+        };
+        if usable_pos(read, cap) {
+            return Ok(c);
+        }
+        let hint = h.producer.write_pos.load(Ordering::Acquire);
+        let published = h.producer.published.load(Ordering::Relaxed);
+        let (start, published) = if usable_pos(hint, cap) { (hint, published) } else { (0, consumed) };
+        let (end, n, _) = walk(&ring, start, start);
+        let gap = published.wrapping_add(n).saturating_sub(consumed).min((end - start) / REC_ALIGN as u64);
+        c.read = end;
+        c.released = end;
+        c.consumed = consumed.wrapping_add(gap);
+        c.gap = gap;
+        c.resynced = true;
+        h.consumer.consumed.store(c.consumed, Ordering::Relaxed);
+        h.consumer.read_pos.store(end, Ordering::Release);
+        Ok(c)
+    }
+
+    /// Whether [`Consumer::new`] resynchronized (once: the flag is cleared).
+    pub(crate) fn take_resynced(&mut self) -> bool {
+        std::mem::take(&mut self.resynced)
     }
 
     /// Is a committed record waiting at the read position? One Acquire load of its stamp.
     pub(crate) fn has_data(&mut self) -> bool {
-        if self.stuck {
-            return self.unstick();
+        if self.quarantined.is_some() {
+            return self.leave_quarantine();
         }
         self.ring.word(self.ring.off(self.read)).load(Ordering::Acquire) == stamp(self.read)
     }
 
+    /// The data area's size in bytes.
+    pub(crate) fn capacity(&self) -> usize {
+        self.ring.cap
+    }
+
     /// Look at the next record without consuming it.
     pub(crate) fn peek(&mut self) -> Result<Option<RecordInfo>, Corrupt> {
-        if self.stuck && !self.unstick() {
+        if self.quarantined.is_some() && !self.leave_quarantine() {
             return Ok(None);
         }
         let Some(h) = self.ring.read_hdr(self.read)? else { return Ok(None) };
@@ -479,6 +549,7 @@ impl Consumer {
         }
         // peek checked that this addition does not overflow (record_end).
         self.read += record_size(info.len) as u64;
+        self.episode = false;
         if info.flags & LAST != 0 {
             self.consumed = self.consumed.wrapping_add(1);
         }
@@ -502,27 +573,6 @@ impl Consumer {
         }
         #[cfg(not(all(target_arch = "x86_64", not(loom))))]
         let _ = info;
-    }
-
-    /// Drop everything committed so far (after [`Corrupt`]): jump to the producer's
-    /// `write_pos` hint when it is past the read position; otherwise report nothing until it
-    /// is (the producer stores it at least every quarter ring, so a live producer gets us
-    /// going again, and its full ring makes it count its drops meanwhile).
-    pub(crate) fn skip_all(&mut self) {
-        self.read = self.released;
-        self.stuck = true;
-        self.unstick();
-    }
-
-    /// While stuck: jump to the hint if it is a plausible position past us.
-    fn unstick(&mut self) -> bool {
-        let w = self.ring.hdr().producer.write_pos.load(Ordering::Acquire);
-        if w > self.read && w - self.released <= self.ring.cap as u64 && w % REC_ALIGN as u64 == 0 {
-            self.read = w;
-            self.stuck = false;
-            return true;
-        }
-        false
     }
 
     /// Give consumed space back to the producer: one Release store of `read_pos`, then a
@@ -577,6 +627,11 @@ impl Consumer {
 
     /// Events the producer dropped for us and not yet reported; marks them reported.
     pub(crate) fn take_lost(&mut self) -> u64 {
+        let gap = std::mem::take(&mut self.gap);
+        self.take_producer_lost().saturating_add(gap)
+    }
+
+    fn take_producer_lost(&mut self) -> u64 {
         let h = self.ring.hdr();
         let lost = h.producer.lost.load(Ordering::Acquire);
         let seen = h.consumer.lost_seen.load(Ordering::Relaxed);
@@ -607,6 +662,9 @@ impl Consumer {
         n
     }
 }
+
+mod resync;
+use resync::{Snapshot, usable_pos, walk};
 
 #[cfg(all(test, not(loom)))]
 mod tests;

@@ -55,6 +55,11 @@ pub struct Stats {
     pub unique_pending: u64,
     /// Per-peer queue state (empty until attached).
     pub peers: Vec<PeerStats>,
+    /// Inbound rings found holding an impossible record or position (shared memory
+    /// overwritten, or a buggy or hostile peer): each is reported once (this counter, a
+    /// `lost` notice and a log line), then treated as empty until its producer writes again;
+    /// also counted when a ring's positions had to be resynchronized at attach.
+    pub corrupt_rings: u64,
 }
 
 /// Queue state between this worker and one peer.

@@ -218,46 +218,80 @@ fn a_wrong_stamp_is_corrupt_not_a_spin() {
     let top = u64::MAX - 63;
     r.hdr().consumer.read_pos.store(top, Ordering::Relaxed);
     r.hdr().producer.write_pos.store(top, Ordering::Relaxed);
-    let mut c = Consumer::new(r.raw).unwrap();
     r.poke_hdr(r.raw.off(top), stamp(top), 8, FIRST | LAST);
-    assert_eq!(c.peek(), Err(Corrupt));
+    // No end adopts it: the producer refuses it, the consumer resynchronizes away from it.
     assert_eq!(Producer::new(r.raw).err(), Some(Corrupt));
+    let mut c = Consumer::new(r.raw).unwrap();
+    assert!(c.take_resynced());
+    // (the hint is unusable too: it starts from 0, past the record stamped there above)
+    assert_eq!(r.hdr().consumer.read_pos.load(Ordering::Relaxed), 256);
+    assert!(Producer::new(r.raw).is_ok());
 }
 
 #[test]
-fn corrupt_positions_are_detected() {
+fn corrupt_positions_are_resynchronized() {
     let r = test_ring(256);
     let mut p = Producer::new(r.raw).unwrap();
     let h = r.hdr();
-    // A hint beyond anything the consumer could have left room for.
-    h.producer.write_pos.store(1 << 40, Ordering::Release);
-    assert!(Consumer::new(r.raw).is_err());
-    assert!(Producer::new(r.raw).is_err());
-    h.producer.write_pos.store(8, Ordering::Release);
-    assert!(Consumer::new(r.raw).is_err(), "unaligned hint");
-    h.producer.write_pos.store(0, Ordering::Release);
+    // A hint beyond anything the consumer could have left room for, or not on a record
+    // boundary: the consumer does not need it (stamps decide), the producer adopts the
+    // consumer's position and rewrites the hint.
+    for bad in [1 << 40, 8] {
+        h.producer.write_pos.store(bad, Ordering::Release);
+        let mut c = Consumer::new(r.raw).unwrap();
+        assert!(!c.take_resynced());
+        let p2 = Producer::new(r.raw).unwrap();
+        assert_eq!((p2.write, h.producer.write_pos.load(Ordering::Relaxed)), (0, 0));
+    }
     let mut c = Consumer::new(r.raw).unwrap();
-    // A stamped header claiming a body longer than the ring: skipped, and the consumer
-    // reports nothing (instead of the same error again) until the hint moves past it.
+    // A stamped header claiming a body longer than the ring: the ring is quarantined,
+    // reported once, then reads as empty (no spin) however often it is looked at.
     r.poke_hdr(0, stamp(0), 1000, FIRST | LAST);
     assert_eq!(c.peek(), Err(Corrupt));
-    c.skip_all();
-    assert_eq!(c.peek(), Ok(None));
+    assert!(c.quarantine(), "the first corruption of an episode is reported");
+    for _ in 0..3 {
+        assert!(!c.has_data());
+        assert_eq!(c.peek(), Ok(None));
+    }
+    // Another bad header at the same place: part of the same episode, not reported again.
+    r.poke_hdr(0, stamp(0), 2000, FIRST | LAST);
+    assert!(c.has_data(), "a change is worth a look");
+    assert_eq!(c.peek(), Err(Corrupt));
+    assert!(!c.quarantine());
     assert!(!c.has_data());
+    // The producer moves its hint past it: adopted, and the skipped message reported.
+    h.producer.published.store(1, Ordering::Relaxed);
     h.producer.write_pos.store(128, Ordering::Release);
     r.poke_hdr(128, stamp(128), 3, FIRST | LAST);
     assert!(c.has_data());
     assert_eq!(c.peek().unwrap().unwrap().len, 3);
+    assert_eq!(c.take_lost(), 1);
+    assert_eq!(h.consumer.read_pos.load(Ordering::Relaxed), 128);
     c.release();
     h.consumer.read_pos.store(1 << 50, Ordering::Release);
     assert_eq!(p.refresh(), Err(Corrupt));
+    // A read position that is not a record boundary cannot be adopted by a producer; the
+    // consumer repairs it at its next start (the end of the records stamped from the hint).
+    h.consumer.read_pos.store(129, Ordering::Release);
     assert!(Producer::new(r.raw).is_err());
-    // A successor walks the stamped records from the hint; an impossible one on the way
-    // makes the ring corrupt for it.
+    let mut c = Consumer::new(r.raw).unwrap();
+    assert!(c.take_resynced());
+    assert_eq!(h.consumer.read_pos.load(Ordering::Relaxed), 192);
+    // A successor walks the stamped records from the hint.
     h.consumer.read_pos.store(128, Ordering::Release);
     assert_eq!(Producer::new(r.raw).unwrap().write, 192);
+    // An impossible one on the way: it adopts the consumer's position, keeps the valid
+    // records before the bad one, and clears the bad stamp so the consumer sees an empty
+    // slot there, then its records.
     r.poke_hdr(192, stamp(192), 1000, FIRST | LAST);
-    assert!(Producer::new(r.raw).is_err());
+    let mut p3 = Producer::new(r.raw).unwrap();
+    assert_eq!(p3.write, 192);
+    assert_eq!(r.raw.word(192).load(Ordering::Relaxed), 0);
+    assert!(p3.try_write(FIRST | LAST, &[b"ok"]).unwrap());
+    p3.commit();
+    let mut c = Consumer::new(r.raw).unwrap();
+    assert_eq!(pop(&mut c).unwrap().1, [0u8; 3]);
+    assert_eq!(pop(&mut c).unwrap().1, b"ok");
 }
 
 #[test]

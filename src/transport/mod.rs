@@ -49,6 +49,8 @@ pub(crate) struct PortCounters {
     pub wakeups_sent: u64,
     pub lost_outbound: u64,
     pub dropped: u64,
+    /// Inbound rings found corrupt (reported once per episode) or resynchronized at attach.
+    pub corrupt_rings: u64,
 }
 
 /// Queue depths towards and from one peer.

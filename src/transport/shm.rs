@@ -37,8 +37,14 @@ struct Pending {
 }
 
 struct Outbound {
-    /// None when the ring was found corrupt at attach: every event for it is counted lost.
+    /// None while the consumer's position is unusable ([`Producer::new`] refuses it): every
+    /// event for it is counted lost, and each new event retries (the consumer repairs its
+    /// position when it attaches); the events counted meanwhile are then reported to it.
     prod: Option<Producer>,
+    /// The ring, for those retries.
+    raw: ring::RawRing,
+    /// Events counted lost while `prod` was None, not yet added to the ring's lost counter.
+    missed: u64,
     backlog: VecDeque<Pending>,
     /// The producer has a pending want-space request for this ring.
     touched: bool,
@@ -87,6 +93,7 @@ impl ShmPort {
     ) -> ShmPort {
         let max_msg = message::max_message_len(max_payload_len);
         let slots = region.geometry().slots;
+        let mut counters = PortCounters::default();
         let mut out = Vec::with_capacity(slots as usize);
         let mut inb = Vec::with_capacity(slots as usize);
         for peer in 0..slots {
@@ -95,12 +102,17 @@ impl ShmPort {
                 inb.push(None);
                 continue;
             }
-            let prod = Producer::new(region.ring(me, peer)).ok();
-            let cons = Consumer::new(region.ring(peer, me)).ok();
-            if prod.is_none() || cons.is_none() {
-                tracing::warn!(me, peer, "ring positions are corrupt; events on it will be counted lost");
+            let raw = region.ring(me, peer);
+            let prod = Producer::new(raw).ok();
+            if prod.is_none() {
+                tracing::warn!(me, peer, "outbound ring: the consumer's position is unusable; retrying per event");
             }
-            out.push(Some(Outbound { prod, backlog: VecDeque::new(), touched: false }));
+            let mut cons = Consumer::new(region.ring(peer, me)).ok();
+            if cons.as_mut().is_some_and(|c| c.take_resynced()) {
+                tracing::warn!(me, peer, "inbound ring positions were corrupt: resynchronized to the producer's");
+                counters.corrupt_rings += 1;
+            }
+            out.push(Some(Outbound { prod, raw, missed: 0, backlog: VecDeque::new(), touched: false }));
             inb.push(Some(Inbound { cons, asm: AlignedVec::new(), state: Asm::Idle }));
         }
         region.mark_attached(me);
@@ -116,7 +128,7 @@ impl ShmPort {
             backlogged: 0,
             armed: false,
             owed_passes: 0,
-            counters: PortCounters::default(),
+            counters,
         }
     }
 
@@ -357,7 +369,14 @@ fn offer(
     backlogged: &mut usize,
     counters: &mut PortCounters,
 ) -> bool {
+    if o.prod.is_none() {
+        o.prod = Producer::new(o.raw).ok();
+        if let Some(p) = o.prod.as_mut() {
+            p.add_lost(std::mem::take(&mut o.missed));
+        }
+    }
     let Some(prod) = o.prod.as_mut() else {
+        o.missed = o.missed.saturating_add(1);
         counters.lost_outbound += 1;
         return false;
     };

@@ -77,6 +77,7 @@ pub(super) fn fold_counters(s: &mut Stats, c: PortCounters) {
     s.wakeups_sent += c.wakeups_sent;
     s.lost_outbound += c.lost_outbound;
     s.dropped += c.dropped;
+    s.corrupt_rings += c.corrupt_rings;
 }
 
 impl Worker {

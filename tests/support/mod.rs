@@ -12,6 +12,7 @@
 //! | `raw.rs`     | a raw control-socket client (HELLO frames), in-process or as a child  |
 //! | `cluster.rs` | failover: a set of children with the bookkeeping of its invariants    |
 //! | `sockclient.rs` | raw peers passing descriptors, a fake socket broker, fd counts     |
+//! | `region.rs`  | a child's shared-memory region, mapped through `/proc` as a hostile peer |
 //!
 //! Clock, percentiles, rng, temp dirs and process plumbing come from the workspace's
 //! `dev-support` crate. A test file starts with `#[macro_use] mod support; use support::*;`
@@ -25,6 +26,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod raw;
 pub mod record;
+pub mod region;
 pub mod report;
 pub mod role;
 pub mod sockclient;

@@ -596,7 +596,7 @@ impl Role {
             out(&format!("@@BROKER {e} {s} {t}"));
         }
         let st = self.worker.stats();
-        let stats: [(&str, u64); 28] = [
+        let stats: [(&str, u64); 29] = [
             ("early_errors", self.early_errors),
             ("early_unique_pending", self.early_unique_pending),
             ("unique_duplicates", st.unique_duplicates),
@@ -625,6 +625,7 @@ impl Role {
             ("wakeups_received", st.wakeups_received),
             ("is_broker", u64::from(self.worker.is_broker())),
             ("is_ready", u64::from(self.worker.is_ready())),
+            ("corrupt_rings", st.corrupt_rings),
         ];
         for (k, v) in stats {
             out(&format!("@@STAT {k} {v}"));

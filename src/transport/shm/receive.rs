@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// Rings' worth of bytes (records included) one drain pass takes from one ring at most.
+const PASS_LAPS: usize = 2;
+
 /// What the inbound side hands to the dispatcher.
 enum Incoming<'a> {
     /// A complete message (not yet validated) from slot `from`.
@@ -13,8 +16,11 @@ enum Incoming<'a> {
 }
 
 impl ShmPort {
-    /// Drain inbound rings, handing each message (and lost notices) to `deliver`. At most
-    /// `budget` messages per ring. Returns (messages, more_pending).
+    /// Drain inbound rings, handing each message (and lost notices) to `deliver`. Per ring
+    /// and pass, at most `budget` **records** (so at most `budget` messages) and
+    /// [`PASS_LAPS`] rings' worth of bytes, whatever the records are: fragments of a message
+    /// that never ends, or messages discarded unread, end the pass on that ring as surely as
+    /// delivered ones. Returns (messages, more_pending).
     fn drain<F: FnMut(Incoming<'_>)>(&mut self, budget: usize, mut deliver: F) -> (usize, bool) {
         let mut total = 0;
         let mut more = false;
@@ -28,8 +34,10 @@ impl ShmPort {
             }
             let mut local_lost = 0u64;
             let mut n = 0;
+            let (mut records, mut bytes) = (0usize, 0usize);
+            let max_bytes = PASS_LAPS * cons.capacity();
             loop {
-                if n >= budget {
+                if records >= budget || bytes >= max_bytes {
                     more = true;
                     break;
                 }
@@ -40,16 +48,24 @@ impl ShmPort {
                     }
                     Ok(None) => break,
                     Err(_) => {
-                        tracing::warn!(from, "corrupt ring: skipping its committed contents");
-                        cons.skip_all();
-                        self.counters.dropped += 1;
-                        if inb.state != Asm::Discarding {
+                        // Reported once per episode (a record consumed in between starts a
+                        // new one), however often the same bad state is met again.
+                        if cons.quarantine() {
+                            tracing::warn!(from, "corrupt ring: quarantined until its producer writes again");
+                            self.counters.dropped += 1;
+                            self.counters.corrupt_rings += 1;
+                            if inb.state != Asm::Discarding {
+                                local_lost += 1;
+                            }
+                        } else if inb.state == Asm::Assembling {
                             local_lost += 1;
                         }
                         inb.state = Asm::Idle;
                         break;
                     }
                 };
+                records += 1;
+                bytes += record_size(info.len);
                 if info.flags & FIRST != 0 {
                     if inb.state == Asm::Assembling {
                         // The producer restarted mid-message: its partial message is gone.
