@@ -37,6 +37,17 @@ const STREAM_SPIN: Duration = Duration::from_micros(20);
 /// Ring polls between two looks at the clock while spinning for a stream.
 const SPIN_POLLS: u32 = 32;
 
+/// The longest [`Worker::wait`] sleeps on shared memory before it re-checks its rings and
+/// backlogs without being woken: the bound on a wake-up lost to a crash. A publisher (or a
+/// consumer freeing room) that is killed after it claimed the sleeper's wake-up (cleared
+/// its `parked` flag, see `notify.rs`) and before it wrote the eventfd leaves committed work
+/// and no wake-up on its way; nothing but a timeout can notice that. The bound costs a
+/// normal parked hop nothing (it is the timeout argument of the same `epoll_wait`) and an
+/// idle worker one `epoll_wait` return, one pass over its rings and one arm per period.
+/// A worker asleep in the caller's own poller is woken by its control timer instead (see
+/// ARCHITECTURE.md, liveness).
+pub(crate) const RECHECK_PERIOD: Duration = Duration::from_millis(100);
+
 /// When to look at the control sockets, and the state of the wake-up.
 #[derive(Debug)]
 pub(super) struct Pacing {
@@ -282,6 +293,13 @@ impl Worker {
     /// Block until an event arrives or `timeout` passes (`None`: no limit), then dispatch.
     /// Returns the number of events dispatched.
     ///
+    /// On shared memory the sleep itself is never longer than 100 ms: the worker then looks
+    /// at its rings again without being woken, so that an event whose publisher was killed
+    /// between claiming this worker's wake-up and sending it is delivered within 100 ms
+    /// (plus the pass that delivers it), not never. This bound holds whatever process dies
+    /// at whatever instruction; it costs a normal wake-up nothing. See ARCHITECTURE.md,
+    /// liveness.
+    ///
     /// # Errors
     /// As [`Worker::dispatch`], plus a failing `epoll_wait`.
     ///
@@ -316,6 +334,10 @@ impl Worker {
             let path = &self.path;
             if let Some(r) = self.ctl.as_ref().and_then(|c| c.retry_in(now, path.has_output(c))) {
                 sleep = Some(sleep.map_or(r, |s| s.min(r)));
+            }
+            if path.shm().is_some() {
+                // Never sleep unbounded on a wake-up another process may have died owing.
+                sleep = Some(sleep.map_or(RECHECK_PERIOD, |s| s.min(RECHECK_PERIOD)));
             }
             let ms = sleep.map_or(-1, |d| d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32);
             self.pacing.epoll_wait(&self.epoll, ms)?;
