@@ -95,6 +95,22 @@ pub fn cpu_time(pid: u32) -> Duration {
     Duration::from_nanos(ticks * 1_000_000_000 / hz)
 }
 
+/// Time the threads of process `pid` have spent on a CPU or runnable and waiting for one
+/// (`/proc/<pid>/task/*/schedstat`, nanoseconds, summed): what they *asked* of the CPUs,
+/// which a loaded machine does not hide the way it hides CPU time. `None` without
+/// schedstats. (A thread that exits between two samples makes the sum drop: compare
+/// samples with `saturating_sub`.)
+pub fn cpu_demand(pid: u32) -> Option<Duration> {
+    let mut total = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(text) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
+        let mut f = text.split_whitespace().map(|x| x.parse::<u64>().ok());
+        let (run, wait) = (f.next()??, f.next()??);
+        total += run + wait;
+    }
+    Some(Duration::from_nanos(total))
+}
+
 /// A worker's shared region, mapped read-write in this process through `/proc/<pid>/fd/N`.
 pub struct MappedRegion {
     ptr: *mut u8,
