@@ -140,6 +140,46 @@ fn a_wake_up_claimed_by_a_publisher_that_died_is_not_lost() {
     assert_eq!((r.stat("wait_errors"), r.stat("lost")), (0, 0));
 }
 
+/// As above, with the receiver asleep in the caller's own poller: poll(2) on the worker's
+/// fd, dispatching when it turns readable (an event loop that owns the worker). No eventfd
+/// write comes; the worker's fd must turn readable by itself within a bounded time, and the
+/// `dispatch` that follows must deliver the event.
+#[test]
+fn a_wake_up_claimed_by_a_publisher_that_died_is_not_lost_in_an_external_poller() {
+    const ROUNDS: u64 = 4;
+    let _serial = serial();
+    let (_dir, wd, cfg) = three_workers("wake-crash-fd");
+    let _broker = wd.spawn(&cfg, Wid::Worker(0));
+    let mut receiver = wd.spawn(&cfg, Wid::Worker(1));
+    let mut publisher = wd.spawn(&cfg, Wid::Worker(2));
+    let region = MappedRegion::of(receiver.pid());
+    let mut delays = Vec::new();
+    for round in 0..ROUNDS {
+        receiver.send(Cmd::PollFd { ms: 2000 });
+        assert_eq!(receiver.next_line(), "@@POLLING");
+        match receiver.blocked_in(&poll_syscalls(), LIVENESS) {
+            Some(true) | None => {}
+            Some(false) => panic!("round {round}: the receiver never went to sleep in poll(2)"),
+        }
+        // A dispatch returning 0 left the wake-up armed; the dying publisher claims it.
+        assert_eq!(region.parked(1).swap(0, std::sync::atomic::Ordering::SeqCst), 1, "round {round}: not armed");
+        let r = publisher.publish(Tgt::All, "crash", "x", round, 1);
+        assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
+        let start = Instant::now();
+        let l = receiver.expect_ok_within(LIVENESS, "pollfd");
+        delays.push(start.elapsed());
+        let f: Vec<&str> = l.iter().find(|x| x.starts_with("@@POLLED")).expect("@@POLLED").split(' ').collect();
+        assert!(
+            f[1] == "1" && f[2].parse::<u64>().unwrap() > 0,
+            "round {round}: a committed event and a claimed wake-up that never came: the worker's fd \
+             did not turn readable (or dispatch found nothing) within 2 s: {l:?}"
+        );
+    }
+    eprintln!("delivery in an external poller after a lost wake-up write: {delays:?}");
+    let r = receiver.report();
+    assert_eq!(r.stream("w2", "crash", "x"), seq(0, ROUNDS));
+}
+
 // ==========================================================================================
 // 3. Item 19: no idle worker spins.
 
@@ -227,4 +267,36 @@ fn idle_workers_do_not_spin_after_bursts() {
         }
         assert_eq!((r.stat("wait_errors"), r.stat("lost")), (0, 0), "w{i}");
     }
+}
+
+/// The same for a worker asleep in the caller's own poller (poll(2) on the worker's fd,
+/// `dispatch` each time it turns readable), with nothing to do for 1 s after a burst: its fd
+/// turns readable for its timers (a re-check every 100 ms, the control timer), each time
+/// once; it must not stay readable (the caller's poller would spin on it).
+#[test]
+fn an_idle_worker_in_an_external_poller_does_not_spin() {
+    const IDLE_MS: u64 = 1000;
+    let _serial = serial();
+    let (_dir, wd, cfg) = three_workers("wake-idle-fd");
+    let _broker = wd.spawn(&cfg, Wid::Worker(0));
+    let mut receiver = wd.spawn(&cfg, Wid::Worker(1));
+    let mut publisher = wd.spawn(&cfg, Wid::Worker(2));
+    let r = publisher.publish(Tgt::All, "burst", "x", 0, 200);
+    assert_eq!((r.ok, r.err), (200, 0));
+    assert!(receiver.until_within(200, LIVENESS));
+    let (cpu0, dem0) = (procfs::cpu_time(receiver.pid()), procfs::cpu_demand(receiver.pid()));
+    let t0 = Instant::now();
+    receiver.send(Cmd::PollFd { ms: IDLE_MS });
+    let l = receiver.expect_ok_within(LIVENESS, "pollfd");
+    let wall = t0.elapsed().as_secs_f64();
+    let (cpu1, dem1) = (procfs::cpu_time(receiver.pid()), procfs::cpu_demand(receiver.pid()));
+    let f: Vec<&str> = l.iter().find(|x| x.starts_with("@@POLLED")).expect("@@POLLED").split(' ').collect();
+    let spurious: u64 = f[3].parse().unwrap();
+    let cpu = cpu1.saturating_sub(cpu0).as_secs_f64() / wall;
+    let demand = dem0.zip(dem1).map(|(a, b)| b.saturating_sub(a).as_secs_f64() / wall);
+    eprintln!("idle in poll(2) for {IDLE_MS} ms: {l:?}, CPU {:.1}%, running or runnable {demand:?}", cpu * 100.0);
+    assert_eq!(f[2], "0", "nothing was published: {l:?}");
+    // 10 re-checks and 5 control ticks a second, each one readable edge: far below this.
+    assert!(spurious <= 100, "the worker's fd turned readable {spurious} times in {IDLE_MS} ms with nothing to do");
+    assert!(cpu <= 0.1 && demand.is_none_or(|d| d <= 0.3), "idle in poll(2): CPU {:.0}%, {demand:?}", cpu * 100.0);
 }

@@ -14,13 +14,14 @@
 //! while we were not in our `epoll_wait`: an external poller, a dispatch loop) is harvested
 //! with one `epoll_wait(0)` so that the fd stops being readable.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use super::Worker;
 use super::delivery::Delivery;
-use crate::control::{TOKEN_EVENTFD, TOKEN_LISTENER};
+use crate::control::{TOKEN_CLIENT, TOKEN_EVENTFD, TOKEN_LISTENER, TOKEN_TIMER};
 use crate::error::{Error, Result};
-use crate::sys::Epoll;
+use crate::sys::{self, Epoll};
 use crate::transport::Drained;
 use crate::wire::Connections;
 
@@ -44,9 +45,58 @@ const SPIN_POLLS: u32 = 32;
 /// and no wake-up on its way; nothing but a timeout can notice that. The bound costs a
 /// normal parked hop nothing (it is the timeout argument of the same `epoll_wait`) and an
 /// idle worker one `epoll_wait` return, one pass over its rings and one arm per period.
-/// A worker asleep in the caller's own poller is woken by its control timer instead (see
-/// ARCHITECTURE.md, liveness).
+/// A worker asleep in the caller's own poller is woken by its re-check timer ([`Recheck`]),
+/// at the same period (see ARCHITECTURE.md, liveness).
 pub(crate) const RECHECK_PERIOD: Duration = Duration::from_millis(100);
+
+/// The epoll token of the re-check timer (the control tokens are 0 to 3, then 16 up).
+const TOKEN_RECHECK: u64 = 4;
+const _: () = assert!(
+    TOKEN_RECHECK != TOKEN_EVENTFD
+        && TOKEN_RECHECK != TOKEN_LISTENER
+        && TOKEN_RECHECK != TOKEN_CLIENT
+        && TOKEN_RECHECK != TOKEN_TIMER
+);
+
+/// The re-check timer of a worker on shared memory: a timerfd firing every
+/// [`RECHECK_PERIOD`], registered edge-triggered, so that a worker asleep in the *caller's*
+/// poller also looks at its rings at least that often. It is read (one syscall) each time an
+/// `epoll_wait` of ours reports it: a periodic timerfd is re-armed only by a read. [`Worker::wait`] needs no timer (its sleep has a timeout);
+/// this is for the worker's fd in an external poller, which only our epoll set can wake.
+///
+/// An edge stays in our epoll set's ready list, keeping the worker's fd readable, until one
+/// of our `epoll_wait`s reports it. `wait`'s own sleeps do; for a caller's poller, the first
+/// `dispatch` that finds nothing after the timer's due time harvests it with one
+/// `epoll_wait(0)` (at most one syscall per period, on an idle call, never per event), and
+/// goes on harvesting on its idle calls until the edge is seen, so that the caller's poller
+/// never spins on a readable fd.
+#[derive(Debug)]
+pub(super) struct Recheck {
+    fd: OwnedFd,
+    /// When the timer was started; it fires at `start + k * RECHECK_PERIOD`.
+    start: Instant,
+    /// The first expiry whose edge no `epoll_wait` of ours has reported yet (due time).
+    due: Instant,
+}
+
+impl Recheck {
+    fn new(epoll: &Epoll) -> Result<Recheck> {
+        // Taken before the timer starts: every expiry comes at or after its due time here.
+        let start = Instant::now();
+        let fd = sys::timerfd(RECHECK_PERIOD).map_err(|e| Error::io("creating the re-check timer", e))?;
+        epoll.add_edge_triggered(fd.as_fd(), TOKEN_RECHECK).map_err(|e| Error::io("epoll_ctl", e))?;
+        Ok(Recheck { fd, start, due: start + RECHECK_PERIOD })
+    }
+
+    /// An `epoll_wait` at `now` reported the timer: read it (which re-arms it), and every
+    /// expiry up to `now` is consumed.
+    fn seen(&mut self, now: Instant) {
+        sys::timerfd_read(self.fd.as_fd());
+        let period = RECHECK_PERIOD.as_nanos() as u64;
+        let since = now.duration_since(self.start).as_nanos() as u64;
+        self.due = self.start + Duration::from_nanos((since / period + 1) * period);
+    }
+}
 
 /// When to look at the control sockets, and the state of the wake-up.
 #[derive(Debug)]
@@ -63,6 +113,12 @@ pub(super) struct Pacing {
     /// When a dispatch last found nothing, and whether events were delivered since.
     pub(super) idle_at: Option<Instant>,
     pub(super) delivered_since_idle: bool,
+    /// The last `dispatch` found nothing and armed: if the next one finds nothing either,
+    /// something other than an event made the caller call it (a timer of ours made the fd
+    /// readable), so it looks at the control sockets at once (see [`Worker::dispatch`]).
+    pub(super) idle_streak: bool,
+    /// The re-check timer, created at the first arm on shared memory.
+    pub(super) recheck: Option<Recheck>,
 }
 
 impl Default for Pacing {
@@ -75,6 +131,8 @@ impl Default for Pacing {
             edge_seen: false,
             idle_at: None,
             delivered_since_idle: false,
+            idle_streak: false,
+            recheck: None,
         }
     }
 }
@@ -87,8 +145,28 @@ impl Pacing {
         let before = tokens.len();
         tokens.retain(|t| *t != TOKEN_EVENTFD);
         self.edge_seen |= tokens.len() != before;
+        let before = tokens.len();
+        tokens.retain(|t| *t != TOKEN_RECHECK);
+        if tokens.len() != before {
+            if let Some(r) = self.recheck.as_mut() {
+                r.seen(Instant::now());
+            }
+        }
         self.tokens = tokens;
         r
+    }
+
+    /// Before arming on shared memory: create the re-check timer if there is none yet, and
+    /// (`idle`: a `dispatch` about to return 0) harvest its edge once it is due.
+    fn before_arm(&mut self, epoll: &Epoll, idle: bool) -> Result<()> {
+        match self.recheck.as_ref() {
+            None => {
+                self.recheck = Some(Recheck::new(epoll)?);
+                Ok(())
+            }
+            Some(r) if idle && Instant::now() >= r.due => self.epoll_wait(epoll, 0),
+            Some(_) => Ok(()),
+        }
     }
 
     /// The listener was reported ready; forget the tokens (the control poll handles them all).
@@ -136,6 +214,14 @@ impl Worker {
         }
         let mut total = 0;
         let mut rounds = 0;
+        if arm && std::mem::take(&mut self.pacing.idle_streak) {
+            // Called again after a call that found nothing: a caller's poller found our fd
+            // readable. If this pass finds nothing either, the control look (at most one
+            // `epoll_wait(0)` a millisecond) takes the ready timer out of the epoll set
+            // now, rather than after `CONTROL_EVERY` more calls that would each find the fd
+            // readable again: a level-triggered timer would make the caller's poller spin.
+            self.pacing.countdown = self.pacing.countdown.min(1);
+        }
         loop {
             rounds += 1;
             let (n, more) = self.pass()?;
@@ -147,8 +233,12 @@ impl Worker {
                 continue;
             }
             // Idle: arm so that the fd turns readable (and `wait` can sleep) when work comes.
+            if self.path.shm().is_some() {
+                self.pacing.before_arm(&self.epoll, true)?;
+            }
             self.pacing.edge_seen = false;
             if self.path.arm() {
+                self.pacing.idle_streak = total == 0;
                 break;
             }
         }
@@ -322,6 +412,9 @@ impl Worker {
             }
             // One arm (store, fence, re-check) per sleep; also when returning 0 below, which
             // leaves the wake-up armed as a dispatch returning 0 does.
+            if self.path.shm().is_some() {
+                self.pacing.before_arm(&self.epoll, false)?;
+            }
             self.pacing.edge_seen = false;
             if !self.path.arm() {
                 continue;

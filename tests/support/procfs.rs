@@ -3,6 +3,10 @@
 //! description itself through `pidfd_getfd`), its shared region (the memfd, opened and mapped
 //! read-write), and its CPU time (`/proc/<pid>/stat`).
 
+// The words of another process's region: std atomics (the crate's loom shim is for the
+// crate's own code).
+#![allow(clippy::disallowed_types)]
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
