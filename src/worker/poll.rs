@@ -192,6 +192,13 @@ impl Worker {
     /// (the usual last call of "dispatch until 0" after a wake-up) arms at once and
     /// returns without spinning.
     ///
+    /// The fd also turns readable, once per expiry, for the worker's timers: its control
+    /// timer (heartbeats, broker checks) and a re-check every 100 ms that bounds a wake-up
+    /// lost to a killed publisher (see [`Worker::wait`]). A call that finds nothing right
+    /// after a call that found nothing takes them out of the fd's readiness (one
+    /// `epoll_wait(0)`, at most once a millisecond), so a caller's poller is woken once per
+    /// expiry, never spun.
+    ///
     /// # Errors
     /// An attach refused by the broker (reported once), or a failure to set up the broker
     /// role. Callback panics are not errors: they are caught, logged and counted.
