@@ -80,11 +80,11 @@ pub(super) struct Recheck {
 }
 
 impl Recheck {
-    fn new(epoll: &Epoll) -> Result<Recheck> {
+    fn new(epoll: &Epoll) -> std::io::Result<Recheck> {
         // Taken before the timer starts: every expiry comes at or after its due time here.
         let start = Instant::now();
-        let fd = sys::timerfd(RECHECK_PERIOD).map_err(|e| Error::io("creating the re-check timer", e))?;
-        epoll.add_edge_triggered(fd.as_fd(), TOKEN_RECHECK).map_err(|e| Error::io("epoll_ctl", e))?;
+        let fd = sys::timerfd(RECHECK_PERIOD)?;
+        epoll.add_edge_triggered(fd.as_fd(), TOKEN_RECHECK)?;
         Ok(Recheck { fd, start, due: start + RECHECK_PERIOD })
     }
 
@@ -119,6 +119,9 @@ pub(super) struct Pacing {
     pub(super) idle_streak: bool,
     /// The re-check timer, created at the first arm on shared memory.
     pub(super) recheck: Option<Recheck>,
+    /// Creating the re-check timer failed (logged once): `wait` still bounds its sleeps,
+    /// a caller's poller falls back on the control timer.
+    pub(super) recheck_unavailable: bool,
 }
 
 impl Default for Pacing {
@@ -133,6 +136,7 @@ impl Default for Pacing {
             delivered_since_idle: false,
             idle_streak: false,
             recheck: None,
+            recheck_unavailable: false,
         }
     }
 }
@@ -160,8 +164,15 @@ impl Pacing {
     /// (`idle`: a `dispatch` about to return 0) harvest its edge once it is due.
     fn before_arm(&mut self, epoll: &Epoll, idle: bool) -> Result<()> {
         match self.recheck.as_ref() {
+            None if self.recheck_unavailable => Ok(()),
             None => {
-                self.recheck = Some(Recheck::new(epoll)?);
+                match Recheck::new(epoll) {
+                    Ok(r) => self.recheck = Some(r),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot create the re-check timer; a lost wake-up is bounded by the control timer in a caller's poller");
+                        self.recheck_unavailable = true;
+                    }
+                }
                 Ok(())
             }
             Some(r) if idle && Instant::now() >= r.due => self.epoll_wait(epoll, 0),
