@@ -37,6 +37,27 @@
 //! sleeping receiver's own, or a harvesting `epoll_wait(0)` when the receiver finds the
 //! flag cleared without having slept). The flag protocol above is unchanged by that: it
 //! decides *whether* a write happens; the edge only carries it.
+//!
+//! **Immune to the order of claim, write and disarm.** A publisher claims (swaps `parked`)
+//! and then writes; the receiver may disarm, harvest and go on between the two. With a
+//! level-triggered eventfd that the disarm *read*, a write landing after that read left the
+//! fd readable for good, every later disarm found `parked == 1` and never read it again, and
+//! the receiver spun at 100% CPU while idle. Here nothing has a level: a late write is one
+//! more edge, reported by the receiver's next `epoll_wait` (one spurious wake-up) and gone.
+//! The real-process test `idle_workers_do_not_spin_after_bursts` (tests/wake.rs) catches
+//! the old mechanism within a round or two once a 50 µs pause is planted between claim and
+//! write, and passes 30 rounds with the same pause planted in this protocol.
+//!
+//! **The write never blocks** (see `sys::EventFd`): it writes the value 0 to a counter
+//! that is 1 from creation, which the kernel never blocks nor refuses whatever a peer did to
+//! the shared open file description (`O_NONBLOCK` cleared, counter filled).
+//!
+//! **A claim whose write never comes** (the claimer was killed between its swap and its
+//! write) cannot be noticed by anyone: the sleeper's only defence is time. `Worker::wait`
+//! never sleeps longer than `RECHECK_PERIOD` (100 ms, worker/poll.rs) on shared memory; its
+//! re-check disarms (finding the claim) and drains the ring. The model
+//! `a_claimed_wake_up_never_written_is_found_by_the_recheck` checks that the re-check sees
+//! the claimer's record.
 
 use crate::sync::{AtomicU32, Ordering, fence};
 
@@ -154,6 +175,50 @@ mod loom_models {
             let woken = disarm(&s.parked);
             publisher.join().unwrap();
             assert_eq!(s.eventfd.load(Ordering::Relaxed), u64::from(woken));
+        });
+    }
+
+    /// A publisher killed after it claimed the wake-up (won the swap of `parked`) and before
+    /// its eventfd write: no write ever comes. The sleeper's periodic re-check (`wait`'s
+    /// bounded sleep, see `RECHECK_PERIOD` in worker/poll.rs) disarms and looks at its ring:
+    /// whenever its disarm finds the claim ("woken"), the claimer's record must be visible
+    /// (the claimer's commit and fence, then its swap, synchronize with the disarm's Acquire
+    /// swap); and once the claimer is gone, a re-check always finds the record. Fails with
+    /// `disarm`'s swap weakened to Relaxed, or with both the fence of [`after_commit`] and the
+    /// Release half of `should_wake`'s swap removed.
+    #[test]
+    fn a_claimed_wake_up_never_written_is_found_by_the_recheck() {
+        loom::model(|| {
+            let s = shared();
+            let dying = {
+                let s = s.clone();
+                thread::spawn(move || {
+                    let mut p = Producer::new(raw(&s)).unwrap();
+                    assert!(p.try_write(FIRST | LAST, &[b"event"]).unwrap());
+                    p.commit();
+                    after_commit();
+                    // Claims the wake-up, then dies before writing the eventfd.
+                    let _ = should_wake(&s.parked);
+                })
+            };
+            let mut c = Consumer::new(raw(&s)).unwrap();
+            arm(&s.parked);
+            if c.has_data() {
+                disarm(&s.parked);
+                dying.join().unwrap();
+                return;
+            }
+            // Asleep; no eventfd write will come. The re-check, concurrent with the claimer.
+            if disarm(&s.parked) {
+                assert!(c.has_data(), "the claim is visible but the claimer's record is not");
+            } else {
+                arm(&s.parked);
+            }
+            dying.join().unwrap();
+            // The next re-check, the claimer gone.
+            disarm(&s.parked);
+            assert!(c.has_data(), "a re-check after the claimer died missed its record");
+            assert_eq!(s.eventfd.load(Ordering::Relaxed), 0);
         });
     }
 

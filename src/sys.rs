@@ -26,13 +26,37 @@ fn owned(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-/// A non-blocking, close-on-exec eventfd.
+/// A close-on-exec eventfd used as an edge source only: its counter is 1 from creation and
+/// no process of ours ever reads or adds to it; a wake-up writes the value 0.
+///
+/// **Why a write of 0.** The eventfd's open file description is shared by every worker of
+/// the deployment (passed over the control socket), so any of them, or any process of the
+/// same uid through `pidfd_getfd`, can clear its `O_NONBLOCK` and fill its counter
+/// (`0xffff_ffff_ffff_fffe`): then a `write` of any value `v > 0` blocks until someone reads
+/// the counter, and nobody does. The kernel blocks a write only while `count + v` would pass
+/// that maximum, which for `v == 0` never holds: a write of 0 never blocks and never fails
+/// with `EAGAIN`, whatever the flags and the counter, and it still runs the eventfd's wake-up
+/// callbacks, which is all an edge-triggered epoll registration needs (one edge per write),
+/// as long as the counter is not 0 (epoll reports the fd only if it polls readable). Hence
+/// the counter starts at 1 and nobody of ours reads it.
+///
+/// Alternatives weighed and rejected: `poll(POLLOUT, 0)` before a write of 1 (a peer can
+/// fill the counter between the two calls; one more syscall per wake-up); `F_GETFL` and
+/// restoring `O_NONBLOCK` (the same race, two more syscalls); reading the counter down at
+/// the receiver (`read` blocks on a zero counter once `O_NONBLOCK` is cleared, and races with
+/// the peer's refill); another primitive (a datagram socket with `MSG_DONTWAIT` cannot
+/// block either, but needs a read per wake-up once its buffer fills, and changes what the
+/// broker hands out). What a hostile peer *can* still do is read the counter down to 0:
+/// writes of 0 then raise no readiness, and receivers fall back on their periodic re-check
+/// (`RECHECK_PERIOD`, 100 ms, in `worker/poll.rs`): a delay, never a hang or a spin.
 #[derive(Debug)]
 pub(crate) struct EventFd(OwnedFd);
 
 impl EventFd {
+    /// A new eventfd, counter 1 (see the type's docs), non-blocking for its creator's sake
+    /// (nothing relies on the flag).
     pub(crate) fn new() -> io::Result<Self> {
-        let fd = syscall!(eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))?;
+        let fd = syscall!(eventfd(1, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))?;
         Ok(EventFd(owned(fd)))
     }
 
@@ -40,12 +64,12 @@ impl EventFd {
         EventFd(fd)
     }
 
-    /// Add one to the counter: one readiness edge for an edge-triggered epoll registration.
-    /// Nobody reads the counter (see `Epoll::add_edge_triggered`); it cannot saturate in
-    /// practice (2^64 - 2 writes).
+    /// One readiness edge for an edge-triggered epoll registration: a write of the value 0,
+    /// which never blocks and never changes the counter, whatever another process did to
+    /// the flags or the counter (see the type's docs). One syscall, as a write of 1 was.
     pub(crate) fn notify(&self) {
-        let one: u64 = 1;
-        let _ = syscall!(write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8));
+        let zero: u64 = 0;
+        let _ = syscall!(write(self.0.as_raw_fd(), (&zero as *const u64).cast(), 8));
     }
 
     /// Is `fd` an eventfd? `/proc/self/fd/N` names it (`anon_inode:[eventfd]`); without

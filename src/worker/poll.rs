@@ -14,13 +14,14 @@
 //! while we were not in our `epoll_wait`: an external poller, a dispatch loop) is harvested
 //! with one `epoll_wait(0)` so that the fd stops being readable.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use super::Worker;
 use super::delivery::Delivery;
-use crate::control::{TOKEN_EVENTFD, TOKEN_LISTENER};
+use crate::control::{TOKEN_CLIENT, TOKEN_EVENTFD, TOKEN_LISTENER, TOKEN_TIMER};
 use crate::error::{Error, Result};
-use crate::sys::Epoll;
+use crate::sys::{self, Epoll};
 use crate::transport::Drained;
 use crate::wire::Connections;
 
@@ -37,6 +38,66 @@ const STREAM_SPIN: Duration = Duration::from_micros(20);
 /// Ring polls between two looks at the clock while spinning for a stream.
 const SPIN_POLLS: u32 = 32;
 
+/// The longest [`Worker::wait`] sleeps on shared memory before it re-checks its rings and
+/// backlogs without being woken: the bound on a wake-up lost to a crash. A publisher (or a
+/// consumer freeing room) that is killed after it claimed the sleeper's wake-up (cleared
+/// its `parked` flag, see `notify.rs`) and before it wrote the eventfd leaves committed work
+/// and no wake-up on its way; nothing but a timeout can notice that. The bound costs a
+/// normal parked hop nothing (it is the timeout argument of the same `epoll_wait`) and an
+/// idle worker one `epoll_wait` return, one pass over its rings and one arm per period.
+/// A worker asleep in the caller's own poller is woken by its re-check timer ([`Recheck`]),
+/// at the same period (see ARCHITECTURE.md, liveness).
+pub(crate) const RECHECK_PERIOD: Duration = Duration::from_millis(100);
+
+/// The epoll token of the re-check timer (the control tokens are 0 to 3, then 16 up).
+const TOKEN_RECHECK: u64 = 4;
+const _: () = assert!(
+    TOKEN_RECHECK != TOKEN_EVENTFD
+        && TOKEN_RECHECK != TOKEN_LISTENER
+        && TOKEN_RECHECK != TOKEN_CLIENT
+        && TOKEN_RECHECK != TOKEN_TIMER
+);
+
+/// The re-check timer of a worker on shared memory: a timerfd firing every
+/// [`RECHECK_PERIOD`], registered edge-triggered, so that a worker asleep in the *caller's*
+/// poller also looks at its rings at least that often. It is read (one syscall) each time an
+/// `epoll_wait` of ours reports it: a periodic timerfd is re-armed only by a read. [`Worker::wait`] needs no timer (its sleep has a timeout);
+/// this is for the worker's fd in an external poller, which only our epoll set can wake.
+///
+/// An edge stays in our epoll set's ready list, keeping the worker's fd readable, until one
+/// of our `epoll_wait`s reports it. `wait`'s own sleeps do; for a caller's poller, the first
+/// `dispatch` that finds nothing after the timer's due time harvests it with one
+/// `epoll_wait(0)` (at most one syscall per period, on an idle call, never per event), and
+/// goes on harvesting on its idle calls until the edge is seen, so that the caller's poller
+/// never spins on a readable fd.
+#[derive(Debug)]
+pub(super) struct Recheck {
+    fd: OwnedFd,
+    /// When the timer was started; it fires at `start + k * RECHECK_PERIOD`.
+    start: Instant,
+    /// The first expiry whose edge no `epoll_wait` of ours has reported yet (due time).
+    due: Instant,
+}
+
+impl Recheck {
+    fn new(epoll: &Epoll) -> std::io::Result<Recheck> {
+        // Taken before the timer starts: every expiry comes at or after its due time here.
+        let start = Instant::now();
+        let fd = sys::timerfd(RECHECK_PERIOD)?;
+        epoll.add_edge_triggered(fd.as_fd(), TOKEN_RECHECK)?;
+        Ok(Recheck { fd, start, due: start + RECHECK_PERIOD })
+    }
+
+    /// An `epoll_wait` at `now` reported the timer: read it (which re-arms it), and every
+    /// expiry up to `now` is consumed.
+    fn seen(&mut self, now: Instant) {
+        sys::timerfd_read(self.fd.as_fd());
+        let period = RECHECK_PERIOD.as_nanos() as u64;
+        let since = now.duration_since(self.start).as_nanos() as u64;
+        self.due = self.start + Duration::from_nanos((since / period + 1) * period);
+    }
+}
+
 /// When to look at the control sockets, and the state of the wake-up.
 #[derive(Debug)]
 pub(super) struct Pacing {
@@ -52,6 +113,15 @@ pub(super) struct Pacing {
     /// When a dispatch last found nothing, and whether events were delivered since.
     pub(super) idle_at: Option<Instant>,
     pub(super) delivered_since_idle: bool,
+    /// The last `dispatch` found nothing and armed: if the next one finds nothing either,
+    /// something other than an event made the caller call it (a timer of ours made the fd
+    /// readable), so it looks at the control sockets at once (see [`Worker::dispatch`]).
+    pub(super) idle_streak: bool,
+    /// The re-check timer, created at the first arm on shared memory.
+    pub(super) recheck: Option<Recheck>,
+    /// Creating the re-check timer failed (logged once): `wait` still bounds its sleeps,
+    /// a caller's poller falls back on the control timer.
+    pub(super) recheck_unavailable: bool,
 }
 
 impl Default for Pacing {
@@ -64,6 +134,9 @@ impl Default for Pacing {
             edge_seen: false,
             idle_at: None,
             delivered_since_idle: false,
+            idle_streak: false,
+            recheck: None,
+            recheck_unavailable: false,
         }
     }
 }
@@ -76,8 +149,35 @@ impl Pacing {
         let before = tokens.len();
         tokens.retain(|t| *t != TOKEN_EVENTFD);
         self.edge_seen |= tokens.len() != before;
+        let before = tokens.len();
+        tokens.retain(|t| *t != TOKEN_RECHECK);
+        if tokens.len() != before {
+            if let Some(r) = self.recheck.as_mut() {
+                r.seen(Instant::now());
+            }
+        }
         self.tokens = tokens;
         r
+    }
+
+    /// Before arming on shared memory: create the re-check timer if there is none yet, and
+    /// (`idle`: a `dispatch` about to return 0) harvest its edge once it is due.
+    fn before_arm(&mut self, epoll: &Epoll, idle: bool) -> Result<()> {
+        match self.recheck.as_ref() {
+            None if self.recheck_unavailable => Ok(()),
+            None => {
+                match Recheck::new(epoll) {
+                    Ok(r) => self.recheck = Some(r),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot create the re-check timer; a lost wake-up is bounded by the control timer in a caller's poller");
+                        self.recheck_unavailable = true;
+                    }
+                }
+                Ok(())
+            }
+            Some(r) if idle && Instant::now() >= r.due => self.epoll_wait(epoll, 0),
+            Some(_) => Ok(()),
+        }
     }
 
     /// The listener was reported ready; forget the tokens (the control poll handles them all).
@@ -103,6 +203,13 @@ impl Worker {
     /// (the usual last call of "dispatch until 0" after a wake-up) arms at once and
     /// returns without spinning.
     ///
+    /// The fd also turns readable, once per expiry, for the worker's timers: its control
+    /// timer (heartbeats, broker checks) and a re-check every 100 ms that bounds a wake-up
+    /// lost to a killed publisher (see [`Worker::wait`]). A call that finds nothing right
+    /// after a call that found nothing takes them out of the fd's readiness (one
+    /// `epoll_wait(0)`, at most once a millisecond), so a caller's poller is woken once per
+    /// expiry, never spun.
+    ///
     /// # Errors
     /// An attach refused by the broker (reported once), or a failure to set up the broker
     /// role. Callback panics are not errors: they are caught, logged and counted.
@@ -126,6 +233,14 @@ impl Worker {
         }
         let mut total = 0;
         let mut rounds = 0;
+        if arm && std::mem::take(&mut self.pacing.idle_streak) {
+            // Called again after a call that found nothing: a caller's poller found our fd
+            // readable. If this pass finds nothing either, the control look (at most one
+            // `epoll_wait(0)` a millisecond) takes the ready timer out of the epoll set
+            // now, rather than after `CONTROL_EVERY` more calls that would each find the fd
+            // readable again: a level-triggered timer would make the caller's poller spin.
+            self.pacing.countdown = self.pacing.countdown.min(1);
+        }
         loop {
             rounds += 1;
             let (n, more) = self.pass()?;
@@ -137,8 +252,12 @@ impl Worker {
                 continue;
             }
             // Idle: arm so that the fd turns readable (and `wait` can sleep) when work comes.
+            if self.path.shm().is_some() {
+                self.pacing.before_arm(&self.epoll, true)?;
+            }
             self.pacing.edge_seen = false;
             if self.path.arm() {
+                self.pacing.idle_streak = total == 0;
                 break;
             }
         }
@@ -286,6 +405,13 @@ impl Worker {
     /// Block until an event arrives or `timeout` passes (`None`: no limit), then dispatch.
     /// Returns the number of events dispatched.
     ///
+    /// On shared memory the sleep itself is never longer than 100 ms: the worker then looks
+    /// at its rings again without being woken, so that an event whose publisher was killed
+    /// between claiming this worker's wake-up and sending it is delivered within 100 ms
+    /// (plus the pass that delivers it), not never. This bound holds whatever process dies
+    /// at whatever instruction; it costs a normal wake-up nothing. See ARCHITECTURE.md,
+    /// liveness.
+    ///
     /// # Errors
     /// As [`Worker::dispatch`], plus a failing `epoll_wait`.
     ///
@@ -309,6 +435,9 @@ impl Worker {
             }
             // One arm (store, fence, re-check) per sleep; also when returning 0 below, which
             // leaves the wake-up armed as a dispatch returning 0 does.
+            if self.path.shm().is_some() {
+                self.pacing.before_arm(&self.epoll, false)?;
+            }
             self.pacing.edge_seen = false;
             if !self.path.arm() {
                 continue;
@@ -321,6 +450,10 @@ impl Worker {
             let path = &self.path;
             if let Some(r) = self.ctl.as_ref().and_then(|c| c.retry_in(now, path.has_output(c))) {
                 sleep = Some(sleep.map_or(r, |s| s.min(r)));
+            }
+            if path.shm().is_some() {
+                // Never sleep unbounded on a wake-up another process may have died owing.
+                sleep = Some(sleep.map_or(RECHECK_PERIOD, |s| s.min(RECHECK_PERIOD)));
             }
             let ms = sleep.map_or(-1, |d| d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32);
             self.pacing.epoll_wait(&self.epoll, ms)?;

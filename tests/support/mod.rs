@@ -24,6 +24,7 @@ pub mod cfg;
 pub mod child;
 pub mod cluster;
 pub mod cmd;
+pub mod procfs;
 pub mod raw;
 pub mod record;
 pub mod region;
