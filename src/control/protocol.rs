@@ -11,8 +11,11 @@ use crate::sys;
 use crate::wire::Offer;
 use crate::wire::frame::{Body, FrameWriter, kind};
 
-/// Version of the control protocol spoken by this build.
-pub(crate) const PROTOCOL_VERSION: u32 = 3;
+/// Version of the control protocol spoken by this build. 4: the eventfds the broker hands
+/// out start at 1 and wake-ups write 0 (a build of version 3 would write 1 into them, or
+/// create eventfds at 0 that a write of 0 does not wake), so builds of different versions
+/// never attach to each other.
+pub(crate) const PROTOCOL_VERSION: u32 = 4;
 
 /// Reason prefix of a transient refusal: the slot still looks attached because the broker
 /// has not yet seen its previous holder's connection close. The client retries (backoff)
