@@ -83,6 +83,17 @@ impl OutQueue {
         self.frames
     }
 
+    /// The byte bound.
+    pub(crate) fn cap_bytes(&self) -> usize {
+        self.cap_bytes
+    }
+
+    /// Change the byte bound (a new broker's destinations take its own backlog above the
+    /// usual bound, which then shrinks back as they drain).
+    pub(crate) fn set_cap_bytes(&mut self, cap_bytes: usize) {
+        self.cap_bytes = cap_bytes;
+    }
+
     /// No room for another frame (either bound reached).
     pub(crate) fn is_full(&self) -> bool {
         self.frames >= self.cap || self.queued_bytes() >= self.cap_bytes

@@ -94,6 +94,8 @@ pub(crate) struct SocketPort {
     client_out: OutQueue,
     /// (broker) Frames for each slot, attached or not yet.
     slot_out: Vec<OutQueue>,
+    /// (broker) The usual byte bound of a destination queue ([`dest_queue_bytes`]).
+    dest_cap: usize,
     /// Data frames received, not yet dispatched.
     inbox: Inbox,
     seq: Sequencer,
@@ -125,6 +127,7 @@ impl SocketPort {
             serving: false,
             client_out: OutQueue::new(max_queue_len, CLIENT_QUEUE_BYTES),
             slot_out: (0..geo.slots).map(|_| OutQueue::new(usize::MAX, dest_cap)).collect(),
+            dest_cap,
             inbox: Inbox::default(),
             seq: Sequencer::new(geo.slots),
             dedup: None,
@@ -135,14 +138,23 @@ impl SocketPort {
     }
 
     /// Become the relay: a fresh broker id, the dedup table, and our events that waited for
-    /// a broker (stamped already: the sequence continues) go out to every slot.
+    /// a broker (stamped already: the sequence continues) go out to every slot. That backlog
+    /// (bounded by our own queue's bounds) is taken above each destination's byte bound, not
+    /// dropped: each destination's bound grows by its size and shrinks back to the usual one
+    /// as the destination drains it ([`SocketPort::links_seen`]), so our later events keep
+    /// the usual room behind it.
     pub(crate) fn serve(&mut self) {
         self.serving = true;
         self.broker_id = crate::sys::random_u64() | 1;
         if self.dedup.is_none() {
             self.dedup = Some(HeapTable::new(self.unique_capacity));
         }
-        for m in self.take_client_out() {
+        let backlog = self.take_client_out();
+        let extra: usize = backlog.iter().map(|m| m.len() + 5).sum();
+        for q in &mut self.slot_out {
+            q.set_cap_bytes(q.cap_bytes().max(q.queued_bytes() + self.dest_cap).saturating_add(extra));
+        }
+        for m in backlog {
             if let Some((st, msg)) = m.split_first_chunk::<STAMP_LEN>() {
                 self.counters.lost_outbound += self.broadcast(self.me, st, msg);
             }
@@ -401,6 +413,11 @@ impl SocketPort {
             return;
         }
         for (t, d) in self.dests.iter_mut().enumerate() {
+            // A bound raised for a new broker's backlog shrinks back as the queue drains.
+            let q = &mut self.slot_out[t];
+            if q.cap_bytes() > self.dest_cap {
+                q.set_cap_bytes((q.queued_bytes() + self.dest_cap).min(q.cap_bytes()).max(self.dest_cap));
+            }
             let q = &self.slot_out[t];
             d.connected = connected.contains(&(t as u32));
             if !d.connected {
