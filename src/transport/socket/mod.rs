@@ -20,9 +20,12 @@
 //! the broker dropping for a receiver that keeps dispatching. A destination holds the
 //! others back for at most [`STALL_AFTER`] without taking a byte (a stopped or wedged
 //! receiver): then it is passed over until it reads again, and what its queue cannot hold
-//! is dropped and reported. A slot without a connection (dead, or never started) never
-//! holds anyone back; after [`DETACHED_KEEP`] without one its queue is dropped and counted
-//! in lost notices for its next holder. The broker's own events are not held back (it
+//! is dropped and reported. A slot without a connection holds the others back for at most
+//! [`STALL_AFTER`] from when it lost it (or from when this broker started serving): long
+//! enough for a live worker to reconnect after a failover, while the new broker hands its own
+//! backlog over, without a dead or never-started slot stalling anyone for longer; after
+//! [`DETACHED_KEEP`] without one its queue is dropped and counted in lost notices for its
+//! next holder. The broker's own events are not held back (it
 //! never refuses its own `publish`): they are bounded by the destination queues.
 //! The control channel reaches the queues through [`DataPlane`]; the transport reaches the
 //! connections through [`Connections`].
@@ -74,7 +77,8 @@ pub(crate) fn dest_queue_bytes(max_frame: usize) -> usize {
 struct DestState {
     /// It has an attached connection.
     connected: bool,
-    /// Connected, at or above the high-water mark, and took nothing for [`STALL_AFTER`].
+    /// Connected, at or above the high-water mark, and took nothing for [`STALL_AFTER`]; or
+    /// without a connection for [`STALL_AFTER`]. Either way it no longer holds publishers back.
     stalled: bool,
     /// `written()` of its queue when last seen moving (or below the high-water mark), and when.
     progress: (u64, Option<Instant>),
@@ -421,15 +425,17 @@ impl SocketPort {
             let q = &self.slot_out[t];
             d.connected = connected.contains(&(t as u32));
             if !d.connected {
-                d.stalled = false;
                 d.progress = (q.written(), None);
                 let since = *d.detached_since.get_or_insert(now);
+                d.stalled = now.duration_since(since) >= STALL_AFTER;
                 if now.duration_since(since) >= DETACHED_KEEP && q.len() > 0 {
                     self.counters.lost_outbound += drop_queue(&mut self.slot_out[t], self.geo, self.max_payload_len);
                 }
                 continue;
             }
-            d.detached_since = None;
+            if d.detached_since.take().is_some() {
+                d.stalled = false;
+            }
             let moved = d.progress.0 != q.written() || q.pending_bytes() < HIGH_WATER;
             if moved || d.progress.1.is_none() {
                 d.progress = (q.written(), Some(now));
@@ -451,7 +457,7 @@ impl SocketPort {
         }
         let mut room = HIGH_WATER.saturating_sub(self.inbox.bytes());
         for (t, d) in self.dests.iter().enumerate() {
-            if t as u32 == from || t as u32 == self.me || !d.connected || d.stalled {
+            if t as u32 == from || t as u32 == self.me || d.stalled {
                 continue;
             }
             room = room.min(HIGH_WATER.saturating_sub(self.slot_out[t].pending_bytes()));
