@@ -549,8 +549,11 @@ fn check(cfg: &Config, seen: &[Seen]) -> Vec<String> {
         }
         if rep.get("errors") > 0 {
             fail.push(format!(
-                "worker {r}: {} events duplicated, reordered, corrupt or unexplained",
-                rep.get("errors")
+                "worker {r}: {} events duplicated, reordered or corrupt, {} messages dropped as malformed, {} \
+                 callback panics",
+                rep.get("bad_events"),
+                rep.get("dropped"),
+                rep.get("panics")
             ));
         }
         if rep.get("drain_ms") >= DRAIN_LIMIT.as_millis() as u64 {
@@ -707,9 +710,9 @@ struct State {
 impl State {
     fn complain(&mut self, msg: std::fmt::Arguments<'_>) {
         self.said += 1;
-        if self.said <= 5 {
+        if self.said <= 40 {
             eprintln!("worker {}: {msg}", self.me);
-        } else if self.said == 6 {
+        } else if self.said == 41 {
             eprintln!("worker {}: (further messages suppressed)", self.me);
         }
     }
@@ -862,13 +865,16 @@ fn worker_main(cfg: &Config, me: u32) -> Result<(), String> {
     let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     println!(
         "REPORT published={seq} recv={} lost={} urecv={} pairs={pairs} uniques={uniques} dups={} unrec={} errors={} \
-         throttled={throttled} skipped={skipped} drain_ms={drain_ms} queued={queued} upend={} p50={} p99={} max={}",
+         bad_events={} dropped={} panics={} throttled={throttled} skipped={skipped} drain_ms={drain_ms} queued={queued} upend={} p50={} p99={} max={}",
         list(&s.received),
         list(&s.lost),
         list(&s.unique_received),
         st.unique_duplicates,
         st.unique_unrecorded,
         s.errors + st.dropped + st.callback_panics,
+        s.errors,
+        st.dropped,
+        st.callback_panics,
         st.unique_pending,
         s.latency_quantile(0.5),
         s.latency_quantile(0.99),
