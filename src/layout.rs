@@ -12,7 +12,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"WKEVENTS"` read as a little-endian u64.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"WKEVENTS");
 /// Bumped on any change of this file or of the record formats.
-pub(crate) const LAYOUT_VERSION: u32 = 3;
+pub(crate) const LAYOUT_VERSION: u32 = 4;
 /// Size of [`RegionHeader`].
 pub(crate) const HEADER_SIZE: usize = 256;
 /// Size of [`SlotHeader`].
@@ -100,7 +100,13 @@ pub(crate) struct ProducerLine {
     /// 1 while the producer waits for space (it has a backlog for this ring).
     pub want_space: AtomicU32,
     pub _pad: AtomicU32,
-    pub _reserved: [AtomicU64; 12],
+    /// What the producer owes this consumer from its private backlog (messages that have
+    /// not fit into the ring yet): `incarnation << 32 | started << 31 | count`, stored by
+    /// the producer whenever its backlog for this ring changes; taken (count cleared by a
+    /// compare-and-swap) by whoever finds the producer dead, who reports `count` lost
+    /// (`src/ring/owed.rs`).
+    pub owed: AtomicU64,
+    pub _reserved: [AtomicU64; 11],
 }
 
 /// Consumer-owned cache line of a ring.
@@ -176,6 +182,7 @@ impl RingHeader {
                 published: z64(),
                 want_space: AtomicU32::new(0),
                 _pad: AtomicU32::new(0),
+                owed: z64(),
                 _reserved: std::array::from_fn(|_| z64()),
             },
             consumer: ConsumerLine {
@@ -304,6 +311,7 @@ const _: () = {
     assert!(offset_of!(ProducerLine, lost) == 8);
     assert!(offset_of!(ProducerLine, published) == 16);
     assert!(offset_of!(ProducerLine, want_space) == 24);
+    assert!(offset_of!(ProducerLine, owed) == 32);
     assert!(offset_of!(ConsumerLine, read_pos) == 0);
     assert!(offset_of!(ConsumerLine, consumed) == 8);
     assert!(offset_of!(ConsumerLine, lost_seen) == 16);

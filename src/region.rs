@@ -171,6 +171,11 @@ impl Region {
         s.state.store(SLOT_ATTACHED, Ordering::Release);
     }
 
+    /// Attaches of `slot` so far (its owner's incarnation, once it has attached).
+    pub(crate) fn slot_generation(&self, slot: u32) -> u64 {
+        self.slot(slot).generation.load(Ordering::Relaxed)
+    }
+
     /// This process leaves `slot` (before its slot lock goes).
     pub(crate) fn mark_detached(&self, slot: u32) {
         let s = self.slot(slot);
@@ -340,15 +345,16 @@ mod tests {
     }
 
     #[test]
-    fn a_region_of_layout_version_2_is_refused() {
-        // Version 2 committed records through `write_pos`; a version-3 attacher would wait
-        // for stamps its creator never writes, so the mismatch must be refused, and say so.
-        assert_eq!(LAYOUT_VERSION, 3);
+    fn a_region_of_layout_version_3_is_refused() {
+        // Version 3 had no `owed` word: its producers' backlogs would die silently with them,
+        // so the mismatch must be refused, and say so (as version 2, which committed records
+        // through `write_pos`, was refused by version 3).
+        assert_eq!(LAYOUT_VERSION, 4);
         let g = Geometry::new(2, false, 4096, 64);
         let r = Region::create(g, 1024).unwrap();
-        r.header().layout_version.store(2, Ordering::Release);
+        r.header().layout_version.store(3, Ordering::Release);
         let e = Region::open(dup(r.fd()), g).err().expect("must be rejected").to_string();
-        assert!(e.contains("layout version 2, this build speaks version 3"), "{e}");
+        assert!(e.contains("layout version 3, this build speaks version 4"), "{e}");
     }
 
     #[test]

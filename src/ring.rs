@@ -663,6 +663,7 @@ impl Consumer {
     }
 }
 
+mod owed;
 mod resync;
 use resync::{Snapshot, usable_pos, walk};
 

@@ -211,8 +211,12 @@ fn publisher_killed_mid_message_leaves_no_partial_record() {
         1.0,
     );
     // Each cut message may cost its receivers one lost notice when the next incarnation
-    // starts a new message: never a partial or corrupt message.
-    c.allow_lost.insert(2, 6);
+    // starts a new message: never a partial or corrupt message. And each kill may cost one
+    // more: the message waiting in the killed publisher's backlog behind the cut one
+    // (`big-run` keeps at most two waiting per peer), reported lost since issue 11 item
+    // 6(a) (before, it vanished silently, which this test did not see: runs of killed
+    // incarnations have no expected end).
+    c.allow_lost.insert(2, 12);
     c.spawn_all();
     let mut rng = Rng::from_clock();
     for _ in 0..6 {

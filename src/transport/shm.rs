@@ -6,6 +6,13 @@
 //! `publish`/`dispatch`; the consumer wakes us when it frees space we asked for. A message
 //! larger than a quarter of the ring is streamed as FIRST..LAST fragments. Only when a
 //! backlog is full is an event dropped, and then the receiver is told (`lost`).
+//!
+//! A backlog lives in private memory and dies with the process, so each ring's producer
+//! line carries what it owes (`owed`, `src/ring/owed.rs`), stored whenever the backlog for
+//! that ring changes: if the process is killed, the slot's next incarnation takes it when it
+//! attaches ([`ShmPort::attach`], added to the ring's `lost` counter), or the receiver takes
+//! it when it finds the slot's lock free ([`ShmPort::take_dead_owed`]), whichever comes
+//! first; the other finds nothing (compare-and-swap). Never silent, never reported twice.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -48,6 +55,21 @@ struct Outbound {
     backlog: VecDeque<Pending>,
     /// The producer has a pending want-space request for this ring.
     touched: bool,
+    /// (count, started) last stored in the ring's `owed` word.
+    owed: (u64, bool),
+}
+
+impl Outbound {
+    /// Store what this ring's backlog owes its consumer, if it changed: the messages never
+    /// started (and those counted in `missed`), and whether the first one is partly written.
+    fn publish_owed(&mut self, incarnation: u32) {
+        let started = self.backlog.front().is_some_and(|p| p.sent > 0);
+        let count = (self.backlog.len() - usize::from(started)) as u64 + self.missed;
+        if self.owed != (count, started) {
+            self.owed = (count, started);
+            self.raw.store_owed(incarnation, count, started);
+        }
+    }
 }
 
 #[derive(PartialEq, Eq)]
@@ -62,12 +84,20 @@ struct Inbound {
     cons: Option<Consumer>,
     asm: AlignedVec,
     state: Asm,
+    /// Messages a dead producer owed us from its backlog (taken by
+    /// [`ShmPort::take_dead_owed`]), reported at the next drain.
+    owed_lost: u64,
+    /// A dead producer had written part of a message it can never finish: once its
+    /// fragments are read (the ring empty, no FIRST since), that message is reported lost.
+    orphan: bool,
 }
 
 pub(crate) struct ShmPort {
     region: Region,
     eventfds: Vec<EventFd>,
     me: u32,
+    /// This attach's incarnation of the slot (its generation), stored in `owed` words.
+    incarnation: u32,
     out: Vec<Option<Outbound>>,
     inb: Vec<Option<Inbound>>,
     max_queue_len: usize,
@@ -112,14 +142,30 @@ impl ShmPort {
                 tracing::warn!(me, peer, "inbound ring positions were corrupt: resynchronized to the producer's");
                 counters.corrupt_rings += 1;
             }
-            out.push(Some(Outbound { prod, raw, missed: 0, backlog: VecDeque::new(), touched: false }));
-            inb.push(Some(Inbound { cons, asm: AlignedVec::new(), state: Asm::Idle }));
+            let mut o = Outbound { prod, raw, missed: 0, backlog: VecDeque::new(), touched: false, owed: (0, false) };
+            // We hold the slot lock: whatever our predecessor owed this consumer from its
+            // backlog is ours to report (unless the consumer found it dead first). A message
+            // it had partly written is reported by the consumer when our first one starts.
+            if let Some(taken) = raw.load_owed().and_then(|w| raw.take_owed(w)) {
+                tracing::warn!(me, peer, lost = taken.count, "a dead predecessor's backlog: reported lost");
+                match o.prod.as_mut() {
+                    Some(p) => p.add_lost(taken.count),
+                    None => o.missed = o.missed.saturating_add(taken.count),
+                }
+            }
+            out.push(Some(o));
+            inb.push(Some(Inbound { cons, asm: AlignedVec::new(), state: Asm::Idle, owed_lost: 0, orphan: false }));
         }
         region.mark_attached(me);
+        let incarnation = region.slot_generation(me) as u32;
+        for o in out.iter_mut().flatten() {
+            o.publish_owed(incarnation);
+        }
         ShmPort {
             region,
             eventfds,
             me,
+            incarnation,
             out,
             inb,
             max_queue_len,
@@ -157,6 +203,7 @@ impl ShmPort {
         let mut any = false;
         for o in self.out.iter_mut().flatten() {
             any |= offer(o, msg, &mut shared, self.max_queue_len, &mut self.backlogged, &mut self.counters);
+            o.publish_owed(self.incarnation);
         }
         if any {
             self.commit_and_wake();
@@ -167,7 +214,9 @@ impl ShmPort {
     /// overflow rules as [`ShmPort::send_all`].
     pub(crate) fn send_to(&mut self, peer: u32, msg: &AlignedVec) {
         let Some(Some(o)) = self.out.get_mut(peer as usize) else { return };
-        if offer(o, msg, &mut None, self.max_queue_len, &mut self.backlogged, &mut self.counters) {
+        let wrote = offer(o, msg, &mut None, self.max_queue_len, &mut self.backlogged, &mut self.counters);
+        o.publish_owed(self.incarnation);
+        if wrote {
             self.commit_and_wake();
         }
     }
@@ -243,6 +292,7 @@ impl ShmPort {
             if was && o.backlog.is_empty() {
                 self.backlogged -= 1;
             }
+            o.publish_owed(self.incarnation);
         }
         if progress {
             self.commit_and_wake();
@@ -330,10 +380,40 @@ impl ShmPort {
             if let Some(prod) = o.prod.as_mut() {
                 prod.add_lost(n);
             }
+            // Counted in `lost` now (killed between the two stores, a receiver would hear of
+            // these twice, never not at all).
+            o.publish_owed(self.incarnation);
             self.counters.lost_outbound += n + u64::from(started);
             total += n + u64::from(started);
         }
         total
+    }
+
+    /// (receiver) Take what dead producers owed us from their backlogs: for each inbound
+    /// ring whose `owed` word is not empty and whose producer slot `alive` says nobody
+    /// holds, take the word (compare-and-swap: the producer's successor may take it at its
+    /// attach instead) and report it at the next drain. The word is loaded **before** the
+    /// liveness check (`src/ring/owed.rs` says why). A system call per ring that owes
+    /// something; the worker calls it on its control timer (every 100-200 ms).
+    pub(crate) fn take_dead_owed(&mut self, alive: impl Fn(u32) -> bool) {
+        for (from, inb) in self.inb.iter_mut().enumerate() {
+            let Some(inb) = inb.as_mut() else { continue };
+            let raw = self.region.ring(from as u32, self.me);
+            let Some(word) = raw.load_owed() else { continue };
+            if alive(from as u32) {
+                continue;
+            }
+            if let Some(taken) = raw.take_owed(word) {
+                tracing::warn!(
+                    from,
+                    lost = taken.count,
+                    started = taken.started,
+                    "a dead publisher's backlog: reported lost"
+                );
+                inb.owed_lost = inb.owed_lost.saturating_add(taken.count);
+                inb.orphan |= taken.started;
+            }
+        }
     }
 
     /// Queue depths per peer.

@@ -26,6 +26,11 @@ impl Worker {
     pub(super) fn poll_control(&mut self) -> Result<()> {
         if let (Some(ctl), true) = (self.ctl.as_ref(), self.pacing.tokens.contains(&TOKEN_TIMER)) {
             ctl.timer_fired();
+            // Backlogs of publishers that died owing us events (issue 11, item 6): reported
+            // within one timer period of their death.
+            if let DataPath::Shm(port) = &mut self.path {
+                port.take_dead_owed(|s| ctl.slot_alive(s));
+            }
         }
         self.broker_tick();
         let Some(ctl) = self.ctl.as_mut() else { return Ok(()) };

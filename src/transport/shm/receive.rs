@@ -28,13 +28,14 @@ impl ShmPort {
             let Some(inb) = self.inb[from].as_mut() else { continue };
             let Some(cons) = inb.cons.as_mut() else { continue };
             let from = from as u32;
-            let lost = cons.take_lost();
+            let lost = cons.take_lost().saturating_add(std::mem::take(&mut inb.owed_lost));
             if lost > 0 {
                 deliver(Incoming::Lost { from, count: lost });
             }
             let mut local_lost = 0u64;
             let mut n = 0;
             let (mut records, mut bytes) = (0usize, 0usize);
+            let mut empty = false;
             let max_bytes = PASS_LAPS * cons.capacity();
             loop {
                 if records >= budget || bytes >= max_bytes {
@@ -46,7 +47,10 @@ impl ShmPort {
                         cons.prefetch_next(info);
                         info
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        empty = true;
+                        break;
+                    }
                     Err(_) => {
                         // Reported once per episode (a record consumed in between starts a
                         // new one), however often the same bad state is met again.
@@ -67,6 +71,8 @@ impl ShmPort {
                 records += 1;
                 bytes += record_size(info.len);
                 if info.flags & FIRST != 0 {
+                    // A producer writes again: whatever a dead one left is settled below.
+                    inb.orphan = false;
                     if inb.state == Asm::Assembling {
                         // The producer restarted mid-message: its partial message is gone.
                         local_lost += 1;
@@ -114,6 +120,14 @@ impl ShmPort {
             }
             if cons.release() {
                 wake(&self.region, &self.eventfds, from, &mut self.counters);
+            }
+            if inb.orphan && empty {
+                // A dead producer's partly written message: every fragment it wrote is read.
+                inb.orphan = false;
+                if inb.state == Asm::Assembling {
+                    local_lost += 1;
+                    inb.state = Asm::Discarding;
+                }
             }
             if local_lost > 0 {
                 deliver(Incoming::Lost { from, count: local_lost });
