@@ -72,7 +72,7 @@ fn chaos(transport: Transport) {
             action => {
                 // Stopped briefly, or (one stop in four) for 0.8-1.1 s: long enough to be taken
                 // for stuck when it is the broker on shared memory.
-                c.proc(victim).signal(libc::SIGSTOP);
+                c.stop(victim);
                 stops += 1;
                 let ms = if rng.below(4) == 0 { 800 + rng.below(300) } else { 20 + rng.below(280) };
                 std::thread::sleep(Duration::from_millis(ms));
@@ -92,7 +92,7 @@ fn chaos(transport: Transport) {
                     c.spawn(victim);
                     c.start_stream(victim);
                 } else {
-                    c.proc(victim).signal(libc::SIGCONT);
+                    c.cont(victim);
                 }
             }
         }
