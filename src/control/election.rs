@@ -7,10 +7,12 @@
 //! * byte 0: the broker;
 //! * byte `1 + slot`: worker slot `slot` (two live processes can never hold one id);
 //! * byte [`REGION_LOCK_BASE`]` + slot`: held by a worker while it holds the shared region
-//!   (attached, or broker). A worker that has no region yet does not run for election while
-//!   another live process holds one, for up to [`ORPHAN_GRACE`]: a region holder is about to
-//!   take over (it runs at once), and a fresh region would strand every event queued in the
-//!   live one (a restarted worker must get the events queued for its slot).
+//!   (attached, or broker). A worker that has no region yet never runs for election while
+//!   another live process holds one: a region holder takes over (it runs at once, and a
+//!   stuck broker is replaced through the heartbeat), and a fresh region would strand every
+//!   event queued in the live one (a restarted worker must get the events queued for its
+//!   slot). If every holder is stuck, a newcomer waits for one of them to run or die: the
+//!   deployment is never split over two regions (issue 11, item 7).
 //!
 //! Byte 0 alone cannot tell a stuck broker (stopped, or its worker blocked in a callback)
 //! from a live one: on shared memory the serving broker also stores a heartbeat in the region
@@ -39,9 +41,6 @@ pub(crate) const ELECTION_GRACE: Duration = Duration::from_millis(200);
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(1);
 /// Longest reconnection delay.
 pub(crate) const BACKOFF_MAX: Duration = Duration::from_millis(50);
-/// How long a worker without a region defers to live region holders before it creates a
-/// fresh region anyway (the holders are wedged or not dispatching).
-pub(crate) const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 /// Lock-file byte of slot 0's "holds the region" lock (far above the worker-id bytes).
 pub(crate) const REGION_LOCK_BASE: u64 = 1 << 24;
 /// How long a worker that won the election but could not serve (the socket path cannot be
@@ -207,7 +206,7 @@ impl Control {
         }
         let age = now.duration_since(self.started);
         if self.lock.region_held_by_other(self.geo.slots) {
-            return age >= ORPHAN_GRACE;
+            return false;
         }
         self.preferred || age >= ELECTION_GRACE
     }

@@ -164,6 +164,26 @@ impl Worker {
         super::delivery::fold_counters(&mut self.stats, old.counters());
         if let Some(port) = old.shm() {
             self.epoll.delete(port.my_eventfd().as_fd());
+            // Leaving a region (issue 11, item 7; the election never creates a second one
+            // while live processes hold it, so this is rare): what it still held is counted,
+            // never dropped silently. Messages waiting in our inbound rings become `lost`
+            // notices to ourselves; what we queued for others (rings and backlogs) is counted
+            // in `lost_outbound`, its receivers being in the old region.
+            for d in port.depths() {
+                let crate::wire::Peer::Slot(from) = d.peer else { continue };
+                if d.inbound > 0 {
+                    super::delivery::deliver_lost_notice(&mut self.subs, &mut self.stats, &self.geo, from, d.inbound);
+                }
+                self.stats.lost_outbound = self.stats.lost_outbound.saturating_add(d.outbound);
+                if d.inbound + d.outbound > 0 {
+                    tracing::warn!(
+                        peer = from,
+                        inbound = d.inbound,
+                        outbound = d.outbound,
+                        "left a shared region with events in it"
+                    );
+                }
+            }
         }
     }
 }

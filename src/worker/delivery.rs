@@ -59,7 +59,7 @@ fn count_run(stats: &mut Stats, r: RunStats) {
 
 /// Run the callbacks of a "lost" system notice: `count` events of publisher slot `from`
 /// never reached this worker.
-fn deliver_lost_notice(subs: &mut Subscriptions, stats: &mut Stats, geo: &Geometry, from: u32, count: u64) {
+pub(super) fn deliver_lost_notice(subs: &mut Subscriptions, stats: &mut Stats, geo: &Geometry, from: u32, count: u64) {
     stats.lost = stats.lost.saturating_add(count);
     let publisher = geo.wid_of(from);
     tracing::warn!(%publisher, count, "events lost on the way to this worker");
