@@ -118,6 +118,8 @@ impl Worker {
             sent_any = true;
         }
         if sent_any {
+            // Write them now, after any data frame the socket took only part of.
+            self.path.flush(Some(ctl));
             // Tell a busy-polling broker to look at its control sockets now.
             self.path.set_control_hint(broker);
         }
