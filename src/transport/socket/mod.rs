@@ -244,14 +244,15 @@ impl SocketPort {
         dropped
     }
 
-    /// (broker) Queue a unique event (from publisher slot `from`) for slot `to`; false
-    /// when that queue was full (a lost notice is owed; counted).
-    pub(crate) fn send_to(&mut self, to: u32, from: u32, msg: &[u8]) -> bool {
-        let ok = self.slot_out.get_mut(to as usize).is_some_and(|q| queue_deliver(q, from, &UNSEQUENCED, msg));
-        if !ok {
-            self.counters.lost_outbound += 1;
-        }
-        ok
+    /// (broker) Queue a unique event for slot `to`; false (nothing queued, nothing owed) when
+    /// that queue is full: the caller hands the event to another worker (itself). A unique
+    /// event is never counted in a `LOST` notice: those count a publisher's "all" events,
+    /// and the receiver takes them off its next sequence gap.
+    pub(crate) fn send_to(&mut self, to: u32, msg: &[u8]) -> bool {
+        self.slot_out.get_mut(to as usize).is_some_and(|q| {
+            q.push_lost_notices(kind::LOST);
+            q.push(kind::DELIVER, &[&UNSEQUENCED, msg])
+        })
     }
 
     /// (broker) Look a unique hash up in the dedup table and record it; `None` before the
@@ -494,15 +495,21 @@ impl DataPlane for SocketPort {
     }
 }
 
-/// Drop everything queued for a slot gone for good: each event becomes a lost notice owed
-/// to the slot (by publisher), and lost notices already queued are owed again. Returns the
-/// events dropped.
+/// Drop everything queued for a slot gone for good: each "all" event becomes a lost notice
+/// owed to the slot (by publisher), and lost notices already queued are owed again. Returns
+/// the events dropped (unique ones included).
 fn drop_queue(q: &mut OutQueue, geo: Geometry, max_payload_len: usize) -> u64 {
     let mut owed: Vec<(u32, u64)> = Vec::new();
     let mut msg = AlignedVec::<16>::new();
     let mut dropped = 0u64;
     q.drain_frames(|k, body| {
         let (origin, count) = match k {
+            // A unique event (unstamped) is counted dropped but owes no notice: notices
+            // count "all" events, which the receiver takes off its next sequence gap.
+            kind::DELIVER if body.starts_with(&UNSEQUENCED) => {
+                dropped += 1;
+                return;
+            }
             kind::DELIVER => {
                 msg.clear();
                 msg.extend_from_slice(body.get(STAMP_LEN..).unwrap_or_default());
