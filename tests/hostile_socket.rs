@@ -295,8 +295,7 @@ fn read_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
 /// Parse whole frames `(kind, body)` off the front of `bytes`; the rest stays.
 fn split_frames(bytes: &mut Vec<u8>) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();
-    loop {
-        let Some(len) = bytes.get(..4).map(|l| u32::from_le_bytes(l.try_into().unwrap()) as usize) else { break };
+    while let Some(len) = bytes.get(..4).map(|l| u32::from_le_bytes(l.try_into().unwrap()) as usize) {
         if len == 0 || bytes.len() < 4 + len {
             break;
         }

@@ -26,7 +26,12 @@
 //! backlog over, without a dead or never-started slot stalling anyone for longer; after
 //! [`DETACHED_KEEP`] without one its queue is dropped and counted in lost notices for its
 //! next holder. The broker's own events are not held back (it
-//! never refuses its own `publish`): they are bounded by the destination queues.
+//! never refuses its own `publish`): they are bounded by the destination queues, so a live
+//! receiver more than 1 MiB plus one frame limit behind the broker's own stream loses some of the
+//! broker's events (reported); from the other publishers it loses nothing (ARCHITECTURE.md
+//! §B). A unique event for a full destination queue runs at the broker instead
+//! ([`SocketPort::send_to`]); `LOST` notices count "all" events only. Control frames share
+//! the connections and are written only between data frames (`wire::queue::flush_conn`).
 //! The control channel reaches the queues through [`DataPlane`]; the transport reaches the
 //! connections through [`Connections`].
 //!
