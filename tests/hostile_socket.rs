@@ -282,3 +282,128 @@ fn descriptors_flooded_before_welcome_are_closed_by_the_worker() {
     }
     assert!(most < before + 50, "the worker held up to {} descriptors more", most - before);
 }
+
+/// Read exactly `n` bytes from a blocking stream (at most 20 s).
+fn read_n(s: &mut UnixStream, n: usize) -> Vec<u8> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b).expect("the worker's bytes");
+    b
+}
+
+/// Parse whole frames `(kind, body)` off the front of `bytes`; the rest stays.
+fn split_frames(bytes: &mut Vec<u8>) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some(len) = bytes.get(..4).map(|l| u32::from_le_bytes(l.try_into().unwrap()) as usize) {
+        if len == 0 || bytes.len() < 4 + len {
+            break;
+        }
+        let f: Vec<u8> = bytes.drain(..4 + len).collect();
+        out.push((f[4], f[5..].to_vec()));
+    }
+    out
+}
+
+/// Framing (soak, silent loss): a control frame (a UNIQUE event) that a worker queues while
+/// its socket took only part of a big EVENT frame goes out after that frame, never inside
+/// it. The test plays the broker: it reads 64 KiB of a 2 MiB event (the socket then has
+/// room while the frame is half written), the worker publishes a unique event, and the
+/// stream must parse as the whole EVENT frame (its data intact) followed by the UNIQUE frame.
+/// A UNIQUE frame inside the EVENT frame made the broker relay a corrupt event that still
+/// decoded (same length, garbled names: delivered to no callback, no gap, no notice) and then
+/// drop the connection on the garbage after it (the events in flight became a gap one short).
+#[test]
+fn a_control_frame_never_lands_inside_a_half_written_event_frame() {
+    const BIG: usize = 2 << 20;
+    const EVENT: u8 = 6;
+    const UNIQUE: u8 = 4;
+    let dir = TempDir::new("midframe");
+    let wd = Watchdog::new("midframe");
+    let mut cfg = socket_cfg(&dir, 2);
+    cfg.max_payload_len = Some(4 << 20);
+    let streams = fake_broker(&dir.sock());
+    let mut w1 = wd.spawn(&cfg, Wid::Worker(1));
+    let mut s = streams.recv_timeout(Duration::from_secs(10)).expect("the worker connected");
+    w1.cmd(Cmd::Pause); // no dispatch between commands: nothing writes but the commands
+    let r = w1.cmd(Cmd::Bytes { target: Tgt::All, src: "m".into(), ev: "big".into(), len: BIG });
+    assert_eq!(r, vec!["@@PUB 1 0".to_string()], "{r:?}");
+    // The socket took only part of the frame; take 64 KiB out so it has room again.
+    let mut got = read_n(&mut s, 64 << 10);
+    let r = w1.publish(Tgt::unique("h"), "m", "u", 7, 1);
+    assert_eq!((r.ok, r.err), (1, 0));
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut frames = Vec::new();
+        let mut b = vec![0u8; 64 << 10];
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        while frames.len() < 2 {
+            match s.read(&mut b) {
+                Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+                _ => break, // a hang-up, or nothing more for 5 s
+            }
+            frames.extend(split_frames(&mut got));
+        }
+        (frames, got.len())
+    });
+    w1.cmd(Cmd::Resume);
+    let (frames, left) = reader.join().expect("the reader");
+    let kinds: Vec<u8> = frames.iter().map(|(k, _)| *k).collect();
+    let lens: Vec<usize> = frames.iter().map(|(_, b)| b.len()).collect();
+    assert_eq!(kinds.len(), 2, "frames parsed: kinds {kinds:?}, body lengths {lens:?}, {left} bytes left unparsed");
+    assert_eq!(kinds.first(), Some(&EVENT), "kinds {kinds:?}");
+    let (_, body) = &frames[0];
+    // stamp (16 bytes), message header (16 bytes: data_len u32 ...), data, names.
+    let data_len = u32::from_le_bytes(body[16..20].try_into().unwrap()) as usize;
+    assert_eq!(data_len, BIG);
+    let data = &body[32..32 + BIG];
+    assert!(check_pattern(data), "the EVENT frame's data is not what was published (another frame inside it?)");
+    assert_eq!(&body[32 + BIG..], b"mbig", "the event's names");
+    assert_eq!(kinds.get(1), Some(&UNIQUE), "kinds {kinds:?}");
+}
+
+/// Unique accounting (soak): a unique event the broker routes to a worker whose queue is
+/// full (a stopped receiver the broker passes over) is handed to another live worker (the
+/// broker itself), not dropped; and it is never counted in a lost notice, which counts the
+/// publisher's `All` events: a unique drop reported as one lost `All` event made the
+/// receiver over-count its losses and then swallow one event of a later real gap (credit).
+#[test]
+fn a_unique_event_for_a_full_queue_is_delivered_elsewhere_and_not_counted_lost() {
+    const U: u64 = 20;
+    let dir = TempDir::new("uniqfull");
+    let wd = Watchdog::new("uniqfull");
+    let cfg = socket_cfg(&dir, 3);
+    let mut ws: Vec<Child> = (0..3).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
+    ws[1].signal(libc::SIGSTOP);
+    // Past the stall time the broker passes w1 over; w1's queue then fills and drops.
+    let mut all = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        let r = ws[2].publish(Tgt::All, "a", "x", all, 20_000);
+        all += r.ok;
+        if r.err == 0 && start.elapsed() > Duration::from_millis(1500) && all > 100_000 {
+            break;
+        }
+    }
+    let r = ws[2].cmd(Cmd::Uniq { src: "u".into(), ev: "x".into(), prefix: "h".into(), start: 0, count: U });
+    assert!(r.iter().any(|l| l == &format!("@@PUB {U} 0")), "{r:?}");
+    ws[1].signal(libc::SIGCONT);
+    ws[2].cmd(Cmd::Pump { ms: 300 });
+    let mut uniques = 0;
+    let mut failures = Vec::new();
+    for (i, w) in ws.iter_mut().enumerate() {
+        w.cmd(Cmd::Pump { ms: 2000 });
+        let r = w.report();
+        uniques += r.stream("w2", "u", "x").len() as u64;
+        if i == 2 {
+            continue;
+        }
+        let got = r.stream("w2", "a", "x").len() as u64;
+        let lost: u64 = r.lost.iter().filter(|(p, _)| p == "w2").map(|(_, c)| c).sum();
+        if got + lost != all {
+            failures.push(format!("w{i}: received {got} + reported lost {lost} != published {all}"));
+        }
+    }
+    assert_eq!(uniques, U, "unique events delivered (each once, somewhere); {failures:?}");
+    assert!(failures.is_empty(), "{failures:?}");
+}

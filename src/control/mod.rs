@@ -190,23 +190,26 @@ impl Control {
         slot == self.slot || self.lock.slot_held_by_other(slot)
     }
 
-    /// (client) Queue a unique event for the broker and write what the socket takes.
-    /// False when not attached to a broker (the caller keeps the event and resends it).
+    /// (client) Queue a unique event for the broker; the next write sends it
+    /// ([`Connections::write`], or the next poll). False when not attached to a broker (the
+    /// caller keeps the event and resends it).
+    ///
+    /// Never written here: on the socket transport the connection also carries data frames,
+    /// and a control frame written while the socket has taken only part of a data frame
+    /// would land inside it (the peer would parse a corrupt frame, then garbage). Only
+    /// `flush_conn` (`wire/queue.rs`) writes a connection that carries data.
     pub(crate) fn send_unique(&mut self, id: u64, hash: &[u8], msg: &[u8]) -> bool {
         let Role::Client { conn, welcomed: Some(_), .. } = &mut self.role else { return false };
         protocol::unique(&mut conn.wr, id, hash, msg);
-        if let Err(e) = conn.wr.flush(conn.fd.as_fd()) {
-            tracing::debug!(error = %e, "sending a unique event to the broker failed; will resend");
-        }
         true
     }
 
-    /// (broker) Acknowledge unique events up to `id` to the worker in `slot`.
+    /// (broker) Acknowledge unique events up to `id` to the worker in `slot`: queued, and
+    /// written by the next write or poll (never here, as [`Control::send_unique`]).
     pub(crate) fn ack_unique(&mut self, slot: u32, id: u64) {
         let Role::Broker { conns, .. } = &mut self.role else { return };
         if let Some(c) = conns.iter_mut().find(|c| c.slot == Some(slot) && !c.closing) {
             protocol::unique_ack(&mut c.wr, id);
-            let _ = c.wr.flush(c.fd.as_fd());
         }
     }
 

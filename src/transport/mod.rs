@@ -154,14 +154,17 @@ impl DataPath {
         }
     }
 
-    /// (broker) Send a unique event to slot `to` (from publisher slot `from`).
-    pub(crate) fn send_to(&mut self, to: u32, from: u32, msg: &AlignedVec) {
+    /// (broker) Send a unique event to slot `to`. False when the socket transport's queue
+    /// for `to` is full (nothing sent: the caller delivers it elsewhere); shared memory
+    /// keeps what the ring cannot take in its backlog.
+    pub(crate) fn send_to(&mut self, to: u32, msg: &AlignedVec) -> bool {
         match self {
-            DataPath::InProcess | DataPath::Unattached(_) => {}
-            DataPath::Shm(port) => port.send_to(to, msg),
-            DataPath::Socket(p) => {
-                p.send_to(to, from, msg);
+            DataPath::InProcess | DataPath::Unattached(_) => true,
+            DataPath::Shm(port) => {
+                port.send_to(to, msg);
+                true
             }
+            DataPath::Socket(p) => p.send_to(to, msg),
         }
     }
 

@@ -66,7 +66,7 @@ impl Worker {
             self.pump_unique();
             if self.unique.is_empty() {
                 self.stats.published += 1;
-                self.route_unique(self.slot, hash.as_bytes(), buf);
+                self.route_unique(hash.as_bytes(), buf);
                 return Ok(());
             }
         }
@@ -92,7 +92,7 @@ impl Worker {
         }
         if self.path.shm().is_some() {
             while let Some(u) = self.unique.out.pop_front() {
-                self.route_unique(self.slot, u.hash.as_bytes(), u.msg);
+                self.route_unique(u.hash.as_bytes(), u.msg);
             }
             self.unique.sent = 0;
             return;
@@ -102,7 +102,7 @@ impl Worker {
                 return;
             }
             while let Some(u) = self.unique.out.pop_front() {
-                self.route_unique(self.slot, u.hash.as_bytes(), u.msg);
+                self.route_unique(u.hash.as_bytes(), u.msg);
             }
             self.unique.sent = 0;
             return;
@@ -118,6 +118,8 @@ impl Worker {
             sent_any = true;
         }
         if sent_any {
+            // Write them now, after any data frame the socket took only part of.
+            self.path.flush(Some(ctl));
             // Tell a busy-polling broker to look at its control sockets now.
             self.path.set_control_hint(broker);
         }
@@ -136,12 +138,12 @@ impl Worker {
         let mut buf = self.buffer();
         buf.clear();
         buf.extend_from_slice(msg);
-        self.route_unique(from, hash, buf);
+        self.route_unique(hash, buf);
     }
 
-    /// Dedup a unique event of publisher slot `from` and deliver it to one live worker: the
-    /// publisher itself on shared memory, the broker on the socket transport.
-    fn route_unique(&mut self, from: u32, hash: &[u8], msg: AlignedVec) {
+    /// Dedup a unique event and deliver it to one live worker ([`Worker::pick_unique_target`]);
+    /// on the socket transport to ourselves when that worker's queue is full.
+    fn route_unique(&mut self, hash: &[u8], msg: AlignedVec) {
         let ttl = u64::try_from(self.opts.unique_timeout.as_nanos()).unwrap_or(u64::MAX);
         let now = crate::sys::monotonic_ns();
         let Some(check) = self.path.dedup_check(hash, now, ttl) else {
@@ -168,11 +170,12 @@ impl Worker {
             Check::New => {}
         }
         let target = self.pick_unique_target();
-        if target == self.slot {
-            self.local.push_back(msg);
-        } else {
-            self.path.send_to(target, from, &msg);
+        if target != self.slot && self.path.send_to(target, &msg) {
             self.recycle(msg);
+        } else {
+            // Ourselves, or (socket transport) the target's queue is full: run it here
+            // rather than drop it after its hash was recorded.
+            self.local.push_back(msg);
         }
     }
 

@@ -26,7 +26,12 @@
 //! backlog over, without a dead or never-started slot stalling anyone for longer; after
 //! [`DETACHED_KEEP`] without one its queue is dropped and counted in lost notices for its
 //! next holder. The broker's own events are not held back (it
-//! never refuses its own `publish`): they are bounded by the destination queues.
+//! never refuses its own `publish`): they are bounded by the destination queues, so a live
+//! receiver more than 1 MiB plus one frame limit behind the broker's own stream loses some of the
+//! broker's events (reported); from the other publishers it loses nothing (ARCHITECTURE.md
+//! §B). A unique event for a full destination queue runs at the broker instead
+//! ([`SocketPort::send_to`]); `LOST` notices count "all" events only. Control frames share
+//! the connections and are written only between data frames (`wire::queue::flush_conn`).
 //! The control channel reaches the queues through [`DataPlane`]; the transport reaches the
 //! connections through [`Connections`].
 //!
@@ -244,14 +249,15 @@ impl SocketPort {
         dropped
     }
 
-    /// (broker) Queue a unique event (from publisher slot `from`) for slot `to`; false
-    /// when that queue was full (a lost notice is owed; counted).
-    pub(crate) fn send_to(&mut self, to: u32, from: u32, msg: &[u8]) -> bool {
-        let ok = self.slot_out.get_mut(to as usize).is_some_and(|q| queue_deliver(q, from, &UNSEQUENCED, msg));
-        if !ok {
-            self.counters.lost_outbound += 1;
-        }
-        ok
+    /// (broker) Queue a unique event for slot `to`; false (nothing queued, nothing owed) when
+    /// that queue is full: the caller hands the event to another worker (itself). A unique
+    /// event is never counted in a `LOST` notice: those count a publisher's "all" events,
+    /// and the receiver takes them off its next sequence gap.
+    pub(crate) fn send_to(&mut self, to: u32, msg: &[u8]) -> bool {
+        self.slot_out.get_mut(to as usize).is_some_and(|q| {
+            q.push_lost_notices(kind::LOST);
+            q.push(kind::DELIVER, &[&UNSEQUENCED, msg])
+        })
     }
 
     /// (broker) Look a unique hash up in the dedup table and record it; `None` before the
@@ -494,15 +500,21 @@ impl DataPlane for SocketPort {
     }
 }
 
-/// Drop everything queued for a slot gone for good: each event becomes a lost notice owed
-/// to the slot (by publisher), and lost notices already queued are owed again. Returns the
-/// events dropped.
+/// Drop everything queued for a slot gone for good: each "all" event becomes a lost notice
+/// owed to the slot (by publisher), and lost notices already queued are owed again. Returns
+/// the events dropped (unique ones included).
 fn drop_queue(q: &mut OutQueue, geo: Geometry, max_payload_len: usize) -> u64 {
     let mut owed: Vec<(u32, u64)> = Vec::new();
     let mut msg = AlignedVec::<16>::new();
     let mut dropped = 0u64;
     q.drain_frames(|k, body| {
         let (origin, count) = match k {
+            // A unique event (unstamped) is counted dropped but owes no notice: notices
+            // count "all" events, which the receiver takes off its next sequence gap.
+            kind::DELIVER if body.starts_with(&UNSEQUENCED) => {
+                dropped += 1;
+                return;
+            }
             kind::DELIVER => {
                 msg.clear();
                 msg.extend_from_slice(body.get(STAMP_LEN..).unwrap_or_default());
