@@ -193,6 +193,7 @@
 
 // Lints: `[lints]` in Cargo.toml (one place).
 
+mod context;
 mod control;
 mod dedup;
 mod error;
@@ -214,6 +215,7 @@ mod transport;
 mod wire;
 mod worker;
 
+pub use context::Context;
 pub use error::{Error, PublishError, Result};
 pub use event::{Event, Lost, MAX_UNIQUE_HASH_LEN, NewBroker, Payload, SYSTEM_SOURCE, Target, Wid};
 pub use options::{DEFAULT_RING_CAPACITY, MAX_PAYLOAD_LIMIT, MAX_WORKERS, Options, Transport};

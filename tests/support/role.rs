@@ -123,6 +123,9 @@ impl Role {
             let rec = rec.clone();
             worker.subscribe("*", "*", move |ev| record(&rec, runs.as_ref(), ev));
         }
+        if spawn.reactor {
+            super::callback::react(&mut worker);
+        }
         if spawn.panic {
             worker.subscribe("boom", "*", |_| panic!("intentional test panic"));
             let rec = rec.clone();
