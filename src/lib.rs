@@ -203,6 +203,8 @@ mod event;
 pub mod fuzz_api;
 mod layout;
 mod message;
+#[cfg(feature = "mio")]
+mod mio;
 mod notify;
 mod options;
 mod region;
@@ -211,6 +213,9 @@ mod stats;
 mod subs;
 mod sync;
 mod sys;
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub mod tokio;
 mod transport;
 mod wire;
 mod worker;
