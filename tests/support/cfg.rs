@@ -233,6 +233,8 @@ key_table! {
         disable_shm: bool = "WORKER_EVENTS_DISABLE_SHM",
         /// A reactor (`callback.rs`): callbacks that publish in answer to `("trig", *)`.
         reactor: bool = "WE_REACTOR",
+        /// The tokio role (`tokio_role.rs`) instead of the command loop.
+        tokio: bool = "WE_TOKIO",
     }
 }
 
@@ -248,6 +250,7 @@ impl Spawn {
             raw_uid: None,
             disable_shm: false,
             reactor: false,
+            tokio: false,
         }
     }
 }

@@ -70,6 +70,9 @@ pub fn child_main() {
     if let Some(frame) = &spawn.raw_frame {
         super::raw::client_main(&cfg, frame, spawn.raw_uid);
     }
+    if spawn.tokio {
+        super::tokio_role::main(&cfg, &spawn);
+    }
     Role::start(&cfg, &spawn).serve()
 }
 
