@@ -5,8 +5,7 @@
 //! `Poll::poll` until its fd turns readable, then dispatches until `dispatch` returns 0
 //! (which re-arms the wake-up), as every poller must.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mio::{Events as MioEvents, Interest, Poll, Token};
@@ -17,12 +16,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let events = Events::new(Options::new(dir.join("ev.sock")).workers(2))?;
     let mut publisher = events.init_worker(Wid::Worker(0))?; // the broker
     let mut receiver = events.init_worker(Wid::Worker(1))?;
-    let got = Arc::new(AtomicU64::new(0));
+    let got = Arc::new(Mutex::new(0u64));
     let g = got.clone();
     receiver.subscribe("demo", "tick", move |ev| {
         let n: u64 = ev.deserialize().unwrap_or(u64::MAX);
         println!("worker 1 got tick {n} from {:?}", ev.wid());
-        g.fetch_add(1, Ordering::Relaxed);
+        *g.lock().unwrap() += 1;
     });
 
     let mut poll = Poll::new()?;
@@ -39,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     const N: u64 = 5;
     let mut sent = 0;
-    while got.load(Ordering::Relaxed) < N {
+    while *got.lock().unwrap() < N {
         if sent < N {
             publisher.publish(Target::All, "demo", "tick", &sent)?;
             sent += 1;

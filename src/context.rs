@@ -1,7 +1,7 @@
 //! Publishing from a callback: the [`Context`] a callback registered with
-//! [`Worker::subscribe_with`](crate::Worker::subscribe_with) receives. While callbacks run
+//! [`Worker::subscribe_with`](crate::worker::Worker::subscribe_with) receives. While callbacks run
 //! the worker is busy delivering (its data path is borrowed), so a publish made here is
-//! checked at once, with the errors [`Worker::publish`](crate::Worker::publish) would give
+//! checked at once, with the errors [`Worker::publish`](crate::worker::Worker::publish) would give
 //! at that moment, encoded, and queued; the worker sends the queue, in call order, as soon
 //! as the delivery pass that ran the callback returns.
 //!
@@ -89,11 +89,11 @@ pub(crate) struct Queued {
 }
 
 /// Handed to a callback registered with
-/// [`Worker::subscribe_with`](crate::Worker::subscribe_with): publish from inside the
+/// [`Worker::subscribe_with`](crate::worker::Worker::subscribe_with): publish from inside the
 /// callback.
 ///
 /// A publish here is checked at the call, with the errors
-/// [`Worker::publish`](crate::Worker::publish) would return at that moment
+/// [`Worker::publish`](crate::worker::Worker::publish) would return at that moment
 /// ([`PublishError::PayloadTooLarge`], [`PublishError::QueueOverflow`] when this worker's
 /// own queue, or the data path's, would be full counting the publishes already made from
 /// callbacks, [`PublishError::InvalidUniqueHash`]): an `Ok` publish is sent, an `Err` one
@@ -205,7 +205,7 @@ impl Context {
     /// Publish a typed value from a callback (serialized now, sent after the pass).
     ///
     /// # Errors
-    /// As [`Worker::publish`](crate::Worker::publish), decided at this call.
+    /// As [`Worker::publish`](crate::worker::Worker::publish), decided at this call.
     ///
     /// ```
     /// # use worker_events::{Events, Options, Target, Wid};
@@ -233,7 +233,7 @@ impl Context {
     /// Publish raw bytes from a callback (sent after the pass).
     ///
     /// # Errors
-    /// As [`Worker::publish_bytes`](crate::Worker::publish_bytes), decided at this call.
+    /// As [`Worker::publish_bytes`](crate::worker::Worker::publish_bytes), decided at this call.
     ///
     /// ```
     /// # use worker_events::{Events, Options, Target, Wid, PublishError};

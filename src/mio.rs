@@ -1,6 +1,6 @@
 //! `Worker` as a [`mio::event::Source`] (feature `mio`): its fd, registered for
 //! readability. Register it with `Interest::READABLE`; when the poll reports its token,
-//! call [`Worker::dispatch`](crate::Worker::dispatch) until it returns 0 (mio registers
+//! call [`Worker::dispatch`](crate::worker::Worker::dispatch) until it returns 0 (mio registers
 //! edge-triggered, and the worker's fd gets a new edge for work that comes after a
 //! `dispatch` returned 0). Work queued by this worker for its own callbacks (its own
 //! `publish`es between dispatches) makes no edge: dispatch once after publishing too, as
@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use ::mio::unix::SourceFd;
 use ::mio::{Interest, Registry, Token};
 
-use crate::Worker;
+use crate::worker::Worker;
 
 /// ```
 /// use mio::{Events as MioEvents, Interest, Poll, Token};

@@ -18,7 +18,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use ::tokio::io::Interest;
 use ::tokio::io::unix::AsyncFd;
 
-use crate::{Error, Result, Worker};
+use crate::error::{Error, Result};
+use crate::worker::Worker;
 
 /// A [`Worker`] whose fd is registered with the current tokio runtime: `dispatch().await`
 /// sleeps until there is work, then runs it. Works on a current-thread runtime (built in
@@ -27,7 +28,7 @@ use crate::{Error, Result, Worker};
 /// **Publishing.** Between dispatches, publish through [`AsyncWorker::worker_mut`]; the
 /// next [`AsyncWorker::dispatch`] runs whatever that queued for this worker's own callbacks
 /// at once (no wake-up needed). Inside a callback, publish through the
-/// [`Context`](crate::Context) of [`Worker::subscribe_with`]. Request handlers running as
+/// [`Context`](crate::context::Context) of [`Worker::subscribe_with`]. Request handlers running as
 /// other tasks hand what they publish to the task that owns the `AsyncWorker`, for example
 /// over a channel polled in the same `select!` as `dispatch()` (which is cancel-safe): no
 /// lock is held while waiting, so nothing can deadlock.

@@ -3,6 +3,7 @@
 //! until 0; a deregistered worker is never reported again.
 
 #![cfg(feature = "mio")]
+#![allow(clippy::disallowed_types)] // the test is not the library: a std atomic counter
 
 #[macro_use]
 mod support;

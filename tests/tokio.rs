@@ -70,7 +70,7 @@ fn tokio_child_answers_every_ping_without_losing_a_wakeup() {
     assert_eq!(f.len(), 2, "{done}");
     assert_eq!(f[1], 0, "AsyncWorker::dispatch returned 0 {} times", f[1]);
     // Pings, loc events and the exit at least (the attach's events may add notices).
-    assert!(f[0] >= 2 * ROUNDS + 1, "{done}");
+    assert!(f[0] > 2 * ROUNDS, "{done}");
     drop(w);
 }
 

@@ -29,6 +29,7 @@ pub fn main(cfg: &Cfg, spawn: &Spawn) -> ! {
 }
 
 #[cfg(feature = "tokio")]
+#[allow(clippy::disallowed_types)] // the test is not the library: a std atomic flag
 fn run(cfg: &Cfg, spawn: &Spawn) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
