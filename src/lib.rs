@@ -193,6 +193,7 @@
 
 // Lints: `[lints]` in Cargo.toml (one place).
 
+mod context;
 mod control;
 mod dedup;
 mod error;
@@ -202,6 +203,8 @@ mod event;
 pub mod fuzz_api;
 mod layout;
 mod message;
+#[cfg(feature = "mio")]
+mod mio;
 mod notify;
 mod options;
 mod region;
@@ -210,10 +213,14 @@ mod stats;
 mod subs;
 mod sync;
 mod sys;
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub mod tokio;
 mod transport;
 mod wire;
 mod worker;
 
+pub use context::Context;
 pub use error::{Error, PublishError, Result};
 pub use event::{Event, Lost, MAX_UNIQUE_HASH_LEN, NewBroker, Payload, SYSTEM_SOURCE, Target, Wid};
 pub use options::{DEFAULT_RING_CAPACITY, MAX_PAYLOAD_LIMIT, MAX_WORKERS, Options, Transport};

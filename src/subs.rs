@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use crate::context::Context;
 use crate::event::{Event, Wid};
 
-/// A subscription callback.
-pub(crate) type Callback = Box<dyn FnMut(&Event<'_>) + Send + 'static>;
+/// A subscription callback (a plain `FnMut(&Event)` is wrapped to ignore the context).
+pub(crate) type Callback = Box<dyn FnMut(&mut Context, &Event<'_>) + Send + 'static>;
 
 /// Identifier returned by [`crate::worker::Worker::subscribe`].
 ///
@@ -282,18 +283,26 @@ impl Subscriptions {
     /// each level in subscription order. A level identical to an earlier one (an event
     /// whose source or name is literally `"*"`) is not run twice. A panicking callback is
     /// caught and logged; the others still run.
-    pub(crate) fn run(&mut self, ev: &Event<'_>) -> RunStats {
+    pub(crate) fn run(&mut self, ev: &Event<'_>, cx: &mut Context) -> RunStats {
         if !self.memo.hit(ev.source.as_bytes(), ev.event.as_bytes()) {
             Self::resolve(&self.table, &self.lists, &mut self.memo, ev.source, ev.event);
         }
-        self.run_resolved(ev)
+        let Subscriptions { wild, lists, memo, .. } = self;
+        run_levels(wild, lists, memo.any, memo.event_list, ev, cx)
     }
 
     /// [`Subscriptions::run`] for an event whose names are still unchecked bytes (as read
     /// from another process): a pair equal to the memo's needs no UTF-8 validation (the
     /// memo's names were validated); otherwise the names are validated here. `None` when a
     /// name is not UTF-8 (nothing ran).
-    pub(crate) fn run_raw(&mut self, source: &[u8], event: &[u8], data: &[u8], wid: Option<Wid>) -> Option<RunStats> {
+    pub(crate) fn run_raw(
+        &mut self,
+        source: &[u8],
+        event: &[u8],
+        data: &[u8],
+        wid: Option<Wid>,
+        cx: &mut Context,
+    ) -> Option<RunStats> {
         if !self.memo.hit(source, event) {
             let s = std::str::from_utf8(source).ok()?;
             let e = std::str::from_utf8(event).ok()?;
@@ -302,12 +311,7 @@ impl Subscriptions {
         // The names are the memo's own (equal bytes): no validation, no lifetime games.
         let Subscriptions { wild, lists, memo, .. } = self;
         let ev = Event { source: &memo.source, event: &memo.event, data, wid };
-        Some(run_levels(wild, lists, memo.any, memo.event_list, &ev))
-    }
-
-    fn run_resolved(&mut self, ev: &Event<'_>) -> RunStats {
-        let Subscriptions { wild, lists, memo, .. } = self;
-        run_levels(wild, lists, memo.any, memo.event_list, ev)
+        Some(run_levels(wild, lists, memo.any, memo.event_list, &ev, cx))
     }
 }
 
@@ -317,24 +321,25 @@ fn run_levels(
     any: Option<ListId>,
     event_list: Option<ListId>,
     ev: &Event<'_>,
+    cx: &mut Context,
 ) -> RunStats {
     let mut st = RunStats::default();
     if !wild.is_empty() {
-        run_list(wild, ev, &mut st);
+        run_list(wild, ev, cx, &mut st);
     }
     if let Some(l) = any {
-        run_list(&mut lists[l as usize], ev, &mut st);
+        run_list(&mut lists[l as usize], ev, cx, &mut st);
     }
     if let Some(l) = event_list {
-        run_list(&mut lists[l as usize], ev, &mut st);
+        run_list(&mut lists[l as usize], ev, cx, &mut st);
     }
     st
 }
 
-fn run_list(list: &mut List, ev: &Event<'_>, st: &mut RunStats) {
+fn run_list(list: &mut List, ev: &Event<'_>, cx: &mut Context, st: &mut RunStats) {
     for (id, cb) in list.iter_mut() {
         st.called += 1;
-        if catch_unwind(AssertUnwindSafe(|| cb(ev))).is_err() {
+        if catch_unwind(AssertUnwindSafe(|| cb(cx, ev))).is_err() {
             st.panicked += 1;
             tracing::error!(subscription = *id, source = ev.source(), event = ev.event(), "event callback panicked");
         }
@@ -358,11 +363,11 @@ mod tests {
         for (s, e) in [("a", "x"), ("*", "*"), ("a", "*"), ("*", "x"), ("a", "x")] {
             let l = log.clone();
             let tag = format!("{s}/{e}#{}", ids.len());
-            ids.push(subs.subscribe(s, e, Box::new(move |_| l.lock().unwrap().push(tag.clone()))));
+            ids.push(subs.subscribe(s, e, Box::new(move |_, _| l.lock().unwrap().push(tag.clone()))));
         }
         let run = |subs: &mut Subscriptions, s: &str, e: &str| {
             log.lock().unwrap().clear();
-            subs.run(&ev(s, e));
+            subs.run(&ev(s, e), &mut Context::default());
             log.lock().unwrap().clone()
         };
         assert_eq!(run(&mut subs, "a", "x"), ["*/*#1", "a/*#2", "a/x#0", "a/x#4"]);
@@ -382,21 +387,21 @@ mod tests {
         let hits = Arc::new(Mutex::new(Vec::new()));
         let mut subs = Subscriptions::default();
         assert!(!subs.wants("a", "x"));
-        assert_eq!(subs.run(&ev("a", "x")).called, 0);
+        assert_eq!(subs.run(&ev("a", "x"), &mut Context::default()).called, 0);
         let h = hits.clone();
-        let id = subs.subscribe("a", "x", Box::new(move |e| h.lock().unwrap().push(e.event().to_owned())));
+        let id = subs.subscribe("a", "x", Box::new(move |_, e| h.lock().unwrap().push(e.event().to_owned())));
         // The pair is memoized as "nothing" from the run above: the subscribe must clear it.
         assert!(subs.wants("a", "x") && !subs.wants("a", "y") && !subs.wants("b", "x"));
-        assert_eq!(subs.run_raw(b"a", b"x", &[], None).map(|r| r.called), Some(1));
-        assert_eq!(subs.run_raw(b"a", b"x", &[], None).map(|r| r.called), Some(1), "memo hit");
-        assert_eq!(subs.run_raw(b"a", b"y", &[], None).map(|r| r.called), Some(0));
-        assert!(subs.run_raw(b"a", &[0xff], &[], None).is_none(), "invalid UTF-8 is refused");
-        assert!(subs.run_raw(&[0xc3], b"x", &[], None).is_none());
+        assert_eq!(subs.run_raw(b"a", b"x", &[], None, &mut Context::default()).map(|r| r.called), Some(1));
+        assert_eq!(subs.run_raw(b"a", b"x", &[], None, &mut Context::default()).map(|r| r.called), Some(1), "memo hit");
+        assert_eq!(subs.run_raw(b"a", b"y", &[], None, &mut Context::default()).map(|r| r.called), Some(0));
+        assert!(subs.run_raw(b"a", &[0xff], &[], None, &mut Context::default()).is_none(), "invalid UTF-8 is refused");
+        assert!(subs.run_raw(&[0xc3], b"x", &[], None, &mut Context::default()).is_none());
         assert_eq!(*hits.lock().unwrap(), ["x", "x"]);
         assert!(subs.unsubscribe(id));
         assert!(!subs.wants("a", "x"));
-        assert_eq!(subs.run(&ev("a", "x")).called, 0);
-        let any = subs.subscribe("*", "*", Box::new(|_| {}));
+        assert_eq!(subs.run(&ev("a", "x"), &mut Context::default()).called, 0);
+        let any = subs.subscribe("*", "*", Box::new(|_, _| {}));
         assert!(subs.wants("b", "z"));
         assert!(subs.unsubscribe(any) && !subs.wants("b", "z"));
     }
@@ -404,13 +409,13 @@ mod tests {
     #[test]
     fn publishing_one_pair_and_receiving_another_keep_both_memoized() {
         let mut subs = Subscriptions::default();
-        subs.subscribe("bench", "pong", Box::new(|_| {}));
+        subs.subscribe("bench", "pong", Box::new(|_, _| {}));
         for _ in 0..3 {
             assert!(!subs.wants("bench", "ping"), "our own ping: nobody local wants it");
-            assert_eq!(subs.run_raw(b"bench", b"pong", &[], None).map(|r| r.called), Some(1));
+            assert_eq!(subs.run_raw(b"bench", b"pong", &[], None, &mut Context::default()).map(|r| r.called), Some(1));
         }
         assert!(subs.wants_memo.hit(b"bench", b"ping") && subs.memo.hit(b"bench", b"pong"));
-        subs.subscribe("bench", "ping", Box::new(|_| {}));
+        subs.subscribe("bench", "ping", Box::new(|_, _| {}));
         assert!(!subs.wants_memo.valid && !subs.memo.valid, "a subscribe clears both");
         assert!(subs.wants("bench", "ping"));
     }

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 
 use rkyv::util::AlignedVec;
 
+use crate::context::Room;
 use crate::dedup::Check;
 use crate::event::Event;
 use crate::message;
@@ -136,6 +137,16 @@ impl DataPath {
             DataPath::InProcess | DataPath::Shm(_) => true,
             DataPath::Unattached(pre) => pre.events.len() < cap,
             DataPath::Socket(p) => p.has_room(),
+        }
+    }
+
+    /// [`DataPath::has_room`] for several events in a row (publishes from callbacks,
+    /// checked while the data path is busy delivering).
+    pub(crate) fn all_room(&self, cap: usize) -> Room {
+        match self {
+            DataPath::InProcess | DataPath::Shm(_) => Room::UNLIMITED,
+            DataPath::Unattached(pre) => Room::frames(cap.saturating_sub(pre.events.len())),
+            DataPath::Socket(p) => p.all_room(),
         }
     }
 

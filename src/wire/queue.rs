@@ -94,6 +94,11 @@ impl OutQueue {
         self.cap_bytes = cap_bytes;
     }
 
+    /// Room left before [`OutQueue::is_full`]: (frames, bytes).
+    pub(crate) fn room(&self) -> (usize, usize) {
+        (self.cap.saturating_sub(self.frames), self.cap_bytes.saturating_sub(self.queued_bytes()))
+    }
+
     /// No room for another frame (either bound reached).
     pub(crate) fn is_full(&self) -> bool {
         self.frames >= self.cap || self.queued_bytes() >= self.cap_bytes

@@ -172,7 +172,14 @@ impl Worker {
             for d in port.depths() {
                 let crate::wire::Peer::Slot(from) = d.peer else { continue };
                 if d.inbound > 0 {
-                    super::delivery::deliver_lost_notice(&mut self.subs, &mut self.stats, &self.geo, from, d.inbound);
+                    super::delivery::deliver_lost_notice(
+                        &mut self.subs,
+                        &mut self.stats,
+                        &mut self.cx,
+                        &self.geo,
+                        from,
+                        d.inbound,
+                    );
                 }
                 self.stats.lost_outbound = self.stats.lost_outbound.saturating_add(d.outbound);
                 if d.inbound + d.outbound > 0 {

@@ -5,9 +5,10 @@
 use rkyv::util::AlignedVec;
 
 use super::Worker;
-use crate::event::{Event, Lost, SYSTEM_SOURCE};
+use crate::context::{Context, Limits, Room};
+use crate::event::{Event, Lost, SYSTEM_SOURCE, Target};
 use crate::layout::Geometry;
-use crate::message::{self, Kind};
+use crate::message::{self, Kind, ORIGIN_NONE};
 use crate::stats::Stats;
 use crate::subs::{RunStats, Subscriptions};
 use crate::transport::{Deliver, PortCounters};
@@ -23,21 +24,23 @@ pub(super) struct Delivery<'a> {
     pub(super) subs: &'a mut Subscriptions,
     pub(super) stats: &'a mut Stats,
     pub(super) geo: &'a Geometry,
+    /// What the callbacks publish (sent after the pass).
+    pub(super) cx: &'a mut Context,
 }
 
 impl Deliver for Delivery<'_> {
     fn event(&mut self, ev: &Event<'_>) {
-        run_callbacks(self.subs, self.stats, ev);
+        run_callbacks(self.subs, self.stats, self.cx, ev);
     }
 
     fn raw_event(&mut self, m: &message::Raw<'_>) -> bool {
-        let Some(r) = self.subs.run_raw(m.source, m.event, m.data, m.wid) else { return false };
+        let Some(r) = self.subs.run_raw(m.source, m.event, m.data, m.wid, self.cx) else { return false };
         count_run(self.stats, r);
         true
     }
 
     fn lost(&mut self, from: u32, count: u64) {
-        deliver_lost_notice(self.subs, self.stats, self.geo, from, count);
+        deliver_lost_notice(self.subs, self.stats, self.cx, self.geo, from, count);
     }
 
     fn dropped(&mut self) {
@@ -46,8 +49,8 @@ impl Deliver for Delivery<'_> {
 }
 
 /// Run the callbacks for one delivered event and count it.
-pub(super) fn run_callbacks(subs: &mut Subscriptions, stats: &mut Stats, ev: &Event<'_>) {
-    count_run(stats, subs.run(ev));
+pub(super) fn run_callbacks(subs: &mut Subscriptions, stats: &mut Stats, cx: &mut Context, ev: &Event<'_>) {
+    count_run(stats, subs.run(ev, cx));
 }
 
 /// Count one delivered event whose callbacks ran with outcome `r`.
@@ -59,7 +62,14 @@ fn count_run(stats: &mut Stats, r: RunStats) {
 
 /// Run the callbacks of a "lost" system notice: `count` events of publisher slot `from`
 /// never reached this worker.
-pub(super) fn deliver_lost_notice(subs: &mut Subscriptions, stats: &mut Stats, geo: &Geometry, from: u32, count: u64) {
+pub(super) fn deliver_lost_notice(
+    subs: &mut Subscriptions,
+    stats: &mut Stats,
+    cx: &mut Context,
+    geo: &Geometry,
+    from: u32,
+    count: u64,
+) {
     stats.lost = stats.lost.saturating_add(count);
     let publisher = geo.wid_of(from);
     tracing::warn!(%publisher, count, "events lost on the way to this worker");
@@ -67,7 +77,7 @@ pub(super) fn deliver_lost_notice(subs: &mut Subscriptions, stats: &mut Stats, g
     let lost = Lost { count, publisher };
     if message::encode_typed(&mut b, SYSTEM_SOURCE, "lost", &lost, from, Kind::System, usize::MAX).is_ok() {
         if let Ok(d) = message::decode(&b, geo.workers, geo.agent, usize::MAX) {
-            run_callbacks(subs, stats, &d.event);
+            run_callbacks(subs, stats, cx, &d.event);
         }
     }
 }
@@ -86,14 +96,79 @@ impl Worker {
         // Our own "all" events that no callback wanted (see `send`): delivered to nobody.
         let mut n = std::mem::take(&mut self.unrun_self);
         self.stats.delivered += n as u64;
+        self.prepare_callbacks();
         for _ in 0..self.local.len() {
             let Some(buf) = self.local.pop_front() else { break };
             let (g, max) = (self.geo, self.opts.max_payload_len);
             if let Ok(d) = message::decode(&buf, g.workers, g.agent, max) {
-                run_callbacks(&mut self.subs, &mut self.stats, &d.event);
+                self.cx.set_local_used(self.local.len());
+                run_callbacks(&mut self.subs, &mut self.stats, &mut self.cx, &d.event);
                 n += 1;
             }
             self.recycle(buf);
+        }
+        self.send_queued();
+        n
+    }
+
+    /// Before running callbacks: the bounds their publishes (through the [`Context`]) are
+    /// checked against, as `publish` would check them now. Nothing to do until a callback
+    /// that can publish is subscribed.
+    #[inline]
+    pub(super) fn prepare_callbacks(&mut self) {
+        if !self.cx_used {
+            return;
+        }
+        let in_process = self.path.is_in_process();
+        let cap = self.opts.max_queue_len;
+        let unique = if self.path.shm().is_some() {
+            Room::UNLIMITED // routed at once, never queued
+        } else {
+            Room::frames(cap.saturating_sub(self.unique.len()))
+        };
+        self.cx.set_limits(Limits {
+            in_process,
+            origin: if in_process { ORIGIN_NONE } else { self.slot },
+            max_payload_len: self.opts.max_payload_len,
+            cap,
+            local_used: self.local.len() + self.unrun_self,
+            all: self.path.all_room(cap),
+            unique,
+        });
+    }
+
+    /// After callbacks ran: send what they published, in call order, as `publish` does.
+    /// Returns how many were sent. (In testing mode, sending runs callbacks at once: what
+    /// those publish stays queued for the next call.)
+    pub(super) fn send_queued(&mut self) -> usize {
+        if self.cx.queue.is_empty() {
+            return 0;
+        }
+        let mut queue = std::mem::take(&mut self.cx.queue);
+        let mut names = std::mem::take(&mut self.cx.names);
+        let n = queue.len();
+        for q in queue.drain(..) {
+            let name = |r: (usize, usize)| &names[r.0..r.1];
+            let target = match q.kind {
+                Kind::All => Target::All,
+                Kind::Unique => Target::Unique(name(q.hash)),
+                _ => Target::Current,
+            };
+            if let Err(e) = self.send(q.msg, target, name(q.source), name(q.event)) {
+                // Not expected: the same checks passed at the call.
+                tracing::warn!(error = %e, "an event published from a callback could not be sent");
+            }
+            if self.cx.spare.len() < n {
+                if let Some(b) = self.pool.pop() {
+                    self.cx.spare.push(b);
+                }
+            }
+        }
+        if self.cx.queue.is_empty() {
+            // Keep the allocations (nothing was queued while sending).
+            names.clear();
+            self.cx.queue = queue;
+            self.cx.names = names;
         }
         n
     }

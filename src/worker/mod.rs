@@ -20,6 +20,7 @@ use std::sync::Arc;
 use rkyv::ser::allocator::Arena;
 use rkyv::util::AlignedVec;
 
+use crate::context::Context;
 use crate::control::Control;
 use crate::error::{Error, Result};
 use crate::event::{Event, Wid};
@@ -151,6 +152,8 @@ impl Events {
             slot,
             geo,
             subs: Subscriptions::default(),
+            cx: Context::new(wid),
+            cx_used: false,
             local: VecDeque::new(),
             unrun_self: 0,
             pool: Vec::new(),
@@ -228,6 +231,10 @@ pub struct Worker {
     slot: u32,
     geo: Geometry,
     subs: Subscriptions,
+    /// What callbacks publish while they run (sent after each delivery pass).
+    cx: Context,
+    /// A callback that can publish was subscribed (until then no pass prepares `cx`).
+    cx_used: bool,
     /// Events for our own callbacks ("all" self-copies, "current", unique events the broker
     /// gave itself, system notices), in publish order.
     local: VecDeque<AlignedVec>,
@@ -302,6 +309,34 @@ impl Worker {
     where
         F: FnMut(&Event<'_>) + Send + 'static,
     {
+        let mut callback = callback;
+        self.subs.subscribe(source, event, Box::new(move |_: &mut Context, ev: &Event<'_>| callback(ev)))
+    }
+
+    /// [`Worker::subscribe`] for a callback that publishes: it also gets a [`Context`], whose
+    /// `publish` and `publish_bytes` are checked at the call (with the errors of
+    /// [`Worker::publish`]) and sent, in call order, right after the delivery pass that ran
+    /// the callback. This worker's own callbacks see those events at a later pass, never
+    /// within the run that published them.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Target, Wid};
+    /// let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// w.subscribe_with("cache", "set", |cx, ev| {
+    ///     cx.publish_bytes(Target::All, "cache", "changed", ev.data_bytes()).unwrap();
+    /// });
+    /// let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    /// let s = seen.clone();
+    /// w.subscribe("cache", "changed", move |ev| s.lock().unwrap().push(ev.data_bytes().to_vec()));
+    /// w.publish_bytes(Target::Current, "cache", "set", b"k1").unwrap(); // testing mode: runs at once
+    /// assert_eq!(*seen.lock().unwrap(), [b"k1".to_vec()]);
+    /// ```
+    pub fn subscribe_with<F>(&mut self, source: &str, event: &str, callback: F) -> SubscriptionId
+    where
+        F: FnMut(&mut Context, &Event<'_>) + Send + 'static,
+    {
+        self.cx_used = true;
         self.subs.subscribe(source, event, Box::new(callback))
     }
 
@@ -396,6 +431,7 @@ impl Worker {
     /// ```
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
+        s.overflows += self.cx.overflows;
         self.unique_stats(&mut s);
         delivery::fold_counters(&mut s, self.path.counters());
         let broker = self.broker.slot.unwrap_or(0);

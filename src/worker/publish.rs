@@ -41,7 +41,7 @@ impl Worker {
             self.pool.push(buf);
             return Err(e);
         }
-        self.send(buf, target, source, event)
+        self.send_and_queued(buf, target, source, event)
     }
 
     /// Publish raw bytes.
@@ -73,7 +73,22 @@ impl Worker {
             self.pool.push(buf);
             return Err(e);
         }
-        self.send(buf, target, source, event)
+        self.send_and_queued(buf, target, source, event)
+    }
+
+    /// [`Worker::send`]; in testing mode, where it ran our callbacks, then what they published.
+    fn send_and_queued(
+        &mut self,
+        buf: AlignedVec,
+        target: Target<'_>,
+        source: &str,
+        event: &str,
+    ) -> Result<(), PublishError> {
+        self.send(buf, target, source, event)?;
+        if self.path.is_in_process() {
+            self.send_queued();
+        }
+        Ok(())
     }
 
     /// The origin and kind a target's message carries (in testing mode no origin: events
@@ -90,12 +105,20 @@ impl Worker {
         }
     }
 
-    fn send(&mut self, buf: AlignedVec, target: Target<'_>, source: &str, event: &str) -> Result<(), PublishError> {
+    /// Send an encoded message (after [`Worker::route`]); the room checks are made here.
+    pub(super) fn send(
+        &mut self,
+        buf: AlignedVec,
+        target: Target<'_>,
+        source: &str,
+        event: &str,
+    ) -> Result<(), PublishError> {
         if self.path.is_in_process() {
             // Synchronous, in-process, wid None.
             let (g, max) = (self.geo, self.opts.max_payload_len);
             if let Ok(d) = message::decode(&buf, g.workers, g.agent, max) {
-                run_callbacks(&mut self.subs, &mut self.stats, &d.event);
+                self.prepare_callbacks();
+                run_callbacks(&mut self.subs, &mut self.stats, &mut self.cx, &d.event);
             }
             self.pool.push(buf);
             self.stats.published += 1;

@@ -231,13 +231,27 @@ key_table! {
         raw_uid: Option<u32> = "WE_RAW_UID",
         /// The library's own switch: memfd creation fails, as in a sandbox without it.
         disable_shm: bool = "WORKER_EVENTS_DISABLE_SHM",
+        /// A reactor (`callback.rs`): callbacks that publish in answer to `("trig", *)`.
+        reactor: bool = "WE_REACTOR",
+        /// The tokio role (`tokio_role.rs`) instead of the command loop.
+        tokio: bool = "WE_TOKIO",
     }
 }
 
 impl Spawn {
     /// A plain worker `wid`.
     pub fn worker(wid: Wid) -> Spawn {
-        Spawn { wid, panic: false, early: None, runs: None, raw_frame: None, raw_uid: None, disable_shm: false }
+        Spawn {
+            wid,
+            panic: false,
+            early: None,
+            runs: None,
+            raw_frame: None,
+            raw_uid: None,
+            disable_shm: false,
+            reactor: false,
+            tokio: false,
+        }
     }
 }
 

@@ -13,6 +13,8 @@
 //! | `cluster.rs` | failover: a set of children with the bookkeeping of its invariants    |
 //! | `sockclient.rs` | raw peers passing descriptors, a fake socket broker, fd counts     |
 //! | `region.rs`  | a child's shared-memory region, mapped through `/proc` as a hostile peer |
+//! | `callback.rs` | the reactor: callbacks that publish (`Worker::subscribe_with`)        |
+//! | `tokio_role.rs` | a worker driven by `AsyncWorker` on a current-thread runtime        |
 //!
 //! Clock, percentiles, rng, temp dirs and process plumbing come from the workspace's
 //! `dev-support` crate. A test file starts with `#[macro_use] mod support; use support::*;`
@@ -20,6 +22,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod callback;
 pub mod cfg;
 pub mod child;
 pub mod cluster;
@@ -31,6 +34,7 @@ pub mod region;
 pub mod report;
 pub mod role;
 pub mod sockclient;
+pub mod tokio_role;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -70,6 +70,9 @@ pub fn child_main() {
     if let Some(frame) = &spawn.raw_frame {
         super::raw::client_main(&cfg, frame, spawn.raw_uid);
     }
+    if spawn.tokio {
+        super::tokio_role::main(&cfg, &spawn);
+    }
     Role::start(&cfg, &spawn).serve()
 }
 
@@ -122,6 +125,9 @@ impl Role {
         {
             let rec = rec.clone();
             worker.subscribe("*", "*", move |ev| record(&rec, runs.as_ref(), ev));
+        }
+        if spawn.reactor {
+            super::callback::react(&mut worker);
         }
         if spawn.panic {
             worker.subscribe("boom", "*", |_| panic!("intentional test panic"));

@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 use rkyv::util::AlignedVec;
 
 use super::{Deliver, PeerDepth, PortCounters};
+use crate::context::Room;
 use crate::dedup::{Check, HeapTable};
 use crate::layout::Geometry;
 use crate::message::{self, Kind};
@@ -191,6 +192,16 @@ impl SocketPort {
     /// drops and owes a notice).
     pub(crate) fn has_room(&self) -> bool {
         self.serving || !self.client_out.is_full()
+    }
+
+    /// The room [`SocketPort::has_room`] checks, for several events in a row: a frame
+    /// holds its length word, kind byte, stamp and message.
+    pub(crate) fn all_room(&self) -> Room {
+        if self.serving {
+            return Room::UNLIMITED;
+        }
+        let (frames, bytes) = self.client_out.room();
+        Room { frames, bytes, overhead: 4 + 1 + STAMP_LEN }
     }
 
     /// Stamp and send an "all" event: relay it as the broker, queue it for the broker as a
