@@ -44,10 +44,12 @@ rule() {
 all_src() { find src -name '*.rs' | sort; }
 files_under() { find "$@" -name '*.rs' 2>/dev/null | sort; }
 
-rule "nothing below the facade imports worker/ (the integrations tokio.rs and mio.rs sit above it)" \
-  bash -c "$(declare -f code files_under); code \$(find src -name '*.rs' ! -path 'src/worker/*' ! -name lib.rs ! -name tokio.rs ! -name mio.rs | sort) | grep -E 'crate::worker|super::worker'"
+rule "nothing below the facade imports worker/ (the integrations tokio.rs, mio.rs and metrics.rs sit above it)" \
+  bash -c "$(declare -f code files_under); code \$(find src -name '*.rs' ! -path 'src/worker/*' ! -name lib.rs ! -name tokio.rs ! -name mio.rs ! -name metrics.rs | sort) | grep -E 'crate::worker|super::worker'"
 rule "the integrations (tokio.rs, mio.rs) use nothing of the crate but the facade and its errors" \
   bash -c "$(declare -f code); code \$(ls src/tokio.rs src/mio.rs 2>/dev/null) | grep -E 'crate::' | grep -vE 'crate::(worker::Worker|error::)'"
+rule "metrics.rs reads nothing of the crate but the facade's Worker, Stats and Wid" \
+  bash -c "$(declare -f code); code \$(ls src/metrics.rs 2>/dev/null) | grep -E 'crate::' | grep -vE 'crate::(worker::Worker|stats::\\{?(PeerStats, )?Stats\\}?|event::Wid);'"
 rule "control/ never imports transport/ or worker/" \
   bash -c "$(declare -f code); code \$(find src/control -name '*.rs') | grep -E 'crate::(transport|worker)'"
 rule "transport/ never imports control/ or worker/" \

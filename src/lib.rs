@@ -202,7 +202,11 @@ mod event;
 #[doc(hidden)]
 pub mod fuzz_api;
 mod layout;
+mod log_limit;
 mod message;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 #[cfg(feature = "mio")]
 mod mio;
 mod notify;

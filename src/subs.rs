@@ -341,7 +341,13 @@ fn run_list(list: &mut List, ev: &Event<'_>, cx: &mut Context, st: &mut RunStats
         st.called += 1;
         if catch_unwind(AssertUnwindSafe(|| cb(cx, ev))).is_err() {
             st.panicked += 1;
-            tracing::error!(subscription = *id, source = ev.source(), event = ev.event(), "event callback panicked");
+            crate::log_limit::log_limited!(
+                tracing::Level::ERROR,
+                subscription = *id,
+                source = ev.source(),
+                event = ev.event(),
+                "event callback panicked"
+            );
         }
     }
 }

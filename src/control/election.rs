@@ -233,7 +233,11 @@ impl Control {
     /// and the epoch agree again.
     pub(crate) fn adopt_broker_lock(&mut self) {
         if self.is_broker() && !self.election.holds_broker_byte && self.lock.try_broker() {
-            tracing::info!(slot = self.slot, "took the broker lock byte over from the stuck broker");
+            tracing::info!(
+                slot = self.slot,
+                pid = std::process::id(),
+                "took the broker lock byte over from the stuck broker"
+            );
             self.election.holds_broker_byte = true;
         }
     }
@@ -303,7 +307,7 @@ impl Control {
         if self.is_broker() {
             self.release_broker_byte();
             self.drop_role(epoll);
-            tracing::info!(slot = self.slot, "resigned the broker role");
+            tracing::info!(slot = self.slot, pid = std::process::id(), "resigned the broker role");
         }
     }
 }

@@ -262,7 +262,7 @@ impl Control {
         self.drop_role(epoll);
         self.served();
         self.set_timer(election::BEAT_INTERVAL);
-        tracing::info!(slot = self.slot, path = %self.path.display(), "elected broker");
+        tracing::info!(slot = self.slot, pid = std::process::id(), path = %self.path.display(), "listening as the broker");
         let listener = sys::ParentOnly::new(listener);
         self.role = Role::Broker { listener, conns: Vec::new(), next_token: TOKEN_CONN_BASE };
         Ok(())

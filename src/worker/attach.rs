@@ -42,7 +42,20 @@ impl Worker {
         for ev in events {
             match ev {
                 CtlEvent::Elected => {
-                    if let Err(e) = self.become_broker() {
+                    // We hold the broker lock byte: claim the epoch and serve.
+                    let span = tracing::info_span!(
+                        "election",
+                        worker = %self.wid,
+                        pid = std::process::id(),
+                        epoch = tracing::field::Empty
+                    );
+                    let _in = span.enter();
+                    let served = self.become_broker();
+                    if served.is_ok() {
+                        span.record("epoch", self.broker.epoch);
+                        tracing::info!(epoch = self.broker.epoch, transport = ?self.path.transport(), "serving as the broker");
+                    }
+                    if let Err(e) = served {
                         // Release the broker lock and back off, so that another worker can
                         // take over; the error is surfaced once, not on every attempt.
                         self.broker.slot = None;
@@ -55,16 +68,36 @@ impl Worker {
                         }
                     }
                 }
-                CtlEvent::Welcome(w) => self.welcomed(w)?,
+                CtlEvent::Welcome(w) => {
+                    let span = tracing::info_span!(
+                        "attach",
+                        worker = %self.wid,
+                        pid = std::process::id(),
+                        broker = %self.geo.wid_of(w.broker_slot),
+                        epoch = w.epoch,
+                        shm = w.shm.is_some(),
+                        reattach = self.broker.seen.is_some()
+                    );
+                    let _in = span.enter();
+                    self.welcomed(w)?
+                }
                 CtlEvent::Rejected(reason) => {
                     tracing::error!(%reason, "attach refused by the broker");
                     self.pending_error = Some(Error::AttachRefused(reason));
                 }
                 CtlEvent::BrokerLost => {
+                    let span = tracing::info_span!(
+                        "failover",
+                        worker = %self.wid,
+                        pid = std::process::id(),
+                        broker = self.broker.slot.map(|s| tracing::field::display(self.geo.wid_of(s))),
+                        epoch = self.broker.epoch
+                    );
+                    let _in = span.enter();
                     self.stats.failovers += 1;
                     self.unique.resend_all();
                     self.broker.slot = None;
-                    tracing::warn!(wid = %self.wid, "lost the broker; re-electing");
+                    tracing::warn!("lost the broker; re-electing");
                 }
                 CtlEvent::Unique { slot, id, hash, msg } => {
                     self.handle_unique(slot, &hash, &msg);
@@ -103,7 +136,7 @@ impl Worker {
         self.broker.slot = Some(broker_slot);
         self.unique.resend_all();
         let Some(ShmWelcome { region_fd, eventfds, region_id }) = shm else {
-            tracing::debug!(wid = %self.wid, broker_slot, epoch, "attached (socket transport)");
+            tracing::info!(broker_slot, epoch, "attached (socket transport)");
             self.note_broker(broker_slot, epoch, broker_id);
             if let Some(p) = self.path.socket_mut() {
                 p.attached_as_client();
@@ -118,7 +151,7 @@ impl Worker {
             }
             return Ok(());
         };
-        tracing::debug!(wid = %self.wid, broker_slot, epoch, "attached");
+        tracing::info!(broker_slot, epoch, "attached (shared memory)");
         if self.path.shm().is_some_and(|p| p.region().id() == region_id) {
             return Ok(());
         }

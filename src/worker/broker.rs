@@ -133,7 +133,15 @@ impl Worker {
         let stale = STUCK_AFTER.as_nanos() as u64;
         let Some(epoch) = port.region().take_over_stale_broker(self.slot, now, stale) else { return };
         let stuck = port.region().broker_slot();
-        tracing::warn!(wid = %self.wid, stuck, epoch, "the broker has not served for {STUCK_AFTER:?}; taking its role over");
+        let span = tracing::info_span!(
+            "takeover",
+            worker = %self.wid,
+            pid = std::process::id(),
+            stuck = %self.geo.wid_of(stuck),
+            epoch
+        );
+        let _in = span.enter();
+        tracing::warn!("the broker has not served for {STUCK_AFTER:?}; taking its role over");
         if let Err(e) = ctl.serve_over(&self.epoll) {
             // The epoch is ours but nobody serves: our heartbeat goes stale in turn, and
             // another worker (or we, later) takes over.
@@ -160,7 +168,9 @@ impl Worker {
         if current == self.broker.epoch {
             return false;
         }
-        tracing::warn!(wid = %self.wid, ours = self.broker.epoch, current, "a newer broker exists; stepping down");
+        let span = tracing::info_span!("step_down", worker = %self.wid, pid = std::process::id(), epoch = self.broker.epoch, current);
+        let _in = span.enter();
+        tracing::warn!("a newer broker exists; stepping down");
         ctl.step_down(&self.epoll);
         self.broker.slot = None;
         self.stats.failovers += 1;

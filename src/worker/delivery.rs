@@ -72,7 +72,7 @@ pub(super) fn deliver_lost_notice(
 ) {
     stats.lost = stats.lost.saturating_add(count);
     let publisher = geo.wid_of(from);
-    tracing::warn!(%publisher, count, "events lost on the way to this worker");
+    crate::log_limit::log_limited!(tracing::Level::WARN, %publisher, count, "events lost on the way to this worker");
     let mut b = AlignedVec::new();
     let lost = Lost { count, publisher };
     if message::encode_typed(&mut b, SYSTEM_SOURCE, "lost", &lost, from, Kind::System, usize::MAX).is_ok() {
@@ -156,7 +156,7 @@ impl Worker {
             };
             if let Err(e) = self.send(q.msg, target, name(q.source), name(q.event)) {
                 // Not expected: the same checks passed at the call.
-                tracing::warn!(error = %e, "an event published from a callback could not be sent");
+                crate::log_limit::log_limited!(tracing::Level::WARN, error = %e, "an event published from a callback could not be sent");
             }
             if self.cx.spare.len() < n {
                 if let Some(b) = self.pool.pop() {

@@ -131,7 +131,7 @@ impl Worker {
         let ok = message::decode(msg, g.workers, g.agent, self.opts.max_payload_len)
             .is_ok_and(|d| d.kind == Kind::Unique && d.event.wid == Some(g.wid_of(from)));
         if !ok {
-            tracing::warn!(from, "dropping a malformed unique event");
+            crate::log_limit::log_limited!(tracing::Level::WARN, from, "dropping a malformed unique event");
             self.stats.dropped += 1;
             return;
         }
@@ -165,7 +165,7 @@ impl Worker {
                     Some(r) => r.count_unique(false),
                     None => self.stats.unique_unrecorded += 1,
                 }
-                tracing::warn!(hash = %String::from_utf8_lossy(hash), "unique table window full; delivering unrecorded");
+                crate::log_limit::log_limited!(tracing::Level::WARN, hash = %String::from_utf8_lossy(hash), "unique table window full; delivering unrecorded");
             }
             Check::New => {}
         }

@@ -166,7 +166,7 @@ impl ShmPort {
                         || (m.kind == Kind::Unique && m.wid.is_some()))
                         && sink.raw_event(&m) => {}
                 _ => {
-                    tracing::warn!(from, "dropping a malformed message");
+                    crate::log_limit::log_limited!(tracing::Level::WARN, from, "dropping a malformed message");
                     sink.dropped();
                 }
             },

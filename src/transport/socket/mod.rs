@@ -360,7 +360,11 @@ impl SocketPort {
                     1
                 }
                 _ => {
-                    tracing::warn!(from, "dropping a malformed event from a worker");
+                    crate::log_limit::log_limited!(
+                        tracing::Level::WARN,
+                        from,
+                        "dropping a malformed event from a worker"
+                    );
                     sink.dropped();
                     0
                 }
@@ -383,7 +387,7 @@ impl SocketPort {
                     1
                 }
                 _ => {
-                    tracing::warn!("dropping a malformed event from the broker");
+                    crate::log_limit::log_limited!(tracing::Level::WARN, "dropping a malformed event from the broker");
                     sink.dropped();
                     0
                 }
@@ -397,7 +401,10 @@ impl SocketPort {
                         1
                     }
                     _ => {
-                        tracing::warn!("dropping a malformed lost notice from the broker");
+                        crate::log_limit::log_limited!(
+                            tracing::Level::WARN,
+                            "dropping a malformed lost notice from the broker"
+                        );
                         sink.dropped();
                         0
                     }
