@@ -69,13 +69,14 @@ impl Worker {
                     }
                 }
                 CtlEvent::Welcome(w) => {
+                    let Welcome { broker_slot, epoch, ref shm, .. } = w;
                     let span = tracing::info_span!(
                         "attach",
                         worker = %self.wid,
                         pid = std::process::id(),
-                        broker = %self.geo.wid_of(w.broker_slot),
-                        epoch = w.epoch,
-                        shm = w.shm.is_some(),
+                        broker = %self.geo.wid_of(broker_slot),
+                        epoch,
+                        shm = shm.is_some(),
                         reattach = self.broker.seen.is_some()
                     );
                     let _in = span.enter();
