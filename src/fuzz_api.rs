@@ -3,7 +3,8 @@
 //! Not a public API: hidden from the documentation, no stability promise. Each item is a
 //! thin, safe wrapper over a crate-internal parser or shared-memory reader that takes input
 //! another process controls: control-channel frames, event messages, ring headers and
-//! records, the region header and the dedup table. The wrappers add no checks the library
+//! records, the region header, the dedup table, and the whole shared-memory receive loop
+//! (a receiving port, honest publishing ports, and a mapping to scribble through). The wrappers add no checks the library
 //! does not make itself, except where the library relies on a value computed in private
 //! memory (a ring capacity, a slot number, a bucket count): those are refused here instead
 //! of hitting an internal assertion.
@@ -499,3 +500,9 @@ impl DedupTable {
         table.check_and_record(tag, now_ns, ttl_ns).into()
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The whole receive loop
+
+mod receive_loop;
+pub use receive_loop::{Delivered, Notices, ReceiveLoop};

@@ -82,8 +82,7 @@ pub(crate) struct RawRing {
 }
 
 // SAFETY: the pointers refer to shared memory that is only accessed through atomics
-// (header words) or through the SPSC protocol (bodies); moving the view between threads is
-// fine.
+// (header words and body copies alike); moving the view between threads is fine.
 unsafe impl Send for RawRing {}
 
 /// A record header as read from the ring (not yet validated).
@@ -110,8 +109,9 @@ impl RawRing {
         debug_assert!(off % 8 == 0 && off + 8 <= self.cap);
         // SAFETY: the data area is 64-aligned and `cap` bytes long (type invariant), so
         // `data + off` is an 8-aligned u64 inside it; `AtomicU64` has the size, alignment and
-        // bit validity of u64. Both sides access header words only through atomics while the
-        // other side may touch them (bodies are written only in free space, see try_write).
+        // bit validity of u64. Both sides access the data area only through these atomics
+        // (header words, and the body copies in `copy_in`/`copy_out`), so whatever the other
+        // process does concurrently is never a data race.
         unsafe { &*self.data.as_ptr().add(off).cast::<AtomicU64>() }
     }
 
@@ -137,86 +137,6 @@ impl RawRing {
         }
         let w = self.word(off + 8).load(Ordering::Relaxed);
         Ok(Some(Hdr { len: w & 0xffff_ffff, flags: (w >> 32) as u32 }))
-    }
-
-    /// Copy `src` into the data area at position `pos`, wrapping around the end.
-    ///
-    /// # Safety
-    /// `[pos, pos + src.len())` must be free space owned by the producer, `src.len() <= cap`.
-    #[cfg(not(loom))]
-    unsafe fn copy_in(&self, pos: u64, src: &[u8]) {
-        let off = self.off(pos);
-        let dst = self.data.as_ptr();
-        // SAFETY: off + first <= cap and src.len() - first <= cap - first, both ranges lie in
-        // the data area; the caller owns them. Source is private memory, so no overlap.
-        unsafe {
-            if off + src.len() <= self.cap {
-                std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(off), src.len());
-            } else {
-                let first = self.cap - off;
-                std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(off), first);
-                std::ptr::copy_nonoverlapping(src.as_ptr().add(first), dst, src.len() - first);
-            }
-        }
-    }
-
-    /// Copy `len` bytes at position `pos` out of the data area to `dst`.
-    ///
-    /// # Safety
-    /// `[pos, pos + len)` must be committed, unconsumed bytes; `dst` valid for `len` writes.
-    #[cfg(not(loom))]
-    unsafe fn copy_out(&self, pos: u64, dst: *mut u8, len: usize) {
-        let off = self.off(pos);
-        let src = self.data.as_ptr();
-        // SAFETY: as in copy_in, both ranges are inside the data area; dst is private memory.
-        unsafe {
-            if off + len <= self.cap {
-                std::ptr::copy_nonoverlapping(src.add(off), dst, len);
-            } else {
-                let first = self.cap - off;
-                std::ptr::copy_nonoverlapping(src.add(off), dst, first);
-                std::ptr::copy_nonoverlapping(src, dst.add(first), len - first);
-            }
-        }
-    }
-
-    /// Loom: body bytes go through Relaxed word accesses (one per word touched), so a
-    /// consumer that reads a body without synchronizing with its producer can observe old
-    /// words.
-    ///
-    /// # Safety
-    /// As the non-loom version.
-    #[cfg(loom)]
-    unsafe fn copy_in(&self, pos: u64, src: &[u8]) {
-        let mut i = 0;
-        while i < src.len() {
-            let off = self.off(pos + i as u64);
-            let (base, skip) = (off & !7, off & 7);
-            let n = (8 - skip).min(src.len() - i);
-            let w = self.word(base);
-            let mut bytes = if n == 8 { [0u8; 8] } else { w.load(Ordering::Relaxed).to_le_bytes() };
-            bytes[skip..skip + n].copy_from_slice(&src[i..i + n]);
-            w.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
-            i += n;
-        }
-    }
-
-    /// Loom: see `copy_in`.
-    ///
-    /// # Safety
-    /// As the non-loom version.
-    #[cfg(loom)]
-    unsafe fn copy_out(&self, pos: u64, dst: *mut u8, len: usize) {
-        let mut i = 0;
-        while i < len {
-            let off = self.off(pos + i as u64);
-            let (base, skip) = (off & !7, off & 7);
-            let n = (8 - skip).min(len - i);
-            let bytes = self.word(base).load(Ordering::Relaxed).to_le_bytes();
-            // SAFETY: dst is valid for len writes (caller); i + n <= len.
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr().add(skip), dst.add(i), n) };
-            i += n;
-        }
     }
 }
 
@@ -663,6 +583,7 @@ impl Consumer {
     }
 }
 
+mod copy;
 mod owed;
 mod resync;
 use resync::{Snapshot, usable_pos, walk};
