@@ -220,10 +220,9 @@ impl Snapshot {
 ///
 /// # Errors
 /// * [`Error::AttachRefused`]: the broker refused (a foreign uid, a build of another
-///   control protocol version, no data path yet), the process on the socket runs as another
-///   uid, or its reply is malformed;
-/// * [`Error::Io`]: no broker listens there, it did not answer within [`INSPECT_TIMEOUT`], or
-///   the lock file cannot be read;
+///   control protocol version, no data path yet), or its reply is malformed;
+/// * [`Error::Io`]: no broker listens there, the process there runs as another uid, it did
+///   not answer within [`INSPECT_TIMEOUT`], or the lock file cannot be read;
 /// * [`Error::CorruptRegion`]: the region it handed over does not match its options.
 ///
 /// # Examples

@@ -151,19 +151,15 @@ fn parse_reply(body: &[u8], mut fds: Vec<OwnedFd>) -> std::result::Result<Inspec
 pub(crate) fn request(path: &Path, timeout: Duration) -> Result<InspectReply> {
     let deadline = Instant::now() + timeout;
     let fd = sys::connect_unix(path).map_err(|e| Error::io("connecting to the control socket", e))?;
-    let (_, uid) = sys::peer_cred(fd.as_fd()).map_err(|e| Error::io("reading the broker's credentials", e))?;
-    if uid != sys::euid() {
-        return Err(Error::AttachRefused(format!(
-            "the process listening on {} runs as uid {uid}, not as this user",
-            path.display()
-        )));
-    }
     let mut wr = FrameWriter::default();
     wr.frame(kind::INSPECT, &[&PROTOCOL_VERSION.to_le_bytes()]);
-    // A fresh socket's buffer takes a 9-byte frame whole.
-    if !wr.flush(fd.as_fd()).map_err(|e| Error::io("sending the inspect request", e))? {
-        return Err(Error::io("sending the inspect request", std::io::ErrorKind::WouldBlock));
-    }
+    // A fresh socket's buffer takes a 9-byte frame whole. A broker that refuses at accept
+    // (a foreign uid) may have answered and closed already: its REJECT is still to be read.
+    let sent = match wr.flush(fd.as_fd()) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(std::io::ErrorKind::WouldBlock.into()),
+        Err(e) => Err(e),
+    };
     let epoll = Epoll::new().map_err(|e| Error::io("creating an epoll set", e))?;
     epoll.add(fd.as_fd(), 0).map_err(|e| Error::io("creating an epoll set", e))?;
     let mut rd = FrameReader::new(REPLY_MAX_FRAME);
@@ -173,7 +169,18 @@ pub(crate) fn request(path: &Path, timeout: Duration) -> Result<InspectReply> {
     loop {
         let state = rd.fill(fd.as_fd(), Some(&mut fds), REPLY_MAX_FRAME + 8);
         match rd.next_frame().map_err(bad)? {
-            Some((kind::INSPECT_REPLY, body)) => return parse_reply(body, std::mem::take(&mut fds)).map_err(bad),
+            Some((kind::INSPECT_REPLY, body)) => {
+                // Nothing of a reply is used unless it comes from our own uid (a REJECT is
+                // reported whoever sends it: the broker's refusal of a foreign uid).
+                let (_, uid) =
+                    sys::peer_cred(fd.as_fd()).map_err(|e| Error::io("reading the broker's credentials", e))?;
+                if uid != sys::euid() {
+                    let why = format!("the process listening on {} runs as uid {uid}", path.display());
+                    let e = std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+                    return Err(Error::io("checking the broker's uid", e));
+                }
+                return parse_reply(body, std::mem::take(&mut fds)).map_err(bad);
+            }
             Some((kind::REJECT, body)) => {
                 return Err(Error::AttachRefused(String::from_utf8_lossy(body).into_owned()));
             }
@@ -183,9 +190,17 @@ pub(crate) fn request(path: &Path, timeout: Duration) -> Result<InspectReply> {
         match state {
             Ok(ReadState::Open) => {}
             Ok(ReadState::Closed) => {
+                sent.map_err(|e| Error::io("sending the inspect request", e))?;
                 return Err(Error::io("reading the inspect reply", std::io::ErrorKind::UnexpectedEof));
             }
-            Err(e) => return Err(Error::io("reading the inspect reply", e)),
+            Err(e) => {
+                sent.map_err(|e| Error::io("sending the inspect request", e))?;
+                return Err(Error::io("reading the inspect reply", e));
+            }
+        }
+        if let Err(e) = &sent {
+            // Nothing more will come after a failed send but what was read already.
+            return Err(Error::io("sending the inspect request", std::io::Error::new(e.kind(), e.to_string())));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
