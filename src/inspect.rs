@@ -92,8 +92,8 @@ pub struct SlotSnapshot {
     pub alive: bool,
     /// This slot is the serving broker.
     pub broker: bool,
-    /// Attaches of this slot so far (from the region's slot header; shared memory only).
-    pub generation: Option<u64>,
+    /// Attaches of this worker id so far (the slot header's count; shared memory only).
+    pub attaches: Option<u64>,
     /// The owner sleeps (or is armed for an external poller): a publisher wakes it through
     /// its eventfd (shared memory only; false otherwise).
     pub parked: bool,
@@ -235,11 +235,12 @@ impl Snapshot {
 pub fn inspect(listening: impl AsRef<Path>) -> Result<Snapshot> {
     let path = listening.as_ref();
     let reply = control::inspect_request(path, INSPECT_TIMEOUT)?;
-    let lock = sys::open_read_only_nofollow(&control::lock_path(path)).map_err(|e| Error::io("opening the lock file", e))?;
+    let lock =
+        sys::open_read_only_nofollow(&control::lock_path(path)).map_err(|e| Error::io("opening the lock file", e))?;
     let geo = Geometry::new(reply.workers, reply.agent, reply.ring_capacity, reply.unique_capacity);
     let pid_of = |slot: u32| {
-        if slot == reply.broker_slot {
-            Some(reply.broker_pid)
+        if slot == reply.serving_slot {
+            Some(reply.serving_pid)
         } else {
             reply.attached.iter().find(|&&(s, _)| s == slot).map(|&(_, pid)| pid)
         }
@@ -255,8 +256,8 @@ pub fn inspect(listening: impl AsRef<Path>) -> Result<Snapshot> {
                 wid: geo.wid_of(slot),
                 pid: pid_of(slot),
                 alive: sys::byte_locked_by_other(std::os::fd::AsFd::as_fd(&lock), 1 + u64::from(slot)),
-                broker: slot == reply.broker_slot,
-                generation: view.map(|v| v.generation),
+                broker: slot == reply.serving_slot,
+                attaches: view.map(|v| v.attaches),
                 parked: view.is_some_and(|v| v.parked),
             }
         })
@@ -284,8 +285,8 @@ pub fn inspect(listening: impl AsRef<Path>) -> Result<Snapshot> {
         transport: if region.is_some() { Transport::SharedMemory } else { Transport::Socket },
         workers: reply.workers,
         agent: reply.agent,
-        broker: geo.wid_of(reply.broker_slot),
-        broker_pid: reply.broker_pid,
+        broker: geo.wid_of(reply.serving_slot),
+        broker_pid: reply.serving_pid,
         epoch: reply.epoch,
         slots,
         rings,
@@ -304,17 +305,21 @@ impl fmt::Display for Snapshot {
     /// A `top`-like table: a summary line, one line per slot (its inbound and outbound ring
     /// totals on shared memory), then the dedup table's fill.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Snapshot { broker_pid, .. } = self;
         writeln!(
             f,
-            "broker {} (pid {}) epoch {} transport {:?} workers {}{}",
+            "broker {} (pid {broker_pid}) epoch {} transport {:?} workers {}{}",
             wid_label(self.broker),
-            self.broker_pid,
             self.epoch,
             self.transport,
             self.workers,
             if self.agent { " + agent" } else { "" }
         )?;
-        writeln!(f, "{:<6} {:>8} {:<5} {:<6} {:>5} {:>6} {:>9} {:>9} {:>8}", "SLOT", "PID", "ALIVE", "ROLE", "GEN", "PARKED", "IN_DEPTH", "OUT_DEPTH", "LOST_IN")?;
+        writeln!(
+            f,
+            "{:<6} {:>8} {:<5} {:<6} {:>5} {:>6} {:>9} {:>9} {:>8}",
+            "SLOT", "PID", "ALIVE", "ROLE", "GEN", "PARKED", "IN_DEPTH", "OUT_DEPTH", "LOST_IN"
+        )?;
         for s in &self.slots {
             let sum = |pick: &dyn Fn(&RingSnapshot) -> Option<u64>| self.rings.iter().filter_map(pick).sum::<u64>();
             let inbound = sum(&|r| (r.to == s.wid).then_some(r.depth));
@@ -327,7 +332,7 @@ impl fmt::Display for Snapshot {
                 s.pid.map_or("-".into(), |p| p.to_string()),
                 if s.alive { "yes" } else { "no" },
                 if s.broker { "broker" } else { "" },
-                s.generation.map_or("-".into(), |g| g.to_string()),
+                s.attaches.map_or("-".into(), |g| g.to_string()),
                 if s.parked { "yes" } else { "" },
                 inbound,
                 outbound,

@@ -24,7 +24,8 @@ use crate::sys;
 /// A slot header as [`Region::slot_view`] read it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SlotView {
-    pub generation: u64,
+    /// Attaches of the slot so far (its `generation` word).
+    pub attaches: u64,
     /// The owner is parked (asleep, or armed for an external poller): a publisher wakes it.
     pub parked: bool,
 }
@@ -303,10 +304,7 @@ impl Region {
     /// What slot `slot`'s header says (each word loaded once; untrusted: informative only).
     pub(crate) fn slot_view(&self, slot: u32) -> SlotView {
         let s = self.slot(slot);
-        SlotView {
-            generation: s.generation.load(Ordering::Relaxed),
-            parked: s.parked.load(Ordering::Relaxed) != 0,
-        }
+        SlotView { attaches: s.generation.load(Ordering::Relaxed), parked: s.parked.load(Ordering::Relaxed) != 0 }
     }
 
     /// The SipHash key of this region (random, chosen by the creator).

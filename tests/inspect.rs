@@ -6,8 +6,7 @@
 #[macro_use]
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::*;
@@ -30,7 +29,8 @@ fn inspector_child() {
         let uid: u32 = uid.parse().unwrap();
         // SAFETY: plain syscalls in a single-threaded test process (the harness runs this
         // one test): groups, then group, then user.
-        let ok = unsafe { libc::setgroups(0, std::ptr::null()) == 0 && libc::setgid(uid) == 0 && libc::setuid(uid) == 0 };
+        let ok =
+            unsafe { libc::setgroups(0, std::ptr::null()) == 0 && libc::setgid(uid) == 0 && libc::setuid(uid) == 0 };
         assert!(ok, "cannot switch to uid {uid}: {}", std::io::Error::last_os_error());
     }
     match inspect(&sock) {
@@ -82,7 +82,7 @@ fn a_snapshot_shows_slots_broker_depths_and_dedup_fill() {
         assert!(slot.alive, "slot {i}: {slot:?}");
         assert_eq!(slot.pid, Some(c.pid()), "slot {i}: the pid the kernel reported for the child");
         assert_eq!(slot.broker, i == broker);
-        assert_eq!(slot.generation, shm.then_some(1), "slot {i}");
+        assert_eq!(slot.attaches, shm.then_some(1), "slot {i}");
     }
     if shm {
         assert_eq!(s.rings.len(), 6, "every ordered pair of distinct slots");
@@ -150,30 +150,31 @@ fn the_inspector_takes_no_slot() {
     let wd = Watchdog::new("inspect-noslot");
     let cfg = Cfg::new(&dir.sock(), 2);
     let w0 = wd.spawn(&cfg, Wid::Worker(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
+    // (stop, inspections that succeeded)
+    let state = Arc::new(Mutex::new((false, 0u64)));
     let sock = dir.sock();
-    let (st, dn) = (stop.clone(), done.clone());
+    let st = state.clone();
     let inspector = std::thread::spawn(move || {
         let mut last = None;
-        while !st.load(Ordering::Relaxed) {
+        while !st.lock().unwrap().0 {
             if let Ok(s) = inspect(&sock) {
-                dn.fetch_add(1, Ordering::Relaxed);
+                st.lock().unwrap().1 += 1;
                 last = Some(s);
             }
         }
         last
     });
-    while done.load(Ordering::Relaxed) < 3 {
+    let done = || state.lock().unwrap().1;
+    while done() < 3 {
         std::thread::sleep(Duration::from_millis(5));
     }
     // The last id, taken while inspections run.
     let w1 = wd.spawn(&cfg, Wid::Worker(1));
-    let before = done.load(Ordering::Relaxed);
-    while done.load(Ordering::Relaxed) < before + 3 {
+    let before = done();
+    while done() < before + 3 {
         std::thread::sleep(Duration::from_millis(5));
     }
-    stop.store(true, Ordering::Relaxed);
+    state.lock().unwrap().0 = true;
     let last = inspector.join().unwrap().expect("snapshots");
     for (i, c) in [&w0, &w1].into_iter().enumerate() {
         let slot = last.slot(Wid::Worker(i as u32)).unwrap();

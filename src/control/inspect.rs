@@ -29,8 +29,9 @@ const REPLY_MAX_FRAME: usize = 64 + 8 * (MAX_WORKERS as usize + 1);
 pub(crate) struct InspectReply {
     /// The region memfd on shared memory; `None` on the socket transport.
     pub region_fd: Option<OwnedFd>,
-    pub broker_slot: u32,
-    pub broker_pid: u32,
+    /// The broker's slot and pid.
+    pub serving_slot: u32,
+    pub serving_pid: u32,
     pub epoch: u64,
     pub workers: u32,
     pub agent: bool,
@@ -61,7 +62,9 @@ pub(super) fn reply(
     let (flavor, epoch, broker_id, fds) = match offer {
         Offer::Nothing => return false,
         Offer::Socket { epoch, broker_id } => (Flavor::Socket, *epoch, *broker_id, Vec::new()),
-        Offer::Shm { region_fd, epoch, region_id, .. } => (Flavor::Shm, *epoch, *region_id, vec![region_fd.as_raw_fd()]),
+        Offer::Shm { region_fd, epoch, region_id, .. } => {
+            (Flavor::Shm, *epoch, *region_id, vec![region_fd.as_raw_fd()])
+        }
     };
     let mut pairs = Vec::with_capacity(attached.len() * 8);
     for &(slot, pid) in attached {
@@ -135,8 +138,8 @@ fn parse_reply(body: &[u8], mut fds: Vec<OwnedFd>) -> std::result::Result<Inspec
     };
     Ok(InspectReply {
         region_fd,
-        broker_slot,
-        broker_pid,
+        serving_slot: broker_slot,
+        serving_pid: broker_pid,
         epoch,
         workers,
         agent: agent == 1,
