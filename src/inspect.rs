@@ -16,6 +16,12 @@ use crate::region::Region;
 use crate::sys;
 
 /// Deadline of the exchange with the broker in [`inspect`] (connect, request, reply).
+///
+/// # Examples
+///
+/// ```
+/// assert_eq!(worker_events::INSPECT_TIMEOUT, std::time::Duration::from_secs(2));
+/// ```
 pub const INSPECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A snapshot of a live deployment, returned by [`inspect`].

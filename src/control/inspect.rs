@@ -213,3 +213,63 @@ pub(crate) fn request(path: &Path, timeout: Duration) -> Result<InspectReply> {
         epoll.wait(&mut ready, ms).map_err(|e| Error::io("waiting for the inspect reply", e))?;
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::options::{DEFAULT_RING_CAPACITY, Transport};
+
+    fn terms(workers: u32) -> AttachTerms {
+        AttachTerms {
+            workers,
+            agent: true,
+            ring_capacity: DEFAULT_RING_CAPACITY as u64,
+            unique_capacity: 1024,
+            max_payload_len: 1 << 16,
+            unique_timeout_ns: 1_000_000_000,
+            transport: Transport::Socket,
+        }
+    }
+
+    /// The body of the one frame `wr` holds (after `len u32, kind u8`).
+    fn body(wr: &mut FrameWriter) -> Vec<u8> {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(wr.flush(a.as_fd()).unwrap());
+        let mut rd = FrameReader::new(REPLY_MAX_FRAME);
+        rd.fill(b.as_fd(), None, usize::MAX).unwrap();
+        let (k, body) = rd.next_frame().unwrap().expect("a frame");
+        assert_eq!(k, kind::INSPECT_REPLY);
+        body.to_vec()
+    }
+
+    #[test]
+    fn a_reply_round_trips_and_every_field_is_range_checked() {
+        let mut wr = FrameWriter::default();
+        let offer = Offer::Socket { epoch: 7, broker_id: 9 };
+        assert!(reply(&mut wr, 1, &terms(3), &offer, &[(0, 100), (3, 103)]));
+        let good = body(&mut wr);
+        let r = parse_reply(&good, Vec::new()).unwrap();
+        assert_eq!((r.serving_slot, r.epoch, r.workers, r.agent), (1, 7, 3, true));
+        assert_eq!(r.attached, vec![(0, 100), (3, 103)]);
+        assert!(r.region_fd.is_none());
+        assert!(!reply(&mut FrameWriter::default(), 1, &terms(3), &Offer::Nothing, &[]));
+        // Corrupt one little-endian u32 field at `off` at a time.
+        let with = |off: usize, v: u32| {
+            let mut b = good.clone();
+            b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+            parse_reply(&b, Vec::new()).err().unwrap_or_else(|| panic!("field at {off} = {v} accepted"))
+        };
+        assert!(with(0, PROTOCOL_VERSION + 1).contains("protocol version"));
+        assert!(with(4, 0).contains("descriptors"), "shared memory without the region");
+        assert!(with(8, 4).contains("broker slot 4"));
+        assert!(with(32, 0).contains("workers 0"));
+        assert!(with(32, MAX_WORKERS + 1).contains("out of range"));
+        assert!(with(36, 2).contains("agent 2"));
+        assert!(with(40, 4097).contains("ring capacity"));
+        assert!(with(44, (1 << 24) + 1).contains("unique capacity"));
+        assert!(with(48, 5).contains("more than 4"));
+        assert!(with(52, 1).contains("attached slot 1"), "the broker's own slot");
+        assert!(with(60, 0).contains("repeated"));
+        assert!(parse_reply(&good[..good.len() - 1], Vec::new()).is_err(), "truncated");
+    }
+}
