@@ -257,6 +257,18 @@ impl DedupTable<'_> {
         Contest::Won
     }
 
+    /// Entries recorded and live at `now_ns`, each entry's words loaded once (no retry, so
+    /// it is bounded whatever other processes write meanwhile; the live inspector's fill).
+    pub(crate) fn fill(&self, now_ns: u64) -> usize {
+        (0..self.buckets)
+            .filter(|&i| {
+                let e = self.entry(i);
+                let state = e.state.load(Ordering::Acquire);
+                kind(state) == LIVE && e.expires_ns.load(Ordering::Relaxed) > now_ns
+            })
+            .count()
+    }
+
     /// Recorded entries live at `now_ns` (statistics, tests).
     #[cfg(all(test, not(loom)))]
     pub(crate) fn live(&self, now_ns: u64) -> usize {

@@ -21,6 +21,15 @@ use crate::ring::RawRing;
 use crate::sync::{AtomicU32, Ordering};
 use crate::sys;
 
+/// A slot header as [`Region::slot_view`] read it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SlotView {
+    /// Attaches of the slot so far (its `generation` word).
+    pub attaches: u64,
+    /// The owner is parked (asleep, or armed for an external poller): a publisher wakes it.
+    pub parked: bool,
+}
+
 /// A mapped region. Invariant: `map` is `geo.region_size` bytes, page-aligned, and the memfd
 /// behind it is sealed against shrinking, so every offset computed by `geo` stays mapped for
 /// the lifetime of `self`.
@@ -72,6 +81,18 @@ impl Region {
 
     /// Map a region received from a broker and validate it against `expected`.
     pub(crate) fn open(fd: OwnedFd, expected: Geometry) -> Result<Region> {
+        Region::open_mapped(fd, expected, false)
+    }
+
+    /// [`Region::open`], mapped `PROT_READ` (the live inspector): only the methods that load
+    /// may be called on it ([`Region::slot_view`],
+    /// [`Region::unique_counters`], [`Region::ring`] through read-only walks,
+    /// [`Region::dedup`] through `DedupTable::fill`); a store would fault.
+    pub(crate) fn open_read_only(fd: OwnedFd, expected: Geometry) -> Result<Region> {
+        Region::open_mapped(fd, expected, true)
+    }
+
+    fn open_mapped(fd: OwnedFd, expected: Geometry, read_only: bool) -> Result<Region> {
         let bad = |m: String| Err(Error::CorruptRegion(m));
         let (size, sealed) =
             sys::memfd_size_and_sealed(fd.as_fd()).map_err(|e| Error::io("inspecting the shared region", e))?;
@@ -88,7 +109,7 @@ impl Region {
                 expected.region_size
             ));
         }
-        let map = map(&fd, expected.region_size)?;
+        let map = if read_only { map_read_only(&fd, expected.region_size)? } else { map(&fd, expected.region_size)? };
         let region = Region { map, fd, geo: expected, id: 0 };
         let h = region.header();
         let version = h.layout_version.load(Ordering::Acquire);
@@ -280,6 +301,12 @@ impl Region {
         slot < self.geo.slots && self.slot(slot).state.load(Ordering::Acquire) == SLOT_ATTACHED
     }
 
+    /// What slot `slot`'s header says (each word loaded once; untrusted: informative only).
+    pub(crate) fn slot_view(&self, slot: u32) -> SlotView {
+        let s = self.slot(slot);
+        SlotView { attaches: s.generation.load(Ordering::Relaxed), parked: s.parked.load(Ordering::Relaxed) != 0 }
+    }
+
     /// The SipHash key of this region (random, chosen by the creator).
     pub(crate) fn sip_key(&self) -> (u64, u64) {
         let h = self.header();
@@ -292,6 +319,13 @@ impl Region {
         let off = self.geo.ring_offset(producer, consumer);
         RawRing { hdr: self.at(off), data: self.at(off + RING_HEADER_SIZE), cap: self.geo.ring_capacity }
     }
+}
+
+fn map_read_only(fd: &OwnedFd, len: usize) -> Result<MmapRaw> {
+    MmapOptions::new()
+        .len(len)
+        .map_raw_read_only(fd.as_raw_fd())
+        .map_err(|e| Error::io("mapping the shared region read-only", e))
 }
 
 fn map(fd: &OwnedFd, len: usize) -> Result<MmapRaw> {

@@ -583,6 +583,41 @@ impl Consumer {
     }
 }
 
+/// A ring's counters and depth as an observer that writes nothing sees them
+/// ([`RawRing::observe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RingView {
+    /// Messages committed and not consumed (a walk of the stamped records from `read_pos`).
+    pub depth: u64,
+    /// Messages the consumer has consumed.
+    pub consumed: u64,
+    /// Events the producer dropped for this consumer (cumulative).
+    pub lost: u64,
+    /// Of which already reported to the consumer's callbacks.
+    pub lost_seen: u64,
+    /// The producer waits for space (it has a backlog for this ring).
+    pub want_space: bool,
+}
+
+impl RawRing {
+    /// Read this ring's counters and depth without writing anything (the live inspector maps
+    /// the region read-only). Each word is loaded once; the depth walk is bounded like the
+    /// consumer's (records must end within one ring of `read_pos`), and an unusable
+    /// `read_pos` (corrupt, or a consumer about to resynchronize) reads as depth 0.
+    pub(crate) fn observe(&self) -> RingView {
+        let h = self.hdr();
+        let read = h.consumer.read_pos.load(Ordering::Acquire);
+        let depth = if usable_pos(read, self.cap as u64) { walk(self, read, read).1 } else { 0 };
+        RingView {
+            depth,
+            consumed: h.consumer.consumed.load(Ordering::Relaxed),
+            lost: h.producer.lost.load(Ordering::Acquire),
+            lost_seen: h.consumer.lost_seen.load(Ordering::Relaxed),
+            want_space: h.producer.want_space.load(Ordering::Relaxed) != 0,
+        }
+    }
+}
+
 mod copy;
 mod owed;
 mod resync;

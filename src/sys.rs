@@ -568,3 +568,11 @@ pub(crate) fn memfd_unsealed(size: usize) -> OwnedFd {
     syscall!(ftruncate(fd.as_raw_fd(), size as libc::off_t)).expect("ftruncate");
     fd
 }
+
+/// Open `path` read-only, never through a symbolic link (the live inspector's look at the
+/// lock file: `F_OFD_GETLK` queries need no write access and take no lock).
+pub(crate) fn open_read_only_nofollow(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
+    Ok(f.into())
+}

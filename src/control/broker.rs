@@ -6,6 +6,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use super::client::uid_ok;
+use super::inspect;
 use super::protocol::{self, Flavor};
 use super::{Conn, Control, CtlEvent, Role};
 use crate::options::AttachTerms;
@@ -49,6 +50,8 @@ impl Control {
         let hello = Hello { terms: &self.terms, lock, me: self.slot, offer, max_frame: self.max_frame };
         let connected: Vec<u32> = conns.iter().filter(|c| !c.closing).filter_map(|c| c.slot).collect();
         data.links_seen(&connected, now);
+        // Connections that sent INSPECT (answered after the loop, with every slot's pid).
+        let mut inspectors: Vec<u64> = Vec::new();
         for c in conns.iter_mut().filter(|c| !c.closing) {
             if c.slot.is_none() && now.duration_since(c.opened) >= ATTACH_TIMEOUT {
                 tracing::warn!(pid = c.pid, "no HELLO within {ATTACH_TIMEOUT:?}; closing the connection");
@@ -74,7 +77,9 @@ impl Control {
             let state = c.rd.fill(c.fd.as_fd(), None, budget);
             // Every complete frame is handled, also those that arrived in the same read as
             // the peer's hang-up or an error (a publisher that exits right after a burst).
-            read_frames(c, &hello, &mut attached, data, events);
+            if read_frames(c, &hello, &mut attached, data, events) {
+                inspectors.push(c.id);
+            }
             if let Err(e) = &state {
                 tracing::warn!(pid = c.pid, error = %e, "control connection read failed; closing");
             }
@@ -84,6 +89,9 @@ impl Control {
                 c.wr = FrameWriter::default();
             }
             c.probation = false;
+        }
+        if !inspectors.is_empty() {
+            answer_inspectors(conns, &inspectors, &hello);
         }
         conns.retain_mut(|c| {
             let q = match c.slot {
@@ -153,15 +161,28 @@ struct Hello<'a, 'b> {
     max_frame: usize,
 }
 
+/// Answer every connection in `ids` (each sent INSPECT) with the broker's view, then close it.
+fn answer_inspectors(conns: &mut [Conn], ids: &[u64], h: &Hello<'_, '_>) {
+    let pids: Vec<(u32, i32)> = conns.iter().filter(|c| !c.closing).filter_map(|c| Some((c.slot?, c.pid))).collect();
+    for c in conns.iter_mut().filter(|c| ids.contains(&c.id) && !c.closing) {
+        if inspect::reply(&mut c.wr, h.me, h.terms, h.offer, &pids) {
+            tracing::debug!(pid = c.pid, "inspector served");
+            c.closing = true;
+        } else {
+            reject(c, "broker has no data path to inspect yet");
+        }
+    }
+}
+
 /// Handle every complete frame a worker sent; `attached` gains the slot of a worker welcomed
-/// here.
+/// here. True when an inspector asked for a snapshot (answered by the caller).
 fn read_frames(
     c: &mut Conn,
     h: &Hello<'_, '_>,
     attached: &mut Vec<u32>,
     data: &mut dyn DataPlane,
     events: &mut Vec<CtlEvent>,
-) {
+) -> bool {
     let flavor = Flavor::of(h.offer);
     let socket = flavor == Some(Flavor::Socket);
     loop {
@@ -201,6 +222,13 @@ fn read_frames(
                     break;
                 }
             },
+            Ok(Some((kind::INSPECT, body))) if c.slot.is_none() => {
+                match inspect::check_request(body) {
+                    Ok(()) => return true,
+                    Err(reason) => reject(c, &reason),
+                }
+                break;
+            }
             Ok(Some((k, _))) => {
                 tracing::warn!(pid = c.pid, kind = k, "unexpected control frame; closing");
                 c.closing = true;
@@ -214,6 +242,7 @@ fn read_frames(
             }
         }
     }
+    false
 }
 
 fn reject(c: &mut Conn, reason: &str) {

@@ -14,6 +14,7 @@
 mod broker;
 mod client;
 mod election;
+mod inspect;
 mod lockfile;
 mod protocol;
 
@@ -22,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub(crate) use election::STUCK_AFTER;
+pub(crate) use election::lock_path;
+pub(crate) use inspect::request as inspect_request;
 pub(crate) use protocol::{ShmWelcome, Welcome};
 
 use crate::error::{Error, Result};

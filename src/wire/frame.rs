@@ -30,6 +30,11 @@ pub(crate) mod kind {
     /// broker -> client (socket transport): `count u64` events of publisher `origin u32`
     /// were dropped on the way to this worker: `origin u32, count u64`.
     pub const LOST: u8 = 8;
+    /// inspector -> broker: a read-only snapshot request (`protocol u32`); takes no slot.
+    pub const INSPECT: u8 = 9;
+    /// broker -> inspector: the snapshot's broker view (and the region memfd on shared
+    /// memory), see `control/protocol.rs`.
+    pub const INSPECT_REPLY: u8 = 10;
 }
 
 /// Bytes one [`FrameReader::fill`] call takes at most.

@@ -602,7 +602,7 @@ impl Role {
             out(&format!("@@BROKER {e} {s} {t}"));
         }
         let st = self.worker.stats();
-        let stats: [(&str, u64); 29] = [
+        let stats: [(&str, u64); 30] = [
             ("early_errors", self.early_errors),
             ("early_unique_pending", self.early_unique_pending),
             ("unique_duplicates", st.unique_duplicates),
@@ -632,6 +632,7 @@ impl Role {
             ("is_broker", u64::from(self.worker.is_broker())),
             ("is_ready", u64::from(self.worker.is_ready())),
             ("corrupt_rings", st.corrupt_rings),
+            ("inbound_depth_sum", st.peers.iter().map(|p| p.inbound_depth).sum()),
         ];
         for (k, v) in stats {
             out(&format!("@@STAT {k} {v}"));
