@@ -202,23 +202,21 @@ fn master(args: Args) -> Result<(), BoxError> {
     println!("listening on {addr} with {} workers", args.workers);
     std::io::stdout().flush()?;
 
-    loop {
-        match mask.wait()? {
-            Signal::SIGCHLD => loop {
-                let (pid, how) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::Exited(pid, code)) => (pid, format!("exited with {code}")),
-                    Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, format!("killed by {sig}")),
-                    Ok(WaitStatus::StillAlive) | Err(_) => break,
-                    Ok(_) => continue,
-                };
-                let Some((i, started)) = children.remove(&pid) else { continue };
-                eprintln!("master: worker {i} (pid {pid}) {how}; restarting it");
-                if started.elapsed() < Duration::from_secs(1) {
-                    std::thread::sleep(Duration::from_secs(1)); // a crash loop: slow it down
-                }
-                children.insert(spawn(i, true)?, (i, Instant::now()));
-            },
-            _ => break, // SIGTERM or SIGINT
+    // Until SIGTERM or SIGINT: reap and restart dead workers.
+    while mask.wait()? == Signal::SIGCHLD {
+        loop {
+            let (pid, how) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, format!("exited with {code}")),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, format!("killed by {sig}")),
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            };
+            let Some((i, started)) = children.remove(&pid) else { continue };
+            eprintln!("master: worker {i} (pid {pid}) {how}; restarting it");
+            if started.elapsed() < Duration::from_secs(1) {
+                std::thread::sleep(Duration::from_secs(1)); // a crash loop: slow it down
+            }
+            children.insert(spawn(i, true)?, (i, Instant::now()));
         }
     }
 
