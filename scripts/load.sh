@@ -6,8 +6,9 @@
 # worker 0 to all workers (`--stream-rate R`, R events/s), and prints requests/s and latency
 # p50/p99 for each case, with ratios against the no-stream case of the same run.
 #
-# Usage: scripts/load.sh            (env: WORKERS=2 DURATION=10s THREADS=2 CONNS=32
-#                                         RATES="1000 50000")
+# Usage: scripts/load.sh   (env: WORKERS=2 DURATION=10s THREADS=2 CONNS=32 RATES="1000 50000"
+#                                REPEAT=1: rounds of all cases, interleaved; the table shows
+#                                medians, the lost column the sum over rounds)
 # Installs wrk with apt-get when missing (through sudo when not root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ DURATION=${DURATION:-10s}
 THREADS=${THREADS:-2}
 CONNS=${CONNS:-32}
 RATES=${RATES:-"1000 50000"}
+REPEAT=${REPEAT:-1}
 
 if ! command -v wrk >/dev/null; then
     SUDO=""
@@ -54,17 +56,19 @@ to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v
 
 run_case() { # $1: stream rate (0: none)
     local rate=$1
-    "$BIN" --workers "$WORKERS" --listen 127.0.0.1:0 --stream-rate "$rate" >"$TMP/out" 2>"$TMP/err" &
+    local out="$TMP/out-$rate" err="$TMP/err-$rate"
+    : >"$out" # exists, empty, before the proxy starts writing to it
+    "$BIN" --workers "$WORKERS" --listen 127.0.0.1:0 --stream-rate "$rate" >>"$out" 2>"$err" &
     MASTER=$!
     local addr=""
     for _ in $(seq 300); do
-        addr=$(sed -n 's/^listening on \(.*\) with .*/\1/p' "$TMP/out")
+        addr=$(sed -n 's/^listening on \(.*\) with .*/\1/p' "$out")
         [ -n "$addr" ] && break
         sleep 0.1
     done
-    [ -n "$addr" ] || { cat "$TMP/err" >&2; echo "the proxy did not start" >&2; exit 1; }
+    [ -n "$addr" ] || { cat "$err" >&2; echo "the proxy did not start" >&2; exit 1; }
     curl -s -X PUT --data "value-of-k" "http://$addr/cache/k" >/dev/null
-    sleep 1 # let the stream reach its pace
+    sleep 1 # let the stream reach its pace (and k reach every worker behind it)
     local before after
     before=$(field "$(stats_of "$addr" 0)" published)
     local t0 t1
@@ -72,9 +76,10 @@ run_case() { # $1: stream rate (0: none)
     wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "http://$addr/cache/k" >"$TMP/wrk"
     t1=$(date +%s.%N)
     after=$(field "$(stats_of "$addr" 0)" published)
-    local lost=0 w
+    local lost=0 w n
     for w in $(seq 0 $((WORKERS - 1))); do
-        lost=$((lost + $(field "$(stats_of "$addr" "$w")" lost)))
+        n=$(field "$(stats_of "$addr" "$w")" lost)
+        lost=$((lost + ${n:-0}))
     done
     kill -TERM "$MASTER"
     wait "$MASTER" || { echo "proxy exit status $?" >&2; exit 1; }
@@ -88,26 +93,34 @@ run_case() { # $1: stream rate (0: none)
     echo "$rate $rps $p50 $p99 $evs $lost $errors"
 }
 
-echo "prefork_proxy: $WORKERS workers; wrk -t$THREADS -c$CONNS -d$DURATION GET /cache/k; $(nproc) CPUs" >&2
-results=()
-for rate in 0 $RATES; do
-    echo "case: stream $rate events/s" >&2
-    results+=("$(run_case "$rate")")
+echo "prefork_proxy: $WORKERS workers; wrk -t$THREADS -c$CONNS -d$DURATION GET /cache/k; $(nproc) CPUs;" \
+    "$REPEAT rounds, cases interleaved; medians" >&2
+declare -A runs
+for round in $(seq "$REPEAT"); do
+    for rate in 0 $RATES; do
+        echo "round $round: stream $rate events/s" >&2
+        runs[$rate]+="$(run_case "$rate")"$'\n'
+    done
 done
+# Median of column $2 of the runs of rate $1.
+median() { awk -v c="$2" 'NF { print $c }' <<<"${runs[$1]}" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
-base_rps=$(cut -d' ' -f2 <<<"${results[0]}")
-base_p50=$(cut -d' ' -f3 <<<"${results[0]}")
-base_p99=$(cut -d' ' -f4 <<<"${results[0]}")
+base_rps=$(median 0 2)
+base_p50=$(median 0 3)
+base_p99=$(median 0 4)
 printf '| %-22s | %10s | %6s | %10s | %6s | %10s | %6s | %14s | %5s |\n' \
     "background events/s" "requests/s" "ratio" "p50 ms" "ratio" "p99 ms" "ratio" "events/s done" "lost"
-printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' "------------------------" "------------:" "-------:" "------------:" \
-    "-------:" "------------:" "-------:" "----------------:" "------:"
-for r in "${results[@]}"; do
-    read -r rate rps p50 p99 evs lost errors <<<"$r"
+sep() { printf '%*s' "$1" '' | tr ' ' -; }
+echo "|$(sep 24)|$(sep 11):|$(sep 7):|$(sep 11):|$(sep 7):|$(sep 11):|$(sep 7):|$(sep 15):|$(sep 6):|"
+for rate in 0 $RATES; do
+    rps=$(median "$rate" 2)
+    p50=$(median "$rate" 3)
+    p99=$(median "$rate" 4)
+    lost=$(awk 'NF { n += $6 } END { print n + 0 }' <<<"${runs[$rate]}")
     label=$([ "$rate" = 0 ] && echo "none" || echo "$rate")
-    printf '| %-22s | %10s | %6s | %10s | %6s | %10s | %6s | %14s | %5s |\n' "$label" "$rps" \
-        "$(awk -v a="$rps" -v b="$base_rps" 'BEGIN { printf "%.2f", a / b }')" "$p50" \
-        "$(awk -v a="$p50" -v b="$base_p50" 'BEGIN { printf "%.2f", a / b }')" "$p99" \
-        "$(awk -v a="$p99" -v b="$base_p99" 'BEGIN { printf "%.2f", a / b }')" "$evs" "$lost"
-    [ "$errors" = none ] || echo "  wrk errors at $label: $errors" >&2
+    printf '| %-22s | %10s | %6s | %10s | %6s | %10s | %6s | %14s | %5s |\n' "$label" "$rps" "$(ratio "$rps" "$base_rps")" \
+        "$p50" "$(ratio "$p50" "$base_p50")" "$p99" "$(ratio "$p99" "$base_p99")" "$(median "$rate" 5)" "$lost"
+    awk -v l="$label" 'NF && $7 != "none" { $1 = $2 = $3 = $4 = $5 = $6 = ""; print "  wrk errors at " l ":" $0 }' \
+        <<<"${runs[$rate]}" >&2
 done
