@@ -106,8 +106,8 @@ fn parse_args() -> Result<Args, String> {
             }
         }
     }
-    if args.workers == 0 || args.workers > 255 {
-        return Err("--workers must be 1..=255".into());
+    if args.workers == 0 || args.workers > worker_events::MAX_WORKERS {
+        return Err(format!("--workers must be 1..={}", worker_events::MAX_WORKERS));
     }
     Ok(args)
 }
