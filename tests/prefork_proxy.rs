@@ -1,4 +1,3 @@
-#![cfg(feature = "tokio")]
 //! `examples/prefork_proxy.rs` as a real process tree (a master and N forked workers) driven
 //! with real HTTP/1.1 over real TCP: cache updates reach every worker, a purge purges
 //! everywhere, concurrent unique refreshes count once, a SIGKILLed worker is restarted and
@@ -9,6 +8,8 @@
 //! of a package for its tests); it is found next to this test's binary, in
 //! `target/<profile>/examples/`. When missing or older than its source (`cargo test --test
 //! prefork_proxy` builds no example), the test builds it with `cargo build --example`.
+
+#![cfg(feature = "tokio")]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
