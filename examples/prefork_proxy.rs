@@ -33,9 +33,10 @@
 //! `(stamp, writer)`: applying an update twice, late, or out of order across publishers gives
 //! the same state, so the order in which a worker hears of updates does not matter.
 //!
-//! **Catch-up of a restarted worker.** Events published while a worker was dead are lost to
-//! it (its rings died with it), so a worker forked again after a crash starts empty and asks
-//! for a snapshot: it publishes `hello` to all workers, every other worker answers with its
+//! **Catch-up of a restarted worker.** The cache lives in the worker's memory and dies with
+//! it; the event bus replays nothing that was delivered before (at best, events published to
+//! the slot while it was down still wait in its rings). So a worker forked again after a
+//! crash starts empty and asks for a snapshot: it publishes `hello` to all workers, every other worker answers with its
 //! whole cache (tombstones included) in `snapshot` events addressed to it, and it merges them
 //! (the merge above makes answers from several workers, and updates racing with them, safe).
 //! It starts accepting connections only after one complete snapshot has arrived (or after 3 s
