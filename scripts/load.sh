@@ -33,9 +33,14 @@ command -v curl >/dev/null || { echo "curl is needed" >&2; exit 1; }
 cargo build --release --features tokio --example prefork_proxy >&2
 BIN=target/release/examples/prefork_proxy
 TMP=$(mktemp -d)
-MASTER=""
+# run_case runs in a $(...) subshell: the running proxy's pid is kept in a file for cleanup.
 cleanup() {
-    if [ -n "$MASTER" ]; then kill -TERM "$MASTER" 2>/dev/null || true; wait "$MASTER" 2>/dev/null || true; fi
+    local pid
+    pid=$(cat "$TMP/master.pid" 2>/dev/null || true)
+    if [ -n "$pid" ]; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -60,6 +65,7 @@ run_case() { # $1: stream rate (0: none)
     : >"$out" # exists, empty, before the proxy starts writing to it
     "$BIN" --workers "$WORKERS" --listen 127.0.0.1:0 --stream-rate "$rate" >>"$out" 2>"$err" &
     MASTER=$!
+    echo "$MASTER" >"$TMP/master.pid"
     local addr=""
     for _ in $(seq 300); do
         addr=$(sed -n 's/^listening on \(.*\) with .*/\1/p' "$out")
@@ -83,7 +89,7 @@ run_case() { # $1: stream rate (0: none)
     done
     kill -TERM "$MASTER"
     wait "$MASTER" || { echo "proxy exit status $?" >&2; exit 1; }
-    MASTER=""
+    rm -f "$TMP/master.pid"
     local rps p50 p99 errors evs
     rps=$(awk '/^Requests\/sec:/ { print $2 }' "$TMP/wrk")
     p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$TMP/wrk")")

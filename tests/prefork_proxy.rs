@@ -233,7 +233,14 @@ impl Drop for Proxy {
             eprintln!("proxy stderr:\n{}", self.log.lock().unwrap());
         }
         if self.pids.is_empty() {
-            return;
+            return; // stopped
+        }
+        // A failed test: SIGTERM (the master stops the workers it has now, restarted ones
+        // included), then SIGKILL whatever is left.
+        let _ = kill(Pid::from_raw(self.master.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(self.master.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.master.kill();
         let _ = self.master.wait();
@@ -363,6 +370,7 @@ fn killed_worker_is_restarted_with_its_id_and_catches_up() {
         after = p.worker_pids();
         after[&victim] != before[&victim]
     });
+    p.pids = after.values().copied().collect();
     for w in &live {
         assert_eq!(after[w], before[w], "worker {w} was not touched");
     }
@@ -378,6 +386,5 @@ fn killed_worker_is_restarted_with_its_id_and_catches_up() {
     eventually(5, "a=a2 everywhere", || from_every_worker(p.addr, n, "/cache/a").values().all(|r| r.body == "a2"));
     let log = p.log.lock().unwrap().clone();
     assert!(log.contains("worker 1: restarted, caught up") && !log.contains("no snapshot"), "{log}");
-    p.pids = after.into_values().collect();
     p.stop();
 }
