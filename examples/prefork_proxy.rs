@@ -1,7 +1,7 @@
 //! A prefork HTTP cache on hyper 1.x and tokio, its workers kept in sync by `worker-events`:
 //!
 //! ```text
-//! cargo run --release --features tokio --example prefork_proxy -- --workers 4 --listen 127.0.0.1:8080
+//! cargo run --release --features "tokio metrics" --example prefork_proxy -- --workers 4 --listen 127.0.0.1:8080
 //! ```
 //!
 //! **Processes.** The master binds the listening sockets (one per worker, all on the same
@@ -516,7 +516,12 @@ async fn worker_main(
     nix::unistd::write(ready_w, &[1])?;
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
-    let shared = Arc::new(Shared { i, pid: std::process::id(), cache: cache.clone(), tx });
+    // One recorder per worker process, installed after the fork.
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| std::io::Error::other(format!("installing the Prometheus recorder: {e}")))?;
+    worker_events::metrics::describe();
+    let shared = Arc::new(Shared { i, pid: std::process::id(), cache: cache.clone(), tx, prometheus });
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let stream = stream_rate > 0 && i == 0;
@@ -567,6 +572,9 @@ struct Shared {
     pid: u32,
     cache: Arc<Mutex<Cache>>,
     tx: mpsc::UnboundedSender<Cmd>,
+    /// This worker process's Prometheus recorder (the library's `metrics` feature records
+    /// into it; `/metrics` renders it).
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 fn reply(sh: &Shared, status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -627,7 +635,9 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full
         let mut r = if path == "/stats" {
             reply(&sh, StatusCode::OK, stats_json(&sh, &st, refreshes, entries))
         } else {
-            reply(&sh, StatusCode::OK, metrics_text(sh.i, &st))
+            // The library's `metrics` feature records the counters; the recorder renders them.
+            worker_events::metrics::export_stats(Wid::Worker(sh.i), &st);
+            reply(&sh, StatusCode::OK, sh.prometheus.render())
         };
         let ct = if path == "/stats" { "application/json" } else { "text/plain; version=0.0.4" };
         r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static(ct));
@@ -690,26 +700,5 @@ fn stats_json(sh: &Shared, st: &Stats, refreshes: u64, entries: usize) -> String
         .collect();
     s.push_str(&peers.join(","));
     s.push_str("]}}\n");
-    s
-}
-
-fn metrics_text(i: u32, st: &Stats) -> String {
-    let mut s = String::new();
-    for (name, v) in counters(st) {
-        let kind = if matches!(name, "unique_pending" | "peers" | "outbound_depth") { "gauge" } else { "counter" };
-        let full =
-            if kind == "counter" { format!("worker_events_{name}_total") } else { format!("worker_events_{name}") };
-        s.push_str(&format!("# TYPE {full} {kind}\n{full}{{worker=\"{i}\"}} {v}\n"));
-    }
-    for (name, get) in [
-        ("peer_outbound_depth", (|p: &worker_events::PeerStats| p.outbound_depth) as fn(&_) -> u64),
-        ("peer_backlog", |p| p.backlog),
-        ("peer_inbound_depth", |p| p.inbound_depth),
-    ] {
-        s.push_str(&format!("# TYPE worker_events_{name} gauge\n"));
-        for p in &st.peers {
-            s.push_str(&format!("worker_events_{name}{{worker=\"{i}\",peer=\"{}\"}} {}\n", peer_label(p.wid), get(p)));
-        }
-    }
     s
 }

@@ -30,7 +30,7 @@ if ! command -v wrk >/dev/null; then
 fi
 command -v curl >/dev/null || { echo "curl is needed" >&2; exit 1; }
 
-cargo build --release --features tokio --example prefork_proxy >&2
+cargo build --release --features "tokio metrics" --example prefork_proxy >&2
 BIN=target/release/examples/prefork_proxy
 TMP=$(mktemp -d)
 # run_case runs in a $(...) subshell: the running proxy's pid is kept in a file for cleanup.

@@ -4,12 +4,12 @@
 //! catches up through the snapshot its peers send it, and SIGTERM stops everything with
 //! exit code 0.
 //!
-//! The example binary is built by `cargo test --features tokio` (cargo builds the examples
+//! The example binary is built by `cargo test --features "tokio metrics"` (cargo builds the examples
 //! of a package for its tests); it is found next to this test's binary, in
 //! `target/<profile>/examples/`. When missing or older than its source (`cargo test --test
 //! prefork_proxy` builds no example), the test builds it with `cargo build --example`.
 
-#![cfg(feature = "tokio")]
+#![cfg(all(feature = "tokio", feature = "metrics"))]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -40,7 +40,7 @@ fn build_example() -> PathBuf {
         // `cargo test --test prefork_proxy` builds no example: build it, same profile.
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--example", "prefork_proxy", "--features", "tokio", "--target-dir"]);
+        cmd.args(["build", "--example", "prefork_proxy", "--features", "tokio metrics", "--target-dir"]);
         cmd.arg(profile_dir.parent().unwrap()).current_dir(env!("CARGO_MANIFEST_DIR"));
         if profile_dir.file_name() == Some("release".as_ref()) {
             cmd.arg("--release");
@@ -297,6 +297,18 @@ fn put_reaches_every_worker_and_delete_purges_everywhere() {
         from_every_worker(p.addr, p.n, "/cache/k").values().all(|r| r.status == 404)
     });
     assert_everywhere(&p, "k", None);
+    // Every worker's /metrics is the Prometheus text of its counters, recorded through the
+    // library's `metrics` feature: each published at least the PUT it served.
+    for (w, r) in from_every_worker(p.addr, p.n, "/metrics") {
+        assert_eq!(r.status, 200, "worker {w}");
+        let line = r
+            .body
+            .lines()
+            .find(|l| l.starts_with("worker_events_published_total") && l.contains(&format!("worker=\"{w}\"")))
+            .unwrap_or_else(|| panic!("worker {w}: no published counter in /metrics:\n{}", r.body));
+        let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(v >= 1.0, "worker {w}: {line}");
+    }
     p.stop();
 }
 
