@@ -238,11 +238,6 @@ impl Region {
         epoch
     }
 
-    /// Slot of the broker that claimed the current epoch (informative).
-    pub(crate) fn broker_slot(&self) -> u32 {
-        self.header().broker_slot.load(Ordering::Relaxed)
-    }
-
     /// (serving broker) Store a heartbeat: CLOCK_MONOTONIC nanoseconds `now`.
     pub(crate) fn broker_beat(&self, now: u64) {
         self.header().broker_heartbeat.store(now, Ordering::Release);
@@ -257,8 +252,9 @@ impl Region {
     /// Take the broker role over from a broker whose heartbeat is older than `stale_ns` at
     /// `now`: swap the heartbeat from the stale value read to `now` (of several workers that
     /// saw it stale, exactly one wins the swap), then claim the next epoch (which fences the
-    /// stale broker). `Some(epoch)` when we won.
-    pub(crate) fn take_over_stale_broker(&self, slot: u32, now: u64, stale_ns: u64) -> Option<u64> {
+    /// stale broker). `Some((epoch, stuck))` when we won, `stuck` the slot that was
+    /// recorded as the broker's (for the operator's log).
+    pub(crate) fn take_over_stale_broker(&self, slot: u32, now: u64, stale_ns: u64) -> Option<(u64, u32)> {
         let h = self.header();
         let beat = h.broker_heartbeat.load(Ordering::Acquire);
         if now.saturating_sub(beat) <= stale_ns {
@@ -266,9 +262,9 @@ impl Region {
         }
         h.broker_heartbeat.compare_exchange(beat, now, Ordering::AcqRel, Ordering::Relaxed).ok()?;
         let epoch = h.broker_epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        h.broker_slot.store(slot, Ordering::Relaxed);
+        let stuck = h.broker_slot.swap(slot, Ordering::Relaxed);
         h.broker_pid.store(sys::pid(), Ordering::Release);
-        Some(epoch)
+        Some((epoch, stuck))
     }
 
     /// The unique-event dedup table.
@@ -402,7 +398,8 @@ mod tests {
         assert_eq!(o.take_over_stale_broker(1, t + 500, 1000), None, "fresh heartbeat");
         r.broker_beat(t + 900);
         assert_eq!(o.take_over_stale_broker(1, t + 1500, 1000), None, "beat again");
-        let e2 = o.take_over_stale_broker(1, t + 2000, 1000).expect("stale: taken over");
+        let (e2, stuck) = o.take_over_stale_broker(1, t + 2000, 1000).expect("stale: taken over");
+        assert_eq!(stuck, 0, "the stuck broker's slot");
         assert_eq!(e2, e1 + 1);
         assert_eq!(r.broker_epoch(), e2, "the old broker sees it is fenced");
         assert_eq!(r.take_over_stale_broker(2, t + 2000, 1000), None, "the winner's heartbeat is fresh");
