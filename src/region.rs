@@ -26,6 +26,8 @@ use crate::sys;
 pub(crate) struct SlotView {
     /// Attaches of the slot so far (its `generation` word).
     pub attaches: u64,
+    /// Wake-ups written to the slot's eventfd so far (its `wakeups` word).
+    pub wakeups: u64,
     /// The owner is parked (asleep, or armed for an external poller): a publisher wakes it.
     pub parked: bool,
 }
@@ -300,7 +302,17 @@ impl Region {
     /// What slot `slot`'s header says (each word loaded once; untrusted: informative only).
     pub(crate) fn slot_view(&self, slot: u32) -> SlotView {
         let s = self.slot(slot);
-        SlotView { attaches: s.generation.load(Ordering::Relaxed), parked: s.parked.load(Ordering::Relaxed) != 0 }
+        SlotView {
+            attaches: s.generation.load(Ordering::Relaxed),
+            wakeups: s.wakeups.load(Ordering::Relaxed),
+            parked: s.parked.load(Ordering::Relaxed) != 0,
+        }
+    }
+
+    /// Count a wake-up written to `slot`'s eventfd (the inspector's `wakeups`). The caller
+    /// has just claimed the slot's `parked` flag, so the line is already in its cache.
+    pub(crate) fn count_wakeup(&self, slot: u32) {
+        self.slot(slot).wakeups.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The SipHash key of this region (random, chosen by the creator).
@@ -375,16 +387,16 @@ mod tests {
     }
 
     #[test]
-    fn a_region_of_layout_version_3_is_refused() {
+    fn a_region_of_an_older_layout_version_is_refused() {
         // Version 3 had no `owed` word: its producers' backlogs would die silently with them,
         // so the mismatch must be refused, and say so (as version 2, which committed records
-        // through `write_pos`, was refused by version 3).
-        assert_eq!(LAYOUT_VERSION, 4);
+        // through `write_pos`, was refused by version 3). Version 4 had no `wakeups` count.
+        assert_eq!(LAYOUT_VERSION, 5);
         let g = Geometry::new(2, false, 4096, 64);
         let r = Region::create(g, 1024).unwrap();
         r.header().layout_version.store(3, Ordering::Release);
         let e = Region::open(dup(r.fd()), g).err().expect("must be rejected").to_string();
-        assert!(e.contains("layout version 3, this build speaks version 4"), "{e}");
+        assert!(e.contains("layout version 3, this build speaks version 5"), "{e}");
     }
 
     #[test]

@@ -105,8 +105,41 @@ fn a_snapshot_shows_slots_broker_depths_and_dedup_fill() {
         let s2 = snap(&dir.sock());
         assert_eq!(inbound(&s2, Wid::Worker(2)), 0, "drained");
         assert!(s2.ring(Wid::Worker(1), Wid::Worker(2)).unwrap().consumed >= consumed + 50);
+
+        // Wake-ups: every eventfd write a publisher made is counted in the woken slot's
+        // header (nothing runs now: the counts are still).
+        let sent: u64 = w.iter_mut().map(|c| c.report().stat("wakeups_sent")).sum();
+        let s3 = snap(&dir.sock());
+        let counted: u64 = s3.slots.iter().map(|sl| sl.wakeups.expect("shared memory counts wake-ups")).sum();
+        assert_eq!(counted, sent, "wake-ups in the slot headers vs the publishers' own counts: {:?}", s3.slots);
+        // A receiver asleep in `wait` is woken by the next event, and the count shows it.
+        let w2 = Wid::Worker(2);
+        let before = s3.slot(w2).unwrap().wakeups.unwrap();
+        let r2 = w[2].report();
+        let mut got = r2.stat("events") + r2.stat("lost_total");
+        let mut woken = false;
+        for _ in 0..20 {
+            got += 1;
+            w[2].send(Cmd::Until { n: got, ms: 10_000 });
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !snap(&dir.sock()).slot(w2).unwrap().parked {
+                assert!(std::time::Instant::now() < deadline, "worker 2 never parked in its wait");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let r = w[1].publish(Tgt::All, "s", "e", 0, 1);
+            assert_eq!((r.ok, r.err), (1, 0));
+            let lines = w[2].expect_ok();
+            assert!(lines.iter().any(|l| l == "@@UNTIL reached"), "{lines:?}");
+            // (It may have woken on its own timer between the check and the publish.)
+            if snap(&dir.sock()).slot(w2).unwrap().wakeups.unwrap() > before {
+                woken = true;
+                break;
+            }
+        }
+        assert!(woken, "20 events to a parked worker 2, no wake-up counted");
     } else {
         assert!(s.rings.is_empty() && s.dedup.is_none(), "the socket transport has no shared rings");
+        assert!(s.slots.iter().all(|sl| sl.wakeups.is_none()), "no slot headers on the socket transport");
     }
 
     // Kill the broker: the next snapshot shows its successor and the next epoch.
