@@ -116,10 +116,9 @@ fn a_snapshot_shows_slots_broker_depths_and_dedup_fill() {
         let w2 = Wid::Worker(2);
         let before = s3.slot(w2).unwrap().wakeups.unwrap();
         let r2 = w[2].report();
-        let mut got = r2.stat("events") + r2.stat("lost_total");
+        let got = r2.stat("events") + r2.stat("lost_total");
         let mut woken = false;
-        for _ in 0..20 {
-            got += 1;
+        for got in got + 1..got + 21 {
             w[2].send(Cmd::Until { n: got, ms: 10_000 });
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while !snap(&dir.sock()).slot(w2).unwrap().parked {
