@@ -109,6 +109,12 @@ pub struct SlotSnapshot {
     /// delivery, a system call per event on each side); a flat count under load means it
     /// is busy or busy-polling.
     pub wakeups: Option<u64>,
+    /// What the broker's outbound data queue holds for this worker: `(frames, bytes)` not
+    /// completely written to its connection (socket transport; `None` on shared memory,
+    /// where events go through the rings, and for the broker's own slot). Frames are events
+    /// and `lost` notices. A worker's own queue towards the broker lives in its private
+    /// memory: its [`Stats`](crate::Stats) report it.
+    pub broker_queue: Option<(u64, u64)>,
 }
 
 /// One ring `from -> to` of a [`Snapshot`] (shared memory).
@@ -254,7 +260,7 @@ pub fn inspect(listening: impl AsRef<Path>) -> Result<Snapshot> {
         if slot == reply.serving_slot {
             Some(reply.serving_pid)
         } else {
-            reply.attached.iter().find(|&&(s, _)| s == slot).map(|&(_, pid)| pid)
+            reply.attached.iter().find(|a| a.slot == slot).map(|a| a.pid)
         }
     };
     let region = match reply.region_fd {
@@ -271,6 +277,7 @@ pub fn inspect(listening: impl AsRef<Path>) -> Result<Snapshot> {
                 broker: slot == reply.serving_slot,
                 attaches: view.map(|v| v.attaches),
                 wakeups: view.map(|v| v.wakeups),
+                broker_queue: reply.attached.iter().find(|a| a.slot == slot).and_then(|a| a.queued),
                 parked: view.is_some_and(|v| v.parked),
             }
         })
@@ -330,8 +337,18 @@ impl fmt::Display for Snapshot {
         )?;
         writeln!(
             f,
-            "{:<6} {:>8} {:<5} {:<6} {:>5} {:>6} {:>9} {:>9} {:>8} {:>10}",
-            "SLOT", "PID", "ALIVE", "ROLE", "GEN", "PARKED", "IN_DEPTH", "OUT_DEPTH", "LOST_IN", "WAKEUPS"
+            "{:<6} {:>8} {:<5} {:<6} {:>5} {:>6} {:>9} {:>9} {:>8} {:>10} {:>12}",
+            "SLOT",
+            "PID",
+            "ALIVE",
+            "ROLE",
+            "GEN",
+            "PARKED",
+            "IN_DEPTH",
+            "OUT_DEPTH",
+            "LOST_IN",
+            "WAKEUPS",
+            "BROKER_QUEUE"
         )?;
         for s in &self.slots {
             let sum = |pick: &dyn Fn(&RingSnapshot) -> Option<u64>| self.rings.iter().filter_map(pick).sum::<u64>();
@@ -340,7 +357,7 @@ impl fmt::Display for Snapshot {
             let lost = sum(&|r| (r.to == s.wid).then_some(r.lost));
             writeln!(
                 f,
-                "{:<6} {:>8} {:<5} {:<6} {:>5} {:>6} {:>9} {:>9} {:>8} {:>10}",
+                "{:<6} {:>8} {:<5} {:<6} {:>5} {:>6} {:>9} {:>9} {:>8} {:>10} {:>12}",
                 wid_label(s.wid),
                 s.pid.map_or("-".into(), |p| p.to_string()),
                 if s.alive { "yes" } else { "no" },
@@ -350,7 +367,8 @@ impl fmt::Display for Snapshot {
                 inbound,
                 outbound,
                 lost,
-                s.wakeups.map_or("-".into(), |n| n.to_string())
+                s.wakeups.map_or("-".into(), |n| n.to_string()),
+                s.broker_queue.map_or("-".into(), |(f, b)| format!("{f}/{b}B"))
             )?;
         }
         if let Some(d) = self.dedup {

@@ -139,6 +139,28 @@ fn a_snapshot_shows_slots_broker_depths_and_dedup_fill() {
     } else {
         assert!(s.rings.is_empty() && s.dedup.is_none(), "the socket transport has no shared rings");
         assert!(s.slots.iter().all(|sl| sl.wakeups.is_none()), "no slot headers on the socket transport");
+        // The broker's data queue per worker: none for its own slot, one for each other.
+        for sl in &s.slots {
+            assert_eq!(sl.broker_queue.is_some(), !sl.broker, "{sl:?}");
+        }
+        if broker != 2 {
+            // The paused receiver's socket buffer fills: the rest waits in the broker's queue
+            // for it, which the snapshot shows (frames and bytes).
+            for _ in 0..10 {
+                let r = w[1].cmd(Cmd::Bytes { target: Tgt::All, src: "s".into(), ev: "big".into(), len: 60_000 });
+                assert!(r.iter().any(|l| l == "@@PUB 1 0"), "{r:?}");
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let (frames, bytes) = loop {
+                let q = snap(&dir.sock()).slot(Wid::Worker(2)).unwrap().broker_queue.expect("a queue for worker 2");
+                if q.1 >= 60_000 {
+                    break q;
+                }
+                assert!(std::time::Instant::now() < deadline, "600 kB for a paused worker, broker queue {q:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            assert!((1..=10).contains(&frames) && bytes <= 10 * 60_100, "({frames}, {bytes})");
+        }
     }
 
     // Kill the broker: the next snapshot shows its successor and the next epoch.
