@@ -269,11 +269,13 @@ mod tests {
     fn a_reply_round_trips_and_every_field_is_range_checked() {
         let mut wr = FrameWriter::default();
         let offer = Offer::Socket { epoch: 7, broker_id: 9 };
-        assert!(reply(&mut wr, 1, &terms(3), &offer, &[(0, 100), (3, 103)]));
+        let a = |slot, pid, queued| AttachedSlot { slot, pid, queued };
+        let attached = [a(0, 100, Some((2, 130))), a(3, 103, None)];
+        assert!(reply(&mut wr, 1, &terms(3), &offer, &attached));
         let good = body(&mut wr);
         let r = parse_reply(&good, Vec::new()).unwrap();
         assert_eq!((r.serving_slot, r.epoch, r.workers, r.agent), (1, 7, 3, true));
-        assert_eq!(r.attached, vec![(0, 100), (3, 103)]);
+        assert_eq!(r.attached, attached.to_vec());
         assert!(r.region_fd.is_none());
         assert!(!reply(&mut FrameWriter::default(), 1, &terms(3), &Offer::Nothing, &[]));
         // Corrupt one little-endian u32 field at `off` at a time.
@@ -292,7 +294,11 @@ mod tests {
         assert!(with(44, (1 << 24) + 1).contains("unique capacity"));
         assert!(with(48, 5).contains("more than 4"));
         assert!(with(52, 1).contains("attached slot 1"), "the broker's own slot");
-        assert!(with(60, 0).contains("repeated"));
+        assert!(with(76, 0).contains("repeated"));
+        let mut b = good.clone();
+        b[60..68].copy_from_slice(&131u64.to_le_bytes());
+        let e = parse_reply(&b, Vec::new()).expect_err("more frames than bytes accepted");
+        assert!(e.contains("131 queued frames in 130 bytes"), "{e}");
         assert!(parse_reply(&good[..good.len() - 1], Vec::new()).is_err(), "truncated");
     }
 }
