@@ -113,8 +113,8 @@ pub enum PublishError {
         max: usize,
     },
     /// The origin host given to
-    /// [`Worker::publish_relayed`](crate::Worker::publish_relayed) or
-    /// [`Worker::report_relayed_lost`](crate::Worker::report_relayed_lost) is empty or longer
+    /// [`Worker::publish_relayed`](crate::worker::Worker::publish_relayed) or
+    /// [`Worker::report_relayed_lost`](crate::worker::Worker::report_relayed_lost) is empty or longer
     /// than 255 bytes.
     #[error("failed to publish event: origin host must be 1..={max} bytes, got {len}")]
     InvalidOriginHost {

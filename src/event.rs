@@ -186,8 +186,8 @@ impl<'a> Event<'a> {
         rkyv::deserialize::<T, rancor::Error>(archived).map_err(|e| Error::Decode(e.to_string()))
     }
     /// The host a bridge relayed this event from (the name given to
-    /// [`Worker::publish_relayed`](crate::Worker::publish_relayed) or
-    /// [`Worker::report_relayed_lost`](crate::Worker::report_relayed_lost)); `None` for an event
+    /// [`Worker::publish_relayed`](crate::worker::Worker::publish_relayed) or
+    /// [`Worker::report_relayed_lost`](crate::worker::Worker::report_relayed_lost)); `None` for an event
     /// published on this host.
     ///
     /// ```
@@ -208,7 +208,7 @@ impl<'a> Event<'a> {
         }
     }
     /// For a unique event diverted to the privileged agent (see
-    /// [`Worker::divert_unique`](crate::Worker::divert_unique)), its hash; `None` for every
+    /// `Worker::divert_unique`), its hash; `None` for every
     /// other event (a unique event routed to a worker as usual included).
     ///
     /// ```

@@ -79,9 +79,9 @@ impl Worker {
     /// [`Worker::publish_bytes`] for an event a bridge relays from another host: the same
     /// routing for every [`Target`], on both transports, and the message carries
     /// `origin_host`, which receivers read with
-    /// [`Event::origin_host`](crate::Event::origin_host) (`None` for every event published on
+    /// [`Event::origin_host`](crate::event::Event::origin_host) (`None` for every event published on
     /// this host). A relayed unique event is never diverted to the agent (see
-    /// [`Worker::divert_unique`]): it goes through this host's dedup table as usual.
+    /// `Worker::divert_unique`): it goes through this host's dedup table as usual.
     ///
     /// # Errors
     /// As [`Worker::publish`], and [`PublishError::InvalidOriginHost`] when `origin_host` is
@@ -127,8 +127,8 @@ impl Worker {
     /// counts "events received + lost counts" covers the events lost between hosts too. A
     /// `count` of 0 sends nothing.
     ///
-    /// [`Event::lost`]: crate::Event::lost
-    /// [`Event::origin_host`]: crate::Event::origin_host
+    /// [`Event::lost`]: crate::event::Event::lost
+    /// [`Event::origin_host`]: crate::event::Event::origin_host
     ///
     /// # Errors
     /// [`PublishError::InvalidOriginHost`] as [`Worker::publish_relayed`];
