@@ -47,6 +47,8 @@ fn expected(wid: &str, st: &Stats, out: &mut Series) {
     c("unique_duplicates_total", st.unique_duplicates);
     c("unique_unrecorded_total", st.unique_unrecorded);
     c("corrupt_rings_total", st.corrupt_rings);
+    c("unique_diverted_total", st.unique_diverted);
+    c("unique_not_diverted_total", st.unique_not_diverted);
     c("unique_pending", st.unique_pending);
     for p in &st.peers {
         let peer = match p.wid {
