@@ -117,6 +117,7 @@ pub fn export_stats(wid: Wid, stats: &Stats) {
         unique_duplicates,
         unique_unrecorded,
         unique_pending,
+        unique_resent,
         peers,
         corrupt_rings,
     } = stats;
@@ -134,6 +135,7 @@ pub fn export_stats(wid: Wid, stats: &Stats) {
         ("worker_events_failovers_total", failovers),
         ("worker_events_unique_duplicates_total", unique_duplicates),
         ("worker_events_unique_unrecorded_total", unique_unrecorded),
+        ("worker_events_unique_resent_total", unique_resent),
         ("worker_events_corrupt_rings_total", corrupt_rings),
     ];
     for (name, value) in counters {
@@ -190,6 +192,7 @@ pub fn describe() {
     c("worker_events_failovers_total", "Times this worker lost its broker, or stepped down as broker.");
     c("worker_events_unique_duplicates_total", "Unique events dropped as duplicates within unique_timeout.");
     c("worker_events_unique_unrecorded_total", "Unique events delivered unrecorded (table window full).");
+    c("worker_events_unique_resent_total", "Unique events resent to a new broker after a failover (socket transport).");
     c("worker_events_corrupt_rings_total", "Inbound rings found corrupt (or resynchronized at attach).");
     describe_gauge!(UNIQUE_PENDING, Unit::Count, "Unique events published and not yet handed on.");
     describe_gauge!(PEER_OUTBOUND_DEPTH, Unit::Count, "Events to the peer not yet consumed (ring plus backlog).");

@@ -53,6 +53,12 @@ pub struct Stats {
     /// Unique events published and not yet handed on: waiting to attach, or (socket
     /// transport) not yet acknowledged by a broker.
     pub unique_pending: u64,
+    /// (socket transport) Unique events this worker sent again to a new broker because the
+    /// one it had sent them to was lost before acknowledging them. The old broker may have
+    /// handed some of them off already (it acknowledges an event once it is written to its
+    /// target, and died before the acknowledgement came through): each resent event may be
+    /// delivered twice (at-least-once across a broker crash; ARCHITECTURE.md §G4).
+    pub unique_resent: u64,
     /// Per-peer queue state (empty until attached).
     pub peers: Vec<PeerStats>,
     /// Inbound rings found holding an impossible record or position (shared memory

@@ -46,6 +46,7 @@ fn expected(wid: &str, st: &Stats, out: &mut Series) {
     c("failovers_total", st.failovers);
     c("unique_duplicates_total", st.unique_duplicates);
     c("unique_unrecorded_total", st.unique_unrecorded);
+    c("unique_resent_total", st.unique_resent);
     c("corrupt_rings_total", st.corrupt_rings);
     c("unique_pending", st.unique_pending);
     for p in &st.peers {

@@ -9,6 +9,7 @@ mod attach;
 mod broker;
 mod close;
 mod delivery;
+mod handoff;
 mod poll;
 mod publish;
 mod unique;
@@ -33,6 +34,7 @@ use crate::sys::{self, Epoll};
 use crate::transport::{DataPath, PreAttach};
 use crate::wire::Peer;
 use broker::BrokerView;
+use handoff::Handoffs;
 use poll::Pacing;
 use unique::UniqueOutbox;
 
@@ -165,6 +167,7 @@ impl Events {
             pacing: Pacing::default(),
             pending_error: None,
             unique: UniqueOutbox::default(),
+            handoffs: Handoffs::default(),
             broker: BrokerView::default(),
             closed: false,
             forks: sys::forks(),
@@ -255,6 +258,8 @@ pub struct Worker {
     pacing: Pacing,
     pending_error: Option<Error>,
     unique: UniqueOutbox,
+    /// (socket broker) Unique events routed and not handed off yet.
+    handoffs: Handoffs,
     broker: BrokerView,
     /// `close` has run (Drop does not run it again).
     closed: bool,

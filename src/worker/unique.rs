@@ -3,16 +3,19 @@
 //! target (round-robin, preferring other workers) and writes the event into that target's
 //! ring, with no broker on the path. On the socket transport the publisher's outbox keeps
 //! them until a broker acknowledges them (resent to the next broker), and the broker routes
-//! them the same way with its private table. Before attaching they wait in the outbox.
+//! them the same way with its private table, acknowledging each only once it is handed off
+//! (`handoff.rs`). Before attaching they wait in the outbox.
 
 use std::collections::VecDeque;
 
 use rkyv::util::AlignedVec;
 
 use super::Worker;
+use super::handoff::Held;
 use crate::dedup::Check;
 use crate::error::PublishError;
 use crate::message::{self, Kind};
+use crate::transport::Sent;
 
 /// One unique event not yet acknowledged.
 struct UniqueOut {
@@ -29,6 +32,8 @@ pub(super) struct UniqueOutbox {
     /// How many of `out` were sent on the current broker connection.
     sent: usize,
     next_id: u64,
+    /// Events sent again to a new broker connection ([`crate::Stats::unique_resent`]).
+    resent: u64,
 }
 
 impl UniqueOutbox {
@@ -42,6 +47,7 @@ impl UniqueOutbox {
 
     /// A new broker connection (or none): everything unacknowledged is sent again.
     pub(super) fn resend_all(&mut self) {
+        self.resent += self.sent as u64;
         self.sent = 0;
     }
 
@@ -102,7 +108,9 @@ impl Worker {
                 return;
             }
             while let Some(u) = self.unique.out.pop_front() {
-                self.route_unique(u.hash.as_bytes(), u.msg);
+                let held = self.route_unique(u.hash.as_bytes(), u.msg);
+                // Tracked (never acknowledged): routed again if its target does not take it.
+                self.track_unique(self.slot, 0, 0, held);
             }
             self.unique.sent = 0;
             return;
@@ -125,30 +133,34 @@ impl Worker {
         }
     }
 
-    /// (broker) A unique event from another worker's UNIQUE frame: check it, then route it.
-    pub(super) fn handle_unique(&mut self, from: u32, hash: &[u8], msg: &[u8]) {
+    /// (broker) A unique event from another worker's UNIQUE frame (connection `conn`, the
+    /// publisher's id `id`): check it, then route it; it is acknowledged once handed off
+    /// ([`Worker::settle_unique`]).
+    pub(super) fn handle_unique(&mut self, from: u32, conn: u64, id: u64, hash: &[u8], msg: &[u8]) {
         let g = self.geo;
         let ok = message::decode(msg, g.workers, g.agent, self.opts.max_payload_len)
             .is_ok_and(|d| d.kind == Kind::Unique && d.event.wid == Some(g.wid_of(from)));
-        if !ok {
+        let held = if ok {
+            let mut buf = self.buffer();
+            buf.clear();
+            buf.extend_from_slice(msg);
+            self.route_unique(hash, buf)
+        } else {
             crate::log_limit::log_limited!(tracing::Level::WARN, from, "dropping a malformed unique event");
             self.stats.dropped += 1;
-            return;
-        }
-        let mut buf = self.buffer();
-        buf.clear();
-        buf.extend_from_slice(msg);
-        self.route_unique(hash, buf);
+            None
+        };
+        self.track_unique(from, conn, id, held);
     }
 
-    /// Dedup a unique event and deliver it to one live worker ([`Worker::pick_unique_target`]);
-    /// on the socket transport to ourselves when that worker's queue is full.
-    fn route_unique(&mut self, hash: &[u8], msg: AlignedVec) {
+    /// Dedup a unique event and deliver it to one live worker ([`Worker::place_unique`]).
+    /// Returns where it waits to be handed off (socket transport), if anywhere.
+    fn route_unique(&mut self, hash: &[u8], msg: AlignedVec) -> Option<Held> {
         let ttl = u64::try_from(self.opts.unique_timeout.as_nanos()).unwrap_or(u64::MAX);
         let now = crate::sys::monotonic_ns();
         let Some(check) = self.path.dedup_check(hash, now, ttl) else {
             self.recycle(msg);
-            return;
+            return None;
         };
         let shared = self.path.shm().map(|p| p.region());
         match check {
@@ -158,7 +170,7 @@ impl Worker {
                     None => self.stats.unique_duplicates += 1,
                 }
                 self.recycle(msg);
-                return;
+                return None;
             }
             Check::Full => {
                 match shared {
@@ -169,31 +181,55 @@ impl Worker {
             }
             Check::New => {}
         }
-        let target = self.pick_unique_target();
-        if target != self.slot && self.path.send_to(target, &msg) {
-            self.recycle(msg);
-        } else {
-            // Ourselves, or (socket transport) the target's queue is full: run it here
-            // rather than drop it after its hash was recorded.
-            self.local.push_back(msg);
+        self.place_unique(msg, None)
+    }
+
+    /// Deliver a unique event (recorded already) to one live worker other than `avoid`
+    /// ([`Worker::pick_unique_target`]); on the socket transport to ourselves when that
+    /// worker's queue is full. Returns where it waits to be handed off (socket transport).
+    pub(super) fn place_unique(&mut self, msg: AlignedVec, avoid: Option<u32>) -> Option<Held> {
+        let target = self.pick_unique_target(avoid);
+        let sent = if target == self.slot { Sent::Full } else { self.path.send_to(target, &msg) };
+        match sent {
+            Sent::Written => {
+                self.recycle(msg);
+                None
+            }
+            Sent::Queued(ticket) => {
+                self.recycle(msg);
+                Some(Held::Slot { to: target, ticket })
+            }
+            Sent::Full => {
+                // Ourselves, or (socket transport) the target's queue is full: run it here
+                // rather than drop it after its hash was recorded.
+                self.local.push_back(msg);
+                let ticket = self.handoffs.local_done + self.local.len() as u64;
+                self.path.socket().map(|_| Held::Local { ticket })
+            }
         }
     }
 
-    /// Next live slot other than ours, round-robin from our own cursor; ourselves when
-    /// nobody else is alive. (An event handed to another worker is in its ring at once; one
+    /// Next live slot other than ours (and `avoid`), round-robin from our own cursor;
+    /// ourselves when nobody else is alive. On the socket transport a slot is live when it
+    /// has a connection that it reads ([`Worker::takes_unique`]). (An event handed to another worker is in its ring at once; one
     /// kept for our own callbacks would die with us if we were killed before dispatching it,
     /// after its hash was recorded.) Live: on shared memory the slot says attached (one
     /// load, skipping never-attached and detached slots) and, for the one slot chosen, the
     /// kernel says another process holds its slot lock (one `fcntl`).
-    fn pick_unique_target(&mut self) -> u32 {
+    fn pick_unique_target(&mut self, avoid: Option<u32>) -> u32 {
         let slots = self.geo.slots;
         let Some(ctl) = self.ctl.as_ref() else { return self.slot };
         let region = self.path.shm().map(|p| p.region());
-        let rr = &mut self.broker.next_unique_target;
+        let rr = self.broker.next_unique_target;
         for i in 0..slots {
-            let s = (*rr + i) % slots;
-            if s != self.slot && region.is_none_or(|r| r.slot_attached(s)) && ctl.slot_alive(s) {
-                *rr = (s + 1) % slots;
+            let s = (rr + i) % slots;
+            if s != self.slot
+                && Some(s) != avoid
+                && region.is_none_or(|r| r.slot_attached(s))
+                && ctl.slot_alive(s)
+                && self.takes_unique(s)
+            {
+                self.broker.next_unique_target = (s + 1) % slots;
                 return s;
             }
         }
@@ -204,6 +240,7 @@ impl Worker {
     /// publisher records its own events in the shared table), added to our own.
     pub(super) fn unique_stats(&self, s: &mut crate::stats::Stats) {
         s.unique_pending = self.unique.len() as u64;
+        s.unique_resent = self.unique.resent;
         if let Some(p) = self.path.shm() {
             let (dups, unrec) = p.region().unique_counters();
             s.unique_duplicates += dups;

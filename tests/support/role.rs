@@ -602,7 +602,7 @@ impl Role {
             out(&format!("@@BROKER {e} {s} {t}"));
         }
         let st = self.worker.stats();
-        let stats: [(&str, u64); 30] = [
+        let stats: [(&str, u64); 31] = [
             ("early_errors", self.early_errors),
             ("early_unique_pending", self.early_unique_pending),
             ("unique_duplicates", st.unique_duplicates),
@@ -633,6 +633,7 @@ impl Role {
             ("is_ready", u64::from(self.worker.is_ready())),
             ("corrupt_rings", st.corrupt_rings),
             ("inbound_depth_sum", st.peers.iter().map(|p| p.inbound_depth).sum()),
+            ("unique_resent", st.unique_resent),
         ];
         for (k, v) in stats {
             out(&format!("@@STAT {k} {v}"));
