@@ -183,10 +183,13 @@ fn ucount(c: &mut Cluster, p: u32) -> (u64, u64, u64, u64) {
 }
 
 /// A publisher streams [`N`] unique events with distinct hashes while the broker is
-/// SIGKILLed (and restarted) up to [`KILLS`] times; the receivers keep dispatching. Every
-/// hash must be delivered (none lost: they were acknowledged only once handed off, and the
-/// publisher resent the rest to each new broker), and a hash may be delivered twice only
-/// if the publisher resent it after a failover: at most `Stats::unique_resent` of them.
+/// SIGKILLed (and restarted) up to [`KILLS`] times; one receiver does not read (paused, its
+/// socket filled by the first broker), the others keep dispatching. Every hash must be
+/// delivered (none lost: they were acknowledged only once handed off, and the publisher
+/// resent the rest to each new broker), and a hash may be delivered twice only if the
+/// publisher resent it after a failover: at most `Stats::unique_resent` of them. (Before
+/// the fix the events the first broker routed to the paused receiver died with it:
+/// acknowledged, never delivered, nobody told.)
 #[test]
 fn unique_events_across_broker_kills_are_delivered_at_least_once() {
     const N: u64 = 3000;
@@ -195,14 +198,18 @@ fn unique_events_across_broker_kills_are_delivered_at_least_once() {
     let mut c = socket_cluster("uh-kills", 4);
     let b0 = wait_broker(&mut c);
     // The publisher is never killed (a killed publisher's own outbox dies with it).
-    let p = c.live().into_iter().find(|&s| s != b0).expect("a worker other than the broker");
+    let others: Vec<u32> = c.live().into_iter().filter(|&s| s != b0).collect();
+    let (r, p) = (others[0], others[1]);
+    c.proc(r).cmd(Cmd::Pause);
+    let fill = c.proc(b0).publish(Tgt::All, "fill", "f", 0, 10_000);
+    assert_eq!((fill.ok, fill.err), (10_000, 0), "{:?}", fill.errors);
     c.proc(p).cmd(Cmd::URun { rate: 4.0, end: N });
     let mut rng = Rng::from_clock();
     let mut kills = 0;
     for _ in 0..KILLS {
         std::thread::sleep(Duration::from_millis(60 + rng.below(100)));
         let Some(b) = c.broker() else { continue };
-        if b == p {
+        if b == p || b == r {
             break;
         }
         c.kill(b);
@@ -219,6 +226,7 @@ fn unique_events_across_broker_kills_are_delivered_at_least_once() {
         assert!(c.wd.remaining() > Duration::from_secs(15), "w{p}: unique events still pending: {sent}/{end}, {pend}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    c.proc(r).cmd(Cmd::Resume);
     pump_until_delivered(&mut c, Duration::from_secs(10), |d| d.len() as u64 >= N);
     let d = unique_deliveries(c.dir.path());
     let missing: Vec<u64> = (0..N).filter(|n| !d.contains_key(n)).collect();
