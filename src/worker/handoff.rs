@@ -186,7 +186,9 @@ impl Worker {
     }
 
     /// Acknowledge each publisher connection up to the id before the first event of its
-    /// slot not handed off (all it sent when none waits); forget the connections gone.
+    /// slot not handed off (all it sent when none waits); forget the connections gone and
+    /// those owed nothing more (a connection's ids only grow: the next UNIQUE on it starts
+    /// a new entry).
     fn send_unique_acks(&mut self) {
         let Some(ctl) = self.ctl.as_mut() else { return };
         let pending = &self.handoffs.pending;
@@ -194,15 +196,14 @@ impl Worker {
         self.handoffs.conns.retain_mut(|c| {
             let first = pending.iter().filter(|h| h.from == c.slot && h.id > 0).map(|h| h.id).min();
             let upto = first.map_or(c.handled, |f| c.handled.min(f - 1));
-            if upto <= c.acked {
-                return true;
+            if upto > c.acked {
+                if !ctl.ack_unique(c.conn, upto) {
+                    return false;
+                }
+                c.acked = upto;
+                sent.push(c.slot);
             }
-            if !ctl.ack_unique(c.conn, upto) {
-                return false;
-            }
-            c.acked = upto;
-            sent.push(c.slot);
-            true
+            c.acked < c.handled
         });
         if sent.is_empty() {
             return;
