@@ -63,7 +63,7 @@ pub enum Target<'a> {
     /// itself): nothing acknowledged is lost with the broker, but an event handed off whose
     /// acknowledgement had not reached the publisher when the broker died is resent to the
     /// next broker, whose dedup table starts empty, and delivered again: at-least-once
-    /// across a broker crash ([`crate::Stats::unique_resent`] counts the resent events),
+    /// across a broker crash ([`crate::stats::Stats::unique_resent`] counts the resent events),
     /// exactly-once otherwise. See ARCHITECTURE.md (G3).
     Unique(&'a str),
 }

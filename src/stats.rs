@@ -57,7 +57,7 @@ pub struct Stats {
     /// one it had sent them to was lost before acknowledging them. The old broker may have
     /// handed some of them off already (it acknowledges an event once it is written to its
     /// target, and died before the acknowledgement came through): each resent event may be
-    /// delivered twice (at-least-once across a broker crash; ARCHITECTURE.md §G4).
+    /// delivered twice (at-least-once across a broker crash; ARCHITECTURE.md §G3).
     pub unique_resent: u64,
     /// Per-peer queue state (empty until attached).
     pub peers: Vec<PeerStats>,

@@ -1,5 +1,5 @@
 //! The socket transport's hand-off of unique events, with real processes and real SIGKILLs
-//! (issue 11, item 6, the broker's part; ARCHITECTURE.md §G4):
+//! (issue 11, item 6, the broker's part; ARCHITECTURE.md §G3):
 //! 1. a unique event the broker acknowledged is never lost with the broker: the broker
 //!    acknowledges it only once the target's socket took it (or it ran at the broker), so a
 //!    broker killed with events queued for a receiver that does not read leaves them with

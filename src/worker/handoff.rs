@@ -13,7 +13,7 @@
 //! Across a broker crash this is at-least-once: an event written to its target whose
 //! acknowledgement had not reached the publisher when the broker died is resent, and the
 //! new broker (its dedup table is private, and empty) delivers it again
-//! ([`crate::Stats::unique_resent`] counts the resent events). See ARCHITECTURE.md §G4.
+//! ([`crate::stats::Stats::unique_resent`] counts the resent events). See ARCHITECTURE.md §G3.
 
 use std::time::{Duration, Instant};
 

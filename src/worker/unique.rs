@@ -32,7 +32,7 @@ pub(super) struct UniqueOutbox {
     /// How many of `out` were sent on the current broker connection.
     sent: usize,
     next_id: u64,
-    /// Events sent again to a new broker connection ([`crate::Stats::unique_resent`]).
+    /// Events sent again to a new broker connection ([`crate::stats::Stats::unique_resent`]).
     resent: u64,
 }
 
