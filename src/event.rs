@@ -56,6 +56,16 @@ pub enum Target<'a> {
     Current,
     /// Exactly one live worker; further events with the same hash within
     /// `unique_timeout` are dropped.
+    ///
+    /// Across a broker crash: on shared memory the publisher records the hash in the
+    /// region's table itself, so an event is never delivered twice. On the socket transport
+    /// the publisher keeps the event until the broker acknowledges it, which it does only
+    /// once the event is handed off (written into its target's socket, or run by the broker
+    /// itself): nothing acknowledged is lost with the broker, but an event handed off whose
+    /// acknowledgement had not reached the publisher when the broker died is resent to the
+    /// next broker, whose dedup table starts empty, and delivered again: at-least-once
+    /// across a broker crash ([`crate::stats::Stats::unique_resent`] counts the resent events),
+    /// exactly-once otherwise. See ARCHITECTURE.md (G3).
     Unique(&'a str),
 }
 

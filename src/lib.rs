@@ -147,10 +147,13 @@
 //!   flow while the broker is dead or frozen, never delivered twice. A publisher killed while
 //!   recording a hash loses its event (and at most one concurrent event with the same hash).
 //!   On the socket transport a publisher keeps each unique event until a broker acknowledges
-//!   it and resends what is unacknowledged to the next broker; the broker records a hash
-//!   before it queues the event, and a broker killed between those two steps loses that one
-//!   event (at most once rather than twice); its table is private, so a successor starts
-//!   with an empty one.
+//!   it and resends what is unacknowledged to the next broker; the broker acknowledges an
+//!   event only once it is handed off (completely written into its target's socket, whose
+//!   buffer then belongs to the receiver, or run by the broker's own callbacks), so an
+//!   acknowledged event never dies with the broker. Its table is private, so a successor
+//!   starts with an empty one: an event handed off whose acknowledgement had not reached
+//!   its publisher is delivered again (at-least-once across a broker crash, counted in
+//!   [`Stats::unique_resent`]; see [`Target::Unique`]).
 //! * **Worker killed.** The others keep publishing. The rings keep the events for the dead
 //!   slot; when its ring is full they wait in each publisher's backlog (`max_queue_len`), and
 //!   beyond that they are dropped and counted (`Stats::lost_outbound`, and the successor gets

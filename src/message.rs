@@ -88,6 +88,19 @@ pub(crate) fn set_ext(buf: &mut AlignedVec, ext: Ext<'_>) {
     buf[14..16].copy_from_slice(&(bytes.len() as u16).to_le_bytes());
 }
 
+/// Remove the extension of a message this process stamped (or checked) itself with
+/// [`set_ext`]: its bytes are returned and the header's flags and `ext_len` zeroed.
+pub(crate) fn take_ext(buf: &mut AlignedVec) -> Vec<u8> {
+    if buf.len() < MSG_HDR || buf[13] == 0 {
+        return Vec::new();
+    }
+    let ext_len = (u16::from_le_bytes([buf[14], buf[15]]) as usize).min(buf.len() - MSG_HDR);
+    let ext = buf[buf.len() - ext_len..].to_vec();
+    buf.resize(buf.len() - ext_len, 0);
+    buf[13..16].copy_from_slice(&[0, 0, 0]);
+    ext
+}
+
 /// The source and event names of a message this process encoded (or checked) itself; empty
 /// names for a buffer too short to hold them.
 pub(crate) fn names(buf: &[u8]) -> (&[u8], &[u8]) {

@@ -119,6 +119,7 @@ pub fn export_stats(wid: Wid, stats: &Stats) {
         unique_pending,
         unique_diverted,
         unique_not_diverted,
+        unique_resent,
         peers,
         corrupt_rings,
     } = stats;
@@ -136,6 +137,7 @@ pub fn export_stats(wid: Wid, stats: &Stats) {
         ("worker_events_failovers_total", failovers),
         ("worker_events_unique_duplicates_total", unique_duplicates),
         ("worker_events_unique_unrecorded_total", unique_unrecorded),
+        ("worker_events_unique_resent_total", unique_resent),
         ("worker_events_corrupt_rings_total", corrupt_rings),
         ("worker_events_unique_diverted_total", unique_diverted),
         ("worker_events_unique_not_diverted_total", unique_not_diverted),
@@ -194,6 +196,7 @@ pub fn describe() {
     c("worker_events_failovers_total", "Times this worker lost its broker, or stepped down as broker.");
     c("worker_events_unique_duplicates_total", "Unique events dropped as duplicates within unique_timeout.");
     c("worker_events_unique_unrecorded_total", "Unique events delivered unrecorded (table window full).");
+    c("worker_events_unique_resent_total", "Unique events resent to a new broker after a failover (socket transport).");
     c("worker_events_corrupt_rings_total", "Inbound rings found corrupt (or resynchronized at attach).");
     c("worker_events_unique_diverted_total", "Unique events diverted to the privileged agent.");
     c(

@@ -61,6 +61,12 @@ pub struct Stats {
     /// as usual because the agent was not attached (availability first), counted as
     /// `unique_diverted` is.
     pub unique_not_diverted: u64,
+    /// (socket transport) Unique events this worker sent again to a new broker because the
+    /// one it had sent them to was lost before acknowledging them. The old broker may have
+    /// handed some of them off already (it acknowledges an event once it is written to its
+    /// target, and died before the acknowledgement came through): each resent event may be
+    /// delivered twice (at-least-once across a broker crash; ARCHITECTURE.md §G3).
+    pub unique_resent: u64,
     /// Per-peer queue state (empty until attached).
     pub peers: Vec<PeerStats>,
     /// Inbound rings found holding an impossible record or position (shared memory

@@ -239,6 +239,7 @@ fn read_frames(
             Ok(Some((kind::UNIQUE, body))) if c.slot.is_some() => match protocol::parse_unique(body) {
                 Ok(u) => events.push(CtlEvent::Unique {
                     slot: c.slot.expect("guarded"),
+                    conn: c.id,
                     id: u.id,
                     hash: u.hash.to_vec(),
                     msg: u.msg.to_vec(),

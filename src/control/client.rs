@@ -65,7 +65,11 @@ impl Control {
         if let Err(e) = &state {
             tracing::warn!(error = %e, "reading from the broker failed; reconnecting");
         }
-        let mut broken = !matches!(state, Ok(ReadState::Open));
+        // Every complete frame is handled, also those that came in the same read as the
+        // broker's hang-up (a broker killed after writing them: acknowledgements, events
+        // and notices for us); then we reconnect.
+        let hung_up = !matches!(state, Ok(ReadState::Open));
+        let mut broken = false;
         // A WELCOME carries the region and one eventfd per slot: more is not a broker's.
         if fds.len() > 1 + self.geo.slots as usize {
             tracing::warn!(fds = fds.len(), "the broker passed more descriptors than a WELCOME carries; reconnecting");
@@ -139,6 +143,7 @@ impl Control {
             };
             broken = matches!(next, Next::Break);
         }
+        broken |= hung_up;
         let Role::Client { conn, welcomed, .. } = &mut self.role else { return };
         if !broken && welcomed.is_none() && now >= conn.opened + super::HELLO_TIMEOUT {
             // The broker does not answer: it is stuck (a worker that takes the role over

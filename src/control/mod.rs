@@ -64,8 +64,9 @@ pub(crate) enum CtlEvent {
     Rejected(String),
     /// The connection to the broker broke (it died or closed it).
     BrokerLost,
-    /// (broker) A unique event from the worker in `slot`.
-    Unique { slot: u32, id: u64, hash: Vec<u8>, msg: Vec<u8> },
+    /// (broker) A unique event from the worker in `slot`, on connection `conn` (the id
+    /// [`Control::ack_unique`] takes).
+    Unique { slot: u32, conn: u64, id: u64, hash: Vec<u8>, msg: Vec<u8> },
     /// (client) The broker handled our unique events up to `id`.
     UniqueAck(u64),
     /// The privileged agent's unique-diversion patterns changed (pushed by the broker, or,
@@ -214,13 +215,16 @@ impl Control {
         true
     }
 
-    /// (broker) Acknowledge unique events up to `id` to the worker in `slot`: queued, and
-    /// written by the next write or poll (never here, as [`Control::send_unique`]).
-    pub(crate) fn ack_unique(&mut self, slot: u32, id: u64) {
-        let Role::Broker { conns, .. } = &mut self.role else { return };
-        if let Some(c) = conns.iter_mut().find(|c| c.slot == Some(slot) && !c.closing) {
-            protocol::unique_ack(&mut c.wr, id);
-        }
+    /// (broker) Acknowledge unique events up to `id` on connection `conn`: queued, and
+    /// written by the next write or poll (never here, as [`Control::send_unique`]). False
+    /// when that connection is gone (its worker resends to whoever it reaches next).
+    pub(crate) fn ack_unique(&mut self, conn: u64, id: u64) -> bool {
+        let Role::Broker { conns, .. } = &mut self.role else { return false };
+        let Some(c) = conns.iter_mut().find(|c| c.id == conn && c.slot.is_some() && !c.closing) else {
+            return false;
+        };
+        protocol::unique_ack(&mut c.wr, id);
+        true
     }
 
     /// How long the caller may sleep before [`Control::poll`] has something to retry (a

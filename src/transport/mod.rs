@@ -83,6 +83,19 @@ pub(crate) struct PreAttach {
     inbox: Inbox,
 }
 
+/// Where [`DataPath::send_to`] put a unique event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// In the target's ring (or its backlog at the publisher, shared memory): nothing more
+    /// to follow.
+    Written,
+    /// (socket transport) In the broker's queue for the target: handed off once the
+    /// kernel took it ([`SocketPort::handed_off`] with this ticket).
+    Queued(u64),
+    /// (socket transport) The target's queue is full: nothing sent.
+    Full,
+}
+
 /// The data path.
 pub(crate) enum DataPath {
     /// Testing mode: events run synchronously in the publishing process, nothing is opened.
@@ -165,17 +178,23 @@ impl DataPath {
         }
     }
 
-    /// (broker) Send a unique event to slot `to`. False when the socket transport's queue
-    /// for `to` is full (nothing sent: the caller delivers it elsewhere); shared memory
-    /// keeps what the ring cannot take in its backlog.
-    pub(crate) fn send_to(&mut self, to: u32, msg: &AlignedVec) -> bool {
+    /// (broker) Send a unique event to slot `to`: see [`Sent`].
+    pub(crate) fn send_to(&mut self, to: u32, msg: &AlignedVec) -> Sent {
         match self {
-            DataPath::InProcess | DataPath::Unattached(_) => true,
+            DataPath::InProcess | DataPath::Unattached(_) => Sent::Written,
             DataPath::Shm(port) => {
                 port.send_to(to, msg);
-                true
+                Sent::Written
             }
-            DataPath::Socket(p) => p.send_to(to, msg),
+            DataPath::Socket(p) => p.send_to(to, msg).map_or(Sent::Full, Sent::Queued),
+        }
+    }
+
+    /// The socket port, if that is the data path.
+    pub(crate) fn socket(&self) -> Option<&SocketPort> {
+        match self {
+            DataPath::Socket(p) => Some(p),
+            _ => None,
         }
     }
 

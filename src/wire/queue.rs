@@ -49,6 +49,9 @@ pub(crate) struct OutQueue {
     cap_bytes: usize,
     /// Bytes the kernel took from this queue, ever (progress of its reader).
     written: u64,
+    /// Frames the kernel took completely, ever: the frame pushed when
+    /// `done + frames` was `t` is written once `done >= t` ([`OutQueue::ticket`]).
+    done: u64,
     /// Events dropped for this destination, by publisher slot: a notice is owed.
     lost: Vec<LostCount>,
     /// Id of the connection `head` counts bytes of (0: none yet).
@@ -73,6 +76,7 @@ impl OutQueue {
             cap,
             cap_bytes,
             written: 0,
+            done: 0,
             lost: Vec::new(),
             conn: 0,
         }
@@ -117,6 +121,48 @@ impl OutQueue {
     /// Bytes queued and not yet written.
     pub(crate) fn pending_bytes(&self) -> usize {
         self.buf.len() - self.head
+    }
+
+    /// The ticket of the frame pushed last: it is completely written (the kernel took it)
+    /// once [`OutQueue::done`] reaches the ticket. Tickets stay valid across connections
+    /// (a frame cut by a broken connection is not done) and across
+    /// [`OutQueue::take_unwritten`].
+    pub(crate) fn ticket(&self) -> u64 {
+        self.done + self.frames as u64
+    }
+
+    /// Frames completely written, ever (see [`OutQueue::ticket`]).
+    pub(crate) fn done(&self) -> u64 {
+        self.done
+    }
+
+    /// Take out the frames nobody has written any byte of (on the current connection) for
+    /// which `pick(kind, body)` holds, in order; the others stay, in order. A frame already
+    /// written in part stays (its rest must follow on this connection).
+    pub(crate) fn take_unwritten(&mut self, mut pick: impl FnMut(u8, &[u8]) -> bool) -> Vec<Vec<u8>> {
+        let mut at = self.frame_head;
+        if self.mid_frame() {
+            at += 4 + frame_len(&self.buf, at);
+        }
+        let mut taken = Vec::new();
+        let mut kept = Vec::with_capacity(self.buf.len() - at);
+        let mut scan = at;
+        while scan + 5 <= self.buf.len() {
+            let len = frame_len(&self.buf, scan);
+            let (k, body) = (self.buf[scan + 4], &self.buf[scan + 5..scan + 4 + len]);
+            if pick(k, body) {
+                taken.push(body.to_vec());
+            } else {
+                kept.extend_from_slice(&self.buf[scan..scan + 4 + len]);
+            }
+            scan += 4 + len;
+        }
+        if !taken.is_empty() {
+            self.buf.truncate(at);
+            self.buf.extend_from_slice(&kept);
+            self.frames -= taken.len();
+        }
+        taken
     }
 
     /// A frame was written in part on the current connection.
@@ -179,6 +225,11 @@ impl OutQueue {
         self
     }
 
+    /// The connection this queue writes to (0: none yet).
+    pub(crate) fn conn(&self) -> u64 {
+        self.conn
+    }
+
     /// Bytes connection `conn` has yet to write (see [`OutQueue::on_conn`]).
     pub(crate) fn pending_bytes_on(&self, conn: u64) -> usize {
         if self.conn == conn { self.pending_bytes() } else { self.buf.len() - self.frame_head }
@@ -239,6 +290,7 @@ impl OutQueue {
             }
             self.frame_head += 4 + len;
             self.frames -= 1;
+            self.done += 1;
         }
         if self.frame_head == self.buf.len() {
             self.buf.clear();
@@ -250,6 +302,11 @@ impl OutQueue {
             self.frame_head = 0;
         }
     }
+}
+
+/// The length word of the frame at `at` (its kind byte and body).
+fn frame_len(buf: &[u8], at: usize) -> usize {
+    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize
 }
 
 /// Write a connection's control frames and data frames without interleaving them inside a
@@ -441,6 +498,38 @@ mod tests {
         let data: Vec<&Vec<u8>> = got.iter().filter(|(k, _)| *k == 7).map(|(_, b)| b).collect();
         assert_eq!(data[1], b"tail");
         assert!(got.contains(&(5, b"ack".to_vec())));
+    }
+
+    #[test]
+    fn tickets_tell_written_frames_and_taking_frames_out_keeps_them_true() {
+        let (a, b) = pair();
+        let big = vec![2u8; 1 << 20];
+        let mut q = OutQueue::new(16, usize::MAX);
+        assert!(q.push(7, &[b"u1"]));
+        let t1 = q.ticket();
+        assert!(q.push(6, &[&big]));
+        assert!(q.push(7, &[b"u2"]));
+        let t2 = q.ticket();
+        assert!(q.push(6, &[b"all"]));
+        q.write(a.as_fd()).unwrap();
+        assert!(q.mid_frame(), "the big frame is written in part");
+        assert!(q.done() >= t1 && q.done() < t2);
+        // The frame written in part stays; u2 (never written) comes out; the rest stays.
+        let taken = q.take_unwritten(|k, _| k == 7);
+        assert_eq!(taken, vec![b"u2".to_vec()]);
+        assert!(q.push(7, &[b"u3"]));
+        let t3 = q.ticket();
+        let mut r = FrameReader::new(2 << 20);
+        let mut got = Vec::new();
+        while q.pending_bytes() > 0 {
+            q.write(a.as_fd()).unwrap();
+            got.extend(read_all(&mut r, &b));
+        }
+        got.extend(read_all(&mut r, &b));
+        assert!(q.done() >= t3);
+        let kinds: Vec<(u8, usize)> = got.iter().map(|(k, b)| (*k, b.len())).collect();
+        assert_eq!(kinds, vec![(7, 2), (6, 1 << 20), (6, 3), (7, 2)]);
+        assert_eq!(got[3].1, b"u3");
     }
 
     #[test]

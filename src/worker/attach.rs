@@ -15,12 +15,6 @@ use crate::transport::shm::ShmPort;
 use crate::transport::socket::SocketPort;
 use crate::wire::Connections;
 
-/// The highest unique-event id handled per publisher slot in one poll.
-struct Ack {
-    slot: u32,
-    id: u64,
-}
-
 impl Worker {
     /// Poll the control channel and handle what it reports.
     pub(super) fn poll_control(&mut self) -> Result<()> {
@@ -38,7 +32,6 @@ impl Worker {
         let (offer, data) = self.path.control_view(ctl.is_broker(), self.broker.epoch);
         let events = ctl.poll(Instant::now(), &self.epoll, &offer, listener_ready, data);
         drop(offer);
-        let mut acks: Vec<Ack> = Vec::new();
         for ev in events {
             match ev {
                 CtlEvent::Elected => {
@@ -100,14 +93,7 @@ impl Worker {
                     self.broker.slot = None;
                     tracing::warn!("lost the broker; re-electing");
                 }
-                CtlEvent::Unique { slot, id, hash, msg } => {
-                    self.handle_unique(slot, &hash, &msg);
-                    // One acknowledgement per publisher and poll: the highest id handled.
-                    match acks.iter_mut().find(|a| a.slot == slot) {
-                        Some(a) => a.id = a.id.max(id),
-                        None => acks.push(Ack { slot, id }),
-                    }
-                }
+                CtlEvent::Unique { slot, conn, id, hash, msg } => self.handle_unique(slot, conn, id, &hash, &msg),
                 CtlEvent::Divert(patterns) => {
                     tracing::debug!(empty = patterns.is_empty(), "unique-diversion patterns received");
                     self.divert = patterns;
@@ -119,14 +105,8 @@ impl Worker {
                 }
             }
         }
-        for Ack { slot, id } in acks {
-            if let Some(ctl) = self.ctl.as_mut() {
-                ctl.ack_unique(slot, id);
-            }
-            // A busy-polling publisher looks at its control socket at once.
-            self.path.set_control_hint(slot);
-        }
         self.pump_unique();
+        self.settle_unique();
         Ok(())
     }
 

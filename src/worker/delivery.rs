@@ -118,6 +118,7 @@ impl Worker {
         self.prepare_callbacks();
         for _ in 0..self.local.len() {
             let Some(buf) = self.local.pop_front() else { break };
+            self.handoffs.local_done += 1;
             let (g, max) = (self.geo, self.opts.max_payload_len);
             if let Ok(d) = message::decode(&buf, g.workers, g.agent, max) {
                 self.cx.set_local_used(self.local.len());

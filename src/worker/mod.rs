@@ -9,6 +9,7 @@ mod attach;
 mod broker;
 mod close;
 mod delivery;
+mod handoff;
 mod poll;
 mod publish;
 mod unique;
@@ -34,6 +35,7 @@ use crate::sys::{self, Epoll};
 use crate::transport::{DataPath, PreAttach};
 use crate::wire::Peer;
 use broker::BrokerView;
+use handoff::Handoffs;
 use poll::Pacing;
 use unique::UniqueOutbox;
 
@@ -167,6 +169,7 @@ impl Events {
             pending_error: None,
             unique: UniqueOutbox::default(),
             divert: Patterns::default(),
+            handoffs: Handoffs::default(),
             broker: BrokerView::default(),
             closed: false,
             forks: sys::forks(),
@@ -259,6 +262,8 @@ pub struct Worker {
     unique: UniqueOutbox,
     /// The agent's unique-diversion patterns as last learned (see [`Worker::divert_unique`]).
     divert: Patterns,
+    /// (socket broker) Unique events routed and not handed off yet.
+    handoffs: Handoffs,
     broker: BrokerView,
     /// `close` has run (Drop does not run it again).
     closed: bool,

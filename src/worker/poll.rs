@@ -317,6 +317,8 @@ impl Worker {
         }
         let drained = self.drain_path();
         let n = drained.events + self.run_local();
+        // (socket broker) Unique events written or run since: acknowledged now.
+        self.settle_unique();
         self.count_towards_control(n);
         Ok((n, drained.more))
     }

@@ -3,19 +3,30 @@
 //! target (round-robin, preferring other workers) and writes the event into that target's
 //! ring, with no broker on the path. On the socket transport the publisher's outbox keeps
 //! them until a broker acknowledges them (resent to the next broker), and the broker routes
-//! them the same way with its private table. Before attaching they wait in the outbox.
+//! them the same way with its private table, acknowledging each only once it is handed off
+//! (`handoff.rs`). Before attaching they wait in the outbox.
 
 use std::collections::VecDeque;
 
 use rkyv::util::AlignedVec;
 
 use super::Worker;
+use super::handoff::Held;
 use crate::dedup::Check;
 use crate::divert::Patterns;
 use crate::error::PublishError;
 use crate::error::{Error, Result};
 use crate::event::Wid;
 use crate::message::{self, Kind};
+use crate::transport::Sent;
+
+/// What [`Worker::divert_unique`]'s patterns made of a unique event.
+enum Diverted {
+    /// Not diverted: route it here, as usual.
+    No(AlignedVec),
+    /// Sent to the agent; where it waits to be handed off (socket transport), if anywhere.
+    Yes(Option<Held>),
+}
 
 /// One unique event not yet acknowledged.
 struct UniqueOut {
@@ -32,6 +43,8 @@ pub(super) struct UniqueOutbox {
     /// How many of `out` were sent on the current broker connection.
     sent: usize,
     next_id: u64,
+    /// Events sent again to a new broker connection ([`crate::stats::Stats::unique_resent`]).
+    resent: u64,
 }
 
 impl UniqueOutbox {
@@ -45,6 +58,7 @@ impl UniqueOutbox {
 
     /// A new broker connection (or none): everything unacknowledged is sent again.
     pub(super) fn resend_all(&mut self) {
+        self.resent += self.sent as u64;
         self.sent = 0;
     }
 
@@ -105,7 +119,9 @@ impl Worker {
                 return;
             }
             while let Some(u) = self.unique.out.pop_front() {
-                self.route_unique(u.hash.as_bytes(), u.msg, self.slot);
+                let held = self.route_unique(u.hash.as_bytes(), u.msg, self.slot);
+                // Tracked (never acknowledged): routed again if its target does not take it.
+                self.track_unique(self.slot, 0, 0, held);
             }
             self.unique.sent = 0;
             return;
@@ -128,36 +144,41 @@ impl Worker {
         }
     }
 
-    /// (broker) A unique event from another worker's UNIQUE frame: check it, then route it.
-    pub(super) fn handle_unique(&mut self, from: u32, hash: &[u8], msg: &[u8]) {
+    /// (broker) A unique event from another worker's UNIQUE frame (connection `conn`, the
+    /// publisher's id `id`): check it, then route it; it is acknowledged once handed off
+    /// ([`Worker::settle_unique`]).
+    pub(super) fn handle_unique(&mut self, from: u32, conn: u64, id: u64, hash: &[u8], msg: &[u8]) {
         let g = self.geo;
         let ok = message::decode(msg, g.workers, g.agent, self.opts.max_payload_len)
             .is_ok_and(|d| d.kind == Kind::Unique && d.event.wid == Some(g.wid_of(from)));
-        if !ok {
+        let held = if ok {
+            let mut buf = self.buffer();
+            buf.clear();
+            buf.extend_from_slice(msg);
+            self.route_unique(hash, buf, from)
+        } else {
             crate::log_limit::log_limited!(tracing::Level::WARN, from, "dropping a malformed unique event");
             self.stats.dropped += 1;
-            return;
-        }
-        let mut buf = self.buffer();
-        buf.clear();
-        buf.extend_from_slice(msg);
-        self.route_unique(hash, buf, from);
+            None
+        };
+        self.track_unique(from, conn, id, held);
     }
 
-    /// Dedup a unique event and deliver it to one live worker ([`Worker::pick_unique_target`]);
-    /// on the socket transport to ourselves when that worker's queue is full. A unique event
-    /// of another publisher than the agent that matches the agent's diversion patterns goes
-    /// to the agent instead, with no dedup here ([`Worker::divert_unique`]).
-    fn route_unique(&mut self, hash: &[u8], msg: AlignedVec, publisher: u32) {
+    /// Dedup a unique event and deliver it to one live worker ([`Worker::place_unique`]).
+    /// A unique event of another publisher than the agent that matches the agent's
+    /// diversion patterns goes to the agent instead, with no dedup here
+    /// ([`Worker::divert_unique`]). Returns where it waits to be handed off (socket
+    /// transport), if anywhere.
+    fn route_unique(&mut self, hash: &[u8], msg: AlignedVec, publisher: u32) -> Option<Held> {
         let msg = match self.divert_if_matching(hash, msg, publisher) {
-            Some(msg) => msg,
-            None => return,
+            Diverted::No(msg) => msg,
+            Diverted::Yes(held) => return held,
         };
         let ttl = u64::try_from(self.opts.unique_timeout.as_nanos()).unwrap_or(u64::MAX);
         let now = crate::sys::monotonic_ns();
         let Some(check) = self.path.dedup_check(hash, now, ttl) else {
             self.recycle(msg);
-            return;
+            return None;
         };
         let shared = self.path.shm().map(|p| p.region());
         match check {
@@ -167,7 +188,7 @@ impl Worker {
                     None => self.stats.unique_duplicates += 1,
                 }
                 self.recycle(msg);
-                return;
+                return None;
             }
             Check::Full => {
                 match shared {
@@ -178,55 +199,99 @@ impl Worker {
             }
             Check::New => {}
         }
-        let target = self.pick_unique_target();
-        if target != self.slot && self.path.send_to(target, &msg) {
-            self.recycle(msg);
-        } else {
-            // Ourselves, or (socket transport) the target's queue is full: run it here
-            // rather than drop it after its hash was recorded.
-            self.local.push_back(msg);
+        self.place_unique(msg, None)
+    }
+
+    /// Deliver a unique event (recorded already) to one live worker other than `avoid`
+    /// ([`Worker::pick_unique_target`]); on the socket transport to ourselves when that
+    /// worker's queue is full. Returns where it waits to be handed off (socket transport).
+    pub(super) fn place_unique(&mut self, msg: AlignedVec, avoid: Option<u32>) -> Option<Held> {
+        let target = self.pick_unique_target(avoid);
+        let sent = if target == self.slot { Sent::Full } else { self.path.send_to(target, &msg) };
+        match sent {
+            Sent::Written => {
+                self.recycle(msg);
+                None
+            }
+            Sent::Queued(ticket) => {
+                self.recycle(msg);
+                Some(Held::Slot { to: target, ticket })
+            }
+            Sent::Full => {
+                // Ourselves, or (socket transport) the target's queue is full: run it here
+                // rather than drop it after its hash was recorded.
+                self.local.push_back(msg);
+                let ticket = self.handoffs.local_done + self.local.len() as u64;
+                self.path.socket().map(|_| Held::Local { ticket })
+            }
         }
     }
 
     /// A unique event matching the agent's patterns: stamped with its hash and handed to the
-    /// agent (`None`), or, the agent not being attached, counted and given back to be routed
-    /// here. Not diverted: the agent's own events, relayed events (flags already set) and
-    /// events matching no pattern.
-    fn divert_if_matching(&mut self, hash: &[u8], msg: AlignedVec, publisher: u32) -> Option<AlignedVec> {
+    /// agent ([`Diverted::Yes`], with where it waits to be handed off), or, the agent not
+    /// being attached, counted and given back to be routed here. Not diverted: the agent's
+    /// own events, relayed events (flags already set) and events matching no pattern.
+    fn divert_if_matching(&mut self, hash: &[u8], msg: AlignedVec, publisher: u32) -> Diverted {
         if self.divert.is_empty() || !self.geo.agent {
-            return Some(msg);
+            return Diverted::No(msg);
         }
         let agent = self.geo.workers;
         if publisher == agent || message::flags(&msg) != 0 {
-            return Some(msg);
+            return Diverted::No(msg);
         }
         let (source, event) = message::names(&msg);
-        let Ok(hash) = std::str::from_utf8(hash) else { return Some(msg) };
+        let Ok(hash) = std::str::from_utf8(hash) else { return Diverted::No(msg) };
         if !self.divert.matches(source, event) {
-            return Some(msg);
+            return Diverted::No(msg);
         }
         if !self.agent_attached() {
             self.stats.unique_not_diverted += 1;
-            return Some(msg);
+            return Diverted::No(msg);
         }
         let mut stamped = self.buffer();
         stamped.clear();
         stamped.extend_from_slice(&msg);
         message::set_ext(&mut stamped, message::Ext::UniqueHash(hash));
-        if agent == self.slot {
+        let held = if agent == self.slot {
             // The agent brokers the socket transport: its own callbacks get it.
             self.local.push_back(stamped);
-        } else if self.path.send_to(agent, &stamped) {
-            self.recycle(stamped);
+            let ticket = self.handoffs.local_done + self.local.len() as u64;
+            self.path.socket().map(|_| Held::Local { ticket })
         } else {
-            // (socket transport) The agent's queue is full: route it here rather than lose it.
-            self.recycle(stamped);
-            self.stats.unique_not_diverted += 1;
-            return Some(msg);
-        }
+            match self.path.send_to(agent, &stamped) {
+                Sent::Written => {
+                    self.recycle(stamped);
+                    None
+                }
+                Sent::Queued(ticket) => {
+                    self.recycle(stamped);
+                    Some(Held::Slot { to: agent, ticket })
+                }
+                Sent::Full => {
+                    // (socket transport) The agent's queue is full: route it here rather
+                    // than lose it.
+                    self.recycle(stamped);
+                    self.stats.unique_not_diverted += 1;
+                    return Diverted::No(msg);
+                }
+            }
+        };
         self.recycle(msg);
         self.stats.unique_diverted += 1;
-        None
+        Diverted::Yes(held)
+    }
+
+    /// (socket broker) A unique event diverted to the agent that the agent did not take
+    /// (its connection gone, or stalled for [`super::handoff::HANDOFF_TIMEOUT`]): its hash
+    /// stamp removed, it is routed on this host as usual (dedup included) and counted as
+    /// not diverted, as when the agent is absent (availability first). Returns where it
+    /// waits to be handed off.
+    pub(super) fn undivert(&mut self, mut msg: AlignedVec) -> Option<Held> {
+        let hash = message::take_ext(&mut msg);
+        self.stats.unique_diverted = self.stats.unique_diverted.saturating_sub(1);
+        self.stats.unique_not_diverted += 1;
+        // As the agent's own event: never diverted again.
+        self.route_unique(&hash, msg, self.geo.workers)
     }
 
     /// Is the agent attached: its slot lock held by a live process and, on shared memory,
@@ -238,21 +303,27 @@ impl Worker {
         attached && (agent == self.slot || ctl.slot_alive(agent))
     }
 
-    /// Next live slot other than ours, round-robin from our own cursor; ourselves when
-    /// nobody else is alive. (An event handed to another worker is in its ring at once; one
+    /// Next live slot other than ours (and `avoid`), round-robin from our own cursor;
+    /// ourselves when nobody else is alive. On the socket transport a slot is live when it
+    /// has a connection that it reads ([`Worker::takes_unique`]). (An event handed to another worker is in its ring at once; one
     /// kept for our own callbacks would die with us if we were killed before dispatching it,
     /// after its hash was recorded.) Live: on shared memory the slot says attached (one
     /// load, skipping never-attached and detached slots) and, for the one slot chosen, the
     /// kernel says another process holds its slot lock (one `fcntl`).
-    fn pick_unique_target(&mut self) -> u32 {
+    fn pick_unique_target(&mut self, avoid: Option<u32>) -> u32 {
         let slots = self.geo.slots;
         let Some(ctl) = self.ctl.as_ref() else { return self.slot };
         let region = self.path.shm().map(|p| p.region());
-        let rr = &mut self.broker.next_unique_target;
+        let rr = self.broker.next_unique_target;
         for i in 0..slots {
-            let s = (*rr + i) % slots;
-            if s != self.slot && region.is_none_or(|r| r.slot_attached(s)) && ctl.slot_alive(s) {
-                *rr = (s + 1) % slots;
+            let s = (rr + i) % slots;
+            if s != self.slot
+                && Some(s) != avoid
+                && region.is_none_or(|r| r.slot_attached(s))
+                && ctl.slot_alive(s)
+                && self.takes_unique(s)
+            {
+                self.broker.next_unique_target = (s + 1) % slots;
                 return s;
             }
         }
@@ -319,6 +390,7 @@ impl Worker {
     /// publisher records its own events in the shared table), added to our own.
     pub(super) fn unique_stats(&self, s: &mut crate::stats::Stats) {
         s.unique_pending = self.unique.len() as u64;
+        s.unique_resent = self.unique.resent;
         if let Some(p) = self.path.shm() {
             let (dups, unrec) = p.region().unique_counters();
             s.unique_duplicates += dups;

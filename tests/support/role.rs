@@ -613,7 +613,7 @@ impl Role {
             out(&format!("@@BROKER {e} {s} {t}"));
         }
         let st = self.worker.stats();
-        let stats: [(&str, u64); 32] = [
+        let stats: [(&str, u64); 33] = [
             ("early_errors", self.early_errors),
             ("early_unique_pending", self.early_unique_pending),
             ("unique_duplicates", st.unique_duplicates),
@@ -646,6 +646,7 @@ impl Role {
             ("inbound_depth_sum", st.peers.iter().map(|p| p.inbound_depth).sum()),
             ("unique_diverted", st.unique_diverted),
             ("unique_not_diverted", st.unique_not_diverted),
+            ("unique_resent", st.unique_resent),
         ];
         for (k, v) in stats {
             out(&format!("@@STAT {k} {v}"));

@@ -30,7 +30,10 @@
 //! receiver more than 1 MiB plus one frame limit behind the broker's own stream loses some of the
 //! broker's events (reported); from the other publishers it loses nothing (ARCHITECTURE.md
 //! §B). A unique event for a full destination queue runs at the broker instead
-//! ([`SocketPort::send_to`]); `LOST` notices count "all" events only. Control frames share
+//! ([`SocketPort::send_to`]); one that its destination does not take is taken out of the
+//! queue again ([`SocketPort::take_unique`]) and routed elsewhere; the broker acknowledges
+//! a unique event to its publisher once the frame's ticket is written
+//! ([`SocketPort::handed_off`]; `worker/handoff.rs`). `LOST` notices count "all" events only. Control frames share
 //! the connections and are written only between data frames (`wire::queue::flush_conn`).
 //! The control channel reaches the queues through [`DataPlane`]; the transport reaches the
 //! connections through [`Connections`].
@@ -260,15 +263,43 @@ impl SocketPort {
         dropped
     }
 
-    /// (broker) Queue a unique event for slot `to`; false (nothing queued, nothing owed) when
-    /// that queue is full: the caller hands the event to another worker (itself). A unique
-    /// event is never counted in a `LOST` notice: those count a publisher's "all" events,
-    /// and the receiver takes them off its next sequence gap.
-    pub(crate) fn send_to(&mut self, to: u32, msg: &[u8]) -> bool {
-        self.slot_out.get_mut(to as usize).is_some_and(|q| {
-            q.push_lost_notices(kind::LOST);
-            q.push(kind::DELIVER, &[&UNSEQUENCED, msg])
-        })
+    /// (broker) Queue a unique event for slot `to`: its ticket ([`SocketPort::handed_off`]),
+    /// or `None` (nothing queued, nothing owed) when that queue is full: the caller hands
+    /// the event to another worker (itself). A unique event is never counted in a `LOST`
+    /// notice: those count a publisher's "all" events, and the receiver takes them off its
+    /// next sequence gap.
+    pub(crate) fn send_to(&mut self, to: u32, msg: &[u8]) -> Option<u64> {
+        let q = self.slot_out.get_mut(to as usize)?;
+        q.push_lost_notices(kind::LOST);
+        q.push(kind::DELIVER, &[&UNSEQUENCED, msg]).then(|| q.ticket())
+    }
+
+    /// (broker) The frame queued for `to` with `ticket` is completely written: the kernel
+    /// took it, and it is in the receiver's socket buffer (it survives our death).
+    pub(crate) fn handed_off(&self, to: u32, ticket: u64) -> bool {
+        self.slot_out.get(to as usize).is_none_or(|q| q.done() >= ticket)
+    }
+
+    /// (broker) Take the unique events queued for `to` and not written at all out of its
+    /// queue (to route them elsewhere), in queue order. `live`: the connection `to` has
+    /// now; a frame written in part on it stays (one written in part on a connection gone
+    /// is not written: it is taken too).
+    pub(crate) fn take_unique(&mut self, to: u32, live: Option<u64>) -> Vec<Vec<u8>> {
+        let Some(q) = self.slot_out.get_mut(to as usize) else { return Vec::new() };
+        if live != Some(q.conn()) {
+            q.rewind();
+        }
+        let mut v = q.take_unwritten(|k, body| k == kind::DELIVER && body.starts_with(&UNSEQUENCED));
+        for m in &mut v {
+            m.drain(..STAMP_LEN);
+        }
+        v
+    }
+
+    /// (broker) Slot `to` takes unique events now: it has a connection (`live`) and it
+    /// reads it (not stalled, as of the last poll).
+    pub(crate) fn takes_unique(&self, to: u32, live: bool) -> bool {
+        live && self.dests.get(to as usize).is_some_and(|d| !d.stalled)
     }
 
     /// (broker) Look a unique hash up in the dedup table and record it; `None` before the
