@@ -254,4 +254,53 @@ fn divert_unique_sends_matching_unique_events_to_the_agent() {
     assert_eq!(not_diverted - before, N, "counted as not diverted");
 }
 
+// 3 -----------------------------------------------------------------------------------------
+
+/// (socket transport) An agent that does not read (paused, its socket full) cannot hold
+/// diverted unique events: the broker takes them back out of the agent's queue after its
+/// hand-off timeout and routes them on this host as not diverted (dedup included), each to
+/// exactly one worker, untagged; the agent, resumed, never gets them.
+#[test]
+fn diverted_events_an_agent_does_not_take_are_routed_on_the_host() {
+    const N: u64 = 5;
+    let dir = TempDir::new("relay-stuck-agent");
+    let wd = Watchdog::new("relay-stuck-agent");
+    let mut cfg = cfg_with_agent(&dir, 3);
+    cfg.transport = worker_events::Transport::Socket;
+    let mut ws: Vec<Child> = (0..3).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
+    let mut agent = wd.spawn(&cfg, Wid::PrivilegedAgent);
+    let b = (0..3).find(|&i| ws[i].cmd(Cmd::Status).iter().any(|l| l.starts_with("@@STATUS 1"))).expect("a broker");
+    let p = if b == 1 { 2 } else { 1 };
+    let from = format!("w{p}");
+    assert_eq!(agent.cmd(Cmd::Divert(vec![("u".into(), "div*".into())])), vec!["@@DIVERT ok"]);
+    learned(&wd, &mut ws, p, &from, &mut agent, "a");
+    // The agent stops reading; the broker's own burst fills its socket, so what the broker
+    // queues for it next stays in the broker's queue.
+    agent.cmd(Cmd::Pause);
+    let fill = ws[b].publish(Tgt::All, "fill", "f", 0, 10_000);
+    assert_eq!((fill.ok, fill.err), (10_000, 0), "{:?}", fill.errors);
+    assert!(ws[b].report().stat("peer_depth_sum") > 0, "the broker's queue for the agent is empty: nothing tested");
+    let before = ws[b].report().stat("unique_not_diverted");
+    assert_eq!(ws[p].cmd(Cmd::uniq("u", "div", "s", 0, N)).last().map(String::as_str), Some("@@PUB 5 0"));
+    let rs = loop {
+        let rs: Vec<Report> = ws.iter_mut().map(|c| c.report()).collect();
+        let n: usize = rs.iter().map(|r| r.stream(&from, "u", "div").len()).sum();
+        if n >= N as usize || wd.remaining() < std::time::Duration::from_secs(5) {
+            break rs;
+        }
+        ws[b].cmd(Cmd::Pump { ms: 10 });
+    };
+    let mut got: Vec<u64> = rs.iter().flat_map(|r| r.stream(&from, "u", "div")).collect();
+    got.sort();
+    assert_eq!(got, seq(0, N), "each routed on the host exactly once, untagged");
+    for (i, r) in rs.iter().enumerate() {
+        assert!(diverted(r, &from, "div").is_empty(), "w{i} got a diverted (tagged) event");
+    }
+    assert_eq!(ws[b].report().stat("unique_not_diverted") - before, N, "counted as not diverted by the broker");
+    // The agent reads again: the burst, and none of the events taken back.
+    agent.cmd(Cmd::Resume);
+    agent.cmd(Cmd::Pump { ms: 300 });
+    assert!(diverted(&agent.report(), &from, "div").is_empty(), "the agent got an event routed elsewhere");
+}
+
 per_transport!(relayed_events_carry_their_origin_host, divert_unique_sends_matching_unique_events_to_the_agent);
