@@ -54,7 +54,8 @@ pub enum Target<'a> {
     All,
     /// Only the publishing process; never crosses a process boundary.
     Current,
-    /// Exactly one live worker; further events with the same hash within
+    /// Exactly one live worker (never the privileged agent, which is not a worker, unless
+    /// it published the event and no worker is alive); further events with the same hash within
     /// `unique_timeout` are dropped.
     ///
     /// Across a broker crash: on shared memory the publisher records the hash in the

@@ -303,4 +303,44 @@ fn diverted_events_an_agent_does_not_take_are_routed_on_the_host() {
     assert!(diverted(&agent.report(), &from, "div").is_empty(), "the agent got an event routed elsewhere");
 }
 
-per_transport!(relayed_events_carry_their_origin_host, divert_unique_sends_matching_unique_events_to_the_agent);
+// 4 -----------------------------------------------------------------------------------------
+
+/// A unique event goes to exactly one *worker*: the privileged agent is an extra process
+/// that gets `All` events, never a unique event's target (unless it is the publisher and no
+/// worker is alive). 3 workers and the agent, every one of them subscribed to everything;
+/// a worker publishes unique events with distinct hashes: each runs on one worker, none on
+/// the agent.
+fn unique_events_never_go_to_the_agent() {
+    const N: u64 = 24;
+    let dir = TempDir::new("relay-no-agent-unique");
+    let wd = Watchdog::new("relay-no-agent-unique");
+    let cfg = cfg_with_agent(&dir, 3);
+    let mut ws: Vec<Child> = (0..3).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
+    let mut agent = wd.spawn(&cfg, Wid::PrivilegedAgent);
+    // Everyone attached and known alive to the publisher: an All event reaches them all.
+    let r = ws[0].publish(Tgt::All, "sync", "s", 0, 1);
+    assert_eq!((r.ok, r.err), (1, 0));
+    for c in ws.iter_mut().chain([&mut agent]) {
+        c.until(1);
+    }
+    assert_eq!(ws[0].cmd(Cmd::uniq("u", "plain", "p", 0, N)).last().map(String::as_str), Some("@@PUB 24 0"));
+    let rs = loop {
+        let rs: Vec<Report> = ws.iter_mut().chain([&mut agent]).map(|c| c.report()).collect();
+        let n: usize = rs.iter().map(|r| r.stream("w0", "u", "plain").len()).sum();
+        if n >= N as usize || wd.remaining() < std::time::Duration::from_secs(5) {
+            break rs;
+        }
+        ws[0].cmd(Cmd::Pump { ms: 10 });
+    };
+    let to_agent = rs[3].stream("w0", "u", "plain");
+    assert!(to_agent.is_empty(), "unique events routed to the agent: {to_agent:?}");
+    let mut got: Vec<u64> = rs[..3].iter().flat_map(|r| r.stream("w0", "u", "plain")).collect();
+    got.sort();
+    assert_eq!(got, seq(0, N), "each unique event on exactly one worker");
+}
+
+per_transport!(
+    relayed_events_carry_their_origin_host,
+    divert_unique_sends_matching_unique_events_to_the_agent,
+    unique_events_never_go_to_the_agent
+);

@@ -303,7 +303,8 @@ impl Worker {
         attached && (agent == self.slot || ctl.slot_alive(agent))
     }
 
-    /// Next live slot other than ours (and `avoid`), round-robin from our own cursor;
+    /// Next live worker slot other than ours (and `avoid`; never the privileged agent),
+    /// round-robin from our own cursor;
     /// ourselves when nobody else is alive. On the socket transport a slot is live when it
     /// has a connection that it reads ([`Worker::takes_unique`]). (An event handed to another worker is in its ring at once; one
     /// kept for our own callbacks would die with us if we were killed before dispatching it,
@@ -315,10 +316,13 @@ impl Worker {
         let Some(ctl) = self.ctl.as_ref() else { return self.slot };
         let region = self.path.shm().map(|p| p.region());
         let rr = self.broker.next_unique_target;
+        // The privileged agent is not a worker: never a unique event's target.
+        let agent = self.geo.agent.then_some(self.geo.workers);
         for i in 0..slots {
             let s = (rr + i) % slots;
             if s != self.slot
                 && Some(s) != avoid
+                && Some(s) != agent
                 && region.is_none_or(|r| r.slot_attached(s))
                 && ctl.slot_alive(s)
                 && self.takes_unique(s)
