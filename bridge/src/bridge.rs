@@ -165,11 +165,18 @@ impl Bridge {
         let claims = tokio::spawn(claim_task(client.clone(), cfg.clone(), claim_rx, won_tx));
 
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut attach_tick = tokio::time::interval(Duration::from_millis(10));
         let result = loop {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break Ok(()),
                 r = aw.dispatch() => if let Err(e) = r { break Err(BridgeError::Bus(e)) },
+                _ = attach_tick.tick(), if c.agent_ready.load(Ordering::Relaxed) == 0 => {
+                    if aw.worker().is_ready() {
+                        add(&c.agent_ready, 1);
+                        tracing::info!("attached to the local bus as the privileged agent");
+                    }
+                }
                 Some(inc) = in_rx.recv() => {
                     if let Err(e) = import_one(&mut aw, &c, &mut tracker, inc, &ack_tx).await {
                         break Err(e);

@@ -48,8 +48,9 @@ pub struct Stats {
     pub connects: u64,
     /// 1 when connected (see [`ConnectionState`]).
     pub connected: u64,
-    /// Both sides set up at least once: the export side knows where its sequence
-    /// continues, the durable consumer exists (events exported from now on reach this host).
+    /// Everything set up at least once: the agent is attached to the bus, the export side
+    /// knows where its sequence continues, the durable consumer exists (events exported
+    /// from now on reach this host).
     pub ready: bool,
 }
 
@@ -98,6 +99,7 @@ pub(crate) struct Counters {
     pub(crate) connected: AtomicU64,
     pub(crate) export_ready: AtomicU64,
     pub(crate) import_ready: AtomicU64,
+    pub(crate) agent_ready: AtomicU64,
 }
 
 pub(crate) fn add(c: &AtomicU64, n: u64) {
@@ -126,7 +128,7 @@ impl StatsHandle {
             outbound_queued: g(&c.outbound_queued),
             connects: g(&c.connects),
             connected: g(&c.connected),
-            ready: g(&c.export_ready) > 0 && g(&c.import_ready) > 0,
+            ready: g(&c.export_ready) > 0 && g(&c.import_ready) > 0 && g(&c.agent_ready) > 0,
         }
     }
 }
