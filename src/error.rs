@@ -112,6 +112,17 @@ pub enum PublishError {
         /// The limit.
         max: usize,
     },
+    /// The origin host given to
+    /// [`Worker::publish_relayed`](crate::worker::Worker::publish_relayed) or
+    /// [`Worker::report_relayed_lost`](crate::worker::Worker::report_relayed_lost) is empty or longer
+    /// than 255 bytes.
+    #[error("failed to publish event: origin host must be 1..={max} bytes, got {len}")]
+    InvalidOriginHost {
+        /// Length of the host name given.
+        len: usize,
+        /// The limit (255).
+        max: usize,
+    },
     /// The typed value could not be serialized.
     #[error("failed to publish event: serialization failed: {0}")]
     Serialize(String),

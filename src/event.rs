@@ -9,6 +9,7 @@ use rkyv::ser::allocator::ArenaHandle;
 use rkyv::util::AlignedVec;
 
 use crate::error::Error;
+use crate::message::Ext;
 
 /// Identity of a participating process.
 ///
@@ -62,6 +63,8 @@ pub enum Target<'a> {
 pub const SYSTEM_SOURCE: &str = "worker-events";
 /// Longest accepted unique hash, in bytes.
 pub const MAX_UNIQUE_HASH_LEN: usize = 256;
+/// Longest accepted origin host name ([`Event::origin_host`]), in bytes.
+pub const MAX_ORIGIN_HOST_LEN: usize = 255;
 
 /// Data of the `("worker-events", "lost")` notice: `count` events from `publisher` could not
 /// be delivered to this process (a queue overflowed, or a partial message from a crashed
@@ -136,6 +139,8 @@ pub struct Event<'a> {
     pub(crate) event: &'a str,
     pub(crate) data: &'a [u8],
     pub(crate) wid: Option<Wid>,
+    /// The origin host of a relayed event, or the hash of a unique event diverted to the agent.
+    pub(crate) ext: Ext<'a>,
 }
 
 impl<'a> Event<'a> {
@@ -180,6 +185,45 @@ impl<'a> Event<'a> {
         let archived = self.data::<T>()?;
         rkyv::deserialize::<T, rancor::Error>(archived).map_err(|e| Error::Decode(e.to_string()))
     }
+    /// The host a bridge relayed this event from (the name given to
+    /// [`Worker::publish_relayed`](crate::worker::Worker::publish_relayed) or
+    /// [`Worker::report_relayed_lost`](crate::worker::Worker::report_relayed_lost)); `None` for an event
+    /// published on this host.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Target, Wid};
+    /// let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    /// let s = seen.clone();
+    /// w.subscribe("cfg", "*", move |ev| s.lock().unwrap().push(ev.origin_host().map(str::to_owned)));
+    /// w.publish_bytes(Target::All, "cfg", "local", b"1").unwrap();
+    /// w.publish_relayed("host-b", Target::All, "cfg", "remote", b"2").unwrap();
+    /// assert_eq!(*seen.lock().unwrap(), [None, Some("host-b".to_owned())]);
+    /// ```
+    pub fn origin_host(&self) -> Option<&'a str> {
+        match self.ext {
+            Ext::OriginHost(h) => Some(h),
+            _ => None,
+        }
+    }
+    /// For a unique event diverted to the privileged agent (see
+    /// `Worker::divert_unique`), its hash; `None` for every
+    /// other event (a unique event routed to a worker as usual included).
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Target, Wid};
+    /// let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// w.subscribe("cache", "purge", |ev| assert_eq!(ev.unique_hash(), None));
+    /// w.publish_bytes(Target::Unique("k1"), "cache", "purge", b"").unwrap();
+    /// ```
+    pub fn unique_hash(&self) -> Option<&'a str> {
+        match self.ext {
+            Ext::UniqueHash(h) => Some(h),
+            _ => None,
+        }
+    }
     /// For a `("worker-events", "lost")` notice, its contents.
     pub fn lost(&self) -> Option<Lost> {
         if self.source == SYSTEM_SOURCE && self.event == "lost" { self.deserialize::<Lost>().ok() } else { None }
@@ -206,6 +250,7 @@ impl fmt::Debug for Event<'_> {
             .field("source", &self.source)
             .field("event", &self.event)
             .field("wid", &self.wid)
+            .field("ext", &self.ext)
             .field("data_len", &self.data.len())
             .finish()
     }

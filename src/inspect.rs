@@ -103,6 +103,18 @@ pub struct SlotSnapshot {
     /// The owner sleeps (or is armed for an external poller): a publisher wakes it through
     /// its eventfd (shared memory only; false otherwise).
     pub parked: bool,
+    /// Wake-ups written to this slot's eventfd so far, by every publisher, over every
+    /// incarnation of the slot (the slot header's count; shared memory only). A count that
+    /// grows by about one per event means the owner sleeps between events (parked
+    /// delivery, a system call per event on each side); a flat count under load means it
+    /// is busy or busy-polling.
+    pub wakeups: Option<u64>,
+    /// What the broker's outbound data queue holds for this worker: `(frames, bytes)` not
+    /// completely written to its connection (socket transport; `None` on shared memory,
+    /// where events go through the rings, and for the broker's own slot). Frames are events
+    /// and `lost` notices. A worker's own queue towards the broker lives in its private
+    /// memory: its [`Stats`](crate::Stats) report it.
+    pub broker_queue: Option<(u64, u64)>,
 }
 
 /// One ring `from -> to` of a [`Snapshot`] (shared memory).
@@ -217,8 +229,8 @@ impl Snapshot {
 /// could map it writable, but such a process can already reach it through
 /// `/proc/<pid>/fd` of any worker, so this grants nothing new.
 ///
-/// Wake-up counts ([`Stats::wakeups_sent`](crate::stats::Stats::wakeups_sent)) live in each
-/// worker's private memory; the snapshot reports the wake handshake's shared state instead
+/// Wake-ups: every publisher counts the eventfd writes it makes in the woken slot's header
+/// ([`SlotSnapshot::wakeups`]); with the wake handshake's shared state
 /// ([`SlotSnapshot::parked`], [`RingSnapshot::waiting_for_space`]).
 ///
 /// The broker answers from its event loop, so call this from another process (or thread)
@@ -248,7 +260,7 @@ pub fn inspect(listening: impl AsRef<Path>) -> Result<Snapshot> {
         if slot == reply.serving_slot {
             Some(reply.serving_pid)
         } else {
-            reply.attached.iter().find(|&&(s, _)| s == slot).map(|&(_, pid)| pid)
+            reply.attached.iter().find(|a| a.slot == slot).map(|a| a.pid)
         }
     };
     let region = match reply.region_fd {
@@ -264,6 +276,8 @@ pub fn inspect(listening: impl AsRef<Path>) -> Result<Snapshot> {
                 alive: sys::byte_locked_by_other(std::os::fd::AsFd::as_fd(&lock), 1 + u64::from(slot)),
                 broker: slot == reply.serving_slot,
                 attaches: view.map(|v| v.attaches),
+                wakeups: view.map(|v| v.wakeups),
+                broker_queue: reply.attached.iter().find(|a| a.slot == slot).and_then(|a| a.queued),
                 parked: view.is_some_and(|v| v.parked),
             }
         })
@@ -323,8 +337,18 @@ impl fmt::Display for Snapshot {
         )?;
         writeln!(
             f,
-            "{:<6} {:>8} {:<5} {:<6} {:>5} {:>6} {:>9} {:>9} {:>8}",
-            "SLOT", "PID", "ALIVE", "ROLE", "GEN", "PARKED", "IN_DEPTH", "OUT_DEPTH", "LOST_IN"
+            "{:<6} {:>8} {:<5} {:<6} {:>5} {:>6} {:>9} {:>9} {:>8} {:>10} {:>12}",
+            "SLOT",
+            "PID",
+            "ALIVE",
+            "ROLE",
+            "GEN",
+            "PARKED",
+            "IN_DEPTH",
+            "OUT_DEPTH",
+            "LOST_IN",
+            "WAKEUPS",
+            "BROKER_QUEUE"
         )?;
         for s in &self.slots {
             let sum = |pick: &dyn Fn(&RingSnapshot) -> Option<u64>| self.rings.iter().filter_map(pick).sum::<u64>();
@@ -333,7 +357,7 @@ impl fmt::Display for Snapshot {
             let lost = sum(&|r| (r.to == s.wid).then_some(r.lost));
             writeln!(
                 f,
-                "{:<6} {:>8} {:<5} {:<6} {:>5} {:>6} {:>9} {:>9} {:>8}",
+                "{:<6} {:>8} {:<5} {:<6} {:>5} {:>6} {:>9} {:>9} {:>8} {:>10} {:>12}",
                 wid_label(s.wid),
                 s.pid.map_or("-".into(), |p| p.to_string()),
                 if s.alive { "yes" } else { "no" },
@@ -342,7 +366,9 @@ impl fmt::Display for Snapshot {
                 if s.parked { "yes" } else { "" },
                 inbound,
                 outbound,
-                lost
+                lost,
+                s.wakeups.map_or("-".into(), |n| n.to_string()),
+                s.broker_queue.map_or("-".into(), |(f, b)| format!("{f}/{b}B"))
             )?;
         }
         if let Some(d) = self.dedup {

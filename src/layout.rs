@@ -12,7 +12,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"WKEVENTS"` read as a little-endian u64.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"WKEVENTS");
 /// Bumped on any change of this file or of the record formats.
-pub(crate) const LAYOUT_VERSION: u32 = 4;
+pub(crate) const LAYOUT_VERSION: u32 = 5;
 /// Size of [`RegionHeader`].
 pub(crate) const HEADER_SIZE: usize = 256;
 /// Size of [`SlotHeader`].
@@ -77,7 +77,10 @@ pub(crate) struct SlotHeader {
     pub ctl_pending: AtomicU32,
     /// Number of attaches of this slot so far.
     pub generation: AtomicU64,
-    pub _reserved: [AtomicU64; 13],
+    /// Wake-ups written to this slot's eventfd, by every publisher (Relaxed `fetch_add`
+    /// right after the write; statistics for the inspector, never trusted for anything).
+    pub wakeups: AtomicU64,
+    pub _reserved: [AtomicU64; 12],
 }
 
 /// Slot attached by a live (or crashed, not yet replaced) process.

@@ -227,7 +227,9 @@ mod worker;
 
 pub use context::Context;
 pub use error::{Error, PublishError, Result};
-pub use event::{Event, Lost, MAX_UNIQUE_HASH_LEN, NewBroker, Payload, SYSTEM_SOURCE, Target, Wid};
+pub use event::{
+    Event, Lost, MAX_ORIGIN_HOST_LEN, MAX_UNIQUE_HASH_LEN, NewBroker, Payload, SYSTEM_SOURCE, Target, Wid,
+};
 pub use inspect::{DedupSnapshot, INSPECT_TIMEOUT, RingSnapshot, SlotSnapshot, Snapshot, inspect};
 pub use options::{DEFAULT_RING_CAPACITY, MAX_PAYLOAD_LIMIT, MAX_WORKERS, Options, Transport};
 pub use stats::{PeerStats, Stats};

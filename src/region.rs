@@ -26,6 +26,8 @@ use crate::sys;
 pub(crate) struct SlotView {
     /// Attaches of the slot so far (its `generation` word).
     pub attaches: u64,
+    /// Wake-ups written to the slot's eventfd so far (its `wakeups` word).
+    pub wakeups: u64,
     /// The owner is parked (asleep, or armed for an external poller): a publisher wakes it.
     pub parked: bool,
 }
@@ -238,11 +240,6 @@ impl Region {
         epoch
     }
 
-    /// Slot of the broker that claimed the current epoch (informative).
-    pub(crate) fn broker_slot(&self) -> u32 {
-        self.header().broker_slot.load(Ordering::Relaxed)
-    }
-
     /// (serving broker) Store a heartbeat: CLOCK_MONOTONIC nanoseconds `now`.
     pub(crate) fn broker_beat(&self, now: u64) {
         self.header().broker_heartbeat.store(now, Ordering::Release);
@@ -257,8 +254,9 @@ impl Region {
     /// Take the broker role over from a broker whose heartbeat is older than `stale_ns` at
     /// `now`: swap the heartbeat from the stale value read to `now` (of several workers that
     /// saw it stale, exactly one wins the swap), then claim the next epoch (which fences the
-    /// stale broker). `Some(epoch)` when we won.
-    pub(crate) fn take_over_stale_broker(&self, slot: u32, now: u64, stale_ns: u64) -> Option<u64> {
+    /// stale broker). `Some((epoch, stuck))` when we won, `stuck` the slot that was
+    /// recorded as the broker's (for the operator's log).
+    pub(crate) fn take_over_stale_broker(&self, slot: u32, now: u64, stale_ns: u64) -> Option<(u64, u32)> {
         let h = self.header();
         let beat = h.broker_heartbeat.load(Ordering::Acquire);
         if now.saturating_sub(beat) <= stale_ns {
@@ -266,9 +264,9 @@ impl Region {
         }
         h.broker_heartbeat.compare_exchange(beat, now, Ordering::AcqRel, Ordering::Relaxed).ok()?;
         let epoch = h.broker_epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        h.broker_slot.store(slot, Ordering::Relaxed);
+        let stuck = h.broker_slot.swap(slot, Ordering::Relaxed);
         h.broker_pid.store(sys::pid(), Ordering::Release);
-        Some(epoch)
+        Some((epoch, stuck))
     }
 
     /// The unique-event dedup table.
@@ -304,7 +302,17 @@ impl Region {
     /// What slot `slot`'s header says (each word loaded once; untrusted: informative only).
     pub(crate) fn slot_view(&self, slot: u32) -> SlotView {
         let s = self.slot(slot);
-        SlotView { attaches: s.generation.load(Ordering::Relaxed), parked: s.parked.load(Ordering::Relaxed) != 0 }
+        SlotView {
+            attaches: s.generation.load(Ordering::Relaxed),
+            wakeups: s.wakeups.load(Ordering::Relaxed),
+            parked: s.parked.load(Ordering::Relaxed) != 0,
+        }
+    }
+
+    /// Count a wake-up written to `slot`'s eventfd (the inspector's `wakeups`). The caller
+    /// has just claimed the slot's `parked` flag, so the line is already in its cache.
+    pub(crate) fn count_wakeup(&self, slot: u32) {
+        self.slot(slot).wakeups.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The SipHash key of this region (random, chosen by the creator).
@@ -379,16 +387,16 @@ mod tests {
     }
 
     #[test]
-    fn a_region_of_layout_version_3_is_refused() {
+    fn a_region_of_an_older_layout_version_is_refused() {
         // Version 3 had no `owed` word: its producers' backlogs would die silently with them,
         // so the mismatch must be refused, and say so (as version 2, which committed records
-        // through `write_pos`, was refused by version 3).
-        assert_eq!(LAYOUT_VERSION, 4);
+        // through `write_pos`, was refused by version 3). Version 4 had no `wakeups` count.
+        assert_eq!(LAYOUT_VERSION, 5);
         let g = Geometry::new(2, false, 4096, 64);
         let r = Region::create(g, 1024).unwrap();
         r.header().layout_version.store(3, Ordering::Release);
         let e = Region::open(dup(r.fd()), g).err().expect("must be rejected").to_string();
-        assert!(e.contains("layout version 3, this build speaks version 4"), "{e}");
+        assert!(e.contains("layout version 3, this build speaks version 5"), "{e}");
     }
 
     #[test]
@@ -402,7 +410,8 @@ mod tests {
         assert_eq!(o.take_over_stale_broker(1, t + 500, 1000), None, "fresh heartbeat");
         r.broker_beat(t + 900);
         assert_eq!(o.take_over_stale_broker(1, t + 1500, 1000), None, "beat again");
-        let e2 = o.take_over_stale_broker(1, t + 2000, 1000).expect("stale: taken over");
+        let (e2, stuck) = o.take_over_stale_broker(1, t + 2000, 1000).expect("stale: taken over");
+        assert_eq!(stuck, 0, "the stuck broker's slot");
         assert_eq!(e2, e1 + 1);
         assert_eq!(r.broker_epoch(), e2, "the old broker sees it is fenced");
         assert_eq!(r.take_over_stale_broker(2, t + 2000, 1000), None, "the winner's heartbeat is fresh");

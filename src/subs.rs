@@ -12,6 +12,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use crate::context::Context;
 use crate::event::{Event, Wid};
+use crate::message::Ext;
 
 /// A subscription callback (a plain `FnMut(&Event)` is wrapped to ignore the context).
 pub(crate) type Callback = Box<dyn FnMut(&mut Context, &Event<'_>) + Send + 'static>;
@@ -301,6 +302,7 @@ impl Subscriptions {
         event: &[u8],
         data: &[u8],
         wid: Option<Wid>,
+        ext: Ext<'_>,
         cx: &mut Context,
     ) -> Option<RunStats> {
         if !self.memo.hit(source, event) {
@@ -310,7 +312,7 @@ impl Subscriptions {
         }
         // The names are the memo's own (equal bytes): no validation, no lifetime games.
         let Subscriptions { wild, lists, memo, .. } = self;
-        let ev = Event { source: &memo.source, event: &memo.event, data, wid };
+        let ev = Event { source: &memo.source, event: &memo.event, data, wid, ext };
         Some(run_levels(wild, lists, memo.any, memo.event_list, &ev, cx))
     }
 }
@@ -358,7 +360,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     fn ev<'a>(source: &'a str, event: &'a str) -> Event<'a> {
-        Event { source, event, data: &[], wid: None }
+        Event { source, event, data: &[], wid: None, ext: Ext::None }
     }
 
     #[test]
@@ -398,11 +400,18 @@ mod tests {
         let id = subs.subscribe("a", "x", Box::new(move |_, e| h.lock().unwrap().push(e.event().to_owned())));
         // The pair is memoized as "nothing" from the run above: the subscribe must clear it.
         assert!(subs.wants("a", "x") && !subs.wants("a", "y") && !subs.wants("b", "x"));
-        assert_eq!(subs.run_raw(b"a", b"x", &[], None, &mut Context::default()).map(|r| r.called), Some(1));
-        assert_eq!(subs.run_raw(b"a", b"x", &[], None, &mut Context::default()).map(|r| r.called), Some(1), "memo hit");
-        assert_eq!(subs.run_raw(b"a", b"y", &[], None, &mut Context::default()).map(|r| r.called), Some(0));
-        assert!(subs.run_raw(b"a", &[0xff], &[], None, &mut Context::default()).is_none(), "invalid UTF-8 is refused");
-        assert!(subs.run_raw(&[0xc3], b"x", &[], None, &mut Context::default()).is_none());
+        assert_eq!(subs.run_raw(b"a", b"x", &[], None, Ext::None, &mut Context::default()).map(|r| r.called), Some(1));
+        assert_eq!(
+            subs.run_raw(b"a", b"x", &[], None, Ext::None, &mut Context::default()).map(|r| r.called),
+            Some(1),
+            "memo hit"
+        );
+        assert_eq!(subs.run_raw(b"a", b"y", &[], None, Ext::None, &mut Context::default()).map(|r| r.called), Some(0));
+        assert!(
+            subs.run_raw(b"a", &[0xff], &[], None, Ext::None, &mut Context::default()).is_none(),
+            "invalid UTF-8 is refused"
+        );
+        assert!(subs.run_raw(&[0xc3], b"x", &[], None, Ext::None, &mut Context::default()).is_none());
         assert_eq!(*hits.lock().unwrap(), ["x", "x"]);
         assert!(subs.unsubscribe(id));
         assert!(!subs.wants("a", "x"));
@@ -418,7 +427,10 @@ mod tests {
         subs.subscribe("bench", "pong", Box::new(|_, _| {}));
         for _ in 0..3 {
             assert!(!subs.wants("bench", "ping"), "our own ping: nobody local wants it");
-            assert_eq!(subs.run_raw(b"bench", b"pong", &[], None, &mut Context::default()).map(|r| r.called), Some(1));
+            assert_eq!(
+                subs.run_raw(b"bench", b"pong", &[], None, Ext::None, &mut Context::default()).map(|r| r.called),
+                Some(1)
+            );
         }
         assert!(subs.wants_memo.hit(b"bench", b"ping") && subs.memo.hit(b"bench", b"pong"));
         subs.subscribe("bench", "ping", Box::new(|_, _| {}));

@@ -105,8 +105,62 @@ fn a_snapshot_shows_slots_broker_depths_and_dedup_fill() {
         let s2 = snap(&dir.sock());
         assert_eq!(inbound(&s2, Wid::Worker(2)), 0, "drained");
         assert!(s2.ring(Wid::Worker(1), Wid::Worker(2)).unwrap().consumed >= consumed + 50);
+
+        // Wake-ups: every eventfd write a publisher made is counted in the woken slot's
+        // header (nothing runs now: the counts are still).
+        let sent: u64 = w.iter_mut().map(|c| c.report().stat("wakeups_sent")).sum();
+        let s3 = snap(&dir.sock());
+        let counted: u64 = s3.slots.iter().map(|sl| sl.wakeups.expect("shared memory counts wake-ups")).sum();
+        assert_eq!(counted, sent, "wake-ups in the slot headers vs the publishers' own counts: {:?}", s3.slots);
+        // A receiver asleep in `wait` is woken by the next event, and the count shows it.
+        let w2 = Wid::Worker(2);
+        let before = s3.slot(w2).unwrap().wakeups.unwrap();
+        let r2 = w[2].report();
+        let got = r2.stat("events") + r2.stat("lost_total");
+        let mut woken = false;
+        for got in got + 1..got + 21 {
+            w[2].send(Cmd::Until { n: got, ms: 10_000 });
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !snap(&dir.sock()).slot(w2).unwrap().parked {
+                assert!(std::time::Instant::now() < deadline, "worker 2 never parked in its wait");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let r = w[1].publish(Tgt::All, "s", "e", 0, 1);
+            assert_eq!((r.ok, r.err), (1, 0));
+            let lines = w[2].expect_ok();
+            assert!(lines.iter().any(|l| l == "@@UNTIL reached"), "{lines:?}");
+            // (It may have woken on its own timer between the check and the publish.)
+            if snap(&dir.sock()).slot(w2).unwrap().wakeups.unwrap() > before {
+                woken = true;
+                break;
+            }
+        }
+        assert!(woken, "20 events to a parked worker 2, no wake-up counted");
     } else {
         assert!(s.rings.is_empty() && s.dedup.is_none(), "the socket transport has no shared rings");
+        assert!(s.slots.iter().all(|sl| sl.wakeups.is_none()), "no slot headers on the socket transport");
+        // The broker's data queue per worker: none for its own slot, one for each other.
+        for sl in &s.slots {
+            assert_eq!(sl.broker_queue.is_some(), !sl.broker, "{sl:?}");
+        }
+        if broker != 2 {
+            // The paused receiver's socket buffer fills: the rest waits in the broker's queue
+            // for it, which the snapshot shows (frames and bytes).
+            for _ in 0..10 {
+                let r = w[1].cmd(Cmd::Bytes { target: Tgt::All, src: "s".into(), ev: "big".into(), len: 60_000 });
+                assert!(r.iter().any(|l| l == "@@PUB 1 0"), "{r:?}");
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let (frames, bytes) = loop {
+                let q = snap(&dir.sock()).slot(Wid::Worker(2)).unwrap().broker_queue.expect("a queue for worker 2");
+                if q.1 >= 60_000 {
+                    break q;
+                }
+                assert!(std::time::Instant::now() < deadline, "600 kB for a paused worker, broker queue {q:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            assert!((1..=10).contains(&frames) && bytes <= 10 * 60_100, "({frames}, {bytes})");
+        }
     }
 
     // Kill the broker: the next snapshot shows its successor and the next epoch.

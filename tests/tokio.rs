@@ -26,16 +26,37 @@ child_entry!();
 /// Serial round trips between the test process (worker 1, plain `wait`) and a tokio child
 /// (worker 0, the broker): each ping waits for its three pongs before the next is sent.
 fn tokio_child_answers_every_ping_without_losing_a_wakeup() {
+    round_trips_with_a_tokio_child(Wid::Worker(0), Wid::Worker(1));
+}
+
+/// The same with the tokio child as an ordinary worker (worker 1) attached to a broker in
+/// another process (the test process, worker 0, attached before the child starts): its
+/// events and wake-ups cross the data path to a broker it does not serve.
+fn a_non_broker_tokio_child_answers_every_ping_without_losing_a_wakeup() {
+    round_trips_with_a_tokio_child(Wid::Worker(1), Wid::Worker(0));
+}
+
+fn round_trips_with_a_tokio_child(child_wid: Wid, my_wid: Wid) {
     const ROUNDS: u64 = 100;
     let dir = TempDir::new("tokio");
     let wd = Watchdog::new("tokio");
     let cfg = Cfg::new(&dir.sock(), 2);
-    let child = wd.spawn_with(&cfg, &Spawn { tokio: true, ..Spawn::worker(Wid::Worker(0)) });
-    let mut w = Events::new(cfg.options()).unwrap().init_worker(Wid::Worker(1)).unwrap();
+    // Worker 0 starts first and serves as the broker.
+    let spawn = Spawn { tokio: true, ..Spawn::worker(child_wid) };
+    let (child, mut w) = if my_wid == Wid::Worker(0) {
+        let mut w = Events::new(cfg.options()).unwrap().init_worker(my_wid).unwrap();
+        assert!(w.wait_ready(Duration::from_secs(10)).unwrap(), "the test process is elected");
+        assert!(w.is_broker(), "worker 0, alone, serves as the broker");
+        let child = wd.spawn_serving(&cfg, &spawn, &mut w);
+        (child, w)
+    } else {
+        let child = wd.spawn_with(&cfg, &spawn);
+        (child, Events::new(cfg.options()).unwrap().init_worker(my_wid).unwrap())
+    };
     let pongs = Arc::new(Mutex::new(BTreeSet::new()));
     let p = pongs.clone();
     w.subscribe("pong", "*", move |ev| {
-        assert_eq!(ev.wid(), Some(Wid::Worker(0)));
+        assert_eq!(ev.wid(), Some(child_wid));
         let first = p.lock().unwrap().insert((ev.event().to_string(), ev.deserialize::<u64>().unwrap()));
         assert!(first, "pong {} twice", ev.event());
     });
@@ -71,6 +92,8 @@ fn tokio_child_answers_every_ping_without_losing_a_wakeup() {
     assert_eq!(f[1], 0, "AsyncWorker::dispatch returned 0 {} times", f[1]);
     // Pings, loc events and the exit at least (the attach's events may add notices).
     assert!(f[0] > 2 * ROUNDS, "{done}");
+    // The roles were as the test says: the broker is worker 0 on either side.
+    assert_eq!(w.is_broker(), my_wid == Wid::Worker(0));
     drop(w);
 }
 
@@ -128,4 +151,8 @@ fn local_work_runs_at_once_and_idle_dispatch_waits() {
     });
 }
 
-per_transport!(tokio_child_answers_every_ping_without_losing_a_wakeup, local_work_runs_at_once_and_idle_dispatch_waits);
+per_transport!(
+    tokio_child_answers_every_ping_without_losing_a_wakeup,
+    a_non_broker_tokio_child_answers_every_ping_without_losing_a_wakeup,
+    local_work_runs_at_once_and_idle_dispatch_waits
+);

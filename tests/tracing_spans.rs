@@ -16,7 +16,7 @@ use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
-use worker_events::{Events, Options, Target, Wid, Worker};
+use worker_events::{Events, Options, Target, Transport, Wid, Worker};
 use worker_events_dev_support::TempDir;
 
 type Fields = BTreeMap<String, String>;
@@ -193,6 +193,43 @@ fn attach_election_and_failover_run_in_spans_with_operator_fields() {
     let reelected = span_of(&cap, "election", "worker 1");
     assert_eq!(field(&reelected, "epoch"), (epoch + 1).to_string());
     assert_event_in(&cap, "new broker", Level::INFO, &reelected);
+}
+
+/// A broker that stops serving (its process does not run its event loop: stuck in a
+/// callback, or stopped) is replaced by a takeover; when it runs again it finds the newer
+/// epoch and steps down. Both run in spans with the fields an operator needs.
+#[test]
+fn takeover_of_a_stuck_broker_and_its_step_down_run_in_spans() {
+    let cap = Capture::default();
+    let _sub = cap.install();
+    let pid = std::process::id().to_string();
+    let d = TempDir::new("tracing-takeover");
+    let opts = Options::new(d.join("ev.sock")).workers(2).transport(Transport::SharedMemory);
+    let events = Events::new(opts).unwrap();
+    let mut w0 = events.init_worker(Wid::Worker(0)).unwrap();
+    let mut w1 = events.init_worker(Wid::Worker(1)).unwrap();
+    pump_until(&mut [&mut w0, &mut w1], "attach", |ws| ws.iter().all(|w| w.is_ready()));
+    assert!(w0.is_broker());
+    let epoch: u64 = field(&span_of(&cap, "election", "worker 0"), "epoch").parse().unwrap();
+
+    // Worker 0 no longer runs its loop: its heartbeat goes stale and worker 1 takes over.
+    pump_until(&mut [&mut w1], "worker 1 to take the stuck broker's role over", |ws| ws[0].is_broker());
+    let takeover = span_of(&cap, "takeover", "worker 1");
+    assert_eq!(field(&takeover, "pid"), pid);
+    assert_eq!(field(&takeover, "stuck"), "worker 0");
+    assert_eq!(field(&takeover, "epoch"), (epoch + 1).to_string());
+    assert_event_in(&cap, "the broker has not served", Level::WARN, &takeover);
+    assert!(cap.spans("step_down").is_empty(), "nobody stepped down yet");
+
+    // Worker 0 runs again: fenced by the newer epoch, it steps down.
+    pump_until(&mut [&mut w0], "worker 0 to step down", |ws| !ws[0].is_broker());
+    let down = span_of(&cap, "step_down", "worker 0");
+    assert_eq!(field(&down, "pid"), pid);
+    assert_eq!(field(&down, "epoch"), epoch.to_string());
+    assert_eq!(field(&down, "current"), (epoch + 1).to_string());
+    assert_event_in(&cap, "a newer broker exists", Level::WARN, &down);
+    // And it attaches to the new broker as an ordinary worker.
+    pump_until(&mut [&mut w0, &mut w1], "worker 0 to re-attach", |ws| ws[0].is_ready() && ws[1].is_broker());
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use super::client::uid_ok;
-use super::inspect;
+use super::inspect::{self, AttachedSlot};
 use super::protocol::{self, Flavor};
 use super::{Conn, Control, CtlEvent, Role};
 use crate::options::AttachTerms;
@@ -91,7 +91,7 @@ impl Control {
             c.probation = false;
         }
         if !inspectors.is_empty() {
-            answer_inspectors(conns, &inspectors, &hello);
+            answer_inspectors(conns, &inspectors, &hello, data);
         }
         conns.retain_mut(|c| {
             let q = match c.slot {
@@ -162,8 +162,18 @@ struct Hello<'a, 'b> {
 }
 
 /// Answer every connection in `ids` (each sent INSPECT) with the broker's view, then close it.
-fn answer_inspectors(conns: &mut [Conn], ids: &[u64], h: &Hello<'_, '_>) {
-    let pids: Vec<(u32, i32)> = conns.iter().filter(|c| !c.closing).filter_map(|c| Some((c.slot?, c.pid))).collect();
+fn answer_inspectors(conns: &mut [Conn], ids: &[u64], h: &Hello<'_, '_>, data: &mut dyn DataPlane) {
+    let pids: Vec<AttachedSlot> = conns
+        .iter()
+        .filter(|c| !c.closing)
+        .filter_map(|c| {
+            let slot = c.slot?;
+            let queued = data
+                .outbound(Link { peer: Peer::Slot(slot), conn: c.id })
+                .map(|q| (q.len() as u64, q.queued_bytes() as u64));
+            Some(AttachedSlot { slot, pid: c.pid.max(0) as u32, queued })
+        })
+        .collect();
     for c in conns.iter_mut().filter(|c| ids.contains(&c.id) && !c.closing) {
         if inspect::reply(&mut c.wr, h.me, h.terms, h.offer, &pids) {
             tracing::debug!(pid = c.pid, "inspector served");

@@ -6,8 +6,9 @@
 //! INSPECT body: `protocol u32`. INSPECT_REPLY body: `protocol u32, flavor u32 (0 shared
 //! memory, 1 socket), broker_slot u32, broker_pid u32, epoch u64, broker_id u64, workers u32,
 //! agent u32, ring_capacity u32, unique_capacity u32, n u32`, then `n` times `slot u32,
-//! pid u32`: the slots attached to the broker and their peers' pids as the kernel reported
-//! them at accept. On shared memory the region memfd rides with it (`SCM_RIGHTS`, one
+//! pid u32, queued_frames u64, queued_bytes u64`: the slots attached to the broker, their
+//! peers' pids as the kernel reported them at accept, and what the broker's outbound data
+//! queue holds for them (socket transport; `u64::MAX` for none: shared memory). On shared memory the region memfd rides with it (`SCM_RIGHTS`, one
 //! descriptor); on the socket transport, none.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -21,8 +22,23 @@ use crate::sys::{self, Epoll};
 use crate::wire::Offer;
 use crate::wire::frame::{Body, FrameReader, FrameWriter, ReadState, kind};
 
-/// Longest INSPECT_REPLY: its fixed part plus one `(slot, pid)` pair per possible slot.
-const REPLY_MAX_FRAME: usize = 64 + 8 * (MAX_WORKERS as usize + 1);
+/// Longest INSPECT_REPLY: its fixed part plus one attached entry per possible slot.
+const REPLY_MAX_FRAME: usize = 64 + ENTRY * (MAX_WORKERS as usize + 1);
+/// Bytes of one attached entry: slot, pid, queued frames, queued bytes.
+const ENTRY: usize = 24;
+/// `queued_*` of an entry whose slot has no socket data queue at the broker.
+const NO_QUEUE: u64 = u64::MAX;
+
+/// One worker attached to the broker, as an INSPECT_REPLY reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AttachedSlot {
+    pub slot: u32,
+    /// As the kernel reported it at accept (`SO_PEERCRED`).
+    pub pid: u32,
+    /// The broker's outbound data queue for it (socket transport): `(frames, bytes)` not
+    /// completely written.
+    pub queued: Option<(u64, u64)>,
+}
 
 /// What the broker told an inspector.
 #[derive(Debug)]
@@ -37,8 +53,8 @@ pub(crate) struct InspectReply {
     pub agent: bool,
     pub ring_capacity: usize,
     pub unique_capacity: usize,
-    /// `(slot, pid)` of every worker attached to the broker (the broker's own slot excluded).
-    pub attached: Vec<(u32, u32)>,
+    /// Every worker attached to the broker (the broker's own slot excluded).
+    pub attached: Vec<AttachedSlot>,
 }
 
 /// Check an INSPECT request: its protocol version.
@@ -51,13 +67,13 @@ pub(super) fn check_request(body: &[u8]) -> std::result::Result<(), String> {
 }
 
 /// Queue the INSPECT_REPLY for `offer`; false (nothing queued) when there is nothing to
-/// offer yet. `attached`: `(slot, pid)` of the attached connections.
+/// offer yet. `attached`: the attached connections.
 pub(super) fn reply(
     wr: &mut FrameWriter,
     broker_slot: u32,
     terms: &AttachTerms,
     offer: &Offer<'_>,
-    attached: &[(u32, i32)],
+    attached: &[AttachedSlot],
 ) -> bool {
     let (flavor, epoch, broker_id, fds) = match offer {
         Offer::Nothing => return false,
@@ -66,10 +82,12 @@ pub(super) fn reply(
             (Flavor::Shm, *epoch, *region_id, vec![region_fd.as_raw_fd()])
         }
     };
-    let mut pairs = Vec::with_capacity(attached.len() * 8);
-    for &(slot, pid) in attached {
-        pairs.extend_from_slice(&slot.to_le_bytes());
-        pairs.extend_from_slice(&(pid.max(0) as u32).to_le_bytes());
+    let mut pairs = Vec::with_capacity(attached.len() * ENTRY);
+    for a in attached {
+        let (frames, bytes) = a.queued.unwrap_or((NO_QUEUE, NO_QUEUE));
+        for w in [&a.slot.to_le_bytes()[..], &a.pid.to_le_bytes(), &frames.to_le_bytes(), &bytes.to_le_bytes()] {
+            pairs.extend_from_slice(w);
+        }
     }
     // Validated options: ring_capacity <= 64 MiB and unique_capacity <= 2^24 fit in u32.
     let narrow = |v: u64| v as u32;
@@ -125,11 +143,16 @@ fn parse_reply(body: &[u8], mut fds: Vec<OwnedFd>) -> std::result::Result<Inspec
     }
     let mut attached = Vec::with_capacity(n as usize);
     for _ in 0..n {
-        let (slot, pid) = (b.u32()?, b.u32()?);
-        if slot >= slots || slot == broker_slot || attached.iter().any(|&(s, _)| s == slot) {
+        let (slot, pid, frames, bytes) = (b.u32()?, b.u32()?, b.u64()?, b.u64()?);
+        if slot >= slots || slot == broker_slot || attached.iter().any(|a: &AttachedSlot| a.slot == slot) {
             return Err(format!("attached slot {slot} out of range or repeated"));
         }
-        attached.push((slot, pid));
+        let queued = match (frames, bytes) {
+            (NO_QUEUE, NO_QUEUE) => None,
+            (f, b) if f <= b => Some((f, b)),
+            (f, b) => return Err(format!("slot {slot}: {f} queued frames in {b} bytes")),
+        };
+        attached.push(AttachedSlot { slot, pid, queued });
     }
     let region_fd = match (flavor, fds.len()) {
         (0, 1) => fds.pop(),
@@ -246,11 +269,13 @@ mod tests {
     fn a_reply_round_trips_and_every_field_is_range_checked() {
         let mut wr = FrameWriter::default();
         let offer = Offer::Socket { epoch: 7, broker_id: 9 };
-        assert!(reply(&mut wr, 1, &terms(3), &offer, &[(0, 100), (3, 103)]));
+        let a = |slot, pid, queued| AttachedSlot { slot, pid, queued };
+        let attached = [a(0, 100, Some((2, 130))), a(3, 103, None)];
+        assert!(reply(&mut wr, 1, &terms(3), &offer, &attached));
         let good = body(&mut wr);
         let r = parse_reply(&good, Vec::new()).unwrap();
         assert_eq!((r.serving_slot, r.epoch, r.workers, r.agent), (1, 7, 3, true));
-        assert_eq!(r.attached, vec![(0, 100), (3, 103)]);
+        assert_eq!(r.attached, attached.to_vec());
         assert!(r.region_fd.is_none());
         assert!(!reply(&mut FrameWriter::default(), 1, &terms(3), &Offer::Nothing, &[]));
         // Corrupt one little-endian u32 field at `off` at a time.
@@ -269,7 +294,11 @@ mod tests {
         assert!(with(44, (1 << 24) + 1).contains("unique capacity"));
         assert!(with(48, 5).contains("more than 4"));
         assert!(with(52, 1).contains("attached slot 1"), "the broker's own slot");
-        assert!(with(60, 0).contains("repeated"));
+        assert!(with(76, 0).contains("repeated"));
+        let mut b = good.clone();
+        b[60..68].copy_from_slice(&131u64.to_le_bytes());
+        let e = parse_reply(&b, Vec::new()).expect_err("more frames than bytes accepted");
+        assert!(e.contains("131 queued frames in 130 bytes"), "{e}");
         assert!(parse_reply(&good[..good.len() - 1], Vec::new()).is_err(), "truncated");
     }
 }

@@ -15,8 +15,12 @@ use crate::wire::frame::{Body, FrameWriter, kind};
 /// out start at 1 and wake-ups write 0 (a build of version 3 would write 1 into them, or
 /// create eventfds at 0 that a write of 0 does not wake), so builds of different versions
 /// never attach to each other. 5: the INSPECT request and its INSPECT_REPLY (the live
-/// inspector, `worker_events::inspect`).
-pub(crate) const PROTOCOL_VERSION: u32 = 5;
+/// inspector, `worker_events::inspect`). 6: message header byte 13 is `flags` and bytes
+/// 14..16 `ext_len` (relayed events carry their origin host, unique events diverted to the
+/// agent their hash; see `shm-layout.md` section 7), which a build of version 5 neither
+/// writes nor refuses. 7: the INSPECT_REPLY reports the broker's data queue per attached
+/// worker.
+pub(crate) const PROTOCOL_VERSION: u32 = 7;
 
 /// Reason prefix of a transient refusal: the slot still looks attached because the broker
 /// has not yet seen its previous holder's connection close. The client retries (backoff)

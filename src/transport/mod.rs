@@ -35,7 +35,7 @@ pub(crate) trait Deliver {
         let (Ok(source), Ok(event)) = (std::str::from_utf8(m.source), std::str::from_utf8(m.event)) else {
             return false;
         };
-        self.event(&Event { source, event, data: m.data, wid: m.wid });
+        self.event(&Event { source, event, data: m.data, wid: m.wid, ext: m.ext });
         true
     }
     /// `count` events of publisher slot `from` never reached this worker (a lost notice).

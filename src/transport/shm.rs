@@ -242,6 +242,7 @@ impl ShmPort {
             }
             if notify::should_wake(self.region.parked_flag(c as u32)) {
                 self.eventfds[c].notify();
+                self.region.count_wakeup(c as u32);
                 self.counters.wakeups_sent += 1;
             }
         }
@@ -488,6 +489,7 @@ fn wake(region: &Region, eventfds: &[EventFd], slot: u32, counters: &mut PortCou
     notify::after_commit();
     if notify::should_wake(region.parked_flag(slot)) {
         eventfds[slot as usize].notify();
+        region.count_wakeup(slot);
         counters.wakeups_sent += 1;
     }
 }

@@ -131,8 +131,7 @@ impl Worker {
             return;
         }
         let stale = STUCK_AFTER.as_nanos() as u64;
-        let Some(epoch) = port.region().take_over_stale_broker(self.slot, now, stale) else { return };
-        let stuck = port.region().broker_slot();
+        let Some((epoch, stuck)) = port.region().take_over_stale_broker(self.slot, now, stale) else { return };
         let span = tracing::info_span!(
             "takeover",
             worker = %self.wid,

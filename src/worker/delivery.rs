@@ -8,7 +8,7 @@ use super::Worker;
 use crate::context::{Context, Limits, Room};
 use crate::event::{Event, Lost, SYSTEM_SOURCE, Target};
 use crate::layout::Geometry;
-use crate::message::{self, Kind, ORIGIN_NONE};
+use crate::message::{self, Ext, Kind, ORIGIN_NONE};
 use crate::stats::Stats;
 use crate::subs::{RunStats, Subscriptions};
 use crate::transport::{Deliver, PortCounters};
@@ -34,8 +34,11 @@ impl Deliver for Delivery<'_> {
     }
 
     fn raw_event(&mut self, m: &message::Raw<'_>) -> bool {
-        let Some(r) = self.subs.run_raw(m.source, m.event, m.data, m.wid, self.cx) else { return false };
+        let Some(r) = self.subs.run_raw(m.source, m.event, m.data, m.wid, m.ext, self.cx) else { return false };
         count_run(self.stats, r);
+        if m.ext != Ext::None {
+            count_relayed_lost(self.stats, m.source, m.event, m.data, m.ext);
+        }
         true
     }
 
@@ -51,6 +54,22 @@ impl Deliver for Delivery<'_> {
 /// Run the callbacks for one delivered event and count it.
 pub(super) fn run_callbacks(subs: &mut Subscriptions, stats: &mut Stats, cx: &mut Context, ev: &Event<'_>) {
     count_run(stats, subs.run(ev, cx));
+    if ev.ext != Ext::None {
+        count_relayed_lost(stats, ev.source.as_bytes(), ev.event.as_bytes(), ev.data, ev.ext);
+    }
+}
+
+/// A `lost` notice relayed from another host ([`Worker::report_relayed_lost`]) counts in
+/// `Stats::lost` as a local one does.
+#[cold]
+fn count_relayed_lost(stats: &mut Stats, source: &[u8], event: &[u8], data: &[u8], ext: Ext<'_>) {
+    if !matches!(ext, Ext::OriginHost(_)) || source != SYSTEM_SOURCE.as_bytes() || event != b"lost" {
+        return;
+    }
+    let ev = Event { source: SYSTEM_SOURCE, event: "lost", data, wid: None, ext };
+    if let Some(l) = ev.lost() {
+        stats.lost = stats.lost.saturating_add(l.count);
+    }
 }
 
 /// Count one delivered event whose callbacks ran with outcome `r`.

@@ -6,8 +6,8 @@ use rkyv::util::AlignedVec;
 use super::Worker;
 use super::delivery::run_callbacks;
 use crate::error::PublishError;
-use crate::event::{MAX_UNIQUE_HASH_LEN, Payload, Target};
-use crate::message::{self, Kind, ORIGIN_NONE};
+use crate::event::{Lost, MAX_UNIQUE_HASH_LEN, Payload, SYSTEM_SOURCE, Target};
+use crate::message::{self, Ext, Kind, MAX_ORIGIN_HOST_LEN, ORIGIN_NONE};
 use crate::wire::Connections;
 
 impl Worker {
@@ -74,6 +74,95 @@ impl Worker {
             return Err(e);
         }
         self.send_and_queued(buf, target, source, event)
+    }
+
+    /// [`Worker::publish_bytes`] for an event a bridge relays from another host: the same
+    /// routing for every [`Target`], on both transports, and the message carries
+    /// `origin_host`, which receivers read with
+    /// [`Event::origin_host`](crate::event::Event::origin_host) (`None` for every event published on
+    /// this host). A relayed unique event is never diverted to the agent (see
+    /// `Worker::divert_unique`): it goes through this host's dedup table as usual.
+    ///
+    /// # Errors
+    /// As [`Worker::publish`], and [`PublishError::InvalidOriginHost`] when `origin_host` is
+    /// empty or longer than 255 bytes.
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Target, Wid, PublishError};
+    /// let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// w.subscribe("cache", "purge", |ev| assert_eq!(ev.origin_host(), Some("host-a")));
+    /// w.publish_relayed("host-a", Target::All, "cache", "purge", b"k1").unwrap();
+    /// let err = w.publish_relayed("", Target::All, "cache", "purge", b"k1").unwrap_err();
+    /// assert_eq!(err, PublishError::InvalidOriginHost { len: 0, max: 255 });
+    /// ```
+    pub fn publish_relayed(
+        &mut self,
+        origin_host: &str,
+        target: Target<'_>,
+        source: &str,
+        event: &str,
+        data: &[u8],
+    ) -> Result<(), PublishError> {
+        if self.forked() {
+            return Err(PublishError::Forked);
+        }
+        check_origin_host(origin_host)?;
+        let (origin, kind) = self.route(target)?;
+        let mut buf = self.pool.pop().unwrap_or_default();
+        if let Err(e) = message::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
+            self.pool.push(buf);
+            return Err(e);
+        }
+        message::set_ext(&mut buf, Ext::OriginHost(origin_host));
+        self.send_and_queued(buf, target, source, event)
+    }
+
+    /// Deliver the library's `("worker-events", "lost")` notice, stamped with
+    /// `origin_host`, to every worker of this host and the privileged agent (this process
+    /// included, as a [`Target::All`] event): `count` events published on `origin_host` could
+    /// not be relayed here. Receivers see it as they see a local loss: [`Event::lost`] gives
+    /// `Lost { count, publisher }` with `publisher` this worker's id, it adds `count` to their
+    /// `Stats::lost`, and [`Event::origin_host`] is `Some(origin_host)`. So a worker that
+    /// counts "events received + lost counts" covers the events lost between hosts too. A
+    /// `count` of 0 sends nothing.
+    ///
+    /// [`Event::lost`]: crate::event::Event::lost
+    /// [`Event::origin_host`]: crate::event::Event::origin_host
+    ///
+    /// # Errors
+    /// [`PublishError::InvalidOriginHost`] as [`Worker::publish_relayed`];
+    /// [`PublishError::QueueOverflow`] as [`Worker::publish`] (nothing was delivered; retry).
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// let events = Events::new(Options::new("/tmp/unused.sock").testing(true)).unwrap();
+    /// let mut w = events.init_worker(Wid::Worker(0)).unwrap();
+    /// w.subscribe("worker-events", "lost", |ev| {
+    ///     assert_eq!(ev.lost().unwrap().count, 7);
+    ///     assert_eq!(ev.origin_host(), Some("host-a"));
+    /// });
+    /// w.report_relayed_lost("host-a", 7).unwrap();
+    /// assert_eq!(w.stats().lost, 7);
+    /// ```
+    pub fn report_relayed_lost(&mut self, origin_host: &str, count: u64) -> Result<(), PublishError> {
+        if self.forked() {
+            return Err(PublishError::Forked);
+        }
+        check_origin_host(origin_host)?;
+        if count == 0 {
+            return Ok(());
+        }
+        let (origin, _) = self.route(Target::All)?;
+        let lost = Lost { count, publisher: self.wid };
+        let mut buf = self.pool.pop().unwrap_or_default();
+        let max = self.opts.max_payload_len;
+        if let Err(e) = message::encode_typed(&mut buf, SYSTEM_SOURCE, "lost", &lost, origin, Kind::All, max) {
+            self.pool.push(buf);
+            return Err(e);
+        }
+        message::set_ext(&mut buf, Ext::OriginHost(origin_host));
+        self.send_and_queued(buf, Target::All, SYSTEM_SOURCE, "lost")
     }
 
     /// [`Worker::send`]; in testing mode, where it ran our callbacks, then what they published.
@@ -150,6 +239,14 @@ impl Worker {
         self.stats.published += 1;
         Ok(())
     }
+}
+
+/// An origin host must be 1..=255 bytes.
+fn check_origin_host(host: &str) -> Result<(), PublishError> {
+    if host.is_empty() || host.len() > MAX_ORIGIN_HOST_LEN {
+        return Err(PublishError::InvalidOriginHost { len: host.len(), max: MAX_ORIGIN_HOST_LEN });
+    }
+    Ok(())
 }
 
 #[cfg(all(test, not(loom)))]

@@ -77,6 +77,29 @@ impl Watchdog {
         child
     }
 
+    /// [`Self::spawn_with`] for a test process that serves as the broker itself: its
+    /// worker `w` runs its event loop (answering the child's attach) until the child's
+    /// `@@READY`.
+    pub fn spawn_serving(&self, cfg: &Cfg, spawn: &Spawn, w: &mut worker_events::Worker) -> Child {
+        let mut child = self.spawn_inner(cfg, spawn);
+        let l = loop {
+            match child.lines.try_recv() {
+                Ok(l) => break l,
+                Err(std::sync::mpsc::TryRecvError::Empty) if Instant::now() < child.deadline => {
+                    if let Err(e) = w.wait(Some(Duration::from_millis(10))) {
+                        child.fail(&format!("the serving worker failed: {e}"));
+                    }
+                }
+                Err(_) => child.fail("no @@READY before the deadline (or the child died)"),
+            }
+        };
+        if !l.starts_with("@@READY") {
+            child.fail(&format!("expected @@READY, got {l:?}"));
+        }
+        child.transport = l.rsplit("transport=").next().unwrap_or("").to_string();
+        child
+    }
+
     /// Spawn a child in the raw-client role (see [`Spawn::raw`]): it starts no worker and
     /// answers without `@@READY`.
     pub fn spawn_raw(&self, cfg: &Cfg, spawn: &Spawn) -> Child {

@@ -146,6 +146,18 @@ pub enum Cmd {
     /// (each an outcome: `ok`, or the error text), sleeps <secs> and exits without touching
     /// anything else. The parent answers after that line, with `@@FORKED <pid>`.
     Fork { secs: u32 },
+
+    // Relay support (issue 13) ----------------------------------------------------------------
+    /// `relay <host> <target> <src> <ev> <start> <count>`: `publish_relayed` from <host> of
+    /// u64 payloads `start..start+count` (8 LE bytes: the rkyv archive of a u64), a dispatch
+    /// after each. Answers as `publish`.
+    Relay { host: String, target: Tgt, src: String, ev: String, start: u64, count: u64 },
+    /// `relay-lost <host> <count>`: `report_relayed_lost`. Answers `@@PUB 1 0` or
+    /// `@@PUBERR <e>` and `@@PUB 0 1`.
+    RelayLost { host: String, count: u64 },
+    /// `divert <src>:<ev> ...`: `divert_unique` with these patterns (none: stop diverting).
+    /// Answers `@@DIVERT ok` or `@@DIVERT <error>`.
+    Divert(Vec<(String, String)>),
 }
 
 impl Cmd {
@@ -208,6 +220,14 @@ impl std::fmt::Display for Cmd {
             }
             Cmd::Close { ms } => write!(f, "close {ms}"),
             Cmd::Fork { secs } => write!(f, "fork {secs}"),
+            Cmd::Relay { host, target, src, ev, start, count } => {
+                write!(f, "relay {host} {target} {src} {ev} {start} {count}")
+            }
+            Cmd::RelayLost { host, count } => write!(f, "relay-lost {host} {count}"),
+            Cmd::Divert(pats) => {
+                write!(f, "divert")?;
+                pats.iter().try_for_each(|(s, e)| write!(f, " {s}:{e}"))
+            }
         }
     }
 }
@@ -319,6 +339,24 @@ impl FromStr for Cmd {
             },
             "close" => Cmd::Close { ms: w.next("ms")? },
             "fork" => Cmd::Fork { secs: w.next("secs")? },
+            "relay" => Cmd::Relay {
+                host: w.next("host")?,
+                target: w.next("target")?,
+                src: w.next("src")?,
+                ev: w.next("ev")?,
+                start: w.next("start")?,
+                count: w.next("count")?,
+            },
+            "relay-lost" => Cmd::RelayLost { host: w.next("host")?, count: w.next("count")? },
+            "divert" => Cmd::Divert(
+                w.rest()
+                    .into_iter()
+                    .map(|item| {
+                        let [s, e] = split_colons(item)?;
+                        Ok((s.to_string(), e.to_string()))
+                    })
+                    .collect::<Result<_, String>>()?,
+            ),
             other => return Err(format!("unknown command {other}")),
         };
         match w.rest()[..] {

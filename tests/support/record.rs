@@ -177,7 +177,7 @@ pub fn record(rec: &Mutex<Rec>, runs: Option<&RunFiles>, ev: &Event<'_>) {
     if ev.source() == SYSTEM_SOURCE {
         let mut r = rec.lock().unwrap();
         if let Some(l) = ev.lost() {
-            r.lost.push((wid_str(Some(l.publisher)), l.count));
+            r.lost.push((tagged(wid_str(Some(l.publisher)), ev), l.count));
             r.lost_total = r.lost_total.saturating_add(l.count);
             if r.log.len() < MAX_LOG {
                 r.log.push(format!("lost {} {}", wid_str(Some(l.publisher)), l.count));
@@ -224,7 +224,21 @@ fn record_list(rec: &Mutex<Rec>, ev: &Event<'_>) {
     if r.log.len() < MAX_LOG {
         r.log.push(format!("{w} {} {} {seq}", ev.source(), ev.event()));
     }
-    r.streams.entry((w, ev.source().to_string(), ev.event().to_string())).or_default().push(seq);
+    r.streams.entry((w, ev.source().to_string(), tagged(ev.event().to_string(), ev))).or_default().push(seq);
+}
+
+/// `name`, followed by `@<host>` for an event relayed from another host and `#<hash>` for a
+/// unique event diverted to the agent (ordinary events: `name` unchanged).
+fn tagged(mut name: String, ev: &Event<'_>) -> String {
+    if let Some(h) = ev.origin_host() {
+        name.push('@');
+        name.push_str(h);
+    }
+    if let Some(h) = ev.unique_hash() {
+        name.push('#');
+        name.push_str(h);
+    }
+    name
 }
 
 fn record_run(rec: &Mutex<Rec>, files: &RunFiles, ev: &Event<'_>) {

@@ -426,6 +426,11 @@ impl Role {
             }
             Cmd::Exit | Cmd::Close { .. } => unreachable!("handled by `serve`: they end the worker"),
             Cmd::Fork { secs } => self.fork(secs),
+            Cmd::Relay { host, target, src, ev, start, count } => self.publish_seqs(start..start + count, |w, seq| {
+                w.publish_relayed(&host, target.target(), &src, &ev, &seq.to_le_bytes())
+            }),
+            Cmd::RelayLost { host, count } => Self::answer_one(self.worker.report_relayed_lost(&host, count)),
+            Cmd::Divert(_) => out("@@DIVERT unsupported"),
             Cmd::Run { rate } => self.run = Some(Pace::new(rate, u64::MAX)),
             Cmd::RunStop => {
                 let p = self.run.take().unwrap_or_else(|| die("run-stop: no run"));
