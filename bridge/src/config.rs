@@ -380,12 +380,12 @@ impl Config {
 }
 
 fn is_token(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn sanitize_token(s: &str) -> String {
     let t: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-    if t.is_empty() { "host".to_string() } else { t }
+    if t.is_empty() { "host".to_string() } else { t.chars().take(255).collect() }
 }
 
 fn hostname() -> String {

@@ -6,14 +6,12 @@ use worker_events::{Event, PublishError, Target, Wid, Worker};
 
 /// The host an event was relayed from (`None`: published on this host).
 pub(crate) fn origin_host<'a>(ev: &Event<'a>) -> Option<&'a str> {
-    let _ = ev;
-    None
+    ev.origin_host()
 }
 
 /// The hash of a unique event diverted to the agent (`divert_unique`).
 pub(crate) fn unique_hash<'a>(ev: &Event<'a>) -> Option<&'a str> {
-    let _ = ev;
-    None
+    ev.unique_hash()
 }
 
 /// Did the agent publish this itself? (Its relayed events: never exported again.)
@@ -29,14 +27,12 @@ pub(crate) fn publish_relayed(
     event: &str,
     data: &[u8],
 ) -> Result<(), PublishError> {
-    let _ = origin;
-    w.publish_bytes(Target::All, source, event, data)
+    w.publish_relayed(origin, Target::All, source, event, data)
 }
 
 /// Tell every local worker that `count` events from `origin` were lost.
 pub(crate) fn report_relayed_lost(w: &mut Worker, origin: &str, count: u64) -> Result<(), PublishError> {
-    let _ = (w, origin, count);
-    Ok(())
+    w.report_relayed_lost(origin, count)
 }
 
 /// Divert local `Unique` publishes matching `patterns` to the agent.

@@ -24,8 +24,7 @@ pub fn host_of(tag: &str) -> &str {
 
 /// The origin host of a relayed event (`None`: published on this host).
 pub fn origin_host<'a>(ev: &Event<'a>) -> Option<&'a str> {
-    let _ = ev;
-    None
+    ev.origin_host()
 }
 
 #[derive(Default)]
