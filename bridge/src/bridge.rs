@@ -327,12 +327,12 @@ fn stream_config(cfg: &Config) -> stream::Config {
 
 /// Get or create the stream, retrying with backoff until it works or `stop`.
 async fn ensure_stream(js: &jetstream::Context, cfg: &Config, stop: &watch::Receiver<bool>) -> Option<stream::Stream> {
-    let mut n = 0;
+    let mut n: u32 = 0;
     loop {
         match js.get_or_create_stream(stream_config(cfg)).await {
             Ok(s) => return Some(s),
             Err(e) => {
-                if n % 20 == 0 {
+                if n.is_multiple_of(20) {
                     tracing::warn!(error = %e, "stream {} not available yet", cfg.stream_name());
                 }
             }
@@ -473,7 +473,7 @@ async fn export_task(
         for p in inflight.iter_mut() {
             p.ack = None;
         }
-        if failures % 20 == 0 {
+        if failures.is_multiple_of(20) {
             tracing::warn!(in_flight = inflight.len(), "exporting stalled (NATS unreachable?); retrying");
         }
         tokio::time::sleep(backoff(failures)).await;

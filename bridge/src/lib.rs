@@ -53,13 +53,16 @@
 //!
 //! ## Guarantees and limits
 //!
-//! * Per exporting host, receivers get events in export order, each at most once, and
-//!   every event that does not arrive is counted in a `lost` notice (origin host set),
-//!   except in the duplicate window above and for drops at the very end of a stream that
-//!   no later message reveals... which the gap marker covers once NATS is back.
-//! * A local `lost` notice advances the sequence by its whole count, whatever patterns
-//!   the missed events had: receivers may be told of more losses than concerned them.
-//! * Ordering is per exporting *host* (so per publisher); there is no order between hosts.
+//! * Per exporting host, receivers get events in export order, each once, and every event
+//!   that does not arrive is counted in a `lost` notice with `origin_host` set: received +
+//!   lost = published, per origin host, across NATS and bridge crashes.
+//! * Limits: the duplicate window above; after a NATS failure, an event in flight that comes
+//!   back after later ones (a write lost with the connection, a redelivery after the ack
+//!   wait) is reported lost rather than delivered late (order is never broken); a local
+//!   `lost` notice advances the sequence by its whole count, whatever patterns the missed
+//!   events had; a cluster-unique event is run locally without a claim while NATS is
+//!   unreachable (`unique_unclaimed`); a host that joins does not replay the past; there is
+//!   no order between hosts.
 //!
 //! ## Example
 //!

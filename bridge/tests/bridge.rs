@@ -128,7 +128,7 @@ fn settle_exact(h: &mut Host, tags: &[&str], want: u64) -> Vec<Vec<Rec>> {
 }
 
 fn last_stats(h: &Host) -> String {
-    h.bridge_log().lines().filter(|l| l.contains("stats state=")).last().unwrap_or("").to_string()
+    h.bridge_log().lines().rfind(|l| l.contains("stats state=")).unwrap_or("").to_string()
 }
 
 /// nats-server SIGKILLed and restarted (same port, same store) in the middle of a stream;
