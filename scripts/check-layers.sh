@@ -57,7 +57,7 @@ rule "transport/ never imports control/ or worker/" \
 rule "wire/ (below control and transport) imports neither" \
   bash -c "$(declare -f code); code \$(find src/wire -name '*.rs') | grep -E 'crate::(control|transport|worker)'"
 rule "the layers below wire/ import nothing above them" \
-  bash -c "$(declare -f code); code src/{sys,sync,layout,region,ring,notify,dedup,message,event,error,stats,subs,options}.rs | grep -E 'crate::(control|transport|worker|wire)'"
+  bash -c "$(declare -f code); code src/{sys,sync,layout,region,ring,notify,dedup,divert,message,event,error,stats,subs,options}.rs | grep -E 'crate::(control|transport|worker|wire)'"
 rule "only sys.rs (and src/sys/) calls libc or nix (tests included)" \
   bash -c "grep -rnE '\\b(libc|nix)::' src --include='*.rs' | grep -vE '^src/sys(\\.rs|/[a-z_]+\\.rs):'"
 rule "only region.rs and transport/shm.rs reach region/slot headers" \

@@ -208,7 +208,7 @@ impl<'a> Event<'a> {
         }
     }
     /// For a unique event diverted to the privileged agent (see
-    /// `Worker::divert_unique`), its hash; `None` for every
+    /// [`Worker::divert_unique`](crate::worker::Worker::divert_unique)), its hash; `None` for every
     /// other event (a unique event routed to a worker as usual included).
     ///
     /// ```

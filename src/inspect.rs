@@ -113,7 +113,7 @@ pub struct SlotSnapshot {
     /// completely written to its connection (socket transport; `None` on shared memory,
     /// where events go through the rings, and for the broker's own slot). Frames are events
     /// and `lost` notices. A worker's own queue towards the broker lives in its private
-    /// memory: its [`Stats`](crate::Stats) report it.
+    /// memory: its [`Stats`](crate::stats::Stats) report it.
     pub broker_queue: Option<(u64, u64)>,
 }
 

@@ -196,6 +196,7 @@
 mod context;
 mod control;
 mod dedup;
+mod divert;
 mod error;
 mod event;
 #[cfg(feature = "fuzzing")]

@@ -88,6 +88,28 @@ pub(crate) fn set_ext(buf: &mut AlignedVec, ext: Ext<'_>) {
     buf[14..16].copy_from_slice(&(bytes.len() as u16).to_le_bytes());
 }
 
+/// The source and event names of a message this process encoded (or checked) itself; empty
+/// names for a buffer too short to hold them.
+pub(crate) fn names(buf: &[u8]) -> (&[u8], &[u8]) {
+    if buf.len() < MSG_HDR {
+        return (&[], &[]);
+    }
+    let u32_at = |i: usize| u32::from_le_bytes(buf[i..i + 4].try_into().expect("4 bytes")) as usize;
+    let u16_at = |i: usize| u16::from_le_bytes(buf[i..i + 2].try_into().expect("2 bytes")) as usize;
+    let src = MSG_HDR + u32_at(0);
+    let ev = src + u16_at(4);
+    let end = ev + u16_at(6);
+    match (buf.get(src..ev), buf.get(ev..end)) {
+        (Some(s), Some(e)) => (s, e),
+        _ => (&[], &[]),
+    }
+}
+
+/// The header flags of a message (0 for an ordinary event).
+pub(crate) fn flags(buf: &[u8]) -> u8 {
+    buf.get(13).copied().unwrap_or(0)
+}
+
 /// Start a message in `buf`: room for the header; the data follows at offset 16.
 pub(crate) fn begin(buf: &mut AlignedVec) {
     buf.clear();

@@ -19,7 +19,7 @@
 //! after installing the recorder).
 //!
 //! Cost: one [`Worker::stats`] snapshot (a few dozen words and one small vector) and one
-//! recorder call per series: 14 + 3 × peers, a few microseconds with a hash-map recorder such
+//! recorder call per series: 16 + 3 × peers, a few microseconds with a hash-map recorder such
 //! as `metrics-exporter-prometheus`. It is not meant for the event path.
 //!
 //! # Wiring it into a proxy
@@ -117,6 +117,8 @@ pub fn export_stats(wid: Wid, stats: &Stats) {
         unique_duplicates,
         unique_unrecorded,
         unique_pending,
+        unique_diverted,
+        unique_not_diverted,
         peers,
         corrupt_rings,
     } = stats;
@@ -135,6 +137,8 @@ pub fn export_stats(wid: Wid, stats: &Stats) {
         ("worker_events_unique_duplicates_total", unique_duplicates),
         ("worker_events_unique_unrecorded_total", unique_unrecorded),
         ("worker_events_corrupt_rings_total", corrupt_rings),
+        ("worker_events_unique_diverted_total", unique_diverted),
+        ("worker_events_unique_not_diverted_total", unique_not_diverted),
     ];
     for (name, value) in counters {
         metrics::counter!(name, "worker" => worker.clone()).absolute(*value);
@@ -191,6 +195,11 @@ pub fn describe() {
     c("worker_events_unique_duplicates_total", "Unique events dropped as duplicates within unique_timeout.");
     c("worker_events_unique_unrecorded_total", "Unique events delivered unrecorded (table window full).");
     c("worker_events_corrupt_rings_total", "Inbound rings found corrupt (or resynchronized at attach).");
+    c("worker_events_unique_diverted_total", "Unique events diverted to the privileged agent.");
+    c(
+        "worker_events_unique_not_diverted_total",
+        "Unique events matching the agent's diversion patterns routed locally (agent not attached).",
+    );
     describe_gauge!(UNIQUE_PENDING, Unit::Count, "Unique events published and not yet handed on.");
     describe_gauge!(PEER_OUTBOUND_DEPTH, Unit::Count, "Events to the peer not yet consumed (ring plus backlog).");
     describe_gauge!(PEER_BACKLOG, Unit::Count, "Events to the peer waiting in the private backlog (ring full).");

@@ -53,6 +53,14 @@ pub struct Stats {
     /// Unique events published and not yet handed on: waiting to attach, or (socket
     /// transport) not yet acknowledged by a broker.
     pub unique_pending: u64,
+    /// Unique events this worker diverted to the privileged agent (see
+    /// [`Worker::divert_unique`](crate::worker::Worker::divert_unique)): on shared memory
+    /// the publisher counts its own, on the socket transport the broker counts those it routed.
+    pub unique_diverted: u64,
+    /// Unique events that matched the agent's diversion patterns but were routed on this host
+    /// as usual because the agent was not attached (availability first), counted as
+    /// `unique_diverted` is.
+    pub unique_not_diverted: u64,
     /// Per-peer queue state (empty until attached).
     pub peers: Vec<PeerStats>,
     /// Inbound rings found holding an impossible record or position (shared memory

@@ -47,6 +47,8 @@ fn expected(wid: &str, st: &Stats, out: &mut Series) {
     c("unique_duplicates_total", st.unique_duplicates);
     c("unique_unrecorded_total", st.unique_unrecorded);
     c("corrupt_rings_total", st.corrupt_rings);
+    c("unique_diverted_total", st.unique_diverted);
+    c("unique_not_diverted_total", st.unique_not_diverted);
     c("unique_pending", st.unique_pending);
     for p in &st.peers {
         let peer = match p.wid {
@@ -120,7 +122,7 @@ fn export_matches_stats(transport: Transport, name: &str) {
     let mut want = Series::new();
     expected("0", &s0, &mut want);
     expected("1", &s1, &mut want);
-    assert_eq!(want.len(), 2 * 15 + 2 * 3, "two workers, one peer each");
+    assert_eq!(want.len(), 2 * 17 + 2 * 3, "two workers, one peer each");
     let got = recorded(&recorder);
     assert_eq!(got, want);
 
@@ -154,7 +156,7 @@ fn describe_covers_every_exported_name() {
         worker_events::metrics::export(&w);
     });
     let snap = recorder.snapshotter().snapshot().into_vec();
-    assert_eq!(snap.len(), 15, "in-process worker: no peers");
+    assert_eq!(snap.len(), 17, "in-process worker: no peers");
     for (key, unit, desc, _) in snap {
         assert!(desc.is_some_and(|d| !d.is_empty()), "{} has no description", key.key().name());
         assert_eq!(unit, Some(metrics::Unit::Count));

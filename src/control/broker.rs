@@ -6,6 +6,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use super::client::uid_ok;
+use super::divert::DivertUpdate;
 use super::inspect::{self, AttachedSlot};
 use super::protocol::{self, Flavor};
 use super::{Conn, Control, CtlEvent, Role};
@@ -47,7 +48,10 @@ impl Control {
         // is refused (busy) even when both arrive in the same poll.
         let mut attached: Vec<u32> = conns.iter().filter_map(|c| c.slot).collect();
         let lock = (self.lock_id.dev, self.lock_id.ino);
-        let hello = Hello { terms: &self.terms, lock, me: self.slot, offer, max_frame: self.max_frame };
+        let agent = self.geo.agent.then_some(self.geo.workers);
+        let divert = &self.divert.current;
+        let hello = Hello { terms: &self.terms, lock, me: self.slot, offer, max_frame: self.max_frame, agent, divert };
+        let mut update = DivertUpdate::default();
         let connected: Vec<u32> = conns.iter().filter(|c| !c.closing).filter_map(|c| c.slot).collect();
         data.links_seen(&connected, now);
         // Connections that sent INSPECT (answered after the loop, with every slot's pid).
@@ -77,7 +81,7 @@ impl Control {
             let state = c.rd.fill(c.fd.as_fd(), None, budget);
             // Every complete frame is handled, also those that arrived in the same read as
             // the peer's hang-up or an error (a publisher that exits right after a burst).
-            if read_frames(c, &hello, &mut attached, data, events) {
+            if read_frames(c, &hello, &mut attached, data, events, &mut update) {
                 inspectors.push(c.id);
             }
             if let Err(e) = &state {
@@ -108,6 +112,7 @@ impl Control {
             }
             keep
         });
+        self.divert_after_poll(update, events);
     }
 
     /// Accept every pending connection; a peer of a foreign uid gets a REJECT.
@@ -159,6 +164,10 @@ struct Hello<'a, 'b> {
     offer: &'a Offer<'b>,
     /// Frame length limit once welcomed.
     max_frame: usize,
+    /// The agent's slot, if the deployment has one.
+    agent: Option<u32>,
+    /// The unique-diversion patterns served now (each welcomed worker gets them).
+    divert: &'a crate::divert::Patterns,
 }
 
 /// Answer every connection in `ids` (each sent INSPECT) with the broker's view, then close it.
@@ -192,6 +201,7 @@ fn read_frames(
     attached: &mut Vec<u32>,
     data: &mut dyn DataPlane,
     events: &mut Vec<CtlEvent>,
+    divert: &mut DivertUpdate,
 ) -> bool {
     let flavor = Flavor::of(h.offer);
     let socket = flavor == Some(Flavor::Socket);
@@ -202,6 +212,13 @@ fn read_frames(
                 match protocol::check_hello(body, h.terms, h.lock, flavor, h.me, attached) {
                     Ok(slot) => {
                         if protocol::welcome(&mut c.wr, h.me, h.offer) {
+                            if h.agent == Some(slot) {
+                                // A (new) agent starts with no diversion until it says so
+                                // (its DIVERT follows its HELLO).
+                                divert.list = Some(crate::divert::Patterns::default());
+                            } else if !h.divert.is_empty() {
+                                protocol::divert(&mut c.wr, h.divert);
+                            }
                             c.slot = Some(slot);
                             c.rd.set_max_frame(h.max_frame);
                             attached.push(slot);
@@ -232,6 +249,16 @@ fn read_frames(
                     break;
                 }
             },
+            Ok(Some((kind::DIVERT, body))) if c.slot.is_some() && c.slot == h.agent => {
+                match crate::divert::Patterns::decode(body) {
+                    Ok(p) => divert.list = Some(p),
+                    Err(e) => {
+                        tracing::warn!(pid = c.pid, error = %e, "bad DIVERT frame from the agent; closing");
+                        c.closing = true;
+                        break;
+                    }
+                }
+            }
             Ok(Some((kind::INSPECT, body))) if c.slot.is_none() => {
                 match inspect::check_request(body) {
                     Ok(()) => return true,

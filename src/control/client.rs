@@ -108,6 +108,16 @@ impl Control {
                         Next::Break
                     }
                 },
+                (kind::DIVERT, Some(_)) => match crate::divert::Patterns::decode(body) {
+                    Ok(p) => {
+                        self.divert_received(p, events);
+                        Next::Continue
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bad DIVERT from the broker; reconnecting");
+                        Next::Break
+                    }
+                },
                 (kind::DELIVER | kind::LOST, Some(Flavor::Socket)) => {
                     data.receive(Peer::Broker, k, body);
                     Next::Continue
@@ -161,6 +171,9 @@ impl Control {
         }
         let mut conn = self.new_conn(fd);
         protocol::hello(&mut conn.wr, self.slot, &self.terms, (self.lock_id.dev, self.lock_id.ino));
+        // The agent's diversion patterns ride right behind its HELLO (the broker forgets the
+        // list at an agent's HELLO and takes this one).
+        self.divert_after_hello(&mut conn);
         conn.wr.flush(conn.fd.as_fd())?;
         Ok(conn)
     }

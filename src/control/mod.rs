@@ -13,6 +13,7 @@
 
 mod broker;
 mod client;
+mod divert;
 mod election;
 mod inspect;
 mod lockfile;
@@ -67,6 +68,9 @@ pub(crate) enum CtlEvent {
     Unique { slot: u32, id: u64, hash: Vec<u8>, msg: Vec<u8> },
     /// (client) The broker handled our unique events up to `id`.
     UniqueAck(u64),
+    /// The privileged agent's unique-diversion patterns changed (pushed by the broker, or,
+    /// as the broker, set by the agent): they replace the previous list.
+    Divert(crate::divert::Patterns),
 }
 
 struct Conn {
@@ -130,6 +134,8 @@ pub(crate) struct Control {
     /// Id of the next connection.
     next_conn: u64,
     election: Election,
+    /// The agent's unique-diversion patterns (`divert.rs`).
+    divert: divert::DivertState,
 }
 
 impl Control {
@@ -177,6 +183,7 @@ impl Control {
             last_accept: now,
             next_conn: 1,
             election: Election::default(),
+            divert: divert::DivertState::default(),
         })
     }
 
@@ -264,6 +271,7 @@ impl Control {
         epoll.add(listener.as_fd(), TOKEN_LISTENER).map_err(|e| Error::io("epoll_ctl", e))?;
         self.drop_role(epoll);
         self.served();
+        self.divert_serving();
         self.set_timer(election::BEAT_INTERVAL);
         tracing::info!(slot = self.slot, pid = std::process::id(), path = %self.path.display(), "listening as the broker");
         let listener = sys::ParentOnly::new(listener);

@@ -18,8 +18,8 @@ use crate::wire::frame::{Body, FrameWriter, kind};
 /// inspector, `worker_events::inspect`). 6: message header byte 13 is `flags` and bytes
 /// 14..16 `ext_len` (relayed events carry their origin host, unique events diverted to the
 /// agent their hash; see `shm-layout.md` section 7), which a build of version 5 neither
-/// writes nor refuses. 7: the INSPECT_REPLY reports the broker's data queue per attached
-/// worker.
+/// writes nor refuses; and the DIVERT frame (the agent's unique-diversion patterns). 7: the
+/// INSPECT_REPLY reports the broker's data queue per attached worker.
 pub(crate) const PROTOCOL_VERSION: u32 = 7;
 
 /// Reason prefix of a transient refusal: the slot still looks attached because the broker
@@ -301,6 +301,11 @@ pub(crate) fn parse_unique(body: &[u8]) -> Result<UniqueFrame<'_>, String> {
     }
     let hash = b.bytes(len)?;
     Ok(UniqueFrame { id, hash, msg: b.0 })
+}
+
+/// Queue a DIVERT frame carrying `patterns` (see `divert.rs` for the encoding).
+pub(crate) fn divert(wr: &mut FrameWriter, patterns: &crate::divert::Patterns) {
+    wr.frame(kind::DIVERT, &[patterns.encoded()]);
 }
 
 /// Queue a UNIQUE_ACK: unique events up to `id` are handled.

@@ -35,6 +35,9 @@ pub(crate) mod kind {
     /// broker -> inspector: the snapshot's broker view (and the region memfd on shared
     /// memory), see `control/protocol.rs`.
     pub const INSPECT_REPLY: u8 = 10;
+    /// agent -> broker, then broker -> every client: the privileged agent's unique-diversion
+    /// patterns (`divert.rs`), replacing the previous list (an empty list: divert nothing).
+    pub const DIVERT: u8 = 11;
 }
 
 /// Bytes one [`FrameReader::fill`] call takes at most.

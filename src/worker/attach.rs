@@ -108,6 +108,10 @@ impl Worker {
                         None => acks.push(Ack { slot, id }),
                     }
                 }
+                CtlEvent::Divert(patterns) => {
+                    tracing::debug!(empty = patterns.is_empty(), "unique-diversion patterns received");
+                    self.divert = patterns;
+                }
                 CtlEvent::UniqueAck(id) => {
                     for msg in self.unique.acknowledged(id) {
                         self.recycle(msg);

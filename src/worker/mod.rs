@@ -22,6 +22,7 @@ use rkyv::util::AlignedVec;
 
 use crate::context::Context;
 use crate::control::Control;
+use crate::divert::Patterns;
 use crate::error::{Error, Result};
 use crate::event::{Event, Wid};
 use crate::layout::Geometry;
@@ -165,6 +166,7 @@ impl Events {
             pacing: Pacing::default(),
             pending_error: None,
             unique: UniqueOutbox::default(),
+            divert: Patterns::default(),
             broker: BrokerView::default(),
             closed: false,
             forks: sys::forks(),
@@ -255,6 +257,8 @@ pub struct Worker {
     pacing: Pacing,
     pending_error: Option<Error>,
     unique: UniqueOutbox,
+    /// The agent's unique-diversion patterns as last learned (see [`Worker::divert_unique`]).
+    divert: Patterns,
     broker: BrokerView,
     /// `close` has run (Drop does not run it again).
     closed: bool,

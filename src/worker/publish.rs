@@ -81,7 +81,7 @@ impl Worker {
     /// `origin_host`, which receivers read with
     /// [`Event::origin_host`](crate::event::Event::origin_host) (`None` for every event published on
     /// this host). A relayed unique event is never diverted to the agent (see
-    /// `Worker::divert_unique`): it goes through this host's dedup table as usual.
+    /// [`Worker::divert_unique`]): it goes through this host's dedup table as usual.
     ///
     /// # Errors
     /// As [`Worker::publish`], and [`PublishError::InvalidOriginHost`] when `origin_host` is

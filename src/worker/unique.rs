@@ -11,7 +11,10 @@ use rkyv::util::AlignedVec;
 
 use super::Worker;
 use crate::dedup::Check;
+use crate::divert::Patterns;
 use crate::error::PublishError;
+use crate::error::{Error, Result};
+use crate::event::Wid;
 use crate::message::{self, Kind};
 
 /// One unique event not yet acknowledged.
@@ -66,7 +69,7 @@ impl Worker {
             self.pump_unique();
             if self.unique.is_empty() {
                 self.stats.published += 1;
-                self.route_unique(hash.as_bytes(), buf);
+                self.route_unique(hash.as_bytes(), buf, self.slot);
                 return Ok(());
             }
         }
@@ -92,7 +95,7 @@ impl Worker {
         }
         if self.path.shm().is_some() {
             while let Some(u) = self.unique.out.pop_front() {
-                self.route_unique(u.hash.as_bytes(), u.msg);
+                self.route_unique(u.hash.as_bytes(), u.msg, self.slot);
             }
             self.unique.sent = 0;
             return;
@@ -102,7 +105,7 @@ impl Worker {
                 return;
             }
             while let Some(u) = self.unique.out.pop_front() {
-                self.route_unique(u.hash.as_bytes(), u.msg);
+                self.route_unique(u.hash.as_bytes(), u.msg, self.slot);
             }
             self.unique.sent = 0;
             return;
@@ -138,12 +141,18 @@ impl Worker {
         let mut buf = self.buffer();
         buf.clear();
         buf.extend_from_slice(msg);
-        self.route_unique(hash, buf);
+        self.route_unique(hash, buf, from);
     }
 
     /// Dedup a unique event and deliver it to one live worker ([`Worker::pick_unique_target`]);
-    /// on the socket transport to ourselves when that worker's queue is full.
-    fn route_unique(&mut self, hash: &[u8], msg: AlignedVec) {
+    /// on the socket transport to ourselves when that worker's queue is full. A unique event
+    /// of another publisher than the agent that matches the agent's diversion patterns goes
+    /// to the agent instead, with no dedup here ([`Worker::divert_unique`]).
+    fn route_unique(&mut self, hash: &[u8], msg: AlignedVec, publisher: u32) {
+        let msg = match self.divert_if_matching(hash, msg, publisher) {
+            Some(msg) => msg,
+            None => return,
+        };
         let ttl = u64::try_from(self.opts.unique_timeout.as_nanos()).unwrap_or(u64::MAX);
         let now = crate::sys::monotonic_ns();
         let Some(check) = self.path.dedup_check(hash, now, ttl) else {
@@ -179,6 +188,56 @@ impl Worker {
         }
     }
 
+    /// A unique event matching the agent's patterns: stamped with its hash and handed to the
+    /// agent (`None`), or, the agent not being attached, counted and given back to be routed
+    /// here. Not diverted: the agent's own events, relayed events (flags already set) and
+    /// events matching no pattern.
+    fn divert_if_matching(&mut self, hash: &[u8], msg: AlignedVec, publisher: u32) -> Option<AlignedVec> {
+        if self.divert.is_empty() || !self.geo.agent {
+            return Some(msg);
+        }
+        let agent = self.geo.workers;
+        if publisher == agent || message::flags(&msg) != 0 {
+            return Some(msg);
+        }
+        let (source, event) = message::names(&msg);
+        let Ok(hash) = std::str::from_utf8(hash) else { return Some(msg) };
+        if !self.divert.matches(source, event) {
+            return Some(msg);
+        }
+        if !self.agent_attached() {
+            self.stats.unique_not_diverted += 1;
+            return Some(msg);
+        }
+        let mut stamped = self.buffer();
+        stamped.clear();
+        stamped.extend_from_slice(&msg);
+        message::set_ext(&mut stamped, message::Ext::UniqueHash(hash));
+        if agent == self.slot {
+            // The agent brokers the socket transport: its own callbacks get it.
+            self.local.push_back(stamped);
+        } else if self.path.send_to(agent, &stamped) {
+            self.recycle(stamped);
+        } else {
+            // (socket transport) The agent's queue is full: route it here rather than lose it.
+            self.recycle(stamped);
+            self.stats.unique_not_diverted += 1;
+            return Some(msg);
+        }
+        self.recycle(msg);
+        self.stats.unique_diverted += 1;
+        None
+    }
+
+    /// Is the agent attached: its slot lock held by a live process and, on shared memory,
+    /// its slot marked attached (one `fcntl`, as for a unique target).
+    fn agent_attached(&self) -> bool {
+        let agent = self.geo.workers;
+        let Some(ctl) = self.ctl.as_ref() else { return false };
+        let attached = self.path.shm().is_none_or(|p| p.region().slot_attached(agent));
+        attached && (agent == self.slot || ctl.slot_alive(agent))
+    }
+
     /// Next live slot other than ours, round-robin from our own cursor; ourselves when
     /// nobody else is alive. (An event handed to another worker is in its ring at once; one
     /// kept for our own callbacks would die with us if we were killed before dispatching it,
@@ -198,6 +257,62 @@ impl Worker {
             }
         }
         self.slot
+    }
+
+    /// (privileged agent) Divert unique events to this agent: from now on, a
+    /// [`Target::Unique`](crate::event::Target::Unique) event that any other process of this
+    /// host publishes with a `(source, event)` matching one of `patterns` is not routed here
+    /// (no local delivery, no entry in the local dedup table): it goes to the agent, whose
+    /// callbacks see it with [`Event::unique_hash`](crate::event::Event::unique_hash) =
+    /// `Some(hash)`. A bridge claims the hash cluster-wide, then re-publishes the winner with
+    /// an ordinary `Target::Unique(hash)` publish, which is never diverted (nor is anything
+    /// the agent itself publishes, nor a relayed event).
+    ///
+    /// Each side of a pattern is exact, `"*"` (anything), or a prefix ending in `*`
+    /// (`("cache", "refresh*")`); each side 1..=255 bytes, at most 256 patterns. A call
+    /// replaces the previous list; an empty list stops diverting.
+    ///
+    /// How it applies (see ARCHITECTURE.md §R): the list goes to the broker, which pushes it
+    /// to every attached worker and to each worker attaching later; a worker applies it from
+    /// its next control-channel read (until then it routes matching events here, as before).
+    /// On shared memory each publisher diverts its own events, through its ring to the agent
+    /// (in publish order with its other events to the agent); on the socket transport the
+    /// broker diverts the events it routes. The list is re-sent behind every HELLO of this
+    /// agent (a new broker after a failover gets it), and it outlives the agent's
+    /// connection: **while the agent is not attached, matching events are routed on this
+    /// host as usual** (availability first; counted in `Stats::unique_not_diverted`), and
+    /// diverted again once it is back. An agent's HELLO resets the list, so a new agent
+    /// process diverts nothing until it calls this: call it right after
+    /// [`Events::init_worker`](crate::worker::Events::init_worker) (events published in
+    /// between are routed here).
+    ///
+    /// # Errors
+    /// [`Error::InvalidWid`] when this worker is not the privileged agent,
+    /// [`Error::InvalidOption`] for a pattern list out of bounds, [`Error::Forked`].
+    ///
+    /// ```
+    /// # use worker_events::{Events, Options, Wid};
+    /// let dir = std::env::temp_dir().join(format!("we-doc-divert-{}", std::process::id()));
+    /// let events = Events::new(Options::new(dir.join("ev.sock")).workers(1).enable_privileged_agent(true)).unwrap();
+    /// let mut w0 = events.init_worker(Wid::Worker(0)).unwrap();
+    /// assert!(w0.divert_unique(&[("cache", "purge")]).is_err()); // workers may not
+    /// let mut agent = events.init_worker(Wid::PrivilegedAgent).unwrap();
+    /// agent.divert_unique(&[("cache", "purge"), ("cfg", "refresh*")]).unwrap();
+    /// agent.subscribe("cache", "purge", |ev| println!("claim {} cluster-wide", ev.unique_hash().unwrap()));
+    /// agent.divert_unique(&[]).unwrap(); // stop diverting
+    /// # drop((w0, agent)); let _ = std::fs::remove_dir_all(dir);
+    /// ```
+    pub fn divert_unique(&mut self, patterns: &[(&str, &str)]) -> Result<()> {
+        self.check_fork()?;
+        if self.wid != Wid::PrivilegedAgent {
+            return Err(Error::InvalidWid { wid: self.wid, reason: "only the privileged agent diverts unique events" });
+        }
+        let p = Patterns::new(patterns).map_err(|e| Error::InvalidOption(format!("divert_unique: {e}")))?;
+        if let Some(ctl) = self.ctl.as_mut() {
+            ctl.set_divert(p.clone());
+        }
+        self.divert = p;
+        Ok(())
     }
 
     /// The unique counters of `stats()`: on shared memory the region-wide ones (every

@@ -430,7 +430,13 @@ impl Role {
                 w.publish_relayed(&host, target.target(), &src, &ev, &seq.to_le_bytes())
             }),
             Cmd::RelayLost { host, count } => Self::answer_one(self.worker.report_relayed_lost(&host, count)),
-            Cmd::Divert(_) => out("@@DIVERT unsupported"),
+            Cmd::Divert(pats) => {
+                let pats: Vec<(&str, &str)> = pats.iter().map(|(s, e)| (s.as_str(), e.as_str())).collect();
+                match self.worker.divert_unique(&pats) {
+                    Ok(()) => out("@@DIVERT ok"),
+                    Err(e) => out(&format!("@@DIVERT {e}")),
+                }
+            }
             Cmd::Run { rate } => self.run = Some(Pace::new(rate, u64::MAX)),
             Cmd::RunStop => {
                 let p = self.run.take().unwrap_or_else(|| die("run-stop: no run"));
@@ -607,7 +613,7 @@ impl Role {
             out(&format!("@@BROKER {e} {s} {t}"));
         }
         let st = self.worker.stats();
-        let stats: [(&str, u64); 30] = [
+        let stats: [(&str, u64); 32] = [
             ("early_errors", self.early_errors),
             ("early_unique_pending", self.early_unique_pending),
             ("unique_duplicates", st.unique_duplicates),
@@ -638,6 +644,8 @@ impl Role {
             ("is_ready", u64::from(self.worker.is_ready())),
             ("corrupt_rings", st.corrupt_rings),
             ("inbound_depth_sum", st.peers.iter().map(|p| p.inbound_depth).sum()),
+            ("unique_diverted", st.unique_diverted),
+            ("unique_not_diverted", st.unique_not_diverted),
         ];
         for (k, v) in stats {
             out(&format!("@@STAT {k} {v}"));
