@@ -345,6 +345,26 @@ async fn ensure_stream(js: &jetstream::Context, cfg: &Config, stop: &watch::Rece
     }
 }
 
+/// The stream behind the cluster-unique KV bucket.
+fn kv_stream_config(cfg: &Config) -> stream::Config {
+    let storage = if cfg.nats.memory_storage { stream::StorageType::Memory } else { stream::StorageType::File };
+    let bucket = cfg.bucket_name();
+    stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age: cfg.unique_timeout(),
+        duplicate_window: cfg.unique_timeout().min(Duration::from_secs(120)),
+        storage,
+        num_replicas: cfg.nats.replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
 /// The last sequence number this host put into the stream (0: none).
 async fn last_exported(stream: &stream::Stream, subject: &str) -> Result<u64, String> {
     match stream.get_last_raw_message_by_subject(subject).await {
@@ -659,21 +679,13 @@ async fn claim_one(
         let kv = {
             let mut g = store.lock().await;
             if g.is_none() {
-                let storage =
-                    if cfg.nats.memory_storage { stream::StorageType::Memory } else { stream::StorageType::File };
-                let conf = kv::Config {
-                    bucket: cfg.bucket_name(),
-                    history: 1,
-                    max_age: cfg.unique_timeout(),
-                    storage,
-                    num_replicas: cfg.nats.replicas.max(1),
-                    ..Default::default()
-                };
-                let s = match js.get_key_value(cfg.bucket_name()).await {
-                    Ok(s) => s,
-                    Err(_) => js.create_key_value(conf).await.map_err(|e| e.to_string())?,
-                };
-                *g = Some(s);
+                // The bucket's stream is created here rather than with
+                // `create_key_value`, whose account-info request does not parse the answer
+                // of a 2.9 server; the settings are those of a KV bucket (one value per key,
+                // rollups, no deletes, direct gets) with entries expiring after
+                // `unique_timeout`.
+                js.get_or_create_stream(kv_stream_config(cfg)).await.map_err(|e| e.to_string())?;
+                *g = Some(js.get_key_value(cfg.bucket_name()).await.map_err(|e| e.to_string())?);
             }
             g.clone().expect("set")
         };

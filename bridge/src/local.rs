@@ -37,6 +37,5 @@ pub(crate) fn report_relayed_lost(w: &mut Worker, origin: &str, count: u64) -> R
 
 /// Divert local `Unique` publishes matching `patterns` to the agent.
 pub(crate) fn divert_unique(w: &mut Worker, patterns: &[(&str, &str)]) -> Result<(), worker_events::Error> {
-    let _ = (w, patterns);
-    Ok(())
+    w.divert_unique(patterns)
 }

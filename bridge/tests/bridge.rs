@@ -175,11 +175,13 @@ fn nats_and_bridge_killed_and_restarted_lose_nothing_silently() {
 /// 100 rounds of one unique hash published at the same time on both hosts: exactly one
 /// delivery per round in the whole cluster; a hash passes again once the timeout is over.
 #[test]
-#[ignore = "needs Worker::divert_unique (i13-core phase B)"]
 fn cluster_unique_event_runs_once_in_the_cluster() {
     const TIMEOUT_MS: u64 = 1000;
     const ROUNDS: usize = 100;
     let mut c = cluster("bridge-unique", TIMEOUT_MS);
+    // The agent's divert list reaches each worker at its next control-channel read (the
+    // workers poll every 2 ms); until then a worker routes locally.
+    std::thread::sleep(Duration::from_millis(300));
     for r in 0..ROUNDS {
         c.a.workers[r % 2].send(&format!("uniq h{r}"));
         c.b.workers[(r + 1) % 2].send(&format!("uniq h{r}"));
@@ -213,7 +215,13 @@ fn cluster_unique_event_runs_once_in_the_cluster() {
     std::thread::sleep(Duration::from_millis(500));
     let seen = count(&mut c);
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(twice.is_empty(), "delivered more than once in the cluster: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "delivered more than once in the cluster: {twice:?}\nA: {}\nB: {}\n{}",
+        last_stats(&c.a),
+        last_stats(&c.b),
+        c.a.bridge_log().lines().filter(|l| l.contains("claim")).take(3).collect::<Vec<_>>().join("\n")
+    );
     assert_eq!(seen.len(), ROUNDS);
 
     // After the timeout (the claim has expired in the bucket and in the local tables).
