@@ -21,5 +21,7 @@ fi
 PATH="$PATH:/usr/sbin"
 nats-server --version
 
-# Unit tests, doc tests and the two-host tests (real processes, real server).
+# Unit tests, doc tests and the two-host tests (real processes, real server): built first,
+# then run under a 5-minute bound (they take ~20 s).
+cargo test -p worker-events-bridge --no-run
 timeout 300 cargo test -p worker-events-bridge
