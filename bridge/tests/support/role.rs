@@ -5,6 +5,7 @@
 //! - `pub <tag> <from> <n>`: publish `Target::All` events `("t", "x")` with data
 //!   `"<tag>:<i>"`, `i` in `from..from+n`, in order -> `@@OK`
 //! - `uniq <hash>`: publish `Target::Unique(hash)` `("jobs", "run")`, data the hash -> `@@OK`
+//! - `uniqp <hash>`: the same with source `"plain"` (not a cluster-unique pattern) -> `@@OK`
 //! - `get <tag>` -> `@@n=.. dups=.. ordered=0|1 lost=.. relayed=..` (`lost`: the relayed lost
 //!   notices from the host named by the tag's first letter, upper-cased... see `host_of`)
 //! - `uniqs` -> `@@<hash>,<hash>,...` (the unique events this worker ran)
@@ -52,7 +53,7 @@ fn record(rec: &Mutex<Rec>, ev: &Event<'_>) {
         }
         return;
     }
-    if ev.source() == "jobs" {
+    if ev.source() == "jobs" || ev.source() == "plain" {
         r.uniqs.push(String::from_utf8_lossy(ev.data_bytes()).into_owned());
         return;
     }
@@ -135,6 +136,10 @@ pub fn child_main() {
                         let _ = w.dispatch();
                     }
                 }
+                println!("@@OK");
+            }
+            ["uniqp", hash] => {
+                publish_retry(&mut w, Target::Unique(hash), "plain", "run", hash.as_bytes());
                 println!("@@OK");
             }
             ["uniq", hash] => {
