@@ -127,6 +127,13 @@ impl Default for BusConfig {
 impl BusConfig {
     /// The `worker_events::Options` these settings describe (privileged agent enabled).
     ///
+    /// ```
+    /// let c = worker_events_bridge::Config::from_toml("[bus]\nlistening = \"/run/p/ev.sock\"\nworkers = 3").unwrap();
+    /// let o = c.bus.options().unwrap();
+    /// assert_eq!(o.get_workers(), 3);
+    /// assert!(o.get_enable_privileged_agent());
+    /// ```
+    ///
     /// # Errors
     /// No `listening` path, or an unknown transport.
     pub fn options(&self) -> Result<Options, ConfigError> {

@@ -5,6 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The NATS connection as the bridge last saw it.
+///
+/// ```
+/// use worker_events_bridge::{ConnectionState, Stats};
+/// assert_eq!(Stats::default().state(), ConnectionState::Disconnected);
+/// assert_eq!(Stats { connected: 1, ..Stats::default() }.state(), ConnectionState::Connected);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionState {
     /// Not connected yet, or reconnecting (with backoff).
@@ -107,6 +113,13 @@ pub(crate) fn add(c: &AtomicU64, n: u64) {
 }
 
 /// A cheap, cloneable handle on a running bridge's counters ([`crate::Bridge::stats`]).
+///
+/// ```
+/// # let cfg = worker_events_bridge::Config::from_toml("[bus]\nlistening = \"/tmp/x.sock\"").unwrap();
+/// let bridge = worker_events_bridge::Bridge::new(cfg);
+/// let stats = bridge.stats(); // keep it; `run` consumes the bridge
+/// assert!(!stats.snapshot().ready);
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct StatsHandle(pub(crate) Arc<Counters>);
 
