@@ -11,8 +11,12 @@ if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; t
     if [ "${CI:-}" = "true" ]; then
         echo "bridge-ci: installing nats-server (apt-get)"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq nats-server >/dev/null
+        SUDO=""
+        if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then
+            SUDO="sudo -E"
+        fi
+        $SUDO apt-get install -y -qq nats-server >/dev/null 2>&1 \
+            || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nats-server >/dev/null; }
     else
         echo "bridge-ci: nats-server is not installed (apt-get install nats-server)" >&2
         exit 1

@@ -237,14 +237,10 @@ fn cluster_unique_event_runs_once_in_the_cluster() {
 }
 
 /// Unique events that are not cluster-unique stay on their host and run on one of its
-/// workers, bridge attached or not.
-///
-/// Fails on the core as merged (i13-core phase B): `Worker::pick_unique_target` picks among
-/// all slots, the privileged agent's included, so every other plain unique event of worker
-/// 0 goes to the bridge, which has no callback that runs it (observed: `["p0", "p2", "p4",
-/// "p6", "p8"]` of p0..p9). The fix belongs in the core (skip the agent slot).
+/// workers, bridge attached or not. (It failed before the core stopped routing unique
+/// events to the privileged agent's slot: every other plain unique event of worker 0 went
+/// to the bridge, observed `["p0", "p2", "p4", "p6", "p8"]` of p0..p9.)
 #[test]
-#[ignore = "core: unique events are routed to the privileged agent's slot too (see the doc comment)"]
 fn plain_unique_events_still_run_on_a_local_worker() {
     let mut c = cluster("bridge-plain", 5000);
     for r in 0..10 {
