@@ -27,6 +27,17 @@
 //! as the host moves them), and prints medians, the median of the per-round ratios, and the
 //! `ARCHITECTURE.md` §P target of each pair next to its ratio.
 //!
+//! **Per-hop tails.** For the ping-pong pairs (busy-poll, parked, socket) each round also
+//! times every single round trip (one `Instant::now()` after each, back to back, in this
+//! process; extra chunks after the round's mean chunks, on the same peer processes, so the
+//! medians above carry no per-operation clock read) into an HDR histogram
+//! (`support::hops`), and the summary's last block prints one-way p50/p99/p99.9 = the round
+//! trip's quantiles halved, the median over the rounds of the per-round p50 and p99 ratios,
+//! and the busy-poll pair's p99 half of target 1 (p99 <= 2x the baseline's p99). Round trip
+//! / 2 rather than a timestamp carried in the payload: one clock, no cross-CPU clock skew;
+//! the cost is that a stall in one hop shows as half its length. Each sample includes one
+//! clock read (printed with the block, ~20-30 ns on the development VM).
+//!
 //! `cargo bench --bench latency -- wakeup` runs one group (criterion's filter, applied to the
 //! summary too). `WE_BENCH_RING_CAPACITY=<bytes>` sets the library's `ring_capacity`.
 

@@ -35,27 +35,61 @@ pub fn one_way(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 /// A pair's per-hop figures: the baseline's and the library's histograms (every round
-/// pooled), and the ratio library / baseline of the one-way p99 in each round.
+/// pooled), and the ratios library / baseline of the one-way p50 and p99 in each round.
 pub struct Hops {
     pub base: Histogram<u64>,
     pub lib: Histogram<u64>,
-    pub p99_ratio_per_round: Vec<f64>,
+    /// (p50 ratio, p99 ratio) of each round.
+    pub per_round: Vec<(f64, f64)>,
+    /// The baseline's histogram of the round in progress.
+    round_base: Histogram<u64>,
 }
 
 impl Hops {
     pub fn new() -> Hops {
-        Hops { base: new_histogram(), lib: new_histogram(), p99_ratio_per_round: Vec::new() }
+        Hops { base: new_histogram(), lib: new_histogram(), per_round: Vec::new(), round_base: new_histogram() }
     }
 
-    /// The library's p99 / the baseline's p99, over all rounds pooled.
+    /// Add one round's histogram of the baseline (`lib` false) or, after it, the library.
+    pub fn add_round(&mut self, lib: bool, round: Histogram<u64>) {
+        if lib {
+            let ratio = |q| one_way(&round, q) / one_way(&self.round_base, q);
+            self.per_round.push((ratio(0.5), ratio(0.99)));
+            self.lib.add(&round).expect("same bounds");
+        } else {
+            self.base.add(&round).expect("same bounds");
+            self.round_base = round;
+        }
+    }
+
+    /// The median over the rounds of the library's p50 / the baseline's p50 of the round.
+    pub fn p50_ratio(&self) -> f64 {
+        median(self.per_round.iter().map(|r| r.0).collect())
+    }
+
+    /// The median over the rounds of the library's p99 / the baseline's p99 of the round.
     pub fn p99_ratio(&self) -> f64 {
+        median(self.per_round.iter().map(|r| r.1).collect())
+    }
+
+    /// The smallest and largest per-round p99 ratio.
+    pub fn p99_ratio_range(&self) -> (f64, f64) {
+        self.per_round.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), r| (lo.min(r.1), hi.max(r.1)))
+    }
+
+    /// The library's pooled p99 / the baseline's pooled p99 (every round together).
+    pub fn pooled_p99_ratio(&self) -> f64 {
         one_way(&self.lib, 0.99) / one_way(&self.base, 0.99)
     }
+}
 
-    /// The library's p50 / the baseline's p50, over all rounds pooled.
-    pub fn p50_ratio(&self) -> f64 {
-        one_way(&self.lib, 0.5) / one_way(&self.base, 0.5)
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
     }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
 /// What one `Instant::now()` costs here, in ns (the median of 31 runs of 10,000 reads). Each

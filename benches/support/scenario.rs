@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 
 use super::hops::{Hops, new_histogram, one_way, record_stamps};
-use super::summary::{Compared, Sampled, alternate, per_op_ns};
+use super::summary::{Compared, alternate, per_op_ns};
 use super::wanted;
 
 /// A measured setup, usually this process and a peer process (spawned by the constructor,
@@ -209,13 +209,22 @@ pub fn self_timed(pair: &Pair, cpu: Option<usize>, rounds: usize, chunks: usize)
         PerHop::Off => None,
         PerHop::On | PerHop::P99RatioAtMost(_) => Some(Hops::new()),
     };
-    let mut base_p99 = 0.0;
     let mut stamps = Vec::new();
     let cmp = alternate(rounds, 2, pair.metric.higher_is_better(), |i| {
         let side = if i == 0 { &pair.base } else { &pair.lib };
         let mut s = (side.spawn)(cpu);
         let before = s.counters();
         let v = (0..chunks).map(|_| pair.metric.figure(s.run(side.chunk), side.chunk)).collect();
+        if i == 1 {
+            lib_ops += chunks as u64 * side.chunk;
+            for ((name, after), (_, before)) in s.counters().into_iter().zip(before) {
+                match counters.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, total)) => *total += after - before,
+                    None => counters.push((name, after - before)),
+                }
+            }
+        }
+        // The per-hop chunks: after the counters, which cover the timed chunks only.
         if let Some(h) = hops.as_mut() {
             let mut round = new_histogram();
             let mut left = (chunks as u64 * side.chunk).max(MIN_HOPS_PER_ROUND);
@@ -227,23 +236,7 @@ pub fn self_timed(pair: &Pair, cpu: Option<usize>, rounds: usize, chunks: usize)
                 s.run_each(n, &mut stamps);
                 record_stamps(&mut round, &stamps);
             }
-            let p99 = one_way(&round, 0.99);
-            if i == 0 {
-                base_p99 = p99;
-                h.base.add(&round).expect("same bounds");
-            } else {
-                h.p99_ratio_per_round.push(p99 / base_p99);
-                h.lib.add(&round).expect("same bounds");
-            }
-        }
-        if i == 1 {
-            lib_ops += chunks as u64 * side.chunk;
-            for ((name, after), (_, before)) in s.counters().into_iter().zip(before) {
-                match counters.iter_mut().find(|(n, _)| *n == name) {
-                    Some((_, total)) => *total += after - before,
-                    None => counters.push((name, after - before)),
-                }
-            }
+            h.add_round(i == 1, round);
         }
         v
     });
@@ -295,9 +288,11 @@ pub fn print_summary(table: &[Pair], results: &[Option<Measured>]) {
 }
 
 /// The per-hop block of the summary: for every pair with [`PerHop`] on, each side's one-way
-/// p50/p99/p99.9 (round trip / 2 per sample, see [`super::hops`]), the library's p50 and p99
-/// ratios to the baseline (all rounds pooled; the range of the per-round p99 ratios beside)
-/// and the p99 target when the pair has one.
+/// p50/p99/p99.9 over every round (round trip / 2 per sample, see [`super::hops`]); the
+/// library's p50 and p99 ratios to the baseline, each the median over the rounds of the
+/// round's ratio (as for the medians above), with the range of the per-round p99 ratios and
+/// the ratio of the pooled p99s beside; and the p99 target (on the median ratio) when the pair
+/// has one.
 pub fn print_hops(table: &[Pair], results: &[Option<Measured>], clock_read_ns: f64) {
     let with: Vec<_> = table.iter().zip(results).filter_map(|(p, r)| Some((p, r.as_ref()?.hops.as_ref()?))).collect();
     if with.is_empty() {
@@ -305,11 +300,10 @@ pub fn print_hops(table: &[Pair], results: &[Option<Measured>], clock_read_ns: f
     }
     println!();
     println!("per-hop one-way latency: HDR histogram of every round trip, halved (one clock read per round trip,");
+    println!("~{clock_read_ns:.0} ns here, is inside each sample); quantiles over all rounds; ratio = median of the");
+    println!("per-round ratios, [range of the per-round p99 ratios; ratio of the pooled p99s]");
     println!(
-        "~{clock_read_ns:.0} ns here, is inside each sample); ratios of the pooled rounds, per-round p99 ratios in brackets"
-    );
-    println!(
-        "{:<42} {:>8} {:>12} {:>12} {:>12}  {:<36} target (ARCHITECTURE.md §P)",
+        "{:<42} {:>8} {:>13} {:>13} {:>13}  {:<54} target (ARCHITECTURE.md §P)",
         "measurement", "samples", "p50", "p99", "p99.9", "ratio"
     );
     for (pair, h) in with {
@@ -317,7 +311,7 @@ pub fn print_hops(table: &[Pair], results: &[Option<Measured>], clock_read_ns: f
         let row = |label: &str, hist: &hdrhistogram::Histogram<u64>, ratio: &str, target: &str| {
             let q = |q: f64| format!("{:.2} {unit}", one_way(hist, q) / scale);
             let line = format!(
-                "{label:<42} {:>8} {:>12} {:>12} {:>12}  {ratio:<36} {target}",
+                "{label:<42} {:>8} {:>13} {:>13} {:>13}  {ratio:<54} {target}",
                 hist.len(),
                 q(0.5),
                 q(0.99),
@@ -326,15 +320,13 @@ pub fn print_hops(table: &[Pair], results: &[Option<Measured>], clock_read_ns: f
             println!("{}", line.trim_end());
         };
         row(pair.base.label, &h.base, "baseline", "");
-        let per_round = Sampled::of(h.p99_ratio_per_round.clone(), false);
-        let (lo, hi) =
-            h.p99_ratio_per_round.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        let (lo, hi) = h.p99_ratio_range();
         let ratio = format!(
-            "p50 {:.2}x, p99 {:.2}x {} [{lo:.2}-{hi:.2}, median {:.2}]",
+            "p50 {:.2}x, p99 {:.2}x {} [{lo:.2}-{hi:.2}; pooled {:.2}x]",
             h.p50_ratio(),
             h.p99_ratio(),
             pair.vs,
-            per_round.median
+            h.pooled_p99_ratio()
         );
         let target = match pair.per_hop {
             PerHop::P99RatioAtMost(r) => {
