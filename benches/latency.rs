@@ -27,6 +27,17 @@
 //! as the host moves them), and prints medians, the median of the per-round ratios, and the
 //! `ARCHITECTURE.md` §P target of each pair next to its ratio.
 //!
+//! **Per-hop tails.** For the ping-pong pairs (busy-poll, parked, socket) each round also
+//! times every single round trip (one `Instant::now()` after each, back to back, in this
+//! process; extra chunks after the round's mean chunks, on the same peer processes, so the
+//! medians above carry no per-operation clock read) into an HDR histogram
+//! (`support::hops`), and the summary's last block prints one-way p50/p99/p99.9 = the round
+//! trip's quantiles halved, the median over the rounds of the per-round p50 and p99 ratios,
+//! and the busy-poll pair's p99 half of target 1 (p99 <= 2x the baseline's p99). Round trip
+//! / 2 rather than a timestamp carried in the payload: one clock, no cross-CPU clock skew;
+//! the cost is that a stall in one hop shows as half its length. Each sample includes one
+//! clock read (printed with the block, ~20-30 ns on the development VM).
+//!
 //! `cargo bench --bench latency -- wakeup` runs one group (criterion's filter, applied to the
 //! summary too). `WE_BENCH_RING_CAPACITY=<bytes>` sets the library's `ring_capacity`.
 
@@ -48,7 +59,7 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use support::scenario::{
-    Metric, Pair, PerfTarget, Scenario, Side, TimeUnit, criterion_phase, print_summary, self_timed,
+    Metric, Pair, PerHop, PerfTarget, Scenario, Side, TimeUnit, criterion_phase, print_hops, print_summary, self_timed,
 };
 use support::shm::Shm;
 use support::{ROLE_ENV, SOCK_ENV, child_command, child_prologue, criterion_test_mode, pin_pair, reap};
@@ -103,6 +114,7 @@ const TABLE: &[Pair] = &[
         },
         vs: "shm",
         target: Some(PerfTarget::RatioAtMost(2.0)),
+        per_hop: PerHop::P99RatioAtMost(2.0),
     },
     Pair {
         metric: Metric::OneWay(TimeUnit::Us),
@@ -121,6 +133,7 @@ const TABLE: &[Pair] = &[
         },
         vs: "eventfd",
         target: Some(PerfTarget::PlusAtMostNs(1_000.0)),
+        per_hop: PerHop::On,
     },
     Pair {
         metric: Metric::Rate,
@@ -139,6 +152,7 @@ const TABLE: &[Pair] = &[
         },
         vs: "ring",
         target: Some(PerfTarget::RateAtLeast(20e6)),
+        per_hop: PerHop::Off,
     },
     Pair {
         metric: Metric::OneWay(TimeUnit::Ns),
@@ -157,6 +171,7 @@ const TABLE: &[Pair] = &[
         },
         vs: "raw socket",
         target: None,
+        per_hop: PerHop::On,
     },
     Pair {
         metric: Metric::Rate,
@@ -180,6 +195,7 @@ const TABLE: &[Pair] = &[
         },
         vs: "raw socket",
         target: Some(PerfTarget::RateAtLeast(2e6)),
+        per_hop: PerHop::Off,
     },
 ];
 
@@ -219,11 +235,20 @@ fn main() {
     println!("load average before: {load_before}  after: {}", loadavg());
     println!("{ROUNDS} alternating rounds x {CHUNKS} chunks each; ratio = median of the per-round ratios");
     print_summary(TABLE, &results);
+    print_hops(TABLE, &results, support::hops::clock_read_ns());
     println!("ARCHITECTURE.md §P also sets 1->3 broadcast >= 10 M publishes/s: not measured by this bench");
 }
 
 // ---------------------------------------------------------------------------------------
 // Processes, CPUs, shared memory
+
+/// With `EACH` (a const, so the plain `run` loops compile without it), push `at`.
+#[inline(always)]
+fn stamp<const EACH: bool>(stamps: &mut Vec<Instant>, at: Instant) {
+    if EACH {
+        stamps.push(at);
+    }
+}
 
 /// The ring slot of message `i` in the bare ring's part of the mapping.
 fn ring_slot(shm: &Shm, i: u64) -> *mut [u8; 64] {
@@ -249,18 +274,31 @@ impl ShmPingPong {
     }
 }
 
-impl Scenario for ShmPingPong {
-    fn run(&mut self, iters: u64) -> Duration {
+impl ShmPingPong {
+    /// `iters` round trips; with `EACH`, a stamp before the first and after each.
+    fn round_trips<const EACH: bool>(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
         let (ping, pong) = (self.shm.word(OFF_A), self.shm.word(OFF_B));
         let t = Instant::now();
+        stamp::<EACH>(stamps, t);
         for _ in 0..iters {
             self.seq += 1;
             ping.store(self.seq, Ordering::Release);
             while pong.load(Ordering::Acquire) != self.seq {
                 std::hint::spin_loop();
             }
+            stamp::<EACH>(stamps, Instant::now());
         }
         t.elapsed()
+    }
+}
+
+impl Scenario for ShmPingPong {
+    fn run(&mut self, iters: u64) -> Duration {
+        self.round_trips::<false>(iters, &mut Vec::new())
+    }
+
+    fn run_each(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
+        self.round_trips::<true>(iters, stamps)
     }
 }
 
@@ -336,15 +374,28 @@ impl EventfdPingPong {
     }
 }
 
-impl Scenario for EventfdPingPong {
-    fn run(&mut self, iters: u64) -> Duration {
+impl EventfdPingPong {
+    /// `iters` round trips; with `EACH`, a stamp before the first and after each.
+    fn round_trips<const EACH: bool>(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
         let (a, b) = (self.to_child.as_raw_fd(), self.to_parent.as_raw_fd());
         let t = Instant::now();
+        stamp::<EACH>(stamps, t);
         for _ in 0..iters {
             efd_write(a, 1);
             efd_read(b);
+            stamp::<EACH>(stamps, Instant::now());
         }
         t.elapsed()
+    }
+}
+
+impl Scenario for EventfdPingPong {
+    fn run(&mut self, iters: u64) -> Duration {
+        self.round_trips::<false>(iters, &mut Vec::new())
+    }
+
+    fn run_each(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
+        self.round_trips::<true>(iters, stamps)
     }
 }
 
@@ -497,9 +548,11 @@ impl WePingPong {
     }
 }
 
-impl Scenario for WePingPong {
-    fn run(&mut self, iters: u64) -> Duration {
+impl WePingPong {
+    /// `iters` round trips; with `EACH`, a stamp before the first and after each.
+    fn round_trips<const EACH: bool>(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
         let t = Instant::now();
+        stamp::<EACH>(stamps, t);
         for _ in 0..iters {
             self.seq += 1;
             self.worker.publish(Target::All, "bench", "ping", &ping(self.seq)).expect("publish ping");
@@ -510,8 +563,19 @@ impl Scenario for WePingPong {
                     self.worker.wait(None).expect("wait");
                 }
             }
+            stamp::<EACH>(stamps, Instant::now());
         }
         t.elapsed()
+    }
+}
+
+impl Scenario for WePingPong {
+    fn run(&mut self, iters: u64) -> Duration {
+        self.round_trips::<false>(iters, &mut Vec::new())
+    }
+
+    fn run_each(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
+        self.round_trips::<true>(iters, stamps)
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -724,16 +788,29 @@ impl RawSockPingPong {
     }
 }
 
-impl Scenario for RawSockPingPong {
-    fn run(&mut self, iters: u64) -> Duration {
+impl RawSockPingPong {
+    /// `iters` round trips; with `EACH`, a stamp before the first and after each.
+    fn round_trips<const EACH: bool>(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
         let mut msg = [0x5au8; 64];
         let t = Instant::now();
+        stamp::<EACH>(stamps, t);
         for i in 0..iters {
             msg[..8].copy_from_slice(&i.to_le_bytes());
             spin_write(&mut self.sock, &msg);
             assert!(spin_read(&mut self.sock, &mut msg), "peer closed");
+            stamp::<EACH>(stamps, Instant::now());
         }
         t.elapsed()
+    }
+}
+
+impl Scenario for RawSockPingPong {
+    fn run(&mut self, iters: u64) -> Duration {
+        self.round_trips::<false>(iters, &mut Vec::new())
+    }
+
+    fn run_each(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
+        self.round_trips::<true>(iters, stamps)
     }
 }
 

@@ -1,10 +1,12 @@
 //! What both multi-process benches share: re-executing the bench binary in a child role,
 //! pinning, reaping, criterion's command-line filter ([`wanted`]), the [`scenario`] table
-//! runner and the self-timed [`summary`]. The generic helpers (clock, percentiles, temp dirs,
-//! processes) live in the `worker-events-dev-support` crate.
+//! runner, the self-timed [`summary`] and its per-hop histograms ([`hops`]). The generic
+//! helpers (clock, percentiles, temp dirs, processes) live in the `worker-events-dev-support`
+//! crate.
 //! (Each bench uses a subset; the rest is not dead code in the other one.)
 #![allow(dead_code)]
 
+pub mod hops;
 pub mod scenario;
 pub mod shm;
 pub mod summary;

@@ -1,12 +1,15 @@
 //! Benches as a table of (baseline, library) pairs: a scenario is written once (a type
 //! implementing [`Scenario`] and one [`Pair`] row), and the table runner does the rest: the
 //! criterion phase ([`criterion_phase`]), the self-timed alternating rounds ([`self_timed`])
-//! and the summary rows with the ratio to the baseline and the target ([`print_summary`]).
+//! and the summary rows with the ratio to the baseline and the target ([`print_summary`]),
+//! and for the ping-pong pairs that ask for it ([`PerHop`]) every round trip's time in HDR
+//! histograms ([`super::hops`], printed by [`print_hops`]).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 
+use super::hops::{Hops, new_histogram, one_way, record_stamps};
 use super::summary::{Compared, alternate, per_op_ns};
 use super::wanted;
 
@@ -20,6 +23,15 @@ pub trait Scenario {
     /// summary shows how much each grew during the measured chunks.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
+    }
+
+    /// Like `run`, and push `Instant::now()` into `stamps` before the first operation and
+    /// after every one (a ping-pong's round trip), so consecutive stamps bound each
+    /// operation and add up to the total. Only the scenarios of pairs with per-hop
+    /// histograms ([`PerHop`]) implement it.
+    fn run_each(&mut self, n: u64, stamps: &mut Vec<Instant>) -> Duration {
+        let _ = (n, stamps);
+        unimplemented!("this scenario does not time single operations")
     }
 }
 
@@ -105,6 +117,20 @@ impl PerfTarget {
     }
 }
 
+/// Whether the self-timed summary also records a ping-pong pair's every round trip
+/// ([`Scenario::run_each`]) in HDR histograms, and the `ARCHITECTURE.md` §P bound on the
+/// library's one-way p99 over the baseline's.
+#[derive(Clone, Copy)]
+pub enum PerHop {
+    /// Means only (streams, and pairs nobody asked a tail of).
+    Off,
+    /// p50/p99/p99.9 of both sides, no target on the tail.
+    On,
+    /// p50/p99/p99.9 of both sides; the library's p99 at most this many times the
+    /// baseline's.
+    P99RatioAtMost(f64),
+}
+
 /// One table row: a baseline and the library measured against it.
 pub struct Pair {
     pub metric: Metric,
@@ -115,6 +141,8 @@ pub struct Pair {
     /// The baseline's short name in the ratio column.
     pub vs: &'static str,
     pub target: Option<PerfTarget>,
+    /// Per-hop histograms (ping-pong pairs only).
+    pub per_hop: PerHop,
 }
 
 impl Pair {
@@ -157,16 +185,31 @@ pub struct Measured {
     pub lib_ops: u64,
     /// How much the library's counters grew during them.
     pub counters: Vec<(&'static str, u64)>,
+    /// The per-hop histograms, if the pair records them.
+    pub hops: Option<Hops>,
 }
+
+/// Round trips per side and round timed one by one for the histograms: at least this many
+/// (the parked pair's chunks are small), else the side's `CHUNKS x chunk`.
+const MIN_HOPS_PER_ROUND: u64 = 5_000;
 
 /// `rounds` alternating rounds of baseline and library, each with a fresh scenario (fresh
 /// peer processes) running `chunks` chunks; `None` if the filter selects neither side.
+///
+/// With [`PerHop`] on, each side then runs, in the same round and with the same peer
+/// processes, more chunks timed round trip by round trip for the histograms (after the
+/// timed chunks, so the medians do not include the per-operation clock reads).
 pub fn self_timed(pair: &Pair, cpu: Option<usize>, rounds: usize, chunks: usize) -> Option<Measured> {
     if !pair.wanted() {
         return None;
     }
     let mut counters: Vec<(&'static str, u64)> = Vec::new();
     let mut lib_ops = 0;
+    let mut hops = match pair.per_hop {
+        PerHop::Off => None,
+        PerHop::On | PerHop::P99RatioAtMost(_) => Some(Hops::new()),
+    };
+    let mut stamps = Vec::new();
     let cmp = alternate(rounds, 2, pair.metric.higher_is_better(), |i| {
         let side = if i == 0 { &pair.base } else { &pair.lib };
         let mut s = (side.spawn)(cpu);
@@ -181,9 +224,23 @@ pub fn self_timed(pair: &Pair, cpu: Option<usize>, rounds: usize, chunks: usize)
                 }
             }
         }
+        // The per-hop chunks: after the counters, which cover the timed chunks only.
+        if let Some(h) = hops.as_mut() {
+            let mut round = new_histogram();
+            let mut left = (chunks as u64 * side.chunk).max(MIN_HOPS_PER_ROUND);
+            while left > 0 {
+                let n = left.min(side.chunk);
+                left -= n;
+                stamps.clear();
+                stamps.reserve(n as usize + 1);
+                s.run_each(n, &mut stamps);
+                record_stamps(&mut round, &stamps);
+            }
+            h.add_round(i == 1, round);
+        }
         v
     });
-    Some(Measured { base: cmp[0], lib: cmp[1], lib_ops, counters })
+    Some(Measured { base: cmp[0], lib: cmp[1], lib_ops, counters, hops })
 }
 
 /// The summary rows of the table: median, best decile, the library's ratio to its baseline
@@ -227,5 +284,56 @@ pub fn print_summary(table: &[Pair], results: &[Option<Measured>]) {
             let c: Vec<String> = m.counters.iter().map(|(n, v)| format!("{n} {v}")).collect();
             println!("{} ({} operations measured): {}", pair.lib.label, m.lib_ops, c.join(", "));
         }
+    }
+}
+
+/// The per-hop block of the summary: for every pair with [`PerHop`] on, each side's one-way
+/// p50/p99/p99.9 over every round (round trip / 2 per sample, see [`super::hops`]); the
+/// library's p50 and p99 ratios to the baseline, each the median over the rounds of the
+/// round's ratio (as for the medians above), with the range of the per-round p99 ratios and
+/// the ratio of the pooled p99s beside; and the p99 target (on the median ratio) when the pair
+/// has one.
+pub fn print_hops(table: &[Pair], results: &[Option<Measured>], clock_read_ns: f64) {
+    let with: Vec<_> = table.iter().zip(results).filter_map(|(p, r)| Some((p, r.as_ref()?.hops.as_ref()?))).collect();
+    if with.is_empty() {
+        return;
+    }
+    println!();
+    println!("per-hop one-way latency: HDR histogram of every round trip, halved (one clock read per round trip,");
+    println!("~{clock_read_ns:.0} ns here, is inside each sample); quantiles over all rounds; ratio = median of the");
+    println!("per-round ratios, [range of the per-round p99 ratios; ratio of the pooled p99s]");
+    println!(
+        "{:<42} {:>8} {:>13} {:>13} {:>13}  {:<54} target (ARCHITECTURE.md §P)",
+        "measurement", "samples", "p50", "p99", "p99.9", "ratio"
+    );
+    for (pair, h) in with {
+        let (scale, unit) = pair.metric.scale();
+        let row = |label: &str, hist: &hdrhistogram::Histogram<u64>, ratio: &str, target: &str| {
+            let q = |q: f64| format!("{:.2} {unit}", one_way(hist, q) / scale);
+            let line = format!(
+                "{label:<42} {:>8} {:>13} {:>13} {:>13}  {ratio:<54} {target}",
+                hist.len(),
+                q(0.5),
+                q(0.99),
+                q(0.999)
+            );
+            println!("{}", line.trim_end());
+        };
+        row(pair.base.label, &h.base, "baseline", "");
+        let (lo, hi) = h.p99_ratio_range();
+        let ratio = format!(
+            "p50 {:.2}x, p99 {:.2}x {} [{lo:.2}-{hi:.2}; pooled {:.2}x]",
+            h.p50_ratio(),
+            h.p99_ratio(),
+            pair.vs,
+            h.pooled_p99_ratio()
+        );
+        let target = match pair.per_hop {
+            PerHop::P99RatioAtMost(r) => {
+                format!("p99 <= {r}x {}: {}", pair.vs, if h.p99_ratio() <= r { "met" } else { "NOT met" })
+            }
+            _ => "-".into(),
+        };
+        row(pair.lib.label, &h.lib, &ratio, &target);
     }
 }
