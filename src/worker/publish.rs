@@ -64,6 +64,18 @@ impl Worker {
         event: &str,
         data: &[u8],
     ) -> Result<(), PublishError> {
+        self.publish_bytes_with(target, source, event, data, Ext::None)
+    }
+
+    /// [`Worker::publish_bytes`] with a message extension (none, or the origin host).
+    fn publish_bytes_with(
+        &mut self,
+        target: Target<'_>,
+        source: &str,
+        event: &str,
+        data: &[u8],
+        ext: Ext<'_>,
+    ) -> Result<(), PublishError> {
         if self.forked() {
             return Err(PublishError::Forked);
         }
@@ -72,6 +84,9 @@ impl Worker {
         if let Err(e) = message::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
             self.pool.push(buf);
             return Err(e);
+        }
+        if ext != Ext::None {
+            message::set_ext(&mut buf, ext);
         }
         self.send_and_queued(buf, target, source, event)
     }
@@ -108,14 +123,7 @@ impl Worker {
             return Err(PublishError::Forked);
         }
         check_origin_host(origin_host)?;
-        let (origin, kind) = self.route(target)?;
-        let mut buf = self.pool.pop().unwrap_or_default();
-        if let Err(e) = message::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
-            self.pool.push(buf);
-            return Err(e);
-        }
-        message::set_ext(&mut buf, Ext::OriginHost(origin_host));
-        self.send_and_queued(buf, target, source, event)
+        self.publish_bytes_with(target, source, event, data, Ext::OriginHost(origin_host))
     }
 
     /// Deliver the library's `("worker-events", "lost")` notice, stamped with
