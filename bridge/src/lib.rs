@@ -14,7 +14,9 @@
 //! * **The privileged agent.** The bridge attaches to the local bus as
 //!   `Wid::PrivilegedAgent` with the proxy's own bus options (the bus must enable the agent),
 //!   so the core crate keeps no threads and no worker slot is taken. One subscription,
-//!   `("*", "*")`, sees every event.
+//!   `("*", "*")`, sees every event. Never a worker slot: a worker is a target of the host's
+//!   unique events (the agent never is), which the bridge could not run, and only the agent
+//!   can divert cluster-unique events (`Worker::divert_unique`).
 //! * **One tokio runtime, the agent on it.** The agent is a
 //!   [`worker_events::tokio::AsyncWorker`] owned by one task, the *bus loop*, which also
 //!   publishes what is imported and what won a unique claim: a `Worker` is single-threaded,
