@@ -360,6 +360,13 @@ mod tests {
         let d = decode(&buf, 4, false, 100).unwrap();
         assert_eq!((d.event.origin_host(), d.event.unique_hash()), (None, Some("k1")));
         assert_eq!(d.event.deserialize::<u64>().unwrap(), 7, "the data is still 16-aligned and whole");
+        // Taken off again (a diverted event routed on the host after all): the plain message.
+        let stamped = buf.to_vec();
+        assert_eq!(take_ext(&mut buf), b"k1");
+        let mut plain = AlignedVec::new();
+        encode_typed(&mut plain, "s", "e", &7u64, 1, Kind::Unique, 100).unwrap();
+        assert_eq!(&buf[..], &plain[..], "from {stamped:?}");
+        assert!(take_ext(&mut buf).is_empty(), "nothing more to take");
         let long = "h".repeat(MAX_EXT_LEN);
         encode_bytes(&mut buf, "s", "e", b"", 1, Kind::Unique, 100).unwrap();
         set_ext(&mut buf, Ext::UniqueHash(&long));
