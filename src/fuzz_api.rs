@@ -69,6 +69,20 @@ pub fn decode(buf: &[u8], workers: u32, agent: bool, max_payload_len: usize) -> 
 }
 
 // ---------------------------------------------------------------------------------------
+// Control-frame bodies from peers
+
+/// Parse a DIVERT frame's body (the agent's unique-diversion patterns) as a broker or a
+/// worker would; when accepted, the list's own encoding (which must be the body itself).
+pub fn divert_patterns(body: &[u8]) -> Result<Vec<u8>, String> {
+    crate::divert::Patterns::decode(body).map(|p| p.encoded().to_vec())
+}
+
+/// Parse an INSPECT_REPLY body (no descriptors) as `worker_events::inspect` would.
+pub fn inspect_reply(body: &[u8]) -> Result<(), String> {
+    crate::control::parse_inspect_reply(body, Vec::new()).map(|_| ())
+}
+
+// ---------------------------------------------------------------------------------------
 // Rings
 
 /// The other side of a ring broke the protocol (`ring::Corrupt`).

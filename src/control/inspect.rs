@@ -115,7 +115,7 @@ pub(super) fn reply(
 
 /// Parse an INSPECT_REPLY and its descriptors; every field is range-checked (the process
 /// listening on the socket is of our uid, but may be buggy).
-fn parse_reply(body: &[u8], mut fds: Vec<OwnedFd>) -> std::result::Result<InspectReply, String> {
+pub(crate) fn parse_reply(body: &[u8], mut fds: Vec<OwnedFd>) -> std::result::Result<InspectReply, String> {
     let mut b = Body(body);
     let proto = b.u32()?;
     if proto != PROTOCOL_VERSION {

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 pub(crate) use election::STUCK_AFTER;
 pub(crate) use election::lock_path;
 pub(crate) use inspect::request as inspect_request;
+#[cfg(feature = "fuzzing")]
+pub(crate) use inspect::parse_reply as parse_inspect_reply;
 pub(crate) use protocol::{ShmWelcome, Welcome};
 
 use crate::error::{Error, Result};
