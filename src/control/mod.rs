@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 pub(crate) use election::STUCK_AFTER;
 pub(crate) use election::lock_path;
-pub(crate) use inspect::request as inspect_request;
 #[cfg(feature = "fuzzing")]
 pub(crate) use inspect::parse_reply as parse_inspect_reply;
+pub(crate) use inspect::request as inspect_request;
 pub(crate) use protocol::{ShmWelcome, Welcome};
 
 use crate::error::{Error, Result};
