@@ -248,35 +248,29 @@ impl Worker {
             self.stats.unique_not_diverted += 1;
             return Diverted::No(msg);
         }
-        let mut stamped = self.buffer();
-        stamped.clear();
-        stamped.extend_from_slice(&msg);
-        message::set_ext(&mut stamped, message::Ext::UniqueHash(hash));
+        // Stamped in place (no copy); a stamp the agent's full queue refused is taken off.
+        let mut msg = msg;
+        message::set_ext(&mut msg, message::Ext::UniqueHash(hash));
         let held = if agent == self.slot {
             // The agent brokers the socket transport: its own callbacks get it.
-            self.local.push_back(stamped);
+            self.local.push_back(msg);
             let ticket = self.handoffs.local_done + self.local.len() as u64;
             self.path.socket().map(|_| Held::Local { ticket })
         } else {
-            match self.path.send_to(agent, &stamped) {
-                Sent::Written => {
-                    self.recycle(stamped);
-                    None
-                }
-                Sent::Queued(ticket) => {
-                    self.recycle(stamped);
-                    Some(Held::Slot { to: agent, ticket })
-                }
-                Sent::Full => {
-                    // (socket transport) The agent's queue is full: route it here rather
-                    // than lose it.
-                    self.recycle(stamped);
-                    self.stats.unique_not_diverted += 1;
-                    return Diverted::No(msg);
-                }
+            let sent = self.path.send_to(agent, &msg);
+            if sent == Sent::Full {
+                // (socket transport) The agent's queue is full: route it here rather than
+                // lose it.
+                message::take_ext(&mut msg);
+                self.stats.unique_not_diverted += 1;
+                return Diverted::No(msg);
+            }
+            self.recycle(msg);
+            match sent {
+                Sent::Queued(ticket) => Some(Held::Slot { to: agent, ticket }),
+                _ => None,
             }
         };
-        self.recycle(msg);
         self.stats.unique_diverted += 1;
         Diverted::Yes(held)
     }
