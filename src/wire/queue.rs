@@ -397,6 +397,22 @@ mod tests {
         (a, b)
     }
 
+    /// Write everything `q` holds into `a`, reading the frames out of `b` as it goes.
+    fn drain(
+        q: &mut OutQueue,
+        a: &std::os::unix::net::UnixStream,
+        b: &std::os::unix::net::UnixStream,
+    ) -> Vec<(u8, Vec<u8>)> {
+        let mut r = FrameReader::new(2 << 20);
+        let mut got = Vec::new();
+        while q.pending_bytes() > 0 {
+            q.write(a.as_fd()).unwrap();
+            got.extend(read_all(&mut r, b));
+        }
+        got.extend(read_all(&mut r, b));
+        got
+    }
+
     fn read_all(r: &mut FrameReader, sock: &std::os::unix::net::UnixStream) -> Vec<(u8, Vec<u8>)> {
         let mut fds = Vec::new();
         r.fill(sock.as_fd(), Some(&mut fds), usize::MAX).unwrap();
@@ -459,13 +475,7 @@ mod tests {
         drop((a, b)); // the connection breaks
         q.rewind();
         let (a, b) = pair();
-        let mut r = FrameReader::new(2 << 20);
-        let mut got = Vec::new();
-        while q.pending_bytes() > 0 {
-            q.write(a.as_fd()).unwrap();
-            got.extend(read_all(&mut r, &b));
-        }
-        got.extend(read_all(&mut r, &b));
+        let got = drain(&mut q, &a, &b);
         assert_eq!(got.len(), 2);
         assert_eq!(got[0], (7, big));
         assert_eq!(got[1], (7, b"last".to_vec()));
@@ -519,13 +529,7 @@ mod tests {
         assert_eq!(taken, vec![b"u2".to_vec()]);
         assert!(q.push(7, &[b"u3"]));
         let t3 = q.ticket();
-        let mut r = FrameReader::new(2 << 20);
-        let mut got = Vec::new();
-        while q.pending_bytes() > 0 {
-            q.write(a.as_fd()).unwrap();
-            got.extend(read_all(&mut r, &b));
-        }
-        got.extend(read_all(&mut r, &b));
+        let got = drain(&mut q, &a, &b);
         assert!(q.done() >= t3);
         let kinds: Vec<(u8, usize)> = got.iter().map(|(k, b)| (*k, b.len())).collect();
         assert_eq!(kinds, vec![(7, 2), (6, 1 << 20), (6, 3), (7, 2)]);
