@@ -482,6 +482,46 @@ fn unique_targets_skip_a_dead_slot() {
     }
 }
 
+/// A target killed while unique events stream to it: the publisher reuses a "slot alive"
+/// answer for at most a millisecond (`Control::slot_alive_recent`), so only the events of
+/// that millisecond (and any the dead worker had not read) wait in the dead slot's ring for
+/// its successor; every later one goes to a live worker. Each still runs exactly once.
+#[test]
+fn unique_events_streaming_across_a_target_kill_run_once() {
+    const N: u64 = 600;
+    let _serial = serial();
+    let mut c = Cluster::new("fo-uniq-kill", |_| {}, 3, &[], 0.0);
+    c.spawn_all();
+    // Worker 1 sends to slots 0 and 2 in turn, 500 events per second to each (the rate is
+    // per millisecond).
+    c.proc(1).cmd(Cmd::URun { rate: 1.0, end: N });
+    std::thread::sleep(Duration::from_millis(200));
+    c.kill(2);
+    loop {
+        assert!(c.wd.remaining() > Duration::from_secs(8), "unique events still pending");
+        let l = c.proc(1).cmd(Cmd::URunCount);
+        if l[0] == format!("@@UCOUNT {N} {N} 0 0") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Every event is published before the successor exists: what it runs had been written
+    // into the dead slot's ring.
+    c.spawn(2);
+    for s in c.live() {
+        let l = c.proc(s).cmd(Cmd::Drain { ms: 5000 });
+        assert_eq!(l, ["@@DRAINED reached"], "w{s}: inbound rings not drained within 5 s");
+    }
+    let d = unique_deliveries(c.dir.path());
+    assert_eq!(d, (0..N).map(|n| (n, 1)).collect::<BTreeMap<_, _>>(), "each unique event exactly once");
+    let read = |inc: u32| std::fs::read_to_string(c.dir.join(format!("uniq-2-{inc}.log"))).unwrap_or_default();
+    let (dead, successor) = (read(0).lines().count(), read(1).lines().count());
+    assert!(dead > 0, "slot 2 ran no unique event before it was killed");
+    // Without a liveness check the dead slot would get about half of the ~400 events
+    // published after the kill.
+    assert!(successor <= 20, "{successor} unique events went to the dead slot 2 (its predecessor ran {dead})");
+}
+
 // ==========================================================================================
 // 8. A restarted worker whose predecessor's connection the broker has not seen close yet.
 

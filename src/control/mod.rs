@@ -19,6 +19,7 @@ mod inspect;
 mod lockfile;
 mod protocol;
 
+use std::cell::Cell;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -139,7 +140,15 @@ pub(crate) struct Control {
     election: Election,
     /// The agent's unique-diversion patterns (`divert.rs`).
     divert: divert::DivertState,
+    /// Per slot, the `CLOCK_MONOTONIC` nanoseconds until which the last positive answer of
+    /// [`Control::slot_alive`] is reused by [`Control::slot_alive_recent`] (0: none).
+    alive_until: Vec<Cell<u64>>,
 }
+
+/// How long [`Control::slot_alive_recent`] reuses a "this slot's lock is held" answer: a
+/// unique-event target is checked with one `fcntl` at most once per millisecond instead of
+/// once per event (ARCHITECTURE.md §G4, "unique target liveness").
+pub(crate) const ALIVE_REUSE_NS: u64 = 1_000_000;
 
 impl Control {
     /// Open the lock file and take this slot's lock.
@@ -187,6 +196,7 @@ impl Control {
             next_conn: 1,
             election: Election::default(),
             divert: divert::DivertState::default(),
+            alive_until: (0..geo.slots).map(|_| Cell::new(0)).collect(),
         })
     }
 
@@ -199,8 +209,31 @@ impl Control {
     }
 
     /// Is slot `slot` held by a live process (its lock byte is held)? Our own slot: true.
+    /// One `fcntl` per call.
     pub(crate) fn slot_alive(&self, slot: u32) -> bool {
         slot == self.slot || self.lock.slot_held_by_other(slot)
+    }
+
+    /// [`Control::slot_alive`] for choosing where a unique event goes, at most one `fcntl`
+    /// per slot per [`ALIVE_REUSE_NS`]: a "held" answer is reused for that long (a "free"
+    /// one never is). So a worker killed less than a millisecond after a publisher last
+    /// checked it may still be picked for that millisecond's unique events: they wait in its
+    /// ring, which its successor resumes (as for an event written just before the kill),
+    /// rather than going to a live worker at once.
+    pub(crate) fn slot_alive_recent(&self, slot: u32) -> bool {
+        if slot == self.slot {
+            return true;
+        }
+        let now = sys::monotonic_ns();
+        let until = self.alive_until.get(slot as usize);
+        if until.is_some_and(|u| now < u.get()) {
+            return true;
+        }
+        let alive = self.lock.slot_held_by_other(slot);
+        if let Some(u) = until {
+            u.set(if alive { now.saturating_add(ALIVE_REUSE_NS) } else { 0 });
+        }
+        alive
     }
 
     /// (client) Queue a unique event for the broker; the next write sends it

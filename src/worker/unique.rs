@@ -289,12 +289,12 @@ impl Worker {
     }
 
     /// Is the agent attached: its slot lock held by a live process and, on shared memory,
-    /// its slot marked attached (one `fcntl`, as for a unique target).
+    /// its slot marked attached (at most one `fcntl` per millisecond, as for a unique target).
     fn agent_attached(&self) -> bool {
         let agent = self.geo.workers;
         let Some(ctl) = self.ctl.as_ref() else { return false };
         let attached = self.path.shm().is_none_or(|p| p.region().slot_attached(agent));
-        attached && (agent == self.slot || ctl.slot_alive(agent))
+        attached && (agent == self.slot || ctl.slot_alive_recent(agent))
     }
 
     /// Next live worker slot other than ours (and `avoid`; never the privileged agent),
@@ -304,7 +304,8 @@ impl Worker {
     /// kept for our own callbacks would die with us if we were killed before dispatching it,
     /// after its hash was recorded.) Live: on shared memory the slot says attached (one
     /// load, skipping never-attached and detached slots) and, for the one slot chosen, the
-    /// kernel says another process holds its slot lock (one `fcntl`).
+    /// kernel says another process holds its slot lock (one `fcntl`, its answer reused for up
+    /// to a millisecond: [`Control::slot_alive_recent`](crate::control::Control::slot_alive_recent)).
     fn pick_unique_target(&mut self, avoid: Option<u32>) -> u32 {
         let slots = self.geo.slots;
         let Some(ctl) = self.ctl.as_ref() else { return self.slot };
@@ -318,7 +319,7 @@ impl Worker {
                 && Some(s) != avoid
                 && Some(s) != agent
                 && region.is_none_or(|r| r.slot_attached(s))
-                && ctl.slot_alive(s)
+                && ctl.slot_alive_recent(s)
                 && self.takes_unique(s)
             {
                 self.broker.next_unique_target = (s + 1) % slots;
