@@ -220,11 +220,11 @@ impl Control {
     /// checked it may still be picked for that millisecond's unique events: they wait in its
     /// ring, which its successor resumes (as for an event written just before the kill),
     /// rather than going to a live worker at once.
-    pub(crate) fn slot_alive_recent(&self, slot: u32) -> bool {
+    /// `now` is `CLOCK_MONOTONIC` in nanoseconds ([`sys::monotonic_ns`]).
+    pub(crate) fn slot_alive_recent(&self, slot: u32, now: u64) -> bool {
         if slot == self.slot {
             return true;
         }
-        let now = sys::monotonic_ns();
         let until = self.alive_until.get(slot as usize);
         if until.is_some_and(|u| now < u.get()) {
             return true;

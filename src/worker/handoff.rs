@@ -175,7 +175,7 @@ impl Worker {
             let place = if crate::message::flags(&buf) == crate::message::FLAG_UNIQUE_HASH {
                 self.undivert(buf)
             } else {
-                self.place_unique(buf, Some(to))
+                self.place_unique(buf, Some(to), crate::sys::monotonic_ns())
             };
             if let Some(&(_, i)) = k.checked_sub(untracked).and_then(|r| records.get(r)) {
                 match place {

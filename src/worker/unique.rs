@@ -199,14 +199,15 @@ impl Worker {
             }
             Check::New => {}
         }
-        self.place_unique(msg, None)
+        self.place_unique(msg, None, now)
     }
 
     /// Deliver a unique event (recorded already) to one live worker other than `avoid`
     /// ([`Worker::pick_unique_target`]); on the socket transport to ourselves when that
     /// worker's queue is full. Returns where it waits to be handed off (socket transport).
-    pub(super) fn place_unique(&mut self, msg: AlignedVec, avoid: Option<u32>) -> Option<Held> {
-        let target = self.pick_unique_target(avoid);
+    /// `now`: `CLOCK_MONOTONIC` nanoseconds (for the liveness check).
+    pub(super) fn place_unique(&mut self, msg: AlignedVec, avoid: Option<u32>, now: u64) -> Option<Held> {
+        let target = self.pick_unique_target(avoid, now);
         let sent = if target == self.slot { Sent::Full } else { self.path.send_to(target, &msg) };
         match sent {
             Sent::Written => {
@@ -294,7 +295,7 @@ impl Worker {
         let agent = self.geo.workers;
         let Some(ctl) = self.ctl.as_ref() else { return false };
         let attached = self.path.shm().is_none_or(|p| p.region().slot_attached(agent));
-        attached && (agent == self.slot || ctl.slot_alive_recent(agent))
+        attached && (agent == self.slot || ctl.slot_alive_recent(agent, crate::sys::monotonic_ns()))
     }
 
     /// Next live worker slot other than ours (and `avoid`; never the privileged agent),
@@ -306,7 +307,7 @@ impl Worker {
     /// load, skipping never-attached and detached slots) and, for the one slot chosen, the
     /// kernel says another process holds its slot lock (one `fcntl`, its answer reused for up
     /// to a millisecond: [`Control::slot_alive_recent`](crate::control::Control::slot_alive_recent)).
-    fn pick_unique_target(&mut self, avoid: Option<u32>) -> u32 {
+    fn pick_unique_target(&mut self, avoid: Option<u32>, now: u64) -> u32 {
         let slots = self.geo.slots;
         let Some(ctl) = self.ctl.as_ref() else { return self.slot };
         let region = self.path.shm().map(|p| p.region());
@@ -319,7 +320,7 @@ impl Worker {
                 && Some(s) != avoid
                 && Some(s) != agent
                 && region.is_none_or(|r| r.slot_attached(s))
-                && ctl.slot_alive_recent(s)
+                && ctl.slot_alive_recent(s, now)
                 && self.takes_unique(s)
             {
                 self.broker.next_unique_target = (s + 1) % slots;
