@@ -388,7 +388,7 @@ impl Control {
 struct NoData;
 
 impl DataPlane for NoData {
-    fn receive(&mut self, _from: Peer, _kind: u8, _body: &[u8]) {}
+    fn receive(&mut self, _from: Link, _kind: u8, _body: &[u8]) {}
 
     fn outbound(&mut self, _link: Link) -> Option<&mut crate::wire::queue::OutQueue> {
         None

@@ -46,6 +46,7 @@
 //! the kernel took, not what the receiver consumed (that would take per-slot delivery
 //! acknowledgements).
 
+mod ack;
 pub(crate) mod seq;
 
 use std::time::{Duration, Instant};
@@ -60,6 +61,7 @@ use crate::message::{self, Kind};
 use crate::wire::frame::{Body, kind};
 use crate::wire::queue::{COALESCE_BYTES, Inbox, OutQueue};
 use crate::wire::{Connections, DataPlane, Link, Peer};
+use ack::AckCount;
 use seq::{STAMP_LEN, Sequencer, Stamp, UNSEQUENCED, Verdict};
 
 /// (broker) Bytes queued for a connected destination above which the broker stops reading
@@ -119,6 +121,8 @@ pub(crate) struct SocketPort {
     broker_id: u64,
     /// (broker) Flow-control state per destination slot.
     dests: Vec<DestState>,
+    /// (client) Data frames dispatched from the broker connection (`ack.rs`).
+    acks: AckCount,
     pub(crate) counters: PortCounters,
 }
 
@@ -139,13 +143,14 @@ impl SocketPort {
             unique_capacity,
             serving: false,
             client_out: OutQueue::new(max_queue_len, CLIENT_QUEUE_BYTES),
-            slot_out: (0..geo.slots).map(|_| OutQueue::new(usize::MAX, dest_cap)).collect(),
+            slot_out: (0..geo.slots).map(|_| OutQueue::new(usize::MAX, dest_cap).track_acks(ack::classify)).collect(),
             dest_cap,
             inbox: Inbox::default(),
             seq: Sequencer::new(geo.slots),
             dedup: None,
             broker_id: 0,
             dests: vec![DestState::default(); geo.slots as usize],
+            acks: AckCount::default(),
             counters: PortCounters::default(),
         }
     }
@@ -366,9 +371,19 @@ impl SocketPort {
     pub(crate) fn dispatch(&mut self, sink: &mut dyn Deliver) -> usize {
         let mut inbox = std::mem::take(&mut self.inbox);
         let mut n = 0;
-        inbox.drain(|from, k, body| n += self.dispatch_frame(from, k, body, sink));
+        let mut acked = false;
+        inbox.drain(|from, k, body| {
+            n += self.dispatch_frame(from.peer, k, body, sink);
+            if from.peer == Peer::Broker && !self.serving {
+                acked |= self.acks.count(from.conn);
+            }
+        });
         if self.inbox.is_empty() {
             self.inbox = inbox;
+        }
+        if acked {
+            // Behind what the callbacks published in this pass: one write for both.
+            self.client_out.push_ack(self.acks.total());
         }
         n
     }
@@ -480,6 +495,10 @@ impl SocketPort {
             let q = &self.slot_out[t];
             d.connected = connected.contains(&(t as u32));
             if !d.connected {
+                // Its connection ended: what it was sent and never dispatched is owed to
+                // the slot's next holder (ahead of what waits for it).
+                self.counters.lost_outbound += ack::settle_unacked(&mut self.slot_out[t]);
+                let q = &self.slot_out[t];
                 d.progress = (q.written(), None);
                 let since = *d.detached_since.get_or_insert(now);
                 d.stalled = now.duration_since(since) >= STALL_AFTER;
@@ -528,16 +547,39 @@ impl SocketPort {
 }
 
 impl DataPlane for SocketPort {
-    fn receive(&mut self, from: Peer, kind: u8, body: &[u8]) {
+    fn receive(&mut self, from: Link, kind: u8, body: &[u8]) {
         self.inbox.push(from, kind, body);
     }
 
+    fn ack(&mut self, from: Link, total: u64) {
+        if let Some(q) = self.outbound(from) {
+            q.ack(total);
+        }
+    }
+
     fn outbound(&mut self, link: Link) -> Option<&mut OutQueue> {
-        let q = match link.peer {
-            Peer::Broker => Some(&mut self.client_out),
-            Peer::Slot(s) => self.slot_out.get_mut(s as usize),
-        };
-        q.map(|q| q.on_conn(link.conn))
+        match link.peer {
+            Peer::Broker => {
+                let q = &mut self.client_out;
+                if q.conn() != link.conn {
+                    // Acknowledgements are of one connection: those not written go, and the
+                    // new connection's total (frames that came with its WELCOME) is queued.
+                    q.rewind();
+                    q.take_unwritten(|k, _| k == kind::ACK);
+                    if let Some(total) = self.acks.total_for(link.conn) {
+                        q.push_ack(total);
+                    }
+                }
+                Some(q.on_conn(link.conn))
+            }
+            Peer::Slot(s) => {
+                let q = self.slot_out.get_mut(s as usize)?;
+                if q.conn() != link.conn {
+                    self.counters.lost_outbound += ack::settle_unacked(q);
+                }
+                Some(q.on_conn(link.conn))
+            }
+        }
     }
 
     fn links_seen(&mut self, connected: &[u32], now: Instant) {
