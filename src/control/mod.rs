@@ -28,6 +28,8 @@ pub(crate) use election::lock_path;
 #[cfg(feature = "fuzzing")]
 pub(crate) use inspect::parse_reply as parse_inspect_reply;
 pub(crate) use inspect::request as inspect_request;
+#[cfg(feature = "fuzzing")]
+pub(crate) use protocol::parse_ack;
 pub(crate) use protocol::{ShmWelcome, Welcome};
 
 use crate::error::{Error, Result};

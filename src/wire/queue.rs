@@ -30,9 +30,9 @@ use std::os::fd::BorrowedFd;
 
 use rkyv::util::AlignedVec;
 
-use super::{Link, Peer};
 use super::frame::{FrameWriter, kind};
 use super::unacked::{Tag, Unacked};
+use super::{Link, Peer};
 use crate::sys;
 
 /// Queued bytes past which `publish` writes at once instead of waiting for `dispatch`.
@@ -65,15 +65,19 @@ pub(crate) struct OutQueue {
     /// Id of the connection `head` counts bytes of (0: none yet).
     conn: u64,
     /// `ACK` frames in `buf[frame_head..]` (outside the bounds and [`OutQueue::len`]).
-    acks: usize,
-    /// Offset of an `ACK` frame at the tail not written at all: the next one rewrites it.
-    tail_ack: Option<usize>,
+    acks: u32,
+    /// Offset of an `ACK` frame at the tail not written at all: the next one rewrites it
+    /// ([`NO_ACK`]: none).
+    tail_ack: usize,
     /// Frames inserted at the front ([`OutQueue::push_front`]) and not yet written: they
     /// do not move [`OutQueue::done`], so tickets stay valid.
-    front: u64,
+    front: u32,
     /// (broker) The frames written and not acknowledged, and how a frame counts there.
-    track: Option<(Unacked, Classify)>,
+    track: Option<Box<(Unacked, Classify)>>,
 }
+
+/// `OutQueue::tail_ack` when there is no such frame.
+const NO_ACK: usize = usize::MAX;
 
 /// What a completely written frame counts for if it is never acknowledged.
 pub(crate) type Classify = fn(kind: u8, body: &[u8]) -> Tag;
@@ -100,7 +104,7 @@ impl OutQueue {
             lost: Vec::new(),
             conn: 0,
             acks: 0,
-            tail_ack: None,
+            tail_ack: NO_ACK,
             front: 0,
             track: None,
         }
@@ -109,30 +113,29 @@ impl OutQueue {
     /// Record every frame completely written from now on as `classify` says, until a
     /// receiver acknowledges it ([`OutQueue::ack`]; see `wire/unacked.rs`).
     pub(crate) fn track_acks(mut self, classify: Classify) -> OutQueue {
-        self.track = Some((Unacked::default(), classify));
+        self.track = Some(Box::new((Unacked::default(), classify)));
         self
     }
 
     /// The receiver dispatched `total` frames of the current connection. False for a
     /// protocol violation (logged once, clamped or ignored).
     pub(crate) fn ack(&mut self, total: u64) -> bool {
-        self.track.as_mut().is_none_or(|(u, _)| u.ack(total))
+        self.track.as_mut().is_none_or(|t| t.0.ack(total))
     }
 
     /// The connection ended: what it was sent and never acknowledged, by origin (see
     /// [`Unacked::take`]). Tracking starts over for the next connection.
     pub(crate) fn take_unacked(&mut self) -> (Vec<(u32, u64)>, u64) {
-        self.track.as_mut().map_or_else(|| (Vec::new(), 0), |(u, _)| u.take())
+        self.track.as_mut().map_or_else(|| (Vec::new(), 0), |t| t.0.take())
     }
 
     /// Queue an `ACK` frame (`total u64`) behind the frames queued, outside the bounds; an
     /// `ACK` at the tail that nobody has written any byte of is rewritten instead.
     pub(crate) fn push_ack(&mut self, total: u64) {
-        if let Some(at) = self.tail_ack {
-            if at >= self.head && at + 4 + 9 == self.buf.len() {
-                self.buf[at + 5..].copy_from_slice(&total.to_le_bytes());
-                return;
-            }
+        let at = self.tail_ack;
+        if at != NO_ACK && at >= self.head && at + 4 + 9 == self.buf.len() {
+            self.buf[at + 5..].copy_from_slice(&total.to_le_bytes());
+            return;
         }
         let at = self.buf.len();
         self.buf.extend_from_slice(&9u32.to_le_bytes());
@@ -140,7 +143,7 @@ impl OutQueue {
         self.buf.extend_from_slice(&total.to_le_bytes());
         self.frames += 1;
         self.acks += 1;
-        self.tail_ack = Some(at);
+        self.tail_ack = at;
     }
 
     /// Insert a frame ahead of every frame queued, outside the bounds. Only between frames
@@ -159,8 +162,8 @@ impl OutQueue {
         }
         let at = self.frame_head;
         self.buf.splice(at..at, f.iter().copied());
-        if let Some(t) = self.tail_ack.as_mut() {
-            *t += f.len();
+        if self.tail_ack != NO_ACK {
+            self.tail_ack += f.len();
         }
         self.frames += 1;
         self.front += 1;
@@ -169,7 +172,7 @@ impl OutQueue {
 
     /// Frames queued and not completely written (`ACK` frames left out).
     pub(crate) fn len(&self) -> usize {
-        self.frames - self.acks
+        self.frames - self.acks as usize
     }
 
     /// The byte bound.
@@ -213,7 +216,7 @@ impl OutQueue {
     /// (a frame cut by a broken connection is not done) and across
     /// [`OutQueue::take_unwritten`].
     pub(crate) fn ticket(&self) -> u64 {
-        self.done + self.frames as u64 - self.front
+        self.done + self.frames as u64 - u64::from(self.front)
     }
 
     /// Frames completely written, ever (see [`OutQueue::ticket`]).
@@ -236,7 +239,7 @@ impl OutQueue {
             let len = frame_len(&self.buf, scan);
             let (k, body) = (self.buf[scan + 4], &self.buf[scan + 5..scan + 4 + len]);
             if pick(k, body) {
-                self.acks -= usize::from(k == kind::ACK);
+                self.acks -= u32::from(k == kind::ACK);
                 taken.push(body.to_vec());
             } else {
                 kept.extend_from_slice(&self.buf[scan..scan + 4 + len]);
@@ -244,7 +247,7 @@ impl OutQueue {
             scan += 4 + len;
         }
         if !taken.is_empty() {
-            self.tail_ack = None;
+            self.tail_ack = NO_ACK;
             self.buf.truncate(at);
             self.buf.extend_from_slice(&kept);
             self.frames -= taken.len();
@@ -262,7 +265,7 @@ impl OutQueue {
         if self.is_full() {
             return false;
         }
-        self.tail_ack = None;
+        self.tail_ack = NO_ACK;
         let len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
         self.buf.reserve(4 + len);
         self.buf.extend_from_slice(&(len as u32).to_le_bytes());
@@ -335,7 +338,7 @@ impl OutQueue {
         self.frame_head = 0;
         self.frames = 0;
         self.acks = 0;
-        self.tail_ack = None;
+        self.tail_ack = NO_ACK;
         self.front = 0;
     }
 
@@ -380,10 +383,10 @@ impl OutQueue {
                 break;
             }
             let k = self.buf[at + 4];
-            if let Some((u, classify)) = self.track.as_mut() {
-                u.written(classify(k, &self.buf[at + 5..at + 4 + len]));
+            if let Some(t) = self.track.as_mut() {
+                t.0.written((t.1)(k, &self.buf[at + 5..at + 4 + len]));
             }
-            self.acks -= usize::from(k == kind::ACK);
+            self.acks -= u32::from(k == kind::ACK);
             self.frame_head += 4 + len;
             self.frames -= 1;
             if self.front > 0 {
@@ -392,16 +395,16 @@ impl OutQueue {
                 self.done += 1;
             }
         }
-        if self.tail_ack.is_some_and(|t| t < self.frame_head) {
-            self.tail_ack = None;
+        if self.tail_ack != NO_ACK && self.tail_ack < self.frame_head {
+            self.tail_ack = NO_ACK;
         }
         if self.frame_head == self.buf.len() {
             self.buf.clear();
             self.head = 0;
             self.frame_head = 0;
         } else if self.frame_head >= COALESCE_BYTES && self.frame_head * 2 >= self.buf.len() {
-            if let Some(t) = self.tail_ack.as_mut() {
-                *t -= self.frame_head;
+            if self.tail_ack != NO_ACK {
+                self.tail_ack -= self.frame_head;
             }
             self.buf.drain(..self.frame_head);
             self.head -= self.frame_head;

@@ -25,10 +25,15 @@ pub(crate) const MAX_RUNS: usize = 1 << 16;
 /// What one data frame counts for if it is never dispatched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Tag {
-    /// The publisher slot it is owed to (`u32::MAX`: none).
+    /// The publisher slot it is owed to.
     pub origin: u32,
     /// Events it stands for (0: nothing to report, e.g. a unique event).
     pub each: u64,
+}
+
+impl Tag {
+    /// A frame that stands for nothing to report (a unique event, or not a data frame).
+    pub(crate) const NOTHING: Tag = Tag { origin: 0, each: 0 };
 }
 
 /// `frames` consecutive frames with the same [`Tag`].
@@ -113,7 +118,7 @@ impl Unacked {
         for r in self.runs.drain(..) {
             frames = frames.saturating_add(r.frames);
             let n = r.frames.saturating_mul(r.tag.each);
-            if n == 0 || r.tag.origin == u32::MAX {
+            if n == 0 {
                 continue;
             }
             match owed.iter_mut().find(|(o, _)| *o == r.tag.origin) {
@@ -173,7 +178,7 @@ mod tests {
         u.written(ev(1));
         u.written(Tag { origin: 1, each: 7 }); // a LOST notice of 7 events of slot 1
         u.written(Tag { origin: 1, each: 7 }); // another: merges, each stands for 7
-        u.written(Tag { origin: u32::MAX, each: 0 }); // a unique event
+        u.written(Tag::NOTHING); // a unique event
         u.written(ev(1));
         assert_eq!(u.runs.len(), 4);
         assert!(u.ack(2)); // the event and the first notice

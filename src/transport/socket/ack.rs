@@ -28,7 +28,7 @@ use crate::wire::unacked::Tag;
 /// "all" event 1 event of its publisher, a `LOST` notice its count, a unique event nothing
 /// (lost notices count "all" events only; see `drop_queue`).
 pub(super) fn classify(k: u8, body: &[u8]) -> Tag {
-    const NOTHING: Tag = Tag { origin: u32::MAX, each: 0 };
+    const NOTHING: Tag = Tag::NOTHING;
     match k {
         kind::DELIVER if body.starts_with(&UNSEQUENCED) => NOTHING,
         kind::DELIVER => match body.get(STAMP_LEN..).and_then(crate::message::origin_of) {

@@ -41,12 +41,17 @@
 //! What is reported and what is not (see the README, "Socket transport"): gaps in a
 //! publisher's sequence, including the first events of a restarted publisher's new
 //! incarnation ([`seq`]), and events a full destination queue dropped, become `lost`
-//! notices. Events in a killed receiver's socket buffer, frame reader and inbox, and events a
-//! killed publisher still had queued, are gone without a notice: the broker knows only what
-//! the kernel took, not what the receiver consumed (that would take per-slot delivery
-//! acknowledgements).
+//! notices. So do the events a killed receiver was sent and never dispatched (in its socket
+//! buffer, frame reader or inbox): receivers acknowledge what they dispatched at the end of
+//! each dispatch pass (`ACK` frames), the broker keeps what it wrote and was not
+//! acknowledged per connection, and when a connection ends that becomes `lost` notices for
+//! the slot's next holder, ahead of what still waits for it ([`ack`]; too high by at most the
+//! events of the pass during which the receiver died, never too low). Events a killed
+//! publisher still had queued are gone without a notice, and what a dead broker held is
+//! told only through the receivers' sequence gaps.
 
 mod ack;
+mod owed;
 pub(crate) mod seq;
 
 use std::time::{Duration, Instant};
@@ -503,7 +508,8 @@ impl SocketPort {
                 let since = *d.detached_since.get_or_insert(now);
                 d.stalled = now.duration_since(since) >= STALL_AFTER;
                 if now.duration_since(since) >= DETACHED_KEEP && q.len() > 0 {
-                    self.counters.lost_outbound += drop_queue(&mut self.slot_out[t], self.geo, self.max_payload_len);
+                    self.counters.lost_outbound +=
+                        owed::drop_queue(&mut self.slot_out[t], self.geo, self.max_payload_len);
                 }
                 continue;
             }
@@ -589,55 +595,6 @@ impl DataPlane for SocketPort {
     fn read_budget(&self, from: u32) -> usize {
         SocketPort::read_budget(self, from)
     }
-}
-
-/// Drop everything queued for a slot gone for good: each "all" event becomes a lost notice
-/// owed to the slot (by publisher), and lost notices already queued are owed again. Returns
-/// the events dropped (unique ones included).
-fn drop_queue(q: &mut OutQueue, geo: Geometry, max_payload_len: usize) -> u64 {
-    let mut owed: Vec<(u32, u64)> = Vec::new();
-    let mut msg = AlignedVec::<16>::new();
-    let mut dropped = 0u64;
-    q.drain_frames(|k, body| {
-        let (origin, count) = match k {
-            // A unique event (unstamped) is counted dropped but owes no notice: notices
-            // count "all" events, which the receiver takes off its next sequence gap.
-            kind::DELIVER if body.starts_with(&UNSEQUENCED) => {
-                dropped += 1;
-                return;
-            }
-            kind::DELIVER => {
-                msg.clear();
-                msg.extend_from_slice(body.get(STAMP_LEN..).unwrap_or_default());
-                match message::decode(&msg, geo.workers, geo.agent, max_payload_len) {
-                    Ok(d) => match d.event.wid {
-                        Some(w) => {
-                            dropped += 1;
-                            (geo.slot_of(w), 1)
-                        }
-                        None => return,
-                    },
-                    Err(_) => return,
-                }
-            }
-            kind::LOST => {
-                let mut b = Body(body);
-                match (b.u32(), b.u64()) {
-                    (Ok(o), Ok(c)) => (o, c),
-                    _ => return,
-                }
-            }
-            _ => return,
-        };
-        match owed.iter_mut().find(|(o, _)| *o == origin) {
-            Some(e) => e.1 = e.1.saturating_add(count),
-            None => owed.push((origin, count)),
-        }
-    });
-    for (origin, count) in owed {
-        q.note_lost_n(origin, count);
-    }
-    dropped
 }
 
 /// Queue `msg` for one destination, the owed lost notices first; false (and a notice owed)
