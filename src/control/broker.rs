@@ -220,6 +220,7 @@ fn read_frames(
                                 protocol::divert(&mut c.wr, h.divert);
                             }
                             c.slot = Some(slot);
+                            data.welcomed(Link { peer: Peer::Slot(slot), conn: c.id }, c.pid);
                             c.rd.set_max_frame(h.max_frame);
                             attached.push(slot);
                             tracing::debug!(slot, pid = c.pid, socket, "worker attached");

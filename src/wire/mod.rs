@@ -35,6 +35,9 @@ pub(crate) trait DataPlane {
     /// (broker) The worker on `from` acknowledged: it has dispatched `total` data frames of
     /// that connection (an `ACK` frame; see `wire/unacked.rs`).
     fn ack(&mut self, _from: Link, _total: u64) {}
+    /// (broker) A worker, process `pid`, was welcomed on `link` (before anything is written
+    /// to it).
+    fn welcomed(&mut self, _link: Link, _pid: i32) {}
     /// The data frames to write on `link` after its control frames; `None` when this
     /// process carries no data on the sockets.
     fn outbound(&mut self, link: Link) -> Option<&mut OutQueue>;

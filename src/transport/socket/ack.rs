@@ -8,15 +8,17 @@
 //! records what it completely wrote into each receiver's socket as runs `(origin, count)`
 //! (`wire/unacked.rs`; [`classify`] says what a frame counts for) and pops them at each
 //! `ACK`. When the receiver's connection ends, what it never acknowledged
-//! ([`settle_unacked`]) becomes `LOST` notices by publisher, put ahead of whatever is still
+//! ([`settle_unacked`], when the slot's next connection first writes, or when the slot's
+//! queue expires) becomes `LOST` notices by publisher, put ahead of whatever is still
 //! queued for the slot, so its next holder hears of them first (a receiver that has seen
 //! nothing of a publisher yet takes the notice as it is: its first event of that publisher
 //! starts the sequence count, no gap credit lingers).
 //!
 //! The count can be too high, never too low: the events of the pass during which the
-//! receiver died ran, but their acknowledgement was never sent; and a worker that reconnects
-//! to the same broker is told of what it had dispatched on the old connection since its last
-//! acknowledgement there. A clean close acknowledges first (the `ACK` is written before the
+//! receiver died ran, but their acknowledgement was never sent. A worker that reconnects to
+//! the same broker (same process id) is not sent notices: what it never read on the old
+//! connection shows as gaps in the publishers' sequences, exactly, and the frames it read
+//! there it dispatches. A clean close acknowledges first (the `ACK` is written before the
 //! connection closes), so it leaves nothing to report.
 
 use super::seq::{STAMP_LEN, UNSEQUENCED};

@@ -100,6 +100,8 @@ struct DestState {
     progress: (u64, Option<Instant>),
     /// Since when it has had no connection (`None`: connected, or not seen yet).
     detached_since: Option<Instant>,
+    /// The process id of its last attached worker (0: none yet).
+    pid: i32,
 }
 
 /// This process's end of the socket transport.
@@ -500,16 +502,17 @@ impl SocketPort {
             let q = &self.slot_out[t];
             d.connected = connected.contains(&(t as u32));
             if !d.connected {
-                // Its connection ended: what it was sent and never dispatched is owed to
-                // the slot's next holder (ahead of what waits for it).
-                self.counters.lost_outbound += ack::settle_unacked(&mut self.slot_out[t]);
-                let q = &self.slot_out[t];
                 d.progress = (q.written(), None);
                 let since = *d.detached_since.get_or_insert(now);
                 d.stalled = now.duration_since(since) >= STALL_AFTER;
-                if now.duration_since(since) >= DETACHED_KEEP && q.len() > 0 {
-                    self.counters.lost_outbound +=
-                        owed::drop_queue(&mut self.slot_out[t], self.geo, self.max_payload_len);
+                if now.duration_since(since) >= DETACHED_KEEP {
+                    // What its last connection was sent and never dispatched is owed too
+                    // (otherwise settled when the next connection writes: `outbound`).
+                    let q = &mut self.slot_out[t];
+                    self.counters.lost_outbound += ack::settle_unacked(q);
+                    if q.len() > 0 {
+                        self.counters.lost_outbound += owed::drop_queue(q, self.geo, self.max_payload_len);
+                    }
                 }
                 continue;
             }
@@ -555,6 +558,21 @@ impl SocketPort {
 impl DataPlane for SocketPort {
     fn receive(&mut self, from: Link, kind: u8, body: &[u8]) {
         self.inbox.push(from, kind, body);
+    }
+
+    fn welcomed(&mut self, link: Link, pid: i32) {
+        let Peer::Slot(s) = link.peer else { return };
+        let (Some(q), Some(d)) = (self.slot_out.get_mut(s as usize), self.dests.get_mut(s as usize)) else {
+            return;
+        };
+        if q.conn() != link.conn && pid > 0 && d.pid == pid {
+            // The same process again (it reconnected): what it never read on its old
+            // connection shows as gaps in the publishers' sequences, exactly, while a notice
+            // would count what it dispatched without acknowledging, and its credit could
+            // hide a later gap.
+            q.take_unacked();
+        }
+        d.pid = pid;
     }
 
     fn ack(&mut self, from: Link, total: u64) {
