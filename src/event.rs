@@ -81,6 +81,12 @@ pub const MAX_ORIGIN_HOST_LEN: usize = 255;
 /// be delivered to this process (a queue overflowed, or a partial message from a crashed
 /// publisher was discarded). Resynchronize whatever state those events maintain.
 ///
+/// A worker that takes over the id of a killed one is told, this way, of the events its
+/// predecessor was sent and never dispatched. On the socket transport that count can be
+/// too high, never too low: by at most the events of the dispatch pass during which the
+/// predecessor died (their callbacks ran, but their acknowledgement to the broker was never
+/// sent). See ARCHITECTURE.md (G2).
+///
 /// # Examples
 ///
 /// ```

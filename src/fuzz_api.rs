@@ -82,6 +82,38 @@ pub fn inspect_reply(body: &[u8]) -> Result<(), String> {
     crate::control::parse_inspect_reply(body, Vec::new()).map(|_| ())
 }
 
+/// Parse an ACK body (socket transport: a worker's running total of data frames
+/// dispatched) as the broker does. Then replay the same bytes as a peer's doing against the
+/// broker's record of what a receiver was sent (`wire/unacked.rs`): an even byte is a frame
+/// written (its bits pick the publisher and what it counts for), an odd one an
+/// acknowledgement of the total in the (up to) 8 bytes after it. Panics if what is left
+/// owed is more than was written.
+pub fn ack_body(body: &[u8]) -> Result<u64, String> {
+    use crate::wire::unacked::{Tag, Unacked};
+    let parsed = crate::control::parse_ack(body);
+    let mut u = Unacked::default();
+    let mut written = 0u64;
+    let mut rest = body;
+    while let Some((&op, tail)) = rest.split_first() {
+        rest = tail;
+        if op & 1 == 0 {
+            u.written(Tag { origin: u32::from(op >> 5), each: u64::from((op >> 1) & 0xf) });
+            written += 1;
+        } else {
+            let (n, tail) = rest.split_at(rest.len().min(8));
+            rest = tail;
+            let mut b = [0u8; 8];
+            b[..n.len()].copy_from_slice(n);
+            u.ack(u64::from_le_bytes(b));
+        }
+    }
+    let (owed, frames) = u.take();
+    assert!(frames <= written, "{frames} frames left of {written} written");
+    let events: u64 = owed.iter().map(|(_, c)| c).sum();
+    assert!(events <= frames * 15, "{events} events owed for {frames} frames");
+    parsed
+}
+
 // ---------------------------------------------------------------------------------------
 // Rings
 

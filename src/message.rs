@@ -72,6 +72,13 @@ impl Kind {
     }
 }
 
+/// The publisher slot in a message's header (bytes 8..12), unchecked but for "none"; for
+/// messages validated already (a broker's queues hold only those).
+pub(crate) fn origin_of(msg: &[u8]) -> Option<u32> {
+    let o = u32::from_le_bytes(msg.get(8..12)?.try_into().ok()?);
+    (o != ORIGIN_NONE).then_some(o)
+}
+
 /// Largest encoded message for a given `max_payload_len`.
 pub(crate) fn max_message_len(max_payload_len: usize) -> usize {
     MSG_HDR + max_payload_len + 2 * u16::MAX as usize + MAX_EXT_LEN

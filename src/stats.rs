@@ -30,7 +30,9 @@ pub struct Stats {
     pub dropped: u64,
     /// Events reported lost to this worker through `lost` notices.
     pub lost: u64,
-    /// Events this worker had to drop for a peer whose queue was full (the peer is told).
+    /// Events this worker had to drop for a peer whose queue was full, or (a socket broker)
+    /// that a peer was sent and never dispatched before its connection ended (the peer, or
+    /// its successor, is told).
     pub lost_outbound: u64,
     /// `publish` calls refused with `queue overflow`.
     pub overflows: u64,

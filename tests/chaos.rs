@@ -104,7 +104,7 @@ fn chaos(transport: Transport) {
     if transport == Transport::Socket {
         eprintln!(
             "chaos Socket: {} events reported lost; {} events before a restarted receiver's first of a run went \
-             unreported (the documented limit of item 8(b))",
+             unreported (they died with a broker before the receiver saw the publisher)",
             c.socket_losses, c.socket_unreported_prefix
         );
     }

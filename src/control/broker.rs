@@ -220,6 +220,7 @@ fn read_frames(
                                 protocol::divert(&mut c.wr, h.divert);
                             }
                             c.slot = Some(slot);
+                            data.welcomed(Link { peer: Peer::Slot(slot), conn: c.id }, c.pid);
                             c.rd.set_max_frame(h.max_frame);
                             attached.push(slot);
                             tracing::debug!(slot, pid = c.pid, socket, "worker attached");
@@ -234,8 +235,16 @@ fn read_frames(
                 }
             }
             Ok(Some((kind::EVENT, body))) if socket && c.slot.is_some() => {
-                data.receive(Peer::Slot(c.slot.expect("guarded")), kind::EVENT, body);
+                data.receive(Link { peer: Peer::Slot(c.slot.expect("guarded")), conn: c.id }, kind::EVENT, body);
             }
+            Ok(Some((kind::ACK, body))) if socket && c.slot.is_some() => match protocol::parse_ack(body) {
+                Ok(total) => data.ack(Link { peer: Peer::Slot(c.slot.expect("guarded")), conn: c.id }, total),
+                Err(e) => {
+                    tracing::warn!(pid = c.pid, error = %e, "bad ACK frame; closing");
+                    c.closing = true;
+                    break;
+                }
+            },
             Ok(Some((kind::UNIQUE, body))) if c.slot.is_some() => match protocol::parse_unique(body) {
                 Ok(u) => events.push(CtlEvent::Unique {
                     slot: c.slot.expect("guarded"),

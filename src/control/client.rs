@@ -123,7 +123,7 @@ impl Control {
                     }
                 },
                 (kind::DELIVER | kind::LOST, Some(Flavor::Socket)) => {
-                    data.receive(Peer::Broker, k, body);
+                    data.receive(Link { peer: Peer::Broker, conn: conn.id }, k, body);
                     Next::Continue
                 }
                 (kind::REJECT, _) if body.starts_with(BUSY_PREFIX.as_bytes()) => {

@@ -29,6 +29,8 @@ pub(crate) use election::lock_path;
 #[cfg(feature = "fuzzing")]
 pub(crate) use inspect::parse_reply as parse_inspect_reply;
 pub(crate) use inspect::request as inspect_request;
+#[cfg(feature = "fuzzing")]
+pub(crate) use protocol::parse_ack;
 pub(crate) use protocol::{ShmWelcome, Welcome};
 
 use crate::error::{Error, Result};
@@ -421,7 +423,7 @@ impl Control {
 struct NoData;
 
 impl DataPlane for NoData {
-    fn receive(&mut self, _from: Peer, _kind: u8, _body: &[u8]) {}
+    fn receive(&mut self, _from: Link, _kind: u8, _body: &[u8]) {}
 
     fn outbound(&mut self, _link: Link) -> Option<&mut crate::wire::queue::OutQueue> {
         None

@@ -19,8 +19,10 @@ use crate::wire::frame::{Body, FrameWriter, kind};
 /// 14..16 `ext_len` (relayed events carry their origin host, unique events diverted to the
 /// agent their hash; see `shm-layout.md` section 7), which a build of version 5 neither
 /// writes nor refuses; and the DIVERT frame (the agent's unique-diversion patterns). 7: the
-/// INSPECT_REPLY reports the broker's data queue per attached worker.
-pub(crate) const PROTOCOL_VERSION: u32 = 7;
+/// INSPECT_REPLY reports the broker's data queue per attached worker. 8: the ACK frame
+/// (socket transport: a worker acknowledges the data frames it has dispatched, so the
+/// broker can report what a killed worker never dispatched to its successor).
+pub(crate) const PROTOCOL_VERSION: u32 = 8;
 
 /// Reason prefix of a transient refusal: the slot still looks attached because the broker
 /// has not yet seen its previous holder's connection close. The client retries (backoff)
@@ -316,6 +318,18 @@ pub(crate) fn unique_ack(wr: &mut FrameWriter, id: u64) {
 /// Parse a UNIQUE_ACK.
 pub(crate) fn parse_unique_ack(body: &[u8]) -> Result<u64, String> {
     Body(body).u64()
+}
+
+/// Parse an ACK (socket transport, client -> broker): `total u64`, the data frames of this
+/// connection the worker has dispatched, and nothing after it. The broker trusts the number
+/// for nothing but popping what it recorded (`wire/unacked.rs`).
+pub(crate) fn parse_ack(body: &[u8]) -> Result<u64, String> {
+    let mut b = Body(body);
+    let total = b.u64()?;
+    if !b.0.is_empty() {
+        return Err(format!("{} bytes after the ACK total", b.0.len()));
+    }
+    Ok(total)
 }
 
 #[cfg(all(test, not(loom)))]

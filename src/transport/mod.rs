@@ -221,21 +221,16 @@ impl DataPath {
     }
 
     /// Dispatch what arrived into `sink`: rings (after retrying backlogs) or socket frames
-    /// (then write what is queued).
-    pub(crate) fn drain(&mut self, sink: &mut dyn Deliver, conns: Option<&mut (dyn Connections + '_)>) -> Drained {
+    /// (the caller writes the sockets after it, with what the callbacks published: see
+    /// `worker/poll.rs`).
+    pub(crate) fn drain(&mut self, sink: &mut dyn Deliver) -> Drained {
         match self {
             DataPath::InProcess | DataPath::Unattached(_) => Drained::default(),
             DataPath::Shm(port) => {
                 let (events, more) = port.dispatch(RING_BUDGET, sink);
                 Drained { events, more }
             }
-            DataPath::Socket(p) => {
-                let events = p.dispatch(sink);
-                if let Some(c) = conns {
-                    c.write(p);
-                }
-                Drained { events, more: false }
-            }
+            DataPath::Socket(p) => Drained { events: p.dispatch(sink), more: false },
         }
     }
 
@@ -388,7 +383,7 @@ impl DataPath {
 }
 
 impl DataPlane for PreAttach {
-    fn receive(&mut self, from: Peer, kind: u8, body: &[u8]) {
+    fn receive(&mut self, from: Link, kind: u8, body: &[u8]) {
         self.inbox.push(from, kind, body);
     }
 

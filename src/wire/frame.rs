@@ -38,6 +38,11 @@ pub(crate) mod kind {
     /// agent -> broker, then broker -> every client: the privileged agent's unique-diversion
     /// patterns (`divert.rs`), replacing the previous list (an empty list: divert nothing).
     pub const DIVERT: u8 = 11;
+    /// client -> broker (socket transport): `total u64`, the data frames (`DELIVER`, `LOST`)
+    /// of this connection the worker has dispatched so far (callbacks run, not merely
+    /// read); sent at the end of a dispatch pass that dispatched any. The broker reports what
+    /// a dead worker was sent and never acknowledged to the slot's next holder.
+    pub const ACK: u8 = 12;
 }
 
 /// Bytes one [`FrameReader::fill`] call takes at most.

@@ -4,6 +4,7 @@
 
 pub(crate) mod frame;
 pub(crate) mod queue;
+pub(crate) mod unacked;
 
 use std::os::fd::BorrowedFd;
 use std::time::Instant;
@@ -29,8 +30,14 @@ pub(crate) struct Link {
 
 /// The socket transport's side of the control connections; the control channel calls it.
 pub(crate) trait DataPlane {
-    /// A data frame (`EVENT`, `DELIVER` or `LOST`) arrived from `from`.
-    fn receive(&mut self, from: Peer, kind: u8, body: &[u8]);
+    /// A data frame (`EVENT`, `DELIVER` or `LOST`) arrived on `from`.
+    fn receive(&mut self, from: Link, kind: u8, body: &[u8]);
+    /// (broker) The worker on `from` acknowledged: it has dispatched `total` data frames of
+    /// that connection (an `ACK` frame; see `wire/unacked.rs`).
+    fn ack(&mut self, _from: Link, _total: u64) {}
+    /// (broker) A worker, process `pid`, was welcomed on `link` (before anything is written
+    /// to it).
+    fn welcomed(&mut self, _link: Link, _pid: i32) {}
     /// The data frames to write on `link` after its control frames; `None` when this
     /// process carries no data on the sockets.
     fn outbound(&mut self, link: Link) -> Option<&mut OutQueue>;

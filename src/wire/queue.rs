@@ -17,14 +17,22 @@
 //! A queue outlives the connection it writes to. When a connection breaks, the frame the
 //! kernel took only part of is rewound and sent whole on the next connection; frames the
 //! kernel took completely are never sent again (at most once per connection, never twice).
+//!
+//! Acknowledgements (socket transport): a receiver's queue ours for the broker carries, among
+//! the events, `ACK` frames ([`OutQueue::push_ack`]; not counted by the bounds, one at the
+//! tail rewritten in place), so an acknowledgement goes out in the same `send` as the
+//! events of the same pass. At the broker, a destination's queue made with
+//! [`OutQueue::track_acks`] records every frame it completely writes in an [`Unacked`] FIFO,
+//! which the receiver's acknowledgements pop (`wire/unacked.rs`).
 
 use std::io;
 use std::os::fd::BorrowedFd;
 
 use rkyv::util::AlignedVec;
 
-use super::Peer;
-use super::frame::FrameWriter;
+use super::frame::{FrameWriter, kind};
+use super::unacked::{Tag, Unacked};
+use super::{Link, Peer};
 use crate::sys;
 
 /// Queued bytes past which `publish` writes at once instead of waiting for `dispatch`.
@@ -56,7 +64,23 @@ pub(crate) struct OutQueue {
     lost: Vec<LostCount>,
     /// Id of the connection `head` counts bytes of (0: none yet).
     conn: u64,
+    /// `ACK` frames in `buf[frame_head..]` (outside the bounds and [`OutQueue::len`]).
+    acks: u32,
+    /// Offset of an `ACK` frame at the tail not written at all: the next one rewrites it
+    /// ([`NO_ACK`]: none).
+    tail_ack: usize,
+    /// Frames inserted at the front ([`OutQueue::push_front`]) and not yet written: they
+    /// do not move [`OutQueue::done`], so tickets stay valid.
+    front: u32,
+    /// (broker) The frames written and not acknowledged, and how a frame counts there.
+    track: Option<Box<(Unacked, Classify)>>,
 }
+
+/// `OutQueue::tail_ack` when there is no such frame.
+const NO_ACK: usize = usize::MAX;
+
+/// What a completely written frame counts for if it is never acknowledged.
+pub(crate) type Classify = fn(kind: u8, body: &[u8]) -> Tag;
 
 /// Events of one publisher dropped for a destination.
 #[derive(Debug, Clone, Copy)]
@@ -79,12 +103,76 @@ impl OutQueue {
             done: 0,
             lost: Vec::new(),
             conn: 0,
+            acks: 0,
+            tail_ack: NO_ACK,
+            front: 0,
+            track: None,
         }
     }
 
-    /// Frames queued and not completely written.
+    /// Record every frame completely written from now on as `classify` says, until a
+    /// receiver acknowledges it ([`OutQueue::ack`]; see `wire/unacked.rs`).
+    pub(crate) fn track_acks(mut self, classify: Classify) -> OutQueue {
+        self.track = Some(Box::new((Unacked::default(), classify)));
+        self
+    }
+
+    /// The receiver dispatched `total` frames of the current connection. False for a
+    /// protocol violation (logged once, clamped or ignored).
+    pub(crate) fn ack(&mut self, total: u64) -> bool {
+        self.track.as_mut().is_none_or(|t| t.0.ack(total))
+    }
+
+    /// The connection ended: what it was sent and never acknowledged, by origin (see
+    /// [`Unacked::take`]). Tracking starts over for the next connection.
+    pub(crate) fn take_unacked(&mut self) -> (Vec<(u32, u64)>, u64) {
+        self.track.as_mut().map_or_else(|| (Vec::new(), 0), |t| t.0.take())
+    }
+
+    /// Queue an `ACK` frame (`total u64`) behind the frames queued, outside the bounds; an
+    /// `ACK` at the tail that nobody has written any byte of is rewritten instead.
+    pub(crate) fn push_ack(&mut self, total: u64) {
+        let at = self.tail_ack;
+        if at != NO_ACK && at >= self.head && at + 4 + 9 == self.buf.len() {
+            self.buf[at + 5..].copy_from_slice(&total.to_le_bytes());
+            return;
+        }
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&9u32.to_le_bytes());
+        self.buf.push(kind::ACK);
+        self.buf.extend_from_slice(&total.to_le_bytes());
+        self.frames += 1;
+        self.acks += 1;
+        self.tail_ack = at;
+    }
+
+    /// Insert a frame ahead of every frame queued, outside the bounds. Only between frames
+    /// on the current connection: nothing may have been written of the first frame (call
+    /// [`OutQueue::rewind`] first when the connection changed); false otherwise.
+    pub(crate) fn push_front(&mut self, kind: u8, parts: &[&[u8]]) -> bool {
+        if self.mid_frame() {
+            return false;
+        }
+        let len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut f = Vec::with_capacity(4 + len);
+        f.extend_from_slice(&(len as u32).to_le_bytes());
+        f.push(kind);
+        for p in parts {
+            f.extend_from_slice(p);
+        }
+        let at = self.frame_head;
+        self.buf.splice(at..at, f.iter().copied());
+        if self.tail_ack != NO_ACK {
+            self.tail_ack += f.len();
+        }
+        self.frames += 1;
+        self.front += 1;
+        true
+    }
+
+    /// Frames queued and not completely written (`ACK` frames left out).
     pub(crate) fn len(&self) -> usize {
-        self.frames
+        self.frames - self.acks as usize
     }
 
     /// The byte bound.
@@ -100,12 +188,12 @@ impl OutQueue {
 
     /// Room left before [`OutQueue::is_full`]: (frames, bytes).
     pub(crate) fn room(&self) -> (usize, usize) {
-        (self.cap.saturating_sub(self.frames), self.cap_bytes.saturating_sub(self.queued_bytes()))
+        (self.cap.saturating_sub(self.len()), self.cap_bytes.saturating_sub(self.queued_bytes()))
     }
 
     /// No room for another frame (either bound reached).
     pub(crate) fn is_full(&self) -> bool {
-        self.frames >= self.cap || self.queued_bytes() >= self.cap_bytes
+        self.len() >= self.cap || self.queued_bytes() >= self.cap_bytes
     }
 
     /// Bytes of the frames not completely written (what the byte bound counts).
@@ -128,7 +216,7 @@ impl OutQueue {
     /// (a frame cut by a broken connection is not done) and across
     /// [`OutQueue::take_unwritten`].
     pub(crate) fn ticket(&self) -> u64 {
-        self.done + self.frames as u64
+        self.done + self.frames as u64 - u64::from(self.front)
     }
 
     /// Frames completely written, ever (see [`OutQueue::ticket`]).
@@ -151,6 +239,7 @@ impl OutQueue {
             let len = frame_len(&self.buf, scan);
             let (k, body) = (self.buf[scan + 4], &self.buf[scan + 5..scan + 4 + len]);
             if pick(k, body) {
+                self.acks -= u32::from(k == kind::ACK);
                 taken.push(body.to_vec());
             } else {
                 kept.extend_from_slice(&self.buf[scan..scan + 4 + len]);
@@ -158,6 +247,7 @@ impl OutQueue {
             scan += 4 + len;
         }
         if !taken.is_empty() {
+            self.tail_ack = NO_ACK;
             self.buf.truncate(at);
             self.buf.extend_from_slice(&kept);
             self.frames -= taken.len();
@@ -175,6 +265,7 @@ impl OutQueue {
         if self.is_full() {
             return false;
         }
+        self.tail_ack = NO_ACK;
         let len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
         self.buf.reserve(4 + len);
         self.buf.extend_from_slice(&(len as u32).to_le_bytes());
@@ -246,6 +337,9 @@ impl OutQueue {
         self.head = 0;
         self.frame_head = 0;
         self.frames = 0;
+        self.acks = 0;
+        self.tail_ack = NO_ACK;
+        self.front = 0;
     }
 
     /// Take every whole frame out (for a change of role): `(kind, body)` in order, from the
@@ -288,15 +382,30 @@ impl OutQueue {
             if at + 4 + len > self.head {
                 break;
             }
+            let k = self.buf[at + 4];
+            if let Some(t) = self.track.as_mut() {
+                t.0.written((t.1)(k, &self.buf[at + 5..at + 4 + len]));
+            }
+            self.acks -= u32::from(k == kind::ACK);
             self.frame_head += 4 + len;
             self.frames -= 1;
-            self.done += 1;
+            if self.front > 0 {
+                self.front -= 1;
+            } else {
+                self.done += 1;
+            }
+        }
+        if self.tail_ack != NO_ACK && self.tail_ack < self.frame_head {
+            self.tail_ack = NO_ACK;
         }
         if self.frame_head == self.buf.len() {
             self.buf.clear();
             self.head = 0;
             self.frame_head = 0;
         } else if self.frame_head >= COALESCE_BYTES && self.frame_head * 2 >= self.buf.len() {
+            if self.tail_ack != NO_ACK {
+                self.tail_ack -= self.frame_head;
+            }
             self.buf.drain(..self.frame_head);
             self.head -= self.frame_head;
             self.frame_head = 0;
@@ -332,7 +441,8 @@ const FROM_BROKER: u32 = u32::MAX;
 
 /// Frames received over sockets and not yet dispatched, as 16-aligned records so that a
 /// message body can be decoded in place (its data must be 16-aligned): a 16-byte header
-/// (`from u32, kind u8, 3 pad, len u32, 4 pad`), the body, padding to 16.
+/// (`from u32, kind u8, 3 pad, len u32, conn u32`: the low 32 bits of the id of the
+/// connection it came on), the body, padding to 16.
 #[derive(Default)]
 pub(crate) struct Inbox {
     buf: AlignedVec,
@@ -340,8 +450,8 @@ pub(crate) struct Inbox {
 }
 
 impl Inbox {
-    pub(crate) fn push(&mut self, from: Peer, kind: u8, body: &[u8]) {
-        let from = match from {
+    pub(crate) fn push(&mut self, link: Link, kind: u8, body: &[u8]) {
+        let from = match link.peer {
             Peer::Slot(s) => s,
             Peer::Broker => FROM_BROKER,
         };
@@ -349,6 +459,7 @@ impl Inbox {
         h[0..4].copy_from_slice(&from.to_le_bytes());
         h[4] = kind;
         h[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        h[12..16].copy_from_slice(&(link.conn as u32).to_le_bytes());
         self.buf.extend_from_slice(&h);
         self.buf.extend_from_slice(body);
         let pad = body.len().next_multiple_of(16) - body.len();
@@ -365,15 +476,18 @@ impl Inbox {
         self.buf.len()
     }
 
-    /// Hand every record to `f` as `(from, kind, body)` (body 16-aligned), then empty the box.
-    pub(crate) fn drain(&mut self, mut f: impl FnMut(Peer, u8, &[u8])) {
+    /// Hand every record to `f` as `(from, kind, body)` (body 16-aligned; the link's `conn`
+    /// is the low 32 bits of the connection id), then empty the box.
+    pub(crate) fn drain(&mut self, mut f: impl FnMut(Link, u8, &[u8])) {
         let mut at = 0;
         while at + 16 <= self.buf.len() {
             let from = u32::from_le_bytes(self.buf[at..at + 4].try_into().expect("4 bytes"));
             let kind = self.buf[at + 4];
             let len = u32::from_le_bytes(self.buf[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
+            let conn = u32::from_le_bytes(self.buf[at + 12..at + 16].try_into().expect("4 bytes"));
             let body = &self.buf[at + 16..at + 16 + len];
-            f(if from == FROM_BROKER { Peer::Broker } else { Peer::Slot(from) }, kind, body);
+            let peer = if from == FROM_BROKER { Peer::Broker } else { Peer::Slot(from) };
+            f(Link { peer, conn: u64::from(conn) }, kind, body);
             at += 16 + len.next_multiple_of(16);
         }
         self.buf.clear();
@@ -537,16 +651,47 @@ mod tests {
     }
 
     #[test]
+    fn acks_ride_outside_the_bounds_and_the_tail_one_is_rewritten() {
+        let mut q = OutQueue::new(2, 1 << 20);
+        assert!(q.push(6, &[b"a"]));
+        q.push_ack(1);
+        q.push_ack(2);
+        assert_eq!(q.len(), 1, "acknowledgements are not counted");
+        assert!(q.push(6, &[b"b"]));
+        assert!(q.is_full());
+        q.push_ack(3);
+        let (a, b) = pair();
+        q.write(a.as_fd()).unwrap();
+        assert_eq!(q.len(), 0);
+        q.push_ack(4);
+        assert_eq!(q.pending_bytes(), 13, "one more ACK frame: the last one is written already");
+        q.take_unwritten(|k, _| k == kind::ACK);
+        assert_eq!((q.len(), q.pending_bytes()), (0, 0));
+        let mut r = FrameReader::new(64);
+        r.fill(b.as_fd(), None, usize::MAX).unwrap();
+        let mut got = Vec::new();
+        while let Some((k, body)) = r.next_frame().unwrap() {
+            got.push((k, body.to_vec()));
+        }
+        let ack = |t: u64| (kind::ACK, t.to_le_bytes().to_vec());
+        assert_eq!(got, vec![(6, b"a".to_vec()), ack(2), (6, b"b".to_vec()), ack(3)]);
+    }
+
+    #[test]
     fn inbox_bodies_are_aligned_and_in_order() {
         let mut ib = Inbox::default();
-        ib.push(Peer::Slot(1), 6, b"abc");
-        ib.push(Peer::Slot(2), 7, &[9u8; 33]);
-        ib.push(Peer::Broker, 8, b"");
+        let on = |peer, conn| Link { peer, conn };
+        ib.push(on(Peer::Slot(1), 3), 6, b"abc");
+        ib.push(on(Peer::Slot(2), 4), 7, &[9u8; 33]);
+        ib.push(on(Peer::Broker, 5 + (1 << 32)), 8, b"");
         let mut got = Vec::new();
+        let mut conns = Vec::new();
         ib.drain(|from, kind, body| {
             assert_eq!(body.as_ptr() as usize % 16, 0);
-            got.push((from, kind, body.to_vec()));
+            got.push((from.peer, kind, body.to_vec()));
+            conns.push(from.conn);
         });
+        assert_eq!(conns, vec![3, 4, 5], "each record keeps the low 32 bits of its connection id");
         assert_eq!(
             got,
             vec![(Peer::Slot(1), 6, b"abc".to_vec()), (Peer::Slot(2), 7, vec![9u8; 33]), (Peer::Broker, 8, vec![])]

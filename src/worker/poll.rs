@@ -346,13 +346,18 @@ impl Worker {
         Ok((n, more))
     }
 
-    /// Drain the data path into our callbacks.
+    /// Drain the data path into our callbacks. On the socket transport the sockets are
+    /// written after the events our callbacks published are queued: those events, the
+    /// broker's relays and our acknowledgement of the pass go out in one `send` per
+    /// connection.
     fn drain_path(&mut self) -> Drained {
         self.prepare_callbacks();
-        let conns = self.ctl.as_mut().map(|c| c as &mut dyn Connections);
         let mut sink = Delivery { subs: &mut self.subs, stats: &mut self.stats, geo: &self.geo, cx: &mut self.cx };
-        let drained = self.path.drain(&mut sink, conns);
+        let drained = self.path.drain(&mut sink);
         self.send_queued();
+        if let (Some(p), Some(c)) = (self.path.socket_mut(), self.ctl.as_mut()) {
+            c.write(p);
+        }
         drained
     }
 

@@ -41,11 +41,17 @@
 //! What is reported and what is not (see the README, "Socket transport"): gaps in a
 //! publisher's sequence, including the first events of a restarted publisher's new
 //! incarnation ([`seq`]), and events a full destination queue dropped, become `lost`
-//! notices. Events in a killed receiver's socket buffer, frame reader and inbox, and events a
-//! killed publisher still had queued, are gone without a notice: the broker knows only what
-//! the kernel took, not what the receiver consumed (that would take per-slot delivery
-//! acknowledgements).
+//! notices. So do the events a killed receiver was sent and never dispatched (in its socket
+//! buffer, frame reader or inbox): receivers acknowledge what they dispatched at the end of
+//! each dispatch pass (`ACK` frames), the broker keeps what it wrote and was not
+//! acknowledged per connection, and when a connection ends that becomes `lost` notices for
+//! the slot's next holder, ahead of what still waits for it ([`ack`]; too high by at most the
+//! events of the pass during which the receiver died, never too low). Events a killed
+//! publisher still had queued are gone without a notice, and what a dead broker held is
+//! told only through the receivers' sequence gaps.
 
+mod ack;
+mod owed;
 pub(crate) mod seq;
 
 use std::time::{Duration, Instant};
@@ -60,6 +66,7 @@ use crate::message::{self, Kind};
 use crate::wire::frame::{Body, kind};
 use crate::wire::queue::{COALESCE_BYTES, Inbox, OutQueue};
 use crate::wire::{Connections, DataPlane, Link, Peer};
+use ack::AckCount;
 use seq::{STAMP_LEN, Sequencer, Stamp, UNSEQUENCED, Verdict};
 
 /// (broker) Bytes queued for a connected destination above which the broker stops reading
@@ -93,6 +100,8 @@ struct DestState {
     progress: (u64, Option<Instant>),
     /// Since when it has had no connection (`None`: connected, or not seen yet).
     detached_since: Option<Instant>,
+    /// The process id of its last attached worker (0: none yet).
+    pid: i32,
 }
 
 /// This process's end of the socket transport.
@@ -119,6 +128,8 @@ pub(crate) struct SocketPort {
     broker_id: u64,
     /// (broker) Flow-control state per destination slot.
     dests: Vec<DestState>,
+    /// (client) Data frames dispatched from the broker connection (`ack.rs`).
+    acks: AckCount,
     pub(crate) counters: PortCounters,
 }
 
@@ -139,13 +150,14 @@ impl SocketPort {
             unique_capacity,
             serving: false,
             client_out: OutQueue::new(max_queue_len, CLIENT_QUEUE_BYTES),
-            slot_out: (0..geo.slots).map(|_| OutQueue::new(usize::MAX, dest_cap)).collect(),
+            slot_out: (0..geo.slots).map(|_| OutQueue::new(usize::MAX, dest_cap).track_acks(ack::classify)).collect(),
             dest_cap,
             inbox: Inbox::default(),
             seq: Sequencer::new(geo.slots),
             dedup: None,
             broker_id: 0,
             dests: vec![DestState::default(); geo.slots as usize],
+            acks: AckCount::default(),
             counters: PortCounters::default(),
         }
     }
@@ -366,9 +378,19 @@ impl SocketPort {
     pub(crate) fn dispatch(&mut self, sink: &mut dyn Deliver) -> usize {
         let mut inbox = std::mem::take(&mut self.inbox);
         let mut n = 0;
-        inbox.drain(|from, k, body| n += self.dispatch_frame(from, k, body, sink));
+        let mut acked = false;
+        inbox.drain(|from, k, body| {
+            n += self.dispatch_frame(from.peer, k, body, sink);
+            if from.peer == Peer::Broker && !self.serving {
+                acked |= self.acks.count(from.conn);
+            }
+        });
         if self.inbox.is_empty() {
             self.inbox = inbox;
+        }
+        if acked {
+            // Behind what the callbacks published in this pass: one write for both.
+            self.client_out.push_ack(self.acks.total());
         }
         n
     }
@@ -483,8 +505,14 @@ impl SocketPort {
                 d.progress = (q.written(), None);
                 let since = *d.detached_since.get_or_insert(now);
                 d.stalled = now.duration_since(since) >= STALL_AFTER;
-                if now.duration_since(since) >= DETACHED_KEEP && q.len() > 0 {
-                    self.counters.lost_outbound += drop_queue(&mut self.slot_out[t], self.geo, self.max_payload_len);
+                if now.duration_since(since) >= DETACHED_KEEP {
+                    // What its last connection was sent and never dispatched is owed too
+                    // (otherwise settled when the next connection writes: `outbound`).
+                    let q = &mut self.slot_out[t];
+                    self.counters.lost_outbound += ack::settle_unacked(q);
+                    if q.len() > 0 {
+                        self.counters.lost_outbound += owed::drop_queue(q, self.geo, self.max_payload_len);
+                    }
                 }
                 continue;
             }
@@ -528,16 +556,54 @@ impl SocketPort {
 }
 
 impl DataPlane for SocketPort {
-    fn receive(&mut self, from: Peer, kind: u8, body: &[u8]) {
+    fn receive(&mut self, from: Link, kind: u8, body: &[u8]) {
         self.inbox.push(from, kind, body);
     }
 
-    fn outbound(&mut self, link: Link) -> Option<&mut OutQueue> {
-        let q = match link.peer {
-            Peer::Broker => Some(&mut self.client_out),
-            Peer::Slot(s) => self.slot_out.get_mut(s as usize),
+    fn welcomed(&mut self, link: Link, pid: i32) {
+        let Peer::Slot(s) = link.peer else { return };
+        let (Some(q), Some(d)) = (self.slot_out.get_mut(s as usize), self.dests.get_mut(s as usize)) else {
+            return;
         };
-        q.map(|q| q.on_conn(link.conn))
+        if q.conn() != link.conn && pid > 0 && d.pid == pid {
+            // The same process again (it reconnected): what it never read on its old
+            // connection shows as gaps in the publishers' sequences, exactly, while a notice
+            // would count what it dispatched without acknowledging, and its credit could
+            // hide a later gap.
+            q.take_unacked();
+        }
+        d.pid = pid;
+    }
+
+    fn ack(&mut self, from: Link, total: u64) {
+        if let Some(q) = self.outbound(from) {
+            q.ack(total);
+        }
+    }
+
+    fn outbound(&mut self, link: Link) -> Option<&mut OutQueue> {
+        match link.peer {
+            Peer::Broker => {
+                let q = &mut self.client_out;
+                if q.conn() != link.conn {
+                    // Acknowledgements are of one connection: those not written go, and the
+                    // new connection's total (frames that came with its WELCOME) is queued.
+                    q.rewind();
+                    q.take_unwritten(|k, _| k == kind::ACK);
+                    if let Some(total) = self.acks.total_for(link.conn) {
+                        q.push_ack(total);
+                    }
+                }
+                Some(q.on_conn(link.conn))
+            }
+            Peer::Slot(s) => {
+                let q = self.slot_out.get_mut(s as usize)?;
+                if q.conn() != link.conn {
+                    self.counters.lost_outbound += ack::settle_unacked(q);
+                }
+                Some(q.on_conn(link.conn))
+            }
+        }
     }
 
     fn links_seen(&mut self, connected: &[u32], now: Instant) {
@@ -547,55 +613,6 @@ impl DataPlane for SocketPort {
     fn read_budget(&self, from: u32) -> usize {
         SocketPort::read_budget(self, from)
     }
-}
-
-/// Drop everything queued for a slot gone for good: each "all" event becomes a lost notice
-/// owed to the slot (by publisher), and lost notices already queued are owed again. Returns
-/// the events dropped (unique ones included).
-fn drop_queue(q: &mut OutQueue, geo: Geometry, max_payload_len: usize) -> u64 {
-    let mut owed: Vec<(u32, u64)> = Vec::new();
-    let mut msg = AlignedVec::<16>::new();
-    let mut dropped = 0u64;
-    q.drain_frames(|k, body| {
-        let (origin, count) = match k {
-            // A unique event (unstamped) is counted dropped but owes no notice: notices
-            // count "all" events, which the receiver takes off its next sequence gap.
-            kind::DELIVER if body.starts_with(&UNSEQUENCED) => {
-                dropped += 1;
-                return;
-            }
-            kind::DELIVER => {
-                msg.clear();
-                msg.extend_from_slice(body.get(STAMP_LEN..).unwrap_or_default());
-                match message::decode(&msg, geo.workers, geo.agent, max_payload_len) {
-                    Ok(d) => match d.event.wid {
-                        Some(w) => {
-                            dropped += 1;
-                            (geo.slot_of(w), 1)
-                        }
-                        None => return,
-                    },
-                    Err(_) => return,
-                }
-            }
-            kind::LOST => {
-                let mut b = Body(body);
-                match (b.u32(), b.u64()) {
-                    (Ok(o), Ok(c)) => (o, c),
-                    _ => return,
-                }
-            }
-            _ => return,
-        };
-        match owed.iter_mut().find(|(o, _)| *o == origin) {
-            Some(e) => e.1 = e.1.saturating_add(count),
-            None => owed.push((origin, count)),
-        }
-    });
-    for (origin, count) in owed {
-        q.note_lost_n(origin, count);
-    }
-    dropped
 }
 
 /// Queue `msg` for one destination, the owed lost notices first; false (and a notice owed)

@@ -1,0 +1,170 @@
+//! Delivery acknowledgements of the socket transport: what a killed receiver never
+//! dispatched is reported lost to its successor.
+//!
+//! A receiver counts the data frames (`DELIVER`, `LOST`) it has dispatched from its broker
+//! connection ([`AckCount`]) and queues an `ACK` frame with that running total at the end of
+//! every dispatch pass that dispatched any: behind the events its callbacks published in the
+//! pass, so both go out in one `send` (a pure receiver makes one write per pass). The broker
+//! records what it completely wrote into each receiver's socket as runs `(origin, count)`
+//! (`wire/unacked.rs`; [`classify`] says what a frame counts for) and pops them at each
+//! `ACK`. When the receiver's connection ends, what it never acknowledged
+//! ([`settle_unacked`], when the slot's next connection first writes, or when the slot's
+//! queue expires) becomes `LOST` notices by publisher, put ahead of whatever is still
+//! queued for the slot, so its next holder hears of them first (a receiver that has seen
+//! nothing of a publisher yet takes the notice as it is: its first event of that publisher
+//! starts the sequence count, no gap credit lingers).
+//!
+//! The count can be too high, never too low: the events of the pass during which the
+//! receiver died ran, but their acknowledgement was never sent. A worker that reconnects to
+//! the same broker (same process id) is not sent notices: what it never read on the old
+//! connection shows as gaps in the publishers' sequences, exactly, and the frames it read
+//! there it dispatches. A clean close acknowledges first (the `ACK` is written before the
+//! connection closes), so it leaves nothing to report.
+
+use super::seq::{STAMP_LEN, UNSEQUENCED};
+use crate::wire::frame::{Body, kind};
+use crate::wire::queue::OutQueue;
+use crate::wire::unacked::Tag;
+
+/// What a frame the broker wrote to a receiver counts for if it is never dispatched: an
+/// "all" event 1 event of its publisher, a `LOST` notice its count, a unique event nothing
+/// (lost notices count "all" events only; see `drop_queue`).
+pub(super) fn classify(k: u8, body: &[u8]) -> Tag {
+    const NOTHING: Tag = Tag::NOTHING;
+    match k {
+        kind::DELIVER if body.starts_with(&UNSEQUENCED) => NOTHING,
+        kind::DELIVER => match body.get(STAMP_LEN..).and_then(crate::message::origin_of) {
+            Some(origin) => Tag { origin, each: 1 },
+            None => NOTHING,
+        },
+        kind::LOST => {
+            let mut b = Body(body);
+            match (b.u32(), b.u64()) {
+                (Ok(origin), Ok(each)) => Tag { origin, each },
+                _ => NOTHING,
+            }
+        }
+        _ => NOTHING,
+    }
+}
+
+/// (broker) The connection `q` wrote to is gone: what it wrote and was never acknowledged
+/// becomes `LOST` notices (one per publisher) at the front of the queue, ahead of what
+/// waits there. Returns the events reported (they count as dropped for that destination).
+pub(super) fn settle_unacked(q: &mut OutQueue) -> u64 {
+    let (owed, frames) = q.take_unacked();
+    if frames == 0 {
+        return 0;
+    }
+    // Nothing more is written on the old connection: a frame it took in part goes whole
+    // to the next one, behind the notices.
+    q.rewind();
+    let mut events = 0u64;
+    for (origin, count) in owed.into_iter().rev() {
+        events = events.saturating_add(count);
+        q.push_front(kind::LOST, &[&origin.to_le_bytes(), &count.to_le_bytes()]);
+    }
+    tracing::debug!(frames, events, "a worker's connection ended with events it never acknowledged");
+    events
+}
+
+/// (client) Data frames dispatched from the current broker connection.
+#[derive(Debug, Default)]
+pub(super) struct AckCount {
+    /// The low 32 bits of the connection's id (0: none yet; ids start at 1).
+    conn: u64,
+    /// Frames of it dispatched.
+    total: u64,
+}
+
+impl AckCount {
+    /// A frame from the broker that came on connection `conn` (the inbox's low 32 bits)
+    /// was dispatched: count it if it is of the current connection (a newer one starts a new
+    /// count; a frame of an older one is not that broker's to hear of). True when counted.
+    pub(super) fn count(&mut self, conn: u64) -> bool {
+        if conn == self.conn {
+            self.total = self.total.saturating_add(1);
+        } else if conn > self.conn {
+            (self.conn, self.total) = (conn, 1);
+        } else {
+            return false;
+        }
+        true
+    }
+
+    /// The total to acknowledge on connection `conn` (full id), if any.
+    pub(super) fn total_for(&self, conn: u64) -> Option<u64> {
+        (self.total > 0 && u64::from(conn as u32) == self.conn).then_some(self.total)
+    }
+
+    /// The total of the current connection.
+    pub(super) fn total(&self) -> u64 {
+        self.total
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_per_connection() {
+        let mut a = AckCount::default();
+        assert!(a.count(1) && a.count(1));
+        assert_eq!(a.total_for(1), Some(2));
+        assert!(a.count(3), "a newer connection starts over");
+        assert!(!a.count(1), "a frame of an older connection is not counted");
+        assert_eq!((a.total_for(3), a.total_for(1)), (Some(1), None));
+        assert_eq!(a.total_for(3 + (1 << 32)), Some(1), "the inbox keeps the low 32 bits");
+    }
+
+    #[test]
+    fn unacknowledged_frames_become_notices_ahead_of_the_queue() {
+        let mut q = OutQueue::new(usize::MAX, 1 << 20).track_acks(classify);
+        let msg = |origin: u32| {
+            let mut m = vec![0u8; 16];
+            m[8..12].copy_from_slice(&origin.to_le_bytes());
+            m
+        };
+        let stamp = [1u8; STAMP_LEN];
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let t0 = q.ticket();
+        for origin in [1, 1, 2] {
+            assert!(q.push(kind::DELIVER, &[&stamp, &msg(origin)]));
+        }
+        assert!(q.push(kind::DELIVER, &[&UNSEQUENCED, &msg(1)]));
+        assert!(q.push(kind::LOST, &[&2u32.to_le_bytes(), &5u64.to_le_bytes()]));
+        let written = q.on_conn(1);
+        written.write(std::os::fd::AsFd::as_fd(&a)).unwrap();
+        assert_eq!(q.done(), t0 + 5);
+        assert!(q.ack(1));
+        // One more event waits, unwritten, when the connection dies.
+        assert!(q.push(kind::DELIVER, &[&stamp, &msg(2)]));
+        assert_eq!(settle_unacked(&mut q), 1 + 1 + 5);
+        assert_eq!(q.len(), 3, "two notices, then the event that waited");
+        let mut frames = Vec::new();
+        q.drain_frames(|k, body| frames.push((k, body.to_vec())));
+        let notice = |o: u32, c: u64| [o.to_le_bytes().as_slice(), &c.to_le_bytes()].concat();
+        assert_eq!(frames[0], (kind::LOST, notice(1, 1)));
+        assert_eq!(frames[1], (kind::LOST, notice(2, 6)));
+        assert_eq!(frames[2].0, kind::DELIVER);
+        assert_eq!(settle_unacked(&mut q), 0, "nothing twice");
+        drop(b);
+    }
+
+    #[test]
+    fn notices_inserted_in_front_keep_tickets() {
+        let mut q = OutQueue::new(usize::MAX, 1 << 20).track_acks(classify);
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        assert!(q.push(kind::DELIVER, &[&UNSEQUENCED, &[0u8; 16]]));
+        let ticket = q.ticket();
+        assert!(q.push_front(kind::LOST, &[&1u32.to_le_bytes(), &3u64.to_le_bytes()]));
+        assert!(q.done() < ticket);
+        q.on_conn(1).write(std::os::fd::AsFd::as_fd(&a)).unwrap();
+        assert_eq!(q.done(), ticket, "the unique event's ticket is reached once it is written, not before");
+        assert_eq!(q.take_unacked(), (vec![(1, 3)], 2));
+        drop(b);
+    }
+}
