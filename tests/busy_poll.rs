@@ -5,6 +5,8 @@
 //! stamps; every 64th call makes the whole pass. Two workers in this one process share a
 //! real region (or real sockets): nothing here needs a second process.
 
+#![allow(clippy::disallowed_types)] // the test is not the library: std atomic counters
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
