@@ -65,8 +65,13 @@ pub enum Target<'a> {
     /// itself): nothing acknowledged is lost with the broker, but an event handed off whose
     /// acknowledgement had not reached the publisher when the broker died is resent to the
     /// next broker, whose dedup table starts empty, and delivered again: at-least-once
-    /// across a broker crash ([`crate::stats::Stats::unique_resent`] counts the resent events),
-    /// exactly-once otherwise. See ARCHITECTURE.md (G3).
+    /// across a broker crash ([`crate::stats::Stats::unique_resent`] counts the resent events).
+    /// Across a receiver crash too: the socket broker keeps a copy of each unique event it
+    /// wrote into a receiver's socket until the receiver acknowledges having dispatched it,
+    /// and routes it to another live worker (or runs it itself) if the receiver's
+    /// connection ends first; one the receiver ran in its last dispatch pass, before its
+    /// acknowledgement left, runs twice ([`crate::stats::Stats::unique_rerouted`] counts
+    /// the rerouted events). Exactly-once otherwise. See ARCHITECTURE.md (G3).
     Unique(&'a str),
 }
 

@@ -85,9 +85,10 @@ pub fn inspect_reply(body: &[u8]) -> Result<(), String> {
 /// Parse an ACK body (socket transport: a worker's running total of data frames
 /// dispatched) as the broker does. Then replay the same bytes as a peer's doing against the
 /// broker's record of what a receiver was sent (`wire/unacked.rs`): an even byte is a frame
-/// written (its bits pick the publisher and what it counts for), an odd one an
-/// acknowledgement of the total in the (up to) 8 bytes after it. Panics if what is left
-/// owed is more than was written.
+/// written (its bits pick the publisher and what it counts for; one that counts for
+/// nothing is a unique event, whose copy is kept), an odd one an acknowledgement of the
+/// total in the (up to) 8 bytes after it. Panics if what is left owed is more than was
+/// written, or if more copies are handed back than frames were left unacknowledged.
 pub fn ack_body(body: &[u8]) -> Result<u64, String> {
     use crate::wire::unacked::{Tag, Unacked};
     let parsed = crate::control::parse_ack(body);
@@ -97,7 +98,12 @@ pub fn ack_body(body: &[u8]) -> Result<u64, String> {
     while let Some((&op, tail)) = rest.split_first() {
         rest = tail;
         if op & 1 == 0 {
-            u.written(Tag { origin: u32::from(op >> 5), each: u64::from((op >> 1) & 0xf) });
+            let tag = Tag { origin: u32::from(op >> 5), each: u64::from((op >> 1) & 0xf) };
+            if tag.each == 0 {
+                u.written_kept(tag, &[op]);
+            } else {
+                u.written(tag);
+            }
             written += 1;
         } else {
             let (n, tail) = rest.split_at(rest.len().min(8));
@@ -109,6 +115,9 @@ pub fn ack_body(body: &[u8]) -> Result<u64, String> {
     }
     let (owed, frames) = u.take();
     assert!(frames <= written, "{frames} frames left of {written} written");
+    let kept = u.take_orphans();
+    assert!(kept.len() as u64 <= frames, "{} copies handed back for {frames} frames", kept.len());
+    assert!(kept.iter().all(|m| m.len() == 1 && (m[0] >> 1) & 0xf == 0), "a copy of another frame");
     let events: u64 = owed.iter().map(|(_, c)| c).sum();
     assert!(events <= frames * 15, "{events} events owed for {frames} frames");
     parsed

@@ -153,7 +153,11 @@
 //!   acknowledged event never dies with the broker. Its table is private, so a successor
 //!   starts with an empty one: an event handed off whose acknowledgement had not reached
 //!   its publisher is delivered again (at-least-once across a broker crash, counted in
-//!   [`Stats::unique_resent`]; see [`Target::Unique`]).
+//!   [`Stats::unique_resent`]; see [`Target::Unique`]). Across a receiver crash likewise:
+//!   the broker keeps a copy of each unique event it wrote into a receiver's socket until
+//!   the receiver acknowledges it, and routes the ones not acknowledged to another live
+//!   worker when the receiver's connection ends (one the receiver ran in its last dispatch
+//!   pass runs twice; counted in [`Stats::unique_rerouted`]).
 //! * **Worker killed.** The others keep publishing. The rings keep the events for the dead
 //!   slot; when its ring is full they wait in each publisher's backlog (`max_queue_len`), and
 //!   beyond that they are dropped and counted (`Stats::lost_outbound`, and the successor gets

@@ -19,7 +19,7 @@
 //! after installing the recorder).
 //!
 //! Cost: one [`Worker::stats`] snapshot (a few dozen words and one small vector) and one
-//! recorder call per series: 16 + 3 × peers, a few microseconds with a hash-map recorder such
+//! recorder call per series: 19 + 3 × peers, a few microseconds with a hash-map recorder such
 //! as `metrics-exporter-prometheus`. It is not meant for the event path.
 //!
 //! # Wiring it into a proxy
@@ -120,6 +120,8 @@ pub fn export_stats(wid: Wid, stats: &Stats) {
         unique_diverted,
         unique_not_diverted,
         unique_resent,
+        unique_rerouted,
+        unique_unguarded,
         peers,
         corrupt_rings,
     } = stats;
@@ -141,6 +143,8 @@ pub fn export_stats(wid: Wid, stats: &Stats) {
         ("worker_events_corrupt_rings_total", corrupt_rings),
         ("worker_events_unique_diverted_total", unique_diverted),
         ("worker_events_unique_not_diverted_total", unique_not_diverted),
+        ("worker_events_unique_rerouted_total", unique_rerouted),
+        ("worker_events_unique_unguarded_total", unique_unguarded),
     ];
     for (name, value) in counters {
         metrics::counter!(name, "worker" => worker.clone()).absolute(*value);
@@ -202,6 +206,14 @@ pub fn describe() {
     c(
         "worker_events_unique_not_diverted_total",
         "Unique events matching the agent's diversion patterns routed locally (agent not attached).",
+    );
+    c(
+        "worker_events_unique_rerouted_total",
+        "Unique events routed again because their receiver's connection ended before it acknowledged them (socket broker).",
+    );
+    c(
+        "worker_events_unique_unguarded_total",
+        "Unique events whose copy the socket broker stopped keeping before their receiver acknowledged them.",
     );
     describe_gauge!(UNIQUE_PENDING, Unit::Count, "Unique events published and not yet handed on.");
     describe_gauge!(PEER_OUTBOUND_DEPTH, Unit::Count, "Events to the peer not yet consumed (ring plus backlog).");

@@ -69,6 +69,20 @@ pub struct Stats {
     /// target, and died before the acknowledgement came through): each resent event may be
     /// delivered twice (at-least-once across a broker crash; ARCHITECTURE.md §G3).
     pub unique_resent: u64,
+    /// (socket transport, the broker) Unique events this broker had written into a
+    /// receiver's socket and routed again to another worker (or ran itself) because the
+    /// receiver's connection ended before the receiver acknowledged them (killed, or
+    /// disconnected: it had not dispatched them, or had not yet said so). Each may have run
+    /// on the receiver already, in its last dispatch pass: at-least-once across a receiver
+    /// crash (ARCHITECTURE.md §G3). Not counted here: unique events rerouted because their
+    /// target did not take them within the hand-off timeout (never written, they run once).
+    pub unique_rerouted: u64,
+    /// (socket transport, the broker) Unique events written to a receiver of which this
+    /// broker stopped keeping a copy before the receiver acknowledged them: the copies kept
+    /// per connection are bounded (4 MiB plus two frames of the largest size, and 65,536
+    /// events), which only a receiver that does not acknowledge what it dispatches exceeds.
+    /// Such an event is not routed again if its receiver dies (logged once per slot).
+    pub unique_unguarded: u64,
     /// Per-peer queue state (empty until attached).
     pub peers: Vec<PeerStats>,
     /// Inbound rings found holding an impossible record or position (shared memory

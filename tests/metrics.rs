@@ -50,6 +50,8 @@ fn expected(wid: &str, st: &Stats, out: &mut Series) {
     c("corrupt_rings_total", st.corrupt_rings);
     c("unique_diverted_total", st.unique_diverted);
     c("unique_not_diverted_total", st.unique_not_diverted);
+    c("unique_rerouted_total", st.unique_rerouted);
+    c("unique_unguarded_total", st.unique_unguarded);
     c("unique_pending", st.unique_pending);
     for p in &st.peers {
         let peer = match p.wid {
@@ -123,7 +125,7 @@ fn export_matches_stats(transport: Transport, name: &str) {
     let mut want = Series::new();
     expected("0", &s0, &mut want);
     expected("1", &s1, &mut want);
-    assert_eq!(want.len(), 2 * 18 + 2 * 3, "two workers, one peer each");
+    assert_eq!(want.len(), 2 * 20 + 2 * 3, "two workers, one peer each");
     let got = recorded(&recorder);
     assert_eq!(got, want);
 
@@ -157,7 +159,7 @@ fn describe_covers_every_exported_name() {
         worker_events::metrics::export(&w);
     });
     let snap = recorder.snapshotter().snapshot().into_vec();
-    assert_eq!(snap.len(), 18, "in-process worker: no peers");
+    assert_eq!(snap.len(), 20, "in-process worker: no peers");
     for (key, unit, desc, _) in snap {
         assert!(desc.is_some_and(|d| !d.is_empty()), "{} has no description", key.key().name());
         assert_eq!(unit, Some(metrics::Unit::Count));

@@ -138,3 +138,87 @@ fn a_cleanly_closed_receiver_leaves_its_successor_no_lost_notice() {
     assert!(rep.stream("w1", "rk", "e").is_empty(), "nothing was left for the successor");
     assert!(rep.lost.is_empty(), "no lost notice after a clean close: {:?}", rep.lost);
 }
+
+/// Unique events of w1 (payload = hash number) that each child in `ws` ran, by hash.
+fn unique_runs(ws: &mut [&mut Child], src: &str, ev: &str) -> std::collections::BTreeMap<u64, Vec<String>> {
+    let mut m: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    for w in ws.iter_mut() {
+        let name = format!("pid {}", w.pid());
+        for n in w.report().stream("w1", src, ev) {
+            m.entry(n).or_default().push(name.clone());
+        }
+    }
+    m
+}
+
+/// The socket transport: unique events the broker wrote into a receiver's socket and that
+/// the receiver never dispatched are routed again to another worker when it is killed. w0
+/// is the broker, w1 publishes [`UNIQUE_N`] unique events with distinct hashes while w2 is
+/// stopped (about a third are routed to w2 and sit, written and acknowledged to w1, in its
+/// socket); w2 is SIGKILLed; every hash must then run exactly once on w0, w1 or w3 (w2 ran
+/// none of them). Before the fix the events routed to w2 never ran, and nobody was told.
+#[test]
+fn unique_events_in_a_killed_receivers_socket_run_on_another_worker() {
+    const UNIQUE_N: u64 = 300;
+    let _serial = serial();
+    let name = "rk-unique";
+    let dir = TempDir::new(name);
+    let wd = Watchdog::new(name);
+    let mut cfg = Cfg::new(&dir.sock(), 4);
+    cfg.transport = Transport::Socket;
+    let mut w0 = wd.spawn(&cfg, Wid::Worker(0));
+    let mut w1 = wd.spawn(&cfg, Wid::Worker(1));
+    let mut w2 = wd.spawn(&cfg, Wid::Worker(2));
+    let mut w3 = wd.spawn(&cfg, Wid::Worker(3));
+    // Everybody attached and dispatching.
+    let r = w1.publish(Tgt::All, "rk", "warm", 0, 1);
+    assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
+    for w in [&mut w0, &mut w2, &mut w3] {
+        w.until(1);
+    }
+    assert_eq!(w0.report().stat("is_broker"), 1, "w0 is the broker");
+    std::thread::sleep(Duration::from_millis(100));
+    w2.signal(libc::SIGSTOP);
+    w1.send(Cmd::uniq("uq", "u", "h", 0, UNIQUE_N));
+    let r = w1.publish_end();
+    assert_eq!((r.ok, r.err), (UNIQUE_N, 0), "{:?}", r.errors);
+    // Acknowledged to w1 means handed off: written into its target's socket, or run by w0.
+    let t0 = std::time::Instant::now();
+    while w1.report().stat("unique_pending") > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "w1: unique events never acknowledged");
+        w1.cmd(Cmd::Pump { ms: 5 });
+    }
+    // What was routed to w0, w1 and w3 runs there; wait until that count settles (the same
+    // over two intervals of 200 ms).
+    let mut before = unique_runs(&mut [&mut w0, &mut w1, &mut w3], "uq", "u").len() as u64;
+    let mut same = 0;
+    while same < 2 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = unique_runs(&mut [&mut w0, &mut w1, &mut w3], "uq", "u").len() as u64;
+        same = if now == before { same + 1 } else { 0 };
+        before = now;
+    }
+    assert!(before < UNIQUE_N, "none was routed to the stopped w2: the test does not test it");
+    w2.kill();
+    let t0 = std::time::Instant::now();
+    let mut runs = unique_runs(&mut [&mut w0, &mut w1, &mut w3], "uq", "u");
+    while (runs.len() as u64) < UNIQUE_N && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+        runs = unique_runs(&mut [&mut w0, &mut w1, &mut w3], "uq", "u");
+    }
+    std::thread::sleep(Duration::from_millis(300)); // a second run would show up here
+    let runs = unique_runs(&mut [&mut w0, &mut w1, &mut w3], "uq", "u");
+    let missing: Vec<u64> = (0..UNIQUE_N).filter(|n| !runs.contains_key(n)).collect();
+    let twice: Vec<(&u64, &Vec<String>)> = runs.iter().filter(|(_, who)| who.len() > 1).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of the {UNIQUE_N} unique events never ran after their receiver w2 was killed ({before} ran before \
+         the kill), and nobody was told: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    assert!(runs.keys().all(|&n| n < UNIQUE_N));
+    assert!(twice.is_empty(), "w2 ran none of them, yet some ran twice: {twice:?}");
+    let rerouted = w0.report().stat("unique_rerouted");
+    assert_eq!(rerouted, UNIQUE_N - before, "the broker counts the events it routed again");
+}

@@ -52,6 +52,9 @@ pub(crate) struct PortCounters {
     pub dropped: u64,
     /// Inbound rings found corrupt (reported once per episode) or resynchronized at attach.
     pub corrupt_rings: u64,
+    /// (socket broker) Copies of unique events written to a receiver dropped past their
+    /// bound before it acknowledged them (`wire/unacked.rs`).
+    pub unique_unguarded: u64,
 }
 
 /// Queue depths towards and from one peer.
@@ -345,7 +348,7 @@ impl DataPath {
     pub(crate) fn counters(&self) -> PortCounters {
         match self {
             DataPath::Shm(port) => port.counters,
-            DataPath::Socket(p) => p.counters,
+            DataPath::Socket(p) => PortCounters { unique_unguarded: p.unguarded(), ..p.counters },
             _ => PortCounters::default(),
         }
     }

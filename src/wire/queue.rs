@@ -79,8 +79,9 @@ pub(crate) struct OutQueue {
 /// `OutQueue::tail_ack` when there is no such frame.
 const NO_ACK: usize = usize::MAX;
 
-/// What a completely written frame counts for if it is never acknowledged.
-pub(crate) type Classify = fn(kind: u8, body: &[u8]) -> Tag;
+/// What a completely written frame counts for if it is never acknowledged, and the part of
+/// its body to keep until it is (a unique event's message), if any.
+pub(crate) type Classify = fn(kind: u8, body: &[u8]) -> (Tag, Option<&[u8]>);
 
 /// Events of one publisher dropped for a destination.
 #[derive(Debug, Clone, Copy)]
@@ -111,10 +112,34 @@ impl OutQueue {
     }
 
     /// Record every frame completely written from now on as `classify` says, until a
-    /// receiver acknowledges it ([`OutQueue::ack`]; see `wire/unacked.rs`).
-    pub(crate) fn track_acks(mut self, classify: Classify) -> OutQueue {
-        self.track = Some(Box::new((Unacked::default(), classify)));
+    /// receiver acknowledges it ([`OutQueue::ack`]; see `wire/unacked.rs`), keeping at most
+    /// `keep_bytes` of unique-event copies per connection.
+    pub(crate) fn track_acks(mut self, classify: Classify, keep_bytes: usize) -> OutQueue {
+        self.track = Some(Box::new((Unacked::new(keep_bytes), classify)));
         self
+    }
+
+    /// The connection written to is gone (it acknowledges nothing more): the copies of the
+    /// unique events it never acknowledged become orphans ([`Unacked::end_kept`]; so they
+    /// do at [`OutQueue::take_unacked`]). True when there are orphans.
+    pub(crate) fn end_kept(&mut self) -> bool {
+        self.track.as_mut().is_some_and(|t| t.0.end_kept())
+    }
+
+    /// The orphans: unique events written on connections that ended without acknowledging
+    /// them, oldest first ([`Unacked::take_orphans`]).
+    pub(crate) fn take_orphans(&mut self) -> Vec<Box<[u8]>> {
+        self.track.as_mut().map_or_else(Vec::new, |t| t.0.take_orphans())
+    }
+
+    /// [`OutQueue::take_orphans`] has something.
+    pub(crate) fn has_orphans(&self) -> bool {
+        self.track.as_ref().is_some_and(|t| t.0.has_orphans())
+    }
+
+    /// Unique-event copies dropped past their bounds, ever ([`Unacked::unguarded`]).
+    pub(crate) fn unguarded(&self) -> u64 {
+        self.track.as_ref().map_or(0, |t| t.0.unguarded())
     }
 
     /// The receiver dispatched `total` frames of the current connection. False for a
@@ -384,7 +409,10 @@ impl OutQueue {
             }
             let k = self.buf[at + 4];
             if let Some(t) = self.track.as_mut() {
-                t.0.written((t.1)(k, &self.buf[at + 5..at + 4 + len]));
+                match (t.1)(k, &self.buf[at + 5..at + 4 + len]) {
+                    (tag, Some(msg)) => t.0.written_kept(tag, msg),
+                    (tag, None) => t.0.written(tag),
+                }
             }
             self.acks -= u32::from(k == kind::ACK);
             self.frame_head += 4 + len;

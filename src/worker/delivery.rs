@@ -107,6 +107,7 @@ pub(super) fn fold_counters(s: &mut Stats, c: PortCounters) {
     s.lost_outbound += c.lost_outbound;
     s.dropped += c.dropped;
     s.corrupt_rings += c.corrupt_rings;
+    s.unique_unguarded += c.unique_unguarded;
 }
 
 impl Worker {

@@ -13,7 +13,21 @@
 //! Across a broker crash this is at-least-once: an event written to its target whose
 //! acknowledgement had not reached the publisher when the broker died is resent, and the
 //! new broker (its dedup table is private, and empty) delivers it again
-//! ([`crate::stats::Stats::unique_resent`] counts the resent events). See ARCHITECTURE.md §G3.
+//! ([`crate::stats::Stats::unique_resent`] counts the resent events).
+//!
+//! Across a receiver crash too. Handed off is not dispatched: an event written into a
+//! receiver's socket may still be unread there when the receiver is killed. The broker
+//! keeps a copy of each unique event it wrote until the receiver's `ACK` covers it
+//! (`wire/unacked.rs`, bounded per connection), and when the receiver's connection ends
+//! without that (`transport/socket/ack.rs`: killed, or disconnected; a clean close
+//! acknowledges first) the copies come back as orphans, routed again at the next pass
+//! ([`Worker::reroute_orphans`]) exactly as the hand-off reroute does: to another live
+//! worker, ourselves when there is none, a diverted one through [`Worker::undivert`], no
+//! new dedup record. An event the receiver never dispatched runs once, elsewhere; one it
+//! dispatched in its last pass, whose acknowledgement never left, runs twice
+//! ([`crate::stats::Stats::unique_rerouted`] counts the rerouted events). The hand-off
+//! timeout is not that: a live receiver keeps what was written to it, however slow; only
+//! events not written at all are taken back. See ARCHITECTURE.md §G3.
 
 use std::time::{Duration, Instant};
 
@@ -112,12 +126,15 @@ impl Worker {
     /// Cheap when nothing waits. A worker that is no longer the broker forgets everything
     /// (the publishers resend to the next broker).
     pub(super) fn settle_unique(&mut self) {
-        if self.handoffs.idle() {
+        if self.handoffs.idle() && !self.path.socket().is_some_and(|p| p.has_orphans()) {
             return;
         }
         let serving = self.is_broker() && self.path.socket().is_some();
         let Some(port) = self.path.socket().filter(|_| serving) else {
             self.handoffs = Handoffs { local_done: self.handoffs.local_done, ..Handoffs::default() };
+            if let Some(p) = self.path.socket_mut() {
+                p.take_orphans();
+            }
             return;
         };
         let now = Instant::now();
@@ -126,6 +143,7 @@ impl Worker {
             Held::Slot { to, ticket } => !port.handed_off(to, ticket),
             Held::Local { ticket } => local_done < ticket,
         });
+        self.reroute_orphans();
         let mut stuck: Vec<u32> = Vec::new();
         for h in &self.handoffs.pending {
             if let Held::Slot { to, .. } = h.held {
@@ -138,6 +156,35 @@ impl Worker {
             self.reroute_unique(to, now);
         }
         self.send_unique_acks();
+    }
+
+    /// Route again the unique events written into the socket of a worker whose connection
+    /// then ended before it acknowledged them (`transport/socket/ack.rs`): to another live
+    /// worker, or ourselves. Their publishers were acknowledged already, and their hashes
+    /// recorded (a diverted one, never recorded here, is routed as not diverted:
+    /// [`Worker::undivert`]). Each is tracked as our own event, so a target that does not
+    /// take it within [`HANDOFF_TIMEOUT`] passes it on again.
+    fn reroute_orphans(&mut self) {
+        let Some(orphans) = self.path.socket_mut().map(|p| p.take_orphans()) else { return };
+        if orphans.is_empty() {
+            return;
+        }
+        tracing::info!(
+            events = orphans.len(),
+            "a worker's connection ended before it acknowledged its unique events; routing them elsewhere"
+        );
+        for (from, m) in orphans {
+            let mut buf = self.buffer();
+            buf.clear();
+            buf.extend_from_slice(&m);
+            let held = if crate::message::flags(&buf) == crate::message::FLAG_UNIQUE_HASH {
+                self.undivert(buf)
+            } else {
+                self.place_unique(buf, Some(from), crate::sys::monotonic_ns())
+            };
+            self.stats.unique_rerouted += 1;
+            self.track_unique(self.slot, 0, 0, held);
+        }
     }
 
     /// Take the unique events not written at all out of the queue for `to` and route them

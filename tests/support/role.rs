@@ -613,7 +613,7 @@ impl Role {
             out(&format!("@@BROKER {e} {s} {t}"));
         }
         let st = self.worker.stats();
-        let stats: [(&str, u64); 33] = [
+        let stats: [(&str, u64); 35] = [
             ("early_errors", self.early_errors),
             ("early_unique_pending", self.early_unique_pending),
             ("unique_duplicates", st.unique_duplicates),
@@ -647,6 +647,8 @@ impl Role {
             ("unique_diverted", st.unique_diverted),
             ("unique_not_diverted", st.unique_not_diverted),
             ("unique_resent", st.unique_resent),
+            ("unique_rerouted", st.unique_rerouted),
+            ("unique_unguarded", st.unique_unguarded),
         ];
         for (k, v) in stats {
             out(&format!("@@STAT {k} {v}"));

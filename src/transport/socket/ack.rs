@@ -20,19 +20,32 @@
 //! connection shows as gaps in the publishers' sequences, exactly, and the frames it read
 //! there it dispatches. A clean close acknowledges first (the `ACK` is written before the
 //! connection closes), so it leaves nothing to report.
+//!
+//! Unique events are not reported but routed again: the broker keeps a copy of each
+//! unique event it wrote into a receiver's socket until the receiver acknowledges it
+//! (bounded per connection: `wire/unacked.rs`, [`keep_bytes`]), and as soon as it sees the
+//! connection gone (at its next poll, or when the slot's next connection is welcomed or
+//! written to; a reconnecting worker included) the copies not acknowledged become orphans
+//! ([`SocketPort::take_orphans`]),
+//! which the worker routes to another live worker (`worker/handoff.rs`). One that the
+//! receiver dispatched in its last pass, whose acknowledgement never left, runs twice:
+//! at-least-once across a receiver crash (ARCHITECTURE.md §G3).
 
+use super::SocketPort;
 use super::seq::{STAMP_LEN, UNSEQUENCED};
 use crate::wire::frame::{Body, kind};
 use crate::wire::queue::OutQueue;
 use crate::wire::unacked::Tag;
+pub(super) use crate::wire::unacked::keep_bytes;
 
 /// What a frame the broker wrote to a receiver counts for if it is never dispatched: an
 /// "all" event 1 event of its publisher, a `LOST` notice its count, a unique event nothing
-/// (lost notices count "all" events only; see `drop_queue`).
-pub(super) fn classify(k: u8, body: &[u8]) -> Tag {
+/// (lost notices count "all" events only; see `drop_queue`) but its message is kept, to be
+/// routed again.
+pub(super) fn classify(k: u8, body: &[u8]) -> (Tag, Option<&[u8]>) {
     const NOTHING: Tag = Tag::NOTHING;
-    match k {
-        kind::DELIVER if body.starts_with(&UNSEQUENCED) => NOTHING,
+    let tag = match k {
+        kind::DELIVER if body.starts_with(&UNSEQUENCED) => return (NOTHING, body.get(STAMP_LEN..)),
         kind::DELIVER => match body.get(STAMP_LEN..).and_then(crate::message::origin_of) {
             Some(origin) => Tag { origin, each: 1 },
             None => NOTHING,
@@ -45,6 +58,32 @@ pub(super) fn classify(k: u8, body: &[u8]) -> Tag {
             }
         }
         _ => NOTHING,
+    };
+    (tag, None)
+}
+
+impl SocketPort {
+    /// (broker) Unique events written to a worker whose connection then ended without
+    /// acknowledging them, with the slot they were written to: to be routed again.
+    pub(crate) fn take_orphans(&mut self) -> Vec<(u32, Box<[u8]>)> {
+        if !std::mem::take(&mut self.orphans_due) {
+            return Vec::new();
+        }
+        let mut v = Vec::new();
+        for (t, q) in self.slot_out.iter_mut().enumerate() {
+            v.extend(q.take_orphans().into_iter().map(|m| (t as u32, m)));
+        }
+        v
+    }
+
+    /// (broker) [`SocketPort::take_orphans`] may have something.
+    pub(crate) fn has_orphans(&self) -> bool {
+        self.orphans_due
+    }
+
+    /// Unique-event copies the broker dropped past their bounds (`wire/unacked.rs`).
+    pub(crate) fn unguarded(&self) -> u64 {
+        self.slot_out.iter().map(OutQueue::unguarded).sum()
     }
 }
 
@@ -120,7 +159,7 @@ mod tests {
 
     #[test]
     fn unacknowledged_frames_become_notices_ahead_of_the_queue() {
-        let mut q = OutQueue::new(usize::MAX, 1 << 20).track_acks(classify);
+        let mut q = OutQueue::new(usize::MAX, 1 << 20).track_acks(classify, 1 << 20);
         let msg = |origin: u32| {
             let mut m = vec![0u8; 16];
             m[8..12].copy_from_slice(&origin.to_le_bytes());
@@ -154,8 +193,31 @@ mod tests {
     }
 
     #[test]
+    fn unique_events_are_kept_without_their_stamp_until_acknowledged() {
+        let mut q = OutQueue::new(usize::MAX, 1 << 20).track_acks(classify, 1 << 20);
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let stamp = [1u8; STAMP_LEN];
+        assert!(q.push(kind::DELIVER, &[&UNSEQUENCED, b"unique-1"]));
+        assert!(q.push(kind::DELIVER, &[&stamp, &[0u8; 16]]));
+        assert!(q.push(kind::DELIVER, &[&UNSEQUENCED, b"unique-2"]));
+        assert!(q.push(kind::LOST, &[&2u32.to_le_bytes(), &5u64.to_le_bytes()]));
+        q.on_conn(1).write(std::os::fd::AsFd::as_fd(&a)).unwrap();
+        assert!(q.push(kind::DELIVER, &[&UNSEQUENCED, b"never-written"]));
+        assert!(q.ack(1), "unique-1 dispatched");
+        assert_eq!(classify(kind::DELIVER, &[&UNSEQUENCED[..], b"m"].concat()), (Tag::NOTHING, Some(&b"m"[..])));
+        assert_eq!(settle_unacked(&mut q), 1 + 5, "the event and the notice: unique events owe none");
+        assert!(q.has_orphans());
+        let kept: Vec<Vec<u8>> = q.take_orphans().into_iter().map(Vec::from).collect();
+        assert_eq!(kept, vec![b"unique-2".to_vec()], "the one written and never acknowledged");
+        assert!(q.take_orphans().is_empty() && !q.end_kept());
+        assert_eq!(q.len(), 3, "two notices, then the frame never written (rerouted by the hand-off)");
+        drop(b);
+    }
+
+    #[test]
     fn notices_inserted_in_front_keep_tickets() {
-        let mut q = OutQueue::new(usize::MAX, 1 << 20).track_acks(classify);
+        let mut q = OutQueue::new(usize::MAX, 1 << 20).track_acks(classify, 1 << 20);
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         assert!(q.push(kind::DELIVER, &[&UNSEQUENCED, &[0u8; 16]]));

@@ -46,7 +46,9 @@
 //! each dispatch pass (`ACK` frames), the broker keeps what it wrote and was not
 //! acknowledged per connection, and when a connection ends that becomes `lost` notices for
 //! the slot's next holder, ahead of what still waits for it ([`ack`]; too high by at most the
-//! events of the pass during which the receiver died, never too low). Events a killed
+//! events of the pass during which the receiver died, never too low). The unique events in
+//! there are kept (copies, until acknowledged) and, once the connection is gone, handed to
+//! the worker to route elsewhere ([`SocketPort::take_orphans`]). Events a killed
 //! publisher still had queued are gone without a notice, and what a dead broker held is
 //! told only through the receivers' sequence gaps.
 
@@ -130,6 +132,9 @@ pub(crate) struct SocketPort {
     dests: Vec<DestState>,
     /// (client) Data frames dispatched from the broker connection (`ack.rs`).
     acks: AckCount,
+    /// (broker) A slot queue may hold orphans: unique events written to a connection that
+    /// ended before acknowledging them, to be routed again (`ack.rs`).
+    orphans_due: bool,
     pub(crate) counters: PortCounters,
 }
 
@@ -142,7 +147,8 @@ impl SocketPort {
         max_queue_len: usize,
         unique_capacity: usize,
     ) -> SocketPort {
-        let dest_cap = dest_queue_bytes(message::max_message_len(max_payload_len) + STAMP_LEN + 64);
+        let max_frame = message::max_message_len(max_payload_len) + STAMP_LEN + 64;
+        let (dest_cap, keep) = (dest_queue_bytes(max_frame), ack::keep_bytes(max_frame));
         SocketPort {
             me,
             geo,
@@ -150,7 +156,10 @@ impl SocketPort {
             unique_capacity,
             serving: false,
             client_out: OutQueue::new(max_queue_len, CLIENT_QUEUE_BYTES),
-            slot_out: (0..geo.slots).map(|_| OutQueue::new(usize::MAX, dest_cap).track_acks(ack::classify)).collect(),
+            slot_out: (0..geo.slots)
+                .map(|_| OutQueue::new(usize::MAX, dest_cap).track_acks(ack::classify, keep))
+                .collect(),
+            orphans_due: false,
             dest_cap,
             inbox: Inbox::default(),
             seq: Sequencer::new(geo.slots),
@@ -502,6 +511,9 @@ impl SocketPort {
             let q = &self.slot_out[t];
             d.connected = connected.contains(&(t as u32));
             if !d.connected {
+                // Its unique events never acknowledged: routed again at once.
+                self.orphans_due |= self.slot_out[t].end_kept();
+                let q = &self.slot_out[t];
                 d.progress = (q.written(), None);
                 let since = *d.detached_since.get_or_insert(now);
                 d.stalled = now.duration_since(since) >= STALL_AFTER;
@@ -573,6 +585,9 @@ impl DataPlane for SocketPort {
             q.take_unacked();
         }
         d.pid = pid;
+        // Unique events it never acknowledged there are routed again all the same (they
+        // may have been read and not dispatched yet: at-least-once).
+        self.orphans_due |= q.has_orphans();
     }
 
     fn ack(&mut self, from: Link, total: u64) {
@@ -600,6 +615,7 @@ impl DataPlane for SocketPort {
                 let q = self.slot_out.get_mut(s as usize)?;
                 if q.conn() != link.conn {
                     self.counters.lost_outbound += ack::settle_unacked(q);
+                    self.orphans_due |= q.has_orphans();
                 }
                 Some(q.on_conn(link.conn))
             }
