@@ -64,6 +64,13 @@ fn a_new_generation_starts_while_the_old_one_drains() {
         assert!(!old.remove_files().unwrap(), "{what}: generation 1 still runs");
         old0.exit();
         assert!(!old.remove_files().unwrap(), "{what}: worker 1 of generation 1 still runs");
+        // Worker 1 takes the broker role over (it binds the socket anew: for a moment there is
+        // no file at the path); once it serves, both files are there.
+        let limit = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !old1.cmd(Cmd::Status)[0].starts_with("@@STATUS 1 1") {
+            assert!(std::time::Instant::now() < limit, "{what}: worker 1 of generation 1 never took the broker role");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert_eq!(files(&g1), 2, "{what}");
         old1.exit();
         assert!(old.remove_files().unwrap(), "{what}: generation 1 has exited");
