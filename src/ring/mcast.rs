@@ -90,7 +90,7 @@
 //! as it wakes each ring's consumer today: after its commit, one fence and then one `parked`
 //! check per receiver slot (`src/notify.rs`), writing the eventfd of those that sleep.
 
-#![cfg_attr(not(test), allow(dead_code))]
+#![cfg_attr(any(not(test), loom), allow(dead_code))]
 
 use std::collections::VecDeque;
 use std::ptr::NonNull;
@@ -242,15 +242,17 @@ impl RawMcast {
         self.readers
     }
 
-    /// The data area's size in bytes.
-    pub(crate) fn capacity(&self) -> usize {
-        self.cap
-    }
-
     fn cursor(&self, i: usize) -> &CursorLine {
         assert!(i < self.readers);
         // SAFETY: i < readers, so the line is inside the cursor array (type invariant).
         unsafe { self.cursors.add(i).as_ref() }
+    }
+
+    /// The `next_seq` reader `i` stored with its last `read_pos` (observers, benches).
+    pub(crate) fn released_seq(&self, i: usize) -> u64 {
+        let c = self.cursor(i);
+        c.read_pos.load(Ordering::Acquire);
+        c.next_seq.load(Ordering::Relaxed)
     }
 
     /// Data offset of position `pos`.
