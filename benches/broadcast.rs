@@ -65,6 +65,7 @@ fn main() {
     }
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, chunks, chunk) = if quick { (3, 5, 100_000) } else { (7, 10, 200_000) };
+    let ncpus = allowed_cpus().len();
     let child_cpu = pin_pair();
     let load_before = loadavg();
 
@@ -79,10 +80,7 @@ fn main() {
     });
 
     println!();
-    println!(
-        "==== broadcast ring summary: {} CPUs, publisher pinned apart from the readers ====",
-        allowed_cpus().len()
-    );
+    println!("==== broadcast ring summary: {} CPUs, publisher pinned apart from the readers ====", ncpus);
     println!("load average before: {load_before}  after: {}", loadavg());
     println!(
         "{rounds} alternating rounds x {chunks} chunks; rates in M messages/s; ratio = median of per-round ratios"

@@ -96,6 +96,7 @@ use std::collections::VecDeque;
 use std::ptr::NonNull;
 
 use super::{Corrupt, REC_ALIGN};
+use crate::layout::{CursorLine, McastProducerLine};
 use crate::sync::{AtomicU64, Ordering, fence};
 
 mod consumer;
@@ -111,41 +112,6 @@ pub(crate) const MIN_CAPACITY: usize = 256;
 const FLOOR_STEP_DIVISOR: u64 = 8;
 /// Size of a producer or cursor line.
 pub(crate) const LINE: usize = 128;
-
-/// The producer's line: the only word readers poll besides the records.
-#[repr(C, align(128))]
-pub(crate) struct McastProducerLine {
-    /// Position of the oldest intact record (0 until the first lap). Stored before anything
-    /// below it is overwritten, followed by a Release fence.
-    pub floor: AtomicU64,
-    pub _reserved: [AtomicU64; 15],
-}
-
-/// Reader `i`'s cursor line; only that reader writes it.
-#[repr(C, align(128))]
-pub(crate) struct CursorLine {
-    /// Position of the next record to read (a record boundary); Release-stored per batch.
-    pub read_pos: AtomicU64,
-    /// Sequence number expected at `read_pos`, stored (Relaxed) before it.
-    pub next_seq: AtomicU64,
-    /// Messages this reader lost to laps, cumulative (statistics).
-    pub lost: AtomicU64,
-    /// Times this reader was lapped (statistics).
-    pub laps: AtomicU64,
-    pub _reserved: [AtomicU64; 12],
-}
-
-#[cfg(not(loom))]
-const _: () = {
-    use std::mem::{align_of, offset_of, size_of};
-    assert!(size_of::<McastProducerLine>() == LINE && align_of::<McastProducerLine>() == LINE);
-    assert!(size_of::<CursorLine>() == LINE && align_of::<CursorLine>() == LINE);
-    assert!(offset_of!(McastProducerLine, floor) == 0);
-    assert!(offset_of!(CursorLine, read_pos) == 0);
-    assert!(offset_of!(CursorLine, next_seq) == 8);
-    assert!(offset_of!(CursorLine, lost) == 16);
-    assert!(offset_of!(CursorLine, laps) == 24);
-};
 
 /// Bytes of one ring with `readers` cursors and a `cap`-byte data area.
 pub(crate) const fn ring_bytes(readers: usize, cap: usize) -> usize {

@@ -168,6 +168,9 @@ fn lapped_reader_single_thread_exact_count() {
     }
     let lost = c.take_lost();
     assert_eq!(got.first().copied(), Some(3 + lost), "resumed at the floor record");
+    assert_eq!(c.next_seq(), 100);
+    c.release();
+    assert_eq!(m.raw.released_seq(0), 100, "the cursor line says delivered + lost");
     assert_eq!(3 + lost + got.len() as u64, 100);
     assert!(got.windows(2).all(|w| w[1] == w[0] + 1));
     assert_eq!(c.take_lost(), 0, "reported once");
