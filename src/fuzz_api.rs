@@ -561,3 +561,9 @@ impl DedupTable {
 
 mod receive_loop;
 pub use receive_loop::{Delivered, Notices, ReceiveLoop};
+
+// ---------------------------------------------------------------------------------------
+// The broadcast ring (not yet used by the transport)
+
+mod mcast;
+pub use mcast::{McastConsumer, McastProducer, McastRing, mcast_max_body, mcast_ring_bytes};

@@ -124,6 +124,32 @@ pub(crate) struct ConsumerLine {
     pub _reserved: [AtomicU64; 13],
 }
 
+// ---- The broadcast ring of `ring/mcast.rs` (issue 10's per-publisher topology; not yet
+// placed in the region: nothing here uses it and LAYOUT_VERSION is unchanged) ----
+
+/// The producer's line: the only word readers poll besides the records.
+#[repr(C, align(128))]
+pub(crate) struct McastProducerLine {
+    /// Position of the oldest intact record (0 until the first lap). Stored before anything
+    /// below it is overwritten, followed by a Release fence.
+    pub floor: AtomicU64,
+    pub _reserved: [AtomicU64; 15],
+}
+
+/// Reader `i`'s cursor line; only that reader writes it.
+#[repr(C, align(128))]
+pub(crate) struct CursorLine {
+    /// Position of the next record to read (a record boundary); Release-stored per batch.
+    pub read_pos: AtomicU64,
+    /// Sequence number expected at `read_pos`, stored (Relaxed) before it.
+    pub next_seq: AtomicU64,
+    /// Messages this reader lost to laps, cumulative (statistics).
+    pub lost: AtomicU64,
+    /// Times this reader was lapped (statistics).
+    pub laps: AtomicU64,
+    pub _reserved: [AtomicU64; 12],
+}
+
 /// Entries a dedup lookup examines (its probe window); also the smallest table.
 pub(crate) const DEDUP_MAX_PROBE: usize = 32;
 /// Bytes per [`DedupEntry`].
@@ -324,6 +350,18 @@ const _: () = {
     assert!(offset_of!(DedupEntry, tag_hi) == 8);
     assert!(offset_of!(DedupEntry, expires_ns) == 16);
     assert!(offset_of!(DedupEntry, state) == 24);
+};
+
+#[cfg(not(loom))]
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<McastProducerLine>() == 128 && align_of::<McastProducerLine>() == 128);
+    assert!(size_of::<CursorLine>() == 128 && align_of::<CursorLine>() == 128);
+    assert!(offset_of!(McastProducerLine, floor) == 0);
+    assert!(offset_of!(CursorLine, read_pos) == 0);
+    assert!(offset_of!(CursorLine, next_seq) == 8);
+    assert!(offset_of!(CursorLine, lost) == 16);
+    assert!(offset_of!(CursorLine, laps) == 24);
 };
 
 #[cfg(all(test, not(loom)))]

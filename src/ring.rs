@@ -619,6 +619,7 @@ impl RawRing {
 }
 
 mod copy;
+pub(crate) mod mcast;
 mod owed;
 mod resync;
 use resync::{Snapshot, usable_pos, walk};

@@ -1,0 +1,403 @@
+//! Single-producer, multi-consumer **broadcast ring** of variable-length records in shared
+//! memory: one ring per publisher, written once, read by every receiver through its own
+//! cursor (the Disruptor multicast / Agrona broadcast buffer / Aeron log buffer pattern).
+//!
+//! **Status.** This is the building block for the per-publisher topology of issue 10
+//! (`ARCHITECTURE.md` §P, targets P3 and P5: the 1 -> 3 broadcast rate and memory linear in the
+//! number of workers; see "Per-publisher topology (building block)" there). It is **not yet
+//! wired into `transport/shm.rs`**: nothing in the region uses it, and `LAYOUT_VERSION` is
+//! unchanged. Only its tests, its loom models and the hidden `fuzz_api` (for
+//! `benches/broadcast.rs`) use it today.
+//!
+//! # Memory
+//!
+//! One ring is `128 * (1 + readers) + capacity` bytes ([`ring_bytes`]), 128-aligned:
+//!
+//! | offset            | size      | what                                             | written by |
+//! |-------------------|-----------|--------------------------------------------------|------------|
+//! | 0                 | 128       | [`McastProducerLine`]: `floor` at +0             | producer   |
+//! | 128 * (1 + i)     | 128       | [`CursorLine`] of reader `i`: `read_pos` +0, `next_seq` +8, `lost` +16, `laps` +24 | reader `i` |
+//! | 128 * (1 + readers) | capacity | data area (a power of two >= [`MIN_CAPACITY`])  | producer   |
+//!
+//! A record starts on a 64-byte boundary ([`REC_ALIGN`]) and is padded to a multiple of 64; its
+//! 24-byte header ([`MC_HDR`]) is three little-endian words:
+//! - `+0` **commit stamp** `!pos` (the bitwise not of the record's own position), stored last
+//!   with Release, as in the SPSC ring (`src/ring.rs`);
+//! - `+8` `len: u32` (low half) and `flags: u32` (high half, 0: reserved);
+//! - `+16` `seq: u64`, the ring's message sequence number (0 for the first record ever).
+//!
+//! The body follows at `+24` and may wrap around the end of the data area (the header never
+//! does). Positions are byte counts that never wrap (a producer starts at most 2^62 bytes in,
+//! [`usable`], which leaves centuries of writing before a `u64` could overflow). Every access
+//! to the data area is a Relaxed 8-byte atomic word access (`RawMcast::word`), so a hostile
+//! process writing the same bytes is never a data race, only torn contents.
+//!
+//! # Protocol
+//!
+//! **The producer never waits.** It keeps, in private memory, the start positions of the
+//! records still intact in the ring (the last lap). Before it writes a record `[write, end)` it
+//! clears the stamp word of the next slot (`end`), as the SPSC ring does, so a reader that has
+//! caught up polls 0 there, never old body bytes; together, these destroy every record that
+//! starts at or below `end - capacity`. If one of them is still listed, the producer first
+//! advances **`floor`**, the position of the oldest intact record: it drops the starts up to
+//! `end - capacity + capacity / 8` (the eighth amortizes the stores: `floor` moves about eight
+//! times per lap, not per record), stores the new `floor` (Relaxed), and issues a **Release
+//! fence**; only then does it overwrite anything. A record is at most a quarter of the ring
+//! ([`max_body`]), so `floor` always names a committed record (or is 0 in a ring never lapped).
+//!
+//! **A reader validates seqlock-style.** At its `read` position it Acquire-loads the stamp; if
+//! it is `!read` it loads `len`, `seq` and copies the body, then issues an **Acquire fence** and
+//! re-loads `floor`. If `floor > read` the copy may hold overwritten bytes and is thrown away:
+//! the reader is **lapped**. Otherwise every word it read is the committed record: had any load
+//! seen a store the producer made after raising `floor` past `read`, the producer's Release
+//! fence would synchronize with the reader's Acquire fence, and the `floor` load would see the
+//! raised value. The same check decides every other case: a stamp that is 0 or an older lap's
+//! is "nothing yet" unless `floor > read`; any other stamp, a `len` over the limit or non-zero
+//! flags are "lapped" when `floor > read`, else [`Corrupt`].
+//!
+//! **A lapped reader learns exactly what it lost.** It jumps to `floor` (a record boundary the
+//! producer published) and remembers the sequence number it expected next. The first record it
+//! then reads intact carries `seq`; `seq - expected` messages were lost, reported by
+//! [`Consumer::take_lost`]. If it is lapped again before that, it jumps again with the same
+//! expectation. So delivered + lost = published, in order, never a record twice.
+//!
+//! **Cursors.** Reader `i` alone writes its [`CursorLine`]: `next_seq` (Relaxed) then
+//! `read_pos` (Release) at [`Consumer::release`] (per batch, as the SPSC ring). The producer
+//! reads cursors only to keep `min_read`, the lowest `read_pos` of the readers not yet lapped
+//! (`read_pos >= floor`): it re-reads all of them only when it raises `floor` past that minimum
+//! (or when it knows of no live reader), i.e. at most once per eighth of a ring, never per
+//! record. A reader that is lapped (dead, stopped, or never attached: its `read_pos` stays
+//! below `floor`) costs the producer nothing until it reads again. The producer does not need
+//! `min_read` to write; [`Producer::would_lap`] exposes it for callers that choose to pace
+//! themselves (the benches), and for statistics.
+//!
+//! **Restarts.** A restarted producer walks the stamped records from `floor` (at most one
+//! ring), checking that their sequence numbers follow each other, and resumes after the last
+//! committed one with the next sequence number; a record whose stamp was never stored (its
+//! predecessor died while writing it) is overwritten. A restarted reader resumes from its
+//! `read_pos`; if it was lapped meanwhile it resyncs as above (its stored `next_seq` gives the
+//! loss). If its process died between its two cursor stores, the first record it reads intact
+//! tells the truth: it adopts that record's `seq` (a loss computed across such a death may be
+//! short by the last batch, which was delivered anyway).
+//!
+//! **Untrusted memory.** `floor`, cursors and every header word are checked against private
+//! state before use: an unaligned or implausible position, a length over [`max_body`], a
+//! sequence number out of order or a stamp that is neither expected, 0, nor an older lap's is
+//! [`Corrupt`] (to the side that reads it); nothing read is used to address memory without a
+//! bound check. A cursor the producer finds implausible only makes it ignore that reader.
+//!
+//! **Wake-ups** are not part of this module. A publisher on this ring would wake its receivers
+//! as it wakes each ring's consumer today: after its commit, one fence and then one `parked`
+//! check per receiver slot (`src/notify.rs`), writing the eventfd of those that sleep.
+
+#![cfg_attr(any(not(test), loom), allow(dead_code))]
+
+use std::collections::VecDeque;
+use std::ptr::NonNull;
+
+use super::{Corrupt, REC_ALIGN};
+use crate::layout::{CursorLine, McastProducerLine};
+use crate::sync::{AtomicU64, Ordering, fence};
+
+mod consumer;
+mod copy;
+#[cfg_attr(not(any(test, feature = "fuzzing")), allow(unused_imports))]
+pub(crate) use consumer::Consumer;
+
+/// Size of a record header: stamp, len + flags, seq.
+pub(crate) const MC_HDR: usize = 24;
+/// Smallest data area (a record of the largest body is then 64 bytes).
+pub(crate) const MIN_CAPACITY: usize = 256;
+/// `floor` moves past at least this fraction of the ring at a time (an eighth).
+const FLOOR_STEP_DIVISOR: u64 = 8;
+/// Size of a producer or cursor line.
+pub(crate) const LINE: usize = 128;
+
+/// Bytes of one ring with `readers` cursors and a `cap`-byte data area.
+pub(crate) const fn ring_bytes(readers: usize, cap: usize) -> usize {
+    LINE * (1 + readers) + cap
+}
+
+/// Largest body a ring of `cap` bytes takes: its record is a quarter of the ring.
+pub(crate) const fn max_body(cap: usize) -> usize {
+    cap / 4 - MC_HDR
+}
+
+/// Bytes a record with a `len`-byte body occupies.
+pub(crate) const fn record_size(len: usize) -> usize {
+    (MC_HDR + len + REC_ALIGN - 1) & !(REC_ALIGN - 1)
+}
+
+/// The commit stamp of a record at `pos` (never 0: positions are multiples of 64).
+pub(crate) const fn stamp(pos: u64) -> u64 {
+    !pos
+}
+
+/// A position either side may start from: record-aligned and at most 2^62.
+pub(crate) fn usable(pos: u64) -> bool {
+    pos % REC_ALIGN as u64 == 0 && pos <= 1 << 62
+}
+
+/// A body too large for one record of this ring (the caller may split it or drop it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TooLarge {
+    pub len: usize,
+    pub max: usize,
+}
+
+/// Raw view of one broadcast ring.
+///
+/// Invariants: `prod` points to a [`McastProducerLine`] and `cursors` to `readers`
+/// consecutive [`CursorLine`]s; `data` to `cap / 8` consecutive [`AtomicU64`] words (the data
+/// area: 64-aligned memory of `cap` bytes; under loom, an array of loom's atomics); all of it
+/// outlives every producer and consumer built from this view; `cap` is a power of two
+/// >= [`MIN_CAPACITY`].
+#[derive(Clone, Copy)]
+pub(crate) struct RawMcast {
+    prod: NonNull<McastProducerLine>,
+    cursors: NonNull<CursorLine>,
+    readers: usize,
+    data: NonNull<AtomicU64>,
+    cap: usize,
+}
+
+// SAFETY: the pointers refer to memory accessed only through atomics; moving the view
+// between threads is fine.
+unsafe impl Send for RawMcast {}
+
+impl RawMcast {
+    /// A view over the parts of a ring.
+    ///
+    /// # Safety
+    /// The pointers must satisfy the type invariants for as long as the view and anything
+    /// built from it is used; `cap` must be a power of two >= [`MIN_CAPACITY`].
+    pub(crate) unsafe fn from_parts(
+        prod: NonNull<McastProducerLine>,
+        cursors: NonNull<CursorLine>,
+        readers: usize,
+        data: NonNull<AtomicU64>,
+        cap: usize,
+    ) -> Self {
+        assert!(cap.is_power_of_two() && cap >= MIN_CAPACITY);
+        RawMcast { prod, cursors, readers, data, cap }
+    }
+
+    /// A view over [`ring_bytes`]`(readers, cap)` bytes of shared memory at `base`.
+    ///
+    /// # Safety
+    /// `base` must be 128-aligned, valid for [`ring_bytes`] bytes for as long as the view is
+    /// used, and accessed by every process only through this module; `cap` a power of two
+    /// >= [`MIN_CAPACITY`].
+    #[cfg(not(loom))]
+    pub(crate) unsafe fn from_base(base: NonNull<u8>, readers: usize, cap: usize) -> Self {
+        assert!(base.as_ptr() as usize % LINE == 0);
+        // SAFETY: the offsets stay within the ring_bytes(readers, cap) bytes at base
+        // (caller); the lines are 128-aligned and the data area is 128-aligned.
+        unsafe {
+            Self::from_parts(base.cast(), base.add(LINE).cast(), readers, base.add(LINE * (1 + readers)).cast(), cap)
+        }
+    }
+
+    fn prod(&self) -> &McastProducerLine {
+        // SAFETY: valid for the view's lifetime (type invariant); atomics only.
+        unsafe { self.prod.as_ref() }
+    }
+
+    /// The number of cursors.
+    pub(crate) fn readers(&self) -> usize {
+        self.readers
+    }
+
+    fn cursor(&self, i: usize) -> &CursorLine {
+        assert!(i < self.readers);
+        // SAFETY: i < readers, so the line is inside the cursor array (type invariant).
+        unsafe { self.cursors.add(i).as_ref() }
+    }
+
+    /// The `next_seq` reader `i` stored with its last `read_pos` (observers, benches).
+    pub(crate) fn released_seq(&self, i: usize) -> u64 {
+        let c = self.cursor(i);
+        c.read_pos.load(Ordering::Acquire);
+        c.next_seq.load(Ordering::Relaxed)
+    }
+
+    /// Data offset of position `pos`.
+    fn off(&self, pos: u64) -> usize {
+        (pos as usize) & (self.cap - 1)
+    }
+
+    /// The 8-byte word at data offset `off` (a multiple of 8, below `cap`).
+    fn word(&self, off: usize) -> &AtomicU64 {
+        debug_assert!(off % 8 == 0 && off < self.cap);
+        // SAFETY: off / 8 < cap / 8, the number of words at `data` (type invariant); every
+        // process accesses them only atomically.
+        unsafe { self.data.add(off / 8).as_ref() }
+    }
+
+    /// Whether a stamp word `s` found at `pos` means "not written yet": 0 (cleared by the
+    /// producer), or the stamp of an older record at the same offset.
+    fn empty_stamp(&self, s: u64, pos: u64) -> bool {
+        let old = !s;
+        s == 0 || (old < pos && self.off(old) == self.off(pos))
+    }
+
+    /// The header at `pos` if its stamp says a record was committed there: `(len, seq)`,
+    /// `Ok(None)` when empty, `Err` for any other stamp or an impossible length or flags.
+    /// For the producer's restart walk (no concurrent writer).
+    fn read_committed(&self, pos: u64) -> Result<Option<(usize, u64)>, Corrupt> {
+        let off = self.off(pos);
+        let s = self.word(off).load(Ordering::Acquire);
+        if s != stamp(pos) {
+            return if self.empty_stamp(s, pos) { Ok(None) } else { Err(Corrupt) };
+        }
+        let w = self.word(off + 8).load(Ordering::Relaxed);
+        let seq = self.word(off + 16).load(Ordering::Relaxed);
+        let len = (w & 0xffff_ffff) as usize;
+        if len > max_body(self.cap) || w >> 32 != 0 {
+            return Err(Corrupt);
+        }
+        Ok(Some((len, seq)))
+    }
+}
+
+/// The writing end. One per ring in the whole system (the publisher slot's lock).
+pub(crate) struct Producer {
+    ring: RawMcast,
+    /// Next position to write (the committed end: every record is committed as written).
+    write: u64,
+    /// Sequence number of the next record.
+    seq: u64,
+    /// Starts of the intact records, oldest first (its front is `floor` once it was stored).
+    starts: VecDeque<u64>,
+    /// Lowest `read_pos` of the readers not lapped at the last cursor scan; `u64::MAX`: none.
+    min_read: u64,
+    /// Cursor scans made by [`Producer::publish`] (statistics; tests check the amortization).
+    scans: u64,
+}
+
+impl Producer {
+    /// Resume producing on `ring`: walk the committed records from `floor` (at most one ring,
+    /// sequence numbers consecutive) and continue after the last one. `Err` when `floor` is
+    /// unusable or the walk meets an impossible record; a fresh (zeroed) ring starts at 0
+    /// with sequence number 0.
+    pub(crate) fn new(ring: RawMcast) -> Result<Self, Corrupt> {
+        let floor = ring.prod().floor.load(Ordering::Acquire);
+        if !usable(floor) {
+            return Err(Corrupt);
+        }
+        let cap = ring.cap as u64;
+        let mut starts = VecDeque::with_capacity(ring.cap / REC_ALIGN);
+        let (mut pos, mut next) = (floor, None::<u64>);
+        while let Some((len, seq)) = ring.read_committed(pos)? {
+            if next.is_some_and(|n| n != seq) || seq == u64::MAX {
+                return Err(Corrupt);
+            }
+            let end = pos + record_size(len) as u64;
+            if end - floor > cap {
+                return Err(Corrupt);
+            }
+            starts.push_back(pos);
+            next = Some(seq + 1);
+            pos = end;
+        }
+        // `floor` names a committed record once the ring was lapped (module docs).
+        let seq = match next {
+            Some(s) => s,
+            None if floor == 0 => 0,
+            None => return Err(Corrupt),
+        };
+        let mut p = Producer { ring, write: pos, seq, starts, min_read: u64::MAX, scans: 0 };
+        p.scan(floor);
+        Ok(p)
+    }
+
+    /// Largest body one record can carry.
+    pub(crate) fn max_body(&self) -> usize {
+        max_body(self.ring.cap)
+    }
+
+    /// Messages published so far (the sequence number of the next one).
+    pub(crate) fn published(&self) -> u64 {
+        self.seq
+    }
+
+    /// Cursor scans made so far (statistics).
+    pub(crate) fn scans(&self) -> u64 {
+        self.scans
+    }
+
+    /// Re-read every cursor: `min_read` = the lowest plausible `read_pos` at or above
+    /// `floor` (a reader below it is lapped and ignored; one that is unaligned or past the
+    /// write position is ignored too: it will find its own cursor corrupt).
+    fn scan(&mut self, floor: u64) {
+        self.scans += 1;
+        self.min_read = (0..self.ring.readers)
+            .map(|i| self.ring.cursor(i).read_pos.load(Ordering::Acquire))
+            .filter(|&r| r % REC_ALIGN as u64 == 0 && r >= floor && r <= self.write)
+            .min()
+            .unwrap_or(u64::MAX);
+    }
+
+    /// The `floor` that writing a record of `size` bytes requires, if it must move: the first
+    /// intact start above `end - cap + cap / 8` (module docs), or the write position.
+    fn floor_for(&self, size: u64) -> Option<u64> {
+        let dead = (self.write + size).checked_sub(self.ring.cap as u64)?;
+        if self.starts.front().is_none_or(|&f| f > dead) {
+            return None;
+        }
+        let keep_above = dead + self.ring.cap as u64 / FLOOR_STEP_DIVISOR;
+        Some(self.starts.iter().copied().find(|&s| s > keep_above).unwrap_or(self.write))
+    }
+
+    /// Would publishing a `len`-byte body lap a reader that is not lapped yet? Re-reads the
+    /// cursors only when the cached minimum says so. For callers that pace themselves; the
+    /// producer itself never waits.
+    pub(crate) fn would_lap(&mut self, len: usize) -> bool {
+        let Some(floor) = self.floor_for(record_size(len) as u64) else { return false };
+        if floor <= self.min_read {
+            return false;
+        }
+        self.scan(self.starts.front().copied().unwrap_or(self.write));
+        self.scans -= 1; // a pacing caller's re-check, not the publishing path's
+        floor > self.min_read
+    }
+
+    /// Publish one record with body `body`; returns its sequence number. Never waits: a reader
+    /// still reading what this overwrites is lapped (and told by its own checks).
+    pub(crate) fn publish(&mut self, body: &[u8]) -> Result<u64, TooLarge> {
+        let len = body.len();
+        if len > self.max_body() {
+            return Err(TooLarge { len, max: self.max_body() });
+        }
+        let size = record_size(len) as u64;
+        if let Some(floor) = self.floor_for(size) {
+            while self.starts.front().is_some_and(|&s| s < floor) {
+                self.starts.pop_front();
+            }
+            self.ring.prod().floor.store(floor, Ordering::Relaxed);
+            // Orders the floor store before every overwriting store below (module docs).
+            fence(Ordering::Release);
+            if floor > self.min_read || self.min_read == u64::MAX {
+                self.scan(floor);
+            }
+        }
+        let (pos, end) = (self.write, self.write + size);
+        let off = self.ring.off(pos);
+        self.ring.word(off + 8).store(len as u64, Ordering::Relaxed);
+        self.ring.word(off + 16).store(self.seq, Ordering::Relaxed);
+        self.ring.copy_in(pos + MC_HDR as u64, body);
+        // The next slot's stamp word: readers that catch up find 0 there (module docs).
+        self.ring.word(self.ring.off(end)).store(0, Ordering::Relaxed);
+        self.ring.word(off).store(stamp(pos), Ordering::Release);
+        self.starts.push_back(pos);
+        self.write = end;
+        self.seq += 1;
+        Ok(self.seq - 1)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests;
+
+#[cfg(all(test, loom))]
+mod loom_models;

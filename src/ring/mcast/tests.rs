@@ -1,0 +1,293 @@
+//! Unit tests of the broadcast ring over heap memory (threads stand in for processes).
+
+use super::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A ring in private memory with the region's layout (128-aligned base).
+struct Mem {
+    _mem: Vec<u128>,
+    raw: RawMcast,
+}
+
+fn mem(readers: usize, cap: usize) -> Arc<Mem> {
+    let bytes = ring_bytes(readers, cap);
+    let mut v = vec![0u128; bytes / 16 + 8];
+    let base = v.as_mut_ptr().cast::<u8>();
+    let skew = base.align_offset(LINE);
+    // SAFETY: base + skew + bytes stays inside `v` (8 spare u128 = 128 bytes), 128-aligned;
+    // `v` lives as long as the Mem and is accessed only through the view.
+    let raw = unsafe { RawMcast::from_base(NonNull::new(base.add(skew)).unwrap(), readers, cap) };
+    Arc::new(Mem { _mem: v, raw })
+}
+
+// SAFETY: the memory is only accessed through atomics (see RawMcast).
+unsafe impl Sync for Mem {}
+// SAFETY: as above; the Vec moves with the view.
+unsafe impl Send for Mem {}
+
+/// The body of message `seq`: 1..=200 bytes, derived from `seq`.
+fn body(seq: u64) -> Vec<u8> {
+    let len = 1 + (seq.wrapping_mul(7919) % 200) as usize;
+    (0..len).map(|i| (seq as u8).wrapping_add((i as u8).wrapping_mul(31))).collect()
+}
+
+/// A 10-byte body derived from `seq` (a 64-byte record).
+fn small(seq: u64) -> Vec<u8> {
+    (0..10).map(|i| (seq as u8).wrapping_mul(3).wrapping_add(i)).collect()
+}
+
+/// Read everything available; check contents and order; returns (seqs read).
+fn drain(c: &mut Consumer, buf: &mut Vec<u8>) -> Vec<u64> {
+    let mut got = Vec::new();
+    while let Some(seq) = c.next(buf).expect("honest producer") {
+        assert_eq!(*buf, body(seq), "record {seq} torn or stale");
+        got.push(seq);
+    }
+    c.release();
+    got
+}
+
+#[test]
+fn three_keeping_up_consumers_get_every_record() {
+    const N: u64 = 1_000_000;
+    let m = mem(3, 1 << 16);
+    let readers: Vec<_> = (0..3)
+        .map(|i| {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                let mut c = Consumer::new(m.raw, i).unwrap();
+                let (mut buf, mut next) = (Vec::new(), 0u64);
+                while next < N {
+                    match c.next(&mut buf).unwrap() {
+                        Some(seq) => {
+                            assert_eq!(seq, next, "reader {i} out of order");
+                            assert_eq!(buf, body(seq), "reader {i}: record {seq} torn");
+                            next += 1;
+                            if next % 32 == 0 {
+                                c.release();
+                            }
+                        }
+                        None => {
+                            c.release();
+                            std::thread::yield_now();
+                        }
+                    }
+                }
+                c.release();
+                (c.take_lost(), c.laps())
+            })
+        })
+        .collect();
+    let mut p = Producer::new(m.raw).unwrap();
+    for seq in 0..N {
+        let b = body(seq);
+        while p.would_lap(b.len()) {
+            std::thread::yield_now();
+        }
+        assert_eq!(p.publish(&b), Ok(seq));
+    }
+    for r in readers {
+        assert_eq!(r.join().unwrap(), (0, 0), "a keeping-up reader was lapped");
+    }
+    // The publishing path scanned the cursors at most once per floor step (an eighth of
+    // the ring), not per record.
+    assert!(p.scans() <= p.write / (1 << 13) + 1, "{} cursor scans for {N} records", p.scans());
+}
+
+/// A reader that pauses while the producer laps it (threads, no pacing): it never gets a
+/// torn or repeated record, order is kept, and delivered + lost == published exactly.
+#[test]
+fn paused_reader_is_told_exactly_what_it_lost() {
+    const N: u64 = 300_000;
+    let m = mem(2, 4096);
+    let done = Arc::new(crate::sync::AtomicU32::new(0));
+    let (m2, d2) = (m.clone(), done.clone());
+    let reader = std::thread::spawn(move || {
+        let mut c = Consumer::new(m2.raw, 0).unwrap();
+        let (mut buf, mut delivered, mut last) = (Vec::new(), 0u64, None::<u64>);
+        let mut k = 0u64;
+        loop {
+            let finished = d2.load(Ordering::Acquire) != 0;
+            match c.next(&mut buf).unwrap() {
+                Some(seq) => {
+                    assert_eq!(buf, body(seq), "record {seq} torn or stale");
+                    assert!(last.is_none_or(|l| seq > l), "record {seq} after {last:?}");
+                    last = Some(seq);
+                    delivered += 1;
+                    k += 1;
+                    if k % 5000 == 0 {
+                        c.release();
+                        std::thread::sleep(Duration::from_millis(2)); // paused: lapped
+                    }
+                }
+                None if finished => break,
+                None => std::thread::yield_now(),
+            }
+        }
+        c.release();
+        (delivered, c.take_lost(), c.laps())
+    });
+    let mut p = Producer::new(m.raw).unwrap();
+    for seq in 0..N {
+        p.publish(&body(seq)).unwrap();
+        if seq % 1000 == 0 {
+            std::thread::yield_now();
+        }
+    }
+    done.store(1, Ordering::Release);
+    let (delivered, lost, laps) = reader.join().unwrap();
+    assert_eq!(delivered + lost, N, "delivered {delivered} + lost {lost}");
+    assert!(laps > 0 && lost > 0, "the reader was never lapped: the test proves nothing");
+    // Reader 1 never attached, reader 0 paused: lapped, they cost a scan per floor step
+    // (an eighth of the ring) at most, never one per record.
+    assert!(p.scans() <= p.write / 512 + 1, "{} scans for {N} records", p.scans());
+}
+
+#[test]
+fn lapped_reader_single_thread_exact_count() {
+    let m = mem(1, 1024);
+    let mut p = Producer::new(m.raw).unwrap();
+    let mut c = Consumer::new(m.raw, 0).unwrap();
+    let mut buf = Vec::new();
+    for s in 0..5 {
+        p.publish(&small(s)).unwrap();
+    }
+    for s in 0..3 {
+        assert_eq!(c.next(&mut buf).unwrap(), Some(s));
+    }
+    c.release();
+    // Several laps of 64-byte records (16 per lap).
+    for s in 5..100 {
+        p.publish(&small(s)).unwrap();
+    }
+    let mut got = Vec::new();
+    while let Some(s) = c.next(&mut buf).unwrap() {
+        assert_eq!(buf, small(s));
+        got.push(s);
+    }
+    let lost = c.take_lost();
+    assert_eq!(got.first().copied(), Some(3 + lost), "resumed at the floor record");
+    assert_eq!(c.next_seq(), 100);
+    c.release();
+    assert_eq!(m.raw.released_seq(0), 100, "the cursor line says delivered + lost");
+    assert_eq!(3 + lost + got.len() as u64, 100);
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1));
+    assert_eq!(c.take_lost(), 0, "reported once");
+    // The floor's eighth: at most 16 - 2 records kept.
+    assert!(got.len() >= 12 && got.len() <= 15, "{}", got.len());
+}
+
+#[test]
+fn restarted_producer_and_consumer_resume() {
+    let m = mem(2, 1024);
+    let mut buf = Vec::new();
+    let mut c = Consumer::new(m.raw, 0).unwrap();
+    let mut p = Producer::new(m.raw).unwrap();
+    for s in 0..40 {
+        p.publish(&body(s)).unwrap_or_else(|_| panic!("{s}"));
+        if s % 3 == 0 {
+            drain(&mut c, &mut buf);
+        }
+    }
+    drain(&mut c, &mut buf);
+    drop(p);
+    // A successor over the same memory continues the sequence after the last record.
+    let mut p = Producer::new(m.raw).unwrap();
+    assert_eq!(p.published(), 40);
+    assert_eq!(p.publish(&body(40)), Ok(40));
+    assert_eq!(drain(&mut c, &mut buf), [40]);
+    // The reader restarts from its cursor.
+    // (the reader process dies here)
+    let mut c = Consumer::new(m.raw, 0).unwrap();
+    p.publish(&body(41)).unwrap();
+    assert_eq!(drain(&mut c, &mut buf), [41]);
+    // Restarted while lapped: told what it missed.
+    // (the reader process dies here)
+    for s in 42..200 {
+        p.publish(&body(s)).unwrap();
+    }
+    let mut c = Consumer::new(m.raw, 0).unwrap();
+    let got = drain(&mut c, &mut buf);
+    assert_eq!(got.first().copied(), Some(42 + c.take_lost()));
+    assert_eq!(got.last().copied(), Some(199));
+    // A producer killed after writing a record but before its stamp: the record never shows.
+    let pos = p.write;
+    m.raw.word(m.raw.off(pos) + 8).store(3, Ordering::Relaxed);
+    m.raw.word(m.raw.off(pos) + 16).store(200, Ordering::Relaxed);
+    drop(p);
+    let mut p = Producer::new(m.raw).unwrap();
+    assert_eq!((p.write, p.published()), (pos, 200));
+    assert_eq!(drain(&mut c, &mut buf), [] as [u64; 0]);
+    p.publish(&body(200)).unwrap();
+    assert_eq!(drain(&mut c, &mut buf), [200]);
+}
+
+#[test]
+fn too_large_is_refused() {
+    let m = mem(1, 1024);
+    let mut p = Producer::new(m.raw).unwrap();
+    assert_eq!(p.max_body(), 256 - MC_HDR);
+    assert_eq!(p.publish(&[0; 233]), Err(TooLarge { len: 233, max: 232 }));
+    assert_eq!(p.publish(&[0; 232]), Ok(0));
+    assert_eq!(record_size(232), 256);
+}
+
+#[test]
+fn hostile_values_are_corrupt() {
+    let m = mem(1, 1024);
+    let raw = m.raw;
+    let cur = raw.cursor(0);
+    let mut buf = Vec::new();
+    // Unaligned cursor; cursor more than a ring past the floor.
+    cur.read_pos.store(8, Ordering::Relaxed);
+    assert!(Consumer::new(raw, 0).is_err());
+    cur.read_pos.store(2048, Ordering::Relaxed);
+    assert!(Consumer::new(raw, 0).is_err());
+    cur.read_pos.store(0, Ordering::Relaxed);
+    assert!(Consumer::new(raw, 1).is_err(), "no such cursor");
+    // The producer ignores implausible cursors rather than failing.
+    cur.read_pos.store(u64::MAX - 7, Ordering::Relaxed);
+    let mut p = Producer::new(raw).unwrap();
+    for s in 0..20 {
+        assert!(!p.would_lap(10));
+        p.publish(&small(s)).unwrap();
+    }
+    cur.read_pos.store(0, Ordering::Relaxed);
+    // A stamp that is neither expected, 0 nor older, where the floor says "not lapped".
+    let m = mem(1, 1024);
+    let raw = m.raw;
+    let mut p = Producer::new(raw).unwrap();
+    p.publish(b"abc").unwrap();
+    let mut c = Consumer::new(raw, 0).unwrap();
+    raw.word(0).store(0x1234_5678, Ordering::Relaxed);
+    assert_eq!(c.next(&mut buf), Err(Corrupt));
+    raw.word(0).store(stamp(0), Ordering::Relaxed);
+    // Length over the limit; non-zero flags.
+    raw.word(8).store(10_000, Ordering::Relaxed);
+    assert_eq!(c.next(&mut buf), Err(Corrupt));
+    raw.word(8).store(3 | 1 << 32, Ordering::Relaxed);
+    assert_eq!(c.next(&mut buf), Err(Corrupt));
+    raw.word(8).store(3, Ordering::Relaxed);
+    assert_eq!(c.next(&mut buf), Ok(Some(0)));
+    // A sequence number out of order.
+    p.publish(b"def").unwrap();
+    raw.word(64 + 16).store(7, Ordering::Relaxed);
+    assert_eq!(c.next(&mut buf), Err(Corrupt));
+    raw.word(64 + 16).store(1, Ordering::Relaxed);
+    assert_eq!(c.next(&mut buf), Ok(Some(1)));
+    // A floor that is not a record boundary, seen by a reader below it.
+    raw.prod().floor.store(1000, Ordering::Relaxed);
+    assert_eq!(c.next(&mut buf), Err(Corrupt));
+    // The producer's restart: unusable floor; a broken sequence chain; floor on an empty slot.
+    assert!(Producer::new(raw).is_err());
+    raw.prod().floor.store(0, Ordering::Relaxed);
+    raw.word(64 + 16).store(9, Ordering::Relaxed);
+    assert!(Producer::new(raw).is_err());
+    raw.word(64 + 16).store(1, Ordering::Relaxed);
+    assert_eq!(Producer::new(raw).map(|p| p.published()), Ok(2));
+    raw.prod().floor.store(512, Ordering::Relaxed);
+    assert!(Producer::new(raw).is_err());
+    raw.prod().floor.store(!63, Ordering::Relaxed);
+    assert!(Producer::new(raw).is_err());
+}
