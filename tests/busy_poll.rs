@@ -1,9 +1,8 @@
 //! Busy-poll mode (`Worker::set_busy_poll(true)`): a worker that calls `dispatch()` in a
 //! tight loop gets every event in order, is told of every event dropped for it, and still
-//! serves its control socket (as the broker it admits workers that attach later). On shared
-//! memory most of those calls find nothing and return after a look at the rings' next
-//! stamps; every 64th call makes the whole pass. Two workers in this one process share a
-//! real region (or real sockets): nothing here needs a second process.
+//! serves its control socket (as the broker it admits workers that attach later). Two
+//! workers in this one process share a real region (or real sockets): nothing here needs a
+//! second process.
 
 #![allow(clippy::disallowed_types)] // the test is not the library: std atomic counters
 
@@ -95,9 +94,8 @@ fn busy_polling_receiver_on_sockets_gets_every_event_or_a_lost_notice() {
     busy_receiver_gets_everything_or_is_told(Transport::Socket, "sock");
 }
 
-/// The broker busy-polls with nothing to do for a long stretch (on shared memory nearly
-/// every call is the quick look); a worker that attaches meanwhile is admitted, and its
-/// first event reaches the broker's callbacks.
+/// The broker busy-polls with nothing to do for a long stretch; a worker that attaches
+/// meanwhile is admitted, and its first event reaches the broker's callbacks.
 #[test]
 fn busy_polling_broker_admits_a_worker_that_attaches_later() {
     let d = TempDir::new("busy-broker");

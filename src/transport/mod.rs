@@ -139,14 +139,6 @@ impl DataPath {
         }
     }
 
-    /// See [`ShmPort::quiet`]; false on any other data path.
-    pub(crate) fn shm_quiet(&mut self) -> bool {
-        match self {
-            DataPath::Shm(p) => p.quiet(),
-            _ => false,
-        }
-    }
-
     /// The socket port, if that is the data path.
     pub(crate) fn socket_mut(&mut self) -> Option<&mut SocketPort> {
         match self {

@@ -358,25 +358,6 @@ impl ShmPort {
         notify::disarm(self.region.parked_flag(self.me))
     }
 
-    /// Nothing for a busy-polling `dispatch` to do on the rings right now: not armed, no
-    /// backlog to retry, no fenced settle due, and no inbound ring with a committed record
-    /// (one stamp load per ring). A quiet call counts as a drain pass towards the fenced
-    /// settle a release left owed ([`SETTLE_PASSES`]; the pass that reaches it is not
-    /// quiet). Lost counts and owed counts are not looked at: the caller makes a whole pass
-    /// often enough for them (`Worker::dispatch`).
-    pub(crate) fn quiet(&mut self) -> bool {
-        if self.armed || self.backlogged != 0 || self.has_inbound() {
-            return false;
-        }
-        if self.owed_passes > 0 {
-            if self.owed_passes >= SETTLE_PASSES {
-                return false;
-            }
-            self.owed_passes += 1;
-        }
-        true
-    }
-
     /// Whether an inbound ring has a committed record (a few loads; no fence, no flush):
     /// what a dispatch spinning for the next event of a stream polls.
     pub(crate) fn has_inbound(&mut self) -> bool {

@@ -30,10 +30,6 @@ const CONTROL_EVERY: u32 = 256;
 /// While busy (never sleeping in `wait`), look at the control sockets at most this often:
 /// one `epoll_wait(0)`, and the control work only if a control socket is ready.
 const CONTROL_INTERVAL: Duration = Duration::from_millis(1);
-/// A busy-polling `dispatch` that finds nothing on shared memory makes a whole pass (lost
-/// and owed counts, the control-socket checks, the fenced settle) only every this many
-/// calls; the others look at the rings' next stamps and return ([`Worker::idle_fast`]).
-const FAST_IDLE_EVERY: u32 = 64;
 
 /// A dispatch that finds nothing soon after one that delivered (a stream is flowing) keeps
 /// polling the rings this long before arming the wake-up and returning 0: the next event
@@ -121,9 +117,6 @@ pub(super) struct Pacing {
     /// something other than an event made the caller call it (a timer of ours made the fd
     /// readable), so it looks at the control sockets at once (see [`Worker::dispatch`]).
     pub(super) idle_streak: bool,
-    /// Busy-poll calls left that may return after [`Worker::idle_fast`]'s quick look (0:
-    /// the next one makes a whole pass).
-    pub(super) fast_left: u32,
     /// The re-check timer, created at the first arm on shared memory.
     pub(super) recheck: Option<Recheck>,
     /// Creating the re-check timer failed (logged once): `wait` still bounds its sleeps,
@@ -142,7 +135,6 @@ impl Default for Pacing {
             idle_at: None,
             delivered_since_idle: false,
             idle_streak: false,
-            fast_left: 0,
             recheck: None,
             recheck_unavailable: false,
         }
@@ -230,33 +222,7 @@ impl Worker {
     /// ```
     pub fn dispatch(&mut self) -> Result<usize> {
         self.check_fork()?;
-        if self.pacing.busy_poll && self.idle_fast() {
-            return Ok(0);
-        }
         self.dispatch_and(true)
-    }
-
-    /// Busy-poll on shared memory: most calls find nothing, and the time one takes is the
-    /// receiver's detection delay. A call with nothing queued here and nothing on the rings
-    /// ([`ShmPort::quiet`](crate::transport::shm::ShmPort::quiet): one stamp load per
-    /// inbound ring) returns at once, about 40 instructions instead of a whole pass's ~385
-    /// with one peer (callgrind, `benches/hot_path.rs` `WE_HOT_IDLE`); every
-    /// [`FAST_IDLE_EVERY`]-th call still makes the whole pass, so lost counts, a dead
-    /// producer's owed count, the control sockets and the timers are looked at as before,
-    /// within that many calls.
-    fn idle_fast(&mut self) -> bool {
-        if self.unrun_self != 0 || !self.local.is_empty() || self.pending_error.is_some() {
-            return false;
-        }
-        if self.pacing.fast_left == 0 {
-            self.pacing.fast_left = FAST_IDLE_EVERY;
-            return false;
-        }
-        if !self.path.shm_quiet() {
-            return false;
-        }
-        self.pacing.fast_left -= 1;
-        true
     }
 
     /// [`Worker::dispatch`]; `arm`: arm the wake-up (after a stream spin) when nothing is
