@@ -88,9 +88,9 @@ pub const MAX_ORIGIN_HOST_LEN: usize = 255;
 ///
 /// A worker that takes over the id of a killed one is told, this way, of the events its
 /// predecessor was sent and never dispatched. On the socket transport that count can be
-/// too high, never too low: by at most the events of the dispatch pass during which the
-/// predecessor died (their callbacks ran, but their acknowledgement to the broker was never
-/// sent). See ARCHITECTURE.md (G2).
+/// too high, never too low: by the events the predecessor dispatched after its last
+/// acknowledgement to the broker (fewer than 64 more than the dispatch pass during which it
+/// died; none if it died idle). See ARCHITECTURE.md (G2).
 ///
 /// # Examples
 ///

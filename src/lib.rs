@@ -169,10 +169,11 @@
 //!   locks). What a killed publisher had not yet written into a ring (its private backlog) is
 //!   gone with it; a message it was writing is invisible, and one it had streamed in part is
 //!   discarded by its receivers, with a `lost` notice, when its successor starts a message.
-//!   On the socket transport a receiver acknowledges the events it has dispatched at the
-//!   end of each dispatch pass; what the broker had written into a killed receiver's socket
-//!   and it never acknowledged is reported lost to its successor (see [`Lost`]: too high by
-//!   at most the events of the pass during which it died, never too low).
+//!   On the socket transport a receiver acknowledges the events it has dispatched (when it
+//!   goes idle, when it writes anyway, or every 64 frames); what the broker had written into
+//!   a killed receiver's socket and it never acknowledged is reported lost to its successor
+//!   (see [`Lost`]: too high by what it dispatched after its last acknowledgement, never too
+//!   low).
 //! * **Graceful close.** [`Worker::close`] (and `Drop`, bounded to 50 ms) first hands the
 //!   broker role over: it releases the broker lock, then closes the listener and every
 //!   connection, so a successor is elected at once. Then it flushes, within the timeout,

@@ -71,6 +71,11 @@ impl Worker {
             return Err(Error::Forked);
         }
         let deadline = Instant::now() + timeout;
+        if let Some(p) = self.path.socket_mut() {
+            // Everything dispatched is acknowledged before the connection closes (written by
+            // the control polls below), so a clean close leaves the broker nothing to report.
+            p.ack_now(true);
+        }
         if let (Some(p), Some(ctl)) = (self.path.socket_mut(), self.ctl.as_mut()) {
             if ctl.is_broker() {
                 // Socket transport: what this broker queued for attached workers exists

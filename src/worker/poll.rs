@@ -348,7 +348,7 @@ impl Worker {
 
     /// Drain the data path into our callbacks. On the socket transport the sockets are
     /// written after the events our callbacks published are queued: those events, the
-    /// broker's relays and our acknowledgement of the pass go out in one `send` per
+    /// broker's relays and our acknowledgement, when one is due, go out in one `send` per
     /// connection.
     fn drain_path(&mut self) -> Drained {
         self.prepare_callbacks();
@@ -356,6 +356,7 @@ impl Worker {
         let drained = self.path.drain(&mut sink);
         self.send_queued();
         if let (Some(p), Some(c)) = (self.path.socket_mut(), self.ctl.as_mut()) {
+            p.queue_ack();
             c.write(p);
         }
         drained

@@ -2,9 +2,12 @@
 //! dispatched is reported lost to its successor.
 //!
 //! A receiver counts the data frames (`DELIVER`, `LOST`) it has dispatched from its broker
-//! connection ([`AckCount`]) and queues an `ACK` frame with that running total at the end of
-//! every dispatch pass that dispatched any: behind the events its callbacks published in the
-//! pass, so both go out in one `send` (a pure receiver makes one write per pass). The broker
+//! connection ([`AckCount`]) and queues an `ACK` frame with that running total just before it
+//! writes its sockets at the end of a dispatch pass, when it owes one and: the pass found
+//! nothing (it is going idle: a `wait` acknowledges everything before it sleeps), or it has
+//! data to send anyway (the events its callbacks published: both go out in one `send`), or
+//! [`ACK_EVERY`] frames are owed. So a ping-pong costs no write more than without
+//! acknowledgements, and a receiver in a steady stream writes one `ACK` per 64 frames. The broker
 //! records what it completely wrote into each receiver's socket as runs `(origin, count)`
 //! (`wire/unacked.rs`; [`classify`] says what a frame counts for) and pops them at each
 //! `ACK`. When the receiver's connection ends, what it never acknowledged
@@ -14,8 +17,10 @@
 //! nothing of a publisher yet takes the notice as it is: its first event of that publisher
 //! starts the sequence count, no gap credit lingers).
 //!
-//! The count can be too high, never too low: the events of the pass during which the
-//! receiver died ran, but their acknowledgement was never sent. A worker that reconnects to
+//! The count can be too high, never too low: the frames a receiver dispatched after the last
+//! `ACK` it wrote ran, but were never acknowledged: fewer than [`ACK_EVERY`] more than the
+//! pass during which it died (none when it died idle, in `wait` or between a dispatch that
+//! found nothing and the next). A worker that reconnects to
 //! the same broker (same process id) is not sent notices: what it never read on the old
 //! connection shows as gaps in the publishers' sequences, exactly, and the frames it read
 //! there it dispatches. A clean close acknowledges first (the `ACK` is written before the
@@ -107,6 +112,10 @@ pub(super) fn settle_unacked(q: &mut OutQueue) -> u64 {
     events
 }
 
+/// A receiver queues an `ACK` once this many frames are dispatched and not yet acknowledged,
+/// even when it has nothing else to send and keeps finding frames.
+pub(super) const ACK_EVERY: u64 = 64;
+
 /// (client) Data frames dispatched from the current broker connection.
 #[derive(Debug, Default)]
 pub(super) struct AckCount {
@@ -114,6 +123,8 @@ pub(super) struct AckCount {
     conn: u64,
     /// Frames of it dispatched.
     total: u64,
+    /// The total last queued in an `ACK` on it.
+    queued: u64,
 }
 
 impl AckCount {
@@ -124,7 +135,7 @@ impl AckCount {
         if conn == self.conn {
             self.total = self.total.saturating_add(1);
         } else if conn > self.conn {
-            (self.conn, self.total) = (conn, 1);
+            (self.conn, self.total, self.queued) = (conn, 1, 0);
         } else {
             return false;
         }
@@ -136,15 +147,40 @@ impl AckCount {
         (self.total > 0 && u64::from(conn as u32) == self.conn).then_some(self.total)
     }
 
-    /// The total of the current connection.
-    pub(super) fn total(&self) -> u64 {
-        self.total
+    /// The total to queue in an `ACK` now, if any is owed: when `now` (the worker goes idle,
+    /// or writes data anyway), or once [`ACK_EVERY`] frames are owed. It is then taken as
+    /// queued.
+    pub(super) fn take_due(&mut self, now: bool) -> Option<u64> {
+        let owed = self.total - self.queued;
+        if owed == 0 || !(now || owed >= ACK_EVERY) {
+            return None;
+        }
+        self.queued = self.total;
+        Some(self.total)
     }
 }
 
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ack_is_due_when_idle_when_writing_anyway_or_every_64_frames() {
+        let mut a = AckCount::default();
+        assert_eq!(a.take_due(true), None, "nothing dispatched, nothing owed");
+        for _ in 0..10 {
+            a.count(1);
+        }
+        assert_eq!(a.take_due(false), None, "10 frames owed, busy, nothing else to write: not yet");
+        assert_eq!(a.take_due(true), Some(10), "going idle (or writing anyway): now");
+        assert_eq!(a.take_due(true), None, "queued already");
+        for _ in 0..ACK_EVERY {
+            a.count(1);
+        }
+        assert_eq!(a.take_due(false), Some(10 + ACK_EVERY), "64 frames owed: even while busy");
+        a.count(2);
+        assert_eq!(a.take_due(true), Some(1), "a new connection counts from 0");
+    }
 
     #[test]
     fn counts_per_connection() {

@@ -42,11 +42,11 @@
 //! publisher's sequence, including the first events of a restarted publisher's new
 //! incarnation ([`seq`]), and events a full destination queue dropped, become `lost`
 //! notices. So do the events a killed receiver was sent and never dispatched (in its socket
-//! buffer, frame reader or inbox): receivers acknowledge what they dispatched at the end of
-//! each dispatch pass (`ACK` frames), the broker keeps what it wrote and was not
+//! buffer, frame reader or inbox): receivers acknowledge what they dispatched (`ACK` frames,
+//! when idle, when writing anyway, or every 64 frames), the broker keeps what it wrote and was not
 //! acknowledged per connection, and when a connection ends that becomes `lost` notices for
-//! the slot's next holder, ahead of what still waits for it ([`ack`]; too high by at most the
-//! events of the pass during which the receiver died, never too low). The unique events in
+//! the slot's next holder, ahead of what still waits for it ([`ack`]; too high by what the receiver
+//! dispatched after its last `ACK`, never too low). The unique events in
 //! there are kept (copies, until acknowledged) and, once the connection is gone, handed to
 //! the worker to route elsewhere ([`SocketPort::take_orphans`]). Events a killed
 //! publisher still had queued are gone without a notice, and what a dead broker held is
@@ -132,6 +132,8 @@ pub(crate) struct SocketPort {
     dests: Vec<DestState>,
     /// (client) Data frames dispatched from the broker connection (`ack.rs`).
     acks: AckCount,
+    /// (client) The current dispatch pass dispatched frames from the broker.
+    pass_acked: bool,
     /// (broker) A slot queue may hold orphans: unique events written to a connection that
     /// ended before acknowledging them, to be routed again (`ack.rs`).
     orphans_due: bool,
@@ -167,6 +169,7 @@ impl SocketPort {
             broker_id: 0,
             dests: vec![DestState::default(); geo.slots as usize],
             acks: AckCount::default(),
+            pass_acked: false,
             counters: PortCounters::default(),
         }
     }
@@ -397,11 +400,23 @@ impl SocketPort {
         if self.inbox.is_empty() {
             self.inbox = inbox;
         }
-        if acked {
-            // Behind what the callbacks published in this pass: one write for both.
-            self.client_out.push_ack(self.acks.total());
-        }
+        self.pass_acked |= acked;
         n
+    }
+
+    /// (client) Just before the sockets are written at the end of a dispatch pass: queue the
+    /// `ACK` owed, if it is due ([`AckCount::take_due`]: the pass dispatched nothing from the
+    /// broker, or data is queued for it anyway, or 64 frames are owed).
+    pub(crate) fn queue_ack(&mut self) {
+        let now = !std::mem::take(&mut self.pass_acked) || self.client_out.pending_bytes() > 0;
+        self.ack_now(now);
+    }
+
+    /// (client) Queue the `ACK` owed now if `now`, else only once 64 frames are owed.
+    pub(crate) fn ack_now(&mut self, now: bool) {
+        if let Some(total) = self.acks.take_due(now) {
+            self.client_out.push_ack(total);
+        }
     }
 
     fn dispatch_frame(&mut self, from: Peer, k: u8, body: &[u8], sink: &mut dyn Deliver) -> usize {
