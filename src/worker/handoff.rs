@@ -24,7 +24,7 @@
 //! ([`Worker::reroute_orphans`]) exactly as the hand-off reroute does: to another live
 //! worker, ourselves when there is none, a diverted one through [`Worker::undivert`], no
 //! new dedup record. An event the receiver never dispatched runs once, elsewhere; one it
-//! dispatched in its last pass, whose acknowledgement never left, runs twice
+//! dispatched after its last acknowledgement, which never left, runs twice
 //! ([`crate::stats::Stats::unique_rerouted`] counts the rerouted events). The hand-off
 //! timeout is not that: a live receiver keeps what was written to it, however slow; only
 //! events not written at all are taken back. See ARCHITECTURE.md §G3.

@@ -33,7 +33,7 @@
 //! written to; a reconnecting worker included) the copies not acknowledged become orphans
 //! ([`SocketPort::take_orphans`]),
 //! which the worker routes to another live worker (`worker/handoff.rs`). One that the
-//! receiver dispatched in its last pass, whose acknowledgement never left, runs twice:
+//! receiver dispatched after its last acknowledgement, which never left, runs twice:
 //! at-least-once across a receiver crash (ARCHITECTURE.md §G3).
 
 use super::SocketPort;
