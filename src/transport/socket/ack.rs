@@ -68,6 +68,22 @@ pub(super) fn classify(k: u8, body: &[u8]) -> (Tag, Option<&[u8]>) {
 }
 
 impl SocketPort {
+    /// (client) Just before the sockets are written at the end of a dispatch pass: queue the
+    /// `ACK` owed, if it is due ([`AckCount::take_due`]: the pass dispatched nothing from the
+    /// broker, or data is queued for it anyway, or [`ACK_EVERY`] frames are owed).
+    pub(crate) fn queue_ack(&mut self) {
+        let now = !std::mem::take(&mut self.pass_acked) || self.client_out.pending_bytes() > 0;
+        self.ack_now(now);
+    }
+
+    /// (client) Queue the `ACK` owed now if `now`, else only once [`ACK_EVERY`] frames are
+    /// owed.
+    pub(crate) fn ack_now(&mut self, now: bool) {
+        if let Some(total) = self.acks.take_due(now) {
+            self.client_out.push_ack(total);
+        }
+    }
+
     /// (broker) Unique events written to a worker whose connection then ended without
     /// acknowledging them, with the slot they were written to: to be routed again.
     pub(crate) fn take_orphans(&mut self) -> Vec<(u32, Box<[u8]>)> {

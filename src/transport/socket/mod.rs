@@ -404,21 +404,6 @@ impl SocketPort {
         n
     }
 
-    /// (client) Just before the sockets are written at the end of a dispatch pass: queue the
-    /// `ACK` owed, if it is due ([`AckCount::take_due`]: the pass dispatched nothing from the
-    /// broker, or data is queued for it anyway, or 64 frames are owed).
-    pub(crate) fn queue_ack(&mut self) {
-        let now = !std::mem::take(&mut self.pass_acked) || self.client_out.pending_bytes() > 0;
-        self.ack_now(now);
-    }
-
-    /// (client) Queue the `ACK` owed now if `now`, else only once 64 frames are owed.
-    pub(crate) fn ack_now(&mut self, now: bool) {
-        if let Some(total) = self.acks.take_due(now) {
-            self.client_out.push_ack(total);
-        }
-    }
-
     fn dispatch_frame(&mut self, from: Peer, k: u8, body: &[u8], sink: &mut dyn Deliver) -> usize {
         let (stamp, msg) = match body.split_first_chunk::<STAMP_LEN>() {
             Some((st, msg)) if k != kind::LOST => (*st, msg),
