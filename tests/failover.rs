@@ -450,6 +450,29 @@ fn graceful_close_flushes_and_hands_the_broker_role_over() {
 // ==========================================================================================
 // 7. Unique targets skip a dead slot.
 
+/// Until worker `w`'s paced unique run has published all `n` events and none is pending.
+fn until_unique_run_done(c: &mut Cluster, w: u32, n: u64) {
+    loop {
+        assert!(c.wd.remaining() > Duration::from_secs(8), "unique events still pending");
+        let l = c.proc(w).cmd(Cmd::URunCount);
+        if l[0] == format!("@@UCOUNT {n} {n} 0 0") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Every live worker drains its inbound rings; then each of the `n` unique events ran
+/// exactly once, somewhere.
+fn drain_and_check_each_unique_once(c: &mut Cluster, n: u64) {
+    for s in c.live() {
+        let l = c.proc(s).cmd(Cmd::Drain { ms: 5000 });
+        assert_eq!(l, ["@@DRAINED reached"], "w{s}: inbound rings not drained within 5 s");
+    }
+    let d = unique_deliveries(c.dir.path());
+    assert_eq!(d, (0..n).map(|i| (i, 1)).collect::<BTreeMap<_, _>>(), "each unique event exactly once");
+}
+
 #[test]
 fn unique_targets_skip_a_dead_slot() {
     const N: u64 = 60;
@@ -460,21 +483,9 @@ fn unique_targets_skip_a_dead_slot() {
     // Worker 1 publishes while slot 2 is dead: round-robin over the live workers other than
     // the broker (worker 0) would be slot 1 and slot 2 alternately; slot 2 must be skipped.
     c.proc(1).cmd(Cmd::URun { rate: 1000.0, end: N });
-    loop {
-        assert!(c.wd.remaining() > Duration::from_secs(8), "unique events still pending");
-        let l = c.proc(1).cmd(Cmd::URunCount);
-        if l[0] == format!("@@UCOUNT {N} {N} 0 0") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    until_unique_run_done(&mut c, 1, N);
     c.spawn(2);
-    for s in c.live() {
-        let l = c.proc(s).cmd(Cmd::Drain { ms: 5000 });
-        assert_eq!(l, ["@@DRAINED reached"], "w{s}: inbound rings not drained within 5 s");
-    }
-    let d = unique_deliveries(c.dir.path());
-    assert_eq!(d, (0..N).map(|n| (n, 1)).collect::<BTreeMap<_, _>>(), "each unique event exactly once");
+    drain_and_check_each_unique_once(&mut c, N);
     for inc in 0..2 {
         let log = c.dir.join(format!("uniq-2-{inc}.log"));
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -497,23 +508,11 @@ fn unique_events_streaming_across_a_target_kill_run_once() {
     c.proc(1).cmd(Cmd::URun { rate: 1.0, end: N });
     std::thread::sleep(Duration::from_millis(200));
     c.kill(2);
-    loop {
-        assert!(c.wd.remaining() > Duration::from_secs(8), "unique events still pending");
-        let l = c.proc(1).cmd(Cmd::URunCount);
-        if l[0] == format!("@@UCOUNT {N} {N} 0 0") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    until_unique_run_done(&mut c, 1, N);
     // Every event is published before the successor exists: what it runs had been written
     // into the dead slot's ring.
     c.spawn(2);
-    for s in c.live() {
-        let l = c.proc(s).cmd(Cmd::Drain { ms: 5000 });
-        assert_eq!(l, ["@@DRAINED reached"], "w{s}: inbound rings not drained within 5 s");
-    }
-    let d = unique_deliveries(c.dir.path());
-    assert_eq!(d, (0..N).map(|n| (n, 1)).collect::<BTreeMap<_, _>>(), "each unique event exactly once");
+    drain_and_check_each_unique_once(&mut c, N);
     let read = |inc: u32| std::fs::read_to_string(c.dir.join(format!("uniq-2-{inc}.log"))).unwrap_or_default();
     let (dead, successor) = (read(0).lines().count(), read(1).lines().count());
     assert!(dead > 0, "slot 2 ran no unique event before it was killed");
