@@ -40,8 +40,9 @@ pub(crate) mod kind {
     pub const DIVERT: u8 = 11;
     /// client -> broker (socket transport): `total u64`, the data frames (`DELIVER`, `LOST`)
     /// of this connection the worker has dispatched so far (callbacks run, not merely
-    /// read); sent at the end of a dispatch pass that dispatched any. The broker reports what
-    /// a dead worker was sent and never acknowledged to the slot's next holder.
+    /// read); queued at the end of a dispatch pass when one is owed and the pass delivered
+    /// nothing, or data goes out anyway, or 64 frames are owed (`socket/ack.rs`). The broker
+    /// reports what a dead worker was sent and never acknowledged to the slot's next holder.
     pub const ACK: u8 = 12;
 }
 

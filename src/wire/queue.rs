@@ -18,10 +18,10 @@
 //! kernel took only part of is rewound and sent whole on the next connection; frames the
 //! kernel took completely are never sent again (at most once per connection, never twice).
 //!
-//! Acknowledgements (socket transport): a receiver's queue ours for the broker carries, among
-//! the events, `ACK` frames ([`OutQueue::push_ack`]; not counted by the bounds, one at the
-//! tail rewritten in place), so an acknowledgement goes out in the same `send` as the
-//! events of the same pass. At the broker, a destination's queue made with
+//! Acknowledgements (socket transport): a receiver's queue for the broker carries, among the
+//! events, `ACK` frames ([`OutQueue::push_ack`]; left out of the frame count, counted in the
+//! byte bound; one at the tail rewritten in place), so an acknowledgement goes out in the
+//! same `send` as the events queued with it. At the broker, a destination's queue made with
 //! [`OutQueue::track_acks`] records every frame it completely writes in an [`Unacked`] FIFO,
 //! which the receiver's acknowledgements pop (`wire/unacked.rs`).
 

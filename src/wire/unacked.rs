@@ -5,16 +5,20 @@
 //! publisher slot `origin` that stand for `each` lost events apiece if they never reach a
 //! callback (an event: 1; a `LOST` notice: its count; a unique event: 0). The receiver
 //! acknowledges, with its running total of data frames dispatched on the connection
-//! (callbacks run, not merely read), at least every 64 frames and whenever it goes idle;
+//! (callbacks run, not merely read), at the end of a pass once 64 frames are owed and
+//! whenever it goes idle;
 //! an acknowledgement pops runs from the front, the front one in part. When the connection ends, what is left
 //! was never dispatched: the transport owes it to the slot's next holder as lost notices.
 //!
 //! Totals are per connection, from 0. Everything the peer says is untrusted: an
 //! acknowledgement above the frames written, or below an earlier one, is a protocol
 //! violation (logged once; clamped to what was written, or ignored). The FIFO is bounded
-//! by [`MAX_RUNS`] whatever the peer does: an honest receiver acknowledges at least every
-//! 64 frames, so it never holds more runs than the frames its socket buffer and its reader hold; past
-//! the bound the oldest run is forgotten (taken as acknowledged) and that is logged once.
+//! by [`MAX_RUNS`] whatever the peer does. An honest receiver acknowledges at the end of
+//! every pass that leaves 64 frames owed, so its runs stay within the frames its socket
+//! buffer and its reader hold, unless the broker leaves its acknowledgements unread for long
+//! (flow control holding back a receiver that also publishes: its `ACK`s wait behind its
+//! events). Past the bound the oldest run is forgotten (taken as acknowledged; a later crash
+//! is then reported short by it) and that is logged once.
 //!
 //! Unique events are not counted (a lost notice counts a publisher's "all" events) but
 //! kept: a copy of each unique frame's message ([`Unacked::written`] with `keep`) stays

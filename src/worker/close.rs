@@ -73,7 +73,7 @@ impl Worker {
         let deadline = Instant::now() + timeout;
         if let Some(p) = self.path.socket_mut() {
             // Everything dispatched is acknowledged before the connection closes (written by
-            // the control polls below), so a clean close leaves the broker nothing to report.
+            // the control polls below), so a clean close leaves the broker only what it never dispatched to report.
             p.ack_now(true);
         }
         if let (Some(p), Some(ctl)) = (self.path.socket_mut(), self.ctl.as_mut()) {

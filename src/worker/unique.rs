@@ -320,8 +320,8 @@ impl Worker {
                 && Some(s) != avoid
                 && Some(s) != agent
                 && region.is_none_or(|r| r.slot_attached(s))
-                && ctl.slot_alive_recent(s, now)
                 && self.takes_unique(s)
+                && ctl.slot_alive_recent(s, now)
             {
                 self.broker.next_unique_target = (s + 1) % slots;
                 return s;

@@ -108,10 +108,12 @@ impl Consumer {
                 return Err(Corrupt);
             }
             if self.resync {
-                if seq < self.next_seq {
+                // Just attached, a stored `next_seq` may be ahead of the stored `read_pos` (the
+                // reader died between its two cursor stores): not a violation then.
+                if seq < self.next_seq && !self.fresh {
                     return Err(Corrupt);
                 }
-                let lost = seq - self.next_seq;
+                let lost = seq.saturating_sub(self.next_seq);
                 self.lost = self.lost.saturating_add(lost);
                 self.lost_total = self.lost_total.saturating_add(lost);
                 let c = self.ring.cursor(self.idx);

@@ -291,3 +291,44 @@ fn hostile_values_are_corrupt() {
     raw.prod().floor.store(!63, Ordering::Relaxed);
     assert!(Producer::new(raw).is_err());
 }
+
+/// A reader killed between its two cursor stores (`next_seq` stored, `read_pos` not) and
+/// lapped while dead: its successor resumes at the floor, never `Corrupt`, and reads on in
+/// order to the end, whether the floor landed between the two stored positions (record 6 of
+/// 5..=6 here: floors move by 128 bytes, two records) or past both (it may then see again
+/// the records of its predecessor's last batch, as a restart does).
+#[test]
+fn reader_dead_between_its_cursor_stores_and_lapped_resumes() {
+    let mut between = 0;
+    for extra in 10..=24u64 {
+        let m = mem(1, 1024);
+        let mut p = Producer::new(m.raw).unwrap();
+        let mut c = Consumer::new(m.raw, 0).unwrap();
+        let mut buf = Vec::new();
+        for s in 0..7 {
+            p.publish(&small(s)).unwrap();
+        }
+        for s in 0..5 {
+            assert_eq!(c.next(&mut buf).unwrap(), Some(s));
+        }
+        c.release(); // read_pos: record 5
+        assert_eq!((c.next(&mut buf).unwrap(), c.next(&mut buf).unwrap()), (Some(5), Some(6)));
+        // Dies after its first cursor store (the view `c` is simply not used again).
+        m.raw.cursor(0).next_seq.store(7, Ordering::Relaxed);
+        let end = 7 + extra;
+        for s in 7..end {
+            p.publish(&small(s)).unwrap();
+        }
+        let mut c = Consumer::new(m.raw, 0).unwrap();
+        let mut got = Vec::new();
+        while let Some(s) = c.next(&mut buf).unwrap_or_else(|_| panic!("extra {extra}: an honest ring read as corrupt"))
+        {
+            assert_eq!(buf, small(s));
+            got.push(s);
+        }
+        assert_eq!(got.last().copied(), Some(end - 1), "extra {extra}");
+        assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "extra {extra}: {got:?}");
+        between += usize::from(got[0] == 6);
+    }
+    assert!(between > 0, "no lap put the floor between the two stored positions");
+}

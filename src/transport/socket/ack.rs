@@ -3,11 +3,12 @@
 //!
 //! A receiver counts the data frames (`DELIVER`, `LOST`) it has dispatched from its broker
 //! connection ([`AckCount`]) and queues an `ACK` frame with that running total just before it
-//! writes its sockets at the end of a dispatch pass, when it owes one and: the pass found
+//! writes its sockets at the end of a dispatch pass, when it owes one and: the pass delivered
 //! nothing (it is going idle: a `wait` acknowledges everything before it sleeps), or it has
 //! data to send anyway (the events its callbacks published: both go out in one `send`), or
-//! [`ACK_EVERY`] frames are owed. So a ping-pong costs no write more than without
-//! acknowledgements, and a receiver in a steady stream writes one `ACK` per 64 frames. The broker
+//! [`ACK_EVERY`] frames are owed at the end of the pass (one pass may dispatch more). So a
+//! ping-pong costs no write more than without acknowledgements, and a receiver in a steady
+//! stream writes at most one `ACK` per pass, once 64 frames are owed. The broker
 //! records what it completely wrote into each receiver's socket as runs `(origin, count)`
 //! (`wire/unacked.rs`; [`classify`] says what a frame counts for) and pops them at each
 //! `ACK`. When the receiver's connection ends, what it never acknowledged
@@ -23,8 +24,9 @@
 //! found nothing and the next). A worker that reconnects to
 //! the same broker (same process id) is not sent notices: what it never read on the old
 //! connection shows as gaps in the publishers' sequences, exactly, and the frames it read
-//! there it dispatches. A clean close acknowledges first (the `ACK` is written before the
-//! connection closes), so it leaves nothing to report.
+//! there it dispatches. A clean close acknowledges everything it dispatched first (the `ACK` is
+//! written before the connection closes), so only frames it never dispatched (still in its
+//! socket or read while closing) are reported.
 //!
 //! Unique events are not reported but routed again: the broker keeps a copy of each
 //! unique event it wrote into a receiver's socket until the receiver acknowledges it
@@ -42,6 +44,7 @@ use crate::wire::frame::{Body, kind};
 use crate::wire::queue::OutQueue;
 use crate::wire::unacked::Tag;
 pub(super) use crate::wire::unacked::keep_bytes;
+use crate::wire::{Link, Peer};
 
 /// What a frame the broker wrote to a receiver counts for if it is never dispatched: an
 /// "all" event 1 event of its publisher, a `LOST` notice its count, a unique event nothing
@@ -68,6 +71,33 @@ pub(super) fn classify(k: u8, body: &[u8]) -> (Tag, Option<&[u8]>) {
 }
 
 impl SocketPort {
+    /// (broker) Slot `link` welcomed a connection of process `pid`: settle what its previous
+    /// connection was sent and never acknowledged.
+    pub(super) fn welcome_settle(&mut self, link: Link, pid: i32) {
+        let Peer::Slot(s) = link.peer else { return };
+        let (Some(q), Some(d)) = (self.slot_out.get_mut(s as usize), self.dests.get_mut(s as usize)) else {
+            return;
+        };
+        if q.conn() != link.conn {
+            if pid > 0 && d.pid == pid {
+                // The same process again (it reconnected): what it never read on its old
+                // connection shows as gaps in the publishers' sequences, exactly, while a
+                // notice would count what it dispatched without acknowledging, and its
+                // credit could hide a later gap.
+                q.take_unacked();
+            } else {
+                // Another process: settle the old connection now, while `d.pid` still names
+                // its holder (a connection of the new one that ends before anything is
+                // written to it must not pass for "the same process" later).
+                self.counters.lost_outbound += settle_unacked(q);
+            }
+        }
+        d.pid = pid;
+        // Unique events it never acknowledged there are routed again all the same (they
+        // may have been read and not dispatched yet: at-least-once).
+        self.orphans_due |= q.has_orphans();
+    }
+
     /// (client) Just before the sockets are written at the end of a dispatch pass: queue the
     /// `ACK` owed, if it is due ([`AckCount::take_due`]: the pass dispatched nothing from the
     /// broker, or data is queued for it anyway, or [`ACK_EVERY`] frames are owed).

@@ -400,7 +400,9 @@ impl SocketPort {
         if self.inbox.is_empty() {
             self.inbox = inbox;
         }
-        self.pass_acked |= acked;
+        // A pass that delivered nothing is a going-idle pass (frames dropped as duplicates or
+        // malformed are counted, and acknowledged at once).
+        self.pass_acked |= acked && n > 0;
         n
     }
 
@@ -573,21 +575,7 @@ impl DataPlane for SocketPort {
     }
 
     fn welcomed(&mut self, link: Link, pid: i32) {
-        let Peer::Slot(s) = link.peer else { return };
-        let (Some(q), Some(d)) = (self.slot_out.get_mut(s as usize), self.dests.get_mut(s as usize)) else {
-            return;
-        };
-        if q.conn() != link.conn && pid > 0 && d.pid == pid {
-            // The same process again (it reconnected): what it never read on its old
-            // connection shows as gaps in the publishers' sequences, exactly, while a notice
-            // would count what it dispatched without acknowledging, and its credit could
-            // hide a later gap.
-            q.take_unacked();
-        }
-        d.pid = pid;
-        // Unique events it never acknowledged there are routed again all the same (they
-        // may have been read and not dispatched yet: at-least-once).
-        self.orphans_due |= q.has_orphans();
+        self.welcome_settle(link, pid);
     }
 
     fn ack(&mut self, from: Link, total: u64) {
