@@ -174,16 +174,23 @@ impl Worker {
             "a worker's connection ended before it acknowledged its unique events; routing them elsewhere"
         );
         for (from, m) in orphans {
-            let mut buf = self.buffer();
-            buf.clear();
-            buf.extend_from_slice(&m);
-            let held = if crate::message::flags(&buf) == crate::message::FLAG_UNIQUE_HASH {
-                self.undivert(buf)
-            } else {
-                self.place_unique(buf, Some(from), crate::sys::monotonic_ns())
-            };
+            let held = self.route_again(&m, from);
             self.stats.unique_rerouted += 1;
             self.track_unique(self.slot, 0, 0, held);
+        }
+    }
+
+    /// Route a unique event that `from` did not take to another worker (no new dedup
+    /// record): one diverted to an agent that does not take it is routed here as not
+    /// diverted ([`Worker::undivert`]); any other goes to another live worker.
+    fn route_again(&mut self, msg: &[u8], from: u32) -> Option<Held> {
+        let mut buf = self.buffer();
+        buf.clear();
+        buf.extend_from_slice(msg);
+        if crate::message::flags(&buf) == crate::message::FLAG_UNIQUE_HASH {
+            self.undivert(buf)
+        } else {
+            self.place_unique(buf, Some(from), crate::sys::monotonic_ns())
         }
     }
 
@@ -214,16 +221,7 @@ impl Worker {
         // Frames without a record (queued before this worker last became the broker) go first.
         let untracked = msgs.len() - records.len();
         for (k, m) in msgs.into_iter().enumerate() {
-            let mut buf = self.buffer();
-            buf.clear();
-            buf.extend_from_slice(&m);
-            // A unique event diverted to an agent that does not take it is routed here as
-            // not diverted ([`Worker::undivert`]); any other goes to another worker.
-            let place = if crate::message::flags(&buf) == crate::message::FLAG_UNIQUE_HASH {
-                self.undivert(buf)
-            } else {
-                self.place_unique(buf, Some(to), crate::sys::monotonic_ns())
-            };
+            let place = self.route_again(&m, to);
             if let Some(&(_, i)) = k.checked_sub(untracked).and_then(|r| records.get(r)) {
                 match place {
                     Some(p) => {

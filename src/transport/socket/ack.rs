@@ -40,7 +40,7 @@
 
 use super::SocketPort;
 use super::seq::{STAMP_LEN, UNSEQUENCED};
-use crate::wire::frame::{Body, kind};
+use crate::wire::frame::kind;
 use crate::wire::queue::OutQueue;
 use crate::wire::unacked::Tag;
 pub(super) use crate::wire::unacked::keep_bytes;
@@ -58,13 +58,10 @@ pub(super) fn classify(k: u8, body: &[u8]) -> (Tag, Option<&[u8]>) {
             Some(origin) => Tag { origin, each: 1 },
             None => NOTHING,
         },
-        kind::LOST => {
-            let mut b = Body(body);
-            match (b.u32(), b.u64()) {
-                (Ok(origin), Ok(each)) => Tag { origin, each },
-                _ => NOTHING,
-            }
-        }
+        kind::LOST => match super::lost_body(body) {
+            Some((origin, each)) => Tag { origin, each },
+            None => NOTHING,
+        },
         _ => NOTHING,
     };
     (tag, None)

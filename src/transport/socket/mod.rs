@@ -456,24 +456,21 @@ impl SocketPort {
                     0
                 }
             },
-            (kind::LOST, Peer::Broker) if !self.serving => {
-                let mut b = Body(body);
-                match (b.u32(), b.u64()) {
-                    (Ok(from), Ok(count)) if from < geo.slots && b.0.is_empty() => {
-                        self.seq.skip(from, count);
-                        sink.lost(from, count);
-                        1
-                    }
-                    _ => {
-                        crate::log_limit::log_limited!(
-                            tracing::Level::WARN,
-                            "dropping a malformed lost notice from the broker"
-                        );
-                        sink.dropped();
-                        0
-                    }
+            (kind::LOST, Peer::Broker) if !self.serving => match lost_body(body) {
+                Some((from, count)) if from < geo.slots => {
+                    self.seq.skip(from, count);
+                    sink.lost(from, count);
+                    1
                 }
-            }
+                _ => {
+                    crate::log_limit::log_limited!(
+                        tracing::Level::WARN,
+                        "dropping a malformed lost notice from the broker"
+                    );
+                    sink.dropped();
+                    0
+                }
+            },
             _ => {
                 sink.dropped();
                 0
@@ -628,5 +625,14 @@ fn queue_deliver(q: &mut OutQueue, from: u32, stamp: &Stamp, msg: &[u8]) -> bool
     } else {
         q.note_lost(from);
         false
+    }
+}
+
+/// The body of a `LOST` frame: `(publisher slot u32, count u64)`, exactly 12 bytes.
+fn lost_body(body: &[u8]) -> Option<(u32, u64)> {
+    let mut b = Body(body);
+    match (b.u32(), b.u64()) {
+        (Ok(from), Ok(count)) if b.0.is_empty() => Some((from, count)),
+        _ => None,
     }
 }

@@ -7,7 +7,7 @@ use rkyv::util::AlignedVec;
 use super::seq::{STAMP_LEN, UNSEQUENCED};
 use crate::layout::Geometry;
 use crate::message;
-use crate::wire::frame::{Body, kind};
+use crate::wire::frame::kind;
 use crate::wire::queue::OutQueue;
 
 /// Drop everything queued for a slot gone for good: each "all" event becomes a lost notice
@@ -39,13 +39,10 @@ pub(super) fn drop_queue(q: &mut OutQueue, geo: Geometry, max_payload_len: usize
                     Err(_) => return,
                 }
             }
-            kind::LOST => {
-                let mut b = Body(body);
-                match (b.u32(), b.u64()) {
-                    (Ok(o), Ok(c)) => (o, c),
-                    _ => return,
-                }
-            }
+            kind::LOST => match super::lost_body(body) {
+                Some(oc) => oc,
+                None => return,
+            },
             _ => return,
         };
         match owed.iter_mut().find(|(o, _)| *o == origin) {
