@@ -81,7 +81,10 @@ pub struct Stats {
     /// broker stopped keeping a copy before the receiver acknowledged them: the copies kept
     /// per connection are bounded (4 MiB plus two frames of the largest size, and 65,536
     /// events), which only a receiver that does not acknowledge what it dispatches exceeds.
-    /// Such an event is not routed again if its receiver dies (logged once per slot).
+    /// Such an event is not routed again if its receiver dies (logged once per slot). Also
+    /// counted here: the copies of a dead receiver's unacknowledged unique events a broker
+    /// still held when it stopped serving (fenced, or closing), which it can no longer
+    /// route (logged).
     pub unique_unguarded: u64,
     /// Per-peer queue state (empty until attached).
     pub peers: Vec<PeerStats>,

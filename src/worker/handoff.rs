@@ -132,8 +132,15 @@ impl Worker {
         let serving = self.is_broker() && self.path.socket().is_some();
         let Some(port) = self.path.socket().filter(|_| serving) else {
             self.handoffs = Handoffs { local_done: self.handoffs.local_done, ..Handoffs::default() };
-            if let Some(p) = self.path.socket_mut() {
-                p.take_orphans();
+            // Copies of unique events a dead receiver never acknowledged: a worker that no
+            // longer serves cannot route them (their publishers were acknowledged already).
+            let dropped = self.path.socket_mut().map_or(0, |p| p.take_orphans().len() as u64);
+            if dropped > 0 {
+                self.stats.unique_unguarded += dropped;
+                tracing::warn!(
+                    events = dropped,
+                    "no longer the broker: unique events a dead receiver never ran are dropped"
+                );
             }
             return;
         };
