@@ -8,7 +8,9 @@
 //! * nobody asleep with work: one more event, from a worker started last, wakes every parked
 //!   worker (the child answers only once woken; the bound only detects "never").
 //!
-//! `WE_CHAOS_SEED=<n>` replays a run's choices (the seed is printed).
+//! `WE_CHAOS_SEED=<n>` replays a run's choices (the seed is printed). `WE_CHILD_TRACE=1` has
+//! every child print the library's log lines (INFO and above, `tests/support/trace.rs`),
+//! which a failure of the final check then shows with the counts it found.
 
 #[macro_use]
 mod support;

@@ -46,7 +46,13 @@ impl Worker {
                     let served = self.become_broker();
                     if served.is_ok() {
                         span.record("epoch", self.broker.epoch);
-                        tracing::info!(epoch = self.broker.epoch, transport = ?self.path.transport(), "serving as the broker");
+                        let region_id = self.path.shm().map(|p| p.region().id());
+                        tracing::info!(
+                            epoch = self.broker.epoch,
+                            transport = ?self.path.transport(),
+                            region_id,
+                            "serving as the broker"
+                        );
                     }
                     if let Err(e) = served {
                         // Release the broker lock and back off, so that another worker can
@@ -136,7 +142,7 @@ impl Worker {
             }
             return Ok(());
         };
-        tracing::info!(broker_slot, epoch, "attached (shared memory)");
+        tracing::info!(broker_slot, epoch, region_id, "attached (shared memory)");
         if self.path.shm().is_some_and(|p| p.region().id() == region_id) {
             return Ok(());
         }

@@ -198,6 +198,11 @@ impl Child {
         panic!("child {}: {msg}\n--- child stderr ---\n{se}\n--- end ---", self.name);
     }
 
+    /// What the child wrote on its stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
     /// The child's process id.
     pub fn pid(&self) -> u32 {
         self.pid

@@ -155,28 +155,27 @@ impl Cluster {
         b.first().copied()
     }
 
-    /// An upper bound of the events the paced run of `slot` will have published when a signal
-    /// sent right after this call lands (None: `slot` has no paced run). Asks the child, so
-    /// not for a stopped one.
-    fn run_bound(&mut self, slot: u32) -> Option<u64> {
+    /// SIGSTOP `slot` and wait until it is stopped; returns an upper bound of what its paced
+    /// run published (None: `slot` has no paced run). Exact up to one event: the child
+    /// stores its count after each publish (`support::sent`), and the parent reads it only
+    /// once the kernel reports the child stopped. (Asking the child instead is no bound: a
+    /// child that was stopped or starved answers before it catches up with its pace, then
+    /// publishes up to 2000 more before the signal lands.)
+    fn stop_and_count(&mut self, slot: u32) -> Option<u64> {
         let inc = self.procs[slot as usize].as_ref()?.inc;
+        let pid = self.proc(slot).pid();
+        self.proc(slot).signal(libc::SIGSTOP);
+        super::procfs::wait_stopped(pid);
         if !self.publishers.contains(&slot) || !self.streams.contains_key(&(slot, inc)) {
             return None;
         }
-        let t0 = std::time::Instant::now();
-        let l = self.proc(slot).cmd(Cmd::RunCount);
-        let sent: u64 = l[0].split_whitespace().nth(1)?.parse().ok()?;
-        // What the pace may add from the question until the signal lands (generously: the
-        // time taken so far again, plus a millisecond), and one event in flight.
-        let ms = 2.0 * t0.elapsed().as_secs_f64() * 1000.0 + 1.0;
-        Some(sent + (self.rate * ms).ceil() as u64 + 1)
+        // The run started (its command was answered) before any signal: the file exists.
+        Some(super::sent::read(self.dir.path(), slot, inc).expect("the run's sent file") + 1)
     }
 
-    /// SIGSTOP a slot (after noting its run's bound).
+    /// SIGSTOP a slot (noting its run's bound).
     pub fn stop(&mut self, slot: u32) {
-        let bound = self.run_bound(slot);
-        self.proc(slot).signal(libc::SIGSTOP);
-        if let Some(b) = bound {
+        if let Some(b) = self.stop_and_count(slot) {
             self.stopped.insert(slot, b);
         }
     }
@@ -191,7 +190,7 @@ impl Cluster {
     pub fn kill(&mut self, slot: u32) -> u64 {
         let bound = match self.stopped.remove(&slot) {
             Some(b) => Some(b),
-            None => self.run_bound(slot),
+            None => self.stop_and_count(slot),
         };
         let p = self.procs[slot as usize].take().expect("live slot");
         if let Some(b) = bound {
@@ -232,7 +231,18 @@ impl Cluster {
             let l = self.proc(s).cmd(Cmd::Reach { ms: left, want: want.clone() });
             let reached = l.iter().any(|x| x == "@@REACH reached");
             let r = self.report(s);
-            assert!(reached, "w{s}: streams not complete: want {want:?}, got {:?}", r.runs);
+            if !reached {
+                // Every live worker's stderr (with `WE_CHILD_TRACE=1`, the library's warnings).
+                let mut all = String::new();
+                for t in self.live() {
+                    let c = &self.procs[t as usize].as_ref().unwrap().child;
+                    all.push_str(&format!("--- w{t} stderr ---\n{}", c.stderr()));
+                }
+                panic!(
+                    "w{s}: streams not complete: want {want:?}, got {:?}; lost notices {:?}\n{all}--- end ---",
+                    r.runs, r.lost_at
+                );
+            }
             reports.insert(s, r);
         }
         let mut interrupted = 0;
@@ -303,11 +313,20 @@ impl Cluster {
                     })
                     .sum();
                 let allowed = self.allow_lost.get(p).copied().unwrap_or(0) + owed;
-                assert!(
-                    *n <= allowed,
-                    "{ctx}: {n} events from w{p} lost (tolerated: {allowed}, of which {owed} unreceived from killed \
-                     incarnations)"
-                );
+                if *n > allowed {
+                    // Everything that tells where the count came from.
+                    let pre = format!("w{p} ");
+                    let notices: Vec<_> = r.lost_at.iter().filter(|l| l.starts_with(&pre)).collect();
+                    let runs: Vec<_> = r.runs.iter().filter(|((q, _), _)| q == p).collect();
+                    let cont: Vec<_> = r.cont.iter().filter(|((q, _), _)| q == p).collect();
+                    let bounds: Vec<_> = self.killed_sent_max.iter().filter(|((q, _), _)| q == p).collect();
+                    let se = self.procs[s as usize].as_ref().unwrap().child.stderr();
+                    panic!(
+                        "{ctx}: {n} events from w{p} lost (tolerated: {allowed}, of which {owed} unreceived from \
+                         killed incarnations)\nnotices: {notices:?}\nruns: {runs:?}\npredecessors stopped at: \
+                         {cont:?}\nkilled incarnations' bounds: {bounds:?}\n--- receiver stderr ---\n{se}\n--- end ---"
+                    );
+                }
             }
             assert_eq!(r.stat("is_ready"), 1, "{ctx}: not ready at the end");
             let mut skipped = 0;

@@ -33,8 +33,10 @@ pub mod record;
 pub mod region;
 pub mod report;
 pub mod role;
+pub mod sent;
 pub mod sockclient;
 pub mod tokio_role;
+pub mod trace;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

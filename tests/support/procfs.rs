@@ -167,3 +167,21 @@ impl Drop for MappedRegion {
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
+
+/// The scheduling state of process `pid`'s main thread (`/proc/<pid>/stat` field 3): `R`,
+/// `S`, `D`, `T` (stopped by a signal), `Z`, ...
+pub fn state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    let rest = stat.rsplit_once(')').expect("stat format").1;
+    rest.split_whitespace().next().and_then(|s| s.chars().next()).expect("stat state")
+}
+
+/// Wait until the kernel reports `pid` stopped (after a SIGSTOP): from then on its main
+/// thread runs no instruction until SIGCONT. Panics after 10 s.
+pub fn wait_stopped(pid: u32) {
+    let t0 = std::time::Instant::now();
+    while state(pid) != 'T' {
+        assert!(t0.elapsed() < Duration::from_secs(10), "pid {pid} not stopped 10 s after SIGSTOP");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}

@@ -61,6 +61,9 @@ pub struct Rec {
     pub runs: BTreeMap<(u32, u32), RunRec>,
     /// Lost notices: (publisher, count).
     pub lost: Vec<(String, u64)>,
+    /// (runs) Per lost notice, diagnostics: the publisher slot's runs as they stood when it
+    /// arrived (`inc:last,...`) and the CLOCK_MONOTONIC time in ms.
+    pub lost_at: Vec<String>,
     /// Broker notices: (epoch, broker slot, CLOCK_MONOTONIC ns when the callback ran).
     pub brokers: Vec<(u64, u32, u64)>,
     /// (list) System events other than lost notices, and payloads that do not decode.
@@ -179,6 +182,12 @@ pub fn record(rec: &Mutex<Rec>, runs: Option<&RunFiles>, ev: &Event<'_>) {
         if let Some(l) = ev.lost() {
             r.lost.push((tagged(wid_str(Some(l.publisher)), ev), l.count));
             r.lost_total = r.lost_total.saturating_add(l.count);
+            if let Some(p) = slot_of(Some(l.publisher)) {
+                let at: Vec<String> =
+                    r.runs.iter().filter(|((q, _), _)| *q == p).map(|((_, i), g)| format!("{i}:{}", g.last)).collect();
+                let line = format!("w{p} {} runs={} t={}ms", l.count, at.join(","), super::monotonic_ns() / 1_000_000);
+                r.lost_at.push(line);
+            }
             if r.log.len() < MAX_LOG {
                 r.log.push(format!("lost {} {}", wid_str(Some(l.publisher)), l.count));
             }

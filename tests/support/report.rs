@@ -7,6 +7,8 @@
 //!   `@@BADEX <p> <inc> <last> <then>`: the run recorder, per publisher incarnation;
 //! - `@@CONT <p> <inc> <1 + last>`: the continuity table as the child's predecessors left it;
 //! - `@@LOST <wid> <count>`: one per lost notice;
+//! - `@@LOSTAT w<slot> <count> runs=<inc:last,...> t=<ms>ms`: the same notices, with the
+//!   publisher's runs as they stood when each arrived (diagnostics);
 //! - `@@PAYLOAD <wid> <len> <ok 0|1>`: sized and typed payloads;
 //! - `@@BROKER <epoch> <slot> <ns>`: one per broker notice;
 //! - `@@STAT <name> <value>`.
@@ -26,6 +28,8 @@ pub struct Report {
     pub cont: BTreeMap<(u32, u32), u64>,
     /// Lost notices in arrival order: (publisher, count).
     pub lost: Vec<(String, u64)>,
+    /// (runs) Per lost notice: the publisher's runs when it arrived, and the time (diagnostics).
+    pub lost_at: Vec<String>,
     /// (publisher, len, content ok).
     pub payloads: Vec<(String, usize, bool)>,
     /// Broker notices: (epoch, broker slot, CLOCK_MONOTONIC ns of the callback).
@@ -72,6 +76,7 @@ impl Report {
                     r.cont.insert(slot_inc(), n(&f, 3));
                 }
                 "@@LOST" => r.lost.push((f[1].to_string(), n(&f, 2))),
+                "@@LOSTAT" => r.lost_at.push(f[1..].join(" ")),
                 "@@PAYLOAD" => r.payloads.push((f[1].to_string(), n(&f, 2) as usize, f[3] == "1")),
                 "@@BROKER" => r.brokers.push((n(&f, 1), n(&f, 2) as u32, n(&f, 3))),
                 "@@STAT" => {

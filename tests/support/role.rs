@@ -65,6 +65,7 @@ pub fn child_main() {
         eprintln!("child: {e}");
         std::process::exit(3);
     }
+    super::trace::install_from_env();
     let cfg = Cfg::from_env().unwrap_or_else(|e| die(&e));
     let spawn = Spawn::from_env().unwrap_or_else(|e| die(&e));
     if let Some(frame) = &spawn.raw_frame {
@@ -99,6 +100,9 @@ struct Role {
     big_run: Option<(usize, Pace)>,
     /// The run recorder's continuity table as the predecessors left it: (p, inc, 1 + last).
     cont_at_start: Vec<(u32, u32, u64)>,
+    /// (runs) What the paced `All` run has published, for the parent to read while this
+    /// process is stopped (`support::sent`).
+    sent_cell: Option<super::sent::SentCell>,
 }
 
 impl Role {
@@ -110,6 +114,10 @@ impl Role {
         });
         // What the predecessors of this slot received, before anything of ours runs.
         let cont_at_start = runs.as_ref().map_or_else(Vec::new, |f| f.cont.entries(cfg.workers));
+        let sent_cell = spawn.runs.as_ref().map(|r| {
+            let Wid::Worker(slot) = wid else { die("the run recorder needs a worker slot") };
+            super::sent::SentCell::create(&r.dir, slot, r.inc)
+        });
         if spawn.panic {
             let default = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
@@ -189,6 +197,7 @@ impl Role {
             urun: None,
             big_run: None,
             cont_at_start,
+            sent_cell,
         }
     }
 
@@ -447,7 +456,12 @@ impl Role {
                 let mut p = self.run.take().unwrap_or_else(|| Pace::new(0.0, u64::MAX));
                 for _ in 0..n {
                     match self.worker.publish(Target::All, "seq", &self.run_event, &p.sent) {
-                        Ok(()) => p.sent += 1,
+                        Ok(()) => {
+                            p.sent += 1;
+                            if let Some(c) = &self.sent_cell {
+                                c.store(p.sent);
+                            }
+                        }
                         Err(_) => p.errors += 1,
                     }
                     let _ = self.worker.dispatch();
@@ -511,7 +525,12 @@ impl Role {
             let due = p.due();
             while p.sent < due {
                 match self.worker.publish(Target::All, "seq", &self.run_event, &p.sent) {
-                    Ok(()) => p.sent += 1,
+                    Ok(()) => {
+                        p.sent += 1;
+                        if let Some(c) = &self.sent_cell {
+                            c.store(p.sent);
+                        }
+                    }
                     Err(e) => {
                         p.errors += 1;
                         eprintln!("child {wid}: publish: {e}");
@@ -605,6 +624,9 @@ impl Role {
         }
         for (p, c) in &r.lost {
             out(&format!("@@LOST {p} {c}"));
+        }
+        for l in &r.lost_at {
+            out(&format!("@@LOSTAT {l}"));
         }
         for (p, len, ok) in &r.payloads {
             out(&format!("@@PAYLOAD {p} {len} {}", u8::from(*ok)));
