@@ -71,6 +71,15 @@ pub(crate) fn tag(key: (u64, u64), hash: &[u8]) -> (u64, u64) {
     (t.h1 | 1, t.h2)
 }
 
+/// The first entry of `tag`'s probe window (before masking): an even entry, so that the
+/// home entry and the next one, which a claim of a fresh hash reads twice (look-up and
+/// rescan), share one 64-byte line (entries are 32 bytes and the table is page-aligned). A
+/// window starting at `tag.0` itself always started on an odd entry (bit 0 of the tag is
+/// forced to 1), in the second half of a line, so every claim touched two lines.
+fn home(tag: (u64, u64)) -> usize {
+    (tag.0 & !1) as usize
+}
+
 /// Result of [`DedupTable::check_and_record`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Check {
@@ -166,7 +175,7 @@ impl DedupTable<'_> {
     /// the module docs).
     pub(crate) fn check_and_record(&self, tag: (u64, u64), now_ns: u64, ttl_ns: u64) -> Check {
         let stale_before = now_ns.saturating_sub(CLAIM_TIMEOUT_NS.min(ttl_ns));
-        let start = tag.0 as usize;
+        let start = home(tag);
         let abandoned = |s: &Seen| matches!(kind(s.state), BUSY | CLAIMED) && stamp(s.state) <= stale_before;
         for _ in 0..MAX_RETRIES {
             // 1. Look up; the first free entry.
@@ -367,6 +376,28 @@ mod tests {
         assert_eq!(t.check_and_record(tag(KEY, b"one more"), 100, 100), Check::New);
     }
 
+    /// A fresh hash's claim reads its home entry and the next one (look-up, then rescan):
+    /// both in one 64-byte line, whatever the tag.
+    #[test]
+    fn a_claim_of_a_fresh_hash_stays_in_one_line() {
+        for i in 0..1000u32 {
+            let t = tag(KEY, &i.to_le_bytes());
+            let first = home(t) & (4096 - 1);
+            let size = crate::layout::DEDUP_ENTRY_SIZE;
+            assert_eq!(first * size / 64, (first + 1) * size / 64, "tag {t:x?}");
+        }
+        // Two fresh hashes whose windows start on the same line: each stays on it.
+        let (_m, t) = table(64);
+        let a = tag(KEY, b"a");
+        let mut b = tag(KEY, b"b");
+        b.0 = a.0; // same home: b takes the entry after a's, on the same line
+        b.1 ^= 1;
+        assert_eq!(t.check_and_record(a, 0, 100), Check::New);
+        assert_eq!(t.check_and_record(b, 0, 100), Check::New);
+        assert_eq!(t.check_and_record(a, 1, 100), Check::Duplicate);
+        assert_eq!(t.check_and_record(b, 1, 100), Check::Duplicate);
+    }
+
     #[test]
     fn tags_depend_on_the_key() {
         assert_ne!(tag(KEY, b"x"), tag((1, 2), b"x"));
@@ -524,7 +555,7 @@ mod loom_models {
         loom::model(|| {
             let v = table();
             let h = tag(KEY, b"h");
-            let e = &v[h.0 as usize & (MAX_PROBE - 1)];
+            let e = &v[home(h) & (MAX_PROBE - 1)];
             e.tag_lo.store(h.0, Ordering::Relaxed);
             e.tag_hi.store(h.1, Ordering::Relaxed);
             e.state.store(pack(1, CLAIMED), Ordering::Release);
