@@ -172,6 +172,21 @@ impl DedupTable<'_> {
         let _ = tag;
     }
 
+    /// [`DedupTable::prefetch`] for the lines of the window after its first one (16 lines
+    /// of 64 bytes: `MAX_PROBE` entries of 32 bytes from an even entry), all at once: a
+    /// look-up that does not stop at its home line (once a table has turned over, few of its
+    /// entries are never-used) then waits for about one miss, not for one per line.
+    fn prefetch_window(&self, start: usize) {
+        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        for k in 1..MAX_PROBE / 2 {
+            let e: *const DedupEntry = self.entry(start.wrapping_add(2 * k));
+            // SAFETY: as in `prefetch`: a hint without architectural effect.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(e.cast()) };
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+        let _ = start;
+    }
+
     /// Read an entry: its state (Acquire), and for `CLAIMED`/`LIVE` its tag and expiry,
     /// re-checked against the state (seqlock: tag stores happen only in `BUSY`).
     fn read(e: &DedupEntry) -> Seen {
@@ -204,6 +219,10 @@ impl DedupTable<'_> {
                 if s.state == 0 {
                     free = free.or(Some((i, s.state)));
                     break;
+                }
+                if i == 0 {
+                    // The home entry has been used: the look-up may read the whole window.
+                    self.prefetch_window(start);
                 }
                 let k = kind(s.state);
                 if k == LIVE && s.expires > now_ns && s.tag == tag {
