@@ -187,6 +187,26 @@ impl DedupTable<'_> {
         let _ = start;
     }
 
+    /// A quick look at an entry for a scan that only looks for claims and records of `tag`
+    /// (the look-up once it has its candidate, the rescan): two loads where [`Self::read`]
+    /// makes five, which is most of a claim's work once a table has turned over (its scans
+    /// then read whole windows). `None`: never used (the scan ends, as with `read`).
+    /// `Some(false)`: no claim or record of `tag` (skipped). `Some(true)`: maybe one; the
+    /// caller reads the entry whole. A `tag_lo` other than ours after the Acquire load of a
+    /// `CLAIMED`/`LIVE` state (which makes that claim's tag stores visible) is that claim's
+    /// tag or a later claim's, stored after the state we loaded changed: either way, at one
+    /// instant of this look the entry held no claim of `tag`, which is what a `read` made at
+    /// that instant would have told; and a claim of `tag` made after that instant published
+    /// itself after our load, so the Dekker argument of the module docs covers it as it
+    /// covers one that `read` misses by reading a moment too early.
+    fn may_hold(e: &DedupEntry, tag: Tag) -> Option<bool> {
+        let state = e.state.load(Ordering::Acquire);
+        if state == 0 {
+            return None;
+        }
+        Some(kind(state) >= CLAIMED && e.tag_lo.load(Ordering::Relaxed) == tag.0)
+    }
+
     /// Read an entry: its state (Acquire), and for `CLAIMED`/`LIVE` its tag and expiry,
     /// re-checked against the state (seqlock: tag stores happen only in `BUSY`).
     fn read(e: &DedupEntry) -> Seen {
@@ -215,7 +235,16 @@ impl DedupTable<'_> {
             // 1. Look up; the first free entry.
             let mut free = None;
             for i in 0..MAX_PROBE {
-                let s = Self::read(self.entry(start.wrapping_add(i)));
+                let e = self.entry(start.wrapping_add(i));
+                if free.is_some() {
+                    // A candidate is chosen: from here on only a record of `tag` matters.
+                    match Self::may_hold(e, tag) {
+                        None => break,
+                        Some(false) => continue,
+                        Some(true) => {}
+                    }
+                }
+                let s = Self::read(e);
                 if s.state == 0 {
                     free = free.or(Some((i, s.state)));
                     break;
@@ -274,6 +303,12 @@ impl DedupTable<'_> {
                 continue;
             }
             let e = self.entry(start.wrapping_add(j));
+            match Self::may_hold(e, tag) {
+                // Never used: no claim of this window ever went past it.
+                None => return Contest::Won,
+                Some(false) => continue,
+                Some(true) => {}
+            }
             loop {
                 let s = Self::read(e);
                 if s.state == 0 {
@@ -436,6 +471,23 @@ mod tests {
         assert_eq!(t.check_and_record(b, 1, 100), Check::Duplicate);
     }
 
+    /// A record behind an expired entry of another tag (same home, other `tag_lo`) is
+    /// found by the look-up, which reads it whole once it has its candidate.
+    #[test]
+    fn a_record_behind_an_expired_entry_is_found() {
+        let (_m, t) = table(64);
+        let h = tag(KEY, b"h");
+        let mut other = tag(KEY, b"o");
+        other.0 = h.0 ^ 256;
+        assert_eq!(home(other) & 63, home(h) & 63);
+        assert_eq!(t.check_and_record(other, 0, 100), Check::New);
+        assert_eq!(t.check_and_record(h, 50, 1_000), Check::New); // behind `other`
+        // `other` has expired: the candidate; `h` is still found behind it.
+        assert_eq!(t.check_and_record(h, 150, 1_000), Check::Duplicate);
+        assert_eq!(t.check_and_record(other, 150, 100), Check::New);
+        assert_eq!(t.live(150), 2);
+    }
+
     #[test]
     fn tags_depend_on_the_key() {
         assert_ne!(tag(KEY, b"x"), tag((1, 2), b"x"));
@@ -564,6 +616,21 @@ mod loom_models {
             let mut other = tag(KEY, b"o");
             other.0 = h.0;
             other.1 ^= 1;
+            assert_eq!(view(&v).check_and_record(other, 0, 100), Check::New);
+            exactly_one(v, h, &[50, 150]);
+        });
+    }
+
+    /// As above, but the other hash differs from `h` in `tag_lo` too (same window): the
+    /// rescans skip its entry after two loads (`may_hold`), even while the publisher at 150
+    /// is taking it over for `h`.
+    #[test]
+    fn two_claims_of_one_hash_behind_another_tag() {
+        loom::model(|| {
+            let v = table();
+            let h = tag(KEY, b"h");
+            let mut other = tag(KEY, b"o");
+            other.0 = h.0 ^ 64; // same home entry in a 32-entry table
             assert_eq!(view(&v).check_and_record(other, 0, 100), Check::New);
             exactly_one(v, h, &[50, 150]);
         });
