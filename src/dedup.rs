@@ -176,12 +176,22 @@ impl DedupTable<'_> {
     /// of 64 bytes: `MAX_PROBE` entries of 32 bytes from an even entry), all at once: a
     /// look-up that does not stop at its home line (once a table has turned over, few of its
     /// entries are never-used) then waits for about one miss, not for one per line.
+    /// A window that wraps around the end of the table (32 homes in `buckets`) is not
+    /// prefetched: the unwrapped case is 15 instructions with constant offsets.
     fn prefetch_window(&self, start: usize) {
         #[cfg(all(target_arch = "x86_64", not(loom)))]
-        for k in 1..MAX_PROBE / 2 {
-            let e: *const DedupEntry = self.entry(start.wrapping_add(2 * k));
-            // SAFETY: as in `prefetch`: a hint without architectural effect.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(e.cast()) };
+        {
+            let first = start & (self.buckets - 1);
+            if first + MAX_PROBE > self.buckets {
+                return;
+            }
+            let home = self.entries.as_ptr().wrapping_add(first);
+            for k in 1..MAX_PROBE / 2 {
+                let e = home.wrapping_add(2 * k);
+                // SAFETY: as in `prefetch`: a hint without architectural effect (the address
+                // is inside the table: first + MAX_PROBE <= buckets).
+                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(e.cast()) };
+            }
         }
         #[cfg(not(all(target_arch = "x86_64", not(loom))))]
         let _ = start;
