@@ -29,7 +29,10 @@
 //! own kind among that sample's events (`iter_custom` returns n x that median), not the
 //! mean. The self-timed summary printed at the end gives per-event p50/p90/p99 of every kind
 //! over all events measured, the count above 1 ms, and the ratio of the p50s. Fresh hashes
-//! (`lat:<seq>`); `unique_timeout` is 100 ms, so the table stays about 10 % full.
+//! (`lat:<seq>`); `unique_timeout` is 100 ms. (Chosen to keep the table about 10 % full
+//! when a cycle took several microseconds; at 1-3 µs per cycle it holds a third or more of
+//! its capacity after 100 ms, and a run of a few 10^5 events has used every bucket, so the
+//! unique figure grows with the length of the run: see BENCHMARKS.md.)
 //!
 //! **Dedup cost at the broker.** One process, `workers(1)`: the broker handles its own unique
 //! events without a hop and delivers them to itself, so `publish(Unique) + dispatch` =

@@ -12,7 +12,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"WKEVENTS"` read as a little-endian u64.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"WKEVENTS");
 /// Bumped on any change of this file or of the record formats.
-pub(crate) const LAYOUT_VERSION: u32 = 5;
+pub(crate) const LAYOUT_VERSION: u32 = 6;
 /// Size of [`RegionHeader`].
 pub(crate) const HEADER_SIZE: usize = 256;
 /// Size of [`SlotHeader`].

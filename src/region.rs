@@ -390,13 +390,15 @@ mod tests {
     fn a_region_of_an_older_layout_version_is_refused() {
         // Version 3 had no `owed` word: its producers' backlogs would die silently with them,
         // so the mismatch must be refused, and say so (as version 2, which committed records
-        // through `write_pos`, was refused by version 3). Version 4 had no `wakeups` count.
-        assert_eq!(LAYOUT_VERSION, 5);
+        // through `write_pos`, was refused by version 3). Version 4 had no `wakeups` count;
+        // version 5 started dedup windows on other entries (its publishers would not find
+        // the hashes this version records, nor this version theirs).
+        assert_eq!(LAYOUT_VERSION, 6);
         let g = Geometry::new(2, false, 4096, 64);
         let r = Region::create(g, 1024).unwrap();
         r.header().layout_version.store(3, Ordering::Release);
         let e = Region::open(dup(r.fd()), g).err().expect("must be rejected").to_string();
-        assert!(e.contains("layout version 3, this build speaks version 5"), "{e}");
+        assert!(e.contains("layout version 3, this build speaks version 6"), "{e}");
     }
 
     #[test]

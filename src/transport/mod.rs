@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use rkyv::util::AlignedVec;
 
 use crate::context::Room;
-use crate::dedup::Check;
+use crate::dedup::{Check, Tag};
 use crate::event::Event;
 use crate::message;
 use crate::options::Transport;
@@ -210,14 +210,29 @@ impl DataPath {
         }
     }
 
+    /// (shared memory) The region's dedup tag of a unique hash, with its home line of the
+    /// table prefetched ([`DedupTable::prefetch`](crate::dedup::DedupTable::prefetch));
+    /// `None` on the other paths (no shared table).
+    pub(crate) fn dedup_prefetch(&self, hash: &[u8]) -> Option<Tag> {
+        let DataPath::Shm(port) = self else { return None };
+        let r = port.region();
+        let tag = crate::dedup::tag(r.sip_key(), hash);
+        r.dedup().prefetch(tag);
+        Some(tag)
+    }
+
     /// (broker) Look a unique hash up in the dedup table (the region's, or the socket
-    /// broker's private one) and record it; `None` without a table.
-    pub(crate) fn dedup_check(&self, hash: &[u8], now_ns: u64, ttl_ns: u64) -> Option<Check> {
+    /// broker's private one) and record it; `None` without a table. `tag`: the hash's
+    /// region tag from [`DataPath::dedup_prefetch`] on this path, if taken already (the same
+    /// function of the same key; not re-checked: the key word is shared memory, which a
+    /// hostile peer may rewrite between the two reads, and a debug check would then panic).
+    pub(crate) fn dedup_check(&self, hash: &[u8], tag: Option<Tag>, now_ns: u64, ttl_ns: u64) -> Option<Check> {
         match self {
             DataPath::InProcess | DataPath::Unattached(_) => None,
             DataPath::Shm(port) => {
                 let r = port.region();
-                Some(r.dedup().check_and_record(crate::dedup::tag(r.sip_key(), hash), now_ns, ttl_ns))
+                let tag = tag.unwrap_or_else(|| crate::dedup::tag(r.sip_key(), hash));
+                Some(r.dedup().check_and_record(tag, now_ns, ttl_ns))
             }
             DataPath::Socket(p) => p.dedup_check(hash, now_ns, ttl_ns),
         }

@@ -5,6 +5,7 @@ use rkyv::util::AlignedVec;
 
 use super::Worker;
 use super::delivery::run_callbacks;
+use crate::dedup::Tag;
 use crate::error::PublishError;
 use crate::event::{Lost, MAX_UNIQUE_HASH_LEN, Payload, SYSTEM_SOURCE, Target};
 use crate::message::{self, Ext, Kind, MAX_ORIGIN_HOST_LEN, ORIGIN_NONE};
@@ -35,13 +36,14 @@ impl Worker {
             return Err(PublishError::Forked);
         }
         let (origin, kind) = self.route(target)?;
+        let tag = self.prefetch_unique(target);
         let mut buf = self.pool.pop().unwrap_or_default();
         let max = self.opts.max_payload_len;
         if let Err(e) = message::encode_typed_in(&mut buf, &mut self.arena, source, event, data, origin, kind, max) {
             self.pool.push(buf);
             return Err(e);
         }
-        self.send_and_queued(buf, target, source, event)
+        self.send_and_queued(buf, target, tag, source, event)
     }
 
     /// Publish raw bytes.
@@ -80,6 +82,7 @@ impl Worker {
             return Err(PublishError::Forked);
         }
         let (origin, kind) = self.route(target)?;
+        let tag = self.prefetch_unique(target);
         let mut buf = self.pool.pop().unwrap_or_default();
         if let Err(e) = message::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
             self.pool.push(buf);
@@ -88,7 +91,7 @@ impl Worker {
         if ext != Ext::None {
             message::set_ext(&mut buf, ext);
         }
-        self.send_and_queued(buf, target, source, event)
+        self.send_and_queued(buf, target, tag, source, event)
     }
 
     /// [`Worker::publish_bytes`] for an event a bridge relays from another host: the same
@@ -170,7 +173,7 @@ impl Worker {
             return Err(e);
         }
         message::set_ext(&mut buf, Ext::OriginHost(origin_host));
-        self.send_and_queued(buf, Target::All, SYSTEM_SOURCE, "lost")
+        self.send_and_queued(buf, Target::All, None, SYSTEM_SOURCE, "lost")
     }
 
     /// [`Worker::send`]; in testing mode, where it ran our callbacks, then what they published.
@@ -178,10 +181,11 @@ impl Worker {
         &mut self,
         buf: AlignedVec,
         target: Target<'_>,
+        tag: Option<Tag>,
         source: &str,
         event: &str,
     ) -> Result<(), PublishError> {
-        self.send(buf, target, source, event)?;
+        self.send(buf, target, tag, source, event)?;
         if self.path.is_in_process() {
             self.send_queued();
         }
@@ -203,10 +207,12 @@ impl Worker {
     }
 
     /// Send an encoded message (after [`Worker::route`]); the room checks are made here.
+    /// `tag`: a unique event's dedup tag from [`Worker::prefetch_unique`], if taken.
     pub(super) fn send(
         &mut self,
         buf: AlignedVec,
         target: Target<'_>,
+        tag: Option<Tag>,
         source: &str,
         event: &str,
     ) -> Result<(), PublishError> {
@@ -222,7 +228,7 @@ impl Worker {
             return Ok(());
         }
         if let Target::Unique(hash) = target {
-            return self.queue_unique(hash, buf);
+            return self.queue_unique(hash, tag, buf);
         }
         let cap = self.opts.max_queue_len;
         let all = target == Target::All;

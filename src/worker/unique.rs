@@ -12,11 +12,11 @@ use rkyv::util::AlignedVec;
 
 use super::Worker;
 use super::handoff::Held;
-use crate::dedup::Check;
+use crate::dedup::{Check, Tag};
 use crate::divert::Patterns;
 use crate::error::PublishError;
 use crate::error::{Error, Result};
-use crate::event::Wid;
+use crate::event::{Target, Wid};
 use crate::message::{self, Kind};
 use crate::transport::Sent;
 
@@ -76,14 +76,24 @@ impl UniqueOutbox {
 }
 
 impl Worker {
+    /// (shared memory) Before a unique event is encoded: its dedup tag, with the line of the
+    /// table its claim will read prefetched, so that the claim's likely cache miss overlaps
+    /// the encoding instead of following it. `None` for other targets and paths.
+    #[inline]
+    pub(super) fn prefetch_unique(&self, target: Target<'_>) -> Option<Tag> {
+        let Target::Unique(hash) = target else { return None };
+        self.path.dedup_prefetch(hash.as_bytes())
+    }
+
     /// Route a unique event (shared memory), or queue it and move it towards the broker.
-    pub(super) fn queue_unique(&mut self, hash: &str, buf: AlignedVec) -> Result<(), PublishError> {
+    /// `tag`: its dedup tag on this path, if [`Worker::prefetch_unique`] took it.
+    pub(super) fn queue_unique(&mut self, hash: &str, tag: Option<Tag>, buf: AlignedVec) -> Result<(), PublishError> {
         if self.path.shm().is_some() {
             // Anything published before attaching goes first (per-publisher order).
             self.pump_unique();
             if self.unique.is_empty() {
                 self.stats.published += 1;
-                self.route_unique(hash.as_bytes(), buf, self.slot);
+                self.route_unique(hash.as_bytes(), tag, buf, self.slot);
                 return Ok(());
             }
         }
@@ -109,7 +119,7 @@ impl Worker {
         }
         if self.path.shm().is_some() {
             while let Some(u) = self.unique.out.pop_front() {
-                self.route_unique(u.hash.as_bytes(), u.msg, self.slot);
+                self.route_unique(u.hash.as_bytes(), None, u.msg, self.slot);
             }
             self.unique.sent = 0;
             return;
@@ -119,7 +129,7 @@ impl Worker {
                 return;
             }
             while let Some(u) = self.unique.out.pop_front() {
-                let held = self.route_unique(u.hash.as_bytes(), u.msg, self.slot);
+                let held = self.route_unique(u.hash.as_bytes(), None, u.msg, self.slot);
                 // Tracked (never acknowledged): routed again if its target does not take it.
                 self.track_unique(self.slot, 0, 0, held);
             }
@@ -155,7 +165,7 @@ impl Worker {
             let mut buf = self.buffer();
             buf.clear();
             buf.extend_from_slice(msg);
-            self.route_unique(hash, buf, from)
+            self.route_unique(hash, None, buf, from)
         } else {
             crate::log_limit::log_limited!(tracing::Level::WARN, from, "dropping a malformed unique event");
             self.stats.dropped += 1;
@@ -168,15 +178,15 @@ impl Worker {
     /// A unique event of another publisher than the agent that matches the agent's
     /// diversion patterns goes to the agent instead, with no dedup here
     /// ([`Worker::divert_unique`]). Returns where it waits to be handed off (socket
-    /// transport), if anywhere.
-    fn route_unique(&mut self, hash: &[u8], msg: AlignedVec, publisher: u32) -> Option<Held> {
+    /// transport), if anywhere. `tag`: the hash's dedup tag on this path, if taken already.
+    fn route_unique(&mut self, hash: &[u8], tag: Option<Tag>, msg: AlignedVec, publisher: u32) -> Option<Held> {
         let msg = match self.divert_if_matching(hash, msg, publisher) {
             Diverted::No(msg) => msg,
             Diverted::Yes(held) => return held,
         };
         let ttl = u64::try_from(self.opts.unique_timeout.as_nanos()).unwrap_or(u64::MAX);
         let now = crate::sys::monotonic_ns();
-        let Some(check) = self.path.dedup_check(hash, now, ttl) else {
+        let Some(check) = self.path.dedup_check(hash, tag, now, ttl) else {
             self.recycle(msg);
             return None;
         };
@@ -286,7 +296,7 @@ impl Worker {
         self.stats.unique_diverted = self.stats.unique_diverted.saturating_sub(1);
         self.stats.unique_not_diverted += 1;
         // As the agent's own event: never diverted again.
-        self.route_unique(&hash, msg, self.geo.workers)
+        self.route_unique(&hash, None, msg, self.geo.workers)
     }
 
     /// Is the agent attached: its slot lock held by a live process and, on shared memory,
