@@ -134,7 +134,8 @@ pub enum Cmd {
     /// `drain <ms>`: dispatch until every inbound ring is empty. Answers `@@DRAINED reached`
     /// or `@@DRAINED timeout`.
     Drain { ms: u64 },
-    /// `reach <ms> <p>:<inc>:<last> ...`: dispatch until each run (p, inc) got to `last`.
+    /// `reach <ms> <p>:<inc>:<last> ...`: dispatch until each run (p, inc) got to `last` (here,
+    /// or before this process started: the slot's continuity table says so).
     /// Answers `@@REACH reached` or `@@REACH timeout`.
     Reach { ms: u64, want: Vec<(u32, u32, u64)> },
     /// `close <ms>`: `Worker::close`; answers `@@CLOSED <ok|error> <ms taken>` and exits.

@@ -503,7 +503,12 @@ impl Role {
                 let reached = loop {
                     let done = {
                         let r = self.rec.lock().unwrap();
-                        want.iter().all(|&(p, i, last)| r.runs.get(&(p, i)).is_some_and(|s| s.last >= last))
+                        // Reached by us, or already by a predecessor of this slot: a worker
+                        // restarted after its predecessor got a run's last event gets none of it.
+                        want.iter().all(|&(p, i, last)| {
+                            r.runs.get(&(p, i)).is_some_and(|s| s.last >= last)
+                                || self.cont_at_start.iter().any(|&(q, j, next)| (q, j) == (p, i) && next > last)
+                        })
                     };
                     if done {
                         break true;
