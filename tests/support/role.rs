@@ -50,6 +50,14 @@ impl Pace {
         Pace { start: Instant::now(), rate, sent: 0, errors: 0, end }
     }
 
+    /// One more event published: counted here, and in `cell` for the parent (`support::sent`).
+    fn count_sent(&mut self, cell: Option<&super::sent::SentCell>) {
+        self.sent += 1;
+        if let Some(c) = cell {
+            c.store(self.sent);
+        }
+    }
+
     /// How many should have been sent by now (at most 2000 ahead of what was).
     fn due(&self) -> u64 {
         ((self.start.elapsed().as_secs_f64() * 1000.0 * self.rate) as u64).min(self.end).min(self.sent + 2000)
@@ -456,12 +464,7 @@ impl Role {
                 let mut p = self.run.take().unwrap_or_else(|| Pace::new(0.0, u64::MAX));
                 for _ in 0..n {
                     match self.worker.publish(Target::All, "seq", &self.run_event, &p.sent) {
-                        Ok(()) => {
-                            p.sent += 1;
-                            if let Some(c) = &self.sent_cell {
-                                c.store(p.sent);
-                            }
-                        }
+                        Ok(()) => p.count_sent(self.sent_cell.as_ref()),
                         Err(_) => p.errors += 1,
                     }
                     let _ = self.worker.dispatch();
@@ -530,12 +533,7 @@ impl Role {
             let due = p.due();
             while p.sent < due {
                 match self.worker.publish(Target::All, "seq", &self.run_event, &p.sent) {
-                    Ok(()) => {
-                        p.sent += 1;
-                        if let Some(c) = &self.sent_cell {
-                            c.store(p.sent);
-                        }
-                    }
+                    Ok(()) => p.count_sent(self.sent_cell.as_ref()),
                     Err(e) => {
                         p.errors += 1;
                         eprintln!("child {wid}: publish: {e}");
