@@ -187,6 +187,10 @@ impl Producer {
     /// ([`Consumer::new`]) and the caller retries.
     pub(crate) fn new(ring: RawRing) -> Result<Self, Corrupt> {
         let h = ring.hdr();
+        // A predecessor's request for room is not ours: our backlog starts empty, and a
+        // flag left set with nothing to consume would never be answered
+        // ([`Producer::space_requested`] would hold our retries back for good).
+        h.producer.want_space.store(0, Ordering::Relaxed);
         let hint = h.producer.write_pos.load(Ordering::Acquire);
         let read = h.consumer.read_pos.load(Ordering::Acquire);
         let cap = ring.cap as u64;
@@ -325,6 +329,20 @@ impl Producer {
         fence(Ordering::SeqCst);
         self.refresh()?;
         self.body_room(want)
+    }
+
+    /// Our last [`Producer::request_space`] is still unanswered: the consumer has not yet
+    /// cleared the flag, which it does (and wakes us) once it frees space after seeing it.
+    /// Until then a retry would find no room it has not reported, so a backlog retry may
+    /// skip this ring: one load of our own line instead of a load of the consumer's
+    /// position (a line the running consumer keeps writing) and a fenced request, per ring
+    /// and per publish. A retry skipped after [`crate::notify::arm`] is safe: if this load
+    /// misses the consumer's clearing swap, the consumer's fenced load of our `parked`
+    /// flag sees the arm and writes our eventfd (loom model
+    /// `full_ring_producer_skipping_while_asked_is_woken`). Any value other than 1 (the
+    /// consumer's memory is untrusted) reads as answered, so the retry goes ahead.
+    pub(crate) fn space_requested(&self) -> bool {
+        self.ring.hdr().producer.want_space.load(Ordering::Relaxed) == 1
     }
 
     /// Count an event dropped for this consumer; it will get a `lost` notice.

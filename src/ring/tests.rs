@@ -321,6 +321,31 @@ fn want_space_flag_is_returned_once() {
     assert_eq!(p.body_room(8).unwrap(), 48);
 }
 
+/// A request for room stays visible to the producer until the consumer answers it, and a
+/// producer that takes over the ring does not inherit its predecessor's request.
+#[test]
+fn space_requested_until_the_consumer_answers() {
+    let r = test_ring(64);
+    let mut p = Producer::new(r.raw).unwrap();
+    let mut c = Consumer::new(r.raw).unwrap();
+    assert!(!p.space_requested());
+    assert!(p.try_write(FIRST | LAST, &[&[0u8; 48]]).unwrap());
+    p.commit();
+    assert_eq!(p.request_space(8).unwrap(), 0);
+    assert!(p.space_requested());
+    pop(&mut c).unwrap();
+    assert!(c.release());
+    assert!(!p.space_requested(), "answered");
+    // A predecessor's unanswered request, with nothing left for the consumer to release:
+    assert_eq!(p.request_space(8).unwrap(), 48);
+    assert!(p.space_requested());
+    let p2 = Producer::new(r.raw).unwrap();
+    assert!(!p2.space_requested(), "a successor would skip its retries for good");
+    // Anything but 1 in the (untrusted) word reads as answered.
+    r.raw.hdr().producer.want_space.store(7, Ordering::Relaxed);
+    assert!(!p2.space_requested());
+}
+
 /// The body copies go word by word (Relaxed atomics): parts that start and end at any byte
 /// offset, bodies that wrap, and a destination at any alignment keep every byte; nothing
 /// outside the record (and the next slot's stamp word) is written, nothing outside the

@@ -262,6 +262,10 @@ impl ShmPort {
         let mut progress = false;
         for o in self.out.iter_mut().flatten() {
             let Some(prod) = o.prod.as_mut() else { continue };
+            if prod.space_requested() {
+                // The consumer will clear the flag and wake us when it frees space.
+                continue;
+            }
             let was = !o.backlog.is_empty();
             let mut asked = false;
             while let Some(front) = o.backlog.front_mut() {
