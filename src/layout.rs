@@ -377,6 +377,16 @@ mod tests {
     }
 
     #[test]
+    fn default_sizing_fits_64_mib_for_64_workers() {
+        // Issue 10, target P5: the region at 64 workers and default options.
+        for agent in [false, true] {
+            let o = crate::options::Options::new("/tmp/x.sock").workers(64).enable_privileged_agent(agent);
+            let g = Geometry::new(64, agent, o.get_ring_capacity(), o.get_unique_capacity());
+            assert!(g.region_size <= 64 << 20, "{}", g.region_size);
+        }
+    }
+
+    #[test]
     fn rings_do_not_overlap() {
         let g = Geometry::new(3, true, 4096, 64);
         let mut offs: Vec<usize> =

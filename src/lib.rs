@@ -244,7 +244,7 @@ pub use event::{
     Event, Lost, MAX_ORIGIN_HOST_LEN, MAX_UNIQUE_HASH_LEN, NewBroker, Payload, SYSTEM_SOURCE, Target, Wid,
 };
 pub use inspect::{DedupSnapshot, INSPECT_TIMEOUT, RingSnapshot, SlotSnapshot, Snapshot, inspect};
-pub use options::{DEFAULT_RING_CAPACITY, MAX_PAYLOAD_LIMIT, MAX_WORKERS, Options, Transport};
+pub use options::{DEFAULT_RING_CAPACITY, DEFAULT_RINGS_BUDGET, MAX_PAYLOAD_LIMIT, MAX_WORKERS, Options, Transport};
 pub use stats::{PeerStats, Stats};
 pub use subs::SubscriptionId;
 pub use worker::{Events, Worker};

@@ -14,9 +14,29 @@ pub const MAX_PAYLOAD_LIMIT: usize = 16 * 1024 * 1024;
 /// Largest number of worker slots. Bounded by the number of descriptors one `SCM_RIGHTS`
 /// message can carry (253): the region memfd plus one eventfd per slot.
 pub const MAX_WORKERS: u32 = 128;
-/// Default data bytes of one ring (one ordered pair of slots). 16 workers use
-/// 16 x 16 x (128 KiB + 256 B) = 32 MiB of address space, and tmpfs only backs touched pages.
+/// Default data bytes of one ring (one ordered pair of slots) for deployments of up to 19
+/// slots (workers plus the privileged agent): 16 workers use 16 x 16 x (128 KiB + 256 B) =
+/// 32 MiB of rings. Larger deployments get smaller rings by default, so that all the rings
+/// fit [`DEFAULT_RINGS_BUDGET`] (see [`Options::ring_capacity`]).
 pub const DEFAULT_RING_CAPACITY: usize = 128 * 1024;
+/// Bytes the rings of one region may take at default options: the default ring capacity is
+/// halved from [`DEFAULT_RING_CAPACITY`] until `slots² x (capacity + 256 B)` fits this, down
+/// to the 4 KiB minimum. 64 workers get 8 KiB rings (33 MiB of rings, a 37 MiB region instead
+/// of 517 MiB); 78 slots or more get the minimum, which passes the budget from 108 slots on
+/// (128 workers: 68 MiB of rings).
+pub const DEFAULT_RINGS_BUDGET: usize = 48 << 20;
+/// Smallest accepted `ring_capacity`.
+const MIN_RING_CAPACITY: usize = 4096;
+
+/// The default ring capacity of a region of `slots` slots (see [`DEFAULT_RINGS_BUDGET`]).
+fn default_ring_capacity(slots: u32) -> usize {
+    let rings = slots as usize * slots as usize;
+    let mut cap = DEFAULT_RING_CAPACITY;
+    while cap > MIN_RING_CAPACITY && rings * (cap + crate::layout::RING_HEADER_SIZE) > DEFAULT_RINGS_BUDGET {
+        cap /= 2;
+    }
+    cap
+}
 
 /// Which transport carries events between processes.
 ///
@@ -83,7 +103,8 @@ pub struct Options {
     pub(crate) enable_privileged_agent: bool,
     pub(crate) transport: Transport,
     pub(crate) testing: bool,
-    pub(crate) ring_capacity: usize,
+    /// `None`: the default for the number of slots ([`DEFAULT_RINGS_BUDGET`]).
+    pub(crate) ring_capacity: Option<usize>,
     pub(crate) unique_capacity: usize,
     pub(crate) allowed_uids: Vec<u32>,
     pub(crate) reload_generation: u64,
@@ -117,7 +138,7 @@ impl Options {
             enable_privileged_agent: false,
             transport: Transport::Auto,
             testing: false,
-            ring_capacity: DEFAULT_RING_CAPACITY,
+            ring_capacity: None,
             unique_capacity: 65_536,
             allowed_uids: Vec::new(),
             reload_generation: 0,
@@ -215,14 +236,29 @@ impl Options {
         self
     }
 
-    /// Data bytes of each ring (power of two, 4 KiB..=64 MiB; default 128 KiB). Larger
-    /// payloads still work: they are streamed through the ring in fragments.
+    /// Data bytes of each ring (power of two, 4 KiB..=64 MiB). Larger payloads still work:
+    /// they are streamed through the ring in fragments.
+    ///
+    /// Default: [`DEFAULT_RING_CAPACITY`] (128 KiB) for up to 19 slots (workers plus the
+    /// privileged agent), then halved until the region's `slots²` rings fit
+    /// [`DEFAULT_RINGS_BUDGET`] (48 MiB): 32 workers get 32 KiB, 64 workers 8 KiB, 78 or more
+    /// the 4 KiB minimum. A ring holds the events in flight to one receiver; what does not fit
+    /// waits in the publisher's private backlog (`max_queue_len` events, nothing is lost while
+    /// the receiver keeps dispatching), so smaller rings cost memory copies under bursts, not
+    /// events. Two costs to weigh before setting it larger on many workers: the region
+    /// grows with the square of the slots (64 workers at 128 KiB: 517 MiB), and a publisher
+    /// killed with a full backlog loses that backlog (reported as `lost`). The value is part
+    /// of the region's geometry: every process of a deployment must compute the same one
+    /// (same `workers`, `enable_privileged_agent` and `ring_capacity`).
     ///
     /// ```
-    /// assert_eq!(worker_events::Options::new("/tmp/s").ring_capacity(1 << 20).get_ring_capacity(), 1 << 20);
+    /// use worker_events::Options;
+    /// assert_eq!(Options::new("/tmp/s").ring_capacity(1 << 20).get_ring_capacity(), 1 << 20);
+    /// assert_eq!(Options::new("/tmp/s").workers(16).get_ring_capacity(), 128 * 1024);
+    /// assert_eq!(Options::new("/tmp/s").workers(64).get_ring_capacity(), 8 * 1024);
     /// ```
     pub fn ring_capacity(mut self, bytes: usize) -> Self {
-        self.ring_capacity = bytes;
+        self.ring_capacity = Some(bytes);
         self
     }
 
@@ -372,13 +408,17 @@ impl Options {
     pub fn get_testing(&self) -> bool {
         self.testing
     }
-    /// See [`Options::ring_capacity`].
+    /// The ring capacity in effect: the one set with [`Options::ring_capacity`], or the
+    /// default for this many slots.
     ///
     /// ```
-    /// assert_eq!(worker_events::Options::new("/s").get_ring_capacity(), 128 * 1024);
+    /// let o = worker_events::Options::new("/s").workers(4);
+    /// assert_eq!(o.get_ring_capacity(), 128 * 1024);
+    /// assert_eq!(o.enable_privileged_agent(true).workers(40).get_ring_capacity(), 16 * 1024);
     /// ```
     pub fn get_ring_capacity(&self) -> usize {
-        self.ring_capacity
+        let slots = self.workers.saturating_add(u32::from(self.enable_privileged_agent));
+        self.ring_capacity.unwrap_or_else(|| default_ring_capacity(slots))
     }
     /// See [`Options::unique_capacity`].
     ///
@@ -418,7 +458,8 @@ impl Options {
         if self.max_payload_len == 0 || self.max_payload_len > MAX_PAYLOAD_LIMIT {
             return bad("\"max_payload_len\" option is invalid");
         }
-        if !self.ring_capacity.is_power_of_two() || self.ring_capacity < 4096 || self.ring_capacity > 64 * 1024 * 1024 {
+        let ring = self.get_ring_capacity();
+        if !ring.is_power_of_two() || !(MIN_RING_CAPACITY..=64 * 1024 * 1024).contains(&ring) {
             return bad("\"ring_capacity\" option is invalid");
         }
         if self.unique_capacity == 0 || self.unique_capacity > (1 << 24) {
@@ -480,7 +521,7 @@ impl Options {
         AttachTerms {
             workers: self.workers,
             agent: self.enable_privileged_agent,
-            ring_capacity: self.ring_capacity as u64,
+            ring_capacity: self.get_ring_capacity() as u64,
             unique_capacity: self.unique_capacity as u64,
             max_payload_len: self.max_payload_len as u64,
             unique_timeout_ns: u64::try_from(self.unique_timeout.as_nanos()).unwrap_or(u64::MAX),
@@ -514,6 +555,34 @@ mod tests {
         assert_eq!(msg(o().ring_capacity(5000)), "\"ring_capacity\" option is invalid");
         assert_eq!(msg(o().ring_capacity(1024)), "\"ring_capacity\" option is invalid");
         assert_eq!(msg(o().unique_capacity(0)), "\"unique_capacity\" option is invalid");
+    }
+
+    #[test]
+    fn default_ring_capacity_keeps_the_rings_in_budget() {
+        let mut last = DEFAULT_RING_CAPACITY;
+        for workers in 1..=MAX_WORKERS {
+            for agent in [false, true] {
+                let o = Options::new("/tmp/x.sock").workers(workers).enable_privileged_agent(agent);
+                assert!(o.validate().is_ok(), "{workers} workers");
+                let (cap, slots) = (o.get_ring_capacity(), (workers + u32::from(agent)) as usize);
+                let rings = slots * slots * (cap + crate::layout::RING_HEADER_SIZE);
+                // In budget, or at the minimum; and never smaller than it needs to be.
+                assert!(rings <= DEFAULT_RINGS_BUDGET || cap == MIN_RING_CAPACITY, "{slots} slots: {cap}");
+                let doubled = slots * slots * (2 * cap + crate::layout::RING_HEADER_SIZE);
+                assert!(cap == DEFAULT_RING_CAPACITY || doubled > DEFAULT_RINGS_BUDGET, "{slots} slots: {cap}");
+                assert!(cap <= last, "not monotonic at {slots} slots");
+                last = cap;
+            }
+        }
+        let cap = |w| Options::new("/tmp/x.sock").workers(w).get_ring_capacity();
+        assert_eq!(
+            (cap(4), cap(16), cap(19), cap(20), cap(32), cap(64), cap(78)),
+            (128 << 10, 128 << 10, 128 << 10, 64 << 10, 32 << 10, 8 << 10, 4 << 10)
+        );
+        // An explicit value wins, and is what the broker compares.
+        let o = Options::new("/tmp/x.sock").workers(64).ring_capacity(1 << 20);
+        assert_eq!((o.get_ring_capacity(), o.attach_terms().ring_capacity), (1 << 20, 1 << 20));
+        assert_eq!(Options::new("/tmp/x.sock").workers(64).attach_terms().ring_capacity, 8 << 10);
     }
 
     #[test]
