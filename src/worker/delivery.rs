@@ -161,10 +161,14 @@ impl Worker {
     /// After callbacks ran: send what they published, in call order, as `publish` does.
     /// Returns how many were sent. (In testing mode, sending runs callbacks at once: what
     /// those publish stays queued for the next call.)
+    #[inline(always)]
     pub(super) fn send_queued(&mut self) -> usize {
-        if self.cx.queue.is_empty() {
-            return 0;
-        }
+        if self.cx.queue.is_empty() { 0 } else { self.send_queue() }
+    }
+
+    /// [`Worker::send_queued`] with something queued.
+    #[inline(never)]
+    fn send_queue(&mut self) -> usize {
         let mut queue = std::mem::take(&mut self.cx.queue);
         let mut names = std::mem::take(&mut self.cx.names);
         let n = queue.len();
@@ -194,10 +198,17 @@ impl Worker {
         n
     }
 
-    /// [`Worker::run_local`] when our own queue has anything (two loads otherwise).
+    /// [`Worker::run_local`] when our own queue holds messages. When it holds none, our own
+    /// "all" copies that no callback wanted (`unrun_self`, see `send`) are counted as
+    /// delivered here, as `run_local` would: no callback runs, so nothing is left to send.
     #[inline]
     pub(super) fn run_local_if_any(&mut self) -> usize {
-        if self.unrun_self == 0 && self.local.is_empty() { 0 } else { self.run_local() }
+        if !self.local.is_empty() {
+            return self.run_local();
+        }
+        let n = std::mem::take(&mut self.unrun_self);
+        self.stats.delivered += n as u64;
+        n
     }
 
     /// A buffer from the pool (or a new one).
