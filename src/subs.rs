@@ -317,6 +317,7 @@ impl Subscriptions {
     }
 }
 
+#[inline(always)]
 fn run_levels(
     wild: &mut List,
     lists: &mut [List],
@@ -338,6 +339,7 @@ fn run_levels(
     st
 }
 
+#[inline(always)]
 fn run_list(list: &mut List, ev: &Event<'_>, cx: &mut Context, st: &mut RunStats) {
     for (id, cb) in list.iter_mut() {
         st.called += 1;

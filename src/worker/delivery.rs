@@ -33,6 +33,7 @@ impl Deliver for Delivery<'_> {
         run_callbacks(self.subs, self.stats, self.cx, ev);
     }
 
+    #[inline(always)]
     fn raw_event(&mut self, m: &message::Raw<'_>) -> bool {
         let Some(r) = self.subs.run_raw(m.source, m.event, m.data, m.wid, m.ext, self.cx) else { return false };
         count_run(self.stats, r);

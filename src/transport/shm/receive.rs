@@ -150,7 +150,7 @@ impl ShmPort {
     /// Retry the backlogs, then drain the inbound rings into `sink`, checking each message:
     /// an "all" event comes from its publisher's ring; a unique event carries its publisher's
     /// wid. Returns (messages, more pending).
-    pub(crate) fn dispatch(&mut self, budget: usize, sink: &mut dyn Deliver) -> (usize, bool) {
+    pub(crate) fn dispatch<D: Deliver>(&mut self, budget: usize, sink: &mut D) -> (usize, bool) {
         if self.backlogged != 0 {
             self.flush();
         }
