@@ -103,6 +103,9 @@ struct Memo {
     valid: bool,
     source: String,
     event: String,
+    /// `source` then `event`, as a received message carries them
+    /// ([`Subscriptions::run_joined`] compares both names with one compare).
+    joined: Vec<u8>,
     /// The `(source, "*")` list to run (already `None` for a literal `"*"` source, or when
     /// that list is empty).
     any: Option<ListId>,
@@ -115,6 +118,12 @@ impl Memo {
     #[inline]
     fn hit(&self, source: &[u8], event: &[u8]) -> bool {
         self.valid && same(self.source.as_bytes(), source) && same(self.event.as_bytes(), event)
+    }
+
+    /// [`Memo::hit`] for the two names joined (`names[..src_len]` and `names[src_len..]`).
+    #[inline(always)]
+    fn hit_joined(&self, names: &[u8], src_len: usize) -> bool {
+        self.valid && self.source.len() == src_len && same(&self.joined, names)
     }
 }
 
@@ -264,6 +273,9 @@ impl Subscriptions {
         m.source.push_str(source);
         m.event.clear();
         m.event.push_str(event);
+        m.joined.clear();
+        m.joined.extend_from_slice(source.as_bytes());
+        m.joined.extend_from_slice(event.as_bytes());
         m.any = any;
         m.event_list = event_list;
         m.valid = true;
@@ -293,9 +305,34 @@ impl Subscriptions {
     }
 
     /// [`Subscriptions::run`] for an event whose names are still unchecked bytes (as read
-    /// from another process): a pair equal to the memo's needs no UTF-8 validation (the
-    /// memo's names were validated); otherwise the names are validated here. `None` when a
-    /// name is not UTF-8 (nothing ran).
+    /// from another process), given joined as a message carries them: the source is
+    /// `names[..src_len]`, the event `names[src_len..]` (`src_len <= names.len()`). A pair
+    /// equal to the memo's needs no UTF-8 validation (the memo's names were validated) and
+    /// costs one compare of the joined bytes; otherwise the names are validated here.
+    /// `None` when a name is not UTF-8 (nothing ran).
+    pub(crate) fn run_joined(
+        &mut self,
+        names: &[u8],
+        src_len: usize,
+        data: &[u8],
+        wid: Option<Wid>,
+        ext: Ext<'_>,
+        cx: &mut Context,
+    ) -> Option<RunStats> {
+        if !self.memo.hit_joined(names, src_len) {
+            let (source, event) = names.split_at_checked(src_len)?;
+            let s = std::str::from_utf8(source).ok()?;
+            let e = std::str::from_utf8(event).ok()?;
+            Self::resolve(&self.table, &self.lists, &mut self.memo, s, e);
+        }
+        // The names are the memo's own (equal bytes): no validation, no lifetime games.
+        let Subscriptions { wild, lists, memo, .. } = self;
+        let ev = Event { source: &memo.source, event: &memo.event, data, wid, ext };
+        Some(run_levels(wild, lists, memo.any, memo.event_list, &ev, cx))
+    }
+
+    /// [`Subscriptions::run_joined`] with the names apart (the unit tests' form).
+    #[cfg(test)]
     pub(crate) fn run_raw(
         &mut self,
         source: &[u8],
@@ -305,15 +342,7 @@ impl Subscriptions {
         ext: Ext<'_>,
         cx: &mut Context,
     ) -> Option<RunStats> {
-        if !self.memo.hit(source, event) {
-            let s = std::str::from_utf8(source).ok()?;
-            let e = std::str::from_utf8(event).ok()?;
-            Self::resolve(&self.table, &self.lists, &mut self.memo, s, e);
-        }
-        // The names are the memo's own (equal bytes): no validation, no lifetime games.
-        let Subscriptions { wild, lists, memo, .. } = self;
-        let ev = Event { source: &memo.source, event: &memo.event, data, wid, ext };
-        Some(run_levels(wild, lists, memo.any, memo.event_list, &ev, cx))
+        self.run_joined(&[source, event].concat(), source.len(), data, wid, ext, cx)
     }
 }
 
