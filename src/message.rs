@@ -125,6 +125,15 @@ pub(crate) fn names(buf: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// The source then the event name, as one run of bytes, of a message this process encoded
+/// (or checked) itself; empty for a buffer too short to hold them.
+pub(crate) fn joined_names(buf: &[u8]) -> &[u8] {
+    let Some(h) = buf.get(..MSG_HDR) else { return &[] };
+    let src = MSG_HDR + u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let len = usize::from(u16::from_le_bytes([h[4], h[5]])) + usize::from(u16::from_le_bytes([h[6], h[7]]));
+    buf.get(src..src + len).unwrap_or(&[])
+}
+
 /// The header flags of a message (0 for an ordinary event).
 pub(crate) fn flags(buf: &[u8]) -> u8 {
     buf.get(13).copied().unwrap_or(0)

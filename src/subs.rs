@@ -282,11 +282,18 @@ impl Subscriptions {
     }
 
     /// Whether an event `(source, event)` would run at least one callback now.
+    #[cfg(test)]
     pub(crate) fn wants(&mut self, source: &str, event: &str) -> bool {
+        self.wants_joined(&[source, event].concat().into_bytes(), source, event)
+    }
+
+    /// [`Subscriptions::wants`] given also both names joined (`source` then `event`, as the
+    /// encoded message holds them): a memo hit is one compare of the joined bytes.
+    pub(crate) fn wants_joined(&mut self, joined: &[u8], source: &str, event: &str) -> bool {
         if !self.wild.is_empty() {
             return true;
         }
-        if !self.wants_memo.hit(source.as_bytes(), event.as_bytes()) {
+        if !self.wants_memo.hit_joined(joined, source.len()) {
             Self::resolve(&self.table, &self.lists, &mut self.wants_memo, source, event);
         }
         self.wants_memo.any.is_some() || self.wants_memo.event_list.is_some()

@@ -241,7 +241,7 @@ impl Worker {
             let conns = self.ctl.as_mut().map(|c| c as &mut dyn Connections);
             self.path.send_all(&buf, conns);
         }
-        if all && !self.subs.wants(source, event) {
+        if all && !self.subs.wants_joined(message::joined_names(&buf), source, event) {
             // Our own copy would run no callback: count it for the next dispatch (which
             // reports it as delivered, as before) instead of queueing and decoding it. A
             // callback subscribed after this publish does not see it.
