@@ -215,13 +215,28 @@ impl Worker {
     }
 
     /// A buffer from the pool (or a new one).
+    #[inline(always)]
     pub(super) fn buffer(&mut self) -> AlignedVec {
-        self.pool.pop().unwrap_or_default()
+        match self.spare.take() {
+            Some(b) => b,
+            None => self.pool.pop().unwrap_or_default(),
+        }
     }
 
     /// Give a buffer back to the pool.
+    #[inline(always)]
     pub(super) fn recycle(&mut self, mut buf: AlignedVec) {
         buf.clear();
+        if self.spare.is_none() && buf.capacity() <= SMALL_BUF {
+            self.spare = Some(buf);
+        } else {
+            self.recycle_to_pool(buf);
+        }
+    }
+
+    /// [`Worker::recycle`] into `pool` (emptied already).
+    #[inline(never)]
+    fn recycle_to_pool(&mut self, buf: AlignedVec) {
         let keep = if buf.capacity() <= SMALL_BUF { self.opts.max_queue_len.max(POOL_MIN) } else { POOL_MIN };
         if self.pool.len() < keep {
             self.pool.push(buf);
