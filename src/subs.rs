@@ -317,6 +317,7 @@ impl Subscriptions {
     /// equal to the memo's needs no UTF-8 validation (the memo's names were validated) and
     /// costs one compare of the joined bytes; otherwise the names are validated here.
     /// `None` when a name is not UTF-8 (nothing ran).
+    #[inline(always)]
     pub(crate) fn run_joined(
         &mut self,
         names: &[u8],
