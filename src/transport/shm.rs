@@ -198,6 +198,7 @@ impl ShmPort {
 
     /// Send `msg` to every other slot. Never fails: a full ring queues the message in the
     /// backlog; a full backlog drops it for that peer and counts it (the peer is told).
+    #[inline(always)]
     pub(crate) fn send_all(&mut self, msg: &AlignedVec) {
         let mut shared = None;
         let mut any = false;
