@@ -125,6 +125,15 @@ pub(crate) fn names(buf: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// The source then the event name, as one run of bytes, of a message this process encoded
+/// (or checked) itself; empty for a buffer too short to hold them.
+pub(crate) fn joined_names(buf: &[u8]) -> &[u8] {
+    let Some(h) = buf.get(..MSG_HDR) else { return &[] };
+    let src = MSG_HDR + u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let len = usize::from(u16::from_le_bytes([h[4], h[5]])) + usize::from(u16::from_le_bytes([h[6], h[7]]));
+    buf.get(src..src + len).unwrap_or(&[])
+}
+
 /// The header flags of a message (0 for an ordinary event).
 pub(crate) fn flags(buf: &[u8]) -> u8 {
     buf.get(13).copied().unwrap_or(0)
@@ -232,11 +241,13 @@ pub(crate) struct Malformed;
 
 /// A message whose header and lengths are checked but whose names are not validated as
 /// UTF-8 yet: the receiver's subscription memo skips the validation for a name pair it has
-/// already seen (`Subscriptions::run_raw`).
+/// already seen (`Subscriptions::run_joined`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Raw<'a> {
     pub source: &'a [u8],
     pub event: &'a [u8],
+    /// `source` then `event`: the message's bytes that hold both names.
+    pub names: &'a [u8],
     pub data: &'a [u8],
     pub wid: Option<Wid>,
     pub kind: Kind,
@@ -272,8 +283,8 @@ pub(crate) fn decode_raw(buf: &[u8], workers: u32, agent: bool, max_payload_len:
     let data = &buf[MSG_HDR..MSG_HDR + data_len];
     let src_start = MSG_HDR + data_len;
     let ev_start = src_start + src_len;
-    let source = &buf[src_start..ev_start];
-    let event = &buf[ev_start..ev_start + ev_len];
+    let names = &buf[src_start..ev_start + ev_len];
+    let (source, event) = names.split_at(src_len);
     let ext =
         if ext_len == 0 && buf[13] == 0 { Ext::None } else { decode_ext(buf[13], &buf[ev_start + ev_len..], kind)? };
     let wid = match origin {
@@ -282,7 +293,7 @@ pub(crate) fn decode_raw(buf: &[u8], workers: u32, agent: bool, max_payload_len:
         o if agent && o == workers => Some(Wid::PrivilegedAgent),
         _ => return Err(Malformed),
     };
-    Ok(Raw { source, event, data, wid, kind, ext })
+    Ok(Raw { source, event, names, data, wid, kind, ext })
 }
 
 /// The extension of a message whose flags byte is `flags` (not both zero with its length):

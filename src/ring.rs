@@ -258,6 +258,7 @@ impl Producer {
 
     /// Append one record whose body is the concatenation of `parts`, uncommitted.
     /// Returns false (writing nothing) when it does not fit right now.
+    #[inline(always)]
     pub(crate) fn try_write(&mut self, flags: u32, parts: &[&[u8]]) -> Result<bool, Corrupt> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let need = record_size(len);

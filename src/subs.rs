@@ -103,6 +103,9 @@ struct Memo {
     valid: bool,
     source: String,
     event: String,
+    /// `source` then `event`, as a received message carries them
+    /// ([`Subscriptions::run_joined`] compares both names with one compare).
+    joined: Vec<u8>,
     /// The `(source, "*")` list to run (already `None` for a literal `"*"` source, or when
     /// that list is empty).
     any: Option<ListId>,
@@ -115,6 +118,12 @@ impl Memo {
     #[inline]
     fn hit(&self, source: &[u8], event: &[u8]) -> bool {
         self.valid && same(self.source.as_bytes(), source) && same(self.event.as_bytes(), event)
+    }
+
+    /// [`Memo::hit`] for the two names joined (`names[..src_len]` and `names[src_len..]`).
+    #[inline(always)]
+    fn hit_joined(&self, names: &[u8], src_len: usize) -> bool {
+        self.valid && self.source.len() == src_len && same(&self.joined, names)
     }
 }
 
@@ -264,17 +273,27 @@ impl Subscriptions {
         m.source.push_str(source);
         m.event.clear();
         m.event.push_str(event);
+        m.joined.clear();
+        m.joined.extend_from_slice(source.as_bytes());
+        m.joined.extend_from_slice(event.as_bytes());
         m.any = any;
         m.event_list = event_list;
         m.valid = true;
     }
 
     /// Whether an event `(source, event)` would run at least one callback now.
+    #[cfg(test)]
     pub(crate) fn wants(&mut self, source: &str, event: &str) -> bool {
+        self.wants_joined(&[source, event].concat().into_bytes(), source, event)
+    }
+
+    /// [`Subscriptions::wants`] given also both names joined (`source` then `event`, as the
+    /// encoded message holds them): a memo hit is one compare of the joined bytes.
+    pub(crate) fn wants_joined(&mut self, joined: &[u8], source: &str, event: &str) -> bool {
         if !self.wild.is_empty() {
             return true;
         }
-        if !self.wants_memo.hit(source.as_bytes(), event.as_bytes()) {
+        if !self.wants_memo.hit_joined(joined, source.len()) {
             Self::resolve(&self.table, &self.lists, &mut self.wants_memo, source, event);
         }
         self.wants_memo.any.is_some() || self.wants_memo.event_list.is_some()
@@ -293,19 +312,23 @@ impl Subscriptions {
     }
 
     /// [`Subscriptions::run`] for an event whose names are still unchecked bytes (as read
-    /// from another process): a pair equal to the memo's needs no UTF-8 validation (the
-    /// memo's names were validated); otherwise the names are validated here. `None` when a
-    /// name is not UTF-8 (nothing ran).
-    pub(crate) fn run_raw(
+    /// from another process), given joined as a message carries them: the source is
+    /// `names[..src_len]`, the event `names[src_len..]` (`src_len <= names.len()`). A pair
+    /// equal to the memo's needs no UTF-8 validation (the memo's names were validated) and
+    /// costs one compare of the joined bytes; otherwise the names are validated here.
+    /// `None` when a name is not UTF-8 (nothing ran).
+    #[inline(always)]
+    pub(crate) fn run_joined(
         &mut self,
-        source: &[u8],
-        event: &[u8],
+        names: &[u8],
+        src_len: usize,
         data: &[u8],
         wid: Option<Wid>,
         ext: Ext<'_>,
         cx: &mut Context,
     ) -> Option<RunStats> {
-        if !self.memo.hit(source, event) {
+        if !self.memo.hit_joined(names, src_len) {
+            let (source, event) = names.split_at_checked(src_len)?;
             let s = std::str::from_utf8(source).ok()?;
             let e = std::str::from_utf8(event).ok()?;
             Self::resolve(&self.table, &self.lists, &mut self.memo, s, e);
@@ -315,8 +338,23 @@ impl Subscriptions {
         let ev = Event { source: &memo.source, event: &memo.event, data, wid, ext };
         Some(run_levels(wild, lists, memo.any, memo.event_list, &ev, cx))
     }
+
+    /// [`Subscriptions::run_joined`] with the names apart (the unit tests' form).
+    #[cfg(test)]
+    pub(crate) fn run_raw(
+        &mut self,
+        source: &[u8],
+        event: &[u8],
+        data: &[u8],
+        wid: Option<Wid>,
+        ext: Ext<'_>,
+        cx: &mut Context,
+    ) -> Option<RunStats> {
+        self.run_joined(&[source, event].concat(), source.len(), data, wid, ext, cx)
+    }
 }
 
+#[inline(always)]
 fn run_levels(
     wild: &mut List,
     lists: &mut [List],
@@ -338,6 +376,7 @@ fn run_levels(
     st
 }
 
+#[inline(always)]
 fn run_list(list: &mut List, ev: &Event<'_>, cx: &mut Context, st: &mut RunStats) {
     for (id, cb) in list.iter_mut() {
         st.called += 1;

@@ -40,7 +40,7 @@ pub struct Notices {
 }
 
 /// The receiving worker's sink, as `worker::delivery::Delivery` is: messages go to the
-/// subscriptions (`Subscriptions::run_raw`, names validated there), notices are counted.
+/// subscriptions (`Subscriptions::run_joined`, names validated there), notices are counted.
 struct Sink<'a> {
     subs: &'a mut Subscriptions,
     notices: &'a mut Notices,
@@ -54,7 +54,7 @@ impl Deliver for Sink<'_> {
     }
 
     fn raw_event(&mut self, m: &message::Raw<'_>) -> bool {
-        self.subs.run_raw(m.source, m.event, m.data, m.wid, m.ext, &mut self.cx).is_some()
+        self.subs.run_joined(m.names, m.source.len(), m.data, m.wid, m.ext, &mut self.cx).is_some()
     }
 
     fn lost(&mut self, from: u32, count: u64) {

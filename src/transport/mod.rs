@@ -241,7 +241,7 @@ impl DataPath {
     /// Dispatch what arrived into `sink`: rings (after retrying backlogs) or socket frames
     /// (the caller writes the sockets after it, with what the callbacks published: see
     /// `worker/poll.rs`).
-    pub(crate) fn drain(&mut self, sink: &mut dyn Deliver) -> Drained {
+    pub(crate) fn drain<D: Deliver>(&mut self, sink: &mut D) -> Drained {
         match self {
             DataPath::InProcess | DataPath::Unattached(_) => Drained::default(),
             DataPath::Shm(port) => {

@@ -198,6 +198,7 @@ impl ShmPort {
 
     /// Send `msg` to every other slot. Never fails: a full ring queues the message in the
     /// backlog; a full backlog drops it for that peer and counts it (the peer is told).
+    #[inline(always)]
     pub(crate) fn send_all(&mut self, msg: &AlignedVec) {
         let mut shared = None;
         let mut any = false;
@@ -222,6 +223,7 @@ impl ShmPort {
     }
 
     /// Commit every ring written since the last commit, then wake parked receivers.
+    #[inline(always)]
     fn commit_and_wake(&mut self) {
         let mut committed = false;
         for o in self.out.iter_mut().flatten() {
@@ -254,11 +256,16 @@ impl ShmPort {
     }
 
     /// Retry the backlogs. Returns true if anything was written (progress, not "done":
-    /// ask [`ShmPort::backlogged`] for what is left).
+    /// ask [`ShmPort::backlogged`] for what is left). Inlined: with no backlog (the usual
+    /// case on every publish and dispatch) it is one load.
+    #[inline(always)]
     pub(crate) fn flush(&mut self) -> bool {
-        if self.backlogged == 0 {
-            return false;
-        }
+        self.backlogged != 0 && self.flush_backlogs()
+    }
+
+    /// [`ShmPort::flush`] with at least one backlog.
+    #[inline(never)]
+    fn flush_backlogs(&mut self) -> bool {
         let mut progress = false;
         for o in self.out.iter_mut().flatten() {
             let Some(prod) = o.prod.as_mut() else { continue };
@@ -446,6 +453,7 @@ impl Drop for ShmPort {
 /// Offer `msg` to one peer's ring: write it now if its backlog is empty and it fits, else
 /// queue it (sharing one copy through `shared`), else drop and count it. Returns whether
 /// anything was written (the caller commits).
+#[inline(always)]
 fn offer(
     o: &mut Outbound,
     msg: &AlignedVec,
@@ -500,8 +508,10 @@ fn wake(region: &Region, eventfds: &[EventFd], slot: u32, counters: &mut PortCou
 
 /// Write as much of `msg` (from byte `sent`) into the ring as fits now, uncommitted.
 /// Returns the new `sent`. Small messages are written whole or not at all; a message over a
-/// quarter of the ring is streamed in fragments as space allows.
-fn write_msg(prod: &mut Producer, msg: &[u8], mut sent: usize) -> Result<usize, crate::ring::Corrupt> {
+/// quarter of the ring is streamed in fragments as space allows. The whole-record attempt is
+/// inlined into the publish path; the fragment loop is not.
+#[inline(always)]
+fn write_msg(prod: &mut Producer, msg: &[u8], sent: usize) -> Result<usize, crate::ring::Corrupt> {
     let len = msg.len();
     let max_body = prod.max_body();
     if sent == 0 && record_size(len) <= max_body + REC_HDR && prod.try_write(FIRST | LAST, &[msg])? {
@@ -510,6 +520,14 @@ fn write_msg(prod: &mut Producer, msg: &[u8], mut sent: usize) -> Result<usize, 
     if sent == 0 && len <= max_body / 4 {
         return Ok(0);
     }
+    write_fragments(prod, msg, sent)
+}
+
+/// [`write_msg`] of a message that did not go as one record: fragments from byte `sent`.
+#[inline(never)]
+fn write_fragments(prod: &mut Producer, msg: &[u8], mut sent: usize) -> Result<usize, crate::ring::Corrupt> {
+    let len = msg.len();
+    let max_body = prod.max_body();
     let min_chunk = (max_body / 8).max(8);
     while sent < len {
         let remaining = len - sent;

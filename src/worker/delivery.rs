@@ -33,8 +33,11 @@ impl Deliver for Delivery<'_> {
         run_callbacks(self.subs, self.stats, self.cx, ev);
     }
 
+    #[inline(always)]
     fn raw_event(&mut self, m: &message::Raw<'_>) -> bool {
-        let Some(r) = self.subs.run_raw(m.source, m.event, m.data, m.wid, m.ext, self.cx) else { return false };
+        let Some(r) = self.subs.run_joined(m.names, m.source.len(), m.data, m.wid, m.ext, self.cx) else {
+            return false;
+        };
         count_run(self.stats, r);
         if m.ext != Ext::None {
             count_relayed_lost(self.stats, m.source, m.event, m.data, m.ext);
@@ -161,10 +164,14 @@ impl Worker {
     /// After callbacks ran: send what they published, in call order, as `publish` does.
     /// Returns how many were sent. (In testing mode, sending runs callbacks at once: what
     /// those publish stays queued for the next call.)
+    #[inline(always)]
     pub(super) fn send_queued(&mut self) -> usize {
-        if self.cx.queue.is_empty() {
-            return 0;
-        }
+        if self.cx.queue.is_empty() { 0 } else { self.send_queue() }
+    }
+
+    /// [`Worker::send_queued`] with something queued.
+    #[inline(never)]
+    fn send_queue(&mut self) -> usize {
         let mut queue = std::mem::take(&mut self.cx.queue);
         let mut names = std::mem::take(&mut self.cx.names);
         let n = queue.len();
@@ -194,20 +201,42 @@ impl Worker {
         n
     }
 
-    /// [`Worker::run_local`] when our own queue has anything (two loads otherwise).
+    /// [`Worker::run_local`] when our own queue holds messages. When it holds none, our own
+    /// "all" copies that no callback wanted (`unrun_self`, see `send`) are counted as
+    /// delivered here, as `run_local` would: no callback runs, so nothing is left to send.
     #[inline]
     pub(super) fn run_local_if_any(&mut self) -> usize {
-        if self.unrun_self == 0 && self.local.is_empty() { 0 } else { self.run_local() }
+        if !self.local.is_empty() {
+            return self.run_local();
+        }
+        let n = std::mem::take(&mut self.unrun_self);
+        self.stats.delivered += n as u64;
+        n
     }
 
     /// A buffer from the pool (or a new one).
+    #[inline(always)]
     pub(super) fn buffer(&mut self) -> AlignedVec {
-        self.pool.pop().unwrap_or_default()
+        match self.spare.take() {
+            Some(b) => b,
+            None => self.pool.pop().unwrap_or_default(),
+        }
     }
 
     /// Give a buffer back to the pool.
+    #[inline(always)]
     pub(super) fn recycle(&mut self, mut buf: AlignedVec) {
         buf.clear();
+        if self.spare.is_none() && buf.capacity() <= SMALL_BUF {
+            self.spare = Some(buf);
+        } else {
+            self.recycle_to_pool(buf);
+        }
+    }
+
+    /// [`Worker::recycle`] into `pool` (emptied already).
+    #[inline(never)]
+    fn recycle_to_pool(&mut self, buf: AlignedVec) {
         let keep = if buf.capacity() <= SMALL_BUF { self.opts.max_queue_len.max(POOL_MIN) } else { POOL_MIN };
         if self.pool.len() < keep {
             self.pool.push(buf);

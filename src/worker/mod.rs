@@ -160,6 +160,7 @@ impl Events {
             local: VecDeque::new(),
             unrun_self: 0,
             pool: Vec::new(),
+            spare: None,
             arena: Arena::new(),
             stats: Stats::default(),
             path,
@@ -248,6 +249,9 @@ pub struct Worker {
     unrun_self: usize,
     /// Spare message buffers (no allocation per event in steady state).
     pool: Vec<AlignedVec>,
+    /// The spare buffer taken first and given back first (a small one): a publisher whose
+    /// own copies go unrun reuses one buffer without a trip through `pool`.
+    spare: Option<AlignedVec>,
     /// rkyv's serialization arena for `publish` (kept here rather than thread-local).
     arena: Arena,
     stats: Stats,

@@ -37,7 +37,7 @@ impl Worker {
         }
         let (origin, kind) = self.route(target)?;
         let tag = self.prefetch_unique(target);
-        let mut buf = self.pool.pop().unwrap_or_default();
+        let mut buf = self.buffer();
         let max = self.opts.max_payload_len;
         if let Err(e) = message::encode_typed_in(&mut buf, &mut self.arena, source, event, data, origin, kind, max) {
             self.pool.push(buf);
@@ -83,7 +83,7 @@ impl Worker {
         }
         let (origin, kind) = self.route(target)?;
         let tag = self.prefetch_unique(target);
-        let mut buf = self.pool.pop().unwrap_or_default();
+        let mut buf = self.buffer();
         if let Err(e) = message::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
             self.pool.push(buf);
             return Err(e);
@@ -166,7 +166,7 @@ impl Worker {
         }
         let (origin, _) = self.route(Target::All)?;
         let lost = Lost { count, publisher: self.wid };
-        let mut buf = self.pool.pop().unwrap_or_default();
+        let mut buf = self.buffer();
         let max = self.opts.max_payload_len;
         if let Err(e) = message::encode_typed(&mut buf, SYSTEM_SOURCE, "lost", &lost, origin, Kind::All, max) {
             self.pool.push(buf);
@@ -241,7 +241,7 @@ impl Worker {
             let conns = self.ctl.as_mut().map(|c| c as &mut dyn Connections);
             self.path.send_all(&buf, conns);
         }
-        if all && !self.subs.wants(source, event) {
+        if all && !self.subs.wants_joined(message::joined_names(&buf), source, event) {
             // Our own copy would run no callback: count it for the next dispatch (which
             // reports it as delivered, as before) instead of queueing and decoding it. A
             // callback subscribed after this publish does not see it.

@@ -7,21 +7,44 @@ use super::*;
 /// Rings' worth of bytes (records included) one drain pass takes from one ring at most.
 const PASS_LAPS: usize = 2;
 
-/// What the inbound side hands to the dispatcher.
-enum Incoming<'a> {
-    /// A complete message (not yet validated) from slot `from`.
-    Message { from: u32, bytes: &'a [u8] },
-    /// `count` events from slot `from` were lost on the way to us.
-    Lost { from: u32, count: u64 },
+/// What a message from another process is checked against (from the region's geometry
+/// and our options, read once per pass).
+#[derive(Clone, Copy)]
+struct Checks {
+    workers: u32,
+    agent: bool,
+    max_payload: usize,
+}
+
+/// Check a complete message (not yet validated) from slot `from` and hand it to `sink`: an
+/// "all" event comes from its publisher's ring; a unique event carries its publisher's
+/// wid. Anything else is dropped (and counted).
+#[inline(always)]
+fn deliver_message<D: Deliver>(sink: &mut D, c: Checks, from: u32, bytes: &[u8]) {
+    // As `Geometry::wid_of`.
+    let wid_of = |slot: u32| if c.agent && slot == c.workers { Wid::PrivilegedAgent } else { Wid::Worker(slot) };
+    match message::decode_raw(bytes, c.workers, c.agent, c.max_payload) {
+        Ok(m)
+            if ((m.kind == Kind::All && m.wid == Some(wid_of(from)))
+                || (m.kind == Kind::Unique && m.wid.is_some()))
+                && sink.raw_event(&m) => {}
+        _ => {
+            crate::log_limit::log_limited!(tracing::Level::WARN, from, "dropping a malformed message");
+            sink.dropped();
+        }
+    }
 }
 
 impl ShmPort {
-    /// Drain inbound rings, handing each message (and lost notices) to `deliver`. Per ring
+    /// Drain inbound rings, handing each message (checked) and lost notices to `sink`. Per ring
     /// and pass, at most `budget` **records** (so at most `budget` messages) and
     /// [`PASS_LAPS`] rings' worth of bytes, whatever the records are: fragments of a message
     /// that never ends, or messages discarded unread, end the pass on that ring as surely as
     /// delivered ones. Returns (messages, more_pending).
-    fn drain<F: FnMut(Incoming<'_>)>(&mut self, budget: usize, mut deliver: F) -> (usize, bool) {
+    fn drain<D: Deliver>(&mut self, budget: usize, sink: &mut D) -> (usize, bool) {
+        // Only what the checks need (the whole geometry is ten words, copied every pass).
+        let g = self.region.geometry();
+        let checks = Checks { workers: g.workers, agent: g.agent, max_payload: self.max_payload_len };
         let mut total = 0;
         let mut more = false;
         for from in 0..self.inb.len() {
@@ -30,7 +53,7 @@ impl ShmPort {
             let from = from as u32;
             let lost = cons.take_lost().saturating_add(std::mem::take(&mut inb.owed_lost));
             if lost > 0 {
-                deliver(Incoming::Lost { from, count: lost });
+                sink.lost(from, lost);
             }
             let mut local_lost = 0u64;
             let mut n = 0;
@@ -115,7 +138,7 @@ impl ShmPort {
                     n += 1;
                     // Consumed before the callbacks run: a successor never sees it again.
                     cons.commit_read();
-                    deliver(Incoming::Message { from, bytes: &inb.asm });
+                    deliver_message(sink, checks, from, &inb.asm);
                 }
             }
             if cons.release() {
@@ -130,7 +153,7 @@ impl ShmPort {
                 }
             }
             if local_lost > 0 {
-                deliver(Incoming::Lost { from, count: local_lost });
+                sink.lost(from, local_lost);
             }
             if cons.owes_check() && self.owed_passes == 0 {
                 self.owed_passes = 1;
@@ -150,27 +173,10 @@ impl ShmPort {
     /// Retry the backlogs, then drain the inbound rings into `sink`, checking each message:
     /// an "all" event comes from its publisher's ring; a unique event carries its publisher's
     /// wid. Returns (messages, more pending).
-    pub(crate) fn dispatch(&mut self, budget: usize, sink: &mut dyn Deliver) -> (usize, bool) {
+    pub(crate) fn dispatch<D: Deliver>(&mut self, budget: usize, sink: &mut D) -> (usize, bool) {
         if self.backlogged != 0 {
             self.flush();
         }
-        // Only what the checks need (the whole geometry is ten words, copied every pass).
-        let (workers, agent) = (self.region.geometry().workers, self.region.geometry().agent);
-        // As `Geometry::wid_of`.
-        let wid_of = |slot: u32| if agent && slot == workers { Wid::PrivilegedAgent } else { Wid::Worker(slot) };
-        let max_payload = self.max_payload_len;
-        self.drain(budget, |inc| match inc {
-            Incoming::Message { from, bytes } => match message::decode_raw(bytes, workers, agent, max_payload) {
-                Ok(m)
-                    if ((m.kind == Kind::All && m.wid == Some(wid_of(from)))
-                        || (m.kind == Kind::Unique && m.wid.is_some()))
-                        && sink.raw_event(&m) => {}
-                _ => {
-                    crate::log_limit::log_limited!(tracing::Level::WARN, from, "dropping a malformed message");
-                    sink.dropped();
-                }
-            },
-            Incoming::Lost { from, count } => sink.lost(from, count),
-        })
+        self.drain(budget, sink)
     }
 }
