@@ -96,7 +96,7 @@ fn main() {
     row("three bare SPSC rings, one copy per reader", &three[0]);
     row("one broadcast ring, 64-byte body, written once", &three[1]);
     println!(
-        "region bytes (P5), per-pair rings at the default 128 KiB vs one {} KiB ring per publisher:",
+        "region bytes (P5), per-pair rings at 128 KiB (the default up to 19 slots) vs one {} KiB ring per publisher:",
         MCAST_REGION_CAP / 1024
     );
     for n in [4u32, 16, 64] {
@@ -109,7 +109,7 @@ fn mib(b: usize) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
-/// Today's region (`Geometry`, default options) and the same region with its per-pair rings
+/// The region with 128 KiB per-pair rings (`Geometry`; the default up to 19 slots) and the same region with its per-pair rings
 /// replaced by one broadcast ring per publisher (`MCAST_REGION_CAP`, page-aligned each).
 fn region_bytes(workers: u32) -> (usize, usize) {
     let g = fuzz_api::Geometry::new(workers, false, 128 * 1024, 65_536);
