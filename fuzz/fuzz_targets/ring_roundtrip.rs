@@ -227,6 +227,10 @@ fuzz_target!(|input: Input| {
                 m.cached_read = m.read_pos;
                 m.prod_published = m.stored_published + walked;
                 m.pending.clear();
+                // A new producer drops its predecessor's unanswered request for room
+                // (`Producer::new`): its backlog starts empty, and a flag left set with
+                // nothing to consume would never be answered.
+                m.want_space = false;
             }
             Op::RestartConsumer => {
                 cons = mem.consumer().expect("valid positions");
