@@ -93,6 +93,25 @@ impl ShmPort {
                 };
                 records += 1;
                 bytes += record_size(info.len);
+                if info.flags == FIRST | LAST && inb.state == Asm::Idle && info.len <= self.max_msg {
+                    // A whole message in one record with nothing being assembled (the usual
+                    // case): what the general path below does for it, without its state
+                    // changes (Idle -> Assembling -> Idle).
+                    inb.orphan = false;
+                    inb.asm.clear();
+                    inb.asm.reserve(info.len);
+                    // SAFETY: as the general path's copy below; `asm` is empty and has room
+                    // for info.len bytes, which `consume` fills entirely before `set_len`.
+                    unsafe {
+                        cons.consume(info, Some(inb.asm.as_mut_ptr()));
+                        inb.asm.set_len(info.len);
+                    }
+                    n += 1;
+                    // Consumed before the callbacks run: a successor never sees it again.
+                    cons.commit_read();
+                    deliver_message(sink, checks, from, &inb.asm);
+                    continue;
+                }
                 if info.flags & FIRST != 0 {
                     // A producer writes again: whatever a dead one left is settled below.
                     inb.orphan = false;
