@@ -23,16 +23,22 @@ struct Checks {
 fn deliver_message<D: Deliver>(sink: &mut D, c: Checks, from: u32, bytes: &[u8]) {
     // As `Geometry::wid_of`.
     let wid_of = |slot: u32| if c.agent && slot == c.workers { Wid::PrivilegedAgent } else { Wid::Worker(slot) };
-    match message::decode_raw(bytes, c.workers, c.agent, c.max_payload) {
-        Ok(m)
-            if ((m.kind == Kind::All && m.wid == Some(wid_of(from)))
-                || (m.kind == Kind::Unique && m.wid.is_some()))
-                && sink.raw_event(&m) => {}
-        _ => {
-            crate::log_limit::log_limited!(tracing::Level::WARN, from, "dropping a malformed message");
-            sink.dropped();
-        }
+    let Ok(m) = message::decode_raw(bytes, c.workers, c.agent, c.max_payload) else {
+        return malformed(sink, from);
+    };
+    if !(((m.kind == Kind::All && m.wid == Some(wid_of(from))) || (m.kind == Kind::Unique && m.wid.is_some()))
+        && sink.raw_event(&m))
+    {
+        malformed(sink, from);
     }
+}
+
+/// [`deliver_message`]'s refusal: logged (rate-limited) and counted.
+#[cold]
+#[inline(never)]
+fn malformed<D: Deliver>(sink: &mut D, from: u32) {
+    crate::log_limit::log_limited!(tracing::Level::WARN, from, "dropping a malformed message");
+    sink.dropped();
 }
 
 impl ShmPort {
