@@ -480,6 +480,7 @@ impl Consumer {
     /// # Safety
     /// `info` must be what the last `peek` returned; `dst`, if any, valid for `info.len`
     /// byte writes.
+    #[inline(always)]
     pub(crate) unsafe fn consume(&mut self, info: RecordInfo, dst: Option<*mut u8>) {
         if let Some(dst) = dst {
             // SAFETY: peek checked that the record is stamped (committed) and lies within

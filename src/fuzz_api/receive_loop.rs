@@ -54,7 +54,7 @@ impl Deliver for Sink<'_> {
     }
 
     fn raw_event(&mut self, m: &message::Raw<'_>) -> bool {
-        self.subs.run_joined(m.names, m.source.len(), m.data, m.wid, m.ext, &mut self.cx).is_some()
+        self.subs.run_joined(m.names, m.src_len, m.data, m.wid, m.ext, &mut self.cx).is_some()
     }
 
     fn lost(&mut self, from: u32, count: u64) {

@@ -32,7 +32,7 @@ pub(crate) trait Deliver {
     /// false (nothing ran) when a name is not UTF-8. The default validates, then calls
     /// [`Deliver::event`]; the worker's sink skips the validation for names it has seen.
     fn raw_event(&mut self, m: &message::Raw<'_>) -> bool {
-        let (Ok(source), Ok(event)) = (std::str::from_utf8(m.source), std::str::from_utf8(m.event)) else {
+        let (Ok(source), Ok(event)) = (std::str::from_utf8(m.source()), std::str::from_utf8(m.event())) else {
             return false;
         };
         self.event(&Event { source, event, data: m.data, wid: m.wid, ext: m.ext });

@@ -35,12 +35,12 @@ impl Deliver for Delivery<'_> {
 
     #[inline(always)]
     fn raw_event(&mut self, m: &message::Raw<'_>) -> bool {
-        let Some(r) = self.subs.run_joined(m.names, m.source.len(), m.data, m.wid, m.ext, self.cx) else {
+        let Some(r) = self.subs.run_joined(m.names, m.src_len, m.data, m.wid, m.ext, self.cx) else {
             return false;
         };
         count_run(self.stats, r);
         if m.ext != Ext::None {
-            count_relayed_lost(self.stats, m.source, m.event, m.data, m.ext);
+            count_relayed_lost(self.stats, m.source(), m.event(), m.data, m.ext);
         }
         true
     }

@@ -23,16 +23,22 @@ struct Checks {
 fn deliver_message<D: Deliver>(sink: &mut D, c: Checks, from: u32, bytes: &[u8]) {
     // As `Geometry::wid_of`.
     let wid_of = |slot: u32| if c.agent && slot == c.workers { Wid::PrivilegedAgent } else { Wid::Worker(slot) };
-    match message::decode_raw(bytes, c.workers, c.agent, c.max_payload) {
-        Ok(m)
-            if ((m.kind == Kind::All && m.wid == Some(wid_of(from)))
-                || (m.kind == Kind::Unique && m.wid.is_some()))
-                && sink.raw_event(&m) => {}
-        _ => {
-            crate::log_limit::log_limited!(tracing::Level::WARN, from, "dropping a malformed message");
-            sink.dropped();
-        }
+    let Ok(m) = message::decode_raw(bytes, c.workers, c.agent, c.max_payload) else {
+        return malformed(sink, from);
+    };
+    if !(((m.kind == Kind::All && m.wid == Some(wid_of(from))) || (m.kind == Kind::Unique && m.wid.is_some()))
+        && sink.raw_event(&m))
+    {
+        malformed(sink, from);
     }
+}
+
+/// [`deliver_message`]'s refusal: logged (rate-limited) and counted.
+#[cold]
+#[inline(never)]
+fn malformed<D: Deliver>(sink: &mut D, from: u32) {
+    crate::log_limit::log_limited!(tracing::Level::WARN, from, "dropping a malformed message");
+    sink.dropped();
 }
 
 impl ShmPort {
@@ -93,6 +99,25 @@ impl ShmPort {
                 };
                 records += 1;
                 bytes += record_size(info.len);
+                if info.flags == FIRST | LAST && inb.state == Asm::Idle && info.len <= self.max_msg {
+                    // A whole message in one record with nothing being assembled (the usual
+                    // case): what the general path below does for it, without its state
+                    // changes (Idle -> Assembling -> Idle).
+                    inb.orphan = false;
+                    inb.asm.clear();
+                    inb.asm.reserve(info.len);
+                    // SAFETY: as the general path's copy below; `asm` is empty and has room
+                    // for info.len bytes, which `consume` fills entirely before `set_len`.
+                    unsafe {
+                        cons.consume(info, Some(inb.asm.as_mut_ptr()));
+                        inb.asm.set_len(info.len);
+                    }
+                    n += 1;
+                    // Consumed before the callbacks run: a successor never sees it again.
+                    cons.commit_read();
+                    deliver_message(sink, checks, from, &inb.asm);
+                    continue;
+                }
                 if info.flags & FIRST != 0 {
                     // A producer writes again: whatever a dead one left is settled below.
                     inb.orphan = false;
