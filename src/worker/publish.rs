@@ -40,7 +40,7 @@ impl Worker {
         let mut buf = self.buffer();
         let max = self.opts.max_payload_len;
         if let Err(e) = message::encode_typed_in(&mut buf, &mut self.arena, source, event, data, origin, kind, max) {
-            self.pool.push(buf);
+            self.recycle(buf);
             return Err(e);
         }
         self.send_and_queued(buf, target, tag, source, event)
@@ -85,7 +85,7 @@ impl Worker {
         let tag = self.prefetch_unique(target);
         let mut buf = self.buffer();
         if let Err(e) = message::encode_bytes(&mut buf, source, event, data, origin, kind, self.opts.max_payload_len) {
-            self.pool.push(buf);
+            self.recycle(buf);
             return Err(e);
         }
         if ext != Ext::None {
@@ -169,7 +169,7 @@ impl Worker {
         let mut buf = self.buffer();
         let max = self.opts.max_payload_len;
         if let Err(e) = message::encode_typed(&mut buf, SYSTEM_SOURCE, "lost", &lost, origin, Kind::All, max) {
-            self.pool.push(buf);
+            self.recycle(buf);
             return Err(e);
         }
         message::set_ext(&mut buf, Ext::OriginHost(origin_host));
@@ -223,7 +223,7 @@ impl Worker {
                 self.prepare_callbacks();
                 run_callbacks(&mut self.subs, &mut self.stats, &mut self.cx, &d.event);
             }
-            self.pool.push(buf);
+            self.recycle(buf);
             self.stats.published += 1;
             return Ok(());
         }
@@ -234,7 +234,7 @@ impl Worker {
         let all = target == Target::All;
         if self.local.len() + self.unrun_self >= cap || (all && !self.path.has_room(cap)) {
             self.stats.overflows += 1;
-            self.pool.push(buf);
+            self.recycle(buf);
             return Err(PublishError::QueueOverflow);
         }
         if all {
