@@ -99,7 +99,7 @@ impl Worker {
         }
         if self.unique.out.len() >= self.opts.max_queue_len {
             self.stats.overflows += 1;
-            self.pool.push(buf);
+            self.recycle(buf);
             return Err(PublishError::QueueOverflow);
         }
         let u = &mut self.unique;

@@ -3,6 +3,7 @@
 //! reaches the worker's callbacks.
 
 use super::*;
+use crate::ring::RecordInfo;
 
 /// Rings' worth of bytes (records included) one drain pass takes from one ring at most.
 const PASS_LAPS: usize = 2;
@@ -30,6 +31,21 @@ fn deliver_message<D: Deliver>(sink: &mut D, c: Checks, from: u32, bytes: &[u8])
         && sink.raw_event(&m))
     {
         malformed(sink, from);
+    }
+}
+
+/// Consume the record `info`, which the last `cons.peek()` returned, appending its body to
+/// `asm`.
+#[inline(always)]
+fn append(cons: &mut Consumer, info: RecordInfo, asm: &mut AlignedVec) {
+    asm.reserve(info.len);
+    let len = asm.len();
+    // SAFETY: `info` is the last peek's (the caller's contract, which `consume` needs);
+    // `reserve` made room for info.len bytes past `len`, which `consume` fills entirely
+    // before `set_len` exposes them.
+    unsafe {
+        cons.consume(info, Some(asm.as_mut_ptr().add(len)));
+        asm.set_len(len + info.len);
     }
 }
 
@@ -105,13 +121,7 @@ impl ShmPort {
                     // changes (Idle -> Assembling -> Idle).
                     inb.orphan = false;
                     inb.asm.clear();
-                    inb.asm.reserve(info.len);
-                    // SAFETY: as the general path's copy below; `asm` is empty and has room
-                    // for info.len bytes, which `consume` fills entirely before `set_len`.
-                    unsafe {
-                        cons.consume(info, Some(inb.asm.as_mut_ptr()));
-                        inb.asm.set_len(info.len);
-                    }
+                    append(cons, info, &mut inb.asm);
                     n += 1;
                     // Consumed before the callbacks run: a successor never sees it again.
                     cons.commit_read();
@@ -141,15 +151,7 @@ impl ShmPort {
                     // SAFETY: `info` comes from the peek just above; the body is discarded.
                     unsafe { cons.consume(info, None) };
                 } else {
-                    inb.asm.reserve(info.len);
-                    let len = inb.asm.len();
-                    // SAFETY: `info` comes from the peek above; `reserve` made room for
-                    // info.len bytes past `len`, which `consume` fills entirely before
-                    // `set_len` exposes them.
-                    unsafe {
-                        cons.consume(info, Some(inb.asm.as_mut_ptr().add(len)));
-                        inb.asm.set_len(len + info.len);
-                    }
+                    append(cons, info, &mut inb.asm);
                 }
                 if info.flags & LAST == 0 {
                     // Mid-message: give the space back at once so the producer can stream.
