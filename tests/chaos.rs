@@ -2,7 +2,9 @@
 //! included, for 60 cycles under a steady stream of `All` events from three publishers, on
 //! each transport. Then, per publisher incarnation (`Cluster::finish_and_check`): received +
 //! reported lost = published, no duplicates, in order, every restarted receiver resuming
-//! where its predecessor stopped. And afterwards:
+//! where its predecessor stopped; and every worker attached to the one broker within
+//! `cluster::SETTLE_WITHIN` (a worker resumed just before the end may still be re-attaching:
+//! its broker was replaced while it was stopped, or it was that broker). And afterwards:
 //! * no spin: every worker parked in `wait(None)` uses under a fifth of a CPU over a second
 //!   (a spinning worker takes a whole one);
 //! * nobody asleep with work: one more event, from a worker started last, wakes every parked

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use worker_events::{Transport, Wid};
 
@@ -18,6 +18,14 @@ use super::child::{Child, Watchdog};
 use super::cmd::Cmd;
 use super::report::Report;
 use super::{SockPath, TempDir};
+
+/// How long the live workers may take, once the chaos is over, to agree on one broker and
+/// all be attached to it (the end check's liveness bound: generous for a loaded two-CPU
+/// machine, where one failover takes well under a second idle; never a speed assertion).
+/// A worker resumed (SIGCONT) or restarted just before the end may be between brokers then:
+/// a stopped broker replaced meanwhile steps down when it runs again and its clients
+/// re-attach to its successor, as do the clients of a broker killed meanwhile.
+pub const SETTLE_WITHIN: Duration = Duration::from_secs(10);
 
 /// One running child.
 pub struct Proc {
@@ -69,6 +77,9 @@ pub struct Cluster {
     killed_sent_max: BTreeMap<(u32, u32), u64>,
     /// Stopped slots (SIGSTOP through [`Cluster::stop`]) and their run's bound at the stop.
     stopped: BTreeMap<u32, u64>,
+    /// When a worker was last spawned, stopped, continued or killed (the settle time of the
+    /// end check is reported from there).
+    last_change: Instant,
 }
 
 impl Cluster {
@@ -95,6 +106,7 @@ impl Cluster {
             socket_unreported_prefix: 0,
             killed_sent_max: BTreeMap::new(),
             stopped: BTreeMap::new(),
+            last_change: Instant::now(),
         }
     }
 
@@ -107,6 +119,7 @@ impl Cluster {
         let child = self.wd.spawn_with(&self.cfg, &spawn);
         self.clock += 1;
         self.procs[slot as usize] = Some(Proc { child, inc, born: self.clock });
+        self.last_change = Instant::now();
     }
 
     /// Start the `All` run of `slot` if it is a publisher slot.
@@ -166,6 +179,7 @@ impl Cluster {
         let pid = self.proc(slot).pid();
         self.proc(slot).signal(libc::SIGSTOP);
         super::procfs::wait_stopped(pid);
+        self.last_change = Instant::now();
         if !self.publishers.contains(&slot) || !self.streams.contains_key(&(slot, inc)) {
             return None;
         }
@@ -184,6 +198,7 @@ impl Cluster {
     pub fn cont(&mut self, slot: u32) {
         self.stopped.remove(&slot);
         self.proc(slot).signal(libc::SIGCONT);
+        self.last_change = Instant::now();
     }
 
     /// SIGKILL a slot; returns the CLOCK_MONOTONIC time of the kill.
@@ -201,7 +216,9 @@ impl Cluster {
         }
         self.kills += 1;
         self.clock += 1;
-        p.child.kill()
+        let killed = p.child.kill();
+        self.last_change = Instant::now();
+        killed
     }
 
     /// The report of a live slot.
@@ -226,24 +243,24 @@ impl Cluster {
         let want: Vec<(u32, u32, u64)> =
             self.streams.iter().filter_map(|(&(p, i), s)| s.total.filter(|&t| t > 0).map(|t| (p, i, t - 1))).collect();
         let left = self.wd.remaining().saturating_sub(Duration::from_secs(5)).as_millis() as u64;
-        let mut reports = BTreeMap::new();
         for s in self.live() {
             let l = self.proc(s).cmd(Cmd::Reach { ms: left, want: want.clone() });
-            let reached = l.iter().any(|x| x == "@@REACH reached");
-            let r = self.report(s);
-            if !reached {
-                // Every live worker's stderr (with `WE_CHILD_TRACE=1`, the library's warnings).
-                let mut all = String::new();
-                for t in self.live() {
-                    let c = &self.procs[t as usize].as_ref().unwrap().child;
-                    all.push_str(&format!("--- w{t} stderr ---\n{}", c.stderr()));
-                }
+            if !l.iter().any(|x| x == "@@REACH reached") {
+                let r = self.report(s);
                 panic!(
-                    "w{s}: streams not complete: want {want:?}, got {:?}; lost notices {:?}\n{all}--- end ---",
-                    r.runs, r.lost_at
+                    "w{s}: streams not complete: want {want:?}, got {:?}; lost notices {:?}\n{}--- end ---",
+                    r.runs,
+                    r.lost_at,
+                    self.all_stderr()
                 );
             }
-            reports.insert(s, r);
+        }
+        // Every live worker attached to the one broker (the reports below check it again).
+        self.wait_settled(SETTLE_WITHIN);
+        let settled = self.last_change.elapsed();
+        let mut reports = BTreeMap::new();
+        for s in self.live() {
+            reports.insert(s, self.report(s));
         }
         let mut interrupted = 0;
         let mut resumed = 0;
@@ -380,14 +397,56 @@ impl Cluster {
             "{}: {} kills, {} publisher incarnations ({} killed); {checked} deliveries checked on {} surviving \
              receivers ({total} events from surviving publishers); {resumed} streams resumed by a restarted \
              receiver exactly where its killed predecessor stopped ({interrupted} one message later: a callback \
-             interrupted by the kill)",
+             interrupted by the kill); one broker with every worker attached to it {:.0} ms after the last spawn, \
+             stop, continue or kill at the latest",
             self.name(),
             self.kills,
             self.streams.len(),
             self.streams.values().filter(|s| s.killed).count(),
-            reports.len()
+            reports.len(),
+            settled.as_secs_f64() * 1000.0
         );
         reports
+    }
+
+    /// Wait until one live worker is the broker and every other one is attached (after a
+    /// takeover from a stopped broker, the resumed one still takes itself for the broker until
+    /// it runs and steps down: its clients are still attached to it, and lose it then).
+    /// Returns how long it took; fails after `limit` naming the workers that were not, with
+    /// every live worker's stderr.
+    pub fn wait_settled(&mut self, limit: Duration) -> Duration {
+        let t0 = Instant::now();
+        let mut first = true;
+        loop {
+            let st: Vec<(u32, (bool, bool))> = self.live().into_iter().map(|s| (s, self.status(s))).collect();
+            let brokers: Vec<u32> = st.iter().filter(|(_, (b, _))| *b).map(|&(s, _)| s).collect();
+            let detached: Vec<u32> = st.iter().filter(|(_, (_, r))| !*r).map(|&(s, _)| s).collect();
+            if brokers.len() == 1 && detached.is_empty() {
+                return t0.elapsed();
+            }
+            if first {
+                eprintln!("{}: not settled yet at the end: brokers {brokers:?}, not ready {detached:?}", self.name());
+                first = false;
+            }
+            if t0.elapsed() >= limit {
+                panic!(
+                    "{}: not settled {limit:?} after the end: brokers {brokers:?}, not ready {detached:?}\n{}--- end ---",
+                    self.name(),
+                    self.all_stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Every live worker's stderr (with `WE_CHILD_TRACE=1`, the library's warnings).
+    fn all_stderr(&self) -> String {
+        let mut all = String::new();
+        for t in self.live() {
+            let c = &self.procs[t as usize].as_ref().unwrap().child;
+            all.push_str(&format!("--- w{t} stderr ---\n{}", c.stderr()));
+        }
+        all
     }
 
     fn name(&self) -> String {
