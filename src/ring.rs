@@ -21,7 +21,10 @@
 //! header of the record one lap back, never body bytes, whatever the bodies contain. A stamp
 //! that is neither the expected one, 0, nor an older stamp of the same slot is [`Corrupt`].
 //!
-//! Protocol: the producer writes body and header words; the stamp of every record but the
+//! Protocol: the producer writes body and header words, the header's line last (the body
+//! past it first, then the body head that shares it, then `len`): a consumer that waits for
+//! the record polls that line, and each of its reads while the line is being written sends
+//! the line back and forth once more. The stamp of every record but the
 //! first one of a batch is stored at once, the first one's at [`Producer::commit`]: the
 //! consumer cannot get past an unstamped record, so a whole batch becomes visible with that
 //! one Release store, and a producer killed before it leaves nothing visible. `write_pos` is
@@ -271,19 +274,30 @@ impl Producer {
         // Positions come from shared memory: one near u64::MAX is corrupt, not a panic.
         let Some(end) = self.write.checked_add(need as u64) else { return Err(Corrupt) };
         let mut pos = self.write + REC_HDR as u64;
+        let off = self.ring.off(self.write);
         // SAFETY: need <= free space, so [write, write + need) is owned by the producer; each
         // part is copied at increasing positions inside that range.
         unsafe {
-            for p in parts {
-                self.ring.copy_in(pos, p);
-                pos += p.len() as u64;
+            if let [p] = parts {
+                // The body past the header's line first, the header's line last: a consumer
+                // that waits for this record polls that line, so its words (body head, then
+                // length, then at commit the stamp) are stored in one burst instead of
+                // around the rest of the body. A header line never wraps (module docs).
+                if let Some((head, rest)) = p.split_first_chunk::<{ REC_ALIGN - REC_HDR }>() {
+                    self.ring.copy_in(pos + head.len() as u64, rest);
+                    self.clear_next_stamp(end);
+                    self.ring.store_words(off + REC_HDR, head);
+                } else {
+                    self.clear_next_stamp(end);
+                    self.ring.copy_in(pos, p);
+                }
+            } else {
+                for p in parts {
+                    self.ring.copy_in(pos, p);
+                    pos += p.len() as u64;
+                }
+                self.clear_next_stamp(end);
             }
-        }
-        let off = self.ring.off(self.write);
-        if end - self.cached_read < self.ring.cap as u64 {
-            // The next record slot is free space: clear its stamp word, so the consumer
-            // never finds old bytes there (see the module docs).
-            self.ring.word(self.ring.off(end)).store(0, Ordering::Relaxed);
         }
         self.ring.word(off + 8).store(len as u64 | (u64::from(flags) << 32), Ordering::Relaxed);
         if self.write != self.committed {
@@ -295,6 +309,15 @@ impl Producer {
             self.published = self.published.wrapping_add(1);
         }
         Ok(true)
+    }
+
+    /// Before a record ending at `end` is stamped: when the next record slot is free space,
+    /// clear its stamp word, so the consumer never finds old bytes there (module docs).
+    #[inline(always)]
+    fn clear_next_stamp(&self, end: u64) {
+        if end - self.cached_read < self.ring.cap as u64 {
+            self.ring.word(self.ring.off(end)).store(0, Ordering::Relaxed);
+        }
     }
 
     /// Publish everything written since the last commit: one Release store of the stamp of

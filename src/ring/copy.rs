@@ -28,6 +28,18 @@ impl RawRing {
         }
     }
 
+    /// Store `src` at data offset `off`, a multiple of 8 with `off + N` inside one record
+    /// line (so no wrap), `N` a multiple of 8: the body bytes that share a record header's
+    /// line. A Relaxed store per word, as [`RawRing::copy_in`].
+    #[inline(always)]
+    pub(super) fn store_words<const N: usize>(&self, off: usize, src: &[u8; N]) {
+        for (k, w) in src.chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            self.word(off + 8 * k).store(u64::from_le_bytes(b), Ordering::Relaxed);
+        }
+    }
+
     /// `copy_in` of a body that wraps around the end of the data area: two runs.
     #[inline(never)]
     fn copy_in_wrapped(&self, off: usize, src: &[u8]) {
