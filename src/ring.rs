@@ -276,7 +276,9 @@ impl Producer {
         let mut pos = self.write + REC_HDR as u64;
         let off = self.ring.off(self.write);
         // SAFETY: need <= free space, so [write, write + need) is owned by the producer; each
-        // part is copied at increasing positions inside that range.
+        // part is copied at increasing positions inside that range. `store_words` writes the
+        // body bytes of the header's line: from `off + REC_HDR` (8-aligned, as records start
+        // at multiples of 64) to the line's end, inside the record (the body reaches past it).
         unsafe {
             if let [p] = parts {
                 // The body past the header's line first, the header's line last: a consumer

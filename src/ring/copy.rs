@@ -28,11 +28,14 @@ impl RawRing {
         }
     }
 
-    /// Store `src` at data offset `off`, a multiple of 8 with `off + N` inside one record
-    /// line (so no wrap), `N` a multiple of 8: the body bytes that share a record header's
-    /// line. A Relaxed store per word, as [`RawRing::copy_in`].
+    /// Store `src` at data offset `off`: the body bytes that share a record header's line.
+    /// A Relaxed store per word, as [`RawRing::copy_in`].
+    ///
+    /// # Safety
+    /// `off` is a multiple of 8, `N` a multiple of 8, and `[off, off + N)` lies inside one
+    /// record line (so it does not wrap) of free space owned by the producer.
     #[inline(always)]
-    pub(super) fn store_words<const N: usize>(&self, off: usize, src: &[u8; N]) {
+    pub(super) unsafe fn store_words<const N: usize>(&self, off: usize, src: &[u8; N]) {
         for (k, w) in src.chunks_exact(8).enumerate() {
             let mut b = [0u8; 8];
             b.copy_from_slice(w);

@@ -34,13 +34,15 @@ fn deliver_message<D: Deliver>(sink: &mut D, c: Checks, from: u32, bytes: &[u8])
     }
 }
 
-/// Consume the record `info`, which the last `cons.peek()` returned, appending its body to
-/// `asm`.
+/// Consume the record `info`, appending its body to `asm`.
+///
+/// # Safety
+/// `info` must be what the last `cons.peek()` returned (as [`Consumer::consume`] requires).
 #[inline(always)]
-fn append(cons: &mut Consumer, info: RecordInfo, asm: &mut AlignedVec) {
+unsafe fn append(cons: &mut Consumer, info: RecordInfo, asm: &mut AlignedVec) {
     asm.reserve(info.len);
     let len = asm.len();
-    // SAFETY: `info` is the last peek's (the caller's contract, which `consume` needs);
+    // SAFETY: `info` is the last peek's (this function's contract, which `consume` needs);
     // `reserve` made room for info.len bytes past `len`, which `consume` fills entirely
     // before `set_len` exposes them.
     unsafe {
@@ -121,7 +123,8 @@ impl ShmPort {
                     // changes (Idle -> Assembling -> Idle).
                     inb.orphan = false;
                     inb.asm.clear();
-                    append(cons, info, &mut inb.asm);
+                    // SAFETY: `info` is the peek's just above.
+                    unsafe { append(cons, info, &mut inb.asm) };
                     n += 1;
                     // Consumed before the callbacks run: a successor never sees it again.
                     cons.commit_read();
@@ -151,7 +154,8 @@ impl ShmPort {
                     // SAFETY: `info` comes from the peek just above; the body is discarded.
                     unsafe { cons.consume(info, None) };
                 } else {
-                    append(cons, info, &mut inb.asm);
+                    // SAFETY: `info` comes from the peek above.
+                    unsafe { append(cons, info, &mut inb.asm) };
                 }
                 if info.flags & LAST == 0 {
                     // Mid-message: give the space back at once so the producer can stream.
