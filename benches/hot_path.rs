@@ -13,6 +13,8 @@
 //! ```
 //! Instructions per event = difference of the two totals / 100,000 (setup cancels out).
 //! `WE_HOT_SELF=1` also subscribes worker 0 to its own events (the self-delivery path).
+//! `WE_HOT_BATCH=k`: worker 0 publishes `k` events per `Worker::batch` (one commit, one
+//! fence and one look at the receiver's parked flag per batch instead of per event).
 //! `WE_HOT_MODE=unique`: the same with `Target::Unique` and a fresh 16-byte hash per event
 //! (dedup claim in the shared table, target pick, one ring hop to worker 1); its difference
 //! with the `All` figure is the unique path's own cost.
@@ -106,8 +108,25 @@ fn main() {
         });
     }
     let payload = Ping { seq: 0, pad: [0x5a; 56] };
+    let batch: u64 = std::env::var("WE_HOT_BATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    if batch > 1 {
+        assert!(!unique && 256 % batch == 0, "WE_HOT_BATCH: a divisor of 256, with the `All` mode");
+        let mut i = 0;
+        while i < n {
+            let mut b = w0.batch();
+            for _ in 0..batch.min(n - i) {
+                b.publish(Target::All, "bench", "data", &payload).expect("publish");
+            }
+            drop(b);
+            i += batch;
+            if i % 256 == 0 {
+                w0.dispatch().expect("dispatch 0");
+                w1.dispatch().expect("dispatch 1");
+            }
+        }
+    }
     let mut hash = [0u8; 16];
-    for i in 0..n {
+    for i in 0..if batch > 1 { 0 } else { n } {
         if unique {
             // A fresh hash per event (the insert path of the shared dedup table).
             for (k, b) in hash.iter_mut().enumerate() {

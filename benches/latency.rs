@@ -9,6 +9,8 @@
 //! | `wakeup/we_parked`             | publish -> callback, both sides parked in `wait(None)`        |
 //! | `throughput/bare_ring_1to1`    | bare SPSC ring of 64-byte slots, index published per message  |
 //! | `throughput/we_1to1`           | 64-byte typed events, rkyv encode + validated access          |
+//! | `throughput/bare_ring_1to1_per16` | the bare ring, index published once per 16 messages        |
+//! | `throughput/we_1to1_batch16`   | the same typed events, published 16 per `Worker::batch`       |
 //! | `socket/latency_raw_baseline`  | raw unix-socket ping-pong of 64-byte messages, busy `recv`    |
 //! | `socket/latency_we_busy`       | publish -> callback over the socket transport, busy-polling   |
 //! | `socket/rate_raw_1_per_write`  | raw unix socket, one 64-byte message per `send`               |
@@ -141,17 +143,38 @@ const TABLE: &[Pair] = &[
         base: Side {
             id: "throughput/bare_ring_1to1",
             label: "bare SPSC ring 1->1",
-            spawn: |cpu| Box::new(BareRing::new(cpu)),
+            spawn: |cpu| Box::new(BareRing::new(cpu, 1)),
             chunk: 100_000,
         },
         lib: Side {
             id: "throughput/we_1to1",
             label: "worker-events 1->1 (rkyv encode + check)",
-            spawn: |cpu| Box::new(WeThroughput::new(cpu, false)),
+            spawn: |cpu| Box::new(WeThroughput::new(cpu, false, 1)),
             chunk: 20_000,
         },
         vs: "ring",
         target: Some(PerfTarget::RateAtLeast(20e6)),
+        per_hop: PerHop::Off,
+    },
+    // Bursts: a batch commits (and checks the parked flags) once per 16 events, as this
+    // baseline publishes its index once per 16 messages. Not a §P target: P3 is per event.
+    Pair {
+        metric: Metric::Rate,
+        extra: &[],
+        base: Side {
+            id: "throughput/bare_ring_1to1_per16",
+            label: "bare SPSC ring 1->1, index per 16",
+            spawn: |cpu| Box::new(BareRing::new(cpu, 16)),
+            chunk: 100_000,
+        },
+        lib: Side {
+            id: "throughput/we_1to1_batch16",
+            label: "worker-events 1->1, 16 per batch",
+            spawn: |cpu| Box::new(WeThroughput::new(cpu, false, 16)),
+            chunk: 20_000,
+        },
+        vs: "ring/16",
+        target: None,
         per_hop: PerHop::Off,
     },
     Pair {
@@ -190,7 +213,7 @@ const TABLE: &[Pair] = &[
         lib: Side {
             id: "socket/rate_we_1to1",
             label: "socket transport 1->1 (coalesced)",
-            spawn: |cpu| Box::new(WeThroughput::new(cpu, true)),
+            spawn: |cpu| Box::new(WeThroughput::new(cpu, true, 1)),
             chunk: 20_000,
         },
         vs: "raw socket",
@@ -422,21 +445,25 @@ struct BareRing {
     shm: Shm,
     child: Child,
     head: u64,
+    /// Messages per store of the index (1: every message).
+    per: u64,
 }
 
 impl BareRing {
-    fn new(cpu: Option<usize>) -> Self {
+    fn new(cpu: Option<usize>, per: u64) -> Self {
         let shm = Shm::create(SHM_LEN);
         let child = child_command("ring-sink", cpu, &[shm.raw_fd()], None).spawn().expect("spawning the peer process");
-        let mut s = BareRing { shm, child, head: 0 };
+        let mut s = BareRing { shm, child, head: 0, per };
         s.run(10_000);
         s
     }
 }
 
-impl Scenario for BareRing {
-    /// Push `iters` messages, wait until the consumer has taken them all.
-    fn run(&mut self, iters: u64) -> Duration {
+impl BareRing {
+    /// Push `iters` messages, publishing the index every `PER` messages (a constant, so
+    /// that the per-message loop is exactly the baseline's), then wait until the consumer
+    /// has taken them all.
+    fn push<const PER: u64>(&mut self, iters: u64) -> Duration {
         let (head_w, tail_w) = (self.shm.word(OFF_A), self.shm.word(OFF_B));
         let mut cached_tail = tail_w.load(Ordering::Acquire);
         let mut msg = [0x5au8; 64];
@@ -451,12 +478,25 @@ impl Scenario for BareRing {
             // process writes it until the Release store below publishes it; plain bytes.
             unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), ring_slot(&self.shm, self.head).cast::<u8>(), 64) };
             self.head += 1;
-            head_w.store(self.head, Ordering::Release);
+            if PER == 1 || self.head % PER == 0 {
+                head_w.store(self.head, Ordering::Release);
+            }
         }
+        head_w.store(self.head, Ordering::Release);
         while tail_w.load(Ordering::Acquire) != self.head {
             std::hint::spin_loop();
         }
         t.elapsed()
+    }
+}
+
+impl Scenario for BareRing {
+    fn run(&mut self, iters: u64) -> Duration {
+        match self.per {
+            1 => self.push::<1>(iters),
+            16 => self.push::<16>(iters),
+            other => panic!("bare ring: no variant publishing its index every {other} messages"),
+        }
     }
 }
 
@@ -635,10 +675,12 @@ struct WeThroughput {
     sent: u64,
     flushes: u64,
     socket: bool,
+    /// Events per `Worker::batch` (1: plain `publish`).
+    batch: u64,
 }
 
 impl WeThroughput {
-    fn new(cpu: Option<usize>, socket: bool) -> Self {
+    fn new(cpu: Option<usize>, socket: bool, batch: u64) -> Self {
         let role = if socket { "we-sink-sock" } else { "we-sink" };
         let dir = TempDir::new(role);
         let sock = dir.join("events.sock");
@@ -655,7 +697,7 @@ impl WeThroughput {
         worker.subscribe("bench", "hello", move |_| h.store(true, Ordering::Release));
         let child = child_command(role, cpu, &[], Some(&sock)).spawn().expect("spawning the peer process");
         serve_until(&mut worker, false, || hello.load(Ordering::Acquire));
-        let mut s = WeThroughput { worker, child, _dir: dir, ack, sent: 0, flushes: 0, socket };
+        let mut s = WeThroughput { worker, child, _dir: dir, ack, sent: 0, flushes: 0, socket, batch };
         s.run(10_000);
         s
     }
@@ -666,9 +708,21 @@ impl Scenario for WeThroughput {
     fn run(&mut self, iters: u64) -> Duration {
         let payload = ping(0);
         let t = Instant::now();
-        for i in 0..iters {
-            self.worker.publish(Target::All, "bench", "data", &payload).expect("publish data");
-            if i % 256 == 255 {
+        let mut i = 0;
+        while i < iters {
+            if self.batch == 1 {
+                self.worker.publish(Target::All, "bench", "data", &payload).expect("publish data");
+                i += 1;
+            } else {
+                let n = self.batch.min(iters - i);
+                let mut b = self.worker.batch();
+                for _ in 0..n {
+                    b.publish(Target::All, "bench", "data", &payload).expect("publish data");
+                }
+                drop(b);
+                i += n;
+            }
+            if i % 256 == 0 {
                 // Drain our own copies, retry the backlog, and keep the backlog far from
                 // max_queue_len so that nothing is dropped (the receiver would get `lost`).
                 self.worker.dispatch().expect("dispatch");

@@ -5,9 +5,11 @@
 //!    `publish(Target::All)` of a 64-byte typed event, for N = 2, 4, 16, 64 workers at default
 //!    options (only `workers(N)` set), in bursts of [`BURST`], with the
 //!    receivers (a) attached and then stopped with SIGSTOP (the publisher's copies only) and
-//!    (b) parked in `wait(None)` and woken to drain. Per-publish cost per burst (median and
+//!    (b) parked in `wait(None)` and woken to drain, and (c) parked as in (b) with each burst
+//!    published in one `Worker::batch` (one commit and one look at the parked flags per
+//!    burst). Per-publish cost per burst (median and
 //!    p99 over the bursts), the mean per event, and the ratio to N = 4 of the same round. In
-//!    mode (b) also the wake syscalls per receiver per burst, from the crate's `stats()`
+//!    modes (b) and (c) also the wake syscalls per receiver per burst, from the crate's `stats()`
 //!    (`wakeups_sent` of the publisher, `wakeups_received` of each receiver). A burst fits a
 //!    128 KiB ring, the default up to 19 workers; the smaller default rings of larger groups
 //!    (64 workers: 8 KiB, `Options::ring_capacity`) hold part of it, and the rest waits in
@@ -281,14 +283,23 @@ impl Group {
 
     /// One timed burst of `k` publishes (the receivers' expected count raised first), and the
     /// largest backlog of one receiver after it (events that did not fit its ring).
-    fn burst(&mut self, k: u64) -> (Duration, u64) {
+    fn burst(&mut self, k: u64, batched: bool) -> (Duration, u64) {
         self.expect += k;
         self.shm.word(CTL_EXPECT).store(self.expect, Ordering::Release);
         let mut p = Ping { seq: self.seq, pad: [0x5a; 56] };
         let t = Instant::now();
-        for _ in 0..k {
-            p.seq += 1;
-            self.worker.publish(Target::All, "bench", "data", &p).expect("publish");
+        if batched {
+            let mut b = self.worker.batch();
+            for _ in 0..k {
+                p.seq += 1;
+                b.publish(Target::All, "bench", "data", &p).expect("publish");
+            }
+            b.end();
+        } else {
+            for _ in 0..k {
+                p.seq += 1;
+                self.worker.publish(Target::All, "bench", "data", &p).expect("publish");
+            }
         }
         let d = t.elapsed();
         self.seq = p.seq;
@@ -425,14 +436,14 @@ struct ModeRun {
 
 struct ScaleResult {
     /// [mode][n index] -> one ModeRun per round.
-    runs: [Vec<Vec<ModeRun>>; 2],
+    runs: [Vec<Vec<ModeRun>>; 3],
     region: Vec<Option<u64>>,
     setup_s: Vec<f64>,
 }
 
 fn measure_scale(plan: &Plan, cpu: Option<usize>) -> ScaleResult {
     let mut res = ScaleResult {
-        runs: [vec![Vec::new(); NS.len()], vec![Vec::new(); NS.len()]],
+        runs: [vec![Vec::new(); NS.len()], vec![Vec::new(); NS.len()], vec![Vec::new(); NS.len()]],
         region: vec![None; NS.len()],
         setup_s: vec![0.0; NS.len()],
     };
@@ -450,13 +461,16 @@ fn measure_scale(plan: &Plan, cpu: Option<usize>) -> ScaleResult {
             if !wanted("publish") {
                 continue;
             }
-            res.runs[0][i].push(run_mode(&mut g, plan.bursts, false));
+            res.runs[0][i].push(run_mode(&mut g, plan.bursts, false, false));
             g.shm.word(CTL_MODE).store(MODE_PARKED, Ordering::Release);
-            res.runs[1][i].push(run_mode(&mut g, plan.bursts, true));
+            res.runs[1][i].push(run_mode(&mut g, plan.bursts, true, false));
+            res.runs[2][i].push(run_mode(&mut g, plan.bursts, true, true));
             eprintln!(
-                "round {round} N={n}: stopped {:.0} ns, parked {:.0} ns per publish (median)",
+                "round {round} N={n}: stopped {:.0} ns, parked {:.0} ns, parked and batched {:.0} ns per publish \
+                 (median)",
                 median(&res.runs[0][i].last().unwrap().per_burst),
-                median(&res.runs[1][i].last().unwrap().per_burst)
+                median(&res.runs[1][i].last().unwrap().per_burst),
+                median(&res.runs[2][i].last().unwrap().per_burst)
             );
         }
     }
@@ -467,8 +481,9 @@ fn measure_scale(plan: &Plan, cpu: Option<usize>) -> ScaleResult {
 /// first touch of the region's pages (shmem page faults) is not measured.
 const WARMUP_BURSTS: usize = 4;
 
-/// [`WARMUP_BURSTS`] and `bursts` timed ones, receivers stopped (SIGSTOP) or parked.
-fn run_mode(g: &mut Group, bursts: usize, parked: bool) -> ModeRun {
+/// [`WARMUP_BURSTS`] and `bursts` timed ones, receivers stopped (SIGSTOP) or parked; each
+/// burst in one `Worker::batch` when `batched`.
+fn run_mode(g: &mut Group, bursts: usize, parked: bool, batched: bool) -> ModeRun {
     let mut r = ModeRun::default();
     let mut wakes_before: Vec<u64> = Vec::new();
     let (mut sent0, mut lost0) = (0, 0);
@@ -487,12 +502,12 @@ fn run_mode(g: &mut Group, bursts: usize, parked: bool) -> ModeRun {
             if b >= WARMUP_BURSTS {
                 r.not_asleep += missing as u64;
             }
-            g.burst(BURST)
+            g.burst(BURST, batched)
         } else {
             g.signal_all(libc::SIGSTOP);
             let missing = g.wait_states(b"Tt", Duration::from_secs(60));
             assert_eq!(missing, 0, "N={}: receivers that did not stop", g.n);
-            let burst = g.burst(BURST);
+            let burst = g.burst(BURST, batched);
             g.signal_all(libc::SIGCONT);
             burst
         };
@@ -542,7 +557,11 @@ fn print_scale(plan: &Plan, s: &ScaleResult) {
         "{:<44} {:>10} {:>10} {:>10} {:>8} {:<16} target (ARCHITECTURE.md §P5)",
         "measurement", "median", "p99", "mean", "backlog", "ratio"
     );
-    for (m, label) in [(0, "receivers stopped (copies only)"), (1, "receivers parked in wait, waking")] {
+    for (m, label) in [
+        (0, "receivers stopped (copies only)"),
+        (1, "receivers parked in wait, waking"),
+        (2, "parked, each burst in one batch"),
+    ] {
         for (i, &n) in NS.iter().enumerate() {
             let runs = &s.runs[m][i];
             if runs.is_empty() {
@@ -588,26 +607,31 @@ fn print_scale(plan: &Plan, s: &ScaleResult) {
         "measurement", "sent", "received", "max recv", "lost", "not asleep"
     );
     let mut spinning = 0;
-    for (i, &n) in NS.iter().enumerate() {
-        let runs = &s.runs[1][i];
-        if runs.is_empty() {
-            continue;
-        }
-        let per = (n as u64 - 1) as f64 * runs.iter().map(|r| r.per_burst.len()).sum::<usize>() as f64;
-        let bursts = runs.iter().map(|r| r.per_burst.len()).sum::<usize>() as f64;
-        let sent = runs.iter().map(|r| r.wakes_sent).sum::<u64>() as f64 / per;
-        let recv = runs.iter().map(|r| r.wakes_received).sum::<u64>() as f64 / per;
-        let max = runs.iter().map(|r| r.wakes_received_max).max().unwrap_or(0) as f64 / (bursts / runs.len() as f64);
-        let lost: u64 = s.runs.iter().flat_map(|m| m[i].iter()).map(|r| r.lost).sum();
-        let not_asleep: u64 = runs.iter().map(|r| r.not_asleep).sum();
-        spinning += not_asleep;
-        let met = if sent.max(recv) <= MAX_WAKES_PER_BURST { "met" } else { "NOT met" };
-        println!(
-            "{:<44} {sent:>10.2} {recv:>10.2} {max:>10.2} {lost:>6} {:>10}  bounded (<= {MAX_WAKES_PER_BURST} per \
+    for (m, what) in [(1, ""), (2, ", batched")] {
+        for (i, &n) in NS.iter().enumerate() {
+            let runs = &s.runs[m][i];
+            if runs.is_empty() {
+                continue;
+            }
+            let per = (n as u64 - 1) as f64 * runs.iter().map(|r| r.per_burst.len()).sum::<usize>() as f64;
+            let bursts = runs.iter().map(|r| r.per_burst.len()).sum::<usize>() as f64;
+            let sent = runs.iter().map(|r| r.wakes_sent).sum::<u64>() as f64 / per;
+            let recv = runs.iter().map(|r| r.wakes_received).sum::<u64>() as f64 / per;
+            let max =
+                runs.iter().map(|r| r.wakes_received_max).max().unwrap_or(0) as f64 / (bursts / runs.len() as f64);
+            // The unbatched row also counts the stopped mode's losses (its receivers are the same).
+            let modes: &[usize] = if m == 1 { &[0, 1] } else { &[2] };
+            let lost: u64 = modes.iter().flat_map(|&k| s.runs[k][i].iter()).map(|r| r.lost).sum();
+            let not_asleep: u64 = runs.iter().map(|r| r.not_asleep).sum();
+            spinning += not_asleep;
+            let met = if sent.max(recv) <= MAX_WAKES_PER_BURST { "met" } else { "NOT met" };
+            println!(
+                "{:<44} {sent:>10.2} {recv:>10.2} {max:>10.2} {lost:>6} {:>10}  bounded (<= {MAX_WAKES_PER_BURST} per \
              burst, not 1 per event): {met}",
-            format!("wake-ups per receiver per burst, N={n}"),
-            format!("{not_asleep}/{}", per as u64),
-        );
+                format!("wake-ups per receiver per burst{what}, N={n}"),
+                format!("{not_asleep}/{}", per as u64),
+            );
+        }
     }
     if spinning > 0 {
         println!(

@@ -247,4 +247,4 @@ pub use inspect::{DedupSnapshot, INSPECT_TIMEOUT, RingSnapshot, SlotSnapshot, Sn
 pub use options::{DEFAULT_RING_CAPACITY, DEFAULT_RINGS_BUDGET, MAX_PAYLOAD_LIMIT, MAX_WORKERS, Options, Transport};
 pub use stats::{PeerStats, Stats};
 pub use subs::SubscriptionId;
-pub use worker::{Events, Worker};
+pub use worker::{Batch, Events, Worker};

@@ -181,6 +181,21 @@ impl DataPath {
         }
     }
 
+    /// Around a [`crate::Batch`]'s publish: leave what it writes uncommitted (shared
+    /// memory; the other data paths send as usual).
+    pub(crate) fn set_defer(&mut self, on: bool) {
+        if let DataPath::Shm(port) = self {
+            port.set_defer(on);
+        }
+    }
+
+    /// A [`crate::Batch`]'s end: commit what it left uncommitted and wake parked receivers.
+    pub(crate) fn end_batch(&mut self) {
+        if let DataPath::Shm(port) = self {
+            port.end_batch();
+        }
+    }
+
     /// (broker) Send a unique event to slot `to`: see [`Sent`].
     pub(crate) fn send_to(&mut self, to: u32, msg: &AlignedVec) -> Sent {
         match self {

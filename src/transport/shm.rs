@@ -105,6 +105,14 @@ pub(crate) struct ShmPort {
     max_payload_len: usize,
     /// Peers whose backlog is not empty.
     backlogged: usize,
+    /// Inside a [`crate::Batch`]'s publish: [`ShmPort::send_all`] leaves what it wrote
+    /// uncommitted (set and cleared around each such publish, never across calls).
+    defer: bool,
+    /// Records written by a batch and not committed yet. Every call that is not a batch's
+    /// publish commits them first (through [`ShmPort::flush`] or [`ShmPort::dispatch`]), so
+    /// a batch guard that is leaked instead of dropped delays its events until this worker's
+    /// next library call, never for good.
+    pending: bool,
     armed: bool,
     /// Drain passes since a release left a fenced want-space check owed (0: none owed).
     owed_passes: u32,
@@ -172,6 +180,8 @@ impl ShmPort {
             max_msg,
             max_payload_len,
             backlogged: 0,
+            defer: false,
+            pending: false,
             armed: false,
             owed_passes: 0,
             counters,
@@ -202,11 +212,32 @@ impl ShmPort {
     pub(crate) fn send_all(&mut self, msg: &AlignedVec) {
         let mut shared = None;
         let mut any = false;
+        let backlogged = self.backlogged;
         for o in self.out.iter_mut().flatten() {
             any |= offer(o, msg, &mut shared, self.max_queue_len, &mut self.backlogged, &mut self.counters);
             o.publish_owed(self.incarnation);
         }
         if any {
+            if self.defer && self.backlogged == backlogged {
+                // A batch's publish: the batch's end commits (and wakes) once. A ring that
+                // has just filled (a new backlog) commits now instead, so that its consumer
+                // can make room for the rest.
+                self.pending = true;
+                return;
+            }
+            self.commit_and_wake();
+        }
+    }
+
+    /// Leave (or stop leaving) what [`ShmPort::send_all`] writes uncommitted: around each
+    /// publish of a [`crate::Batch`].
+    pub(crate) fn set_defer(&mut self, on: bool) {
+        self.defer = on;
+    }
+
+    /// Commit what a batch left uncommitted, then wake parked receivers (a batch's end).
+    pub(crate) fn end_batch(&mut self) {
+        if self.pending {
             self.commit_and_wake();
         }
     }
@@ -225,6 +256,7 @@ impl ShmPort {
     /// Commit every ring written since the last commit, then wake parked receivers.
     #[inline(always)]
     fn commit_and_wake(&mut self) {
+        self.pending = false;
         let mut committed = false;
         for o in self.out.iter_mut().flatten() {
             if o.touched {
@@ -255,11 +287,15 @@ impl ShmPort {
         self.backlogged
     }
 
-    /// Retry the backlogs. Returns true if anything was written (progress, not "done":
-    /// ask [`ShmPort::backlogged`] for what is left). Inlined: with no backlog (the usual
-    /// case on every publish and dispatch) it is one load.
+    /// Commit what a batch left uncommitted (unless called from a batch's own publish),
+    /// then retry the backlogs. Returns true if anything was written (progress, not "done":
+    /// ask [`ShmPort::backlogged`] for what is left). Inlined: with no backlog and no batch
+    /// (the usual case on every publish and dispatch) it is two loads.
     #[inline(always)]
     pub(crate) fn flush(&mut self) -> bool {
+        if self.pending && !self.defer {
+            self.commit_and_wake();
+        }
         self.backlogged != 0 && self.flush_backlogs()
     }
 

@@ -1,11 +1,12 @@
 //! The public facade: [`Events`] (configuration, fork-safe) and [`Worker`] (one process's
 //! participation). The worker's concerns each have a file: publishing (`publish.rs`),
-//! dispatch, wait and control pacing (`poll.rs`), delivery to callbacks (`delivery.rs`),
-//! attach handling (`attach.rs`), the broker role (`broker.rs`), unique events
-//! (`unique.rs`), and close (`close.rs`). The data path is one [`DataPath`]: each public
-//! method asks it instead of branching on the transport.
+//! bursts committed once (`batch.rs`), dispatch, wait and control pacing (`poll.rs`),
+//! delivery to callbacks (`delivery.rs`), attach handling (`attach.rs`), the broker role
+//! (`broker.rs`), unique events (`unique.rs`), and close (`close.rs`). The data path is one
+//! [`DataPath`]: each public method asks it instead of branching on the transport.
 
 mod attach;
+mod batch;
 mod broker;
 mod close;
 mod delivery;
@@ -38,6 +39,8 @@ use broker::BrokerView;
 use handoff::Handoffs;
 use poll::Pacing;
 use unique::UniqueOutbox;
+
+pub use batch::Batch;
 
 /// The configuration of one deployment. Cheap and fork-safe: [`Events::new`] validates the
 /// options and opens nothing, so it can run in the master before `fork()`; each process then

@@ -75,6 +75,11 @@ pub enum Cmd {
     /// `batch <item> ...`: publish all of them with no dispatch in between. Answers
     /// `@@PUBERR <e>` for each error, then `@@PUB <ok> <errors>`.
     Batch(Vec<Item>),
+    /// `burst <target> <src> <ev> <start> <count> <hold_ms> <end|leak>`: u64 payloads
+    /// `start..start+count` in one `Worker::batch`, no dispatch in between; answers
+    /// `@@HELD <ok> <errors>`, keeps the batch open for <hold_ms>, then ends it (`end`) or
+    /// leaks it with `mem::forget` (`leak`), and answers as `publish`.
+    Burst { target: Tgt, src: String, ev: String, start: u64, count: u64, hold_ms: u64, leak: bool },
     /// `bytes <target> <src> <ev> <len>`: a raw payload `pattern(len)`. Answers as `publish`.
     Bytes { target: Tgt, src: String, ev: String, len: usize },
     /// `typed <target> <src> <ev> <0|1>`: through the typed `publish`, a `[u8; TYPED_LEN]`
@@ -192,6 +197,10 @@ impl std::fmt::Display for Cmd {
                 write!(f, "batch")?;
                 items.iter().try_for_each(|i| write!(f, " {}:{}:{}:{}", i.target, i.src, i.ev, i.seq))
             }
+            Cmd::Burst { target, src, ev, start, count, hold_ms, leak } => {
+                let how = if *leak { "leak" } else { "end" };
+                write!(f, "burst {target} {src} {ev} {start} {count} {hold_ms} {how}")
+            }
             Cmd::Bytes { target, src, ev, len } => write!(f, "bytes {target} {src} {ev} {len}"),
             Cmd::Typed { target, src, ev, one_more } => write!(f, "typed {target} {src} {ev} {}", u8::from(*one_more)),
             Cmd::Pump { ms } => write!(f, "pump {ms}"),
@@ -293,6 +302,19 @@ impl FromStr for Cmd {
                     })
                     .collect::<Result<_, String>>()?,
             ),
+            "burst" => Cmd::Burst {
+                target: w.next("target")?,
+                src: w.next("src")?,
+                ev: w.next("ev")?,
+                start: w.next("start")?,
+                count: w.next("count")?,
+                hold_ms: w.next("hold_ms")?,
+                leak: match w.next::<String>("end|leak")?.as_str() {
+                    "end" => false,
+                    "leak" => true,
+                    other => return Err(format!("burst: {other:?} is neither end nor leak")),
+                },
+            },
             "bytes" => {
                 Cmd::Bytes { target: w.next("target")?, src: w.next("src")?, ev: w.next("ev")?, len: w.next("len")? }
             }

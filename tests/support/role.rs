@@ -385,6 +385,29 @@ impl Role {
                 }
                 out(&format!("@@PUB {ok} {err}"));
             }
+            Cmd::Burst { target, src, ev, start, count, hold_ms, leak } => {
+                let (mut ok, mut err) = (0u64, 0u64);
+                let mut batch = self.worker.batch();
+                for seq in start..start + count {
+                    match batch.publish(target.target(), &src, &ev, &seq) {
+                        Ok(()) => ok += 1,
+                        Err(e) => {
+                            if err < 5 {
+                                out(&format!("@@PUBERR {e}"));
+                            }
+                            err += 1;
+                        }
+                    }
+                }
+                out(&format!("@@HELD {ok} {err}"));
+                std::thread::sleep(Duration::from_millis(hold_ms));
+                if leak {
+                    std::mem::forget(batch);
+                } else {
+                    batch.end();
+                }
+                out(&format!("@@PUB {ok} {err}"));
+            }
             Cmd::Bytes { target, src, ev, len } => {
                 Self::answer_one(self.worker.publish_bytes(target.target(), &src, &ev, &pattern(len)))
             }

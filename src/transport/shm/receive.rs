@@ -205,7 +205,7 @@ impl ShmPort {
     /// an "all" event comes from its publisher's ring; a unique event carries its publisher's
     /// wid. Returns (messages, more pending).
     pub(crate) fn dispatch<D: Deliver>(&mut self, budget: usize, sink: &mut D) -> (usize, bool) {
-        if self.backlogged != 0 {
+        if self.backlogged != 0 || self.pending {
             self.flush();
         }
         self.drain(budget, sink)
