@@ -1,8 +1,9 @@
 //! The whole shared-memory receive loop over hostile memory: a receiving worker's port
 //! (drain of every inbound ring, fragment reassembly, lost notices, quarantine of corrupt
 //! rings) dispatching into subscribed callbacks through the message decoder, fed by honest
-//! publishing ports of the other slots, while a hostile peer with the memfd scribbles over
-//! the inbound rings' headers and records between calls.
+//! publishing ports of the other slots (some bursts in batches: ended, or leaked and then
+//! committed by the port's next flush or dispatch), while a hostile peer with the memfd
+//! scribbles over the inbound rings' headers and records between calls.
 //!
 //! Checked, whatever the scribbles: no panic, no out-of-bounds access; every delivered
 //! event passed the receiver's checks (its publisher is a real other slot, its payload
@@ -43,6 +44,13 @@ enum Op {
     Burst {
         from: u8,
         n: u8,
+    },
+    /// A burst of `n` small events from slot `from` in one batch (`Worker::batch`), ended
+    /// or leaked (then committed by the port's next flush or dispatch).
+    BatchedBurst {
+        from: u8,
+        n: u8,
+        end: bool,
     },
     Flush {
         from: u8,
@@ -140,6 +148,16 @@ fn publish(rl: &mut ReceiveLoop, m: &mut Model, from: u32, event: u8, len: usize
     }
 }
 
+/// [`publish`] inside a batch of slot `from`.
+fn publish_batched(rl: &mut ReceiveLoop, m: &mut Model, from: u32, event: u8, len: usize) {
+    let seq = m.seq[from as usize];
+    let name = format!("e{}", event % 4);
+    if rl.publish_batched(from, &name, &payload(from, seq, len)) {
+        m.seq[from as usize] += 1;
+        m.published[from as usize] += 1;
+    }
+}
+
 fn check_delivered(rl: &mut ReceiveLoop, m: &mut Model, honest: bool, max_payload: usize) {
     let slots = rl.slots();
     for d in rl.take_delivered() {
@@ -185,6 +203,15 @@ fuzz_target!(|input: Input| {
             Op::Burst { from, n } => {
                 for i in 0..n % 64 {
                     publish(&mut rl, &mut m, pick(from), i, 16 + usize::from(i));
+                }
+            }
+            Op::BatchedBurst { from, n, end } => {
+                let from = pick(from);
+                for i in 0..n % 64 {
+                    publish_batched(&mut rl, &mut m, from, i, 16 + usize::from(i));
+                }
+                if end {
+                    rl.end_batch(from);
                 }
             }
             Op::Flush { from } => {

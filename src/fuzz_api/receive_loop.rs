@@ -201,6 +201,30 @@ impl ReceiveLoop {
         true
     }
 
+    /// [`ReceiveLoop::publish`] inside a batch (`Worker::batch`): the records stay
+    /// uncommitted until [`ReceiveLoop::end_batch`], or the port's next flush or dispatch
+    /// (a leaked batch), or a ring that fills.
+    pub fn publish_batched(&mut self, from: u32, event: &str, data: &[u8]) -> bool {
+        let Some(port) = (from as usize).checked_sub(1).and_then(|i| self.senders.get_mut(i)) else { return false };
+        let enc =
+            message::encode_bytes(&mut self.buf, "fuzz", event, data, from, message::Kind::All, self.max_payload_len);
+        if enc.is_err() {
+            return false;
+        }
+        port.set_defer(true);
+        port.flush();
+        port.send_all(&self.buf);
+        port.set_defer(false);
+        true
+    }
+
+    /// The end of publisher `from`'s batch: commit what it left uncommitted.
+    pub fn end_batch(&mut self, from: u32) {
+        if let Some(port) = (from as usize).checked_sub(1).and_then(|i| self.senders.get_mut(i)) {
+            port.end_batch();
+        }
+    }
+
     /// `ShmPort::flush` of publisher `from`'s backlogs; true when anything was written.
     pub fn flush(&mut self, from: u32) -> bool {
         let Some(port) = (from as usize).checked_sub(1).and_then(|i| self.senders.get_mut(i)) else { return false };

@@ -238,7 +238,7 @@ impl ShmPort {
     /// Commit what a batch left uncommitted, then wake parked receivers (a batch's end).
     pub(crate) fn end_batch(&mut self) {
         if self.pending {
-            self.commit_and_wake();
+            self.commit_pending();
         }
     }
 
@@ -294,9 +294,16 @@ impl ShmPort {
     #[inline(always)]
     pub(crate) fn flush(&mut self) -> bool {
         if self.pending && !self.defer {
-            self.commit_and_wake();
+            self.commit_pending();
         }
         self.backlogged != 0 && self.flush_backlogs()
+    }
+
+    /// [`ShmPort::flush`]'s commit of what a batch left, out of the publish path.
+    #[cold]
+    #[inline(never)]
+    fn commit_pending(&mut self) {
+        self.commit_and_wake();
     }
 
     /// [`ShmPort::flush`] with at least one backlog.
