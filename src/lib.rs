@@ -18,7 +18,9 @@
 //!   it into the ring from the publisher to every other slot; a receiver is woken through
 //!   its eventfd only if it is parked (a flag in shared memory), so a busy receiver costs
 //!   the publisher no syscall. The publisher's own copy goes to a private queue, in order
-//!   with its `Current` events. The broker is not on this path.
+//!   with its `Current` events. The broker is not on this path. A burst published through
+//!   one [`Batch`] ([`Worker::batch`]) is committed once, at its end, and wakes each parked
+//!   receiver at most once.
 //! * **Rings** (`ring.rs`): variable-length records, one Release store per
 //!   commit, cached positions, producer and consumer words on separate 128-byte lines.
 //!   Messages larger than a quarter of a ring are streamed in fragments. A ring that is

@@ -29,7 +29,8 @@
 //! asymmetric barrier on the receiver's side (`membarrier`, a syscall and IPIs per arm,
 //! more syscalls per parked hop than the raw baseline). The loom model `no_lost_wakeup`
 //! fails with [`after_commit`] removed. The fence stays: one per publish call, however many
-//! rings it committed. (The consumer's want-space fence *is* deferred, see
+//! rings it committed, or one per `Batch` (`worker/batch.rs`), whose end the caller states
+//! (model `a_batch_wakes_a_receiver_that_slept_through_it`). (The consumer's want-space fence *is* deferred, see
 //! `Consumer::release` in ring.rs: the consumer pays it at its own arm, before it sleeps.)
 //!
 //! The eventfd is registered edge-triggered in the receiver's epoll set and never read:
