@@ -20,10 +20,11 @@ fn fork_and_check(w: &mut Child, what: &str) -> i32 {
         w.fail(&format!("{what}: no @@FORKCHILD line in {lines:?}"));
     });
     let parts: Vec<&str> = child.split('|').collect();
-    let [pid, publish, dispatch, flush, dropped] = parts[..] else {
+    let [pid, publish, batch, dispatch, flush, dropped] = parts[..] else {
         w.fail(&format!("{what}: malformed @@FORKCHILD {child:?}"));
     };
     assert!(publish.contains("fork without exec"), "{what}: publish in the fork child gave {publish:?}");
+    assert!(batch.contains("fork without exec"), "{what}: a batch's publish in the fork child gave {batch:?}");
     assert!(dispatch.contains("created before a fork()"), "{what}: dispatch in the fork child gave {dispatch:?}");
     assert_eq!(flush, "not flushed", "{what}");
     assert_eq!(dropped, "dropped", "{what}");

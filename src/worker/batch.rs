@@ -148,6 +148,10 @@ impl Batch<'_> {
 
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
-        self.worker.path.end_batch();
+        // A fork child's copy of the worker commits nothing of its parent's (its publishes
+        // were refused; what the parent left uncommitted is the parent's to commit).
+        if !self.worker.forked() {
+            self.worker.path.end_batch();
+        }
     }
 }

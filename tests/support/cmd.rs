@@ -147,8 +147,9 @@ pub enum Cmd {
     Close { ms: u64 },
 
     // fork() without exec (issue 11, item 18) ------------------------------------------------
-    /// `fork <secs>`: `fork()`. The child tries the inherited worker (publish, dispatch,
-    /// flush, then drops it), writes `@@FORKCHILD <pid>|<publish>|<dispatch>|<flush>|<drop>`
+    /// `fork <secs>`: `fork()`. The child tries the inherited worker (publish, a batch's
+    /// publish, dispatch, flush, then drops it), writes
+    /// `@@FORKCHILD <pid>|<publish>|<batch>|<dispatch>|<flush>|<drop>`
     /// (each an outcome: `ok`, or the error text), sleeps <secs> and exits without touching
     /// anything else. The parent answers after that line, with `@@FORKED <pid>`.
     Fork { secs: u32 },

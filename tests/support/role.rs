@@ -335,13 +335,18 @@ impl Role {
                 .worker
                 .publish_bytes(Target::All, "fork", "child", b"x")
                 .map_or_else(|e| e.to_string(), |()| "ok".into());
+            let batch = {
+                // A batch's publish, then its end (which must not commit for the parent).
+                let mut b = self.worker.batch();
+                b.publish_bytes(Target::All, "fork", "child", b"x").map_or_else(|e| e.to_string(), |()| "ok".into())
+            };
             let dispatch = self.worker.dispatch().map_or_else(|e| e.to_string(), |n| format!("ok {n}"));
             let flush = if self.worker.flush() { "flushed".to_string() } else { "not flushed".to_string() };
             // Drop the inherited worker in the child (its drop must leave the parent's
             // slot, rings and broker role alone), and never touch the field again.
             // SAFETY: `self.worker` is not used after this; the child `_exit`s below.
             unsafe { std::ptr::drop_in_place(&mut self.worker) };
-            let line = format!("@@FORKCHILD {}|{publish}|{dispatch}|{flush}|dropped\n", std::process::id());
+            let line = format!("@@FORKCHILD {}|{publish}|{batch}|{dispatch}|{flush}|dropped\n", std::process::id());
             // SAFETY: raw writes of owned buffers, then sleep and _exit (no destructors).
             unsafe {
                 libc::write(1, line.as_ptr().cast(), line.len());
