@@ -197,7 +197,7 @@ impl ReceiveLoop {
         if enc.is_err() {
             return false;
         }
-        port.send_all(&self.buf);
+        port.send_all(&self.buf, false);
         true
     }
 
@@ -211,10 +211,8 @@ impl ReceiveLoop {
         if enc.is_err() {
             return false;
         }
-        port.set_defer(true);
-        port.flush();
-        port.send_all(&self.buf);
-        port.set_defer(false);
+        port.flush_for(true);
+        port.send_all(&self.buf, true);
         true
     }
 

@@ -3,6 +3,7 @@
 use super::Worker;
 use crate::error::PublishError;
 use crate::event::{Payload, Target};
+use crate::message::Ext;
 
 /// A burst of publishes that receivers see at the latest when the batch ends, with one
 /// commit and at most one wake-up per parked receiver for the whole burst.
@@ -98,10 +99,7 @@ impl Batch<'_> {
         event: &str,
         data: &T,
     ) -> Result<(), PublishError> {
-        self.worker.path.set_defer(true);
-        let r = self.worker.publish(target, source, event, data);
-        self.worker.path.set_defer(false);
-        r
+        self.worker.publish_in(target, source, event, data, true)
     }
 
     /// [`Worker::publish_bytes`] inside the batch.
@@ -124,10 +122,7 @@ impl Batch<'_> {
         event: &str,
         data: &[u8],
     ) -> Result<(), PublishError> {
-        self.worker.path.set_defer(true);
-        let r = self.worker.publish_bytes(target, source, event, data);
-        self.worker.path.set_defer(false);
-        r
+        self.worker.publish_bytes_with(target, source, event, data, Ext::None, true)
     }
 
     /// End the batch now: commit its events and wake the parked receivers (what dropping
