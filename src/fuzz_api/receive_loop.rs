@@ -197,7 +197,7 @@ impl ReceiveLoop {
         if enc.is_err() {
             return false;
         }
-        port.send_all(&self.buf, false);
+        port.send_all(&self.buf);
         true
     }
 
@@ -211,8 +211,10 @@ impl ReceiveLoop {
         if enc.is_err() {
             return false;
         }
-        port.flush_for(true);
-        port.send_all(&self.buf, true);
+        port.set_defer(true);
+        port.flush();
+        port.send_all(&self.buf);
+        port.set_defer(false);
         true
     }
 

@@ -166,20 +166,26 @@ impl DataPath {
         }
     }
 
-    /// Send an "all" event to every other slot (after [`DataPath::has_room`]). `batched`: a
-    /// [`crate::Batch`]'s publish, which shared memory leaves uncommitted until the batch's
-    /// end (the other data paths send as usual).
-    pub(crate) fn send_all(&mut self, msg: &AlignedVec, conns: Option<&mut (dyn Connections + '_)>, batched: bool) {
+    /// Send an "all" event to every other slot (after [`DataPath::has_room`]).
+    pub(crate) fn send_all(&mut self, msg: &AlignedVec, conns: Option<&mut (dyn Connections + '_)>) {
         match self {
             DataPath::InProcess => {}
             DataPath::Unattached(pre) => pre.events.push_back(msg.clone()),
             DataPath::Shm(port) => {
-                port.flush_for(batched);
-                port.send_all(msg, batched);
+                port.flush();
+                port.send_all(msg);
             }
             DataPath::Socket(p) => {
                 p.send_all(msg, conns);
             }
+        }
+    }
+
+    /// Around a [`crate::Batch`]'s publish: leave what it writes uncommitted (shared
+    /// memory; the other data paths send as usual).
+    pub(crate) fn set_defer(&mut self, on: bool) {
+        if let DataPath::Shm(port) = self {
+            port.set_defer(on);
         }
     }
 
@@ -394,7 +400,7 @@ impl DataPath {
         };
         let mut overflows = 0;
         match self {
-            DataPath::Shm(port) => waiting.iter().for_each(|m| port.send_all(m, false)),
+            DataPath::Shm(port) => waiting.iter().for_each(|m| port.send_all(m)),
             DataPath::Socket(p) => {
                 p.adopt_inbox(inbox);
                 for m in &waiting {

@@ -105,12 +105,13 @@ pub(crate) struct ShmPort {
     max_payload_len: usize,
     /// Peers whose backlog is not empty.
     backlogged: usize,
-    /// Records written by a [`crate::Batch`]'s publishes and not committed yet. Every call
-    /// that is not a batch's publish commits them first (through [`ShmPort::flush`] or
-    /// [`ShmPort::dispatch`]), so a batch guard that is leaked instead of dropped delays its
-    /// events until this worker's next library call, never for good. Whether a publish is
-    /// a batch's is an argument of each call, never a state that could outlive it (a panic
-    /// inside a batch's publish leaves nothing behind).
+    /// Inside a [`crate::Batch`]'s publish: [`ShmPort::send_all`] leaves what it wrote
+    /// uncommitted (set and cleared around each such publish, never across calls).
+    defer: bool,
+    /// Records written by a batch and not committed yet. Every call that is not a batch's
+    /// publish commits them first (through [`ShmPort::flush`] or [`ShmPort::dispatch`]), so
+    /// a batch guard that is leaked instead of dropped delays its events until this worker's
+    /// next library call, never for good.
     pending: bool,
     armed: bool,
     /// Drain passes since a release left a fenced want-space check owed (0: none owed).
@@ -179,6 +180,7 @@ impl ShmPort {
             max_msg,
             max_payload_len,
             backlogged: 0,
+            defer: false,
             pending: false,
             armed: false,
             owed_passes: 0,
@@ -206,9 +208,8 @@ impl ShmPort {
 
     /// Send `msg` to every other slot. Never fails: a full ring queues the message in the
     /// backlog; a full backlog drops it for that peer and counts it (the peer is told).
-    /// `batched`: a [`crate::Batch`]'s publish, left uncommitted for the batch's end.
     #[inline(always)]
-    pub(crate) fn send_all(&mut self, msg: &AlignedVec, batched: bool) {
+    pub(crate) fn send_all(&mut self, msg: &AlignedVec) {
         let mut shared = None;
         let mut any = false;
         let backlogged = self.backlogged;
@@ -217,7 +218,7 @@ impl ShmPort {
             o.publish_owed(self.incarnation);
         }
         if any {
-            if batched && self.backlogged == backlogged {
+            if self.defer && self.backlogged == backlogged {
                 // A batch's publish: the batch's end commits (and wakes) once. A ring that
                 // has just filled (a new backlog) commits now instead, so that its consumer
                 // can make room for the rest.
@@ -226,6 +227,18 @@ impl ShmPort {
             }
             self.commit_and_wake();
         }
+    }
+
+    /// Leave (or stop leaving) what [`ShmPort::send_all`] writes uncommitted: around each
+    /// publish of a [`crate::Batch`].
+    pub(crate) fn set_defer(&mut self, on: bool) {
+        self.defer = on;
+    }
+
+    /// (deferring a batch's publish, records a batch left uncommitted), for tests.
+    #[cfg(test)]
+    pub(crate) fn batch_state(&self) -> (bool, bool) {
+        (self.defer, self.pending)
     }
 
     /// Commit what a batch left uncommitted, then wake parked receivers (a batch's end).
@@ -280,20 +293,13 @@ impl ShmPort {
         self.backlogged
     }
 
-    /// Commit what a batch left uncommitted, then retry the backlogs. Returns true if
-    /// anything was written (progress, not "done": ask [`ShmPort::backlogged`] for what is
-    /// left). Inlined: with no backlog and no batch (the usual case on every publish and
-    /// dispatch) it is two loads.
+    /// Commit what a batch left uncommitted (unless called from a batch's own publish),
+    /// then retry the backlogs. Returns true if anything was written (progress, not "done":
+    /// ask [`ShmPort::backlogged`] for what is left). Inlined: with no backlog and no batch
+    /// (the usual case on every publish and dispatch) it is two loads.
     #[inline(always)]
     pub(crate) fn flush(&mut self) -> bool {
-        self.flush_for(false)
-    }
-
-    /// [`ShmPort::flush`] before a publish; a [`crate::Batch`]'s (`batched`) leaves the
-    /// batch's records uncommitted.
-    #[inline(always)]
-    pub(crate) fn flush_for(&mut self, batched: bool) -> bool {
-        if self.pending && !batched {
+        if self.pending && !self.defer {
             self.commit_pending();
         }
         self.backlogged != 0 && self.flush_backlogs()

@@ -3,7 +3,6 @@
 use super::Worker;
 use crate::error::PublishError;
 use crate::event::{Payload, Target};
-use crate::message::Ext;
 
 /// A burst of publishes that receivers see at the latest when the batch ends, with one
 /// commit and at most one wake-up per parked receiver for the whole burst.
@@ -99,7 +98,7 @@ impl Batch<'_> {
         event: &str,
         data: &T,
     ) -> Result<(), PublishError> {
-        self.worker.publish_in(target, source, event, data, true)
+        self.deferred(|w| w.publish(target, source, event, data))
     }
 
     /// [`Worker::publish_bytes`] inside the batch.
@@ -122,7 +121,19 @@ impl Batch<'_> {
         event: &str,
         data: &[u8],
     ) -> Result<(), PublishError> {
-        self.worker.publish_bytes_with(target, source, event, data, Ext::None, true)
+        self.deferred(|w| w.publish_bytes(target, source, event, data))
+    }
+
+    /// Run a publish with the data path leaving its writes uncommitted. The flag is cleared
+    /// however the publish returns, a panic included (a payload's `Serialize` may panic: it
+    /// is caught here only to clear the flag, then resumed), so it never outlives the call:
+    /// a later plain publish is never left uncommitted.
+    fn deferred(&mut self, publish: impl FnOnce(&mut Worker) -> Result<(), PublishError>) -> Result<(), PublishError> {
+        self.worker.path.set_defer(true);
+        let worker = &mut *self.worker;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publish(worker)));
+        self.worker.path.set_defer(false);
+        r.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
 
     /// End the batch now: commit its events and wake the parked receivers (what dropping
@@ -138,6 +149,54 @@ impl Batch<'_> {
     /// ```
     pub fn end(self) {
         // Drop does it.
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::time::Duration;
+
+    use crate::event::{Target, Wid};
+    use crate::options::{Options, Transport};
+    use crate::worker::Events;
+
+    /// A payload whose serialization panics.
+    struct Boom;
+
+    impl rkyv::Archive for Boom {
+        type Archived = u8;
+        type Resolver = ();
+        fn resolve(&self, (): (), out: rkyv::Place<u8>) {
+            out.write(0);
+        }
+    }
+
+    impl<S: rkyv::rancor::Fallible + ?Sized> rkyv::Serialize<S> for Boom {
+        fn serialize(&self, _: &mut S) -> Result<(), S::Error> {
+            panic!("a payload whose Serialize panics");
+        }
+    }
+
+    /// A batch's publish that panics (caught by the caller), then the guard leaked: the
+    /// next plain publish is committed at once, as without the batch.
+    #[test]
+    fn a_panic_inside_a_batch_publish_leaves_no_deferral_behind() {
+        let d = std::env::temp_dir().join(format!("we-batch-panic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let opts = Options::new(d.join("ev.sock")).workers(2).transport(Transport::SharedMemory);
+        let mut w = Events::new(opts).unwrap().init_worker(Wid::Worker(0)).unwrap();
+        assert!(w.wait_ready(Duration::from_secs(5)).unwrap());
+        let mut batch = w.batch();
+        batch.publish_bytes(Target::All, "s", "e", b"before").unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| batch.publish(Target::All, "s", "e", &Boom)));
+        assert!(r.is_err(), "the panic reaches the caller");
+        std::mem::forget(batch);
+        w.publish_bytes(Target::All, "s", "e", b"after").unwrap();
+        let port = w.path.shm().expect("shared memory");
+        assert_eq!(port.batch_state(), (false, false), "(deferring, records left uncommitted)");
+        drop(w);
+        let _ = std::fs::remove_dir_all(d);
     }
 }
 

@@ -182,7 +182,7 @@ impl Worker {
                 Kind::Unique => Target::Unique(name(q.hash)),
                 _ => Target::Current,
             };
-            if let Err(e) = self.send(q.msg, target, None, name(q.source), name(q.event), false) {
+            if let Err(e) = self.send(q.msg, target, None, name(q.source), name(q.event)) {
                 // Not expected: the same checks passed at the call.
                 crate::log_limit::log_limited!(tracing::Level::WARN, error = %e, "an event published from a callback could not be sent");
             }

@@ -32,19 +32,6 @@ impl Worker {
         event: &str,
         data: &T,
     ) -> Result<(), PublishError> {
-        self.publish_in(target, source, event, data, false)
-    }
-
-    /// [`Worker::publish`]; `batched`: a [`crate::Batch`]'s (left uncommitted for its end).
-    #[inline(always)]
-    pub(super) fn publish_in<T: Payload>(
-        &mut self,
-        target: Target<'_>,
-        source: &str,
-        event: &str,
-        data: &T,
-        batched: bool,
-    ) -> Result<(), PublishError> {
         if self.forked() {
             return Err(PublishError::Forked);
         }
@@ -56,7 +43,7 @@ impl Worker {
             self.recycle(buf);
             return Err(e);
         }
-        self.send_and_queued(buf, target, tag, source, event, batched)
+        self.send_and_queued(buf, target, tag, source, event)
     }
 
     /// Publish raw bytes.
@@ -79,19 +66,17 @@ impl Worker {
         event: &str,
         data: &[u8],
     ) -> Result<(), PublishError> {
-        self.publish_bytes_with(target, source, event, data, Ext::None, false)
+        self.publish_bytes_with(target, source, event, data, Ext::None)
     }
 
-    /// [`Worker::publish_bytes`] with a message extension (none, or the origin host);
-    /// `batched` as in [`Worker::publish_in`].
-    pub(super) fn publish_bytes_with(
+    /// [`Worker::publish_bytes`] with a message extension (none, or the origin host).
+    fn publish_bytes_with(
         &mut self,
         target: Target<'_>,
         source: &str,
         event: &str,
         data: &[u8],
         ext: Ext<'_>,
-        batched: bool,
     ) -> Result<(), PublishError> {
         if self.forked() {
             return Err(PublishError::Forked);
@@ -106,7 +91,7 @@ impl Worker {
         if ext != Ext::None {
             message::set_ext(&mut buf, ext);
         }
-        self.send_and_queued(buf, target, tag, source, event, batched)
+        self.send_and_queued(buf, target, tag, source, event)
     }
 
     /// [`Worker::publish_bytes`] for an event a bridge relays from another host: the same
@@ -141,7 +126,7 @@ impl Worker {
             return Err(PublishError::Forked);
         }
         check_origin_host(origin_host)?;
-        self.publish_bytes_with(target, source, event, data, Ext::OriginHost(origin_host), false)
+        self.publish_bytes_with(target, source, event, data, Ext::OriginHost(origin_host))
     }
 
     /// Deliver the library's `("worker-events", "lost")` notice, stamped with
@@ -188,7 +173,7 @@ impl Worker {
             return Err(e);
         }
         message::set_ext(&mut buf, Ext::OriginHost(origin_host));
-        self.send_and_queued(buf, Target::All, None, SYSTEM_SOURCE, "lost", false)
+        self.send_and_queued(buf, Target::All, None, SYSTEM_SOURCE, "lost")
     }
 
     /// [`Worker::send`]; in testing mode, where it ran our callbacks, then what they published.
@@ -199,9 +184,8 @@ impl Worker {
         tag: Option<Tag>,
         source: &str,
         event: &str,
-        batched: bool,
     ) -> Result<(), PublishError> {
-        self.send(buf, target, tag, source, event, batched)?;
+        self.send(buf, target, tag, source, event)?;
         if self.path.is_in_process() {
             self.send_queued();
         }
@@ -224,7 +208,6 @@ impl Worker {
 
     /// Send an encoded message (after [`Worker::route`]); the room checks are made here.
     /// `tag`: a unique event's dedup tag from [`Worker::prefetch_unique`], if taken.
-    /// `batched`: a [`crate::Batch`]'s publish (its `All` records stay uncommitted).
     pub(super) fn send(
         &mut self,
         buf: AlignedVec,
@@ -232,7 +215,6 @@ impl Worker {
         tag: Option<Tag>,
         source: &str,
         event: &str,
-        batched: bool,
     ) -> Result<(), PublishError> {
         if self.path.is_in_process() {
             // Synchronous, in-process, wid None.
@@ -257,7 +239,7 @@ impl Worker {
         }
         if all {
             let conns = self.ctl.as_mut().map(|c| c as &mut dyn Connections);
-            self.path.send_all(&buf, conns, batched);
+            self.path.send_all(&buf, conns);
         }
         if all && !self.subs.wants_joined(message::joined_names(&buf), source, event) {
             // Our own copy would run no callback: count it for the next dispatch (which
