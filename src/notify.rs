@@ -92,6 +92,7 @@ pub(crate) fn should_wake(parked: &AtomicU32) -> bool {
 mod loom_models {
     use super::*;
     use crate::layout::RingHeader;
+    use crate::ring::loom_models::pop;
     use crate::ring::{Consumer, FIRST, LAST, Producer, RawRing};
     use crate::sync::AtomicU64;
     use loom::thread;
@@ -116,9 +117,16 @@ mod loom_models {
     /// The publisher's side of a hop, in production order: write and commit one record,
     /// the fence after the commit, then the eventfd "write" if the receiver is parked.
     fn publish_one(s: Arc<Shared>) -> thread::JoinHandle<()> {
+        publish_records(s, &[b"event"])
+    }
+
+    /// [`publish_one`] with several records written before the one commit (a `Batch`).
+    fn publish_records(s: Arc<Shared>, records: &'static [&'static [u8]]) -> thread::JoinHandle<()> {
         thread::spawn(move || {
             let mut p = Producer::new(raw(&s)).unwrap();
-            assert!(p.try_write(FIRST | LAST, &[b"event"]).unwrap());
+            for r in records {
+                assert!(p.try_write(FIRST | LAST, &[r]).unwrap());
+            }
             p.commit();
             after_commit();
             if should_wake(&s.parked) {
@@ -140,14 +148,6 @@ mod loom_models {
         })
     }
 
-    fn pop(c: &mut Consumer) -> Option<Vec<u8>> {
-        let info = c.peek().expect("an honest producer never looks corrupt")?;
-        let mut v = vec![0u8; info.len];
-        // SAFETY: info from peek; v holds info.len bytes.
-        unsafe { c.consume(info, Some(v.as_mut_ptr())) };
-        Some(v)
-    }
-
     /// A batch (`Batch` in worker/batch.rs: two records written, then one commit, one fence
     /// and one parked check for both) loses no wake-up either: a receiver that decides to
     /// sleep is woken, and whether it slept or not it then finds both records, in order.
@@ -156,19 +156,7 @@ mod loom_models {
     fn a_batch_wakes_a_receiver_that_slept_through_it() {
         loom::model(|| {
             let s = shared_cap(128);
-            let publisher = {
-                let s = s.clone();
-                thread::spawn(move || {
-                    let mut p = Producer::new(raw(&s)).unwrap();
-                    assert!(p.try_write(FIRST | LAST, &[b"one"]).unwrap());
-                    assert!(p.try_write(FIRST | LAST, &[b"two"]).unwrap());
-                    p.commit();
-                    after_commit();
-                    if should_wake(&s.parked) {
-                        s.eventfd.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            };
+            let publisher = publish_records(s.clone(), &[b"one", b"two"]);
             let mut c = Consumer::new(raw(&s)).unwrap();
             arm(&s.parked);
             let sleeps = !c.has_data();

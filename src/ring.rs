@@ -673,4 +673,4 @@ use resync::{Snapshot, usable_pos, walk};
 mod tests;
 
 #[cfg(all(test, loom))]
-mod loom_models;
+pub(crate) mod loom_models;

@@ -120,47 +120,37 @@ fn a_batch_longer_than_a_ring_flows_without_loss() {
     assert_eq!(ws[2].report().stat("lost_outbound"), 0);
 }
 
-/// A batch leaked with `mem::forget` is committed at the publisher's next library call:
-/// the receivers get every event, in order.
-#[test]
-fn a_leaked_batch_is_committed_by_the_next_library_call() {
-    const N: u64 = 100;
-    let dir = TempDir::new("batch-leak");
-    let wd = Watchdog::new("batch-leak");
-    let cfg = shm_cfg(&dir, 2);
+/// Worker 1 publishes `n` events in one batch, ended or leaked, to worker 0 (two workers
+/// on `transport`); worker 0 gets every one, in order.
+fn one_batch_between_two_workers(name: &str, transport: Transport, n: u64, leak: bool) {
+    let dir = TempDir::new(name);
+    let wd = Watchdog::new(name);
+    let mut cfg = Cfg::new(&dir.sock(), 2);
+    cfg.transport = transport;
     let mut receiver = wd.spawn(&cfg, Wid::Worker(0));
     let mut publisher = wd.spawn(&cfg, Wid::Worker(1));
     let r = publisher.publish(Tgt::All, "seq", "hello", 0, 1);
     assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
     receiver.until(1);
-    publisher.send(burst(0, N, Duration::ZERO, true));
-    assert_eq!(publisher.next_line(), format!("@@HELD {N} 0"));
+    publisher.send(burst(0, n, Duration::ZERO, leak));
+    assert_eq!(publisher.next_line(), format!("@@HELD {n} 0"));
     let r = publisher.publish_end();
-    assert_eq!((r.ok, r.err), (N, 0), "{:?}", r.errors);
-    // The publisher's next library call is the `wait` of its command loop.
-    receiver.until(N + 1);
+    assert_eq!((r.ok, r.err), (n, 0), "{:?}", r.errors);
+    // A leaked batch: the publisher's next library call is the `wait` of its command loop.
+    receiver.until(n + 1);
     let got = receiver.report().stream("w1", "seq", "burst");
-    assert!(got == seq(0, N), "{}", diff_summary(&got, &seq(0, N)));
+    assert!(got == seq(0, n), "{}", diff_summary(&got, &seq(0, n)));
+}
+
+/// A batch leaked with `mem::forget` is committed at the publisher's next library call:
+/// the receivers get every event, in order.
+#[test]
+fn a_leaked_batch_is_committed_by_the_next_library_call() {
+    one_batch_between_two_workers("batch-leak", Transport::SharedMemory, 100, true);
 }
 
 /// On the socket transport a batch is plain publishes: everything arrives, in order.
 #[test]
 fn a_batch_on_the_socket_transport_is_plain_publishes() {
-    const N: u64 = 200;
-    let dir = TempDir::new("batch-sock");
-    let wd = Watchdog::new("batch-sock");
-    let mut cfg = Cfg::new(&dir.sock(), 2);
-    cfg.transport = Transport::Socket;
-    let mut receiver = wd.spawn(&cfg, Wid::Worker(0));
-    let mut publisher = wd.spawn(&cfg, Wid::Worker(1));
-    let r = publisher.publish(Tgt::All, "seq", "hello", 0, 1);
-    assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
-    receiver.until(1);
-    publisher.send(burst(0, N, Duration::ZERO, false));
-    assert_eq!(publisher.next_line(), format!("@@HELD {N} 0"));
-    let r = publisher.publish_end();
-    assert_eq!((r.ok, r.err), (N, 0), "{:?}", r.errors);
-    receiver.until(N + 1);
-    let got = receiver.report().stream("w1", "seq", "burst");
-    assert!(got == seq(0, N), "{}", diff_summary(&got, &seq(0, N)));
+    one_batch_between_two_workers("batch-sock", Transport::Socket, 200, false);
 }

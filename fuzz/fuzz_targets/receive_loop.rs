@@ -139,20 +139,13 @@ struct Model {
     delivered: Vec<u64>,
 }
 
-fn publish(rl: &mut ReceiveLoop, m: &mut Model, from: u32, event: u8, len: usize) {
+/// One event from slot `from`, inside that slot's batch when `batched`.
+fn publish(rl: &mut ReceiveLoop, m: &mut Model, from: u32, event: u8, len: usize, batched: bool) {
     let seq = m.seq[from as usize];
     let name = format!("e{}", event % 4);
-    if rl.publish(from, &name, &payload(from, seq, len)) {
-        m.seq[from as usize] += 1;
-        m.published[from as usize] += 1;
-    }
-}
-
-/// [`publish`] inside a batch of slot `from`.
-fn publish_batched(rl: &mut ReceiveLoop, m: &mut Model, from: u32, event: u8, len: usize) {
-    let seq = m.seq[from as usize];
-    let name = format!("e{}", event % 4);
-    if rl.publish_batched(from, &name, &payload(from, seq, len)) {
+    let data = payload(from, seq, len);
+    let sent = if batched { rl.publish_batched(from, &name, &data) } else { rl.publish(from, &name, &data) };
+    if sent {
         m.seq[from as usize] += 1;
         m.published[from as usize] += 1;
     }
@@ -198,17 +191,17 @@ fuzz_target!(|input: Input| {
     for op in input.ops.iter().take(256) {
         match *op {
             Op::Publish { from, event, len } => {
-                publish(&mut rl, &mut m, pick(from), event, usize::from(len) % (max_payload + 64));
+                publish(&mut rl, &mut m, pick(from), event, usize::from(len) % (max_payload + 64), false);
             }
             Op::Burst { from, n } => {
                 for i in 0..n % 64 {
-                    publish(&mut rl, &mut m, pick(from), i, 16 + usize::from(i));
+                    publish(&mut rl, &mut m, pick(from), i, 16 + usize::from(i), false);
                 }
             }
             Op::BatchedBurst { from, n, end } => {
                 let from = pick(from);
                 for i in 0..n % 64 {
-                    publish_batched(&mut rl, &mut m, from, i, 16 + usize::from(i));
+                    publish(&mut rl, &mut m, from, i, 16 + usize::from(i), true);
                 }
                 if end {
                     rl.end_batch(from);

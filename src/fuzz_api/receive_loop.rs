@@ -191,28 +191,29 @@ impl ReceiveLoop {
     /// counted lost when the backlog is full). False when nothing was sent: a bad slot, a
     /// payload over the limit, or a name over 65,535 bytes.
     pub fn publish(&mut self, from: u32, event: &str, data: &[u8]) -> bool {
-        let Some(port) = (from as usize).checked_sub(1).and_then(|i| self.senders.get_mut(i)) else { return false };
-        let enc =
-            message::encode_bytes(&mut self.buf, "fuzz", event, data, from, message::Kind::All, self.max_payload_len);
-        if enc.is_err() {
-            return false;
-        }
-        port.send_all(&self.buf);
-        true
+        self.publish_as(from, event, data, false)
     }
 
     /// [`ReceiveLoop::publish`] inside a batch (`Worker::batch`): the records stay
     /// uncommitted until [`ReceiveLoop::end_batch`], or the port's next flush or dispatch
     /// (a leaked batch), or a ring that fills.
     pub fn publish_batched(&mut self, from: u32, event: &str, data: &[u8]) -> bool {
+        self.publish_as(from, event, data, true)
+    }
+
+    /// [`ReceiveLoop::publish`] (`batched`: [`ReceiveLoop::publish_batched`]).
+    fn publish_as(&mut self, from: u32, event: &str, data: &[u8], batched: bool) -> bool {
         let Some(port) = (from as usize).checked_sub(1).and_then(|i| self.senders.get_mut(i)) else { return false };
         let enc =
             message::encode_bytes(&mut self.buf, "fuzz", event, data, from, message::Kind::All, self.max_payload_len);
         if enc.is_err() {
             return false;
         }
-        port.set_defer(true);
-        port.flush();
+        if batched {
+            // As `Batch::publish` around `DataPath::send_all`.
+            port.set_defer(true);
+            port.flush();
+        }
         port.send_all(&self.buf);
         port.set_defer(false);
         true

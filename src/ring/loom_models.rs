@@ -19,7 +19,7 @@ fn raw(s: &Shared) -> RawRing {
     RawRing { hdr: NonNull::from(&*s.hdr), data: NonNull::dangling(), cap: s.cap }
 }
 
-fn pop(c: &mut Consumer) -> Option<Vec<u8>> {
+pub(crate) fn pop(c: &mut Consumer) -> Option<Vec<u8>> {
     let info = c.peek().expect("an honest producer never looks corrupt")?;
     let mut v = vec![0u8; info.len];
     // SAFETY: info from peek; v holds info.len bytes.

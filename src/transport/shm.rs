@@ -236,7 +236,7 @@ impl ShmPort {
     }
 
     /// (deferring a batch's publish, records a batch left uncommitted), for tests.
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn batch_state(&self) -> (bool, bool) {
         (self.defer, self.pending)
     }
