@@ -5,6 +5,8 @@
 //! |--------------------------------|---------------------------------------------------------------|
 //! | `latency/shm_pingpong_baseline`| bare shared-memory ping-pong (two `AtomicU64`s), one-way      |
 //! | `latency/we_busy_poll`         | publish -> callback in the other process, both busy-polling   |
+//! | `latency/ring64_pingpong_baseline` | bare ring ping-pong: a 64-byte slot, then its index, per hop |
+//! | `latency/we_busy_poll_vs_ring64` | `we_busy_poll` again, paired with the line above            |
 //! | `wakeup/eventfd_baseline`      | raw eventfd ping-pong, both sides blocked in `read`, one-way  |
 //! | `wakeup/we_parked`             | publish -> callback, both sides parked in `wait(None)`        |
 //! | `throughput/bare_ring_1to1`    | bare SPSC ring of 64-byte slots, index published per message  |
@@ -115,6 +117,30 @@ const TABLE: &[Pair] = &[
             chunk: 1_000,
         },
         vs: "shm",
+        target: Some(PerfTarget::RatioAtMost(2.0)),
+        per_hop: PerHop::P99RatioAtMost(2.0),
+    },
+    // The same library side against a bare ring that carries the same 64 bytes per hop
+    // (a slot written, then its index; the peer reads the slot): what a hand-written ring
+    // pays for the payload, two dependent line transfers per hop. P1 read with the issue's
+    // words ("the bare shared-memory ring"); the pair above keeps the stricter one-word
+    // ping-pong (one transfer per hop), and both verdicts are printed (BENCHMARKS.md).
+    Pair {
+        metric: Metric::OneWay(TimeUnit::Ns),
+        extra: &[],
+        base: Side {
+            id: "latency/ring64_pingpong_baseline",
+            label: "bare ring ping-pong, 64-byte slots",
+            spawn: |cpu| Box::new(RingPingPong::new(cpu)),
+            chunk: 2_000,
+        },
+        lib: Side {
+            id: "latency/we_busy_poll_vs_ring64",
+            label: "worker-events busy-poll, one-way",
+            spawn: |cpu| Box::new(WePingPong::new("we-busy", true, cpu)),
+            chunk: 1_000,
+        },
+        vs: "ring64",
         target: Some(PerfTarget::RatioAtMost(2.0)),
         per_hop: PerHop::P99RatioAtMost(2.0),
     },
@@ -345,6 +371,106 @@ fn child_shm_pong(shm: &Shm) {
             return;
         }
         pong.store(v, Ordering::Release);
+        last = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (b2) bare ring ping-pong: two SPSC rings of 64-byte slots, one per direction
+
+/// The second ring's slots (the pong direction), after the first ring's.
+const RING_B_OFF: usize = RING_OFF + RING_SLOTS as usize * 64;
+
+/// Slot `i` of the ring at `base`.
+fn slot_at(shm: &Shm, base: usize, i: u64) -> *mut [u8; 64] {
+    shm.slot(base + (i % RING_SLOTS) as usize * 64).cast()
+}
+
+/// Write message `seq` (its number in the first 8 bytes, then the payload's 56 bytes) into
+/// a slot, then publish it with a Release store of its index.
+fn ring_send(shm: &Shm, base: usize, head: &AtomicU64, seq: u64) {
+    let mut m = [0x5au8; 64];
+    m[..8].copy_from_slice(&seq.to_le_bytes());
+    // SAFETY: in a ping-pong the peer reads a slot only after this index store, and this
+    // side writes slot `seq` again only a whole ring of round trips later; plain bytes.
+    unsafe { std::ptr::copy_nonoverlapping(m.as_ptr(), slot_at(shm, base, seq).cast::<u8>(), 64) };
+    head.store(seq, Ordering::Release);
+}
+
+/// Read message `seq` out of its slot (after its index was seen) and check its number: the
+/// bare ring's "validated access".
+fn ring_recv(shm: &Shm, base: usize, seq: u64) {
+    let mut m = [0u8; 64];
+    // SAFETY: the index store published this slot (Acquire by the caller); plain bytes.
+    unsafe { std::ptr::copy_nonoverlapping(slot_at(shm, base, seq).cast::<u8>(), m.as_mut_ptr(), 64) };
+    let m = black_box(m);
+    assert_eq!(u64::from_le_bytes(m[..8].try_into().expect("8 bytes")), seq, "bare ring: wrong slot");
+}
+
+struct RingPingPong {
+    shm: Shm,
+    child: Child,
+    seq: u64,
+}
+
+impl RingPingPong {
+    fn new(cpu: Option<usize>) -> Self {
+        let shm = Shm::create(SHM_LEN);
+        let child = child_command("ring-pong", cpu, &[shm.raw_fd()], None).spawn().expect("spawning the peer process");
+        let mut s = RingPingPong { shm, child, seq: 0 };
+        s.run(1000); // the child is up and answering
+        s
+    }
+
+    /// `iters` round trips; with `EACH`, a stamp before the first and after each.
+    fn round_trips<const EACH: bool>(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
+        let (ping, pong) = (self.shm.word(OFF_A), self.shm.word(OFF_B));
+        let t = Instant::now();
+        stamp::<EACH>(stamps, t);
+        for _ in 0..iters {
+            self.seq += 1;
+            ring_send(&self.shm, RING_OFF, ping, self.seq);
+            while pong.load(Ordering::Acquire) != self.seq {
+                std::hint::spin_loop();
+            }
+            ring_recv(&self.shm, RING_B_OFF, self.seq);
+            stamp::<EACH>(stamps, Instant::now());
+        }
+        t.elapsed()
+    }
+}
+
+impl Scenario for RingPingPong {
+    fn run(&mut self, iters: u64) -> Duration {
+        self.round_trips::<false>(iters, &mut Vec::new())
+    }
+
+    fn run_each(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
+        self.round_trips::<true>(iters, stamps)
+    }
+}
+
+impl Drop for RingPingPong {
+    fn drop(&mut self) {
+        self.shm.word(OFF_STOP).store(1, Ordering::Release);
+        reap(&mut self.child);
+    }
+}
+
+fn child_ring_pong(shm: &Shm) {
+    let (ping, pong, stop) = (shm.word(OFF_A), shm.word(OFF_B), shm.word(OFF_STOP));
+    let mut last = 0;
+    loop {
+        let v = ping.load(Ordering::Acquire);
+        if v == last {
+            if stop.load(Ordering::Relaxed) != 0 {
+                return;
+            }
+            std::hint::spin_loop();
+            continue;
+        }
+        ring_recv(shm, RING_OFF, v);
+        ring_send(shm, RING_B_OFF, pong, v);
         last = v;
     }
 }
@@ -973,6 +1099,7 @@ fn child_main(role: &str) {
     match role {
         "shm-pong" => child_shm_pong(&take_shm()),
         "ring-sink" => child_ring_sink(&take_shm()),
+        "ring-pong" => child_ring_pong(&take_shm()),
         "efd-pong" => child_efd_pong(fds[0], fds[1]),
         "we-busy" => child_we_pong(true, false),
         "we-parked" => child_we_pong(false, false),
