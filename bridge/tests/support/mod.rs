@@ -293,6 +293,11 @@ impl Host {
         Rec::parse(&self.workers[i].cmd(&format!("get {tag}")))
     }
 
+    /// Worker `i`'s `Stats` (Debug text), for failure messages.
+    pub fn stats(&mut self, i: usize) -> String {
+        self.workers[i].cmd("stats")
+    }
+
     /// The bridge's log (for failure messages).
     pub fn bridge_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("bridge.log")).unwrap_or_default()
@@ -312,6 +317,9 @@ pub struct Rec {
     pub lost: u64,
     /// Events received that came from another host (origin_host set).
     pub relayed: u64,
+    /// Lost notices published on this host (a local publisher's events lost on their way
+    /// to this worker), whatever their publisher.
+    pub local_lost: u64,
 }
 
 impl Rec {
@@ -326,6 +334,7 @@ impl Rec {
                 "ordered" => r.ordered = n == 1,
                 "lost" => r.lost = n,
                 "relayed" => r.relayed = n,
+                "local_lost" => r.local_lost = n,
                 _ => {}
             }
         }

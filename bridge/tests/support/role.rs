@@ -7,8 +7,10 @@
 //! - `uniq <hash>`: publish `Target::Unique(hash)` `("jobs", "run")`, data the hash -> `@@OK`
 //! - `uniqp <hash>`: the same with source `"plain"` (not a cluster-unique pattern) -> `@@OK`
 //! - `get <tag>` -> `@@n=.. dups=.. ordered=0|1 lost=.. relayed=..` (`lost`: the relayed lost
-//!   notices from the host named by the tag's first letter, upper-cased... see `host_of`)
+//!   notices from the host named by the tag's first letter, upper-cased... see `host_of`;
+//!   `local_lost`: this host's own lost notices, whatever their publisher)
 //! - `uniqs` -> `@@<hash>,<hash>,...` (the unique events this worker ran)
+//! - `stats` -> `@@<the worker's Stats, Debug-formatted>` (for failure messages)
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::BufRead;
@@ -27,6 +29,9 @@ pub fn host_of(tag: &str) -> &str {
 pub fn origin_host<'a>(ev: &Event<'a>) -> Option<&'a str> {
     ev.origin_host()
 }
+
+/// The key of the lost notices published on this host (no origin host).
+const LOCAL: &str = "local";
 
 #[derive(Default)]
 struct TagRec {
@@ -48,8 +53,11 @@ struct Rec {
 fn record(rec: &Mutex<Rec>, ev: &Event<'_>) {
     let mut r = rec.lock().unwrap();
     if ev.source() == SYSTEM_SOURCE {
-        if let (Some(l), Some(o)) = (ev.lost(), origin_host(ev)) {
-            *r.lost.entry(o.to_string()).or_default() += l.count;
+        if let Some(l) = ev.lost() {
+            // Relayed notices by their origin host; this host's own (a local publisher's
+            // events lost on their way here) under "local".
+            let key = origin_host(ev).unwrap_or(LOCAL);
+            *r.lost.entry(key.to_string()).or_default() += l.count;
         }
         return;
     }
@@ -150,15 +158,21 @@ pub fn child_main() {
                 let _ = w.dispatch();
                 let r = rec.lock().unwrap();
                 let lost = r.lost.get(&host_of(tag).to_uppercase()).copied().unwrap_or(0);
+                let local_lost = r.lost.get(LOCAL).copied().unwrap_or(0);
                 let t = r.tags.get(*tag);
                 println!(
-                    "@@n={} dups={} ordered={} lost={} relayed={}",
+                    "@@n={} dups={} ordered={} lost={} relayed={} local_lost={}",
                     t.map_or(0, |t| t.n),
                     t.map_or(0, |t| t.dups),
                     u8::from(t.is_none_or(|t| t.ordered)),
                     lost,
-                    t.map_or(0, |t| t.relayed)
+                    t.map_or(0, |t| t.relayed),
+                    local_lost
                 );
+            }
+            ["stats"] => {
+                let _ = w.dispatch();
+                println!("@@{:?}", w.stats());
             }
             ["uniqs"] => {
                 let _ = w.dispatch();
