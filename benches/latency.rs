@@ -107,7 +107,7 @@ const TABLE: &[Pair] = &[
         base: Side {
             id: "latency/shm_pingpong_baseline",
             label: "shm ping-pong baseline, one-way",
-            spawn: |cpu| Box::new(ShmPingPong::new(cpu)),
+            spawn: |cpu| Box::new(ShmPingPong::<false>::new(cpu)),
             chunk: 2_000,
         },
         lib: Side {
@@ -131,7 +131,7 @@ const TABLE: &[Pair] = &[
         base: Side {
             id: "latency/ring64_pingpong_baseline",
             label: "bare ring ping-pong, 64-byte slots",
-            spawn: |cpu| Box::new(RingPingPong::new(cpu)),
+            spawn: |cpu| Box::new(ShmPingPong::<true>::new(cpu)),
             chunk: 2_000,
         },
         lib: Side {
@@ -299,92 +299,17 @@ fn stamp<const EACH: bool>(stamps: &mut Vec<Instant>, at: Instant) {
     }
 }
 
-/// The ring slot of message `i` in the bare ring's part of the mapping.
-fn ring_slot(shm: &Shm, i: u64) -> *mut [u8; 64] {
-    shm.slot(RING_OFF + (i % RING_SLOTS) as usize * 64).cast()
-}
-
-// ---------------------------------------------------------------------------------------
-// (a) bare shared-memory ping-pong
-
-struct ShmPingPong {
-    shm: Shm,
-    child: Child,
-    seq: u64,
-}
-
-impl ShmPingPong {
-    fn new(cpu: Option<usize>) -> Self {
-        let shm = Shm::create(SHM_LEN);
-        let child = child_command("shm-pong", cpu, &[shm.raw_fd()], None).spawn().expect("spawning the peer process");
-        let mut s = ShmPingPong { shm, child, seq: 0 };
-        s.run(1000); // the child is up and answering
-        s
-    }
-}
-
-impl ShmPingPong {
-    /// `iters` round trips; with `EACH`, a stamp before the first and after each.
-    fn round_trips<const EACH: bool>(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
-        let (ping, pong) = (self.shm.word(OFF_A), self.shm.word(OFF_B));
-        let t = Instant::now();
-        stamp::<EACH>(stamps, t);
-        for _ in 0..iters {
-            self.seq += 1;
-            ping.store(self.seq, Ordering::Release);
-            while pong.load(Ordering::Acquire) != self.seq {
-                std::hint::spin_loop();
-            }
-            stamp::<EACH>(stamps, Instant::now());
-        }
-        t.elapsed()
-    }
-}
-
-impl Scenario for ShmPingPong {
-    fn run(&mut self, iters: u64) -> Duration {
-        self.round_trips::<false>(iters, &mut Vec::new())
-    }
-
-    fn run_each(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
-        self.round_trips::<true>(iters, stamps)
-    }
-}
-
-impl Drop for ShmPingPong {
-    fn drop(&mut self) {
-        self.shm.word(OFF_A).store(STOP, Ordering::Release);
-        reap(&mut self.child);
-    }
-}
-
-fn child_shm_pong(shm: &Shm) {
-    let (ping, pong) = (shm.word(OFF_A), shm.word(OFF_B));
-    let mut last = 0;
-    loop {
-        let v = ping.load(Ordering::Acquire);
-        if v == last {
-            std::hint::spin_loop();
-            continue;
-        }
-        if v == STOP {
-            return;
-        }
-        pong.store(v, Ordering::Release);
-        last = v;
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// (b2) bare ring ping-pong: two SPSC rings of 64-byte slots, one per direction
-
-/// The second ring's slots (the pong direction), after the first ring's.
-const RING_B_OFF: usize = RING_OFF + RING_SLOTS as usize * 64;
-
-/// Slot `i` of the ring at `base`.
+/// Slot `i` of the ring of 64-byte slots at `base` in the mapping.
 fn slot_at(shm: &Shm, base: usize, i: u64) -> *mut [u8; 64] {
     shm.slot(base + (i % RING_SLOTS) as usize * 64).cast()
 }
+
+// ---------------------------------------------------------------------------------------
+// (a) bare shared-memory ping-pongs: one word each way (`SLOTS` false), or a 64-byte slot
+// then its index each way, through two SPSC rings (`SLOTS` true)
+
+/// The pong direction's ring of slots, after the ping direction's (at `RING_OFF`).
+const RING_B_OFF: usize = RING_OFF + RING_SLOTS as usize * 64;
 
 /// Write message `seq` (its number in the first 8 bytes, then the payload's 56 bytes) into
 /// a slot, then publish it with a Release store of its index.
@@ -407,17 +332,28 @@ fn ring_recv(shm: &Shm, base: usize, seq: u64) {
     assert_eq!(u64::from_le_bytes(m[..8].try_into().expect("8 bytes")), seq, "bare ring: wrong slot");
 }
 
-struct RingPingPong {
+/// Send `seq` one way: the word alone, or a slot of the ring at `base` and then the word.
+#[inline(always)]
+fn pp_send<const SLOTS: bool>(shm: &Shm, base: usize, word: &AtomicU64, seq: u64) {
+    if SLOTS {
+        ring_send(shm, base, word, seq);
+    } else {
+        word.store(seq, Ordering::Release);
+    }
+}
+
+struct ShmPingPong<const SLOTS: bool> {
     shm: Shm,
     child: Child,
     seq: u64,
 }
 
-impl RingPingPong {
+impl<const SLOTS: bool> ShmPingPong<SLOTS> {
     fn new(cpu: Option<usize>) -> Self {
         let shm = Shm::create(SHM_LEN);
-        let child = child_command("ring-pong", cpu, &[shm.raw_fd()], None).spawn().expect("spawning the peer process");
-        let mut s = RingPingPong { shm, child, seq: 0 };
+        let role = if SLOTS { "ring-pong" } else { "shm-pong" };
+        let child = child_command(role, cpu, &[shm.raw_fd()], None).spawn().expect("spawning the peer process");
+        let mut s = ShmPingPong { shm, child, seq: 0 };
         s.run(1000); // the child is up and answering
         s
     }
@@ -429,18 +365,20 @@ impl RingPingPong {
         stamp::<EACH>(stamps, t);
         for _ in 0..iters {
             self.seq += 1;
-            ring_send(&self.shm, RING_OFF, ping, self.seq);
+            pp_send::<SLOTS>(&self.shm, RING_OFF, ping, self.seq);
             while pong.load(Ordering::Acquire) != self.seq {
                 std::hint::spin_loop();
             }
-            ring_recv(&self.shm, RING_B_OFF, self.seq);
+            if SLOTS {
+                ring_recv(&self.shm, RING_B_OFF, self.seq);
+            }
             stamp::<EACH>(stamps, Instant::now());
         }
         t.elapsed()
     }
 }
 
-impl Scenario for RingPingPong {
+impl<const SLOTS: bool> Scenario for ShmPingPong<SLOTS> {
     fn run(&mut self, iters: u64) -> Duration {
         self.round_trips::<false>(iters, &mut Vec::new())
     }
@@ -450,27 +388,29 @@ impl Scenario for RingPingPong {
     }
 }
 
-impl Drop for RingPingPong {
+impl<const SLOTS: bool> Drop for ShmPingPong<SLOTS> {
     fn drop(&mut self) {
-        self.shm.word(OFF_STOP).store(1, Ordering::Release);
+        self.shm.word(OFF_A).store(STOP, Ordering::Release);
         reap(&mut self.child);
     }
 }
 
-fn child_ring_pong(shm: &Shm) {
-    let (ping, pong, stop) = (shm.word(OFF_A), shm.word(OFF_B), shm.word(OFF_STOP));
+fn child_shm_pong<const SLOTS: bool>(shm: &Shm) {
+    let (ping, pong) = (shm.word(OFF_A), shm.word(OFF_B));
     let mut last = 0;
     loop {
         let v = ping.load(Ordering::Acquire);
         if v == last {
-            if stop.load(Ordering::Relaxed) != 0 {
-                return;
-            }
             std::hint::spin_loop();
             continue;
         }
-        ring_recv(shm, RING_OFF, v);
-        ring_send(shm, RING_B_OFF, pong, v);
+        if v == STOP {
+            return;
+        }
+        if SLOTS {
+            ring_recv(shm, RING_OFF, v);
+        }
+        pp_send::<SLOTS>(shm, RING_B_OFF, pong, v);
         last = v;
     }
 }
@@ -602,7 +542,9 @@ impl BareRing {
             msg[..8].copy_from_slice(&self.head.to_le_bytes());
             // SAFETY: the slot is free (head - tail < RING_SLOTS), in bounds, and only this
             // process writes it until the Release store below publishes it; plain bytes.
-            unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), ring_slot(&self.shm, self.head).cast::<u8>(), 64) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(msg.as_ptr(), slot_at(&self.shm, RING_OFF, self.head).cast::<u8>(), 64)
+            };
             self.head += 1;
             if PER == 1 || self.head % PER == 0 {
                 head_w.store(self.head, Ordering::Release);
@@ -651,7 +593,7 @@ fn child_ring_sink(shm: &Shm) {
             let mut m = [0u8; 64];
             // SAFETY: the producer published this slot (tail < head, Acquire above) and
             // does not touch it until we release it below; plain bytes.
-            unsafe { std::ptr::copy_nonoverlapping(ring_slot(shm, tail).cast::<u8>(), m.as_mut_ptr(), 64) };
+            unsafe { std::ptr::copy_nonoverlapping(slot_at(shm, RING_OFF, tail).cast::<u8>(), m.as_mut_ptr(), 64) };
             let m = black_box(m);
             sum = sum.wrapping_add(u64::from_le_bytes(m[..8].try_into().expect("8 bytes")));
             tail += 1;
@@ -1097,9 +1039,9 @@ fn child_main(role: &str) {
     };
     let take_shm = || Shm::inherited(&fds, SHM_LEN);
     match role {
-        "shm-pong" => child_shm_pong(&take_shm()),
+        "shm-pong" => child_shm_pong::<false>(&take_shm()),
         "ring-sink" => child_ring_sink(&take_shm()),
-        "ring-pong" => child_ring_pong(&take_shm()),
+        "ring-pong" => child_shm_pong::<true>(&take_shm()),
         "efd-pong" => child_efd_pong(fds[0], fds[1]),
         "we-busy" => child_we_pong(true, false),
         "we-parked" => child_we_pong(false, false),
