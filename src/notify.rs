@@ -139,6 +139,24 @@ mod loom_models {
         shared_cap(64)
     }
 
+    /// The receiver's side of a hop while `publisher` runs: arm, re-check, sleep if the
+    /// ring looks empty (else disarm). After the publisher is done, a receiver that slept
+    /// must have been woken exactly once, with the flag cleared by the publisher (so its
+    /// disarm says "woken"). Returns whether it slept.
+    fn sleep_or_not(s: &Shared, c: &mut Consumer, publisher: thread::JoinHandle<()>) -> bool {
+        arm(&s.parked);
+        let sleeps = !c.has_data();
+        if !sleeps {
+            disarm(&s.parked);
+        }
+        publisher.join().unwrap();
+        if sleeps {
+            assert_eq!(s.eventfd.load(Ordering::Relaxed), 1, "lost wake-up");
+            assert!(disarm(&s.parked));
+        }
+        sleeps
+    }
+
     fn shared_cap(cap: usize) -> Arc<Shared> {
         Arc::new(Shared {
             hdr: Box::new(RingHeader::new_for_model()),
@@ -158,16 +176,7 @@ mod loom_models {
             let s = shared_cap(128);
             let publisher = publish_records(s.clone(), &[b"one", b"two"]);
             let mut c = Consumer::new(raw(&s)).unwrap();
-            arm(&s.parked);
-            let sleeps = !c.has_data();
-            if !sleeps {
-                disarm(&s.parked);
-            }
-            publisher.join().unwrap();
-            if sleeps {
-                assert_eq!(s.eventfd.load(Ordering::Relaxed), 1, "lost wake-up");
-                assert!(disarm(&s.parked));
-            }
+            sleep_or_not(&s, &mut c, publisher);
             assert_eq!(pop(&mut c).as_deref(), Some(&b"one"[..]));
             assert_eq!(pop(&mut c).as_deref(), Some(&b"two"[..]));
             assert_eq!(pop(&mut c), None);
@@ -183,16 +192,7 @@ mod loom_models {
             let s = shared();
             let publisher = publish_one(s.clone());
             let mut c = Consumer::new(raw(&s)).unwrap();
-            arm(&s.parked);
-            let sleeps = !c.has_data();
-            if !sleeps {
-                disarm(&s.parked);
-            }
-            publisher.join().unwrap();
-            if sleeps {
-                assert_eq!(s.eventfd.load(Ordering::Relaxed), 1, "lost wake-up");
-                // Woken: the flag was cleared by the publisher, so disarm says "woken".
-                assert!(disarm(&s.parked));
+            if sleep_or_not(&s, &mut c, publisher) {
                 assert!(c.has_data());
             }
         });
