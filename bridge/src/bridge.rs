@@ -325,11 +325,23 @@ fn stream_config(cfg: &Config) -> stream::Config {
     }
 }
 
+/// `get_or_create_stream` that survives another bridge creating the same stream at the
+/// same time: its "get" can miss a stream that its "create" then finds already there (the
+/// server answers "stream name already in use" or "subjects overlap with an existing
+/// stream"). Then the stream exists, so one more "get" returns it.
+async fn get_or_create(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, String> {
+    let name = config.name.clone();
+    match js.get_or_create_stream(config).await {
+        Ok(s) => Ok(s),
+        Err(e) => js.get_stream(&name).await.map_err(|_| e.to_string()),
+    }
+}
+
 /// Get or create the stream, retrying with backoff until it works or `stop`.
 async fn ensure_stream(js: &jetstream::Context, cfg: &Config, stop: &watch::Receiver<bool>) -> Option<stream::Stream> {
     let mut n: u32 = 0;
     loop {
-        match js.get_or_create_stream(stream_config(cfg)).await {
+        match get_or_create(js, stream_config(cfg)).await {
             Ok(s) => return Some(s),
             Err(e) => {
                 if n.is_multiple_of(20) {
@@ -684,7 +696,16 @@ async fn claim_one(
                 // of a 2.9 server; the settings are those of a KV bucket (one value per key,
                 // rollups, no deletes, direct gets) with entries expiring after
                 // `unique_timeout`.
-                js.get_or_create_stream(kv_stream_config(cfg)).await.map_err(|e| e.to_string())?;
+                // A few quick retries (within `limit`): the other host's bridge may be
+                // creating the same stream right now.
+                let mut n = 0;
+                while let Err(e) = get_or_create(js, kv_stream_config(cfg)).await {
+                    if n == 3 {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(backoff(n)).await;
+                    n += 1;
+                }
                 *g = Some(js.get_key_value(cfg.bucket_name()).await.map_err(|e| e.to_string())?);
             }
             g.clone().expect("set")
