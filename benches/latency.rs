@@ -9,6 +9,8 @@
 //! | `latency/we_busy_poll_vs_ring64` | `we_busy_poll` again, paired with the line above            |
 //! | `wakeup/eventfd_baseline`      | raw eventfd ping-pong, both sides blocked in `read`, one-way  |
 //! | `wakeup/we_parked`             | publish -> callback, both sides parked in `wait(None)`        |
+//! | `wakeup/eventfd_epoll_baseline` | raw eventfd ping-pong, both sides parked in `epoll_wait` (edge-triggered, never read) |
+//! | `wakeup/we_parked_vs_epoll`    | `we_parked` again, paired with the line above                 |
 //! | `throughput/bare_ring_1to1`    | bare SPSC ring of 64-byte slots, index published per message  |
 //! | `throughput/we_1to1`           | 64-byte typed events, rkyv encode + validated access          |
 //! | `throughput/bare_ring_1to1_per16` | the bare ring, index published once per 16 messages        |
@@ -150,7 +152,7 @@ const TABLE: &[Pair] = &[
         base: Side {
             id: "wakeup/eventfd_baseline",
             label: "raw eventfd ping-pong baseline, one-way",
-            spawn: |cpu| Box::new(EventfdPingPong::new(cpu)),
+            spawn: |cpu| Box::new(EventfdPingPong::<false>::new(cpu)),
             chunk: 100,
         },
         lib: Side {
@@ -160,6 +162,29 @@ const TABLE: &[Pair] = &[
             chunk: 100,
         },
         vs: "eventfd",
+        target: Some(PerfTarget::PlusAtMostNs(1_000.0)),
+        per_hop: PerHop::On,
+    },
+    // The same library side against the issue's own P2 baseline, "raw eventfd + epoll": both
+    // sides parked in epoll_wait on an edge-triggered set over their eventfd (never read), so
+    // one syscall per hop on each side, as the library's parked hop. The pair above keeps the
+    // stricter baseline without epoll (a blocking read), and both verdicts are printed.
+    Pair {
+        metric: Metric::OneWay(TimeUnit::Us),
+        extra: &[],
+        base: Side {
+            id: "wakeup/eventfd_epoll_baseline",
+            label: "raw eventfd+epoll baseline, one-way",
+            spawn: |cpu| Box::new(EventfdPingPong::<true>::new(cpu)),
+            chunk: 100,
+        },
+        lib: Side {
+            id: "wakeup/we_parked_vs_epoll",
+            label: "worker-events parked (wait), one-way",
+            spawn: |cpu| Box::new(WePingPong::new("we-parked", false, cpu)),
+            chunk: 100,
+        },
+        vs: "eventfd+epoll",
         target: Some(PerfTarget::PlusAtMostNs(1_000.0)),
         per_hop: PerHop::On,
     },
@@ -416,11 +441,18 @@ fn child_shm_pong<const SLOTS: bool>(shm: &Shm) {
 }
 
 // ---------------------------------------------------------------------------------------
-// (c) raw eventfd ping-pong, both sides blocked in read(2)
+// (c) raw eventfd ping-pong: both sides blocked in read(2) (`EPOLL = false`), or both parked
+// in epoll_wait(2) on an edge-triggered epoll set over their eventfd, which is never read
+// (`EPOLL = true`: the "raw eventfd + epoll", one syscall per hop on each side, as
+// the library's parked hop)
 
-struct EventfdPingPong {
+struct EventfdPingPong<const EPOLL: bool> {
     to_child: OwnedFd,
     to_parent: OwnedFd,
+    /// (EPOLL) the child's stop signal, in its epoll set beside `to_child`.
+    stop: OwnedFd,
+    /// (EPOLL) this process's epoll set over `to_parent`.
+    ep: Option<OwnedFd>,
     child: Child,
 }
 
@@ -451,34 +483,68 @@ fn efd_read(fd: RawFd) -> u64 {
     }
 }
 
-impl EventfdPingPong {
-    fn new(cpu: Option<usize>) -> Self {
-        let (to_child, to_parent) = (new_eventfd(), new_eventfd());
-        let child = child_command("efd-pong", cpu, &[to_child.as_raw_fd(), to_parent.as_raw_fd()], None)
-            .spawn()
-            .expect("spawning the peer process");
-        let mut s = EventfdPingPong { to_child, to_parent, child };
-        s.run(100);
-        s
+/// An edge-triggered epoll set over `fds`, each reported with its index as the event's data.
+fn epoll_over(fds: &[RawFd]) -> OwnedFd {
+    // SAFETY: plain epoll_create1(2).
+    let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(raw >= 0, "epoll_create1: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nothing else owns.
+    let ep = unsafe { OwnedFd::from_raw_fd(raw) };
+    for (i, &fd) in fds.iter().enumerate() {
+        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: i as u64 };
+        // SAFETY: both descriptors are open; `ev` is a live epoll_event.
+        let r = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        assert_eq!(r, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+    }
+    ep
+}
+
+/// Block in epoll_wait(2) until one event; returns its data (the fd's index in `epoll_over`).
+fn epoll_one(ep: RawFd) -> u64 {
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    loop {
+        // SAFETY: room for one event in a live epoll_event; `ep` is an open epoll set.
+        let n = unsafe { libc::epoll_wait(ep, &mut ev, 1, -1) };
+        if n == 1 {
+            return ev.u64;
+        }
+        let e = std::io::Error::last_os_error();
+        assert!(n == 0 || e.kind() == std::io::ErrorKind::Interrupted, "epoll_wait: {e}");
     }
 }
 
-impl EventfdPingPong {
+impl<const EPOLL: bool> EventfdPingPong<EPOLL> {
+    fn new(cpu: Option<usize>) -> Self {
+        let (to_child, to_parent, stop) = (new_eventfd(), new_eventfd(), new_eventfd());
+        let role = if EPOLL { "efd-epoll-pong" } else { "efd-pong" };
+        let fds = [to_child.as_raw_fd(), to_parent.as_raw_fd(), stop.as_raw_fd()];
+        let child = child_command(role, cpu, &fds, None).spawn().expect("spawning the peer process");
+        let ep = EPOLL.then(|| epoll_over(&[to_parent.as_raw_fd()]));
+        let mut s = EventfdPingPong { to_child, to_parent, stop, ep, child };
+        s.run(100);
+        s
+    }
+
     /// `iters` round trips; with `EACH`, a stamp before the first and after each.
     fn round_trips<const EACH: bool>(&mut self, iters: u64, stamps: &mut Vec<Instant>) -> Duration {
         let (a, b) = (self.to_child.as_raw_fd(), self.to_parent.as_raw_fd());
+        let ep = self.ep.as_ref().map_or(-1, |e| e.as_raw_fd());
         let t = Instant::now();
         stamp::<EACH>(stamps, t);
         for _ in 0..iters {
             efd_write(a, 1);
-            efd_read(b);
+            if EPOLL {
+                epoll_one(ep);
+            } else {
+                efd_read(b);
+            }
             stamp::<EACH>(stamps, Instant::now());
         }
         t.elapsed()
     }
 }
 
-impl Scenario for EventfdPingPong {
+impl<const EPOLL: bool> Scenario for EventfdPingPong<EPOLL> {
     fn run(&mut self, iters: u64) -> Duration {
         self.round_trips::<false>(iters, &mut Vec::new())
     }
@@ -488,9 +554,9 @@ impl Scenario for EventfdPingPong {
     }
 }
 
-impl Drop for EventfdPingPong {
+impl<const EPOLL: bool> Drop for EventfdPingPong<EPOLL> {
     fn drop(&mut self) {
-        efd_write(self.to_child.as_raw_fd(), EFD_STOP);
+        efd_write(if EPOLL { self.stop.as_raw_fd() } else { self.to_child.as_raw_fd() }, EFD_STOP);
         reap(&mut self.child);
     }
 }
@@ -500,6 +566,15 @@ fn child_efd_pong(a: RawFd, b: RawFd) {
         if efd_read(a) >= EFD_STOP {
             return;
         }
+        efd_write(b, 1);
+    }
+}
+
+/// The epoll variant's peer: parked in epoll_wait over `a` (index 0) and `stop` (index 1),
+/// neither ever read; answers each edge of `a` with one write to `b`.
+fn child_efd_epoll_pong(a: RawFd, b: RawFd, stop: RawFd) {
+    let ep = epoll_over(&[a, stop]);
+    while epoll_one(ep.as_raw_fd()) == 0 {
         efd_write(b, 1);
     }
 }
@@ -1043,6 +1118,7 @@ fn child_main(role: &str) {
         "ring-sink" => child_ring_sink(&take_shm()),
         "ring-pong" => child_shm_pong::<true>(&take_shm()),
         "efd-pong" => child_efd_pong(fds[0], fds[1]),
+        "efd-epoll-pong" => child_efd_epoll_pong(fds[0], fds[1], fds[2]),
         "we-busy" => child_we_pong(true, false),
         "we-parked" => child_we_pong(false, false),
         "we-sink" => child_we_sink(false),
