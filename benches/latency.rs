@@ -100,6 +100,26 @@ fn ping(seq: u64) -> Ping {
     Ping { seq, pad: [0x5a; 56] }
 }
 
+/// The busy-poll library side (P1), under criterion id `id`: paired with each P1 baseline.
+const fn we_busy_poll(id: &'static str) -> Side {
+    Side {
+        id,
+        label: "worker-events busy-poll, one-way",
+        spawn: |cpu| Box::new(WePingPong::new("we-busy", true, cpu)),
+        chunk: 1_000,
+    }
+}
+
+/// The parked library side (P2), under criterion id `id`: paired with each P2 baseline.
+const fn we_parked(id: &'static str) -> Side {
+    Side {
+        id,
+        label: "worker-events parked (wait), one-way",
+        spawn: |cpu| Box::new(WePingPong::new("we-parked", false, cpu)),
+        chunk: 100,
+    }
+}
+
 /// Every scenario: (baseline, library) pairs, each with its self-timed chunk sizes and its
 /// `ARCHITECTURE.md` §P target. Criterion runs the sides in this order.
 const TABLE: &[Pair] = &[
@@ -112,12 +132,7 @@ const TABLE: &[Pair] = &[
             spawn: |cpu| Box::new(ShmPingPong::<false>::new(cpu)),
             chunk: 2_000,
         },
-        lib: Side {
-            id: "latency/we_busy_poll",
-            label: "worker-events busy-poll, one-way",
-            spawn: |cpu| Box::new(WePingPong::new("we-busy", true, cpu)),
-            chunk: 1_000,
-        },
+        lib: we_busy_poll("latency/we_busy_poll"),
         vs: "shm",
         target: Some(PerfTarget::RatioAtMost(2.0)),
         per_hop: PerHop::P99RatioAtMost(2.0),
@@ -136,12 +151,7 @@ const TABLE: &[Pair] = &[
             spawn: |cpu| Box::new(ShmPingPong::<true>::new(cpu)),
             chunk: 2_000,
         },
-        lib: Side {
-            id: "latency/we_busy_poll_vs_ring64",
-            label: "worker-events busy-poll, one-way",
-            spawn: |cpu| Box::new(WePingPong::new("we-busy", true, cpu)),
-            chunk: 1_000,
-        },
+        lib: we_busy_poll("latency/we_busy_poll_vs_ring64"),
         vs: "ring64",
         target: Some(PerfTarget::RatioAtMost(2.0)),
         per_hop: PerHop::P99RatioAtMost(2.0),
@@ -155,12 +165,7 @@ const TABLE: &[Pair] = &[
             spawn: |cpu| Box::new(EventfdPingPong::<false>::new(cpu)),
             chunk: 100,
         },
-        lib: Side {
-            id: "wakeup/we_parked",
-            label: "worker-events parked (wait), one-way",
-            spawn: |cpu| Box::new(WePingPong::new("we-parked", false, cpu)),
-            chunk: 100,
-        },
+        lib: we_parked("wakeup/we_parked"),
         vs: "eventfd",
         target: Some(PerfTarget::PlusAtMostNs(1_000.0)),
         per_hop: PerHop::On,
@@ -178,12 +183,7 @@ const TABLE: &[Pair] = &[
             spawn: |cpu| Box::new(EventfdPingPong::<true>::new(cpu)),
             chunk: 100,
         },
-        lib: Side {
-            id: "wakeup/we_parked_vs_epoll",
-            label: "worker-events parked (wait), one-way",
-            spawn: |cpu| Box::new(WePingPong::new("we-parked", false, cpu)),
-            chunk: 100,
-        },
+        lib: we_parked("wakeup/we_parked_vs_epoll"),
         vs: "eventfd+epoll",
         target: Some(PerfTarget::PlusAtMostNs(1_000.0)),
         per_hop: PerHop::On,
@@ -450,7 +450,7 @@ struct EventfdPingPong<const EPOLL: bool> {
     to_child: OwnedFd,
     to_parent: OwnedFd,
     /// (EPOLL) the child's stop signal, in its epoll set beside `to_child`.
-    stop: OwnedFd,
+    stop: Option<OwnedFd>,
     /// (EPOLL) this process's epoll set over `to_parent`.
     ep: Option<OwnedFd>,
     child: Child,
@@ -515,9 +515,11 @@ fn epoll_one(ep: RawFd) -> u64 {
 
 impl<const EPOLL: bool> EventfdPingPong<EPOLL> {
     fn new(cpu: Option<usize>) -> Self {
-        let (to_child, to_parent, stop) = (new_eventfd(), new_eventfd(), new_eventfd());
+        let (to_child, to_parent) = (new_eventfd(), new_eventfd());
+        let stop = EPOLL.then(new_eventfd);
         let role = if EPOLL { "efd-epoll-pong" } else { "efd-pong" };
-        let fds = [to_child.as_raw_fd(), to_parent.as_raw_fd(), stop.as_raw_fd()];
+        let mut fds = vec![to_child.as_raw_fd(), to_parent.as_raw_fd()];
+        fds.extend(stop.as_ref().map(|s| s.as_raw_fd()));
         let child = child_command(role, cpu, &fds, None).spawn().expect("spawning the peer process");
         let ep = EPOLL.then(|| epoll_over(&[to_parent.as_raw_fd()]));
         let mut s = EventfdPingPong { to_child, to_parent, stop, ep, child };
@@ -556,7 +558,7 @@ impl<const EPOLL: bool> Scenario for EventfdPingPong<EPOLL> {
 
 impl<const EPOLL: bool> Drop for EventfdPingPong<EPOLL> {
     fn drop(&mut self) {
-        efd_write(if EPOLL { self.stop.as_raw_fd() } else { self.to_child.as_raw_fd() }, EFD_STOP);
+        efd_write(self.stop.as_ref().unwrap_or(&self.to_child).as_raw_fd(), EFD_STOP);
         reap(&mut self.child);
     }
 }
