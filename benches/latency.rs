@@ -822,6 +822,9 @@ struct WeThroughput {
     socket: bool,
     /// Events per `Worker::batch` (1: plain `publish`).
     batch: u64,
+    /// Extra `dispatch` passes made while a backlog held over 1,024 events: the receiver
+    /// was the slower side then (the ring was full).
+    waits: u64,
 }
 
 impl WeThroughput {
@@ -842,7 +845,7 @@ impl WeThroughput {
         worker.subscribe("bench", "hello", move |_| h.store(true, Ordering::Release));
         let child = child_command(role, cpu, &[], Some(&sock)).spawn().expect("spawning the peer process");
         serve_until(&mut worker, false, || hello.load(Ordering::Acquire));
-        let mut s = WeThroughput { worker, child, _dir: dir, ack, sent: 0, flushes: 0, socket, batch };
+        let mut s = WeThroughput { worker, child, _dir: dir, ack, sent: 0, flushes: 0, socket, batch, waits: 0 };
         s.run(10_000);
         s
     }
@@ -876,6 +879,7 @@ impl Scenario for WeThroughput {
                 while self.worker.stats().peers.iter().any(|p| if socket { p.outbound_depth } else { p.backlog } > 1024)
                 {
                     self.worker.dispatch().expect("dispatch");
+                    self.waits += 1;
                 }
             }
         }
@@ -889,7 +893,10 @@ impl Scenario for WeThroughput {
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![("events lost (lost_outbound)", self.worker.stats().lost_outbound)]
+        vec![
+            ("events lost (lost_outbound)", self.worker.stats().lost_outbound),
+            ("publisher passes waiting for room (backlog > 1024)", self.waits),
+        ]
     }
 }
 
