@@ -44,6 +44,12 @@
 //! the cost is that a stall in one hop shows as half its length. Each sample includes one
 //! clock read (printed with the block, ~20-30 ns on the development VM).
 //!
+//! **Counters.** Under the summary, each library scenario prints how much its counters grew
+//! during the measured chunks: the publisher's eventfd wake-ups for the ping-pongs; for the
+//! 1 -> 1 rates, events lost and the publisher's `dispatch` passes made while its backlog
+//! held over 1,024 events (the ring was full: the receiver was the slower side then; on the
+//! socket transport, its outbound queue).
+//!
 //! `cargo bench --bench latency -- wakeup` runs one group (criterion's filter, applied to the
 //! summary too). `WE_BENCH_RING_CAPACITY=<bytes>` sets the library's `ring_capacity`.
 
