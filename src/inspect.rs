@@ -136,9 +136,14 @@ pub struct RingSnapshot {
     /// The consumer.
     pub to: Wid,
     /// Events committed to the ring and not yet consumed (the consumer's inbound depth; the
-    /// producer's private backlog is not in shared memory).
+    /// producer's private backlog is not in shared memory). With broadcast rings
+    /// (`Options::broadcast_capacity`), also the events for this consumer committed in the
+    /// producer's broadcast ring past the consumer's cursor.
     pub depth: u64,
-    /// Events the consumer has consumed from this ring, ever.
+    /// Events the consumer has consumed from this ring, ever. With broadcast rings, plus the
+    /// records of the producer's broadcast ring the consumer has read past (its cursor's
+    /// next message number: it counts the unique events for other workers it skipped, and
+    /// jumps over what it received through this ring while diverted).
     pub consumed: u64,
     /// Events the producer dropped for this consumer (cumulative).
     pub lost: u64,
@@ -255,7 +260,13 @@ pub fn inspect(listening: impl AsRef<Path>) -> Result<Snapshot> {
     let reply = control::inspect_request(path, INSPECT_TIMEOUT)?;
     let lock =
         sys::open_read_only_nofollow(&control::lock_path(path)).map_err(|e| Error::io("opening the lock file", e))?;
-    let geo = Geometry::new(reply.workers, reply.agent, reply.ring_capacity, reply.unique_capacity);
+    let geo = Geometry::with_broadcast(
+        reply.workers,
+        reply.agent,
+        reply.ring_capacity,
+        reply.unique_capacity,
+        reply.broadcast_capacity,
+    );
     let pid_of = |slot: u32| {
         if slot == reply.serving_slot {
             Some(reply.serving_pid)
@@ -287,11 +298,18 @@ pub fn inspect(listening: impl AsRef<Path>) -> Result<Snapshot> {
     if let Some(r) = &region {
         for (p, c) in (0..geo.slots).flat_map(|p| (0..geo.slots).map(move |c| (p, c))).filter(|(p, c)| p != c) {
             let v = r.ring(p, c).observe();
+            // Per-publisher topology: what waits for `c` in `p`'s broadcast ring counts too.
+            let (bcast, bcast_read) = if geo.bcast_capacity > 0 {
+                let b = r.bcast(p);
+                (b.unread_for(c as usize), b.released_seq(c as usize))
+            } else {
+                (0, 0)
+            };
             rings.push(RingSnapshot {
                 from: geo.wid_of(p),
                 to: geo.wid_of(c),
-                depth: v.depth,
-                consumed: v.consumed,
+                depth: v.depth + bcast,
+                consumed: v.consumed.saturating_add(bcast_read),
                 lost: v.lost,
                 lost_reported: v.lost_seen,
                 waiting_for_space: v.want_space,

@@ -12,7 +12,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"WKEVENTS"` read as a little-endian u64.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"WKEVENTS");
 /// Bumped on any change of this file or of the record formats.
-pub(crate) const LAYOUT_VERSION: u32 = 6;
+pub(crate) const LAYOUT_VERSION: u32 = 7;
 /// Size of [`RegionHeader`].
 pub(crate) const HEADER_SIZE: usize = 256;
 /// Size of [`SlotHeader`].
@@ -58,7 +58,12 @@ pub(crate) struct RegionHeader {
     /// `STUCK_AFTER` takes the role over by a compare-and-swap on this word, then a new epoch
     /// (see `control/election.rs`).
     pub broker_heartbeat: AtomicU64,
-    pub _reserved2: [AtomicU64; 13],
+    /// Data bytes of each slot's broadcast ring (0: the region has none, the per-pair
+    /// topology alone), where the first one starts, and the distance between two.
+    pub bcast_capacity: AtomicU64,
+    pub bcast_offset: AtomicU64,
+    pub bcast_stride: AtomicU64,
+    pub _reserved2: [AtomicU64; 10],
 }
 
 /// Per-slot state. Written by the slot's owner (`parked`, `state`, `pid`, `generation`).
@@ -124,8 +129,8 @@ pub(crate) struct ConsumerLine {
     pub _reserved: [AtomicU64; 13],
 }
 
-// ---- The broadcast ring of `ring/mcast.rs` (issue 10's per-publisher topology; not yet
-// placed in the region: nothing here uses it and LAYOUT_VERSION is unchanged) ----
+// ---- The broadcast ring of `ring/mcast.rs` (the per-publisher topology, one per slot when
+// `Options::broadcast_capacity` is set) ----
 
 /// The producer's line: the only word readers poll besides the records.
 #[repr(C, align(128))]
@@ -238,6 +243,10 @@ pub(crate) struct Geometry {
     pub ring_stride: usize,
     pub dedup_offset: usize,
     pub dedup_capacity: usize,
+    /// Data bytes of each slot's broadcast ring; 0: none.
+    pub bcast_capacity: usize,
+    pub bcast_offset: usize,
+    pub bcast_stride: usize,
     pub region_size: usize,
 }
 
@@ -246,14 +255,30 @@ const fn align_up(x: usize, a: usize) -> usize {
 }
 
 impl Geometry {
+    #[cfg_attr(not(any(test, feature = "fuzzing")), allow(dead_code))]
     pub(crate) fn new(workers: u32, agent: bool, ring_capacity: usize, unique_capacity: usize) -> Geometry {
+        Self::with_broadcast(workers, agent, ring_capacity, unique_capacity, 0)
+    }
+
+    /// [`Geometry::new`] with a broadcast ring of `bcast_capacity` data bytes per slot
+    /// (0: none), placed after the per-pair rings.
+    pub(crate) fn with_broadcast(
+        workers: u32,
+        agent: bool,
+        ring_capacity: usize,
+        unique_capacity: usize,
+        bcast_capacity: usize,
+    ) -> Geometry {
         let slots = workers + u32::from(agent);
         let s = slots as usize;
         let slots_offset = HEADER_SIZE;
         let rings_offset = align_up(slots_offset + s * SLOT_SIZE, PAGE);
         let ring_stride = RING_HEADER_SIZE + ring_capacity;
         let rings_end = rings_offset + s * s * ring_stride;
-        let dedup_offset = align_up(rings_end, PAGE);
+        let bcast_offset = align_up(rings_end, PAGE);
+        let bcast_stride =
+            if bcast_capacity == 0 { 0 } else { align_up(crate::ring::mcast::ring_bytes(s, bcast_capacity), PAGE) };
+        let dedup_offset = align_up(bcast_offset + s * bcast_stride, PAGE);
         let dedup_capacity = dedup_buckets_for(unique_capacity);
         let region_size = align_up(dedup_offset + dedup_capacity * DEDUP_ENTRY_SIZE, PAGE);
         Geometry {
@@ -266,8 +291,17 @@ impl Geometry {
             ring_stride,
             dedup_offset,
             dedup_capacity,
+            bcast_capacity,
+            bcast_offset: if bcast_capacity == 0 { 0 } else { bcast_offset },
+            bcast_stride,
             region_size,
         }
+    }
+
+    /// Offset of the broadcast ring of `slot` (the region has them: `bcast_capacity > 0`).
+    pub(crate) fn bcast_ring_offset(&self, slot: u32) -> usize {
+        debug_assert!(slot < self.slots && self.bcast_capacity > 0);
+        self.bcast_offset + slot as usize * self.bcast_stride
     }
 
     /// Offset of the slot header of `slot` (< `slots`).
@@ -325,6 +359,9 @@ const _: () = {
     assert!(offset_of!(RegionHeader, broker_epoch) == 128);
     assert!(offset_of!(RegionHeader, broker_pid) == 136);
     assert!(offset_of!(RegionHeader, broker_slot) == 140);
+    assert!(offset_of!(RegionHeader, bcast_capacity) == 152);
+    assert!(offset_of!(RegionHeader, bcast_offset) == 160);
+    assert!(offset_of!(RegionHeader, bcast_stride) == 168);
 
     assert!(size_of::<SlotHeader>() == SLOT_SIZE);
     assert!(offset_of!(SlotHeader, parked) == 0);

@@ -124,6 +124,8 @@ pub fn export_stats(wid: Wid, stats: &Stats) {
         unique_unguarded,
         peers,
         corrupt_rings,
+        diverts,
+        resumes,
     } = stats;
     let counters = [
         ("worker_events_published_total", published),
@@ -145,6 +147,8 @@ pub fn export_stats(wid: Wid, stats: &Stats) {
         ("worker_events_unique_not_diverted_total", unique_not_diverted),
         ("worker_events_unique_rerouted_total", unique_rerouted),
         ("worker_events_unique_unguarded_total", unique_unguarded),
+        ("worker_events_diverts_total", diverts),
+        ("worker_events_resumes_total", resumes),
     ];
     for (name, value) in counters {
         metrics::counter!(name, "worker" => worker.clone()).absolute(*value);
@@ -215,6 +219,11 @@ pub fn describe() {
         "worker_events_unique_unguarded_total",
         "Unique events whose copy the socket broker stopped keeping before their receiver acknowledged them.",
     );
+    c(
+        "worker_events_diverts_total",
+        "Receivers that fell a whole broadcast ring behind and were diverted to their pair ring.",
+    );
+    c("worker_events_resumes_total", "Diverted receivers told to read the broadcast ring again.");
     describe_gauge!(UNIQUE_PENDING, Unit::Count, "Unique events published and not yet handed on.");
     describe_gauge!(PEER_OUTBOUND_DEPTH, Unit::Count, "Events to the peer not yet consumed (ring plus backlog).");
     describe_gauge!(PEER_BACKLOG, Unit::Count, "Events to the peer waiting in the private backlog (ring full).");

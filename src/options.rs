@@ -99,6 +99,7 @@ pub struct Options {
     pub(crate) broker_id: u32,
     pub(crate) unique_timeout: Duration,
     pub(crate) max_queue_len: usize,
+    pub(crate) broadcast_capacity: Option<usize>,
     pub(crate) max_payload_len: usize,
     pub(crate) enable_privileged_agent: bool,
     pub(crate) transport: Transport,
@@ -134,6 +135,7 @@ impl Options {
             broker_id: 0,
             unique_timeout: Duration::from_secs(5),
             max_queue_len: 10_240,
+            broadcast_capacity: None,
             max_payload_len: 64 * 1024,
             enable_privileged_agent: false,
             transport: Transport::Auto,
@@ -201,6 +203,54 @@ impl Options {
     pub fn max_payload_len(mut self, n: usize) -> Self {
         self.max_payload_len = n;
         self
+    }
+
+    /// Data bytes of each worker's **broadcast ring** (power of two, 4 KiB..=64 MiB), or 0
+    /// (the default) for none: the per-publisher topology of shared memory, **opt-in while
+    /// it is being completed** (ARCHITECTURE.md, "Per-publisher topology").
+    ///
+    /// With it, a worker writes each event once, into its own ring, and every other worker
+    /// reads it there through its own cursor, so `publish(All)` costs about the same for 4
+    /// workers as for 64 and the region grows linearly with the workers (one ring per
+    /// worker instead of one per pair). A receiver that falls a whole broadcast ring behind
+    /// is not lapped: before overwriting what it has not read, the publisher copies that into
+    /// the receiver's own ring and backlog (the per-pair path, `ring_capacity` and
+    /// `max_queue_len` as without it) and sends it the following events that way until it
+    /// has caught up, then tells it to return to the broadcast ring. Order, no duplicates and
+    /// the `lost` accounting are as without it. An event too large for a quarter of the
+    /// broadcast ring (its largest record) goes the per-pair way to everyone.
+    /// Part of the region's geometry: every process of a deployment must set the same value.
+    /// Only the shared-memory transport uses it.
+    ///
+    /// Test hook: with `WORKER_EVENTS_BROADCAST` set in the environment (any value), a
+    /// deployment that does not set this option gets broadcast rings of its `ring_capacity`
+    /// (so tests that shrink the rings to exercise backlogs shrink these too). CI runs the
+    /// multi-process suites once more that way (`.ci/run`).
+    ///
+    /// ```
+    /// let o = worker_events::Options::new("/tmp/s").broadcast_capacity(256 * 1024);
+    /// assert_eq!(o.get_broadcast_capacity(), 256 * 1024);
+    /// assert_eq!(worker_events::Options::new("/tmp/s").get_broadcast_capacity(), 0);
+    /// ```
+    pub fn broadcast_capacity(mut self, bytes: usize) -> Self {
+        self.broadcast_capacity = Some(bytes);
+        self
+    }
+
+    /// See [`Options::broadcast_capacity`].
+    ///
+    /// ```
+    /// assert_eq!(worker_events::Options::new("/s").get_broadcast_capacity(), 0);
+    /// ```
+    pub fn get_broadcast_capacity(&self) -> usize {
+        self.broadcast_capacity.unwrap_or_else(|| {
+            // The test hook documented on `broadcast_capacity`.
+            if std::env::var_os("WORKER_EVENTS_BROADCAST").is_some() {
+                self.ring_capacity.unwrap_or(DEFAULT_RING_CAPACITY)
+            } else {
+                0
+            }
+        })
     }
 
     /// Reserve a slot for the privileged agent (`Wid::PrivilegedAgent`), which receives
@@ -462,6 +512,10 @@ impl Options {
         if !ring.is_power_of_two() || !(MIN_RING_CAPACITY..=64 * 1024 * 1024).contains(&ring) {
             return bad("\"ring_capacity\" option is invalid");
         }
+        let b = self.get_broadcast_capacity();
+        if b != 0 && (!b.is_power_of_two() || !(MIN_RING_CAPACITY..=64 * 1024 * 1024).contains(&b)) {
+            return bad("\"broadcast_capacity\" option is invalid");
+        }
         if self.unique_capacity == 0 || self.unique_capacity > (1 << 24) {
             return bad("\"unique_capacity\" option is invalid");
         }
@@ -472,7 +526,8 @@ impl Options {
 /// The options every process of one deployment must share, compared by the broker at attach
 /// (HELLO carries them; a worker whose options differ is refused with a reason naming each
 /// differing option):
-/// * `workers`, `enable_privileged_agent`, `ring_capacity`, `unique_capacity`: the geometry
+/// * `workers`, `enable_privileged_agent`, `ring_capacity`, `broadcast_capacity`,
+///   `unique_capacity`: the geometry
 ///   of the shared region (slots, rings, dedup table); a region of another geometry cannot
 ///   be mapped;
 /// * `max_payload_len`: a receiver with a smaller limit would drop larger events (and its
@@ -488,6 +543,7 @@ pub(crate) struct AttachTerms {
     pub workers: u32,
     pub agent: bool,
     pub ring_capacity: u64,
+    pub broadcast_capacity: u64,
     pub unique_capacity: u64,
     pub max_payload_len: u64,
     pub unique_timeout_ns: u64,
@@ -522,6 +578,7 @@ impl Options {
             workers: self.workers,
             agent: self.enable_privileged_agent,
             ring_capacity: self.get_ring_capacity() as u64,
+            broadcast_capacity: self.get_broadcast_capacity() as u64,
             unique_capacity: self.unique_capacity as u64,
             max_payload_len: self.max_payload_len as u64,
             unique_timeout_ns: u64::try_from(self.unique_timeout.as_nanos()).unwrap_or(u64::MAX),

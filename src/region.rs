@@ -73,6 +73,9 @@ impl Region {
         h.ring_stride.store(geo.ring_stride as u64, r);
         h.dedup_offset.store(geo.dedup_offset as u64, r);
         h.dedup_capacity.store(geo.dedup_capacity as u64, r);
+        h.bcast_capacity.store(geo.bcast_capacity as u64, r);
+        h.bcast_offset.store(geo.bcast_offset as u64, r);
+        h.bcast_stride.store(geo.bcast_stride as u64, r);
         h.sip_key[0].store(sys::random_u64(), r);
         h.sip_key[1].store(sys::random_u64(), r);
         h.max_payload_len.store(max_payload_len as u32, r);
@@ -107,7 +110,7 @@ impl Region {
         if size != expected.region_size as u64 {
             return bad(format!(
                 "region is {size} bytes but these options need {} (the broker runs with different workers, \
-                 enable_privileged_agent or ring_capacity)",
+                 enable_privileged_agent, ring_capacity or broadcast_capacity)",
                 expected.region_size
             ));
         }
@@ -124,7 +127,7 @@ impl Region {
         }
         let r = Ordering::Relaxed;
         let g = &expected;
-        let checks: [(&str, u64, u64); 11] = [
+        let checks: [(&str, u64, u64); 14] = [
             ("header_size", h.header_size.load(r).into(), HEADER_SIZE as u64),
             ("region_size", h.region_size.load(r), g.region_size as u64),
             ("slots", h.slots.load(r).into(), g.slots.into()),
@@ -136,6 +139,9 @@ impl Region {
             ("ring_stride", h.ring_stride.load(r), g.ring_stride as u64),
             ("dedup_offset", h.dedup_offset.load(r), g.dedup_offset as u64),
             ("dedup_capacity", h.dedup_capacity.load(r), g.dedup_capacity as u64),
+            ("bcast_capacity", h.bcast_capacity.load(r), g.bcast_capacity as u64),
+            ("bcast_offset", h.bcast_offset.load(r), g.bcast_offset as u64),
+            ("bcast_stride", h.bcast_stride.load(r), g.bcast_stride as u64),
         ];
         for (name, got, want) in checks {
             if got != want {
@@ -327,6 +333,30 @@ impl Region {
         let off = self.geo.ring_offset(producer, consumer);
         RawRing { hdr: self.at(off), data: self.at(off + RING_HEADER_SIZE), cap: self.geo.ring_capacity }
     }
+
+    /// The broadcast ring of `slot` (the region has them: `bcast_capacity > 0`), with one
+    /// cursor per slot.
+    pub(crate) fn bcast(&self, slot: u32) -> crate::ring::mcast::RawMcast {
+        use crate::ring::mcast::LINE;
+        assert!(slot < self.geo.slots && self.geo.bcast_capacity > 0);
+        let off = self.geo.bcast_ring_offset(slot);
+        let readers = self.geo.slots as usize;
+        // SAFETY: the ring's ring_bytes(slots, bcast_capacity) bytes lie inside the mapping
+        // (the geometry places them, page-aligned, before the dedup table): the producer line,
+        // `slots` cursor lines and the data area, each 128-aligned; every process touches them
+        // only through `ring::mcast`'s atomics; the mapping outlives the view (`Region` is
+        // kept by the port that builds the ring's ends); bcast_capacity is a power of two
+        // >= 4096 (validated options).
+        unsafe {
+            crate::ring::mcast::RawMcast::from_parts(
+                self.at(off),
+                self.at(off + LINE),
+                readers,
+                self.at(off + LINE * (1 + readers)),
+                self.geo.bcast_capacity,
+            )
+        }
+    }
 }
 
 fn map_read_only(fd: &OwnedFd, len: usize) -> Result<MmapRaw> {
@@ -392,13 +422,14 @@ mod tests {
         // so the mismatch must be refused, and say so (as version 2, which committed records
         // through `write_pos`, was refused by version 3). Version 4 had no `wakeups` count;
         // version 5 started dedup windows on other entries (its publishers would not find
-        // the hashes this version records, nor this version theirs).
-        assert_eq!(LAYOUT_VERSION, 6);
+        // the hashes this version records, nor this version theirs); version 6 had no
+        // broadcast rings (its workers would neither read nor divert through them).
+        assert_eq!(LAYOUT_VERSION, 7);
         let g = Geometry::new(2, false, 4096, 64);
         let r = Region::create(g, 1024).unwrap();
         r.header().layout_version.store(3, Ordering::Release);
         let e = Region::open(dup(r.fd()), g).err().expect("must be rejected").to_string();
-        assert!(e.contains("layout version 3, this build speaks version 6"), "{e}");
+        assert!(e.contains("layout version 3, this build speaks version 7"), "{e}");
     }
 
     #[test]

@@ -40,6 +40,12 @@ pub struct Stats {
     pub wakeups_sent: u64,
     /// Times this worker was woken through its eventfd.
     pub wakeups_received: u64,
+    /// (shared memory with `Options::broadcast_capacity`) Times a receiver fell a whole
+    /// broadcast ring behind this worker and was diverted to its pair ring (its events then
+    /// cost this worker one copy each until it caught up).
+    pub diverts: u64,
+    /// Times such a receiver, caught up, was told to read the broadcast ring again.
+    pub resumes: u64,
     /// Times this worker lost its broker after having been attached (or, as the broker,
     /// stepped down because a newer one was elected: fencing).
     pub failovers: u64,

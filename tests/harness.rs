@@ -103,10 +103,12 @@ fn key_table_values_round_trip_through_the_environment() {
     cfg.unique_timeout_ms = Some(3);
     cfg.unique_capacity = Some(4);
     cfg.generation = Some(5);
+    cfg.broadcast_capacity = Some(8192);
     let written: Vec<&str> = cfg.env().iter().map(|(k, _)| *k).collect();
     assert_eq!(written, Cfg::KEYS);
     assert_eq!(cfg.options().get_ring_capacity(), 4096, "the table applies the library options");
     assert_eq!(cfg.options().get_generation(), 5);
+    assert_eq!(cfg.options().get_broadcast_capacity(), 8192);
 }
 
 #[test]

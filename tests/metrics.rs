@@ -52,6 +52,8 @@ fn expected(wid: &str, st: &Stats, out: &mut Series) {
     c("unique_not_diverted_total", st.unique_not_diverted);
     c("unique_rerouted_total", st.unique_rerouted);
     c("unique_unguarded_total", st.unique_unguarded);
+    c("diverts_total", st.diverts);
+    c("resumes_total", st.resumes);
     c("unique_pending", st.unique_pending);
     for p in &st.peers {
         let peer = match p.wid {
@@ -125,7 +127,7 @@ fn export_matches_stats(transport: Transport, name: &str) {
     let mut want = Series::new();
     expected("0", &s0, &mut want);
     expected("1", &s1, &mut want);
-    assert_eq!(want.len(), 2 * 20 + 2 * 3, "two workers, one peer each");
+    assert_eq!(want.len(), 2 * 22 + 2 * 3, "two workers, one peer each");
     let got = recorded(&recorder);
     assert_eq!(got, want);
 
@@ -159,7 +161,7 @@ fn describe_covers_every_exported_name() {
         worker_events::metrics::export(&w);
     });
     let snap = recorder.snapshotter().snapshot().into_vec();
-    assert_eq!(snap.len(), 20, "in-process worker: no peers");
+    assert_eq!(snap.len(), 22, "in-process worker: no peers");
     for (key, unit, desc, _) in snap {
         assert!(desc.is_some_and(|d| !d.is_empty()), "{} has no description", key.key().name());
         assert_eq!(unit, Some(metrics::Unit::Count));

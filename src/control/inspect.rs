@@ -5,7 +5,7 @@
 //!
 //! INSPECT body: `protocol u32`. INSPECT_REPLY body: `protocol u32, flavor u32 (0 shared
 //! memory, 1 socket), broker_slot u32, broker_pid u32, epoch u64, broker_id u64, workers u32,
-//! agent u32, ring_capacity u32, unique_capacity u32, n u32`, then `n` times `slot u32,
+//! agent u32, ring_capacity u32, unique_capacity u32, broadcast_capacity u32, n u32`, then `n` times `slot u32,
 //! pid u32, queued_frames u64, queued_bytes u64`: the slots attached to the broker, their
 //! peers' pids as the kernel reported them at accept, and what the broker's outbound data
 //! queue holds for them (socket transport; `u64::MAX` for none: shared memory). On shared memory the region memfd rides with it (`SCM_RIGHTS`, one
@@ -52,6 +52,7 @@ pub(crate) struct InspectReply {
     pub workers: u32,
     pub agent: bool,
     pub ring_capacity: usize,
+    pub broadcast_capacity: usize,
     pub unique_capacity: usize,
     /// Every worker attached to the broker (the broker's own slot excluded).
     pub attached: Vec<AttachedSlot>,
@@ -91,7 +92,7 @@ pub(super) fn reply(
     }
     // Validated options: ring_capacity <= 64 MiB and unique_capacity <= 2^24 fit in u32.
     let narrow = |v: u64| v as u32;
-    let body: [&[u8]; 12] = [
+    let body: [&[u8]; 13] = [
         &PROTOCOL_VERSION.to_le_bytes(),
         &u32::from(flavor == Flavor::Socket).to_le_bytes(),
         &broker_slot.to_le_bytes(),
@@ -102,6 +103,7 @@ pub(super) fn reply(
         &u32::from(terms.agent).to_le_bytes(),
         &narrow(terms.ring_capacity).to_le_bytes(),
         &narrow(terms.unique_capacity).to_le_bytes(),
+        &narrow(terms.broadcast_capacity).to_le_bytes(),
         &(attached.len() as u32).to_le_bytes(),
         &pairs,
     ];
@@ -132,6 +134,12 @@ pub(crate) fn parse_reply(body: &[u8], mut fds: Vec<OwnedFd>) -> std::result::Re
     }
     if unique_capacity == 0 || unique_capacity > 1 << 24 {
         return Err(format!("unique capacity {unique_capacity} out of range"));
+    }
+    let broadcast_capacity = b.u32()?;
+    if broadcast_capacity != 0
+        && (!broadcast_capacity.is_power_of_two() || !(4096..=64 << 20).contains(&broadcast_capacity))
+    {
+        return Err(format!("broadcast capacity {broadcast_capacity} out of range"));
     }
     let slots = workers + agent;
     if broker_slot >= slots {
@@ -168,6 +176,7 @@ pub(crate) fn parse_reply(body: &[u8], mut fds: Vec<OwnedFd>) -> std::result::Re
         agent: agent == 1,
         ring_capacity: ring_capacity as usize,
         unique_capacity: unique_capacity as usize,
+        broadcast_capacity: broadcast_capacity as usize,
         attached,
     })
 }
@@ -247,6 +256,7 @@ mod tests {
             workers,
             agent: true,
             ring_capacity: DEFAULT_RING_CAPACITY as u64,
+            broadcast_capacity: 0,
             unique_capacity: 1024,
             max_payload_len: 1 << 16,
             unique_timeout_ns: 1_000_000_000,
@@ -292,11 +302,12 @@ mod tests {
         assert!(with(36, 2).contains("agent 2"));
         assert!(with(40, 4097).contains("ring capacity"));
         assert!(with(44, (1 << 24) + 1).contains("unique capacity"));
-        assert!(with(48, 5).contains("more than 4"));
-        assert!(with(52, 1).contains("attached slot 1"), "the broker's own slot");
-        assert!(with(76, 0).contains("repeated"));
+        assert!(with(48, 4097).contains("broadcast capacity"));
+        assert!(with(52, 5).contains("more than 4"));
+        assert!(with(56, 1).contains("attached slot 1"), "the broker's own slot");
+        assert!(with(80, 0).contains("repeated"));
         let mut b = good.clone();
-        b[60..68].copy_from_slice(&131u64.to_le_bytes());
+        b[64..72].copy_from_slice(&131u64.to_le_bytes());
         let e = parse_reply(&b, Vec::new()).expect_err("more frames than bytes accepted");
         assert!(e.contains("131 queued frames in 130 bytes"), "{e}");
         assert!(parse_reply(&good[..good.len() - 1], Vec::new()).is_err(), "truncated");

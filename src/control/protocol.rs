@@ -22,7 +22,7 @@ use crate::wire::frame::{Body, FrameWriter, kind};
 /// INSPECT_REPLY reports the broker's data queue per attached worker. 8: the ACK frame
 /// (socket transport: a worker acknowledges the data frames it has dispatched, so the
 /// broker can report what a killed worker never dispatched to its successor).
-pub(crate) const PROTOCOL_VERSION: u32 = 8;
+pub(crate) const PROTOCOL_VERSION: u32 = 9;
 
 /// Reason prefix of a transient refusal: the slot still looks attached because the broker
 /// has not yet seen its previous holder's connection close. The client retries (backoff)
@@ -75,7 +75,8 @@ pub(crate) struct Welcome {
 
 /// Queue a HELLO: protocol and layout versions, slot, pid, then every option that must match
 /// the broker's ([`AttachTerms`]): `workers u32, agent u32, ring_capacity u32,
-/// unique_capacity u32, max_payload_len u32, unique_timeout_ns u64, transport u32`; then the
+/// unique_capacity u32, max_payload_len u32, unique_timeout_ns u64, transport u32,
+/// broadcast_capacity u32`; then the
 /// device and inode of the lock file the worker locked its id in (`u64, u64`; a broker
 /// refuses a worker whose lock file is not its own: that lock does not exclude its peers).
 pub(crate) fn hello(wr: &mut FrameWriter, slot: u32, t: &AttachTerms, lock: LockId) {
@@ -96,6 +97,7 @@ pub(crate) fn hello(wr: &mut FrameWriter, slot: u32, t: &AttachTerms, lock: Lock
             &narrow(t.max_payload_len).to_le_bytes(),
             &t.unique_timeout_ns.to_le_bytes(),
             &t.transport.code().to_le_bytes(),
+            &narrow(t.broadcast_capacity).to_le_bytes(),
             &lock.0.to_le_bytes(),
             &lock.1.to_le_bytes(),
         ],
@@ -111,10 +113,12 @@ fn parse_terms(b: &mut Body<'_>) -> Result<AttachTerms, String> {
     let (unique_capacity, max_payload_len, unique_timeout_ns) = (b.u32()?, b.u32()?, b.u64()?);
     let code = b.u32()?;
     let transport = Transport::from_code(code).ok_or_else(|| format!("unknown transport code {code}"))?;
+    let broadcast_capacity = u64::from(b.u32()?);
     Ok(AttachTerms {
         workers,
         agent: agent != 0,
         ring_capacity: u64::from(ring),
+        broadcast_capacity,
         unique_capacity: u64::from(unique_capacity),
         max_payload_len: u64::from(max_payload_len),
         unique_timeout_ns,
@@ -134,6 +138,7 @@ fn differences(theirs: &AttachTerms, ours: &AttachTerms, offered: Option<Flavor>
     cmp("workers", theirs.workers.to_string(), ours.workers.to_string());
     cmp("enable_privileged_agent", theirs.agent.to_string(), ours.agent.to_string());
     cmp("ring_capacity", theirs.ring_capacity.to_string(), ours.ring_capacity.to_string());
+    cmp("broadcast_capacity", theirs.broadcast_capacity.to_string(), ours.broadcast_capacity.to_string());
     cmp("unique_capacity", theirs.unique_capacity.to_string(), ours.unique_capacity.to_string());
     cmp("max_payload_len", theirs.max_payload_len.to_string(), ours.max_payload_len.to_string());
     let dur = |ns: u64| format!("{:?}", std::time::Duration::from_nanos(ns));

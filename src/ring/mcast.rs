@@ -2,12 +2,11 @@
 //! memory: one ring per publisher, written once, read by every receiver through its own
 //! cursor (the Disruptor multicast / Agrona broadcast buffer / Aeron log buffer pattern).
 //!
-//! **Status.** This is the building block for the per-publisher topology of issue 10
-//! (`ARCHITECTURE.md` §P, targets P3 and P5: the 1 -> 3 broadcast rate and memory linear in the
-//! number of workers; see "Per-publisher topology (building block)" there). It is **not yet
-//! wired into `transport/shm.rs`**: nothing in the region uses it, and `LAYOUT_VERSION` is
-//! unchanged. Only its tests, its loom models and the hidden `fuzz_api` (for
-//! `benches/broadcast.rs`) use it today.
+//! **Use.** The per-publisher topology (`Options::broadcast_capacity`, layout version 7): one
+//! ring per slot in the region, driven by `transport/shm/bcast.rs` in **diverting mode**
+//! ([`Producer::set_tracking`], [`Consumer::set_stop_on_lap`]): the producer never laps a
+//! reader it tracks but hands that reader's unread records to its caller first (see
+//! "Diverting mode" below). `ARCHITECTURE.md`, "Per-publisher topology", has the design.
 //!
 //! # Memory
 //!
@@ -23,7 +22,8 @@
 //! 24-byte header ([`MC_HDR`]) is three little-endian words:
 //! - `+0` **commit stamp** `!pos` (the bitwise not of the record's own position), stored last
 //!   with Release, as in the SPSC ring (`src/ring.rs`);
-//! - `+8` `len: u32` (low half) and `flags: u32` (high half, 0: reserved);
+//! - `+8` `len: u32` (low half) and `dest: u32` (high half): 0 for every reader, `i + 1` for
+//!   reader `i` alone (the others skip it; a value above the reader count is corrupt);
 //! - `+16` `seq: u64`, the ring's message sequence number (0 for the first record ever).
 //!
 //! The body follows at `+24` and may wrap around the end of the data area (the header never
@@ -86,10 +86,22 @@
 //! [`Corrupt`] (to the side that reads it); nothing read is used to address memory without a
 //! bound check. A cursor the producer finds implausible only makes it ignore that reader.
 //!
+//! **Diverting mode.** With [`Producer::set_tracking`], the producer keeps, per reader,
+//! whether it tracks it and a guard position (where a resume told it to continue, before its
+//! cursor says so). When it raises `floor` past `min_read` it re-reads the tracked readers'
+//! cursors and, for each one below the new `floor`, calls its caller's `divert` callback with
+//! the reader's unread records ([`Unread`], still intact) **before** it stores `floor`, with
+//! Release, and stops tracking it. A reader in stop-on-lap mode ([`Consumer::set_stop_on_lap`])
+//! then reports [`Read::Lapped`] instead of resyncing, and after its Acquire fence sees
+//! whatever the callback published. [`Producer::track`] tracks a reader again. Records may be
+//! held uncommitted for a batch ([`Producer::set_defer`], [`Producer::commit`]).
+//!
 //! **Wake-ups** are not part of this module. A publisher on this ring would wake its receivers
 //! as it wakes each ring's consumer today: after its commit, one fence and then one `parked`
 //! check per receiver slot (`src/notify.rs`), writing the eventfd of those that sleep.
 
+// The lapping (non-diverting) mode is used by the tests, the loom models and `fuzz_api`
+// (`benches/broadcast.rs`), not by the library.
 #![cfg_attr(any(not(test), loom), allow(dead_code))]
 
 use std::collections::VecDeque;
@@ -101,8 +113,7 @@ use crate::sync::{AtomicU64, Ordering, fence};
 
 mod consumer;
 mod copy;
-#[cfg_attr(not(any(test, feature = "fuzzing")), allow(unused_imports))]
-pub(crate) use consumer::Consumer;
+pub(crate) use consumer::{Consumer, Read};
 
 /// Size of a record header: stamp, len + flags, seq.
 pub(crate) const MC_HDR: usize = 24;
@@ -136,6 +147,26 @@ pub(crate) const fn stamp(pos: u64) -> u64 {
 /// A position either side may start from: record-aligned and at most 2^62.
 pub(crate) fn usable(pos: u64) -> bool {
     pos % REC_ALIGN as u64 == 0 && pos <= 1 << 62
+}
+
+/// A buffer a record's body is copied into.
+pub(crate) trait BodyBuf {
+    /// The buffer resized to `len` bytes (contents unspecified), as a slice to fill.
+    fn sized(&mut self, len: usize) -> &mut [u8];
+}
+
+impl BodyBuf for Vec<u8> {
+    fn sized(&mut self, len: usize) -> &mut [u8] {
+        self.resize(len, 0);
+        self
+    }
+}
+
+impl BodyBuf for rkyv::util::AlignedVec {
+    fn sized(&mut self, len: usize) -> &mut [u8] {
+        self.resize(len, 0);
+        self
+    }
 }
 
 /// A body too large for one record of this ring (the caller may split it or drop it).
@@ -221,6 +252,32 @@ impl RawMcast {
         c.next_seq.load(Ordering::Relaxed)
     }
 
+    /// Records for reader `i` committed past its stored cursor (or past `floor`, if that is
+    /// higher): a bounded walk of loads only (at most one ring), for statistics and the
+    /// read-only inspector. Stops at the first slot that holds no committed record.
+    pub(crate) fn unread_for(&self, i: usize) -> u64 {
+        let floor = self.prod().floor.load(Ordering::Acquire);
+        let mut pos = self.cursor(i).read_pos.load(Ordering::Acquire).max(floor);
+        if !usable(pos) {
+            return 0;
+        }
+        let mut n = 0;
+        for _ in 0..self.cap / REC_ALIGN {
+            let off = self.off(pos);
+            if self.word(off).load(Ordering::Acquire) != stamp(pos) {
+                break;
+            }
+            let w = self.word(off + 8).load(Ordering::Relaxed);
+            let (len, dest) = ((w & 0xffff_ffff) as usize, w >> 32);
+            if len > max_body(self.cap) {
+                break;
+            }
+            n += u64::from(len > 0 && (dest == 0 || dest == i as u64 + 1));
+            pos += record_size(len) as u64;
+        }
+        n
+    }
+
     /// Data offset of position `pos`.
     fn off(&self, pos: u64) -> usize {
         (pos as usize) & (self.cap - 1)
@@ -253,10 +310,42 @@ impl RawMcast {
         let w = self.word(off + 8).load(Ordering::Relaxed);
         let seq = self.word(off + 16).load(Ordering::Relaxed);
         let len = (w & 0xffff_ffff) as usize;
-        if len > max_body(self.cap) || w >> 32 != 0 {
+        if len > max_body(self.cap) || w >> 32 > self.readers as u64 {
             return Err(Corrupt);
         }
         Ok(Some((len, seq)))
+    }
+
+    /// The record the producer wrote at `pos` (committed, or held by [`Producer::set_defer`];
+    /// no concurrent writer): `(seq, dest)` with its body copied into `buf`.
+    fn own_record(&self, pos: u64, buf: &mut Vec<u8>) -> Option<(u64, u32)> {
+        let off = self.off(pos);
+        let w = self.word(off + 8).load(Ordering::Relaxed);
+        let len = ((w & 0xffff_ffff) as usize).min(max_body(self.cap));
+        buf.resize(len, 0);
+        self.copy_out(pos + MC_HDR as u64, buf);
+        Some((self.word(off + 16).load(Ordering::Relaxed), (w >> 32) as u32))
+    }
+}
+
+/// The records a diverted reader has not read, handed to [`Producer::publish_to`]'s `divert`
+/// callback before `floor` passes them: the intact records from a position on.
+pub(crate) struct Unread<'a> {
+    ring: RawMcast,
+    starts: &'a VecDeque<u64>,
+    from: u64,
+}
+
+impl Unread<'_> {
+    /// Visit each record `(seq, dest, body)` at or past the reader's position, oldest first.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(u64, u32, &[u8])) {
+        let mut buf = Vec::new();
+        let first = self.starts.partition_point(|&s| s < self.from);
+        for &pos in self.starts.range(first..) {
+            if let Some((seq, dest)) = self.ring.own_record(pos, &mut buf) {
+                f(seq, dest, &buf);
+            }
+        }
     }
 }
 
@@ -273,6 +362,14 @@ pub(crate) struct Producer {
     min_read: u64,
     /// Cursor scans made by [`Producer::publish`] (statistics; tests check the amortization).
     scans: u64,
+    /// Diverting mode ([`Producer::set_tracking`]): per reader, whether it reads this ring
+    /// (tracked) and the position it is known to resume from at least (its guard: the
+    /// position a resume marker gave it, before its cursor says so).
+    tracking: Option<Vec<(bool, u64)>>,
+    /// Leave records uncommitted (stamps not stored) until [`Producer::commit`].
+    defer: bool,
+    /// Positions of the records written and not committed yet, oldest first.
+    uncommitted: Vec<u64>,
 }
 
 impl Producer {
@@ -306,7 +403,17 @@ impl Producer {
             None if floor == 0 => 0,
             None => return Err(Corrupt),
         };
-        let mut p = Producer { ring, write: pos, seq, starts, min_read: u64::MAX, scans: 0 };
+        let mut p = Producer {
+            ring,
+            write: pos,
+            seq,
+            starts,
+            min_read: u64::MAX,
+            scans: 0,
+            tracking: None,
+            defer: false,
+            uncommitted: Vec::new(),
+        };
         p.scan(floor);
         Ok(p)
     }
@@ -324,6 +431,110 @@ impl Producer {
     /// Cursor scans made so far (statistics).
     pub(crate) fn scans(&self) -> u64 {
         self.scans
+    }
+
+    /// Position of the next record (the end of what was written).
+    pub(crate) fn write_pos(&self) -> u64 {
+        self.write
+    }
+
+    /// Hold the records published from now on uncommitted (a batch), or stop holding them.
+    /// Held records are committed by [`Producer::commit`], or before anything would lap
+    /// them (a batch larger than the ring is committed in parts, so `floor` always names a
+    /// committed record).
+    pub(crate) fn set_defer(&mut self, on: bool) {
+        self.defer = on;
+    }
+
+    /// Commit the held records: their stamps, newest first (Release), so a reader polling the
+    /// oldest sees them all at once. Returns whether there were any.
+    pub(crate) fn commit(&mut self) -> bool {
+        if self.uncommitted.is_empty() {
+            return false;
+        }
+        for &pos in self.uncommitted.iter().rev() {
+            self.ring.word(self.ring.off(pos)).store(stamp(pos), Ordering::Release);
+        }
+        self.uncommitted.clear();
+        true
+    }
+
+    /// Switch to diverting mode: `tracked[i]` says whether reader `i` reads this ring. A
+    /// tracked reader is never lapped: before `floor` passes its position, the producer hands
+    /// its unread records to the `divert` callback of [`Producer::publish_to`] and stops
+    /// tracking it (the caller then carries its events another way, and tracks it again with
+    /// [`Producer::track`] once it has caught up).
+    pub(crate) fn set_tracking(&mut self, tracked: &[bool]) {
+        assert_eq!(tracked.len(), self.ring.readers);
+        // A reader's guard starts at `floor`: one that was told to resume at a position its
+        // cursor has not reached yet (its marker unread when this producer's predecessor
+        // died) is there or above, never below.
+        let floor = self.starts.front().copied().unwrap_or(self.write);
+        self.tracking = Some(tracked.iter().map(|&t| (t, floor)).collect());
+        self.min_read = u64::MAX;
+        self.scan_tracked(floor, &mut |_, _| {});
+    }
+
+    /// Track reader `i` again from position `guard` on (a record boundary at or below the
+    /// write position: where a resume marker told it to continue).
+    pub(crate) fn track(&mut self, i: usize, guard: u64) {
+        let t = self.tracking.as_mut().expect("diverting mode");
+        t[i] = (true, guard);
+        self.min_read = self.min_read.min(guard);
+    }
+
+    /// Whether reader `i` is tracked (diverting mode).
+    #[cfg_attr(not(loom), allow(dead_code))]
+    pub(crate) fn is_tracked(&self, i: usize) -> bool {
+        self.tracking.as_ref().is_some_and(|t| t[i].0)
+    }
+
+    /// Stop tracking every tracked reader for which `pred` holds, handing each its unread
+    /// records first (a message too large for this ring goes another way to everyone).
+    pub(crate) fn divert_where(&mut self, pred: impl Fn(usize) -> bool, mut divert: impl FnMut(usize, &Unread<'_>)) {
+        let floor = self.starts.front().copied().unwrap_or(self.write);
+        let ring = self.ring;
+        let Some(t) = self.tracking.as_mut() else { return };
+        for (i, slot) in t.iter_mut().enumerate() {
+            if !slot.0 || !pred(i) {
+                continue;
+            }
+            let from = Self::position_of(ring, i, slot.1, self.write).max(floor);
+            divert(i, &Unread { ring, starts: &self.starts, from });
+            slot.0 = false;
+        }
+        self.min_read = u64::MAX;
+        self.scan_tracked(floor, &mut |_, _| {});
+    }
+
+    /// Where tracked reader `i` is: its stored cursor if plausible (aligned, not past the
+    /// write position), never below its guard.
+    fn position_of(ring: RawMcast, i: usize, guard: u64, write: u64) -> u64 {
+        let r = ring.cursor(i).read_pos.load(Ordering::Acquire);
+        if r % REC_ALIGN as u64 == 0 && r <= write { r.max(guard) } else { guard }
+    }
+
+    /// Diverting mode's scan before `floor` is raised to `floor`: every tracked reader below
+    /// it is handed its unread records and untracked; `min_read` is the lowest of the rest.
+    fn scan_tracked(&mut self, floor: u64, divert: &mut dyn FnMut(usize, &Unread<'_>)) {
+        self.scans += 1;
+        let ring = self.ring;
+        let old_floor = self.starts.front().copied().unwrap_or(self.write);
+        let Some(t) = self.tracking.as_mut() else { return };
+        let mut min = u64::MAX;
+        for (i, slot) in t.iter_mut().enumerate() {
+            if !slot.0 {
+                continue;
+            }
+            let pos = Self::position_of(ring, i, slot.1, self.write);
+            if pos < floor {
+                divert(i, &Unread { ring, starts: &self.starts, from: pos.max(old_floor) });
+                slot.0 = false;
+            } else {
+                min = min.min(pos);
+            }
+        }
+        self.min_read = min;
     }
 
     /// Re-read every cursor: `min_read` = the lowest plausible `read_pos` at or above
@@ -365,30 +576,60 @@ impl Producer {
     /// Publish one record with body `body`; returns its sequence number. Never waits: a reader
     /// still reading what this overwrites is lapped (and told by its own checks).
     pub(crate) fn publish(&mut self, body: &[u8]) -> Result<u64, TooLarge> {
+        self.publish_to(body, 0, |_, _| {})
+    }
+
+    /// [`Producer::publish`] for readers `dest` (0: every reader; `i + 1`: reader `i` alone).
+    /// In diverting mode ([`Producer::set_tracking`]), before `floor` passes a tracked
+    /// reader's position, `divert(i, unread)` is called with the records it has not read
+    /// (they are still intact) and the reader is untracked; the caller must make that
+    /// visible to the reader before returning (its `floor` check then tells it where to go).
+    #[inline]
+    pub(crate) fn publish_to(
+        &mut self,
+        body: &[u8],
+        dest: u32,
+        mut divert: impl FnMut(usize, &Unread<'_>),
+    ) -> Result<u64, TooLarge> {
         let len = body.len();
         if len > self.max_body() {
             return Err(TooLarge { len, max: self.max_body() });
         }
+        debug_assert!(dest as usize <= self.ring.readers);
         let size = record_size(len) as u64;
         if let Some(floor) = self.floor_for(size) {
+            // Held records below the new floor: commit them first (see `set_defer`).
+            if self.uncommitted.first().is_some_and(|&u| u < floor) {
+                self.commit();
+            }
+            if self.tracking.is_some() && (floor > self.min_read || self.min_read == u64::MAX) {
+                // Before anything below `floor` is destroyed: tracked readers there are
+                // handed what they have not read.
+                self.scan_tracked(floor, &mut divert);
+            }
             while self.starts.front().is_some_and(|&s| s < floor) {
                 self.starts.pop_front();
             }
-            self.ring.prod().floor.store(floor, Ordering::Relaxed);
+            // Release: a reader that sees this floor also sees what `divert` published.
+            self.ring.prod().floor.store(floor, Ordering::Release);
             // Orders the floor store before every overwriting store below (module docs).
             fence(Ordering::Release);
-            if floor > self.min_read || self.min_read == u64::MAX {
+            if self.tracking.is_none() && (floor > self.min_read || self.min_read == u64::MAX) {
                 self.scan(floor);
             }
         }
         let (pos, end) = (self.write, self.write + size);
         let off = self.ring.off(pos);
-        self.ring.word(off + 8).store(len as u64, Ordering::Relaxed);
+        self.ring.word(off + 8).store(len as u64 | u64::from(dest) << 32, Ordering::Relaxed);
         self.ring.word(off + 16).store(self.seq, Ordering::Relaxed);
         self.ring.copy_in(pos + MC_HDR as u64, body);
         // The next slot's stamp word: readers that catch up find 0 there (module docs).
         self.ring.word(self.ring.off(end)).store(0, Ordering::Relaxed);
-        self.ring.word(off).store(stamp(pos), Ordering::Release);
+        if self.defer {
+            self.uncommitted.push(pos);
+        } else {
+            self.ring.word(off).store(stamp(pos), Ordering::Release);
+        }
         self.starts.push_back(pos);
         self.write = end;
         self.seq += 1;

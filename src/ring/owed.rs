@@ -7,7 +7,7 @@
 //! - the consumer itself, when the producer's slot lock is free (the producer died and
 //!   nobody took the slot): it reports them in a `lost` notice.
 //!
-//! The word is `incarnation << 32 | started << 31 | count`: the producer's incarnation (its
+//! The word is `incarnation << 32 | started << 31 | diverted << 30 | count`: the producer's incarnation (its
 //! slot's attach generation), whether the first message of the backlog was partly written
 //! (its fragments are in the ring; the consumer counts that one itself), and the messages
 //! never started. Taking it is a compare-and-swap from the value read to the same
@@ -24,8 +24,12 @@ use super::*;
 
 /// Bit of the `owed` word: the first message of the backlog was partly written.
 const STARTED: u64 = 1 << 31;
+/// Bit of the `owed` word: the consumer is diverted to this ring from the producer's
+/// broadcast ring (the per-publisher topology, `transport/shm.rs`). Not part of what is
+/// owed: taking the word keeps it.
+pub(crate) const DIVERTED: u64 = 1 << 30;
 /// The count's bits (the messages never started).
-const COUNT: u64 = STARTED - 1;
+const COUNT: u64 = DIVERTED - 1;
 
 /// What a taker got from an `owed` word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,14 +53,29 @@ impl Owed {
 
 impl RawRing {
     /// (producer) Publish what our backlog owes this consumer: `count` messages never
-    /// started (saturating at 2^31 - 1), `started` one partly written. One Release store.
+    /// started (saturating at 2^30 - 1), `started` one partly written. One Release store.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn store_owed(&self, incarnation: u32, count: u64, started: bool) {
-        let word = (u64::from(incarnation) << 32) | (u64::from(started) * STARTED) | count.min(COUNT);
+        self.store_owed_diverted(incarnation, count, started, false);
+    }
+
+    /// [`RawRing::store_owed`] with the [`DIVERTED`] bit: one Release store, so a consumer
+    /// that sees the bit also sees every record and count stored before it.
+    pub(crate) fn store_owed_diverted(&self, incarnation: u32, count: u64, started: bool, diverted: bool) {
+        let word = (u64::from(incarnation) << 32)
+            | (u64::from(started) * STARTED)
+            | (u64::from(diverted) * DIVERTED)
+            | count.min(COUNT);
         self.hdr().producer.owed.store(word, Ordering::Release);
     }
 
     /// The `owed` word as it is now (Acquire), for [`RawRing::take_owed`]; `None` when it
     /// owes nothing.
+    /// Whether the producer has diverted this consumer from its broadcast ring (Acquire).
+    pub(crate) fn diverted(&self) -> bool {
+        self.hdr().producer.owed.load(Ordering::Acquire) & DIVERTED != 0
+    }
+
     pub(crate) fn load_owed(&self) -> Option<u64> {
         let word = self.hdr().producer.owed.load(Ordering::Acquire);
         (!Owed::of(word).is_none()).then_some(word)

@@ -55,6 +55,11 @@ pub(crate) struct PortCounters {
     /// (socket broker) Copies of unique events written to a receiver dropped past their
     /// bound before it acknowledged them (`wire/unacked.rs`).
     pub unique_unguarded: u64,
+    /// (per-publisher topology) Receivers diverted from our broadcast ring to their pair
+    /// ring (`transport/shm/bcast.rs`).
+    pub diverts: u64,
+    /// (per-publisher topology) Diverted receivers told to resume the broadcast ring.
+    pub resumes: u64,
 }
 
 /// Queue depths towards and from one peer.

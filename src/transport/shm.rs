@@ -30,7 +30,12 @@ use crate::ring::{self, Consumer, FIRST, LAST, Producer, REC_HDR, record_size};
 use crate::sys::EventFd;
 use crate::wire::{Offer, Peer};
 
+mod bcast;
 mod receive;
+mod write;
+
+use bcast::{BcastIn, BcastOut};
+use write::{offer, wake, write_msg};
 
 /// Drain passes after a release before the fenced want-space checks it left owed are paid
 /// anyway (a consumer that never arms: busy-poll, or a stream that never pauses). A producer
@@ -55,8 +60,13 @@ struct Outbound {
     backlog: VecDeque<Pending>,
     /// The producer has a pending want-space request for this ring.
     touched: bool,
-    /// (count, started) last stored in the ring's `owed` word.
-    owed: (u64, bool),
+    /// (count, started, diverted) last stored in the ring's `owed` word.
+    owed: (u64, bool, bool),
+    /// Per-publisher topology: this consumer is diverted from our broadcast ring to this
+    /// ring (it fell a whole broadcast ring behind, or a message too large for it came);
+    /// every event for it goes this way, tagged with its broadcast sequence number, until it
+    /// is told to resume (`transport/shm/bcast.rs`).
+    diverted: bool,
 }
 
 impl Outbound {
@@ -65,9 +75,9 @@ impl Outbound {
     fn publish_owed(&mut self, incarnation: u32) {
         let started = self.backlog.front().is_some_and(|p| p.sent > 0);
         let count = (self.backlog.len() - usize::from(started)) as u64 + self.missed;
-        if self.owed != (count, started) {
-            self.owed = (count, started);
-            self.raw.store_owed(incarnation, count, started);
+        if self.owed != (count, started, self.diverted) {
+            self.owed = (count, started, self.diverted);
+            self.raw.store_owed_diverted(incarnation, count, started, self.diverted);
         }
     }
 }
@@ -90,6 +100,8 @@ struct Inbound {
     /// A dead producer had written part of a message it can never finish: once its
     /// fragments are read (the ring empty, no FIRST since), that message is reported lost.
     orphan: bool,
+    /// Per-publisher topology: our end of the peer's broadcast ring.
+    bc: Option<BcastIn>,
 }
 
 pub(crate) struct ShmPort {
@@ -116,6 +128,11 @@ pub(crate) struct ShmPort {
     armed: bool,
     /// Drain passes since a release left a fenced want-space check owed (0: none owed).
     owed_passes: u32,
+    /// Per-publisher topology: our broadcast ring (None: the region has none, or ours is
+    /// corrupt and every receiver is diverted to its pair ring).
+    bc: Option<BcastOut>,
+    /// The region has broadcast rings.
+    bcast_on: bool,
     pub(crate) counters: PortCounters,
 }
 
@@ -129,7 +146,7 @@ impl ShmPort {
         max_queue_len: usize,
         max_payload_len: usize,
     ) -> ShmPort {
-        let max_msg = message::max_message_len(max_payload_len);
+        let max_msg = message::max_message_len(max_payload_len) + bcast::TAG_LEN;
         let slots = region.geometry().slots;
         let mut counters = PortCounters::default();
         let mut out = Vec::with_capacity(slots as usize);
@@ -150,7 +167,16 @@ impl ShmPort {
                 tracing::warn!(me, peer, "inbound ring positions were corrupt: resynchronized to the producer's");
                 counters.corrupt_rings += 1;
             }
-            let mut o = Outbound { prod, raw, missed: 0, backlog: VecDeque::new(), touched: false, owed: (0, false) };
+            let diverted = region.geometry().bcast_capacity > 0 && raw.diverted();
+            let mut o = Outbound {
+                prod,
+                raw,
+                missed: 0,
+                backlog: VecDeque::new(),
+                touched: false,
+                owed: (0, false, diverted),
+                diverted,
+            };
             // We hold the slot lock: whatever our predecessor owed this consumer from its
             // backlog is ours to report (unless the consumer found it dead first). A message
             // it had partly written is reported by the consumer when our first one starts.
@@ -162,8 +188,11 @@ impl ShmPort {
                 }
             }
             out.push(Some(o));
-            inb.push(Some(Inbound { cons, asm: AlignedVec::new(), state: Asm::Idle, owed_lost: 0, orphan: false }));
+            let bc = (region.geometry().bcast_capacity > 0).then(|| BcastIn::attach(&region, peer, me, &mut counters));
+            inb.push(Some(Inbound { cons, asm: AlignedVec::new(), state: Asm::Idle, owed_lost: 0, orphan: false, bc }));
         }
+        let bcast_on = region.geometry().bcast_capacity > 0;
+        let bc = if bcast_on { BcastOut::attach(&region, me, &mut out) } else { None };
         region.mark_attached(me);
         let incarnation = region.slot_generation(me) as u32;
         for o in out.iter_mut().flatten() {
@@ -184,6 +213,8 @@ impl ShmPort {
             pending: false,
             armed: false,
             owed_passes: 0,
+            bc,
+            bcast_on,
             counters,
         }
     }
@@ -210,6 +241,9 @@ impl ShmPort {
     /// backlog; a full backlog drops it for that peer and counts it (the peer is told).
     #[inline(always)]
     pub(crate) fn send_all(&mut self, msg: &AlignedVec) {
+        if self.bcast_on {
+            return self.send_bcast(msg, None);
+        }
         let mut shared = None;
         let mut any = false;
         let backlogged = self.backlogged;
@@ -251,6 +285,12 @@ impl ShmPort {
     /// Send `msg` to one peer (a unique event chosen for it), with the same backlog and
     /// overflow rules as [`ShmPort::send_all`].
     pub(crate) fn send_to(&mut self, peer: u32, msg: &AlignedVec) {
+        if self.bcast_on {
+            if matches!(self.out.get(peer as usize), Some(Some(_))) {
+                self.send_bcast(msg, Some(peer));
+            }
+            return;
+        }
         let Some(Some(o)) = self.out.get_mut(peer as usize) else { return };
         let wrote = offer(o, msg, &mut None, self.max_queue_len, &mut self.backlogged, &mut self.counters);
         o.publish_owed(self.incarnation);
@@ -264,6 +304,10 @@ impl ShmPort {
     fn commit_and_wake(&mut self) {
         self.pending = false;
         let mut committed = false;
+        if let Some(b) = self.bc.as_mut() {
+            b.prod.commit();
+            committed = b.wake != bcast::Wake::None;
+        }
         for o in self.out.iter_mut().flatten() {
             if o.touched {
                 if let Some(p) = o.prod.as_mut() {
@@ -275,9 +319,15 @@ impl ShmPort {
             return;
         }
         notify::after_commit();
+        let bwake = self.bc.as_mut().map_or(bcast::Wake::None, |b| std::mem::replace(&mut b.wake, bcast::Wake::None));
         for (c, o) in self.out.iter_mut().enumerate() {
             let Some(o) = o else { continue };
-            if !std::mem::take(&mut o.touched) {
+            let by_bcast = match bwake {
+                bcast::Wake::None => false,
+                bcast::Wake::All => !o.diverted,
+                bcast::Wake::One(r) => r as usize == c && !o.diverted,
+            };
+            if !std::mem::take(&mut o.touched) && !by_bcast {
                 continue;
             }
             if notify::should_wake(self.region.parked_flag(c as u32)) {
@@ -383,6 +433,9 @@ impl ShmPort {
                     return true;
                 }
             }
+            if inb.bc.as_ref().is_some_and(|b| b.has_data()) {
+                return true;
+            }
         }
         self.flush()
     }
@@ -421,7 +474,10 @@ impl ShmPort {
     /// Whether an inbound ring has a committed record (a few loads; no fence, no flush):
     /// what a dispatch spinning for the next event of a stream polls.
     pub(crate) fn has_inbound(&mut self) -> bool {
-        self.inb.iter_mut().flatten().any(|i| i.cons.as_mut().is_some_and(|c| c.has_data()))
+        self.inb
+            .iter_mut()
+            .flatten()
+            .any(|i| i.cons.as_mut().is_some_and(|c| c.has_data()) || i.bc.as_ref().is_some_and(|b| b.has_data()))
     }
 
     /// Give up every backlog (closing): each message never started in its ring is counted
@@ -481,9 +537,16 @@ impl ShmPort {
     pub(crate) fn depths(&self) -> impl Iterator<Item = PeerDepth> + '_ {
         self.out.iter().zip(&self.inb).enumerate().filter_map(|(i, (o, n))| {
             let (o, n) = (o.as_ref()?, n.as_ref()?);
-            let ring = o.prod.as_ref().map_or(0, |p| p.depth());
+            let mut ring = o.prod.as_ref().map_or(0, |p| p.depth());
+            if self.bcast_on && !o.diverted {
+                ring += self.region.bcast(self.me).unread_for(i);
+            }
             let backlog = o.backlog.len() as u64;
-            let inbound = n.cons.as_ref().map_or(0, |c| c.depth());
+            let mut inbound = n.cons.as_ref().map_or(0, |c| c.depth());
+            if self.bcast_on {
+                // What waits for us in that peer's broadcast ring, and for it in ours.
+                inbound += self.region.bcast(i as u32).unread_for(self.me as usize);
+            }
             Some(PeerDepth { peer: Peer::Slot(i as u32), outbound: ring + backlog, backlog, inbound })
         })
     }
@@ -497,99 +560,4 @@ impl Drop for ShmPort {
         }
         self.region.mark_detached(self.me);
     }
-}
-
-/// Offer `msg` to one peer's ring: write it now if its backlog is empty and it fits, else
-/// queue it (sharing one copy through `shared`), else drop and count it. Returns whether
-/// anything was written (the caller commits).
-#[inline(always)]
-fn offer(
-    o: &mut Outbound,
-    msg: &AlignedVec,
-    shared: &mut Option<Arc<AlignedVec>>,
-    max_queue_len: usize,
-    backlogged: &mut usize,
-    counters: &mut PortCounters,
-) -> bool {
-    if o.prod.is_none() {
-        o.prod = Producer::new(o.raw).ok();
-        if let Some(p) = o.prod.as_mut() {
-            p.add_lost(std::mem::take(&mut o.missed));
-        }
-    }
-    let Some(prod) = o.prod.as_mut() else {
-        o.missed = o.missed.saturating_add(1);
-        counters.lost_outbound += 1;
-        return false;
-    };
-    let sent = if o.backlog.is_empty() { write_msg(prod, msg, 0).unwrap_or(0) } else { 0 };
-    if sent > 0 {
-        o.touched = true;
-    }
-    if sent == msg.len() {
-        return true;
-    }
-    if sent == 0 && o.backlog.len() >= max_queue_len {
-        prod.add_lost(1);
-        counters.lost_outbound += 1;
-        return false;
-    }
-    if o.backlog.is_empty() {
-        *backlogged += 1;
-    }
-    let arc = shared.get_or_insert_with(|| Arc::new(msg.clone())).clone();
-    o.backlog.push_back(Pending { msg: arc, sent });
-    sent > 0
-}
-
-fn wake(region: &Region, eventfds: &[EventFd], slot: u32, counters: &mut PortCounters) {
-    // `Consumer::release`/`settle` won the swap of `want_space` after the store of
-    // read_pos. The fence orders that store before the load of the producer's `parked`
-    // (the wake handshake of notify.rs): a producer not seen parked re-reads read_pos on
-    // its arm re-check. Only on this path (a producer asked for room), not per release.
-    notify::after_commit();
-    if notify::should_wake(region.parked_flag(slot)) {
-        eventfds[slot as usize].notify();
-        region.count_wakeup(slot);
-        counters.wakeups_sent += 1;
-    }
-}
-
-/// Write as much of `msg` (from byte `sent`) into the ring as fits now, uncommitted.
-/// Returns the new `sent`. Small messages are written whole or not at all; a message over a
-/// quarter of the ring is streamed in fragments as space allows. The whole-record attempt is
-/// inlined into the publish path; the fragment loop is not.
-#[inline(always)]
-fn write_msg(prod: &mut Producer, msg: &[u8], sent: usize) -> Result<usize, crate::ring::Corrupt> {
-    let len = msg.len();
-    let max_body = prod.max_body();
-    if sent == 0 && record_size(len) <= max_body + REC_HDR && prod.try_write(FIRST | LAST, &[msg])? {
-        return Ok(len);
-    }
-    if sent == 0 && len <= max_body / 4 {
-        return Ok(0);
-    }
-    write_fragments(prod, msg, sent)
-}
-
-/// [`write_msg`] of a message that did not go as one record: fragments from byte `sent`.
-#[inline(never)]
-fn write_fragments(prod: &mut Producer, msg: &[u8], mut sent: usize) -> Result<usize, crate::ring::Corrupt> {
-    let len = msg.len();
-    let max_body = prod.max_body();
-    let min_chunk = (max_body / 8).max(8);
-    while sent < len {
-        let remaining = len - sent;
-        let room = prod.body_room(remaining.min(max_body / 2))?;
-        let n = remaining.min(room).min(max_body / 2);
-        if n < remaining.min(min_chunk) || n == 0 {
-            break;
-        }
-        let flags = if sent == 0 { FIRST } else { 0 } | if sent + n == len { LAST } else { 0 };
-        if !prod.try_write(flags, &[&msg[sent..sent + n]])? {
-            break;
-        }
-        sent += n;
-    }
-    Ok(sent)
 }

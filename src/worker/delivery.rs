@@ -111,6 +111,8 @@ pub(super) fn fold_counters(s: &mut Stats, c: PortCounters) {
     s.dropped += c.dropped;
     s.corrupt_rings += c.corrupt_rings;
     s.unique_unguarded += c.unique_unguarded;
+    s.diverts += c.diverts;
+    s.resumes += c.resumes;
 }
 
 impl Worker {

@@ -141,7 +141,13 @@ impl Events {
                 return Err(Error::InvalidWid { wid, reason: "the privileged agent is not enabled" });
             }
         };
-        let geo = Geometry::new(o.workers, o.enable_privileged_agent, o.get_ring_capacity(), o.unique_capacity);
+        let geo = Geometry::with_broadcast(
+            o.workers,
+            o.enable_privileged_agent,
+            o.get_ring_capacity(),
+            o.unique_capacity,
+            o.get_broadcast_capacity(),
+        );
         let epoll = Epoll::new().map_err(|e| Error::io("epoll_create1", e))?;
         let (path, ctl) = if o.testing {
             (DataPath::InProcess, None)

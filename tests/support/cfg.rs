@@ -186,6 +186,7 @@ key_table! {
         unique_timeout_ms: Option<u64> = "WE_UNIQ_TIMEOUT_MS" => |o: Options, ms| o.unique_timeout(Duration::from_millis(ms)),
         unique_capacity: Option<usize> = "WE_UNIQ_CAP" => Options::unique_capacity,
         generation: Option<u64> = "WE_GENERATION" => Options::generation,
+        broadcast_capacity: Option<usize> = "WE_BCAST" => Options::broadcast_capacity,
     }
 }
 
@@ -204,6 +205,7 @@ impl Cfg {
             unique_timeout_ms: None,
             unique_capacity: None,
             generation: None,
+            broadcast_capacity: None,
         }
     }
 

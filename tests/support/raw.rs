@@ -30,8 +30,8 @@ pub struct Hello {
     pub pid: u32,
     /// The options that must equal the broker's: `workers`, privileged agent (0/1),
     /// `ring_capacity` in bytes, `unique_capacity`, `max_payload_len`, `unique_timeout` in
-    /// nanoseconds, and the transport (0 Auto, 1 SharedMemory, 2 Socket; Auto accepts the
-    /// broker's).
+    /// nanoseconds, the transport (0 Auto, 1 SharedMemory, 2 Socket; Auto accepts the
+    /// broker's), and `broadcast_capacity` in bytes (0: none).
     pub workers: u32,
     pub agent: u32,
     pub ring_capacity: u32,
@@ -39,6 +39,7 @@ pub struct Hello {
     pub max_payload_len: u32,
     pub unique_timeout_ns: u64,
     pub transport: u32,
+    pub broadcast_capacity: u32,
 }
 
 /// The control protocol version this build speaks, read from the constant in
@@ -77,6 +78,7 @@ impl Hello {
             max_payload_len: o.get_max_payload_len() as u32,
             unique_timeout_ns: o.get_unique_timeout().as_nanos() as u64,
             transport: 0,
+            broadcast_capacity: o.get_broadcast_capacity() as u32,
         }
     }
 }
@@ -85,7 +87,7 @@ impl Hello {
 /// `kind: u8`, then `len - 1` body bytes. A HELLO's body is, little-endian: protocol
 /// version, layout version, slot, pid, workers, privileged agent (0/1), ring_capacity,
 /// unique_capacity, max_payload_len (each `u32`), unique_timeout in ns (`u64`), transport
-/// (`u32`). The
+/// and broadcast_capacity (`u32`). The
 /// broker answers WELCOME (kind 2; on shared memory the region and eventfds ride with it) or
 /// REJECT (kind 3, body = the reason in UTF-8), and closes the connection after a REJECT.
 pub fn hello_frame(h: &Hello) -> Vec<u8> {
@@ -103,6 +105,7 @@ pub fn hello_frame(h: &Hello) -> Vec<u8> {
     let mut body: Vec<u8> = fields.iter().flat_map(|f| f.to_le_bytes()).collect();
     body.extend_from_slice(&h.unique_timeout_ns.to_le_bytes());
     body.extend_from_slice(&h.transport.to_le_bytes());
+    body.extend_from_slice(&h.broadcast_capacity.to_le_bytes());
     let mut v = ((1 + body.len()) as u32).to_le_bytes().to_vec();
     v.push(KIND_HELLO);
     v.extend_from_slice(&body);

@@ -666,7 +666,7 @@ impl Role {
             out(&format!("@@BROKER {e} {s} {t}"));
         }
         let st = self.worker.stats();
-        let stats: [(&str, u64); 35] = [
+        let stats: [(&str, u64); 37] = [
             ("early_errors", self.early_errors),
             ("early_unique_pending", self.early_unique_pending),
             ("unique_duplicates", st.unique_duplicates),
@@ -693,6 +693,8 @@ impl Role {
             ("dispatch_errors", self.dispatch_errors),
             ("wakeups_sent", st.wakeups_sent),
             ("wakeups_received", st.wakeups_received),
+            ("diverts", st.diverts),
+            ("resumes", st.resumes),
             ("is_broker", u64::from(self.worker.is_broker())),
             ("is_ready", u64::from(self.worker.is_ready())),
             ("corrupt_rings", st.corrupt_rings),

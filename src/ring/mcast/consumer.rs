@@ -1,9 +1,22 @@
 //! The reading end of a broadcast ring: seqlock-style validation against `floor`, resync
 //! after a lap, and the exact count of what a lap lost (protocol in the parent module).
 
-use super::{MC_HDR, RawMcast, max_body, record_size, stamp, usable};
+use super::{BodyBuf, MC_HDR, RawMcast, max_body, record_size, stamp, usable};
 use crate::ring::Corrupt;
 use crate::sync::{Ordering, fence};
+
+/// What [`Consumer::read`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Read {
+    /// A record for this reader (its sequence number), body in the buffer.
+    Record(u64),
+    /// A record for another reader, skipped (its sequence number).
+    Skipped(u64),
+    /// Nothing new is committed.
+    Empty,
+    /// Diverting mode: `floor` passed this reader; nothing was consumed.
+    Lapped,
+}
 
 /// Reader `idx` of a broadcast ring. One per cursor in the whole system (the reading slot's
 /// lock).
@@ -21,6 +34,8 @@ pub(crate) struct Consumer {
     /// Just attached: the first intact record read at the stored position gives `next_seq`
     /// (the stored one may be one batch ahead, module docs).
     fresh: bool,
+    /// Diverting mode: a lap is not resolved here but reported ([`Read::Lapped`]).
+    stop_on_lap: bool,
     /// Messages lost to laps and not yet taken.
     lost: u64,
     /// Times lapped (statistics).
@@ -52,6 +67,7 @@ impl Consumer {
             next_seq,
             resync: false,
             fresh: true,
+            stop_on_lap: false,
             lost: 0,
             laps: c.laps.load(Ordering::Relaxed),
             lost_total: c.lost.load(Ordering::Relaxed),
@@ -68,6 +84,11 @@ impl Consumer {
         if !usable(floor) {
             return Err(Corrupt);
         }
+        if self.stop_on_lap {
+            // The caller learns it (`Read::Lapped`) and goes where the producer sent it.
+            fence(Ordering::Acquire);
+            return Ok(true);
+        }
         self.read = floor;
         self.resync = true;
         self.laps += 1;
@@ -77,7 +98,56 @@ impl Consumer {
     /// Read the next record into `buf` (resized to its body): its sequence number, or `None`
     /// when nothing new is committed. A lap on the way is resolved here (the loss is added to
     /// what [`Consumer::take_lost`] reports). Only validated, intact records are delivered.
-    pub(crate) fn next(&mut self, buf: &mut Vec<u8>) -> Result<Option<u64>, Corrupt> {
+    pub(crate) fn next(&mut self, buf: &mut impl BodyBuf) -> Result<Option<u64>, Corrupt> {
+        loop {
+            match self.read(buf)? {
+                Read::Record(seq) => return Ok(Some(seq)),
+                Read::Skipped(_) => continue,
+                Read::Empty => return Ok(None),
+                Read::Lapped => unreachable!("not in diverting mode"),
+            }
+        }
+    }
+
+    /// Diverting mode (the per-publisher topology of `transport/shm.rs`): a lap is reported as
+    /// [`Read::Lapped`] and not resolved (the producer handed this reader's unread records
+    /// elsewhere first), and [`Consumer::seek`] moves the reader.
+    pub(crate) fn set_stop_on_lap(&mut self) {
+        self.stop_on_lap = true;
+    }
+
+    /// Position of the next record to read.
+    pub(crate) fn position(&self) -> u64 {
+        self.read
+    }
+
+    /// Continue at `pos` with sequence number `seq` (a resume marker's), storing the cursor.
+    /// `Err` for a position no producer can have given.
+    pub(crate) fn seek(&mut self, pos: u64, seq: u64) -> Result<(), Corrupt> {
+        if !usable(pos) {
+            return Err(Corrupt);
+        }
+        self.read = pos;
+        self.next_seq = seq;
+        self.resync = false;
+        self.fresh = false;
+        let c = self.ring.cursor(self.idx);
+        c.next_seq.store(seq, Ordering::Relaxed);
+        c.read_pos.store(pos, Ordering::Release);
+        self.released = pos;
+        Ok(())
+    }
+
+    /// Whether a record is committed at the read position (one Acquire load; a lap shows as
+    /// data, which the read then resolves).
+    pub(crate) fn has_data(&self) -> bool {
+        let s = self.ring.word(self.ring.off(self.read)).load(Ordering::Acquire);
+        s == stamp(self.read) || !self.ring.empty_stamp(s, self.read)
+    }
+
+    /// Read the next record into `buf` (resized to its body) if it is for this reader; see
+    /// [`Read`]. Only validated, intact records are returned.
+    pub(crate) fn read(&mut self, buf: &mut impl BodyBuf) -> Result<Read, Corrupt> {
         loop {
             let read = self.read;
             let off = self.ring.off(read);
@@ -86,22 +156,29 @@ impl Consumer {
                 // The Acquire load above orders the floor load after it: a stamp word the
                 // producer changed after raising floor shows the raised floor.
                 if self.lapped()? {
+                    if self.stop_on_lap {
+                        return Ok(Read::Lapped);
+                    }
                     continue;
                 }
-                return if self.ring.empty_stamp(s, read) { Ok(None) } else { Err(Corrupt) };
+                return if self.ring.empty_stamp(s, read) { Ok(Read::Empty) } else { Err(Corrupt) };
             }
             let w = self.ring.word(off + 8).load(Ordering::Relaxed);
             let seq = self.ring.word(off + 16).load(Ordering::Relaxed);
             let len = (w & 0xffff_ffff) as usize;
-            let sane = len <= max_body(self.ring.cap) && w >> 32 == 0;
-            if sane {
-                buf.resize(len, 0);
-                self.ring.copy_out(read + MC_HDR as u64, buf);
+            let dest = w >> 32;
+            let sane = len <= max_body(self.ring.cap) && dest <= self.ring.readers() as u64;
+            let mine = dest == 0 || dest == self.idx as u64 + 1;
+            if sane && mine {
+                self.ring.copy_out(read + MC_HDR as u64, buf.sized(len));
             }
             // Validation: every load above happens before this fence; a producer store they
             // saw that was made after a floor raise shows that raise to the load below.
             fence(Ordering::Acquire);
             if self.lapped()? {
+                if self.stop_on_lap {
+                    return Ok(Read::Lapped);
+                }
                 continue;
             }
             if !sane {
@@ -127,7 +204,7 @@ impl Consumer {
             self.fresh = false;
             self.next_seq = seq.checked_add(1).ok_or(Corrupt)?;
             self.read = read + record_size(len) as u64;
-            return Ok(Some(seq));
+            return Ok(if mine { Read::Record(seq) } else { Read::Skipped(seq) });
         }
     }
 

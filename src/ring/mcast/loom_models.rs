@@ -200,3 +200,69 @@ fn mcast_reader_racing_the_overwrite_of_its_record() {
         reader.join().unwrap();
     });
 }
+
+/// The diverting mode of the per-publisher topology (`transport/shm/bcast.rs`): a tracked
+/// reader is never lapped without being told. The producer hands its unread records to a side
+/// channel (standing in for the pair ring) and sets a flag (standing in for the `DIVERTED`
+/// bit, one Release store) before it raises `floor`; every later record goes to the side
+/// channel too. The reader, in stop-on-lap mode, delivers intact records only; when it finds
+/// itself lapped the flag is already visible (`floor` is stored with Release after the
+/// flag); it then takes the side channel, dropping what it already has. Delivered = published,
+/// in order, once each. Fails with the `floor` store made Relaxed (the fence after it orders
+/// only the overwriting stores): the reader may then see the lap and not the flag.
+#[test]
+fn mcast_tracked_reader_is_diverted_before_it_is_lapped() {
+    const N: u64 = 6;
+    model(|| {
+        let s = shared(1);
+        let side = Arc::new((loom::sync::Mutex::new(Vec::<(u64, Vec<u8>)>::new()), AtomicU64::new(0)));
+        let (s2, side2) = (s.clone(), side.clone());
+        let reader = thread::spawn(move || {
+            let mut c = Consumer::new(raw(&s2), 0).unwrap();
+            c.set_stop_on_lap();
+            let (mut got, mut buf) = (Vec::new(), Vec::new());
+            loop {
+                match c.read(&mut buf).expect("an honest producer never looks corrupt") {
+                    Read::Record(seq) => {
+                        assert_eq!(buf, body(seq), "record {seq} torn or overwritten");
+                        got.push(seq);
+                        c.release();
+                        if got.len() as u64 == N {
+                            break;
+                        }
+                    }
+                    Read::Skipped(_) => unreachable!("every record is for every reader"),
+                    Read::Empty if side2.1.load(Ordering::Acquire) == 1 => break,
+                    Read::Empty => thread::yield_now(),
+                    Read::Lapped => {
+                        assert_eq!(side2.1.load(Ordering::Acquire), 1, "lapped before being diverted");
+                        break;
+                    }
+                }
+            }
+            got
+        });
+        let mut p = Producer::new(raw(&s)).unwrap();
+        p.set_tracking(&[true]);
+        for seq in 0..N {
+            let divert = |_: usize, unread: &Unread<'_>| {
+                let mut v = side.0.lock().unwrap();
+                unread.for_each(|q, _, b| v.push((q, b.to_vec())));
+                side.1.store(1, Ordering::Release);
+            };
+            assert_eq!(p.publish_to(&body(seq), 0, divert), Ok(seq));
+            if !p.is_tracked(0) {
+                side.0.lock().unwrap().push((seq, body(seq).to_vec()));
+            }
+        }
+        let mut got = reader.join().unwrap();
+        // The side channel after what the reader took from the ring, duplicates dropped.
+        for (q, b) in side.0.lock().unwrap().iter() {
+            assert_eq!(*b, body(*q).to_vec(), "copy {q} torn");
+            if got.last().is_none_or(|&l| *q > l) {
+                got.push(*q);
+            }
+        }
+        assert_eq!(got, (0..N).collect::<Vec<_>>());
+    });
+}

@@ -263,10 +263,10 @@ fn hostile_values_are_corrupt() {
     raw.word(0).store(0x1234_5678, Ordering::Relaxed);
     assert_eq!(c.next(&mut buf), Err(Corrupt));
     raw.word(0).store(stamp(0), Ordering::Relaxed);
-    // Length over the limit; non-zero flags.
+    // Length over the limit; a destination past the readers (one reader: 0 or 1).
     raw.word(8).store(10_000, Ordering::Relaxed);
     assert_eq!(c.next(&mut buf), Err(Corrupt));
-    raw.word(8).store(3 | 1 << 32, Ordering::Relaxed);
+    raw.word(8).store(3 | 2 << 32, Ordering::Relaxed);
     assert_eq!(c.next(&mut buf), Err(Corrupt));
     raw.word(8).store(3, Ordering::Relaxed);
     assert_eq!(c.next(&mut buf), Ok(Some(0)));

@@ -11,7 +11,7 @@ const PASS_LAPS: usize = 2;
 /// What a message from another process is checked against (from the region's geometry
 /// and our options, read once per pass).
 #[derive(Clone, Copy)]
-struct Checks {
+pub(super) struct Checks {
     workers: u32,
     agent: bool,
     max_payload: usize,
@@ -21,7 +21,7 @@ struct Checks {
 /// "all" event comes from its publisher's ring; a unique event carries its publisher's
 /// wid. Anything else is dropped (and counted).
 #[inline(always)]
-fn deliver_message<D: Deliver>(sink: &mut D, c: Checks, from: u32, bytes: &[u8]) {
+pub(super) fn deliver_message<D: Deliver>(sink: &mut D, c: Checks, from: u32, bytes: &[u8]) {
     // As `Geometry::wid_of`.
     let wid_of = |slot: u32| if c.agent && slot == c.workers { Wid::PrivilegedAgent } else { Wid::Worker(slot) };
     let Ok(m) = message::decode_raw(bytes, c.workers, c.agent, c.max_payload) else {
@@ -54,7 +54,7 @@ unsafe fn append(cons: &mut Consumer, info: RecordInfo, asm: &mut AlignedVec) {
 /// [`deliver_message`]'s refusal: logged (rate-limited) and counted.
 #[cold]
 #[inline(never)]
-fn malformed<D: Deliver>(sink: &mut D, from: u32) {
+pub(super) fn malformed<D: Deliver>(sink: &mut D, from: u32) {
     crate::log_limit::log_limited!(tracing::Level::WARN, from, "dropping a malformed message");
     sink.dropped();
 }
@@ -83,6 +83,7 @@ impl ShmPort {
             let mut n = 0;
             let (mut records, mut bytes) = (0usize, 0usize);
             let mut empty = false;
+            let mut resumed = false;
             let max_bytes = PASS_LAPS * cons.capacity();
             loop {
                 if records >= budget || bytes >= max_bytes {
@@ -128,6 +129,13 @@ impl ShmPort {
                     n += 1;
                     // Consumed before the callbacks run: a successor never sees it again.
                     cons.commit_read();
+                    if let Some(bc) = inb.bc.as_mut() {
+                        if let bcast::Flow::Resumed = bc.deliver_pair(sink, checks, from, &inb.asm) {
+                            resumed = true;
+                            break;
+                        }
+                        continue;
+                    }
                     deliver_message(sink, checks, from, &inb.asm);
                     continue;
                 }
@@ -169,6 +177,13 @@ impl ShmPort {
                     n += 1;
                     // Consumed before the callbacks run: a successor never sees it again.
                     cons.commit_read();
+                    if let Some(bc) = inb.bc.as_mut() {
+                        if let bcast::Flow::Resumed = bc.deliver_pair(sink, checks, from, &inb.asm) {
+                            resumed = true;
+                            break;
+                        }
+                        continue;
+                    }
                     deliver_message(sink, checks, from, &inb.asm);
                 }
             }
@@ -188,6 +203,16 @@ impl ShmPort {
             }
             if cons.owes_check() && self.owed_passes == 0 {
                 self.owed_passes = 1;
+            }
+            if let Some(bc) = inb.bc.as_mut() {
+                // The broadcast ring only once every earlier pair-ring message is taken.
+                if empty || resumed {
+                    let (m, more_b) = bc.drain(sink, checks, from, budget, &mut self.counters);
+                    n += m;
+                    more |= more_b;
+                } else {
+                    more = true;
+                }
             }
             total += n;
         }

@@ -1,0 +1,130 @@
+//! The per-publisher topology (`Options::broadcast_capacity`, `src/transport/shm/bcast.rs`)
+//! with real processes on real shared memory, with rings small enough that a stopped receiver
+//! falls a whole broadcast ring behind:
+//! * a receiver that stops dispatching is diverted to its pair ring before the publisher
+//!   overwrites what it has not read, gets every event once and in order when it comes back,
+//!   and reads the broadcast ring again afterwards (resumed), while the receiver that kept
+//!   up never noticed;
+//! * an event too large for the broadcast ring goes through the pair rings, in its place in
+//!   the stream, to a receiver stopped and to one keeping up;
+//! * options that differ in `broadcast_capacity` are refused at attach.
+//!
+//! The whole multi-process suite also runs in this topology in CI (`.ci/run`, with
+//! `WORKER_EVENTS_BROADCAST` set).
+
+#[macro_use]
+mod support;
+
+use support::*;
+use worker_events::{Transport, Wid};
+
+child_entry!();
+
+/// Broadcast and pair rings of 4 KiB: 64 records of a small event per lap.
+const SMALL: usize = 4096;
+
+fn cfg(dir: &TempDir) -> Cfg {
+    let mut cfg = Cfg::new(&dir.sock(), 3);
+    cfg.transport = Transport::SharedMemory;
+    cfg.ring_capacity = Some(SMALL);
+    cfg.broadcast_capacity = Some(SMALL);
+    cfg.max_queue_len = Some(100_000);
+    cfg
+}
+
+#[test]
+fn a_stopped_receiver_is_diverted_then_resumed_and_loses_nothing() {
+    const N: u64 = 3000;
+    let dir = TempDir::new("bcast-divert");
+    let wd = Watchdog::new("bcast-divert");
+    let cfg = cfg(&dir);
+    let mut busy = wd.spawn(&cfg, Wid::Worker(0));
+    let mut stopped = wd.spawn(&cfg, Wid::Worker(1));
+    let mut publisher = wd.spawn(&cfg, Wid::Worker(2));
+    let r = publisher.publish(Tgt::All, "seq", "hello", 0, 1);
+    assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
+    busy.until(1);
+    stopped.until(1);
+    stopped.cmd(Cmd::Pause);
+
+    // Many broadcast rings' worth while worker 1 does not dispatch.
+    let r = publisher.publish(Tgt::All, "seq", "a", 0, N);
+    assert_eq!((r.ok, r.err), (N, 0), "{:?}", r.errors);
+    busy.until(1 + N);
+    let diverts = publisher.report().stat("diverts");
+    assert!(diverts >= 1, "the stopped receiver was never diverted ({diverts})");
+
+    stopped.cmd(Cmd::Resume);
+    stopped.until(1 + N);
+    // Caught up: the next event resumes both (a marker in each pair ring: the busy one was
+    // diverted too, as this harness's children dispatch only inside a command). Then they
+    // keep up: steps of 20 events fit a 4 KiB broadcast ring, no divert.
+    const STEP: u64 = 20;
+    let mut diverts_after = 0;
+    for k in 0..20 {
+        let r = publisher.publish(Tgt::All, "seq", "b", k * STEP, STEP);
+        assert_eq!((r.ok, r.err), (STEP, 0), "{:?}", r.errors);
+        stopped.until(1 + N + (k + 1) * STEP);
+        busy.until(1 + N + (k + 1) * STEP);
+        if k == 1 {
+            diverts_after = publisher.report().stat("diverts");
+        }
+    }
+    for (c, name) in [(&mut busy, "busy"), (&mut stopped, "stopped")] {
+        let rep = c.report();
+        assert_eq!(rep.stream("w2", "seq", "a"), (0..N).collect::<Vec<_>>(), "{name}: the burst");
+        assert_eq!(rep.stream("w2", "seq", "b"), (0..20 * STEP).collect::<Vec<_>>(), "{name}: after it");
+        assert_eq!(rep.stat("lost"), 0, "{name}");
+        assert_eq!(rep.stat("inbound_depth_sum"), 0, "{name}: nothing waits anywhere");
+    }
+    let rep = publisher.report();
+    assert_eq!(rep.stat("lost_outbound"), 0);
+    assert!(rep.stat("resumes") >= 2, "both receivers resumed: {}", rep.stat("resumes"));
+    assert_eq!(rep.stat("diverts"), diverts_after, "a receiver that keeps up was diverted again");
+}
+
+#[test]
+fn an_event_too_large_for_the_broadcast_ring_keeps_its_place_in_the_stream() {
+    let dir = TempDir::new("bcast-large");
+    let wd = Watchdog::new("bcast-large");
+    let cfg = cfg(&dir);
+    let mut busy = wd.spawn(&cfg, Wid::Worker(0));
+    let mut stopped = wd.spawn(&cfg, Wid::Worker(1));
+    let mut publisher = wd.spawn(&cfg, Wid::Worker(2));
+    let r = publisher.publish(Tgt::All, "seq", "hello", 0, 1);
+    assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
+    busy.until(1);
+    stopped.until(1);
+    stopped.cmd(Cmd::Pause);
+    // A 4 KiB broadcast ring carries bodies up to 1,000 bytes; 3,000 go the pair-ring way.
+    let mut expected = 1;
+    for k in 0..5u64 {
+        let r = publisher.publish(Tgt::All, "seq", "small", k * 30, 30);
+        assert_eq!((r.ok, r.err), (30, 0), "{:?}", r.errors);
+        let lines = publisher.cmd(Cmd::bytes(Tgt::All, "big", "blob", 3000));
+        assert!(lines.iter().any(|l| l == "@@PUB 1 0"), "{lines:?}");
+        expected += 31;
+        busy.until(expected);
+    }
+    stopped.cmd(Cmd::Resume);
+    stopped.until(expected);
+    for (c, name) in [(&mut busy, "busy"), (&mut stopped, "stopped")] {
+        let rep = c.report();
+        assert_eq!(rep.stream("w2", "seq", "small"), (0..150).collect::<Vec<_>>(), "{name}");
+        assert_eq!(rep.stat("lost"), 0, "{name}");
+        assert_eq!(rep.stat("dropped"), 0, "{name}: every large payload arrived intact");
+    }
+    assert!(publisher.report().stat("diverts") >= 2, "each large event diverts every receiver");
+}
+
+#[test]
+fn a_worker_with_another_broadcast_capacity_is_refused() {
+    let dir = TempDir::new("bcast-refuse");
+    let wd = Watchdog::new("bcast-refuse");
+    let cfg = cfg(&dir);
+    let _w0 = wd.spawn(&cfg, Wid::Worker(0));
+    let mut other = cfg.clone();
+    other.broadcast_capacity = Some(2 * SMALL);
+    let err = wd.spawn_expect_err(&other, Wid::Worker(1));
+    assert!(err.contains("broadcast_capacity 8192/4096"), "{err}");
+}
