@@ -132,6 +132,10 @@ pub(crate) struct ConsumerLine {
 // ---- The broadcast ring of `ring/mcast.rs` (the per-publisher topology, one per slot when
 // `Options::broadcast_capacity` is set) ----
 
+/// Size of a broadcast ring's producer line and of each cursor line: a ring of `r` readers
+/// and a `cap`-byte data area is `MCAST_LINE * (1 + r) + cap` bytes (`ring/mcast.rs`).
+pub(crate) const MCAST_LINE: usize = 128;
+
 /// The producer's line: the only word readers poll besides the records.
 #[repr(C, align(128))]
 pub(crate) struct McastProducerLine {
@@ -276,8 +280,7 @@ impl Geometry {
         let ring_stride = RING_HEADER_SIZE + ring_capacity;
         let rings_end = rings_offset + s * s * ring_stride;
         let bcast_offset = align_up(rings_end, PAGE);
-        let bcast_stride =
-            if bcast_capacity == 0 { 0 } else { align_up(crate::ring::mcast::ring_bytes(s, bcast_capacity), PAGE) };
+        let bcast_stride = if bcast_capacity == 0 { 0 } else { align_up(MCAST_LINE * (1 + s) + bcast_capacity, PAGE) };
         let dedup_offset = align_up(bcast_offset + s * bcast_stride, PAGE);
         let dedup_capacity = dedup_buckets_for(unique_capacity);
         let region_size = align_up(dedup_offset + dedup_capacity * DEDUP_ENTRY_SIZE, PAGE);

@@ -121,8 +121,8 @@ pub(crate) const MC_HDR: usize = 24;
 pub(crate) const MIN_CAPACITY: usize = 256;
 /// `floor` moves past at least this fraction of the ring at a time (an eighth).
 const FLOOR_STEP_DIVISOR: u64 = 8;
-/// Size of a producer or cursor line.
-pub(crate) const LINE: usize = 128;
+/// Size of a producer or cursor line (the region's geometry uses the same figure).
+pub(crate) const LINE: usize = crate::layout::MCAST_LINE;
 
 /// Bytes of one ring with `readers` cursors and a `cap`-byte data area.
 pub(crate) const fn ring_bytes(readers: usize, cap: usize) -> usize {
