@@ -12,7 +12,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"WKEVENTS"` read as a little-endian u64.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"WKEVENTS");
 /// Bumped on any change of this file or of the record formats.
-pub(crate) const LAYOUT_VERSION: u32 = 7;
+pub(crate) const LAYOUT_VERSION: u32 = 8;
 /// Size of [`RegionHeader`].
 pub(crate) const HEADER_SIZE: usize = 256;
 /// Size of [`SlotHeader`].
@@ -142,7 +142,10 @@ pub(crate) struct McastProducerLine {
     /// Position of the oldest intact record (0 until the first lap). Stored before anything
     /// below it is overwritten, followed by a Release fence.
     pub floor: AtomicU64,
-    pub _reserved: [AtomicU64; 15],
+    /// The whole sequence number of the record at `floor` (records carry its low half),
+    /// stored (Relaxed) right before `floor`; read by a restarted producer only.
+    pub floor_seq: AtomicU64,
+    pub _reserved: [AtomicU64; 14],
 }
 
 /// Reader `i`'s cursor line; only that reader writes it.
@@ -398,6 +401,7 @@ const _: () = {
     assert!(size_of::<McastProducerLine>() == 128 && align_of::<McastProducerLine>() == 128);
     assert!(size_of::<CursorLine>() == 128 && align_of::<CursorLine>() == 128);
     assert!(offset_of!(McastProducerLine, floor) == 0);
+    assert!(offset_of!(McastProducerLine, floor_seq) == 8);
     assert!(offset_of!(CursorLine, read_pos) == 0);
     assert!(offset_of!(CursorLine, next_seq) == 8);
     assert!(offset_of!(CursorLine, lost) == 16);

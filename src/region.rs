@@ -423,13 +423,14 @@ mod tests {
         // through `write_pos`, was refused by version 3). Version 4 had no `wakeups` count;
         // version 5 started dedup windows on other entries (its publishers would not find
         // the hashes this version records, nor this version theirs); version 6 had no
-        // broadcast rings (its workers would neither read nor divert through them).
-        assert_eq!(LAYOUT_VERSION, 7);
+        // broadcast rings (its workers would neither read nor divert through them); version 7
+        // had a 24-byte broadcast record header (its readers would misread every record).
+        assert_eq!(LAYOUT_VERSION, 8);
         let g = Geometry::new(2, false, 4096, 64);
         let r = Region::create(g, 1024).unwrap();
         r.header().layout_version.store(3, Ordering::Release);
         let e = Region::open(dup(r.fd()), g).err().expect("must be rejected").to_string();
-        assert!(e.contains("layout version 3, this build speaks version 7"), "{e}");
+        assert!(e.contains("layout version 3, this build speaks version 8"), "{e}");
     }
 
     #[test]

@@ -14,19 +14,25 @@
 //!
 //! | offset            | size      | what                                             | written by |
 //! |-------------------|-----------|--------------------------------------------------|------------|
-//! | 0                 | 128       | [`McastProducerLine`]: `floor` at +0             | producer   |
+//! | 0                 | 128       | [`McastProducerLine`]: `floor` at +0, `floor_seq` at +8 | producer |
 //! | 128 * (1 + i)     | 128       | [`CursorLine`] of reader `i`: `read_pos` +0, `next_seq` +8, `lost` +16, `laps` +24 | reader `i` |
 //! | 128 * (1 + readers) | capacity | data area (a power of two >= [`MIN_CAPACITY`])  | producer   |
 //!
 //! A record starts on a 64-byte boundary ([`REC_ALIGN`]) and is padded to a multiple of 64; its
-//! 24-byte header ([`MC_HDR`]) is three little-endian words:
+//! 16-byte header ([`MC_HDR`]) is two little-endian words:
 //! - `+0` **commit stamp** `!pos` (the bitwise not of the record's own position), stored last
 //!   with Release, as in the SPSC ring (`src/ring.rs`);
-//! - `+8` `len: u32` (low half) and `dest: u32` (high half): 0 for every reader, `i + 1` for
-//!   reader `i` alone (the others skip it; a value above the reader count is corrupt);
-//! - `+16` `seq: u64`, the ring's message sequence number (0 for the first record ever).
+//! - `+8` the **meta word**: `len` (bits 0..24), `dest` (bits 24..32: 0 for every reader,
+//!   `i + 1` for reader `i` alone, which the others skip; a value above the reader count is
+//!   corrupt) and the low 32 bits of `seq` (bits 32..64), the ring's message sequence number
+//!   (0 for the first record ever). Each side knows the sequence number it expects within
+//!   2^31 and widens the low half around it ([`widen`]); the producer stores the whole
+//!   number of the record at `floor` in `floor_seq` (for its successor's restart walk).
 //!
-//! The body follows at `+24` and may wrap around the end of the data area (the header never
+//! So a record of a 48-byte body takes one line, and one of up to 112 bytes two (a typed
+//! 64-byte event with its names and message header is about 105).
+//!
+//! The body follows at `+16` and may wrap around the end of the data area (the header never
 //! does). Positions are byte counts that never wrap (a producer starts at most 2^62 bytes in,
 //! [`usable`], which leaves centuries of writing before a `u64` could overflow). Every access
 //! to the data area is a Relaxed 8-byte atomic word access (`RawMcast::word`), so a hostile
@@ -115,8 +121,25 @@ mod consumer;
 mod copy;
 pub(crate) use consumer::{Consumer, Read};
 
-/// Size of a record header: stamp, len + flags, seq.
-pub(crate) const MC_HDR: usize = 24;
+/// Size of a record header: stamp, meta word (len, dest, low half of seq).
+pub(crate) const MC_HDR: usize = 16;
+/// Largest `len` the meta word holds (24 bits; a body is at most a quarter of a 64 MiB ring).
+const LEN_MASK: u64 = (1 << 24) - 1;
+
+/// The meta word of a record.
+const fn meta(len: usize, dest: u32, seq: u64) -> u64 {
+    (len as u64 & LEN_MASK) | ((dest as u64 & 0xff) << 24) | (seq << 32)
+}
+
+/// `(len, dest, low half of seq)` of a meta word.
+const fn unmeta(w: u64) -> (usize, u64, u32) {
+    ((w & LEN_MASK) as usize, (w >> 24) & 0xff, (w >> 32) as u32)
+}
+
+/// The sequence number whose low half is `lo`, nearest to `near` (within 2^31 either way).
+pub(crate) const fn widen(near: u64, lo: u32) -> u64 {
+    near.wrapping_add_signed(lo.wrapping_sub(near as u32) as i32 as i64)
+}
 /// Smallest data area (a record of the largest body is then 64 bytes).
 pub(crate) const MIN_CAPACITY: usize = 256;
 /// `floor` moves past at least this fraction of the ring at a time (an eighth).
@@ -267,8 +290,7 @@ impl RawMcast {
             if self.word(off).load(Ordering::Acquire) != stamp(pos) {
                 break;
             }
-            let w = self.word(off + 8).load(Ordering::Relaxed);
-            let (len, dest) = ((w & 0xffff_ffff) as usize, w >> 32);
+            let (len, dest, _) = unmeta(self.word(off + 8).load(Ordering::Relaxed));
             if len > max_body(self.cap) {
                 break;
             }
@@ -298,33 +320,31 @@ impl RawMcast {
         s == 0 || (old < pos && self.off(old) == self.off(pos))
     }
 
-    /// The header at `pos` if its stamp says a record was committed there: `(len, seq)`,
+    /// The header at `pos` if its stamp says a record was committed there: `(len, low half
+    /// of seq)`,
     /// `Ok(None)` when empty, `Err` for any other stamp or an impossible length or flags.
     /// For the producer's restart walk (no concurrent writer).
-    fn read_committed(&self, pos: u64) -> Result<Option<(usize, u64)>, Corrupt> {
+    fn read_committed(&self, pos: u64) -> Result<Option<(usize, u32)>, Corrupt> {
         let off = self.off(pos);
         let s = self.word(off).load(Ordering::Acquire);
         if s != stamp(pos) {
             return if self.empty_stamp(s, pos) { Ok(None) } else { Err(Corrupt) };
         }
-        let w = self.word(off + 8).load(Ordering::Relaxed);
-        let seq = self.word(off + 16).load(Ordering::Relaxed);
-        let len = (w & 0xffff_ffff) as usize;
-        if len > max_body(self.cap) || w >> 32 > self.readers as u64 {
+        let (len, dest, seq_lo) = unmeta(self.word(off + 8).load(Ordering::Relaxed));
+        if len > max_body(self.cap) || dest > self.readers as u64 {
             return Err(Corrupt);
         }
-        Ok(Some((len, seq)))
+        Ok(Some((len, seq_lo)))
     }
 
     /// The record the producer wrote at `pos` (committed, or held by [`Producer::set_defer`];
     /// no concurrent writer): `(seq, dest)` with its body copied into `buf`.
-    fn own_record(&self, pos: u64, buf: &mut Vec<u8>) -> Option<(u64, u32)> {
+    fn own_record(&self, pos: u64, near: u64, buf: &mut Vec<u8>) -> Option<(u64, u32)> {
         let off = self.off(pos);
-        let w = self.word(off + 8).load(Ordering::Relaxed);
-        let len = ((w & 0xffff_ffff) as usize).min(max_body(self.cap));
-        buf.resize(len, 0);
+        let (len, dest, seq_lo) = unmeta(self.word(off + 8).load(Ordering::Relaxed));
+        buf.resize(len.min(max_body(self.cap)), 0);
         self.copy_out(pos + MC_HDR as u64, buf);
-        Some((self.word(off + 16).load(Ordering::Relaxed), (w >> 32) as u32))
+        Some((widen(near, seq_lo), dest as u32))
     }
 }
 
@@ -334,6 +354,8 @@ pub(crate) struct Unread<'a> {
     ring: RawMcast,
     starts: &'a VecDeque<u64>,
     from: u64,
+    /// The producer's next sequence number (every intact record is within a ring of it).
+    near: u64,
 }
 
 impl Unread<'_> {
@@ -342,7 +364,7 @@ impl Unread<'_> {
         let mut buf = Vec::new();
         let first = self.starts.partition_point(|&s| s < self.from);
         for &pos in self.starts.range(first..) {
-            if let Some((seq, dest)) = self.ring.own_record(pos, &mut buf) {
+            if let Some((seq, dest)) = self.ring.own_record(pos, self.near, &mut buf) {
                 f(seq, dest, &buf);
             }
         }
@@ -385,7 +407,11 @@ impl Producer {
         let cap = ring.cap as u64;
         let mut starts = VecDeque::with_capacity(ring.cap / REC_ALIGN);
         let (mut pos, mut next) = (floor, None::<u64>);
-        while let Some((len, seq)) = ring.read_committed(pos)? {
+        // The whole sequence number of the record at `floor` (stored with it; a predecessor
+        // that died between the two stores left one within a ring of it).
+        let hint = ring.prod().floor_seq.load(Ordering::Relaxed);
+        while let Some((len, seq_lo)) = ring.read_committed(pos)? {
+            let seq = widen(next.unwrap_or(hint), seq_lo);
             if next.is_some_and(|n| n != seq) || seq == u64::MAX {
                 return Err(Corrupt);
             }
@@ -500,7 +526,7 @@ impl Producer {
                 continue;
             }
             let from = Self::position_of(ring, i, slot.1, self.write).max(floor);
-            divert(i, &Unread { ring, starts: &self.starts, from });
+            divert(i, &Unread { ring, starts: &self.starts, from, near: self.seq });
             slot.0 = false;
         }
         self.min_read = u64::MAX;
@@ -528,7 +554,7 @@ impl Producer {
             }
             let pos = Self::position_of(ring, i, slot.1, self.write);
             if pos < floor {
-                divert(i, &Unread { ring, starts: &self.starts, from: pos.max(old_floor) });
+                divert(i, &Unread { ring, starts: &self.starts, from: pos.max(old_floor), near: self.seq });
                 slot.0 = false;
             } else {
                 min = min.min(pos);
@@ -610,6 +636,8 @@ impl Producer {
             while self.starts.front().is_some_and(|&s| s < floor) {
                 self.starts.pop_front();
             }
+            // The record at `floor` is the oldest of `starts` (or the next one, if none).
+            self.ring.prod().floor_seq.store(self.seq - self.starts.len() as u64, Ordering::Relaxed);
             // Release: a reader that sees this floor also sees what `divert` published.
             self.ring.prod().floor.store(floor, Ordering::Release);
             // Orders the floor store before every overwriting store below (module docs).
@@ -620,11 +648,18 @@ impl Producer {
         }
         let (pos, end) = (self.write, self.write + size);
         let off = self.ring.off(pos);
-        self.ring.word(off + 8).store(len as u64 | u64::from(dest) << 32, Ordering::Relaxed);
-        self.ring.word(off + 16).store(self.seq, Ordering::Relaxed);
-        self.ring.copy_in(pos + MC_HDR as u64, body);
-        // The next slot's stamp word: readers that catch up find 0 there (module docs).
+        // The record's first line last (as the SPSC ring does): a reader that has caught up
+        // polls the stamp in it, and would pull the line back between our stores to it. So
+        // first the body past that line, then the next slot's stamp word (readers that catch
+        // up find 0 there, module docs), then the meta word and the body's head, then the
+        // stamp: the first line's stores come back to back.
+        let head = body.len().min(REC_ALIGN - MC_HDR);
+        if head < body.len() {
+            self.ring.copy_in(pos + REC_ALIGN as u64, &body[head..]);
+        }
         self.ring.word(self.ring.off(end)).store(0, Ordering::Relaxed);
+        self.ring.word(off + 8).store(meta(len, dest, self.seq), Ordering::Relaxed);
+        self.ring.copy_in(pos + MC_HDR as u64, &body[..head]);
         if self.defer {
             self.uncommitted.push(pos);
         } else {

@@ -1,7 +1,7 @@
 //! The reading end of a broadcast ring: seqlock-style validation against `floor`, resync
 //! after a lap, and the exact count of what a lap lost (protocol in the parent module).
 
-use super::{BodyBuf, MC_HDR, RawMcast, max_body, record_size, stamp, usable};
+use super::{BodyBuf, MC_HDR, RawMcast, max_body, record_size, stamp, unmeta, usable, widen};
 use crate::ring::Corrupt;
 use crate::sync::{Ordering, fence};
 
@@ -72,6 +72,23 @@ impl Consumer {
             laps: c.laps.load(Ordering::Relaxed),
             lost_total: c.lost.load(Ordering::Relaxed),
         })
+    }
+
+    /// [`Consumer::new`] for a reader whose stored cursor is unusable (corrupt shared
+    /// memory): its cursor is first moved to `floor` (with `floor_seq`), so it reads from the
+    /// oldest intact record on. `Err` only if `floor` itself is unusable.
+    pub(crate) fn repaired(ring: RawMcast, idx: usize) -> Result<Self, Corrupt> {
+        if idx >= ring.readers() {
+            return Err(Corrupt);
+        }
+        let floor = ring.prod().floor.load(Ordering::Acquire);
+        if !usable(floor) {
+            return Err(Corrupt);
+        }
+        let c = ring.cursor(idx);
+        c.next_seq.store(ring.prod().floor_seq.load(Ordering::Relaxed), Ordering::Relaxed);
+        c.read_pos.store(floor, Ordering::Release);
+        Self::new(ring, idx)
     }
 
     /// The record at `read` may have been overwritten: if `floor` says so, jump to it and
@@ -163,10 +180,8 @@ impl Consumer {
                 }
                 return if self.ring.empty_stamp(s, read) { Ok(Read::Empty) } else { Err(Corrupt) };
             }
-            let w = self.ring.word(off + 8).load(Ordering::Relaxed);
-            let seq = self.ring.word(off + 16).load(Ordering::Relaxed);
-            let len = (w & 0xffff_ffff) as usize;
-            let dest = w >> 32;
+            let (len, dest, seq_lo) = unmeta(self.ring.word(off + 8).load(Ordering::Relaxed));
+            let seq = widen(self.next_seq, seq_lo);
             let sane = len <= max_body(self.ring.cap) && dest <= self.ring.readers() as u64;
             let mine = dest == 0 || dest == self.idx as u64 + 1;
             if sane && mine {

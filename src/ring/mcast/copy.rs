@@ -1,6 +1,6 @@
 //! Body copies into and out of the broadcast ring's data area: whole words, each a Relaxed
 //! [`crate::sync::AtomicU64`] access (as `src/ring/copy.rs` does for the SPSC ring). A body
-//! starts 24 bytes into a 64-aligned record, so every run starts on a word boundary; a body
+//! starts 16 bytes into a 64-aligned record, so every run starts on a word boundary; a body
 //! that wraps around the end of the data area is two runs (the split is at `cap`, a multiple
 //! of 8).
 

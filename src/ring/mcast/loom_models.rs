@@ -29,7 +29,7 @@ fn shared(readers: usize) -> Arc<Shared> {
         })
         .collect();
     Arc::new(Shared {
-        prod: Box::new(McastProducerLine { floor: z(), _reserved: std::array::from_fn(|_| z()) }),
+        prod: Box::new(McastProducerLine { floor: z(), floor_seq: z(), _reserved: std::array::from_fn(|_| z()) }),
         cursors,
         data: (0..CAP / 8).map(|_| z()).collect(),
     })

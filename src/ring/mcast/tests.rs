@@ -213,8 +213,7 @@ fn restarted_producer_and_consumer_resume() {
     assert_eq!(got.last().copied(), Some(199));
     // A producer killed after writing a record but before its stamp: the record never shows.
     let pos = p.write;
-    m.raw.word(m.raw.off(pos) + 8).store(3, Ordering::Relaxed);
-    m.raw.word(m.raw.off(pos) + 16).store(200, Ordering::Relaxed);
+    m.raw.word(m.raw.off(pos) + 8).store(meta(3, 0, 200), Ordering::Relaxed);
     drop(p);
     let mut p = Producer::new(m.raw).unwrap();
     assert_eq!((p.write, p.published()), (pos, 200));
@@ -228,9 +227,25 @@ fn too_large_is_refused() {
     let m = mem(1, 1024);
     let mut p = Producer::new(m.raw).unwrap();
     assert_eq!(p.max_body(), 256 - MC_HDR);
-    assert_eq!(p.publish(&[0; 233]), Err(TooLarge { len: 233, max: 232 }));
-    assert_eq!(p.publish(&[0; 232]), Ok(0));
-    assert_eq!(record_size(232), 256);
+    assert_eq!(p.publish(&[0; 241]), Err(TooLarge { len: 241, max: 240 }));
+    assert_eq!(p.publish(&[0; 240]), Ok(0));
+    assert_eq!(record_size(240), 256);
+    // One line for up to 48 bytes, two for up to 112 (a typed 64-byte event's message).
+    assert_eq!((record_size(48), record_size(49), record_size(112)), (64, 128, 128));
+}
+
+#[test]
+fn sequence_numbers_widen_around_the_expected_one() {
+    assert_eq!(widen(0, 0), 0);
+    assert_eq!(widen(5, 7), 7);
+    assert_eq!(widen(5, 3), 3);
+    let big = (7u64 << 32) + 10;
+    assert_eq!(widen(big, 12), big + 2);
+    assert_eq!(widen(big, 8), big - 2);
+    assert_eq!(widen((7 << 32) + 1, u32::MAX), (7 << 32) - 1, "across a 2^32 boundary, down");
+    assert_eq!(widen((7 << 32) - 1, 1), (7 << 32) + 1, "and up");
+    let (len, dest, lo) = unmeta(meta(4000, 130, big));
+    assert_eq!((len, dest, lo), (4000, 130, 10));
 }
 
 #[test]
@@ -264,17 +279,17 @@ fn hostile_values_are_corrupt() {
     assert_eq!(c.next(&mut buf), Err(Corrupt));
     raw.word(0).store(stamp(0), Ordering::Relaxed);
     // Length over the limit; a destination past the readers (one reader: 0 or 1).
-    raw.word(8).store(10_000, Ordering::Relaxed);
+    raw.word(8).store(meta(10_000, 0, 0), Ordering::Relaxed);
     assert_eq!(c.next(&mut buf), Err(Corrupt));
-    raw.word(8).store(3 | 2 << 32, Ordering::Relaxed);
+    raw.word(8).store(meta(3, 2, 0), Ordering::Relaxed);
     assert_eq!(c.next(&mut buf), Err(Corrupt));
-    raw.word(8).store(3, Ordering::Relaxed);
+    raw.word(8).store(meta(3, 0, 0), Ordering::Relaxed);
     assert_eq!(c.next(&mut buf), Ok(Some(0)));
     // A sequence number out of order.
     p.publish(b"def").unwrap();
-    raw.word(64 + 16).store(7, Ordering::Relaxed);
+    raw.word(64 + 8).store(meta(3, 0, 7), Ordering::Relaxed);
     assert_eq!(c.next(&mut buf), Err(Corrupt));
-    raw.word(64 + 16).store(1, Ordering::Relaxed);
+    raw.word(64 + 8).store(meta(3, 0, 1), Ordering::Relaxed);
     assert_eq!(c.next(&mut buf), Ok(Some(1)));
     // A floor that is not a record boundary, seen by a reader below it.
     raw.prod().floor.store(1000, Ordering::Relaxed);
@@ -282,9 +297,9 @@ fn hostile_values_are_corrupt() {
     // The producer's restart: unusable floor; a broken sequence chain; floor on an empty slot.
     assert!(Producer::new(raw).is_err());
     raw.prod().floor.store(0, Ordering::Relaxed);
-    raw.word(64 + 16).store(9, Ordering::Relaxed);
+    raw.word(64 + 8).store(meta(3, 0, 9), Ordering::Relaxed);
     assert!(Producer::new(raw).is_err());
-    raw.word(64 + 16).store(1, Ordering::Relaxed);
+    raw.word(64 + 8).store(meta(3, 0, 1), Ordering::Relaxed);
     assert_eq!(Producer::new(raw).map(|p| p.published()), Ok(2));
     raw.prod().floor.store(512, Ordering::Relaxed);
     assert!(Producer::new(raw).is_err());
@@ -331,4 +346,29 @@ fn reader_dead_between_its_cursor_stores_and_lapped_resumes() {
         between += usize::from(got[0] == 6);
     }
     assert!(between > 0, "no lap put the floor between the two stored positions");
+}
+
+#[test]
+fn a_reader_with_a_corrupt_cursor_is_repaired_to_the_oldest_record() {
+    let m = mem(1, 1024);
+    let mut p = Producer::new(m.raw).unwrap();
+    for s in 0..40 {
+        p.publish(&small(s)).unwrap();
+    }
+    let cur = m.raw.cursor(0);
+    cur.read_pos.store(13, Ordering::Relaxed);
+    assert!(Consumer::new(m.raw, 0).is_err(), "an unaligned cursor is corrupt");
+    let mut c = Consumer::repaired(m.raw, 0).unwrap();
+    let floor = m.raw.prod().floor.load(Ordering::Relaxed);
+    assert!(floor > 0, "the ring was lapped");
+    let mut buf = Vec::new();
+    let first = c.next(&mut buf).unwrap().expect("the record at floor");
+    assert_eq!(first, m.raw.prod().floor_seq.load(Ordering::Relaxed));
+    assert_eq!(buf, small(first));
+    let mut last = first;
+    while let Some(s) = c.next(&mut buf).unwrap() {
+        assert_eq!((s, &buf), (last + 1, &small(s)));
+        last = s;
+    }
+    assert_eq!((last, c.take_lost()), (39, 0));
 }

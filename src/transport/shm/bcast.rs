@@ -82,6 +82,8 @@ pub(super) struct BcastOut {
     pub(super) prod: mcast::Producer,
     /// Receivers to look at for a wake-up after the next commit.
     pub(super) wake: Wake,
+    /// How many receivers are diverted (the publish path skips its walk over them at 0).
+    diverted: usize,
 }
 
 impl BcastOut {
@@ -92,7 +94,8 @@ impl BcastOut {
             Ok(mut prod) => {
                 let tracked: Vec<bool> = out.iter().map(|o| o.as_ref().is_some_and(|o| !o.diverted)).collect();
                 prod.set_tracking(&tracked);
-                Some(BcastOut { prod, wake: Wake::None })
+                let diverted = out.iter().flatten().filter(|o| o.diverted).count();
+                Some(BcastOut { prod, wake: Wake::None, diverted })
             }
             Err(_) => {
                 tracing::warn!(me, "our broadcast ring is corrupt: every receiver is served through its pair ring");
@@ -163,11 +166,13 @@ impl ShmPort {
         b.prod.set_defer(*defer);
         let fits = msg.len() <= b.prod.max_body();
         if !fits {
+            let n = &mut b.diverted;
             b.prod.divert_where(
                 |_| true,
                 |r, unread| {
                     if let Some(o) = out[r].as_mut() {
                         divert(o, r, unread, max_queue_len, backlogged, counters, incarnation);
+                        *n += 1;
                     }
                 },
             );
@@ -176,6 +181,9 @@ impl ShmPort {
         let mut t = None;
         let mut shared = None;
         for (r, o) in out.iter_mut().enumerate() {
+            if b.diverted == 0 {
+                break;
+            }
             let Some(o) = o else { continue };
             if !o.diverted {
                 continue;
@@ -189,6 +197,7 @@ impl ShmPort {
                 o.diverted = false;
                 o.publish_owed(incarnation);
                 b.prod.track(r, pos);
+                b.diverted -= 1;
                 counters.resumes += 1;
                 continue;
             }
@@ -208,6 +217,7 @@ impl ShmPort {
             }
         });
         debug_assert!(published.is_ok(), "a body within max_body, or empty");
+        b.diverted += newly.len();
         // Diverted by this very record: it was not among their unread ones yet.
         for r in newly {
             if to.is_none_or(|t| t as usize == r) {
@@ -259,13 +269,24 @@ pub(super) struct BcastIn {
 impl BcastIn {
     pub(super) fn attach(region: &Region, from: u32, me: u32, counters: &mut PortCounters) -> BcastIn {
         let raw = region.ring(from, me);
-        let cons = match mcast::Consumer::new(region.bcast(from), me as usize) {
+        let ring = region.bcast(from);
+        let cons = match mcast::Consumer::new(ring, me as usize) {
+            Ok(c) => Ok(c),
+            Err(_) => {
+                // Resume from the oldest intact record (what lay between is reported as a
+                // corrupt ring, not counted: the cursor that would tell is gone).
+                tracing::warn!(from, me, "our cursor in a broadcast ring was corrupt: moved to its oldest record");
+                counters.corrupt_rings += 1;
+                mcast::Consumer::repaired(ring, me as usize)
+            }
+        };
+        let cons = match cons {
             Ok(mut c) => {
                 c.set_stop_on_lap();
                 Some(c)
             }
             Err(_) => {
-                tracing::warn!(from, me, "our cursor in a broadcast ring is corrupt: served through the pair ring");
+                tracing::warn!(from, me, "a broadcast ring is corrupt: served through the pair ring");
                 counters.corrupt_rings += 1;
                 None
             }
