@@ -7,7 +7,10 @@
 //!   up never noticed;
 //! * an event too large for the broadcast ring goes through the pair rings, in its place in
 //!   the stream, to a receiver stopped and to one keeping up;
-//! * options that differ in `broadcast_capacity` are refused at attach.
+//! * options that differ in `broadcast_capacity` are refused at attach;
+//! * a broadcast ring holding what no publisher writes is reported once and its receiver
+//!   sleeps (no spin), and a publisher starting in that slot serves everyone through the
+//!   pair rings.
 //!
 //! The whole multi-process suite also runs in this topology in CI (`.ci/run`, with
 //! `WORKER_EVENTS_BROADCAST` set).
@@ -15,6 +18,9 @@
 #[macro_use]
 mod support;
 
+use std::time::{Duration, Instant};
+
+use support::region::{ChildRegion, cpu_time};
 use support::*;
 use worker_events::{Transport, Wid};
 
@@ -127,4 +133,41 @@ fn a_worker_with_another_broadcast_capacity_is_refused() {
     other.broadcast_capacity = Some(2 * SMALL);
     let err = wd.spawn_expect_err(&other, Wid::Worker(1));
     assert!(err.contains("broadcast_capacity 8192/4096"), "{err}");
+}
+
+#[test]
+fn a_corrupt_broadcast_ring_is_reported_once_and_its_receiver_sleeps() {
+    let dir = TempDir::new("bcast-corrupt");
+    let wd = Watchdog::new("bcast-corrupt");
+    let cfg = cfg(&dir);
+    let mut w1 = wd.spawn(&cfg, Wid::Worker(1));
+    let mut w2 = wd.spawn(&cfg, Wid::Worker(2));
+    // Slot 0 never ran: at the start of its broadcast ring, a stamp that is neither the
+    // record's (!0), nor 0, nor an older lap's.
+    let region = ChildRegion::open(w1.pid());
+    region.bcast_data_word(0, 0).store(0x1234_5678, std::sync::atomic::Ordering::Release);
+    w1.send(Cmd::Park { n: 1 });
+    assert_eq!(w1.next_line(), "@@PARKING");
+    // The control timer wakes w1 within 200 ms: it meets the bad stamp then.
+    std::thread::sleep(Duration::from_millis(400));
+    let (c0, t0) = (cpu_time(w1.pid()), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let (c1, wall) = (cpu_time(w1.pid()), t0.elapsed());
+    let ratio = (c1 - c0).as_secs_f64() / wall.as_secs_f64();
+    assert!(ratio < 0.3, "w1 spins in wait(None): {:?} of CPU in {wall:?}", c1 - c0);
+    let r = w2.publish(Tgt::All, "q", "wake", 0, 1);
+    assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
+    let l = w1.next_line();
+    assert!(l.starts_with("@@PARKED"), "{l}");
+    w1.expect_ok();
+    assert_eq!(w1.report().stat("corrupt_rings"), 1, "reported once");
+    // A publisher starting in slot 0 finds its broadcast ring unusable and serves every
+    // receiver through its pair ring: all it publishes arrives, in order.
+    let mut w0 = wd.spawn(&cfg, Wid::Worker(0));
+    let r = w0.publish(Tgt::All, "q", "after", 0, 20);
+    assert_eq!((r.ok, r.err), (20, 0), "{:?}", r.errors);
+    for (c, name) in [(&mut w1, "w1"), (&mut w2, "w2")] {
+        assert!(c.until_within(if name == "w1" { 21 } else { 20 }, Duration::from_secs(10)), "{name}");
+        assert_eq!(c.report().stream("w0", "q", "after"), (0..20).collect::<Vec<_>>(), "{name}");
+    }
 }

@@ -65,6 +65,18 @@ impl ChildRegion {
         unsafe { &*self.map.as_mut_ptr().add(off).cast::<AtomicU32>() }
     }
 
+    /// The data word at position `pos` (a multiple of 8) of slot `producer`'s broadcast ring
+    /// (layout version 7 on: `bcast_capacity` at header offset 152, `bcast_offset` 160,
+    /// `bcast_stride` 168; the data area follows the producer line and one cursor line per
+    /// slot, 128 bytes each). Panics if the region has no broadcast rings.
+    pub fn bcast_data_word(&self, producer: u32, pos: u64) -> &AtomicU64 {
+        let cap = self.u64_at(152).load(Ordering::Acquire) as usize;
+        let (offset, stride) = (self.u64_at(160).load(Ordering::Acquire), self.u64_at(168).load(Ordering::Acquire));
+        assert!(cap.is_power_of_two() && offset > 0 && producer < self.slots, "no broadcast rings");
+        let data = offset as usize + producer as usize * stride as usize + 128 * (1 + self.slots as usize);
+        self.u64_at(data + ((pos as usize) & (cap - 1) & !7))
+    }
+
     /// The ring `producer -> consumer`.
     pub fn ring(&self, producer: u32, consumer: u32) -> Ring<'_> {
         assert!(producer < self.slots && consumer < self.slots);

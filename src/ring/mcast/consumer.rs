@@ -155,6 +155,12 @@ impl Consumer {
         Ok(())
     }
 
+    /// The stamp word at the read position as it is now (Acquire): what a reader that found
+    /// the ring corrupt there compares against, to stay quiet until the producer writes again.
+    pub(crate) fn stamp_word(&self) -> u64 {
+        self.ring.word(self.ring.off(self.read)).load(Ordering::Acquire)
+    }
+
     /// Whether a record is committed at the read position (one Acquire load; a lap shows as
     /// data, which the read then resolves).
     pub(crate) fn has_data(&self) -> bool {

@@ -264,6 +264,10 @@ pub(super) struct BcastIn {
     /// The publisher's sequence number expected next (copies below it are duplicates).
     next_seq: u64,
     buf: AlignedVec,
+    /// Found corrupt at our position: the stamp word seen there. Until it changes (the
+    /// publisher writes again), the ring is not read and does not count as work, so a
+    /// receiver never spins on what a broken or hostile publisher left (reported once).
+    stuck: Option<u64>,
 }
 
 impl BcastIn {
@@ -292,12 +296,13 @@ impl BcastIn {
             }
         };
         let next_seq = cons.as_ref().map_or(0, |c| c.next_seq());
-        BcastIn { diverted: raw.diverted() || cons.is_none(), cons, raw, next_seq, buf: AlignedVec::new() }
+        BcastIn { diverted: raw.diverted() || cons.is_none(), cons, raw, next_seq, buf: AlignedVec::new(), stuck: None }
     }
 
     /// Whether the broadcast ring has a record at our position (we read it: not diverted).
     pub(super) fn has_data(&self) -> bool {
-        !self.diverted && self.cons.as_ref().is_some_and(|c| c.has_data())
+        !self.diverted
+            && self.cons.as_ref().is_some_and(|c| c.has_data() && self.stuck.is_none_or(|v| c.stamp_word() != v))
     }
 
     /// A message from the pair ring (`bytes`: tag, then the message): deliver it unless it
@@ -368,6 +373,12 @@ impl BcastIn {
             self.diverted = true;
         }
         let Some(cons) = self.cons.as_mut().filter(|_| !self.diverted) else { return (0, false) };
+        if let Some(v) = self.stuck {
+            if cons.stamp_word() == v {
+                return (0, false);
+            }
+            self.stuck = None;
+        }
         let mut n = 0;
         for _ in 0..budget {
             match cons.read(&mut self.buf) {
@@ -400,8 +411,9 @@ impl BcastIn {
                     return (n, false);
                 }
                 Err(_) => {
-                    crate::log_limit::log_limited!(tracing::Level::WARN, from, "corrupt broadcast ring");
+                    tracing::warn!(from, "corrupt broadcast ring: not read until its publisher writes again");
                     counters.corrupt_rings += 1;
+                    self.stuck = Some(cons.stamp_word());
                     return (n, false);
                 }
             }
