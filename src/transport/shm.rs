@@ -302,12 +302,12 @@ impl ShmPort {
     /// Commit every ring written since the last commit, then wake parked receivers.
     #[inline(always)]
     fn commit_and_wake(&mut self) {
+        if self.bcast_on {
+            // The per-publisher topology's version (`shm/bcast.rs`), out of this path.
+            return self.commit_and_wake_bcast();
+        }
         self.pending = false;
         let mut committed = false;
-        if let Some(b) = self.bc.as_mut() {
-            b.prod.commit();
-            committed = b.wake != bcast::Wake::None;
-        }
         for o in self.out.iter_mut().flatten() {
             if o.touched {
                 if let Some(p) = o.prod.as_mut() {
@@ -319,15 +319,9 @@ impl ShmPort {
             return;
         }
         notify::after_commit();
-        let bwake = self.bc.as_mut().map_or(bcast::Wake::None, |b| std::mem::replace(&mut b.wake, bcast::Wake::None));
         for (c, o) in self.out.iter_mut().enumerate() {
             let Some(o) = o else { continue };
-            let by_bcast = match bwake {
-                bcast::Wake::None => false,
-                bcast::Wake::All => !o.diverted,
-                bcast::Wake::One(r) => r as usize == c && !o.diverted,
-            };
-            if !std::mem::take(&mut o.touched) && !by_bcast {
+            if !std::mem::take(&mut o.touched) {
                 continue;
             }
             if notify::should_wake(self.region.parked_flag(c as u32)) {

@@ -141,7 +141,9 @@ fn divert(
 
 impl ShmPort {
     /// [`ShmPort::send_all`] (`to` = None) and [`ShmPort::send_to`] on a region with
-    /// broadcast rings (module docs).
+    /// broadcast rings (module docs). Not inlined: the per-pair path that calls it stays as
+    /// lean as without it.
+    #[inline(never)]
     pub(super) fn send_bcast(&mut self, msg: &AlignedVec, to: Option<u32>) {
         let ShmPort { bc, out, max_queue_len, backlogged, counters, incarnation, defer, pending, .. } = self;
         let (max_queue_len, incarnation) = (*max_queue_len, *incarnation);
@@ -240,6 +242,49 @@ impl ShmPort {
                 return;
             }
             self.commit_and_wake();
+        }
+    }
+}
+
+impl ShmPort {
+    /// [`ShmPort::commit_and_wake`] on a region with broadcast rings: commit the broadcast
+    /// records a batch held and every pair ring written, then one fence, then a look at the
+    /// `parked` flag of each receiver something was committed for.
+    #[inline(never)]
+    pub(super) fn commit_and_wake_bcast(&mut self) {
+        self.pending = false;
+        let mut committed = false;
+        if let Some(b) = self.bc.as_mut() {
+            b.prod.commit();
+            committed = b.wake != Wake::None;
+        }
+        for o in self.out.iter_mut().flatten() {
+            if o.touched {
+                if let Some(p) = o.prod.as_mut() {
+                    committed |= p.commit();
+                }
+            }
+        }
+        if !committed {
+            return;
+        }
+        notify::after_commit();
+        let bwake = self.bc.as_mut().map_or(Wake::None, |b| std::mem::replace(&mut b.wake, Wake::None));
+        for (c, o) in self.out.iter_mut().enumerate() {
+            let Some(o) = o else { continue };
+            let by_bcast = match bwake {
+                Wake::None => false,
+                Wake::All => !o.diverted,
+                Wake::One(r) => r as usize == c && !o.diverted,
+            };
+            if !std::mem::take(&mut o.touched) && !by_bcast {
+                continue;
+            }
+            if notify::should_wake(self.region.parked_flag(c as u32)) {
+                self.eventfds[c].notify();
+                self.region.count_wakeup(c as u32);
+                self.counters.wakeups_sent += 1;
+            }
         }
     }
 }
