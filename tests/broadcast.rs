@@ -38,20 +38,25 @@ fn cfg(dir: &TempDir) -> Cfg {
     cfg
 }
 
+/// Workers 0 (keeps up), 1 (attached, then paused: it stops dispatching) and 2 (the
+/// publisher), after one `hello` event reached both receivers.
+fn busy_stopped_publisher(wd: &Watchdog, cfg: &Cfg) -> [Child; 3] {
+    let mut w = [0, 1, 2].map(|i| wd.spawn(cfg, Wid::Worker(i)));
+    let r = w[2].publish(Tgt::All, "seq", "hello", 0, 1);
+    assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
+    w[0].until(1);
+    w[1].until(1);
+    w[1].cmd(Cmd::Pause);
+    w
+}
+
 #[test]
 fn a_stopped_receiver_is_diverted_then_resumed_and_loses_nothing() {
     const N: u64 = 3000;
     let dir = TempDir::new("bcast-divert");
     let wd = Watchdog::new("bcast-divert");
     let cfg = cfg(&dir);
-    let mut busy = wd.spawn(&cfg, Wid::Worker(0));
-    let mut stopped = wd.spawn(&cfg, Wid::Worker(1));
-    let mut publisher = wd.spawn(&cfg, Wid::Worker(2));
-    let r = publisher.publish(Tgt::All, "seq", "hello", 0, 1);
-    assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
-    busy.until(1);
-    stopped.until(1);
-    stopped.cmd(Cmd::Pause);
+    let [mut busy, mut stopped, mut publisher] = busy_stopped_publisher(&wd, &cfg);
 
     // Many broadcast rings' worth while worker 1 does not dispatch.
     let r = publisher.publish(Tgt::All, "seq", "a", 0, N);
@@ -94,14 +99,7 @@ fn an_event_too_large_for_the_broadcast_ring_keeps_its_place_in_the_stream() {
     let dir = TempDir::new("bcast-large");
     let wd = Watchdog::new("bcast-large");
     let cfg = cfg(&dir);
-    let mut busy = wd.spawn(&cfg, Wid::Worker(0));
-    let mut stopped = wd.spawn(&cfg, Wid::Worker(1));
-    let mut publisher = wd.spawn(&cfg, Wid::Worker(2));
-    let r = publisher.publish(Tgt::All, "seq", "hello", 0, 1);
-    assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
-    busy.until(1);
-    stopped.until(1);
-    stopped.cmd(Cmd::Pause);
+    let [mut busy, mut stopped, mut publisher] = busy_stopped_publisher(&wd, &cfg);
     // A 4 KiB broadcast ring carries bodies up to 1,000 bytes; 3,000 go the pair-ring way.
     let mut expected = 1;
     for k in 0..5u64 {

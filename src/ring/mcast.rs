@@ -515,22 +515,11 @@ impl Producer {
         self.tracking.as_ref().is_some_and(|t| t[i].0)
     }
 
-    /// Stop tracking every tracked reader for which `pred` holds, handing each its unread
-    /// records first (a message too large for this ring goes another way to everyone).
-    pub(crate) fn divert_where(&mut self, pred: impl Fn(usize) -> bool, mut divert: impl FnMut(usize, &Unread<'_>)) {
-        let floor = self.starts.front().copied().unwrap_or(self.write);
-        let ring = self.ring;
-        let Some(t) = self.tracking.as_mut() else { return };
-        for (i, slot) in t.iter_mut().enumerate() {
-            if !slot.0 || !pred(i) {
-                continue;
-            }
-            let from = Self::position_of(ring, i, slot.1, self.write).max(floor);
-            divert(i, &Unread { ring, starts: &self.starts, from, near: self.seq });
-            slot.0 = false;
-        }
-        self.min_read = u64::MAX;
-        self.scan_tracked(floor, &mut |_, _| {});
+    /// Stop tracking every tracked reader, handing each its unread records first (a message
+    /// too large for this ring goes another way to everyone): the scan that precedes a floor
+    /// raise, with every position below the new floor.
+    pub(crate) fn divert_all(&mut self, mut divert: impl FnMut(usize, &Unread<'_>)) {
+        self.scan_tracked(u64::MAX, &mut divert);
     }
 
     /// Where tracked reader `i` is: its stored cursor if plausible (aligned, not past the

@@ -306,8 +306,17 @@ impl ShmPort {
             // The per-publisher topology's version (`shm/bcast.rs`), out of this path.
             return self.commit_and_wake_bcast();
         }
+        self.commit_and_wake_with(false, bcast::Wake::None);
+    }
+
+    /// Commit every pair ring written since the last commit; if anything was committed
+    /// (there, or in the broadcast ring: `bcast_committed`), one fence, then a look at the
+    /// `parked` flag of each receiver a pair ring was written for or `bwake` names. Inlined
+    /// into both callers: the per-pair one passes constants and keeps its old code.
+    #[inline(always)]
+    fn commit_and_wake_with(&mut self, bcast_committed: bool, bwake: bcast::Wake) {
         self.pending = false;
-        let mut committed = false;
+        let mut committed = bcast_committed;
         for o in self.out.iter_mut().flatten() {
             if o.touched {
                 if let Some(p) = o.prod.as_mut() {
@@ -321,7 +330,12 @@ impl ShmPort {
         notify::after_commit();
         for (c, o) in self.out.iter_mut().enumerate() {
             let Some(o) = o else { continue };
-            if !std::mem::take(&mut o.touched) {
+            let by_bcast = match bwake {
+                bcast::Wake::None => false,
+                bcast::Wake::All => !o.diverted,
+                bcast::Wake::One(r) => r as usize == c && !o.diverted,
+            };
+            if !std::mem::take(&mut o.touched) && !by_bcast {
                 continue;
             }
             if notify::should_wake(self.region.parked_flag(c as u32)) {

@@ -169,15 +169,12 @@ impl ShmPort {
         let fits = msg.len() <= b.prod.max_body();
         if !fits {
             let n = &mut b.diverted;
-            b.prod.divert_where(
-                |_| true,
-                |r, unread| {
-                    if let Some(o) = out[r].as_mut() {
-                        divert(o, r, unread, max_queue_len, backlogged, counters, incarnation);
-                        *n += 1;
-                    }
-                },
-            );
+            b.prod.divert_all(|r, unread| {
+                if let Some(o) = out[r].as_mut() {
+                    divert(o, r, unread, max_queue_len, backlogged, counters, incarnation);
+                    *n += 1;
+                }
+            });
         }
         let seq = b.prod.published();
         let mut t = None;
@@ -248,44 +245,18 @@ impl ShmPort {
 
 impl ShmPort {
     /// [`ShmPort::commit_and_wake`] on a region with broadcast rings: commit the broadcast
-    /// records a batch held and every pair ring written, then one fence, then a look at the
-    /// `parked` flag of each receiver something was committed for.
+    /// records a batch held, then the pair rings, fence and wake as the per-pair path does,
+    /// also looking at the receivers the broadcast records are for.
     #[inline(never)]
     pub(super) fn commit_and_wake_bcast(&mut self) {
-        self.pending = false;
-        let mut committed = false;
-        if let Some(b) = self.bc.as_mut() {
-            b.prod.commit();
-            committed = b.wake != Wake::None;
-        }
-        for o in self.out.iter_mut().flatten() {
-            if o.touched {
-                if let Some(p) = o.prod.as_mut() {
-                    committed |= p.commit();
-                }
+        let (committed, bwake) = match self.bc.as_mut() {
+            Some(b) => {
+                b.prod.commit();
+                (b.wake != Wake::None, std::mem::replace(&mut b.wake, Wake::None))
             }
-        }
-        if !committed {
-            return;
-        }
-        notify::after_commit();
-        let bwake = self.bc.as_mut().map_or(Wake::None, |b| std::mem::replace(&mut b.wake, Wake::None));
-        for (c, o) in self.out.iter_mut().enumerate() {
-            let Some(o) = o else { continue };
-            let by_bcast = match bwake {
-                Wake::None => false,
-                Wake::All => !o.diverted,
-                Wake::One(r) => r as usize == c && !o.diverted,
-            };
-            if !std::mem::take(&mut o.touched) && !by_bcast {
-                continue;
-            }
-            if notify::should_wake(self.region.parked_flag(c as u32)) {
-                self.eventfds[c].notify();
-                self.region.count_wakeup(c as u32);
-                self.counters.wakeups_sent += 1;
-            }
-        }
+            None => (false, Wake::None),
+        };
+        self.commit_and_wake_with(committed, bwake);
     }
 }
 

@@ -34,6 +34,26 @@ pub(super) fn deliver_message<D: Deliver>(sink: &mut D, c: Checks, from: u32, by
     }
 }
 
+/// A whole message from a pair ring: checked and handed to `sink`, through our end of the
+/// publisher's broadcast ring when the region has them (the message is tagged: a copy may
+/// be a duplicate, or a resume marker). Returns true at a resume marker.
+#[inline(always)]
+fn deliver_pair_message<D: Deliver>(
+    sink: &mut D,
+    c: Checks,
+    from: u32,
+    bytes: &[u8],
+    bc: Option<&mut bcast::BcastIn>,
+) -> bool {
+    match bc {
+        Some(bc) => matches!(bc.deliver_pair(sink, c, from, bytes), bcast::Flow::Resumed),
+        None => {
+            deliver_message(sink, c, from, bytes);
+            false
+        }
+    }
+}
+
 /// Consume the record `info`, appending its body to `asm`.
 ///
 /// # Safety
@@ -129,14 +149,10 @@ impl ShmPort {
                     n += 1;
                     // Consumed before the callbacks run: a successor never sees it again.
                     cons.commit_read();
-                    if let Some(bc) = inb.bc.as_mut() {
-                        if let bcast::Flow::Resumed = bc.deliver_pair(sink, checks, from, &inb.asm) {
-                            resumed = true;
-                            break;
-                        }
-                        continue;
+                    if deliver_pair_message(sink, checks, from, &inb.asm, inb.bc.as_mut()) {
+                        resumed = true;
+                        break;
                     }
-                    deliver_message(sink, checks, from, &inb.asm);
                     continue;
                 }
                 if info.flags & FIRST != 0 {
@@ -177,14 +193,10 @@ impl ShmPort {
                     n += 1;
                     // Consumed before the callbacks run: a successor never sees it again.
                     cons.commit_read();
-                    if let Some(bc) = inb.bc.as_mut() {
-                        if let bcast::Flow::Resumed = bc.deliver_pair(sink, checks, from, &inb.asm) {
-                            resumed = true;
-                            break;
-                        }
-                        continue;
+                    if deliver_pair_message(sink, checks, from, &inb.asm, inb.bc.as_mut()) {
+                        resumed = true;
+                        break;
                     }
-                    deliver_message(sink, checks, from, &inb.asm);
                 }
             }
             if cons.release() {
