@@ -902,6 +902,8 @@ impl Scenario for WeThroughput {
         vec![
             ("events lost (lost_outbound)", self.worker.stats().lost_outbound),
             ("publisher passes waiting for room (backlog > 1024)", self.waits),
+            ("receivers diverted from the broadcast ring", self.worker.stats().diverts),
+            ("receivers resumed", self.worker.stats().resumes),
         ]
     }
 }

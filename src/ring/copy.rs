@@ -3,7 +3,7 @@
 //! bytes concurrently is never a data race in the Rust memory model.
 
 use super::RawRing;
-use crate::sync::Ordering;
+use crate::sync::{AtomicU64, Ordering};
 
 impl RawRing {
     /// Copy `src` into the data area at position `pos`, wrapping around the end.
@@ -57,37 +57,7 @@ impl RawRing {
         if off & 7 != 0 {
             (off, src) = self.store_head(off, src);
         }
-        let (p, n) = (src.as_ptr(), src.len());
-        // SAFETY: every read is of eight bytes of `src` at i + 8 * k <= n - 8.
-        let word_at = |i: usize| u64::from_le_bytes(unsafe { p.add(i).cast::<[u8; 8]>().read_unaligned() });
-        let put = |i: usize, v: u64| self.word(off + i).store(v, Ordering::Relaxed);
-        // Four words per step, then 2 and 1 without a loop: few instructions per word
-        // (the compiler neither merges nor vectorizes atomic accesses as it would a copy).
-        let whole = n & !7;
-        let mut i = 0;
-        while i < whole & !31 {
-            put(i, word_at(i));
-            put(i + 8, word_at(i + 8));
-            put(i + 16, word_at(i + 16));
-            put(i + 24, word_at(i + 24));
-            i += 32;
-        }
-        if whole & 16 != 0 {
-            put(i, word_at(i));
-            put(i + 8, word_at(i + 8));
-            i += 16;
-        }
-        if whole & 8 != 0 {
-            put(i, word_at(i));
-            i += 8;
-        }
-        if i < n {
-            // The record's last word: the bytes past the body are padding (or the start of
-            // the next part, which merges into this word as `store_head` does).
-            // SAFETY: the n - i < 8 bytes from `p + i` are the rest of `src`.
-            let v = unsafe { tail_word(p.add(i), n - i) };
-            self.word(off + i).store(v, Ordering::Relaxed);
-        }
+        store_aligned_run(|o| self.word(o), off, src);
     }
 
     /// The first bytes of a part that starts inside a word an earlier part of the record
@@ -161,35 +131,82 @@ impl RawRing {
             off += n;
             len -= n;
         }
-        // SAFETY: every write is of eight bytes at dst + i + 8 * k <= dst + len - 8;
-        // unaligned stores to private memory.
-        let put = |i: usize, v: u64| unsafe { dst.add(i).cast::<[u8; 8]>().write_unaligned(v.to_le_bytes()) };
-        let get = |i: usize| self.word(off + i).load(Ordering::Relaxed);
-        // As in `store_run`: four words per step, then 2 and 1 without a loop.
-        let whole = len & !7;
-        let mut i = 0;
-        while i < whole & !31 {
-            put(i, get(i));
-            put(i + 8, get(i + 8));
-            put(i + 16, get(i + 16));
-            put(i + 24, get(i + 24));
-            i += 32;
-        }
-        if whole & 16 != 0 {
-            put(i, get(i));
-            put(i + 8, get(i + 8));
-            i += 16;
-        }
-        if whole & 8 != 0 {
-            put(i, get(i));
-            i += 8;
-        }
-        if i < len {
-            // The record's last word: its bytes past the body are the record's padding.
-            let v = get(i);
-            // SAFETY: the len - i < 8 bytes left at dst + i.
-            unsafe { store_tail(v, dst.add(i), len - i) };
-        }
+        // SAFETY: dst valid for len byte writes (caller).
+        unsafe { load_aligned_run(|o| self.word(o), off, dst, len) };
+    }
+}
+
+/// Store `src` into the data-area words `word(off)`, `word(off + 8)`, ... (`off` a multiple
+/// of 8), a Relaxed store each; the bytes of the last word past `src` are zeros (record
+/// padding, or the start of a later part of the record, which merges into that word). Four
+/// words per step, then 2 and 1 without a loop: few instructions per word (the compiler
+/// neither merges nor vectorizes atomic accesses as it would a copy). Shared by both rings.
+#[inline(always)]
+pub(super) fn store_aligned_run<'a>(word: impl Fn(usize) -> &'a AtomicU64, off: usize, src: &[u8]) {
+    let (p, n) = (src.as_ptr(), src.len());
+    // SAFETY: every read is of eight bytes of `src` at i + 8 * k <= n - 8.
+    let word_at = |i: usize| u64::from_le_bytes(unsafe { p.add(i).cast::<[u8; 8]>().read_unaligned() });
+    let put = |i: usize, v: u64| word(off + i).store(v, Ordering::Relaxed);
+    let whole = n & !7;
+    let mut i = 0;
+    while i < whole & !31 {
+        put(i, word_at(i));
+        put(i + 8, word_at(i + 8));
+        put(i + 16, word_at(i + 16));
+        put(i + 24, word_at(i + 24));
+        i += 32;
+    }
+    if whole & 16 != 0 {
+        put(i, word_at(i));
+        put(i + 8, word_at(i + 8));
+        i += 16;
+    }
+    if whole & 8 != 0 {
+        put(i, word_at(i));
+        i += 8;
+    }
+    if i < n {
+        // SAFETY: the n - i < 8 bytes from `p + i` are the rest of `src`.
+        let v = unsafe { tail_word(p.add(i), n - i) };
+        put(i, v);
+    }
+}
+
+/// Copy `len` bytes out of the data-area words `word(off)`, ... (`off` a multiple of 8),
+/// a Relaxed load each, to private memory at `dst` (plain unaligned stores); as
+/// [`store_aligned_run`], four words per step.
+///
+/// # Safety
+/// `dst` valid for `len` byte writes.
+#[inline(always)]
+pub(super) unsafe fn load_aligned_run<'a>(word: impl Fn(usize) -> &'a AtomicU64, off: usize, dst: *mut u8, len: usize) {
+    // SAFETY: every write is of eight bytes at dst + i + 8 * k <= dst + len - 8;
+    // unaligned stores to private memory.
+    let put = |i: usize, v: u64| unsafe { dst.add(i).cast::<[u8; 8]>().write_unaligned(v.to_le_bytes()) };
+    let get = |i: usize| word(off + i).load(Ordering::Relaxed);
+    let whole = len & !7;
+    let mut i = 0;
+    while i < whole & !31 {
+        put(i, get(i));
+        put(i + 8, get(i + 8));
+        put(i + 16, get(i + 16));
+        put(i + 24, get(i + 24));
+        i += 32;
+    }
+    if whole & 16 != 0 {
+        put(i, get(i));
+        put(i + 8, get(i + 8));
+        i += 16;
+    }
+    if whole & 8 != 0 {
+        put(i, get(i));
+        i += 8;
+    }
+    if i < len {
+        // The record's last word: its bytes past the body are the record's padding.
+        let v = get(i);
+        // SAFETY: the len - i < 8 bytes left at dst + i.
+        unsafe { store_tail(v, dst.add(i), len - i) };
     }
 }
 

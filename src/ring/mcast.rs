@@ -305,6 +305,25 @@ impl RawMcast {
         (pos as usize) & (self.cap - 1)
     }
 
+    /// Ask the cache for the line at position `pos`: the next record's stamp, whose transfer
+    /// from the producer's core then overlaps with the copy of this one (as the SPSC ring's
+    /// `Consumer::prefetch_next`). A hint only: it reads nothing.
+    #[inline]
+    fn prefetch(&self, pos: u64) {
+        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        {
+            let off = self.off(pos);
+            // SAFETY: off / 8 < cap / 8, inside the data area (type invariant); a prefetch
+            // never faults and has no architectural effect.
+            unsafe {
+                let p = self.data.as_ptr().add(off / 8);
+                std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
+            }
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+        let _ = pos;
+    }
+
     /// The 8-byte word at data offset `off` (a multiple of 8, below `cap`).
     fn word(&self, off: usize) -> &AtomicU64 {
         debug_assert!(off % 8 == 0 && off < self.cap);

@@ -190,6 +190,9 @@ impl Consumer {
             let seq = widen(self.next_seq, seq_lo);
             let sane = len <= max_body(self.ring.cap) && dest <= self.ring.readers() as u64;
             let mine = dest == 0 || dest == self.idx as u64 + 1;
+            if sane {
+                self.ring.prefetch(read + record_size(len) as u64);
+            }
             if sane && mine {
                 self.ring.copy_out(read + MC_HDR as u64, buf.sized(len));
             }

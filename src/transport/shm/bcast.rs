@@ -84,6 +84,9 @@ pub(super) struct BcastOut {
     pub(super) wake: Wake,
     /// How many receivers are diverted (the publish path skips its walk over them at 0).
     diverted: usize,
+    /// The tagged copy of the message being sent (built once per message, reused: a
+    /// diverted receiver's copy costs no allocation unless its backlog must keep it).
+    tagbuf: AlignedVec,
 }
 
 impl BcastOut {
@@ -95,7 +98,7 @@ impl BcastOut {
                 let tracked: Vec<bool> = out.iter().map(|o| o.as_ref().is_some_and(|o| !o.diverted)).collect();
                 prod.set_tracking(&tracked);
                 let diverted = out.iter().flatten().filter(|o| o.diverted).count();
-                Some(BcastOut { prod, wake: Wake::None, diverted })
+                Some(BcastOut { prod, wake: Wake::None, diverted, tagbuf: AlignedVec::new() })
             }
             Err(_) => {
                 tracing::warn!(me, "our broadcast ring is corrupt: every receiver is served through its pair ring");
@@ -111,19 +114,27 @@ impl BcastOut {
 /// A message with its tag, as a pair ring of a region with broadcast rings carries it.
 fn tagged(tag: u64, body: &[u8]) -> AlignedVec {
     let mut v = AlignedVec::with_capacity(TAG_LEN + body.len());
+    fill_tagged(&mut v, tag, body);
+    v
+}
+
+/// [`tagged`] into a buffer that is reused.
+fn fill_tagged(v: &mut AlignedVec, tag: u64, body: &[u8]) {
+    v.clear();
     v.extend_from_slice(&tag.to_le_bytes());
     v.extend_from_slice(&[0; 8]);
     v.extend_from_slice(body);
-    v
 }
 
 /// Divert receiver `r`: queue (ring, else backlog) copies of what it has not read, then set
 /// the bit (with what the backlog owes) in one Release store, before the caller raises
 /// `floor`.
+#[allow(clippy::too_many_arguments)]
 fn divert(
     o: &mut Outbound,
     r: usize,
     unread: &Unread<'_>,
+    tagbuf: &mut AlignedVec,
     max_queue_len: usize,
     backlogged: &mut usize,
     counters: &mut PortCounters,
@@ -132,7 +143,8 @@ fn divert(
     o.diverted = true;
     unread.for_each(|seq, dest, body| {
         if !body.is_empty() && (dest == 0 || dest as usize == r + 1) {
-            offer(o, &tagged(seq, body), &mut None, max_queue_len, backlogged, counters);
+            fill_tagged(tagbuf, seq, body);
+            offer(o, tagbuf, &mut None, max_queue_len, backlogged, counters);
         }
     });
     o.publish_owed(incarnation);
@@ -165,22 +177,23 @@ impl ShmPort {
             }
             return;
         };
-        b.prod.set_defer(*defer);
-        let fits = msg.len() <= b.prod.max_body();
+        let BcastOut { prod, wake, diverted, tagbuf } = b;
+        prod.set_defer(*defer);
+        let fits = msg.len() <= prod.max_body();
         if !fits {
-            let n = &mut b.diverted;
-            b.prod.divert_all(|r, unread| {
+            prod.divert_all(|r, unread| {
                 if let Some(o) = out[r].as_mut() {
-                    divert(o, r, unread, max_queue_len, backlogged, counters, incarnation);
-                    *n += 1;
+                    divert(o, r, unread, tagbuf, max_queue_len, backlogged, counters, incarnation);
+                    *diverted += 1;
                 }
             });
         }
-        let seq = b.prod.published();
-        let mut t = None;
+        let seq = prod.published();
+        // Whether `tagbuf` holds this message's tagged copy.
+        let mut t = false;
         let mut shared = None;
         for (r, o) in out.iter_mut().enumerate() {
-            if b.diverted == 0 {
+            if *diverted == 0 {
                 break;
             }
             let Some(o) = o else { continue };
@@ -189,46 +202,54 @@ impl ShmPort {
             }
             if fits && o.backlog.is_empty() && o.prod.as_ref().is_some_and(|p| p.depth() <= RESUME_DEPTH) {
                 // Caught up: tell it where to continue in the broadcast ring (this message).
-                let pos = b.prod.write_pos();
+                let pos = prod.write_pos();
                 let mut marker = tagged(RESUME, &pos.to_le_bytes());
                 marker.extend_from_slice(&seq.to_le_bytes());
                 any |= offer(o, &marker, &mut None, max_queue_len, backlogged, counters);
                 o.diverted = false;
                 o.publish_owed(incarnation);
-                b.prod.track(r, pos);
-                b.diverted -= 1;
+                prod.track(r, pos);
+                *diverted -= 1;
                 counters.resumes += 1;
                 continue;
             }
             if to.is_none_or(|t| t as usize == r) {
-                let t = t.get_or_insert_with(|| tagged(seq, msg));
-                any |= offer(o, t, &mut shared, max_queue_len, backlogged, counters);
+                if !std::mem::replace(&mut t, true) {
+                    fill_tagged(tagbuf, seq, msg);
+                }
+                any |= offer(o, tagbuf, &mut shared, max_queue_len, backlogged, counters);
                 o.publish_owed(incarnation);
             }
         }
         let body: &[u8] = if fits { msg } else { &[] };
         let dest = to.map_or(0, |r| r + 1);
         let mut newly = Vec::new();
-        let published = b.prod.publish_to(body, dest, |r, unread| {
+        let published = prod.publish_to(body, dest, |r, unread| {
             if let Some(o) = out[r].as_mut() {
-                divert(o, r, unread, max_queue_len, backlogged, counters, incarnation);
+                divert(o, r, unread, tagbuf, max_queue_len, backlogged, counters, incarnation);
                 newly.push(r);
             }
         });
         debug_assert!(published.is_ok(), "a body within max_body, or empty");
-        b.diverted += newly.len();
+        *diverted += newly.len();
+        if !newly.is_empty() {
+            // `divert` reused the buffer.
+            t = false;
+        }
         // Diverted by this very record: it was not among their unread ones yet.
         for r in newly {
             if to.is_none_or(|t| t as usize == r) {
                 if let Some(o) = out[r].as_mut() {
-                    let t = t.get_or_insert_with(|| tagged(seq, msg));
-                    any |= offer(o, t, &mut shared, max_queue_len, backlogged, counters);
+                    if !std::mem::replace(&mut t, true) {
+                        fill_tagged(tagbuf, seq, msg);
+                    }
+                    any |= offer(o, tagbuf, &mut shared, max_queue_len, backlogged, counters);
                     o.publish_owed(incarnation);
                 }
             }
         }
         if fits {
-            b.wake = b.wake.add(to);
+            *wake = wake.add(to);
             any = true;
         }
         if any {
