@@ -7,19 +7,26 @@
 //! ## Architecture
 //!
 //! ```text
-//!  worker 0            worker 1            worker 2          (+ privileged agent, optional)
-//!    |  \________ SPSC ring 0->1 ________/ |                  one ring per ordered pair
-//!    |  \________ SPSC ring 0->2 ________________________/    in ONE sealed memfd region
-//!    |<_________ ring 1->0 ____|                              one eventfd per slot
+//!  worker 0 --writes once--> broadcast ring of 0 --each reader's cursor--> workers 1, 2, ...
+//!  worker 1 --writes once--> broadcast ring of 1 --> workers 0, 2, ...      one per slot
+//!    |  \________ SPSC ring 0->1 ________/ |        one per ordered pair: readers that fell
+//!    |<_________ ring 1->0 ____|                     behind (all, with broadcast_capacity(0))
 //!    '-- control channel: unix socket at `listening`, served by the elected broker
+//!  all rings in ONE sealed memfd region; one eventfd per slot
 //! ```
 //!
-//! * **Fast path, broker-less.** `publish(Target::All)` serializes the event once and copies
-//!   it into the ring from the publisher to every other slot; a receiver is woken through
-//!   its eventfd only if it is parked (a flag in shared memory), so a busy receiver costs
-//!   the publisher no syscall. The publisher's own copy goes to a private queue, in order
-//!   with its `Current` events. The broker is not on this path. A burst published through
-//!   one [`Batch`] ([`Worker::batch`]) is committed once, at its end, and wakes each parked
+//! * **Fast path, broker-less.** `publish(Target::All)` serializes the event once and
+//!   writes it once, into the publisher's **broadcast ring** (`ring/mcast.rs`), which every
+//!   other slot reads through its own cursor (the per-publisher topology, the default: see
+//!   [`Options::broadcast_capacity`]); a receiver is woken through its eventfd only if it
+//!   is parked (a flag in shared memory), so a busy receiver costs the publisher no
+//!   syscall. A receiver that falls a whole broadcast ring behind is never lapped: the
+//!   publisher first copies what it has not read into the **SPSC ring** of that pair and
+//!   serves it there until it has caught up (`transport/shm/bcast.rs`). With
+//!   `broadcast_capacity(0)` the event is copied into the pair ring of every other slot
+//!   instead. The publisher's own copy goes to a private queue, in order with its
+//!   `Current` events. The broker is not on this path. A burst published through one
+//!   [`Batch`] ([`Worker::batch`]) is committed once, at its end, and wakes each parked
 //!   receiver at most once.
 //! * **Rings** (`ring.rs`): variable-length records, one Release store per
 //!   commit, cached positions, producer and consumer words on separate 128-byte lines.

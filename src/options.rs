@@ -206,31 +206,35 @@ impl Options {
     }
 
     /// Data bytes of each worker's **broadcast ring** (power of two, 4 KiB..=64 MiB), or 0
-    /// (the default) for none: the per-publisher topology of shared memory, **opt-in while
-    /// it is being completed** (ARCHITECTURE.md, "Per-publisher topology").
+    /// for none. Default: the per-pair rings' [`Options::ring_capacity`] when it is set, else
+    /// [`DEFAULT_RING_CAPACITY`] (128 KiB), whatever the number of workers: the
+    /// per-publisher topology of shared memory is **the default** (ARCHITECTURE.md,
+    /// "Per-publisher topology"); 0 keeps the per-pair rings alone (the topology of earlier
+    /// versions: one copy of each event per receiver, a region that grows with the square
+    /// of the workers).
     ///
     /// With it, a worker writes each event once, into its own ring, and every other worker
     /// reads it there through its own cursor, so `publish(All)` costs about the same for 4
-    /// workers as for 64 and the region grows linearly with the workers (one ring per
-    /// worker instead of one per pair). A receiver that falls a whole broadcast ring behind
-    /// is not lapped: before overwriting what it has not read, the publisher copies that into
-    /// the receiver's own ring and backlog (the per-pair path, `ring_capacity` and
-    /// `max_queue_len` as without it) and sends it the following events that way until it
-    /// has caught up, then tells it to return to the broadcast ring. Order, no duplicates and
-    /// the `lost` accounting are as without it. An event too large for a quarter of the
-    /// broadcast ring (its largest record) goes the per-pair way to everyone.
+    /// workers as for 64, a burst costs one wake-up per sleeping receiver, and the region
+    /// grows linearly with the workers (one such ring per worker). A receiver that falls a
+    /// whole broadcast ring behind is not lapped: before overwriting what it has not read,
+    /// the publisher copies that into the receiver's own pair ring and backlog
+    /// (`ring_capacity` and `max_queue_len` as without it) and sends it the following events
+    /// that way until it has caught up, then tells it to return to the broadcast ring. Order,
+    /// no duplicates and the `lost` accounting are as without it. An event too large for a
+    /// quarter of the broadcast ring (its largest record) goes the per-pair way to everyone.
     /// Part of the region's geometry: every process of a deployment must set the same value.
     /// Only the shared-memory transport uses it.
     ///
-    /// Test hook: with `WORKER_EVENTS_BROADCAST` set in the environment (any value), a
-    /// deployment that does not set this option gets broadcast rings of its `ring_capacity`
-    /// (so tests that shrink the rings to exercise backlogs shrink these too). CI runs the
+    /// Test hook: with `WORKER_EVENTS_BROADCAST=0` in the environment, a deployment that
+    /// does not set this option gets no broadcast rings (the per-pair topology). CI runs the
     /// multi-process suites once more that way (`.ci/run`).
     ///
     /// ```
     /// let o = worker_events::Options::new("/tmp/s").broadcast_capacity(256 * 1024);
     /// assert_eq!(o.get_broadcast_capacity(), 256 * 1024);
-    /// assert_eq!(worker_events::Options::new("/tmp/s").get_broadcast_capacity(), 0);
+    /// let pair_rings_only = worker_events::Options::new("/tmp/s").broadcast_capacity(0);
+    /// assert_eq!(pair_rings_only.get_broadcast_capacity(), 0);
     /// ```
     pub fn broadcast_capacity(mut self, bytes: usize) -> Self {
         self.broadcast_capacity = Some(bytes);
@@ -240,15 +244,19 @@ impl Options {
     /// See [`Options::broadcast_capacity`].
     ///
     /// ```
-    /// assert_eq!(worker_events::Options::new("/s").get_broadcast_capacity(), 0);
+    /// # if std::env::var_os("WORKER_EVENTS_BROADCAST").is_none() {
+    /// use worker_events::Options;
+    /// assert_eq!(Options::new("/s").get_broadcast_capacity(), 128 * 1024);
+    /// assert_eq!(Options::new("/s").ring_capacity(16 * 1024).get_broadcast_capacity(), 16 * 1024);
+    /// # }
     /// ```
     pub fn get_broadcast_capacity(&self) -> usize {
         self.broadcast_capacity.unwrap_or_else(|| {
             // The test hook documented on `broadcast_capacity`.
-            if std::env::var_os("WORKER_EVENTS_BROADCAST").is_some() {
-                self.ring_capacity.unwrap_or(DEFAULT_RING_CAPACITY)
-            } else {
+            if std::env::var_os("WORKER_EVENTS_BROADCAST").is_some_and(|v| v == "0") {
                 0
+            } else {
+                self.ring_capacity.unwrap_or(DEFAULT_RING_CAPACITY)
             }
         })
     }

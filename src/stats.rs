@@ -40,7 +40,7 @@ pub struct Stats {
     pub wakeups_sent: u64,
     /// Times this worker was woken through its eventfd.
     pub wakeups_received: u64,
-    /// (shared memory with `Options::broadcast_capacity`) Times a receiver fell a whole
+    /// (shared memory with broadcast rings, the default) Times a receiver fell a whole
     /// broadcast ring behind this worker and was diverted to its pair ring (its events then
     /// cost this worker one copy each until it caught up).
     pub diverts: u64,

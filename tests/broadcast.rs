@@ -12,8 +12,8 @@
 //!   sleeps (no spin), and a publisher starting in that slot serves everyone through the
 //!   pair rings.
 //!
-//! The whole multi-process suite also runs in this topology in CI (`.ci/run`, with
-//! `WORKER_EVENTS_BROADCAST` set).
+//! This topology is the default, so the whole multi-process suite runs in it; CI runs it
+//! once more in the per-pair topology (`.ci/run`, with `WORKER_EVENTS_BROADCAST=0`).
 
 #[macro_use]
 mod support;

@@ -2,7 +2,7 @@
 //! memory: one ring per publisher, written once, read by every receiver through its own
 //! cursor (the Disruptor multicast / Agrona broadcast buffer / Aeron log buffer pattern).
 //!
-//! **Use.** The per-publisher topology (`Options::broadcast_capacity`, layout version 7): one
+//! **Use.** The per-publisher topology (the default, `Options::broadcast_capacity`): one
 //! ring per slot in the region, driven by `transport/shm/bcast.rs` in **diverting mode**
 //! ([`Producer::set_tracking`], [`Consumer::set_stop_on_lap`]): the producer never laps a
 //! reader it tracks but hands that reader's unread records to its caller first (see

@@ -1,4 +1,4 @@
-//! The per-publisher topology (opt-in: `Options::broadcast_capacity`): each slot writes
+//! The per-publisher topology (the default; `Options::broadcast_capacity`): each slot writes
 //! every message once, into its own broadcast ring (`ring/mcast.rs`), which every other slot
 //! reads through its own cursor. The per-pair rings stay, for receivers that fall behind.
 //!
