@@ -528,6 +528,11 @@ impl Producer {
         self.min_read = self.min_read.min(guard);
     }
 
+    /// The readers tracked (diverting mode), in index order.
+    pub(crate) fn tracked(&self) -> impl Iterator<Item = usize> + '_ {
+        self.tracking.iter().flat_map(|t| t.iter().enumerate().filter(|(_, t)| t.0).map(|(i, _)| i))
+    }
+
     /// Whether reader `i` is tracked (diverting mode).
     #[cfg_attr(not(loom), allow(dead_code))]
     pub(crate) fn is_tracked(&self, i: usize) -> bool {

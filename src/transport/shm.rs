@@ -125,6 +125,11 @@ pub(crate) struct ShmPort {
     /// a batch guard that is leaked instead of dropped delays its events until this worker's
     /// next library call, never for good.
     pending: bool,
+    /// Broadcast rings: a pair ring was written since the last commit (copies for a
+    /// diverted receiver, a resume marker, a backlog retry). While it is false, a commit
+    /// has only the broadcast ring to commit and its tracked readers to look at
+    /// (`ShmPort::commit_and_wake_bcast`), not every pair ring.
+    pair_touched: bool,
     armed: bool,
     /// Drain passes since a release left a fenced want-space check owed (0: none owed).
     owed_passes: u32,
@@ -211,6 +216,7 @@ impl ShmPort {
             backlogged: 0,
             defer: false,
             pending: false,
+            pair_touched: false,
             armed: false,
             owed_passes: 0,
             bc,
@@ -414,6 +420,7 @@ impl ShmPort {
             o.publish_owed(self.incarnation);
         }
         if progress {
+            self.pair_touched = true;
             self.commit_and_wake();
         }
         progress

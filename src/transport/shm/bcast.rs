@@ -157,10 +157,13 @@ impl ShmPort {
     /// lean as without it.
     #[inline(never)]
     pub(super) fn send_bcast(&mut self, msg: &AlignedVec, to: Option<u32>) {
-        let ShmPort { bc, out, max_queue_len, backlogged, counters, incarnation, defer, pending, .. } = self;
+        let ShmPort { bc, out, max_queue_len, backlogged, counters, incarnation, defer, pending, pair_touched, .. } =
+            self;
         let (max_queue_len, incarnation) = (*max_queue_len, *incarnation);
         let before = *backlogged;
+        // Anything written (to commit), and anything written to a pair ring.
         let mut any = false;
+        let mut pair = false;
         let Some(b) = bc.as_mut() else {
             // No usable broadcast ring: every receiver is diverted; no sequence numbers.
             let t = tagged(UNSEQ, msg);
@@ -173,6 +176,7 @@ impl ShmPort {
                 }
             }
             if any {
+                *pair_touched = true;
                 self.commit_and_wake();
             }
             return;
@@ -185,6 +189,7 @@ impl ShmPort {
                 if let Some(o) = out[r].as_mut() {
                     divert(o, r, unread, tagbuf, max_queue_len, backlogged, counters, incarnation);
                     *diverted += 1;
+                    pair = true;
                 }
             });
         }
@@ -205,7 +210,7 @@ impl ShmPort {
                 let pos = prod.write_pos();
                 let mut marker = tagged(RESUME, &pos.to_le_bytes());
                 marker.extend_from_slice(&seq.to_le_bytes());
-                any |= offer(o, &marker, &mut None, max_queue_len, backlogged, counters);
+                pair |= offer(o, &marker, &mut None, max_queue_len, backlogged, counters);
                 o.diverted = false;
                 o.publish_owed(incarnation);
                 prod.track(r, pos);
@@ -217,7 +222,7 @@ impl ShmPort {
                 if !std::mem::replace(&mut t, true) {
                     fill_tagged(tagbuf, seq, msg);
                 }
-                any |= offer(o, tagbuf, &mut shared, max_queue_len, backlogged, counters);
+                pair |= offer(o, tagbuf, &mut shared, max_queue_len, backlogged, counters);
                 o.publish_owed(incarnation);
             }
         }
@@ -228,6 +233,7 @@ impl ShmPort {
             if let Some(o) = out[r].as_mut() {
                 divert(o, r, unread, tagbuf, max_queue_len, backlogged, counters, incarnation);
                 newly.push(r);
+                pair = true;
             }
         });
         debug_assert!(published.is_ok(), "a body within max_body, or empty");
@@ -243,7 +249,7 @@ impl ShmPort {
                     if !std::mem::replace(&mut t, true) {
                         fill_tagged(tagbuf, seq, msg);
                     }
-                    any |= offer(o, tagbuf, &mut shared, max_queue_len, backlogged, counters);
+                    pair |= offer(o, tagbuf, &mut shared, max_queue_len, backlogged, counters);
                     o.publish_owed(incarnation);
                 }
             }
@@ -252,6 +258,8 @@ impl ShmPort {
             *wake = wake.add(to);
             any = true;
         }
+        *pair_touched |= pair;
+        any |= pair;
         if any {
             if *defer && *backlogged == before {
                 // A batch's publish: the batch's end commits (the broadcast records held by
@@ -277,8 +285,40 @@ impl ShmPort {
             }
             None => (false, Wake::None),
         };
-        self.commit_and_wake_with(committed, bwake);
+        if std::mem::take(&mut self.pair_touched) {
+            return self.commit_and_wake_with(committed, bwake);
+        }
+        // Only the broadcast ring was written (the usual case): no walk over the pair rings,
+        // and a look at the `parked` flag of each reader it tracks (the others are diverted:
+        // whatever is for them went to their pair ring, which sets `pair_touched`).
+        self.pending = false;
+        let ShmPort { bc, region, eventfds, counters, .. } = self;
+        let Some(b) = bc.as_ref().filter(|_| committed) else { return };
+        notify::after_commit();
+        match bwake {
+            Wake::None => {}
+            Wake::One(r) => {
+                if b.prod.is_tracked(r as usize) && notify::should_wake(region.parked_flag(r)) {
+                    wake_reader(region, eventfds, counters, r);
+                }
+            }
+            Wake::All => {
+                for c in b.prod.tracked() {
+                    if notify::should_wake(region.parked_flag(c as u32)) {
+                        wake_reader(region, eventfds, counters, c as u32);
+                    }
+                }
+            }
+        }
     }
+}
+
+/// Write the eventfd of reader `c`, found parked (the syscall path, out of the loop).
+#[inline(never)]
+fn wake_reader(region: &Region, eventfds: &[EventFd], counters: &mut PortCounters, c: u32) {
+    eventfds[c as usize].notify();
+    region.count_wakeup(c);
+    counters.wakeups_sent += 1;
 }
 
 /// What the pair-ring drain does after a message of a region with broadcast rings.
