@@ -12,6 +12,8 @@
 //! WE_HOT_EVENTS=120000 valgrind --tool=callgrind <binary> --bench
 //! ```
 //! Instructions per event = difference of the two totals / 100,000 (setup cancels out).
+//! The ring written is the publisher's broadcast ring (the default topology); with
+//! `WORKER_EVENTS_BROADCAST=0` in the environment, the per-pair ring instead.
 //! `WE_HOT_SELF=1` also subscribes worker 0 to its own events (the self-delivery path).
 //! `WE_HOT_BATCH=k`: worker 0 publishes `k` events per `Worker::batch` (one commit, one
 //! fence and one look at the receiver's parked flag per batch instead of per event).

@@ -10,10 +10,12 @@
 //!    burst). Per-publish cost per burst (median and
 //!    p99 over the bursts), the mean per event, and the ratio to N = 4 of the same round. In
 //!    modes (b) and (c) also the wake syscalls per receiver per burst, from the crate's `stats()`
-//!    (`wakeups_sent` of the publisher, `wakeups_received` of each receiver). A burst fits a
-//!    128 KiB ring, the default up to 19 workers; the smaller default rings of larger groups
-//!    (64 workers: 8 KiB, `Options::ring_capacity`) hold part of it, and the rest waits in
-//!    the publisher's backlog: the table says how many events per receiver did.
+//!    (`wakeups_sent` of the publisher, `wakeups_received` of each receiver). A burst fits the
+//!    default broadcast ring (128 KiB, whatever N: `Options::broadcast_capacity`). With
+//!    `WORKER_EVENTS_BROADCAST=0` (the per-pair rings alone) it fits a 128 KiB pair ring, the
+//!    default up to 19 workers; the smaller default rings of larger groups (64 workers: 8 KiB,
+//!    `Options::ring_capacity`) hold part of it, and the rest waits in the publisher's
+//!    backlog: the table says how many events per receiver did.
 //! 2. **region size per N**: the size of the library's memfd (`/proc/self/fd/*` linking to
 //!    `/memfd:worker-events`, sized by `stat`) at default options.
 //! 3. **1->3 broadcast**: one publisher and three busy-polling receivers; the publisher's
