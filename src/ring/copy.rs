@@ -138,33 +138,15 @@ impl RawRing {
 
 /// Store `src` into the data-area words `word(off)`, `word(off + 8)`, ... (`off` a multiple
 /// of 8), a Relaxed store each; the bytes of the last word past `src` are zeros (record
-/// padding, or the start of a later part of the record, which merges into that word). Four
-/// words per step, then 2 and 1 without a loop: few instructions per word (the compiler
-/// neither merges nor vectorizes atomic accesses as it would a copy). Shared by both rings.
+/// padding, or the start of a later part of the record, which merges into that word), the
+/// words in [`for_each_word`]'s unrolled steps. Shared by both rings.
 #[inline(always)]
 pub(super) fn store_aligned_run<'a>(word: impl Fn(usize) -> &'a AtomicU64, off: usize, src: &[u8]) {
     let (p, n) = (src.as_ptr(), src.len());
     // SAFETY: every read is of eight bytes of `src` at i + 8 * k <= n - 8.
     let word_at = |i: usize| u64::from_le_bytes(unsafe { p.add(i).cast::<[u8; 8]>().read_unaligned() });
     let put = |i: usize, v: u64| word(off + i).store(v, Ordering::Relaxed);
-    let whole = n & !7;
-    let mut i = 0;
-    while i < whole & !31 {
-        put(i, word_at(i));
-        put(i + 8, word_at(i + 8));
-        put(i + 16, word_at(i + 16));
-        put(i + 24, word_at(i + 24));
-        i += 32;
-    }
-    if whole & 16 != 0 {
-        put(i, word_at(i));
-        put(i + 8, word_at(i + 8));
-        i += 16;
-    }
-    if whole & 8 != 0 {
-        put(i, word_at(i));
-        i += 8;
-    }
+    let i = for_each_word(n, |i| put(i, word_at(i)));
     if i < n {
         // SAFETY: the n - i < 8 bytes from `p + i` are the rest of `src`.
         let v = unsafe { tail_word(p.add(i), n - i) };
@@ -174,7 +156,7 @@ pub(super) fn store_aligned_run<'a>(word: impl Fn(usize) -> &'a AtomicU64, off: 
 
 /// Copy `len` bytes out of the data-area words `word(off)`, ... (`off` a multiple of 8),
 /// a Relaxed load each, to private memory at `dst` (plain unaligned stores); as
-/// [`store_aligned_run`], four words per step.
+/// [`store_aligned_run`], in [`for_each_word`]'s steps.
 ///
 /// # Safety
 /// `dst` valid for `len` byte writes.
@@ -184,30 +166,40 @@ pub(super) unsafe fn load_aligned_run<'a>(word: impl Fn(usize) -> &'a AtomicU64,
     // unaligned stores to private memory.
     let put = |i: usize, v: u64| unsafe { dst.add(i).cast::<[u8; 8]>().write_unaligned(v.to_le_bytes()) };
     let get = |i: usize| word(off + i).load(Ordering::Relaxed);
-    let whole = len & !7;
-    let mut i = 0;
-    while i < whole & !31 {
-        put(i, get(i));
-        put(i + 8, get(i + 8));
-        put(i + 16, get(i + 16));
-        put(i + 24, get(i + 24));
-        i += 32;
-    }
-    if whole & 16 != 0 {
-        put(i, get(i));
-        put(i + 8, get(i + 8));
-        i += 16;
-    }
-    if whole & 8 != 0 {
-        put(i, get(i));
-        i += 8;
-    }
+    let i = for_each_word(len, |i| put(i, get(i)));
     if i < len {
         // The record's last word: its bytes past the body are the record's padding.
         let v = get(i);
         // SAFETY: the len - i < 8 bytes left at dst + i.
         unsafe { store_tail(v, dst.add(i), len - i) };
     }
+}
+
+/// Call `f(i)` for every whole word of a run of `n` bytes (`i` = 0, 8, ... while `i + 8 <=
+/// n`), four per step, then 2 and 1 without a loop: few instructions per word (the compiler
+/// neither merges nor vectorizes atomic accesses as it would a copy). Returns where the
+/// partial last word starts (`n` rounded down to 8).
+#[inline(always)]
+fn for_each_word(n: usize, mut f: impl FnMut(usize)) -> usize {
+    let whole = n & !7;
+    let mut i = 0;
+    while i < whole & !31 {
+        f(i);
+        f(i + 8);
+        f(i + 16);
+        f(i + 24);
+        i += 32;
+    }
+    if whole & 16 != 0 {
+        f(i);
+        f(i + 8);
+        i += 16;
+    }
+    if whole & 8 != 0 {
+        f(i);
+        i += 8;
+    }
+    i
 }
 
 /// The word whose first `n` (< 8) bytes are those at `p`, zeros after: a few loads, not
