@@ -42,6 +42,20 @@ use std::ptr::NonNull;
 use crate::layout::RingHeader;
 use crate::sync::{AtomicU64, Ordering, fence};
 
+/// Ask the cache for the line at `p`: a hint that reads nothing and never faults, whatever
+/// the address (both rings' readers, for the record they read next). A no-op off x86-64
+/// and under loom.
+#[inline(always)]
+pub(crate) fn prefetch_line<T>(p: *const T) {
+    #[cfg(all(target_arch = "x86_64", not(loom)))]
+    // SAFETY: a prefetch has no architectural effect and never faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    let _ = p;
+}
+
 /// Size of a record header (commit stamp, then length and flags).
 pub(crate) const REC_HDR: usize = 16;
 /// Records start at multiples of this (one cache line).
@@ -526,18 +540,8 @@ impl Consumer {
     /// that stamp, still 0, before replying). A hint only: it reads nothing.
     #[inline]
     pub(crate) fn prefetch_next(&self, info: RecordInfo) {
-        #[cfg(all(target_arch = "x86_64", not(loom)))]
-        {
-            let next = self.ring.off(self.read.wrapping_add(record_size(info.len) as u64));
-            // SAFETY: `next` < cap, so the address is inside the data area (type invariant);
-            // a prefetch never faults and has no architectural effect.
-            unsafe {
-                let p = self.ring.data.as_ptr().add(next);
-                std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
-            }
-        }
-        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
-        let _ = info;
+        let next = self.ring.off(self.read.wrapping_add(record_size(info.len) as u64));
+        prefetch_line(self.ring.data.as_ptr().wrapping_add(next));
     }
 
     /// Give consumed space back to the producer: one Release store of `read_pos`, then a

@@ -310,18 +310,7 @@ impl RawMcast {
     /// `Consumer::prefetch_next`). A hint only: it reads nothing.
     #[inline]
     fn prefetch(&self, pos: u64) {
-        #[cfg(all(target_arch = "x86_64", not(loom)))]
-        {
-            let off = self.off(pos);
-            // SAFETY: off / 8 < cap / 8, inside the data area (type invariant); a prefetch
-            // never faults and has no architectural effect.
-            unsafe {
-                let p = self.data.as_ptr().add(off / 8);
-                std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
-            }
-        }
-        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
-        let _ = pos;
+        super::prefetch_line(self.data.as_ptr().wrapping_add(self.off(pos) / 8));
     }
 
     /// The 8-byte word at data offset `off` (a multiple of 8, below `cap`).
@@ -534,7 +523,6 @@ impl Producer {
     }
 
     /// Whether reader `i` is tracked (diverting mode).
-    #[cfg_attr(not(loom), allow(dead_code))]
     pub(crate) fn is_tracked(&self, i: usize) -> bool {
         self.tracking.as_ref().is_some_and(|t| t[i].0)
     }

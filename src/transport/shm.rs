@@ -35,7 +35,7 @@ mod receive;
 mod write;
 
 use bcast::{BcastIn, BcastOut};
-use write::{offer, wake, write_msg};
+use write::{notify_slot, offer, wake, write_msg};
 
 /// Drain passes after a release before the fenced want-space checks it left owed are paid
 /// anyway (a consumer that never arms: busy-poll, or a stream that never pauses). A producer
@@ -345,9 +345,7 @@ impl ShmPort {
                 continue;
             }
             if notify::should_wake(self.region.parked_flag(c as u32)) {
-                self.eventfds[c].notify();
-                self.region.count_wakeup(c as u32);
-                self.counters.wakeups_sent += 1;
+                notify_slot(&self.region, &self.eventfds, &mut self.counters, c as u32);
             }
         }
     }

@@ -299,26 +299,18 @@ impl ShmPort {
             Wake::None => {}
             Wake::One(r) => {
                 if b.prod.is_tracked(r as usize) && notify::should_wake(region.parked_flag(r)) {
-                    wake_reader(region, eventfds, counters, r);
+                    notify_slot(region, eventfds, counters, r);
                 }
             }
             Wake::All => {
                 for c in b.prod.tracked() {
                     if notify::should_wake(region.parked_flag(c as u32)) {
-                        wake_reader(region, eventfds, counters, c as u32);
+                        notify_slot(region, eventfds, counters, c as u32);
                     }
                 }
             }
         }
     }
-}
-
-/// Write the eventfd of reader `c`, found parked (the syscall path, out of the loop).
-#[inline(never)]
-fn wake_reader(region: &Region, eventfds: &[EventFd], counters: &mut PortCounters, c: u32) {
-    eventfds[c as usize].notify();
-    region.count_wakeup(c);
-    counters.wakeups_sent += 1;
 }
 
 /// What the pair-ring drain does after a message of a region with broadcast rings.

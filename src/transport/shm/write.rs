@@ -54,10 +54,17 @@ pub(super) fn wake(region: &Region, eventfds: &[EventFd], slot: u32, counters: &
     // its arm re-check. Only on this path (a producer asked for room), not per release.
     notify::after_commit();
     if notify::should_wake(region.parked_flag(slot)) {
-        eventfds[slot as usize].notify();
-        region.count_wakeup(slot);
-        counters.wakeups_sent += 1;
+        notify_slot(region, eventfds, counters, slot);
     }
+}
+
+/// Write the eventfd of `slot`, whose `parked` flag this process just claimed (the syscall
+/// path of every wake-up: producers asking for room, receivers of a commit), and count it.
+#[inline(never)]
+pub(super) fn notify_slot(region: &Region, eventfds: &[EventFd], counters: &mut PortCounters, slot: u32) {
+    eventfds[slot as usize].notify();
+    region.count_wakeup(slot);
+    counters.wakeups_sent += 1;
 }
 
 /// Write as much of `msg` (from byte `sent`) into the ring as fits now, uncommitted.
