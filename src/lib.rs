@@ -12,7 +12,7 @@
 //!    |  \________ SPSC ring 0->1 ________/ |        one per ordered pair: readers that fell
 //!    |<_________ ring 1->0 ____|                     behind (all, with broadcast_capacity(0))
 //!    '-- control channel: unix socket at `listening`, served by the elected broker
-//!  all rings in ONE sealed memfd region; one eventfd per slot
+//!  all rings in ONE sealed memfd region; one eventfd per slot, one fan-out eventfd
 //! ```
 //!
 //! * **Fast path, broker-less.** `publish(Target::All)` serializes the event once and
@@ -20,7 +20,9 @@
 //!   other slot reads through its own cursor (the per-publisher topology, the default: see
 //!   [`Options::broadcast_capacity`]); a receiver is woken through its eventfd only if it
 //!   is parked (a flag in shared memory), so a busy receiver costs the publisher no
-//!   syscall. A receiver that falls a whole broadcast ring behind is never lapped: the
+//!   syscall; a commit that finds three or more receivers parked wakes them all with one
+//!   write of the group's fan-out eventfd, which every worker's epoll set holds. A receiver
+//!   that falls a whole broadcast ring behind is never lapped: the
 //!   publisher first copies what it has not read into the **SPSC ring** of that pair and
 //!   serves it there until it has caught up (`transport/shm/bcast.rs`). With
 //!   `broadcast_capacity(0)` the event is copied into the pair ring of every other slot

@@ -112,6 +112,7 @@ pub fn export_stats(wid: Wid, stats: &Stats) {
         lost_outbound,
         overflows,
         wakeups_sent,
+        wake_writes,
         wakeups_received,
         failovers,
         unique_duplicates,
@@ -137,6 +138,7 @@ pub fn export_stats(wid: Wid, stats: &Stats) {
         ("worker_events_lost_outbound_total", lost_outbound),
         ("worker_events_overflows_total", overflows),
         ("worker_events_wakeups_sent_total", wakeups_sent),
+        ("worker_events_wake_writes_total", wake_writes),
         ("worker_events_wakeups_received_total", wakeups_received),
         ("worker_events_failovers_total", failovers),
         ("worker_events_unique_duplicates_total", unique_duplicates),
@@ -199,7 +201,8 @@ pub fn describe() {
     c("worker_events_lost_total", "Events reported lost to this worker through lost notices.");
     c("worker_events_lost_outbound_total", "Events this worker dropped for a peer whose queue was full.");
     c("worker_events_overflows_total", "Publish calls refused with queue overflow.");
-    c("worker_events_wakeups_sent_total", "Eventfd writes made to wake a parked peer.");
+    c("worker_events_wakeups_sent_total", "Parked peers this worker woke.");
+    c("worker_events_wake_writes_total", "Eventfd writes those wake-ups took (one fan-out write wakes several).");
     c("worker_events_wakeups_received_total", "Times this worker was woken through its eventfd.");
     c("worker_events_failovers_total", "Times this worker lost its broker, or stepped down as broker.");
     c("worker_events_unique_duplicates_total", "Unique events dropped as duplicates within unique_timeout.");

@@ -33,7 +33,10 @@
 //! (model `a_batch_wakes_a_receiver_that_slept_through_it`). (The consumer's want-space fence *is* deferred, see
 //! `Consumer::release` in ring.rs: the consumer pays it at its own arm, before it sleeps.)
 //!
-//! The eventfd is registered edge-triggered in the receiver's epoll set and never read:
+//! The eventfd is registered edge-triggered in the receiver's epoll set and never read (so
+//! is the group's fan-out eventfd, under the same token: a publisher that claimed three or
+//! more sleepers in one commit writes that one instead of each one's own, and an edge on
+//! either is the same wake-up; see `FANOUT_MIN` in `transport/shm/write.rs`):
 //! each publisher write is one edge, consumed by the `epoll_wait` that reports it (the
 //! sleeping receiver's own, or a harvesting `epoll_wait(0)` when the receiver finds the
 //! flag cleared without having slept). The flag protocol above is unchanged by that: it

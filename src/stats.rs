@@ -36,8 +36,12 @@ pub struct Stats {
     pub lost_outbound: u64,
     /// `publish` calls refused with `queue overflow`.
     pub overflows: u64,
-    /// Eventfd writes this worker made to wake a parked peer.
+    /// Parked peers this worker woke (each a `parked` flag it claimed after a commit).
     pub wakeups_sent: u64,
+    /// Eventfd writes those wake-ups took: one per woken peer, or one write of the group's
+    /// fan-out eventfd when a commit woke three or more (every worker's epoll set holds it,
+    /// so one write wakes every sleeper; see the crate docs' architecture).
+    pub wake_writes: u64,
     /// Times this worker was woken through its eventfd.
     pub wakeups_received: u64,
     /// (shared memory with broadcast rings, the default) Times a receiver fell a whole

@@ -42,6 +42,7 @@ fn expected(wid: &str, st: &Stats, out: &mut Series) {
     c("lost_outbound_total", st.lost_outbound);
     c("overflows_total", st.overflows);
     c("wakeups_sent_total", st.wakeups_sent);
+    c("wake_writes_total", st.wake_writes);
     c("wakeups_received_total", st.wakeups_received);
     c("failovers_total", st.failovers);
     c("unique_duplicates_total", st.unique_duplicates);

@@ -7,7 +7,9 @@
 //!    before it wrote the eventfd leaves the receiver asleep for a bounded time only, not
 //!    forever (item 5; the bound, 100 ms, is in ARCHITECTURE.md and `Worker::wait`);
 //! 3. idle workers stay idle: after many rounds of bursts, no worker burns CPU while it waits
-//!    with nothing to do (item 19).
+//!    with nothing to do (item 19);
+//! 4. a publish that finds several receivers asleep wakes them all with one eventfd write
+//!    (the fan-out eventfd in every worker's epoll set; issue 10, target P5).
 //!
 //! Time bounds here are liveness bounds (generous: they detect "never"), never speed
 //! assertions; CPU time is compared with the wall time of the same window.
@@ -57,8 +59,8 @@ fn three_workers(name: &str) -> (TempDir, Watchdog, Cfg) {
 // ==========================================================================================
 // 1. Item 4: an eventfd another process reconfigured never blocks us.
 
-/// The test takes every eventfd the receiver holds (one open file description per slot,
-/// shared by every worker) with `pidfd_getfd`, clears `O_NONBLOCK` on it and fills its
+/// The test takes every eventfd the receiver holds (one open file description per slot and
+/// the fan-out one, shared by every worker) with `pidfd_getfd`, clears `O_NONBLOCK` on it and fills its
 /// counter to the maximum. A write of a non-zero value would now block until someone reads
 /// the counter, and nobody does. The publisher must keep answering commands (its publishes
 /// never block), and the receiver, asleep in `wait(None)`, must still get every event.
@@ -71,7 +73,7 @@ fn a_peer_that_blocks_and_fills_the_eventfds_cannot_block_a_publisher() {
     let mut receiver = wd.spawn(&cfg, Wid::Worker(1));
     let mut publisher = wd.spawn(&cfg, Wid::Worker(2));
     let efds = procfs::eventfds_of(receiver.pid());
-    assert_eq!(efds.len(), 3, "the receiver holds one eventfd per slot: {efds:?}");
+    assert_eq!(efds.len(), 4, "the receiver holds one eventfd per slot and the fan-out one: {efds:?}");
     let stolen: Vec<_> = efds.iter().map(|&fd| procfs::pidfd_getfd(receiver.pid(), fd)).collect();
     for round in 0..ROUNDS {
         receiver.send(Cmd::Park { n: round + 1 });
@@ -299,4 +301,63 @@ fn an_idle_worker_in_an_external_poller_does_not_spin() {
     // 10 re-checks and 5 control ticks a second, each one readable edge: far below this.
     assert!(spurious <= 100, "the worker's fd turned readable {spurious} times in {IDLE_MS} ms with nothing to do");
     assert!(cpu <= 0.1 && demand.is_none_or(|d| d <= 0.3), "idle in poll(2): CPU {:.0}%, {demand:?}", cpu * 100.0);
+}
+
+// ==========================================================================================
+// 4. The fan-out: one write wakes every sleeper of a commit.
+
+/// Five workers: w1, w2 and w3 asleep in `wait(None)`, w4 publishes one event to all. Its
+/// commit claims the three sleepers' wake-ups (and the broker's, if its dispatch loop had
+/// armed) and writes the group's fan-out eventfd once, not one eventfd per sleeper: the
+/// publisher's `wakeups_sent` rises by at least 3 and its `wake_writes` by exactly 1. Every
+/// sleeper's epoll set holds two eventfds (its own and the fan-out one), every sleeper wakes
+/// and gets the event, in 5 rounds. (Fewer claims than `FANOUT_MIN` are written one per
+/// receiver: `tests/batch.rs`, two receivers, at most two writes.)
+#[test]
+fn one_fanout_write_wakes_every_sleeper_of_a_commit() {
+    const ROUNDS: u64 = 5;
+    let _serial = serial();
+    let dir = TempDir::new("wake-fanout");
+    let wd = Watchdog::new("wake-fanout");
+    let mut cfg = Cfg::new(&dir.sock(), 5);
+    cfg.transport = Transport::SharedMemory;
+    let _broker = wd.spawn(&cfg, Wid::Worker(0));
+    let mut sleepers: Vec<Child> = (1..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
+    let mut publisher = wd.spawn(&cfg, Wid::Worker(4));
+    let r = publisher.publish(Tgt::All, "fan", "hello", 0, 1);
+    assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
+    for s in sleepers.iter_mut() {
+        s.until(1);
+        let registered = procfs::eventfds_in_epoll(s.pid());
+        assert_eq!(registered.len(), 2, "w{}: its own eventfd and the fan-out one in its epoll set", s.pid());
+    }
+    for round in 0..ROUNDS {
+        for s in sleepers.iter_mut() {
+            s.send(Cmd::Park { n: round + 2 });
+            assert_eq!(s.next_line(), "@@PARKING");
+        }
+        for (i, s) in sleepers.iter().enumerate() {
+            assert!(asleep_within(s, LIVENESS), "round {round}: w{} never went to sleep", i + 1);
+        }
+        let before = publisher.report();
+        let r = publisher.publish(Tgt::All, "fan", "x", round, 1);
+        assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
+        for (i, s) in sleepers.iter_mut().enumerate() {
+            let l = s.expect_ok_within(LIVENESS, &format!("round {round}: w{} was never woken", i + 1));
+            assert!(l.iter().any(|x| x.starts_with(&format!("@@PARKED {} ", round + 2))), "round {round}: {l:?}");
+        }
+        let after = publisher.report();
+        let woken = after.stat("wakeups_sent") - before.stat("wakeups_sent");
+        let writes = after.stat("wake_writes") - before.stat("wake_writes");
+        assert!(woken >= 3, "round {round}: the publish claimed {woken} sleepers' wake-ups, expected the 3 asleep");
+        assert_eq!(
+            writes, 1,
+            "round {round}: {woken} sleepers woken with {writes} eventfd writes, expected one fan-out write"
+        );
+    }
+    for (i, s) in sleepers.iter_mut().enumerate() {
+        let r = s.report();
+        assert_eq!(r.stream("w4", "fan", "x"), seq(0, ROUNDS), "w{}", i + 1);
+        assert_eq!((r.stat("wait_errors"), r.stat("lost")), (0, 0), "w{}", i + 1);
+    }
 }

@@ -70,8 +70,9 @@ impl Control {
         // and notices for us); then we reconnect.
         let hung_up = !matches!(state, Ok(ReadState::Open));
         let mut broken = false;
-        // A WELCOME carries the region and one eventfd per slot: more is not a broker's.
-        if fds.len() > 1 + self.geo.slots as usize {
+        // A WELCOME carries the region, one eventfd per slot and the fan-out eventfd: more
+        // is not a broker's.
+        if fds.len() > 2 + self.geo.slots as usize {
             tracing::warn!(fds = fds.len(), "the broker passed more descriptors than a WELCOME carries; reconnecting");
             fds.clear();
             broken = true;

@@ -21,8 +21,12 @@ use crate::wire::frame::{Body, FrameWriter, kind};
 /// writes nor refuses; and the DIVERT frame (the agent's unique-diversion patterns). 7: the
 /// INSPECT_REPLY reports the broker's data queue per attached worker. 8: the ACK frame
 /// (socket transport: a worker acknowledges the data frames it has dispatched, so the
-/// broker can report what a killed worker never dispatched to its successor).
-pub(crate) const PROTOCOL_VERSION: u32 = 9;
+/// broker can report what a killed worker never dispatched to its successor). 10: a shared
+/// memory WELCOME carries one more eventfd after the slots' own, the group's fan-out
+/// eventfd, which every worker registers and publishers write to wake several sleepers in
+/// one syscall (`transport/shm/write.rs`); a build of version 9 would never register it and
+/// sleep through such wake-ups.
+pub(crate) const PROTOCOL_VERSION: u32 = 10;
 
 /// Reason prefix of a transient refusal: the slot still looks attached because the broker
 /// has not yet seen its previous holder's connection close. The client retries (backoff)
@@ -268,8 +272,9 @@ pub(crate) fn parse_welcome(body: &[u8], mut fds: Vec<OwnedFd>, slots: u32) -> R
         f if f == Flavor::Socket.code() => return Err(format!("socket-mode WELCOME with {} descriptors", fds.len())),
         m => return Err(format!("unknown transport mode {m}")),
     }
-    if nfds != 1 + slots || fds.len() != nfds as usize {
-        return Err(format!("expected {} descriptors, frame says {nfds}, got {}", 1 + slots, fds.len()));
+    // The region, one eventfd per slot, and the fan-out eventfd.
+    if nfds != 2 + slots || fds.len() != nfds as usize {
+        return Err(format!("expected {} descriptors, frame says {nfds}, got {}", 2 + slots, fds.len()));
     }
     let eventfds = fds.split_off(1);
     for e in &eventfds {

@@ -111,7 +111,7 @@ impl ReceiveLoop {
         let err = |e: Error| io::Error::other(e.to_string());
         let geo = layout::Geometry::new(workers, false, ring_capacity, 64);
         let region = region::Region::create(geo, max_payload_len).map_err(err)?;
-        let efds = (0..workers).map(|_| EventFd::new()).collect::<io::Result<Vec<_>>>()?;
+        let efds = (0..=workers).map(|_| EventFd::new()).collect::<io::Result<Vec<_>>>()?;
         let dup_efds = || -> io::Result<Vec<EventFd>> {
             efds.iter().map(|e| Ok(EventFd::from_owned(e.as_fd().try_clone_to_owned()?))).collect()
         };

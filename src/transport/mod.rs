@@ -47,7 +47,11 @@ pub(crate) trait Deliver {
 /// Counters a port keeps; the worker folds them into its `Stats`.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct PortCounters {
+    /// Receivers woken (claimed `parked` flags).
     pub wakeups_sent: u64,
+    /// Eventfd writes those wake-ups took (one per receiver, or one fan-out write for
+    /// several: `transport/shm/write.rs`).
+    pub wake_writes: u64,
     pub lost_outbound: u64,
     pub dropped: u64,
     /// Inbound rings found corrupt (reported once per episode) or resynchronized at attach.

@@ -35,7 +35,7 @@ mod receive;
 mod write;
 
 use bcast::{BcastIn, BcastOut};
-use write::{notify_slot, offer, wake, write_msg};
+use write::{Claims, notify_slot, offer, wake, write_msg};
 
 /// Drain passes after a release before the fenced want-space checks it left owed are paid
 /// anyway (a consumer that never arms: busy-poll, or a stream that never pauses). A producer
@@ -106,6 +106,7 @@ struct Inbound {
 
 pub(crate) struct ShmPort {
     region: Region,
+    /// One eventfd per slot (index = slot), then the group's fan-out eventfd: `slots + 1`.
     eventfds: Vec<EventFd>,
     me: u32,
     /// This attach's incarnation of the slot (its generation), stored in `owed` words.
@@ -143,7 +144,8 @@ pub(crate) struct ShmPort {
 
 impl ShmPort {
     /// Take this slot's ends of the rings. The caller holds the slot lock, so no other live
-    /// process owns them.
+    /// process owns them. `eventfds`: one per slot, then the fan-out eventfd (the WELCOME's
+    /// count is checked by `control::protocol::parse_welcome`).
     pub(crate) fn attach(
         region: Region,
         eventfds: Vec<EventFd>,
@@ -153,6 +155,7 @@ impl ShmPort {
     ) -> ShmPort {
         let max_msg = message::max_message_len(max_payload_len) + bcast::TAG_LEN;
         let slots = region.geometry().slots;
+        debug_assert_eq!(eventfds.len(), slots as usize + 1, "one eventfd per slot and the fan-out one");
         let mut counters = PortCounters::default();
         let mut out = Vec::with_capacity(slots as usize);
         let mut inb = Vec::with_capacity(slots as usize);
@@ -241,6 +244,12 @@ impl ShmPort {
 
     pub(crate) fn my_eventfd(&self) -> &EventFd {
         &self.eventfds[self.me as usize]
+    }
+
+    /// The group's fan-out eventfd (after the slots' own): one write wakes every worker
+    /// asleep on the region (see [`write::FANOUT_MIN`]).
+    pub(crate) fn fanout_eventfd(&self) -> &EventFd {
+        &self.eventfds[self.eventfds.len() - 1]
     }
 
     /// Send `msg` to every other slot. Never fails: a full ring queues the message in the
@@ -334,6 +343,7 @@ impl ShmPort {
             return;
         }
         notify::after_commit();
+        let mut claims = Claims::default();
         for (c, o) in self.out.iter_mut().enumerate() {
             let Some(o) = o else { continue };
             let by_bcast = match bwake {
@@ -344,10 +354,9 @@ impl ShmPort {
             if !std::mem::take(&mut o.touched) && !by_bcast {
                 continue;
             }
-            if notify::should_wake(self.region.parked_flag(c as u32)) {
-                notify_slot(&self.region, &self.eventfds, &mut self.counters, c as u32);
-            }
+            claims.claim_if_parked(&self.region, c as u32);
         }
+        claims.write(&self.eventfds, &mut self.counters);
     }
 
     /// Events waiting in private backlogs for room in a ring (all peers).

@@ -170,9 +170,11 @@ impl Worker {
         self.switch_path(DataPath::Shm(port));
         if let Some(port) = self.path.shm() {
             // Edge-triggered: a wake-up seen by `wait`'s own epoll_wait needs no read.
-            self.epoll
-                .add_edge_triggered(port.my_eventfd().as_fd(), TOKEN_EVENTFD)
-                .map_err(|e| Error::io("epoll_ctl", e))?;
+            // The group's fan-out eventfd too, under the same token: an edge of either is a
+            // wake-up (a publisher that claimed several sleepers writes it once).
+            for fd in [port.my_eventfd(), port.fanout_eventfd()] {
+                self.epoll.add_edge_triggered(fd.as_fd(), TOKEN_EVENTFD).map_err(|e| Error::io("epoll_ctl", e))?;
+            }
         }
         if let Some(ctl) = self.ctl.as_mut() {
             ctl.hold_region();
@@ -188,6 +190,7 @@ impl Worker {
         super::delivery::fold_counters(&mut self.stats, old.counters());
         if let Some(port) = old.shm() {
             self.epoll.delete(port.my_eventfd().as_fd());
+            self.epoll.delete(port.fanout_eventfd().as_fd());
             // Leaving a region (issue 11, item 7; the election never creates a second one
             // while live processes hold it, so this is rare): what it still held is counted,
             // never dropped silently. Messages waiting in our inbound rings become `lost`

@@ -40,7 +40,8 @@ impl Worker {
             return Ok(());
         }
         let created = Region::create(self.geo, self.opts.max_payload_len).and_then(|region| {
-            let eventfds = (0..self.geo.slots)
+            // One per slot, then the group's fan-out eventfd (`ShmPort::attach`).
+            let eventfds = (0..=self.geo.slots)
                 .map(|_| EventFd::new())
                 .collect::<std::io::Result<Vec<_>>>()
                 .map_err(|e| Error::io("creating eventfds", e))?;

@@ -107,6 +107,7 @@ pub(super) fn deliver_lost_notice(
 /// Add a port's transport counters to the worker's own.
 pub(super) fn fold_counters(s: &mut Stats, c: PortCounters) {
     s.wakeups_sent += c.wakeups_sent;
+    s.wake_writes += c.wake_writes;
     s.lost_outbound += c.lost_outbound;
     s.dropped += c.dropped;
     s.corrupt_rings += c.corrupt_rings;

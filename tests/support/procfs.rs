@@ -185,3 +185,21 @@ pub fn wait_stopped(pid: u32) {
         std::thread::sleep(Duration::from_micros(200));
     }
 }
+
+/// The descriptors registered in process `pid`'s epoll set(s) that are eventfds: the `tfd`
+/// lines of `/proc/<pid>/fdinfo/<epoll fd>`, kept where `/proc/<pid>/fd/<tfd>` is an eventfd.
+pub fn eventfds_in_epoll(pid: u32) -> Vec<RawFd> {
+    let eventfds = eventfds_of(pid);
+    let mut v = Vec::new();
+    for ep in fds_linking(pid, |l| l == "anon_inode:[eventpoll]") {
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{ep}")).expect("fdinfo of an epoll fd");
+        for line in info.lines().filter_map(|l| l.strip_prefix("tfd:")) {
+            let tfd: RawFd = line.split_whitespace().next().and_then(|t| t.parse().ok()).expect("tfd number");
+            if eventfds.contains(&tfd) {
+                v.push(tfd);
+            }
+        }
+    }
+    v.sort_unstable();
+    v
+}

@@ -666,7 +666,7 @@ impl Role {
             out(&format!("@@BROKER {e} {s} {t}"));
         }
         let st = self.worker.stats();
-        let stats: [(&str, u64); 37] = [
+        let stats: [(&str, u64); 38] = [
             ("early_errors", self.early_errors),
             ("early_unique_pending", self.early_unique_pending),
             ("unique_duplicates", st.unique_duplicates),
@@ -692,6 +692,7 @@ impl Role {
             ("wait_errors", self.wait_errors),
             ("dispatch_errors", self.dispatch_errors),
             ("wakeups_sent", st.wakeups_sent),
+            ("wake_writes", st.wake_writes),
             ("wakeups_received", st.wakeups_received),
             ("diverts", st.diverts),
             ("resumes", st.resumes),

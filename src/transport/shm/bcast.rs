@@ -303,11 +303,11 @@ impl ShmPort {
                 }
             }
             Wake::All => {
+                let mut claims = Claims::default();
                 for c in b.prod.tracked() {
-                    if notify::should_wake(region.parked_flag(c as u32)) {
-                        notify_slot(region, eventfds, counters, c as u32);
-                    }
+                    claims.claim_if_parked(region, c as u32);
                 }
+                claims.write(eventfds, counters);
             }
         }
     }
