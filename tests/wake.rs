@@ -99,6 +99,68 @@ fn a_peer_that_blocks_and_fills_the_eventfds_cannot_block_a_publisher() {
     assert_eq!((r.stat("wait_errors"), r.stat("dispatch_errors"), r.stat("lost")), (0, 0, 0));
 }
 
+/// The same with three receivers asleep, so that each publish claims three wake-ups and
+/// writes the group's fan-out eventfd (the path of `one_fanout_write_wakes_every_sleeper_of_a_commit`
+/// below): the test fills every eventfd the workers share, the fan-out one included, and
+/// clears `O_NONBLOCK` on them. The publisher's one write per commit must neither block nor
+/// be refused, and all three receivers must still get every event.
+#[test]
+fn a_peer_that_blocks_and_fills_the_fanout_eventfd_cannot_block_a_publisher() {
+    const ROUNDS: u64 = 3;
+    let _serial = serial();
+    let dir = TempDir::new("wake-nonblock-fanout");
+    let wd = Watchdog::new("wake-nonblock-fanout");
+    let mut cfg = Cfg::new(&dir.sock(), 5);
+    cfg.transport = Transport::SharedMemory;
+    let _broker = wd.spawn(&cfg, Wid::Worker(0));
+    let mut receivers: Vec<Child> = (1..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
+    let mut publisher = wd.spawn(&cfg, Wid::Worker(4));
+    let r = publisher.publish(Tgt::All, "efd", "hello", 0, 1);
+    assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
+    for r in receivers.iter_mut() {
+        r.until(1);
+    }
+    let efds = procfs::eventfds_of(receivers[0].pid());
+    assert_eq!(efds.len(), 6, "one eventfd per slot and the fan-out one: {efds:?}");
+    let stolen: Vec<_> = efds.iter().map(|&fd| procfs::pidfd_getfd(receivers[0].pid(), fd)).collect();
+    let before = publisher.report();
+    let (woken_before, writes_before) = (before.stat("wakeups_sent"), before.stat("wake_writes"));
+    for round in 0..ROUNDS {
+        for r in receivers.iter_mut() {
+            r.send(Cmd::Park { n: round + 2 });
+            assert_eq!(r.next_line(), "@@PARKING");
+        }
+        for (i, r) in receivers.iter().enumerate() {
+            assert!(asleep_within(r, LIVENESS), "round {round}: w{} never went to sleep", i + 1);
+        }
+        for fd in &stolen {
+            procfs::clear_nonblock_and_fill(fd);
+        }
+        publisher.send(Cmd::publish(Tgt::All, "efd", "x", round, 1));
+        let l = publisher.expect_ok_within(
+            LIVENESS,
+            &format!("round {round}: the publisher blocked (a fan-out write on a blocking, full eventfd)"),
+        );
+        assert_eq!(PubResult::parse(&l).ok, 1, "round {round}: {l:?}");
+        for (i, r) in receivers.iter_mut().enumerate() {
+            let l = r.expect_ok_within(LIVENESS, &format!("round {round}: w{} was never woken", i + 1));
+            assert!(l.iter().any(|x| x.starts_with(&format!("@@PARKED {} ", round + 2))), "round {round}: {l:?}");
+        }
+        assert!(stolen.iter().all(|fd| !procfs::is_nonblocking(fd)), "the test's O_NONBLOCK change was undone");
+    }
+    let after = publisher.report();
+    let (woken, writes) = (after.stat("wakeups_sent") - woken_before, after.stat("wake_writes") - writes_before);
+    assert!(
+        woken >= 3 * ROUNDS && writes == ROUNDS,
+        "each round's publish should wake the 3 sleepers with one fan-out write: {woken} woken, {writes} writes"
+    );
+    for (i, r) in receivers.iter_mut().enumerate() {
+        let rep = r.report();
+        assert_eq!(rep.stream("w4", "efd", "x"), seq(0, ROUNDS), "w{}", i + 1);
+        assert_eq!((rep.stat("wait_errors"), rep.stat("dispatch_errors"), rep.stat("lost")), (0, 0, 0), "w{}", i + 1);
+    }
+}
+
 // ==========================================================================================
 // 2. Item 5: a publisher killed between claiming a wake-up and writing the eventfd.
 
