@@ -247,7 +247,7 @@ impl ShmPort {
     }
 
     /// The group's fan-out eventfd (after the slots' own): one write wakes every worker
-    /// asleep on the region (see [`write::FANOUT_MIN`]).
+    /// asleep on the region (see [`notify::FANOUT_MIN`]).
     pub(crate) fn fanout_eventfd(&self) -> &EventFd {
         &self.eventfds[self.eventfds.len() - 1]
     }

@@ -69,68 +69,45 @@ pub(super) fn notify_slot(region: &Region, eventfds: &[EventFd], counters: &mut 
     counters.wake_writes += 1;
 }
 
-/// Claims at which one commit's wake-ups go out as a single write of the group's fan-out
-/// eventfd instead of one write per claimed receiver.
-///
-/// Why 3. Every worker's epoll set holds the fan-out eventfd (edge-triggered, like its own),
-/// so one write wakes every claimed sleeper from inside one syscall: the kernel walks the
-/// fd's waiters, and only the sleeping ones cost a task wake-up. Measured on the 2-vCPU
-/// development machine (63 sleepers on the other vCPU), one write that wakes them all took
-/// 61-86 µs where 63 writes took 149-224 µs. The price: a worker that was *not* parked
-/// (busy, or the publisher itself) gets a stray edge, which costs it one `epoll_wait` that
-/// returns at once the next time it sleeps (edges coalesce: one per sleep at most). Below 3
-/// claims the per-receiver writes cost about as much as that and leave nobody a stray edge.
-pub(crate) const FANOUT_MIN: u32 = 3;
-
-/// The wake-ups one commit claimed (after its fence, each by [`notify::should_wake`]):
-/// written when the commit's walk is done, either each to its receiver's eventfd or, from
-/// [`FANOUT_MIN`] claims on, as one write of the fan-out eventfd (`eventfds[slots]`).
+/// The wake-ups one commit claimed ([`notify::Claims`]), written when its walk is done.
 #[derive(Default)]
-pub(super) struct Claims {
-    first: [u32; FANOUT_MIN as usize - 1],
-    n: u32,
-}
+pub(super) struct Claims(notify::Claims);
 
 impl Claims {
-    /// Claim `slot`'s wake-up if it is parked (the caller fenced after its commit).
+    /// Claim `slot`'s wake-up if it is parked (the caller fenced after its commit), and
+    /// count it in the slot's header.
     #[inline(always)]
     pub(super) fn claim_if_parked(&mut self, region: &Region, slot: u32) {
-        if notify::should_wake(region.parked_flag(slot)) {
-            self.add(region, slot);
+        if self.0.claim(region.parked_flag(slot), slot) {
+            region.count_wakeup(slot);
         }
     }
 
-    #[inline(never)]
-    fn add(&mut self, region: &Region, slot: u32) {
-        if let Some(f) = self.first.get_mut(self.n as usize) {
-            *f = slot;
-        }
-        self.n += 1;
-        region.count_wakeup(slot);
-    }
-
-    /// Write what was claimed: nothing, each claimed receiver's eventfd, or the fan-out one.
+    /// Write what was claimed: nothing, each claimed receiver's eventfd, or the fan-out one
+    /// (the last of `eventfds`, see `ShmPort::attach`).
     #[inline(always)]
     pub(super) fn write(self, eventfds: &[EventFd], counters: &mut PortCounters) {
-        if self.n > 0 {
-            self.write_slow(eventfds, counters);
+        if self.0.count() > 0 {
+            write_claims(&self.0, eventfds, counters);
         }
     }
+}
 
-    #[inline(never)]
-    fn write_slow(self, eventfds: &[EventFd], counters: &mut PortCounters) {
-        counters.wakeups_sent += u64::from(self.n);
-        if self.n >= FANOUT_MIN {
-            // The last entry: the fan-out eventfd (see `ShmPort::attach`).
+#[inline(never)]
+fn write_claims(claims: &notify::Claims, eventfds: &[EventFd], counters: &mut PortCounters) {
+    counters.wakeups_sent += u64::from(claims.count());
+    match claims.writes() {
+        notify::Writes::Fanout => {
             if let Some(f) = eventfds.last() {
                 f.notify();
             }
             counters.wake_writes += 1;
-            return;
         }
-        for &slot in &self.first[..self.n as usize] {
-            eventfds[slot as usize].notify();
-            counters.wake_writes += 1;
+        notify::Writes::Each(slots) => {
+            for &slot in slots {
+                eventfds[slot as usize].notify();
+                counters.wake_writes += 1;
+            }
         }
     }
 }
