@@ -24,7 +24,7 @@ use crate::wire::frame::{Body, FrameWriter, kind};
 /// broker can report what a killed worker never dispatched to its successor). 10: a shared
 /// memory WELCOME carries one more eventfd after the slots' own, the group's fan-out
 /// eventfd, which every worker registers and publishers write to wake several sleepers in
-/// one syscall (`transport/shm/write.rs`); a build of version 9 would never register it and
+/// one syscall (`notify::Claims`); a build of version 9 would never register it and
 /// sleep through such wake-ups.
 pub(crate) const PROTOCOL_VERSION: u32 = 10;
 
