@@ -65,7 +65,7 @@ fn events_queued_when_the_broker_dies_are_sent_after_reconnect_never_twice() {
     publisher.publish(Tgt::All, "seq", "kept", 0, 1);
     receiver.until(1);
     // The broker stops reading: the kernel buffers fill, the rest waits in the publisher.
-    broker.signal(libc::SIGSTOP);
+    broker.stop();
     let r = publisher.publish(Tgt::All, "seq", "kept", 1, N - 1);
     assert_eq!((r.ok, r.err), (N - 1, 0), "{:?}", r.errors);
     let queued: u64 = publisher.report().stats.get("peer_depth_sum").copied().unwrap_or(0);
@@ -195,7 +195,7 @@ fn a_backlog_handed_over_after_failover_reaches_receivers_still_reconnecting() {
         for r in &mut receivers {
             r.until(1);
         }
-        broker.signal(libc::SIGSTOP);
+        broker.stop();
         let r = publisher.publish(Tgt::All, "seq", "kept", 1, N - 1);
         assert_eq!((r.ok, r.err), (N - 1, 0), "{:?}", r.errors);
         let queued: u64 = publisher.report().stats.get("peer_depth_sum").copied().unwrap_or(0);

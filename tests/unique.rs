@@ -260,7 +260,7 @@ fn shm_unique_events_flow_while_the_broker_is_stopped() {
     let mut ws: Vec<Child> = (0..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
     let b = broker_index(&reports(&mut ws));
     let frozen = ws.remove(b);
-    frozen.signal(libc::SIGSTOP);
+    frozen.stop();
     for w in ws.iter_mut() {
         w.send(Cmd::uniq("u", "e", "s", 0, N));
     }

@@ -354,6 +354,15 @@ impl Child {
         assert_eq!(r, 0, "kill({}, {sig}) failed: {}", self.pid, std::io::Error::last_os_error());
     }
 
+    /// SIGSTOP the child and wait until the kernel reports it stopped: kill(2) returns before
+    /// the target stops, and a child still running for a moment reads what the test meant
+    /// to leave unread (seen under load about once in 100 runs of a test that stops a broker
+    /// and then publishes into its socket).
+    pub fn stop(&self) {
+        self.signal(libc::SIGSTOP);
+        super::procfs::wait_stopped(self.pid);
+    }
+
     /// SIGKILL the child wherever it is (its stdin still open, so it cannot see EOF and exit
     /// by itself first), then reap it. Returns the CLOCK_MONOTONIC time of the kill.
     pub fn kill(mut self) -> u64 {
