@@ -19,7 +19,7 @@
 //! after installing the recorder).
 //!
 //! Cost: one [`Worker::stats`] snapshot (a few dozen words and one small vector) and one
-//! recorder call per series: 19 + 3 × peers, a few microseconds with a hash-map recorder such
+//! recorder call per series: 23 + 3 × peers, a few microseconds with a hash-map recorder such
 //! as `metrics-exporter-prometheus`. It is not meant for the event path.
 //!
 //! # Wiring it into a proxy
