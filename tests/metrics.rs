@@ -128,7 +128,7 @@ fn export_matches_stats(transport: Transport, name: &str) {
     let mut want = Series::new();
     expected("0", &s0, &mut want);
     expected("1", &s1, &mut want);
-    assert_eq!(want.len(), 2 * 22 + 2 * 3, "two workers, one peer each");
+    assert_eq!(want.len(), 2 * 23 + 2 * 3, "two workers, one peer each");
     let got = recorded(&recorder);
     assert_eq!(got, want);
 
@@ -162,7 +162,7 @@ fn describe_covers_every_exported_name() {
         worker_events::metrics::export(&w);
     });
     let snap = recorder.snapshotter().snapshot().into_vec();
-    assert_eq!(snap.len(), 22, "in-process worker: no peers");
+    assert_eq!(snap.len(), 23, "in-process worker: no peers");
     for (key, unit, desc, _) in snap {
         assert!(desc.is_some_and(|d| !d.is_empty()), "{} has no description", key.key().name());
         assert_eq!(unit, Some(metrics::Unit::Count));
