@@ -56,6 +56,70 @@ fn three_workers(name: &str) -> (TempDir, Watchdog, Cfg) {
     (dir, wd, cfg)
 }
 
+/// Five workers on shared memory: w0 the broker, w1..w3 the sleepers, w4 the publisher,
+/// every sleeper past the publisher's first event (`source`/"hello"). Fields in drop order:
+/// the children before their watchdog and directory.
+struct FanoutGroup {
+    sleepers: Vec<Child>,
+    publisher: Child,
+    _broker: Child,
+    _wd: Watchdog,
+    _dir: TempDir,
+}
+
+impl FanoutGroup {
+    fn new(name: &str, source: &str) -> FanoutGroup {
+        let dir = TempDir::new(name);
+        let wd = Watchdog::new(name);
+        let mut cfg = Cfg::new(&dir.sock(), 5);
+        cfg.transport = Transport::SharedMemory;
+        let broker = wd.spawn(&cfg, Wid::Worker(0));
+        let mut sleepers: Vec<Child> = (1..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
+        let mut publisher = wd.spawn(&cfg, Wid::Worker(4));
+        let r = publisher.publish(Tgt::All, source, "hello", 0, 1);
+        assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
+        for s in sleepers.iter_mut() {
+            s.until(1);
+        }
+        FanoutGroup { sleepers, publisher, _broker: broker, _wd: wd, _dir: dir }
+    }
+
+    /// Every sleeper parks until it has `n` events, and is seen asleep.
+    fn park_all(&mut self, n: u64, round: u64) {
+        for s in self.sleepers.iter_mut() {
+            s.send(Cmd::Park { n });
+            assert_eq!(s.next_line(), "@@PARKING");
+        }
+        for (i, s) in self.sleepers.iter().enumerate() {
+            assert!(asleep_within(s, LIVENESS), "round {round}: w{} never went to sleep", i + 1);
+        }
+    }
+
+    /// Every sleeper woke and reached `n` events.
+    fn all_woken(&mut self, n: u64, round: u64) {
+        for (i, s) in self.sleepers.iter_mut().enumerate() {
+            let l = s.expect_ok_within(LIVENESS, &format!("round {round}: w{} was never woken", i + 1));
+            assert!(l.iter().any(|x| x.starts_with(&format!("@@PARKED {n} "))), "round {round}: {l:?}");
+        }
+    }
+
+    /// The publisher's (receivers woken, eventfd writes) so far.
+    fn wake_counts(&mut self) -> (u64, u64) {
+        let r = self.publisher.report();
+        (r.stat("wakeups_sent"), r.stat("wake_writes"))
+    }
+
+    /// Every sleeper got the publisher's `source`/"x" stream 0..rounds, with no wait error
+    /// and nothing lost.
+    fn check_streams(&mut self, source: &str, rounds: u64) {
+        for (i, s) in self.sleepers.iter_mut().enumerate() {
+            let r = s.report();
+            assert_eq!(r.stream("w4", source, "x"), seq(0, rounds), "w{}", i + 1);
+            assert_eq!((r.stat("wait_errors"), r.stat("dispatch_errors"), r.stat("lost")), (0, 0, 0), "w{}", i + 1);
+        }
+    }
+}
+
 // ==========================================================================================
 // 1. Item 4: an eventfd another process reconfigured never blocks us.
 
@@ -108,57 +172,33 @@ fn a_peer_that_blocks_and_fills_the_eventfds_cannot_block_a_publisher() {
 fn a_peer_that_blocks_and_fills_the_fanout_eventfd_cannot_block_a_publisher() {
     const ROUNDS: u64 = 3;
     let _serial = serial();
-    let dir = TempDir::new("wake-nonblock-fanout");
-    let wd = Watchdog::new("wake-nonblock-fanout");
-    let mut cfg = Cfg::new(&dir.sock(), 5);
-    cfg.transport = Transport::SharedMemory;
-    let _broker = wd.spawn(&cfg, Wid::Worker(0));
-    let mut receivers: Vec<Child> = (1..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
-    let mut publisher = wd.spawn(&cfg, Wid::Worker(4));
-    let r = publisher.publish(Tgt::All, "efd", "hello", 0, 1);
-    assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
-    for r in receivers.iter_mut() {
-        r.until(1);
-    }
-    let efds = procfs::eventfds_of(receivers[0].pid());
+    let mut g = FanoutGroup::new("wake-nonblock-fanout", "efd");
+    let pid = g.sleepers[0].pid();
+    let efds = procfs::eventfds_of(pid);
     assert_eq!(efds.len(), 6, "one eventfd per slot and the fan-out one: {efds:?}");
-    let stolen: Vec<_> = efds.iter().map(|&fd| procfs::pidfd_getfd(receivers[0].pid(), fd)).collect();
-    let before = publisher.report();
-    let (woken_before, writes_before) = (before.stat("wakeups_sent"), before.stat("wake_writes"));
+    let stolen: Vec<_> = efds.iter().map(|&fd| procfs::pidfd_getfd(pid, fd)).collect();
+    let (woken_before, writes_before) = g.wake_counts();
     for round in 0..ROUNDS {
-        for r in receivers.iter_mut() {
-            r.send(Cmd::Park { n: round + 2 });
-            assert_eq!(r.next_line(), "@@PARKING");
-        }
-        for (i, r) in receivers.iter().enumerate() {
-            assert!(asleep_within(r, LIVENESS), "round {round}: w{} never went to sleep", i + 1);
-        }
+        g.park_all(round + 2, round);
         for fd in &stolen {
             procfs::clear_nonblock_and_fill(fd);
         }
-        publisher.send(Cmd::publish(Tgt::All, "efd", "x", round, 1));
-        let l = publisher.expect_ok_within(
+        g.publisher.send(Cmd::publish(Tgt::All, "efd", "x", round, 1));
+        let l = g.publisher.expect_ok_within(
             LIVENESS,
             &format!("round {round}: the publisher blocked (a fan-out write on a blocking, full eventfd)"),
         );
         assert_eq!(PubResult::parse(&l).ok, 1, "round {round}: {l:?}");
-        for (i, r) in receivers.iter_mut().enumerate() {
-            let l = r.expect_ok_within(LIVENESS, &format!("round {round}: w{} was never woken", i + 1));
-            assert!(l.iter().any(|x| x.starts_with(&format!("@@PARKED {} ", round + 2))), "round {round}: {l:?}");
-        }
+        g.all_woken(round + 2, round);
         assert!(stolen.iter().all(|fd| !procfs::is_nonblocking(fd)), "the test's O_NONBLOCK change was undone");
     }
-    let after = publisher.report();
-    let (woken, writes) = (after.stat("wakeups_sent") - woken_before, after.stat("wake_writes") - writes_before);
+    let (woken, writes) = g.wake_counts();
+    let (woken, writes) = (woken - woken_before, writes - writes_before);
     assert!(
         woken >= 3 * ROUNDS && writes == ROUNDS,
         "each round's publish should wake the 3 sleepers with one fan-out write: {woken} woken, {writes} writes"
     );
-    for (i, r) in receivers.iter_mut().enumerate() {
-        let rep = r.report();
-        assert_eq!(rep.stream("w4", "efd", "x"), seq(0, ROUNDS), "w{}", i + 1);
-        assert_eq!((rep.stat("wait_errors"), rep.stat("dispatch_errors"), rep.stat("lost")), (0, 0, 0), "w{}", i + 1);
-    }
+    g.check_streams("efd", ROUNDS);
 }
 
 // ==========================================================================================
@@ -379,47 +419,24 @@ fn an_idle_worker_in_an_external_poller_does_not_spin() {
 fn one_fanout_write_wakes_every_sleeper_of_a_commit() {
     const ROUNDS: u64 = 5;
     let _serial = serial();
-    let dir = TempDir::new("wake-fanout");
-    let wd = Watchdog::new("wake-fanout");
-    let mut cfg = Cfg::new(&dir.sock(), 5);
-    cfg.transport = Transport::SharedMemory;
-    let _broker = wd.spawn(&cfg, Wid::Worker(0));
-    let mut sleepers: Vec<Child> = (1..4).map(|i| wd.spawn(&cfg, Wid::Worker(i))).collect();
-    let mut publisher = wd.spawn(&cfg, Wid::Worker(4));
-    let r = publisher.publish(Tgt::All, "fan", "hello", 0, 1);
-    assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
-    for s in sleepers.iter_mut() {
-        s.until(1);
+    let mut g = FanoutGroup::new("wake-fanout", "fan");
+    for s in &g.sleepers {
         let registered = procfs::eventfds_in_epoll(s.pid());
-        assert_eq!(registered.len(), 2, "w{}: its own eventfd and the fan-out one in its epoll set", s.pid());
+        assert_eq!(registered.len(), 2, "pid {}: its own eventfd and the fan-out one in its epoll set", s.pid());
     }
     for round in 0..ROUNDS {
-        for s in sleepers.iter_mut() {
-            s.send(Cmd::Park { n: round + 2 });
-            assert_eq!(s.next_line(), "@@PARKING");
-        }
-        for (i, s) in sleepers.iter().enumerate() {
-            assert!(asleep_within(s, LIVENESS), "round {round}: w{} never went to sleep", i + 1);
-        }
-        let before = publisher.report();
-        let r = publisher.publish(Tgt::All, "fan", "x", round, 1);
+        g.park_all(round + 2, round);
+        let (woken_before, writes_before) = g.wake_counts();
+        let r = g.publisher.publish(Tgt::All, "fan", "x", round, 1);
         assert_eq!((r.ok, r.err), (1, 0), "{:?}", r.errors);
-        for (i, s) in sleepers.iter_mut().enumerate() {
-            let l = s.expect_ok_within(LIVENESS, &format!("round {round}: w{} was never woken", i + 1));
-            assert!(l.iter().any(|x| x.starts_with(&format!("@@PARKED {} ", round + 2))), "round {round}: {l:?}");
-        }
-        let after = publisher.report();
-        let woken = after.stat("wakeups_sent") - before.stat("wakeups_sent");
-        let writes = after.stat("wake_writes") - before.stat("wake_writes");
+        g.all_woken(round + 2, round);
+        let (woken, writes) = g.wake_counts();
+        let (woken, writes) = (woken - woken_before, writes - writes_before);
         assert!(woken >= 3, "round {round}: the publish claimed {woken} sleepers' wake-ups, expected the 3 asleep");
         assert_eq!(
             writes, 1,
             "round {round}: {woken} sleepers woken with {writes} eventfd writes, expected one fan-out write"
         );
     }
-    for (i, s) in sleepers.iter_mut().enumerate() {
-        let r = s.report();
-        assert_eq!(r.stream("w4", "fan", "x"), seq(0, ROUNDS), "w{}", i + 1);
-        assert_eq!((r.stat("wait_errors"), r.stat("lost")), (0, 0), "w{}", i + 1);
-    }
+    g.check_streams("fan", ROUNDS);
 }
