@@ -203,7 +203,7 @@ pub fn describe() {
     c("worker_events_overflows_total", "Publish calls refused with queue overflow.");
     c("worker_events_wakeups_sent_total", "Parked peers this worker woke.");
     c("worker_events_wake_writes_total", "Eventfd writes those wake-ups took (one fan-out write wakes several).");
-    c("worker_events_wakeups_received_total", "Times this worker was woken through its eventfd.");
+    c("worker_events_wakeups_received_total", "Times this worker was woken by a publisher (own or fan-out eventfd).");
     c("worker_events_failovers_total", "Times this worker lost its broker, or stepped down as broker.");
     c("worker_events_unique_duplicates_total", "Unique events dropped as duplicates within unique_timeout.");
     c("worker_events_unique_unrecorded_total", "Unique events delivered unrecorded (table window full).");

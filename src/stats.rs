@@ -42,7 +42,8 @@ pub struct Stats {
     /// fan-out eventfd when a commit woke three or more (every worker's epoll set holds it,
     /// so one write wakes every sleeper; see the crate docs' architecture).
     pub wake_writes: u64,
-    /// Times this worker was woken through its eventfd.
+    /// Times this worker was woken by a publisher that claimed its `parked` flag (through its
+    /// own eventfd or the fan-out one).
     pub wakeups_received: u64,
     /// (shared memory with broadcast rings, the default) Times a receiver fell a whole
     /// broadcast ring behind this worker and was diverted to its pair ring (its events then
