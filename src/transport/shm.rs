@@ -35,7 +35,7 @@ mod receive;
 mod write;
 
 use bcast::{BcastIn, BcastOut};
-use write::{Claims, notify_slot, offer, wake, write_msg};
+use write::{Claims, offer, wake, write_msg};
 
 /// Drain passes after a release before the fenced want-space checks it left owed are paid
 /// anyway (a consumer that never arms: busy-poll, or a stream that never pauses). A producer

@@ -176,9 +176,7 @@ impl Cluster {
     /// publishes up to 2000 more before the signal lands.)
     fn stop_and_count(&mut self, slot: u32) -> Option<u64> {
         let inc = self.procs[slot as usize].as_ref()?.inc;
-        let pid = self.proc(slot).pid();
-        self.proc(slot).signal(libc::SIGSTOP);
-        super::procfs::wait_stopped(pid);
+        self.proc(slot).stop();
         self.last_change = Instant::now();
         if !self.publishers.contains(&slot) || !self.streams.contains_key(&(slot, inc)) {
             return None;

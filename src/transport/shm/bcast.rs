@@ -295,21 +295,21 @@ impl ShmPort {
         let ShmPort { bc, region, eventfds, counters, .. } = self;
         let Some(b) = bc.as_ref().filter(|_| committed) else { return };
         notify::after_commit();
+        let mut claims = Claims::default();
         match bwake {
             Wake::None => {}
             Wake::One(r) => {
-                if b.prod.is_tracked(r as usize) && notify::should_wake(region.parked_flag(r)) {
-                    notify_slot(region, eventfds, counters, r);
+                if b.prod.is_tracked(r as usize) {
+                    claims.claim_if_parked(region, r);
                 }
             }
             Wake::All => {
-                let mut claims = Claims::default();
                 for c in b.prod.tracked() {
                     claims.claim_if_parked(region, c as u32);
                 }
-                claims.write(eventfds, counters);
             }
         }
+        claims.write(eventfds, counters);
     }
 }
 

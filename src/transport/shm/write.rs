@@ -53,23 +53,13 @@ pub(super) fn wake(region: &Region, eventfds: &[EventFd], slot: u32, counters: &
     // (the wake handshake of notify.rs): a producer not seen parked re-reads read_pos on
     // its arm re-check. Only on this path (a producer asked for room), not per release.
     notify::after_commit();
-    if notify::should_wake(region.parked_flag(slot)) {
-        notify_slot(region, eventfds, counters, slot);
-    }
+    let mut claims = Claims::default();
+    claims.claim_if_parked(region, slot);
+    claims.write(eventfds, counters);
 }
 
-/// Write the eventfd of `slot`, whose `parked` flag this process just claimed (the syscall
-/// path of every single wake-up: producers asking for room, one receiver of a commit), and
-/// count it.
-#[inline(never)]
-pub(super) fn notify_slot(region: &Region, eventfds: &[EventFd], counters: &mut PortCounters, slot: u32) {
-    eventfds[slot as usize].notify();
-    region.count_wakeup(slot);
-    counters.wakeups_sent += 1;
-    counters.wake_writes += 1;
-}
-
-/// The wake-ups one commit claimed ([`notify::Claims`]), written when its walk is done.
+/// The wake-ups one commit (or one release of ring space) claimed ([`notify::Claims`]),
+/// written when its walk is done: the syscall path of every wake-up.
 #[derive(Default)]
 pub(super) struct Claims(notify::Claims);
 
