@@ -67,9 +67,8 @@ fn a_stopped_receiver_is_diverted_then_resumed_and_loses_nothing() {
 
     stopped.cmd(Cmd::Resume);
     stopped.until(1 + N);
-    // Caught up: the next event resumes both (a marker in each pair ring: the busy one was
-    // diverted too, as this harness's children dispatch only inside a command). Then they
-    // keep up: steps of 20 events fit a 4 KiB broadcast ring, no divert.
+    // Caught up: the next event resumes every diverted receiver (a marker in its pair ring).
+    // Then they keep up: steps of 20 events fit a 4 KiB broadcast ring, no divert.
     const STEP: u64 = 20;
     let mut diverts_after = 0;
     for k in 0..20 {
@@ -90,7 +89,10 @@ fn a_stopped_receiver_is_diverted_then_resumed_and_loses_nothing() {
     }
     let rep = publisher.report();
     assert_eq!(rep.stat("lost_outbound"), 0);
-    assert!(rep.stat("resumes") >= 2, "both receivers resumed: {}", rep.stat("resumes"));
+    // Every divert ended in a resume: the stopped receiver's, and the busy one's if it fell
+    // a whole ring behind during the burst (it dispatches between commands too, so whether
+    // it does depends on the scheduler: CI once saw only the stopped one diverted).
+    assert_eq!(rep.stat("resumes"), rep.stat("diverts"), "every diverted receiver resumed");
     assert_eq!(rep.stat("diverts"), diverts_after, "a receiver that keeps up was diverted again");
 }
 
